@@ -1,0 +1,760 @@
+//! The session engine: actors in memory, durable through write-behind.
+//!
+//! # Placement
+//!
+//! There is one actix arbiter per core ([`shards`]). Each tenant's
+//! supervisor lives on the arbiter its tenant id hashes to; each session's
+//! actor lives on the arbiter its *session id* hashes to. Spreading sessions
+//! by id rather than keeping them on their tenant's arbiter lets one busy
+//! tenant use every core (a single edge platform is often one big tenant),
+//! while the supervisor is only on the path of creates and releases. The
+//! price is that a create crosses threads twice (handler -> supervisor ->
+//! session arbiter) where tenant placement would cross once; creates are
+//! rarer than the calls on a session, which always take exactly one hop.
+//!
+//! # The hop
+//!
+//! An HTTP handler runs on the tokio runtime, looks the session up in its
+//! tenant's `DashMap` directory (no lock held across the await) and sends one
+//! actix message. An actix send to a sleeping thread costs ~20 µs of wake-up;
+//! under load the arbiters are busy and messages queue without wake-ups, so
+//! throughput comes from many requests in flight, not from a faster hop.
+//! `benches/engine.rs` measures both (sequential and concurrent).
+
+pub mod admission;
+pub mod recovery;
+pub mod session;
+pub mod shards;
+pub mod tenant;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use actix::prelude::*;
+use base64::Engine as _;
+use dashmap::DashMap;
+use futures::future::join_all;
+use serde::Serialize;
+use uuid::Uuid;
+
+pub use admission::{NewSession, SessionDefaults, TenantLimits};
+use session::{Ack, SessionActor};
+use shards::Shards;
+use tenant::{Admit, LiveCount, Revive, TenantSupervisor};
+
+use crate::model::session::{SessionMetrics, SessionUpdate};
+use crate::model::time::now_ms;
+use crate::model::{ClientType, Millis, Session, SessionError, SessionView, Status, ToolExecution};
+use crate::persist::write_behind::purge_ops;
+use crate::persist::{Durable, Store, StoreError, WriteBehind, WriteBehindStats};
+use crate::settings::{Durability, Settings};
+
+/// A tenant's live sessions by id: one hop from a request to its actor.
+pub type Directory = DashMap<Arc<str>, Addr<SessionActor>>;
+
+/// How many actors are asked at once by whole-engine operations (cleanup,
+/// lists, shutdown), so a million sessions do not mean a million futures.
+const FAN_OUT: usize = 1024;
+
+/// Everything the engine needs to start.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Where sled lives.
+    pub data_dir: PathBuf,
+    /// Acknowledgement mode.
+    pub durability: Durability,
+    /// Longest wait in the write-behind queue.
+    pub flush_interval: Duration,
+    /// Most changes per batch.
+    pub max_batch: usize,
+    /// `active -> idle` threshold.
+    pub idle_after: Duration,
+    /// How long final sessions stay readable.
+    pub retention: Duration,
+    /// Period of the overdue / purge / dead-actor sweep.
+    pub sweep_interval: Duration,
+    /// Defaults for creates.
+    pub defaults: SessionDefaults,
+    /// The tenants.
+    pub tenants: Vec<TenantLimits>,
+    /// Number of arbiters; the number of cores by default.
+    pub shards: usize,
+}
+
+impl EngineConfig {
+    /// The engine part of the service's settings, for `tenants`.
+    pub fn from_settings(settings: &Settings, tenants: Vec<TenantLimits>) -> Self {
+        let s = &settings.sessions;
+        EngineConfig {
+            data_dir: settings.storage.data_dir.clone(),
+            durability: settings.storage.durability,
+            flush_interval: Duration::from_millis(settings.storage.flush_interval_ms),
+            max_batch: settings.storage.max_batch,
+            idle_after: Duration::from_secs(s.idle_after_seconds.into()),
+            retention: Duration::from_secs(s.retention_seconds.into()),
+            sweep_interval: Duration::from_secs(s.sweep_interval_seconds.into()),
+            defaults: SessionDefaults {
+                idle_timeout_seconds: s.default_idle_timeout_seconds,
+                ttl_seconds: s.default_ttl_seconds,
+            },
+            tenants,
+            shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+    }
+}
+
+/// What actors share: the store, the queue, the shards and the directories.
+pub(crate) struct Shared {
+    pub(crate) store: Store,
+    pub(crate) write_behind: WriteBehind,
+    pub(crate) shards: Shards,
+    /// Changes are acknowledged only once durable (`durability = "sync"`).
+    pub(crate) sync_acks: bool,
+    pub(crate) idle_after_ms: Millis,
+    pub(crate) flush_interval: Duration,
+    directories: HashMap<Uuid, Directory>,
+    /// Session actors restarted after dying.
+    pub(crate) restarts: AtomicU64,
+}
+
+impl Shared {
+    /// The directory of a configured tenant.
+    pub(crate) fn directory(&self, tenant: Uuid) -> &Directory {
+        // Actors and supervisors exist only for configured tenants, and the
+        // map is built for all of them before any actor starts.
+        self.directories
+            .get(&tenant)
+            .expect("sessions exist only for configured tenants")
+    }
+}
+
+struct TenantHandle {
+    limits: TenantLimits,
+    supervisor: Addr<TenantSupervisor>,
+}
+
+/// A page of a session list.
+#[derive(Debug, Clone)]
+pub struct Page {
+    /// The sessions, newest first.
+    pub sessions: Vec<SessionView>,
+    /// Cursor for the next page, when there is one.
+    pub next_cursor: Option<String>,
+}
+
+/// Filters and paging of a session list.
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    /// Only this status.
+    pub status: Option<Status>,
+    /// Only this client type.
+    pub client_type: Option<ClientType>,
+    /// Only this edge-mcp id.
+    pub edge_mcp_id: Option<String>,
+    /// Page size (1–1000, checked by the caller).
+    pub limit: usize,
+    /// Continue after this cursor.
+    pub cursor: Option<String>,
+    /// Skip this many matches (after the cursor).
+    pub offset: usize,
+}
+
+/// A tenant's aggregate figures.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TenantMetrics {
+    /// Sessions now active.
+    pub active_sessions: u64,
+    /// Sessions now idle.
+    pub idle_sessions: u64,
+    /// Sessions (any status) still known, created since `since`.
+    pub total_sessions: u64,
+    /// Tool executions over those sessions.
+    pub total_tool_executions: u64,
+    /// Tokens over those sessions.
+    pub total_tokens_used: u64,
+    /// Mean age (live) or lifetime (final) in minutes.
+    pub avg_session_duration_minutes: f64,
+}
+
+/// Handle to the engine; cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    shared: Arc<Shared>,
+    tenants: Arc<HashMap<Uuid, TenantHandle>>,
+    defaults: SessionDefaults,
+    retention_ms: Millis,
+    sweep_interval: Duration,
+    ready: Arc<AtomicBool>,
+    flusher: Arc<Mutex<Option<JoinHandle<()>>>>,
+}
+
+impl Engine {
+    /// Opens the store, starts the flusher, the shards and one supervisor per
+    /// tenant. Call [`Engine::recover`] next; until it finishes the engine is
+    /// not ready.
+    pub fn start(config: EngineConfig) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| StoreError::Sled(format!("creating {}: {e}", config.data_dir.display())))?;
+        let store = Store::open(&config.data_dir)?;
+        let (write_behind, flusher) = WriteBehind::start(store.clone(), config.flush_interval, config.max_batch);
+        let shards = Shards::start(config.shards);
+        let shared = Arc::new(Shared {
+            store,
+            write_behind,
+            shards,
+            sync_acks: config.durability == Durability::Sync,
+            idle_after_ms: config.idle_after.as_millis() as Millis,
+            flush_interval: config.flush_interval,
+            directories: config.tenants.iter().map(|t| (t.id, Directory::default())).collect(),
+            restarts: AtomicU64::new(0),
+        });
+        let tenants = config
+            .tenants
+            .into_iter()
+            .map(|limits| {
+                let shard = shared.shards.index_of(limits.id.as_bytes());
+                let supervisor_limits = limits.clone();
+                let supervisor_shared = shared.clone();
+                let supervisor = TenantSupervisor::start_in_arbiter(shared.shards.arbiter(shard), move |_| {
+                    TenantSupervisor::new(supervisor_limits, supervisor_shared)
+                });
+                (limits.id, TenantHandle { limits, supervisor })
+            })
+            .collect();
+        Ok(Engine {
+            shared,
+            tenants: Arc::new(tenants),
+            defaults: config.defaults,
+            retention_ms: config.retention.as_millis() as Millis,
+            sweep_interval: config.sweep_interval,
+            ready: Arc::new(AtomicBool::new(false)),
+            flusher: Arc::new(Mutex::new(Some(flusher))),
+        })
+    }
+
+    /// Whether recovery has finished.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    fn ensure_ready(&self) -> Result<(), SessionError> {
+        if self.is_ready() {
+            Ok(())
+        } else {
+            Err(SessionError::Unavailable)
+        }
+    }
+
+    fn tenant(&self, tenant: Uuid) -> Result<&TenantHandle, SessionError> {
+        // Callers pass tenants resolved from configured keys; an unknown one
+        // is treated like a session that does not exist.
+        self.tenants.get(&tenant).ok_or(SessionError::NotFound)
+    }
+
+    /// The write-behind queue's live figures.
+    pub fn write_behind_stats(&self) -> &WriteBehindStats {
+        self.shared.write_behind.stats()
+    }
+
+    /// Live sessions across tenants (directory entries).
+    pub fn live_sessions(&self) -> usize {
+        self.shared.directories.values().map(DashMap::len).sum()
+    }
+
+    /// Session actors restarted after a panic.
+    pub fn restarts(&self) -> u64 {
+        self.shared.restarts.load(Ordering::Relaxed)
+    }
+
+    /// Resolves when everything changed before this call is durable.
+    pub async fn flush(&self) -> Result<(), SessionError> {
+        settle(Some(self.shared.write_behind.barrier())).await
+    }
+
+    /// The live actor of a session, restarting it first if it died.
+    async fn actor(&self, tenant: Uuid, session_id: &str) -> Result<Option<Addr<SessionActor>>, SessionError> {
+        self.ensure_ready()?;
+        let handle = self.tenant(tenant)?;
+        let addr = match self.shared.directory(tenant).get(session_id) {
+            None => return Ok(None),
+            Some(entry) => entry.clone(),
+        };
+        if addr.connected() {
+            return Ok(Some(addr));
+        }
+        handle
+            .supervisor
+            .send(Revive {
+                session_id: session_id.into(),
+            })
+            .await
+            .map_err(|_| SessionError::Unavailable)
+    }
+
+    /// Sends `msg` to a live session; `None` when the session is not live.
+    async fn ask<M>(&self, tenant: Uuid, session_id: &str, msg: M) -> Result<Option<M::Result>, SessionError>
+    where
+        M: Message + Send + 'static,
+        M::Result: Send,
+        SessionActor: Handler<M>,
+    {
+        let Some(addr) = self.actor(tenant, session_id).await? else {
+            return Ok(None);
+        };
+        match addr.send(msg).await {
+            Ok(result) => Ok(Some(result)),
+            // The actor stopped while the message waited: either it just
+            // became final (its record is on disk, so the caller's fallback
+            // reads it) or it panicked on this very message.
+            Err(_) => match self.stored(tenant, session_id)? {
+                Some(s) if s.status.is_final() => Ok(None),
+                _ => Err(SessionError::Unavailable),
+            },
+        }
+    }
+
+    /// The last durable state of a session.
+    fn stored(&self, tenant: Uuid, session_id: &str) -> Result<Option<Session>, SessionError> {
+        self.shared.store.session(tenant, session_id).map_err(storage)
+    }
+
+    /// The error for a call that needs a live session but found none.
+    fn not_live(&self, tenant: Uuid, session_id: &str) -> SessionError {
+        match self.stored(tenant, session_id) {
+            Ok(Some(s)) => s.ensure_live().err().unwrap_or(SessionError::Unavailable),
+            Ok(None) => SessionError::NotFound,
+            Err(e) => e,
+        }
+    }
+
+    /// Creates a session (201), or refuses it (400, 409, 429).
+    pub async fn create(&self, tenant: Uuid, request: NewSession) -> Result<SessionView, SessionError> {
+        self.ensure_ready()?;
+        let handle = self.tenant(tenant)?;
+        let client_chosen_id = request.session_id.is_some();
+        let now = now_ms();
+        let session = admission::build(request, &handle.limits, self.defaults, now)?;
+        let view = session.view(now);
+        let durable = handle
+            .supervisor
+            .send(Admit {
+                session,
+                client_chosen_id,
+            })
+            .await
+            .map_err(|_| SessionError::Unavailable)??;
+        settle(durable).await?;
+        Ok(view)
+    }
+
+    /// Reads a session, live or final.
+    pub async fn get(&self, tenant: Uuid, session_id: &str) -> Result<SessionView, SessionError> {
+        if let Some(view) = self.ask(tenant, session_id, session::Get).await? {
+            return Ok(view);
+        }
+        match self.stored(tenant, session_id)? {
+            Some(session) => Ok(session.view(now_ms())),
+            None => Err(SessionError::NotFound),
+        }
+    }
+
+    /// The whole state of a session, live or final.
+    async fn snapshot(&self, tenant: Uuid, session_id: &str) -> Result<Option<Session>, SessionError> {
+        if let Some(session) = self.ask(tenant, session_id, session::Snapshot).await? {
+            return Ok(Some(session));
+        }
+        self.stored(tenant, session_id)
+    }
+
+    /// Applies a PATCH, optionally only at version `if_match`.
+    pub async fn update(
+        &self,
+        tenant: Uuid,
+        session_id: &str,
+        update: SessionUpdate,
+        if_match: Option<u64>,
+    ) -> Result<SessionView, SessionError> {
+        let msg = session::Update { update, if_match };
+        let ack = self.ask(tenant, session_id, msg).await?;
+        self.settled(tenant, session_id, ack).await
+    }
+
+    /// Restarts a session's lifetime.
+    pub async fn refresh(&self, tenant: Uuid, session_id: &str) -> Result<SessionView, SessionError> {
+        let ack = self.ask(tenant, session_id, session::Refresh).await?;
+        self.settled(tenant, session_id, ack).await
+    }
+
+    /// Records one tool execution; answers the session's execution count.
+    pub async fn record_tool(
+        &self,
+        tenant: Uuid,
+        session_id: &str,
+        execution: ToolExecution,
+    ) -> Result<u64, SessionError> {
+        let ack = self.ask(tenant, session_id, session::RecordTool(execution)).await?;
+        self.settled(tenant, session_id, ack).await
+    }
+
+    async fn settled<T>(
+        &self,
+        tenant: Uuid,
+        session_id: &str,
+        ack: Option<Result<Ack<T>, SessionError>>,
+    ) -> Result<T, SessionError> {
+        match ack {
+            None => Err(self.not_live(tenant, session_id)),
+            Some(Err(e)) => Err(e),
+            Some(Ok(ack)) => {
+                settle(ack.durable).await?;
+                Ok(ack.value)
+            }
+        }
+    }
+
+    /// A heartbeat.
+    pub async fn touch(&self, tenant: Uuid, session_id: &str) -> Result<(), SessionError> {
+        match self.ask(tenant, session_id, session::Touch).await? {
+            Some(result) => result,
+            None => Err(self.not_live(tenant, session_id)),
+        }
+    }
+
+    /// Checks that a session is live.
+    pub async fn validate(&self, tenant: Uuid, session_id: &str) -> Result<SessionView, SessionError> {
+        match self.ask(tenant, session_id, session::Validate).await? {
+            Some(result) => result,
+            None => Err(self.not_live(tenant, session_id)),
+        }
+    }
+
+    /// Ends a session; a final one is left as it is.
+    pub async fn terminate(&self, tenant: Uuid, session_id: &str, reason: Option<String>) -> Result<(), SessionError> {
+        match self.ask(tenant, session_id, session::Terminate { reason }).await? {
+            Some(result) => result,
+            None => match self.stored(tenant, session_id)? {
+                Some(_) => Ok(()),
+                None => Err(SessionError::NotFound),
+            },
+        }
+    }
+
+    /// A session's executions, newest first.
+    pub async fn executions(
+        &self,
+        tenant: Uuid,
+        session_id: &str,
+        limit: usize,
+    ) -> Result<Vec<ToolExecution>, SessionError> {
+        if self.snapshot(tenant, session_id).await?.is_none() {
+            return Err(SessionError::NotFound);
+        }
+        if !self.shared.sync_acks {
+            // Acknowledged-from-memory executions may still be queued.
+            self.flush().await?;
+        }
+        self.shared.store.executions(tenant, session_id, limit).map_err(storage)
+    }
+
+    /// Per-session metrics.
+    pub async fn session_metrics(&self, tenant: Uuid, session_id: &str) -> Result<SessionMetrics, SessionError> {
+        match self.snapshot(tenant, session_id).await? {
+            Some(session) => Ok(session.metrics()),
+            None => Err(SessionError::NotFound),
+        }
+    }
+
+    /// Live or stored state of many sessions at once, in order; `None` for
+    /// ids purged in between.
+    async fn snapshots(&self, tenant: Uuid, ids: &[String]) -> Result<Vec<Option<Session>>, SessionError> {
+        join_all(ids.iter().map(|id| self.snapshot(tenant, id)))
+            .await
+            .into_iter()
+            .collect()
+    }
+
+    /// A page of a tenant's sessions, newest first.
+    pub async fn list(&self, tenant: Uuid, query: ListQuery) -> Result<Page, SessionError> {
+        self.ensure_ready()?;
+        self.tenant(tenant)?;
+        if !self.shared.sync_acks {
+            self.flush().await?;
+        }
+        let mut before = match &query.cursor {
+            None => None,
+            Some(cursor) => Some(decode_cursor(cursor).ok_or_else(|| {
+                SessionError::validation("cursor", "cursor is not one this server handed out")
+            })?),
+        };
+        let mut skip = query.offset;
+        let mut page: Vec<Session> = Vec::with_capacity(query.limit.min(FAN_OUT));
+        let mut more = false;
+        'scan: loop {
+            let chunk: Vec<(Millis, String)> = self
+                .shared
+                .store
+                .tenant_ids_newest_first(tenant, before.as_ref().map(|(at, id): &(Millis, String)| (*at, id.as_str())))
+                .take(FAN_OUT.min(query.limit + skip + 1).max(64))
+                .collect::<Result<_, _>>()
+                .map_err(storage)?;
+            let Some(last) = chunk.last().cloned() else {
+                break;
+            };
+            let ids: Vec<String> = chunk.into_iter().map(|(_, id)| id).collect();
+            for session in self.snapshots(tenant, &ids).await?.into_iter().flatten() {
+                if !matches(&session, &query) {
+                    continue;
+                }
+                if skip > 0 {
+                    skip -= 1;
+                    continue;
+                }
+                if page.len() == query.limit {
+                    more = true;
+                    break 'scan;
+                }
+                page.push(session);
+            }
+            before = Some(last);
+        }
+        let next_cursor = match (more, page.last()) {
+            (true, Some(last)) => Some(encode_cursor(last.created_at, &last.session_id)),
+            _ => None,
+        };
+        let now = now_ms();
+        Ok(Page {
+            sessions: page.iter().map(|s| s.view(now)).collect(),
+            next_cursor,
+        })
+    }
+
+    /// A tenant's aggregate figures over sessions created since `since`.
+    pub async fn tenant_metrics(&self, tenant: Uuid, since: Option<Millis>) -> Result<TenantMetrics, SessionError> {
+        self.ensure_ready()?;
+        self.tenant(tenant)?;
+        if !self.shared.sync_acks {
+            self.flush().await?;
+        }
+        let since = since.unwrap_or(Millis::MIN);
+        let now = now_ms();
+        let mut metrics = TenantMetrics::default();
+        let mut duration_ms_sum: i64 = 0;
+        let mut before: Option<(Millis, String)> = None;
+        'scan: loop {
+            let chunk: Vec<(Millis, String)> = self
+                .shared
+                .store
+                .tenant_ids_newest_first(tenant, before.as_ref().map(|(at, id)| (*at, id.as_str())))
+                .take(FAN_OUT)
+                .collect::<Result<_, _>>()
+                .map_err(storage)?;
+            let Some(last) = chunk.last().cloned() else {
+                break;
+            };
+            let ids: Vec<String> = chunk.into_iter().map(|(_, id)| id).collect();
+            for session in self.snapshots(tenant, &ids).await?.into_iter().flatten() {
+                if session.created_at < since {
+                    break 'scan;
+                }
+                metrics.total_sessions += 1;
+                metrics.total_tool_executions += session.tool_execution_count;
+                metrics.total_tokens_used += session.total_tokens_used;
+                match session.status {
+                    Status::Active => metrics.active_sessions += 1,
+                    Status::Idle => metrics.idle_sessions += 1,
+                    Status::Expired | Status::Terminated => {}
+                }
+                duration_ms_sum += session.terminated_at.unwrap_or(now) - session.created_at;
+            }
+            before = Some(last);
+        }
+        if metrics.total_sessions > 0 {
+            metrics.avg_session_duration_minutes =
+                duration_ms_sum as f64 / metrics.total_sessions as f64 / 60_000.0;
+        }
+        Ok(metrics)
+    }
+
+    /// Every live actor's address.
+    fn all_actors(&self) -> Vec<Addr<SessionActor>> {
+        self.shared
+            .directories
+            .values()
+            .flat_map(|d| d.iter().map(|e| e.value().clone()).collect::<Vec<_>>())
+            .collect()
+    }
+
+    /// Expires every overdue session now; answers how many expired.
+    pub async fn cleanup(&self) -> Result<usize, SessionError> {
+        self.ensure_ready()?;
+        let mut expired = 0;
+        for chunk in self.all_actors().chunks(FAN_OUT) {
+            let answers = join_all(chunk.iter().map(|a| a.send(session::ExpireIfDue))).await;
+            expired += answers.into_iter().filter(|a| matches!(a, Ok(true))).count();
+        }
+        Ok(expired)
+    }
+
+    /// Deletes final sessions older than the retention; answers how many.
+    pub async fn purge(&self) -> Result<usize, SessionError> {
+        let cutoff = now_ms() - self.retention_ms;
+        let store = self.shared.store.clone();
+        let due = tokio::task::spawn_blocking(move || -> Result<Vec<Vec<crate::persist::WriteOp>>, StoreError> {
+            let mut all = Vec::new();
+            for (tenant, id) in store.finished_before(cutoff)? {
+                if let Some(session) = store.session(tenant, &id)? {
+                    all.push(purge_ops(&store, &session)?);
+                }
+            }
+            Ok(all)
+        })
+        .await
+        .map_err(|e| SessionError::Storage(e.to_string()))?
+        .map_err(storage)?;
+        let purged = due.len();
+        for ops in due {
+            self.shared.write_behind.submit(ops, false);
+        }
+        if purged > 0 {
+            self.flush().await?;
+            tracing::info!(purged, "purged final sessions past retention");
+        }
+        Ok(purged)
+    }
+
+    /// Restarts actors that died; answers how many were found dead.
+    async fn revive_dead(&self) -> usize {
+        let mut dead = 0;
+        for (tenant, handle) in self.tenants.iter() {
+            let ids: Vec<Arc<str>> = self
+                .shared
+                .directory(*tenant)
+                .iter()
+                .filter(|e| !e.value().connected())
+                .map(|e| e.key().clone())
+                .collect();
+            for session_id in ids {
+                dead += 1;
+                let _ = handle.supervisor.send(Revive { session_id }).await;
+            }
+        }
+        dead
+    }
+
+    /// Runs the sweep forever: overdue sessions, dead actors, retention.
+    pub async fn sweep_forever(self) {
+        let mut ticker = tokio::time::interval(self.sweep_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            if !self.is_ready() {
+                continue;
+            }
+            let expired = self.cleanup().await.unwrap_or(0);
+            let dead = self.revive_dead().await;
+            let purged = self.purge().await.unwrap_or_else(|e| {
+                tracing::error!(error = %e, "retention purge failed");
+                0
+            });
+            tracing::debug!(expired, dead, purged, "sweep done");
+        }
+    }
+
+    /// Live sessions counted by a tenant's supervisor (tests and stats).
+    pub async fn tenant_live_count(&self, tenant: Uuid) -> Result<usize, SessionError> {
+        let handle = self.tenant(tenant)?;
+        handle.supervisor.send(LiveCount).await.map_err(|_| SessionError::Unavailable)
+    }
+
+    /// Writes pending activity, flushes the queue, stops the flusher and the
+    /// shards. Call once, after the HTTP server has stopped.
+    pub async fn shutdown(&self) {
+        self.ready.store(false, Ordering::Release);
+        for chunk in self.all_actors().chunks(FAN_OUT) {
+            join_all(chunk.iter().map(|a| a.send(session::FlushActivity))).await;
+        }
+        if let Err(e) = settle(Some(self.shared.write_behind.shutdown())).await {
+            tracing::error!(error = %e, "final flush failed");
+        }
+        let flusher = self.flusher.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let shared = self.shared.clone();
+        // Joining threads blocks; keep it off the async workers.
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(flusher) = flusher {
+                let _ = flusher.join();
+            }
+            shared.shards.stop();
+        })
+        .await;
+    }
+
+    pub(crate) fn mark_ready(&self) {
+        self.ready.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    pub(crate) fn supervisor(&self, tenant: Uuid) -> Option<&Addr<TenantSupervisor>> {
+        self.tenants.get(&tenant).map(|t| &t.supervisor)
+    }
+
+    pub(crate) fn tenant_ids(&self) -> std::collections::HashSet<Uuid> {
+        self.tenants.keys().copied().collect()
+    }
+
+    pub(crate) fn supervisors(&self) -> impl Iterator<Item = &Addr<TenantSupervisor>> {
+        self.tenants.values().map(|t| &t.supervisor)
+    }
+
+}
+
+fn matches(session: &Session, query: &ListQuery) -> bool {
+    query.status.is_none_or(|s| s == session.status)
+        && query.client_type.is_none_or(|c| c == session.client_type)
+        && query.edge_mcp_id.as_deref().is_none_or(|e| e == &*session.edge_mcp_id)
+}
+
+fn encode_cursor(created_at: Millis, session_id: &str) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{created_at}:{session_id}"))
+}
+
+fn decode_cursor(cursor: &str) -> Option<(Millis, String)> {
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(cursor).ok()?;
+    let text = String::from_utf8(bytes).ok()?;
+    let (at, id) = text.split_once(':')?;
+    Some((at.parse().ok()?, id.to_owned()))
+}
+
+fn storage(e: StoreError) -> SessionError {
+    SessionError::Storage(e.to_string())
+}
+
+/// Waits for a change to be durable, when there is something to wait for.
+async fn settle(durable: Option<Durable>) -> Result<(), SessionError> {
+    match durable {
+        None => Ok(()),
+        Some(rx) => match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(storage(e)),
+            Err(_) => Err(SessionError::Unavailable),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip() {
+        let c = encode_cursor(1_700_000_000_000, "ses_abc:def");
+        assert_eq!(decode_cursor(&c), Some((1_700_000_000_000, "ses_abc:def".to_owned())));
+        assert_eq!(decode_cursor("not a cursor!"), None);
+    }
+}

@@ -1,0 +1,113 @@
+//! Start-up recovery: every non-final session in sled gets its actor back
+//! with its remaining time; sessions that became overdue while the process
+//! was down come back `expired`, ended at the instant they were due.
+
+use crate::model::time::now_ms;
+use crate::model::{Session, SessionError, Status, Transition};
+use crate::persist::WriteOp;
+
+use super::tenant::{LiveCount, Restore};
+use super::Engine;
+
+/// What recovery found.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RecoveryReport {
+    /// Live sessions whose actors were restarted.
+    pub restored: usize,
+    /// Sessions that were overdue and are now expired.
+    pub expired: usize,
+    /// Final sessions left as they are.
+    pub final_kept: usize,
+    /// Records of tenants no longer configured (left untouched).
+    pub orphaned: usize,
+}
+
+enum Found {
+    Live(Session),
+    Expired(Session),
+    Final,
+    Orphan,
+}
+
+impl Engine {
+    /// Loads every session from sled, restarts the live ones, expires the
+    /// overdue ones, then purges what is past retention and marks the engine
+    /// ready. Call once, right after [`Engine::start`].
+    pub async fn recover(&self) -> Result<RecoveryReport, SessionError> {
+        let started = std::time::Instant::now();
+        let shared = self.shared().clone();
+        let idle_after_ms = shared.idle_after_ms;
+        let known = self.tenant_ids();
+        let now = now_ms();
+        // The scan is blocking I/O; it streams sessions to this task so a
+        // million records are never all in memory at once.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Found, SessionError>>(1024);
+        let scan = tokio::task::spawn_blocking(move || {
+            for item in shared.store.all_sessions() {
+                let found = item
+                    .map_err(|e| SessionError::Storage(e.to_string()))
+                    .map(|mut session| {
+                        if !known.contains(&session.tenant_id) {
+                            Found::Orphan
+                        } else if session.status.is_final() {
+                            Found::Final
+                        } else {
+                            match session.due(now, idle_after_ms) {
+                                Transition::Expire(reason) => {
+                                    let at = session.expires_at();
+                                    session.finish(Status::Expired, reason, at);
+                                    Found::Expired(session)
+                                }
+                                Transition::BecomeIdle => {
+                                    session.become_idle();
+                                    Found::Live(session)
+                                }
+                                Transition::None => Found::Live(session),
+                            }
+                        }
+                    });
+                if tx.blocking_send(found).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut report = RecoveryReport::default();
+        while let Some(found) = rx.recv().await {
+            match found? {
+                Found::Live(session) => {
+                    report.restored += 1;
+                    if let Some(supervisor) = self.supervisor(session.tenant_id) {
+                        supervisor.do_send(Restore(session));
+                    }
+                }
+                Found::Expired(session) => {
+                    report.expired += 1;
+                    tracing::info!(session_id = %session.session_id, tenant = %session.tenant_id, "session expired while the process was down");
+                    let ops = vec![WriteOp::put_session(&session), WriteOp::index_finished(&session)];
+                    self.shared().write_behind.submit(ops, false);
+                }
+                Found::Final => report.final_kept += 1,
+                Found::Orphan => report.orphaned += 1,
+            }
+        }
+        scan.await.map_err(|e| SessionError::Storage(e.to_string()))?;
+        // Each supervisor answers after handling every Restore sent before.
+        for supervisor in self.supervisors() {
+            let _ = supervisor.send(LiveCount).await;
+        }
+        self.flush().await?;
+        if report.orphaned > 0 {
+            tracing::warn!(count = report.orphaned, "sessions of tenants that are no longer configured were left on disk");
+        }
+        self.purge().await?;
+        self.mark_ready();
+        tracing::info!(
+            restored = report.restored,
+            expired = report.expired,
+            final_kept = report.final_kept,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "recovery finished"
+        );
+        Ok(report)
+    }
+}

@@ -1,0 +1,395 @@
+//! The session actor: one per live session, owning its whole state, its
+//! expiry timer and its tool counters.
+//!
+//! Requests reach it straight from the tenant's directory (one hop). Every
+//! change is handed to the write-behind queue; the reply carries a
+//! [`Durable`] that the caller awaits under `durability = "sync"`, so the
+//! actor never blocks on the disk and concurrent calls on one session share
+//! a group commit.
+//!
+//! Expiry uses one timer that is armed for the next deadline and re-armed
+//! lazily: activity only moves deadlines later, so a heartbeat changes a
+//! timestamp and the timer, when it fires early, re-arms for what is left.
+//! The only change that moves a deadline earlier (`idle -> active`, which
+//! brings back the idle-after deadline) re-arms at once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+
+use super::tenant::{Release, TenantSupervisor};
+use super::Shared;
+use crate::model::session::{SessionUpdate, REASON_CLIENT_REQUEST};
+use crate::model::time::now_ms;
+use crate::model::{Millis, Session, SessionError, SessionView, Status, ToolExecution, Transition};
+use crate::persist::{Durable, WriteOp};
+
+/// A reply together with the durability of the change it made.
+#[derive(Debug)]
+pub struct Ack<T> {
+    /// The answer.
+    pub value: T,
+    /// Resolves when the change is on disk; `None` when nobody needs to wait.
+    pub durable: Option<Durable>,
+}
+
+/// Timer slack: fire a hair after the deadline so `now >= deadline` holds.
+const TIMER_SLACK: Duration = Duration::from_millis(1);
+
+/// The actor owning one live session.
+pub struct SessionActor {
+    session: Session,
+    shared: Arc<Shared>,
+    supervisor: Addr<TenantSupervisor>,
+    /// The armed timer and the deadline it is armed for.
+    timer: Option<(SpawnHandle, Millis)>,
+    /// A coalesced write of activity timestamps is scheduled.
+    activity_write_scheduled: bool,
+}
+
+impl SessionActor {
+    /// A new actor for `session`.
+    pub(crate) fn new(session: Session, shared: Arc<Shared>, supervisor: Addr<TenantSupervisor>) -> Self {
+        SessionActor {
+            session,
+            shared,
+            supervisor,
+            timer: None,
+            activity_write_scheduled: false,
+        }
+    }
+
+    /// Arms the timer for the next deadline unless it is armed for an
+    /// earlier one already.
+    fn arm(&mut self, ctx: &mut Context<Self>) {
+        if self.session.status.is_final() {
+            return;
+        }
+        let deadline = self.session.next_deadline(self.shared.idle_after_ms);
+        if let Some((handle, armed_for)) = self.timer {
+            if armed_for <= deadline {
+                return;
+            }
+            ctx.cancel_future(handle);
+        }
+        let delay = Duration::from_millis((deadline - now_ms()).max(0) as u64) + TIMER_SLACK;
+        let handle = ctx.run_later(delay, |actor, ctx| {
+            actor.timer = None;
+            actor.on_deadline(now_ms(), ctx);
+        });
+        self.timer = Some((handle, deadline));
+    }
+
+    /// Applies whatever is due at `now`; returns whether the session expired.
+    fn on_deadline(&mut self, now: Millis, ctx: &mut Context<Self>) -> bool {
+        match self.session.due(now, self.shared.idle_after_ms) {
+            Transition::Expire(reason) => {
+                let at = self.session.expires_at();
+                let durable = self.finish(Status::Expired, reason, at);
+                tracing::info!(session_id = %self.session.session_id, tenant = %self.session.tenant_id, reason, "session expired");
+                self.stop_when_durable(durable, ctx);
+                true
+            }
+            Transition::BecomeIdle => {
+                self.session.become_idle();
+                self.persist(false);
+                self.arm(ctx);
+                false
+            }
+            Transition::None => {
+                self.arm(ctx);
+                false
+            }
+        }
+    }
+
+    /// Queues the full state; returns a [`Durable`] when `wait` is set.
+    fn persist(&self, wait: bool) -> Option<Durable> {
+        self.shared
+            .write_behind
+            .submit(vec![WriteOp::put_session(&self.session)], wait)
+    }
+
+    /// Whether callers wait for disk under the configured durability.
+    fn sync(&self) -> bool {
+        self.shared.sync_acks
+    }
+
+    /// Records activity; the timestamp reaches disk coalesced, within one
+    /// flush interval, without anyone waiting for it.
+    fn note_activity(&mut self, now: Millis, ctx: &mut Context<Self>) {
+        self.session.touch(now);
+        self.arm(ctx);
+        if !self.activity_write_scheduled {
+            self.activity_write_scheduled = true;
+            ctx.run_later(self.shared.flush_interval, |actor, _| actor.write_activity());
+        }
+    }
+
+    fn write_activity(&mut self) {
+        if self.activity_write_scheduled && !self.session.status.is_final() {
+            self.persist(false);
+        }
+        self.activity_write_scheduled = false;
+    }
+
+    /// Makes the session final, frees its tenant slot and queues the final
+    /// record (always waited for: the actor leaves the directory only once
+    /// its final state is readable from disk).
+    fn finish(&mut self, status: Status, reason: &str, at: Millis) -> Durable {
+        self.session.finish(status, reason, at);
+        self.supervisor.do_send(Release);
+        let ops = vec![WriteOp::put_session(&self.session), WriteOp::index_finished(&self.session)];
+        self.shared
+            .write_behind
+            .submit(ops, true)
+            .expect("submit with wait=true always returns a receiver")
+    }
+
+    fn stop_when_durable(&mut self, durable: Durable, ctx: &mut Context<Self>) {
+        if let Some((handle, _)) = self.timer.take() {
+            ctx.cancel_future(handle);
+        }
+        ctx.wait(async move { durable.await }.into_actor(self).map(|result, actor, ctx| {
+            if !matches!(result, Ok(Ok(()))) {
+                tracing::error!(session_id = %actor.session.session_id, "final session record was not written");
+            }
+            ctx.stop();
+        }));
+    }
+}
+
+impl Actor for SessionActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        // Registration in the directory happens in the supervisor before the
+        // create is answered, so a GET right after a 201 finds the session.
+        self.arm(ctx);
+    }
+
+    fn stopped(&mut self, ctx: &mut Context<Self>) {
+        let me = ctx.address();
+        self.shared
+            .directory(self.session.tenant_id)
+            .remove_if(&*self.session.session_id, |_, addr| *addr == me);
+    }
+}
+
+/// Reads the session resource.
+#[derive(Message)]
+#[rtype(result = "SessionView")]
+pub struct Get;
+
+impl Handler<Get> for SessionActor {
+    type Result = MessageResult<Get>;
+
+    fn handle(&mut self, _: Get, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.session.view(now_ms()))
+    }
+}
+
+/// Copies the whole state (lists, tenant metrics, per-session metrics).
+#[derive(Message)]
+#[rtype(result = "Session")]
+pub struct Snapshot;
+
+impl Handler<Snapshot> for SessionActor {
+    type Result = MessageResult<Snapshot>;
+
+    fn handle(&mut self, _: Snapshot, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.session.clone())
+    }
+}
+
+/// A heartbeat: activity, acknowledged from memory.
+#[derive(Message)]
+#[rtype(result = "Result<(), SessionError>")]
+pub struct Touch;
+
+impl Handler<Touch> for SessionActor {
+    type Result = Result<(), SessionError>;
+
+    fn handle(&mut self, _: Touch, ctx: &mut Context<Self>) -> Self::Result {
+        self.session.ensure_live()?;
+        self.note_activity(now_ms(), ctx);
+        Ok(())
+    }
+}
+
+/// Writes pending activity timestamps now (graceful shutdown).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct FlushActivity;
+
+impl Handler<FlushActivity> for SessionActor {
+    type Result = ();
+
+    fn handle(&mut self, _: FlushActivity, _: &mut Context<Self>) {
+        self.write_activity();
+    }
+}
+
+/// A PATCH, optionally conditional on the current version.
+#[derive(Message)]
+#[rtype(result = "Result<Ack<SessionView>, SessionError>")]
+pub struct Update {
+    /// The fields to change.
+    pub update: SessionUpdate,
+    /// `If-Match` version, when given.
+    pub if_match: Option<u64>,
+}
+
+impl Handler<Update> for SessionActor {
+    type Result = Result<Ack<SessionView>, SessionError>;
+
+    fn handle(&mut self, msg: Update, ctx: &mut Context<Self>) -> Self::Result {
+        self.session.ensure_live()?;
+        if let Some(expected) = msg.if_match {
+            if expected != self.session.version {
+                return Err(SessionError::VersionMismatch {
+                    current: self.session.version,
+                });
+            }
+        }
+        let now = now_ms();
+        self.session.apply_update(msg.update, now);
+        self.arm(ctx);
+        let durable = self.persist(self.sync());
+        Ok(Ack {
+            value: self.session.view(now),
+            durable,
+        })
+    }
+}
+
+/// Restarts the session's lifetime.
+#[derive(Message)]
+#[rtype(result = "Result<Ack<SessionView>, SessionError>")]
+pub struct Refresh;
+
+impl Handler<Refresh> for SessionActor {
+    type Result = Result<Ack<SessionView>, SessionError>;
+
+    fn handle(&mut self, _: Refresh, ctx: &mut Context<Self>) -> Self::Result {
+        self.session.ensure_live()?;
+        let now = now_ms();
+        self.session.refresh(now);
+        self.arm(ctx);
+        let durable = self.persist(self.sync());
+        Ok(Ack {
+            value: self.session.view(now),
+            durable,
+        })
+    }
+}
+
+/// Checks that the session is live; not activity.
+#[derive(Message)]
+#[rtype(result = "Result<SessionView, SessionError>")]
+pub struct Validate;
+
+impl Handler<Validate> for SessionActor {
+    type Result = Result<SessionView, SessionError>;
+
+    fn handle(&mut self, _: Validate, ctx: &mut Context<Self>) -> Self::Result {
+        self.session.ensure_live()?;
+        // An overdue session whose timer has not fired yet is not valid.
+        if self.on_deadline(now_ms(), ctx) {
+            return Err(SessionError::Expired);
+        }
+        Ok(self.session.view(now_ms()))
+    }
+}
+
+/// Records one tool execution (also activity).
+#[derive(Message)]
+#[rtype(result = "Result<Ack<u64>, SessionError>")]
+pub struct RecordTool(pub ToolExecution);
+
+impl Handler<RecordTool> for SessionActor {
+    type Result = Result<Ack<u64>, SessionError>;
+
+    fn handle(&mut self, RecordTool(execution): RecordTool, ctx: &mut Context<Self>) -> Self::Result {
+        self.session.ensure_live()?;
+        let now = now_ms();
+        self.session.record_execution(&execution, now);
+        self.arm(ctx);
+        let seq = self.session.tool_execution_count;
+        let ops = vec![
+            WriteOp::put_execution(self.session.tenant_id, &self.session.session_id, seq, &execution),
+            WriteOp::put_session(&self.session),
+        ];
+        let durable = self.shared.write_behind.submit(ops, self.sync());
+        Ok(Ack { value: seq, durable })
+    }
+}
+
+/// Ends the session (DELETE, or an admin). Idempotent on a final session.
+/// Answers once the final state is on disk.
+#[derive(Message)]
+#[rtype(result = "Result<(), SessionError>")]
+pub struct Terminate {
+    /// Why; `client_request` when `None`.
+    pub reason: Option<String>,
+}
+
+impl Handler<Terminate> for SessionActor {
+    type Result = ResponseActFuture<Self, Result<(), SessionError>>;
+
+    fn handle(&mut self, msg: Terminate, ctx: &mut Context<Self>) -> Self::Result {
+        if self.session.status.is_final() {
+            return Box::pin(actix::fut::ready(Ok(())));
+        }
+        let reason = msg.reason.as_deref().unwrap_or(REASON_CLIENT_REQUEST);
+        let durable = self.finish(Status::Terminated, reason, now_ms());
+        tracing::info!(session_id = %self.session.session_id, tenant = %self.session.tenant_id, reason, "session terminated");
+        if let Some((handle, _)) = self.timer.take() {
+            ctx.cancel_future(handle);
+        }
+        Box::pin(async move { durable.await }.into_actor(self).map(|result, _, ctx| {
+            ctx.stop();
+            match result {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(SessionError::Storage(e.to_string())),
+                Err(_) => Err(SessionError::Unavailable),
+            }
+        }))
+    }
+}
+
+/// Expires the session if it is overdue (sweep and cleanup endpoint).
+/// Answers whether it expired now.
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct ExpireIfDue;
+
+impl Handler<ExpireIfDue> for SessionActor {
+    type Result = bool;
+
+    fn handle(&mut self, _: ExpireIfDue, ctx: &mut Context<Self>) -> bool {
+        if self.session.status.is_final() {
+            return false;
+        }
+        if let Some((handle, _)) = self.timer.take() {
+            ctx.cancel_future(handle);
+        }
+        self.on_deadline(now_ms(), ctx)
+    }
+}
+
+/// Panics inside the actor (tests of supervision only).
+#[cfg(test)]
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Crash;
+
+#[cfg(test)]
+impl Handler<Crash> for SessionActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Crash, _: &mut Context<Self>) {
+        panic!("injected panic for a supervision test");
+    }
+}

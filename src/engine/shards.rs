@@ -1,0 +1,90 @@
+//! One actix arbiter (a thread with its own single-threaded runtime) per core.
+//!
+//! The engine's actors live here; the HTTP server runs on its own tokio
+//! runtime and reaches them through their addresses.
+
+use std::sync::{mpsc, Mutex};
+use std::thread::JoinHandle;
+
+use actix::prelude::*;
+use actix_rt::{Arbiter, ArbiterHandle};
+
+/// The arbiters and the actix system that owns them.
+pub struct Shards {
+    handles: Vec<ArbiterHandle>,
+    system: System,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Shards {
+    /// Starts an actix system on its own thread with `count` arbiters.
+    pub fn start(count: usize) -> Self {
+        let count = count.max(1);
+        let (tx, rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("actix-system".into())
+            .spawn(move || {
+                let runner = actix_rt::System::new();
+                let arbiters: Vec<Arbiter> = runner.block_on(async {
+                    (0..count).map(|_| Arbiter::new()).collect()
+                });
+                let handles = arbiters.iter().map(Arbiter::handle).collect::<Vec<_>>();
+                // The receiver waits right below; it only goes away if the
+                // starting thread panicked, and then nobody needs the handles.
+                let _ = tx.send((System::current(), handles));
+                if let Err(e) = runner.run() {
+                    tracing::error!(error = %e, "actix system stopped with an error");
+                }
+                for arbiter in arbiters {
+                    arbiter.stop();
+                    let _ = arbiter.join();
+                }
+            })
+            // Failing to spawn a thread at start-up leaves nothing to run on.
+            .expect("spawning the actix system thread");
+        // The thread sends before doing anything that could fail.
+        let (system, handles) = rx.recv().expect("actix system thread reports its arbiters");
+        Shards {
+            handles,
+            system,
+            thread: Mutex::new(Some(thread)),
+        }
+    }
+
+    /// Number of shards.
+    pub fn len(&self) -> usize {
+        self.handles.len()
+    }
+
+    /// Whether there are no shards (never: at least one is started).
+    pub fn is_empty(&self) -> bool {
+        self.handles.is_empty()
+    }
+
+    /// The arbiter for shard `index`.
+    pub fn arbiter(&self, index: usize) -> &ArbiterHandle {
+        &self.handles[index % self.handles.len()]
+    }
+
+    /// The shard a key belongs to (FNV-1a: cheap, stable, well spread for ids).
+    pub fn index_of(&self, key: &[u8]) -> usize {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for &byte in key {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+        (hash % self.handles.len() as u64) as usize
+    }
+
+    /// Stops every arbiter and the system, and waits for their threads.
+    /// Must not be called from an arbiter thread (it would wait for itself).
+    pub fn stop(&self) {
+        self.system.stop();
+        // A poisoned lock means a previous stop panicked; the thread handle
+        // is still valid to take.
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! The tenant supervisor: one actor per tenant that admits sessions against
+//! `max_active_sessions`, spawns their actors on the shards, registers them
+//! in the tenant's directory, and restarts one that died.
+//!
+//! Admission is serialised by the supervisor's mailbox, so concurrent
+//! creates can never over-admit: the count and the check happen in one
+//! handler, with no await in between.
+
+use std::sync::Arc;
+
+use actix::prelude::*;
+
+use super::admission::TenantLimits;
+use super::session::SessionActor;
+use super::Shared;
+use crate::model::{Session, SessionError};
+use crate::persist::{Durable, WriteOp};
+
+/// The supervisor of one tenant's sessions.
+pub struct TenantSupervisor {
+    limits: TenantLimits,
+    shared: Arc<Shared>,
+    /// Live (non-final) sessions counted against the limit.
+    live: usize,
+}
+
+impl TenantSupervisor {
+    /// A supervisor for the tenant with `limits`.
+    pub(crate) fn new(limits: TenantLimits, shared: Arc<Shared>) -> Self {
+        TenantSupervisor {
+            limits,
+            shared,
+            live: 0,
+        }
+    }
+
+    /// Starts an actor for `session` on its shard and registers it.
+    fn spawn(&self, session: Session, me: Addr<TenantSupervisor>) -> Addr<SessionActor> {
+        let shard = self.shared.shards.index_of(session.session_id.as_bytes());
+        let id = session.session_id.clone();
+        let shared = self.shared.clone();
+        let addr = SessionActor::start_in_arbiter(self.shared.shards.arbiter(shard), move |_| {
+            SessionActor::new(session, shared, me)
+        });
+        self.shared.directory(self.limits.id).insert(id, addr.clone());
+        addr
+    }
+}
+
+impl Actor for TenantSupervisor {
+    type Context = Context<Self>;
+}
+
+/// Admits a new session, or refuses it with 409 / 429.
+#[derive(Message)]
+#[rtype(result = "Result<Option<Durable>, SessionError>")]
+pub struct Admit {
+    /// The validated new session.
+    pub session: Session,
+    /// The id was chosen by the client (so it may collide with a stored one).
+    pub client_chosen_id: bool,
+}
+
+impl Handler<Admit> for TenantSupervisor {
+    type Result = Result<Option<Durable>, SessionError>;
+
+    fn handle(&mut self, msg: Admit, ctx: &mut Context<Self>) -> Self::Result {
+        let session = msg.session;
+        let directory = self.shared.directory(self.limits.id);
+        if directory.contains_key(&*session.session_id) {
+            return Err(SessionError::AlreadyExists);
+        }
+        if msg.client_chosen_id
+            && self
+                .shared
+                .store
+                .contains_session(self.limits.id, &session.session_id)
+                .map_err(|e| SessionError::Storage(e.to_string()))?
+        {
+            // A final session keeps its id until it is purged.
+            return Err(SessionError::AlreadyExists);
+        }
+        if self.live >= self.limits.max_active_sessions {
+            return Err(SessionError::TenantLimit {
+                limit: self.limits.max_active_sessions,
+            });
+        }
+        self.live += 1;
+        let ops = vec![WriteOp::index_session(&session), WriteOp::put_session(&session)];
+        let durable = self.shared.write_behind.submit(ops, self.shared.sync_acks);
+        self.spawn(session, ctx.address());
+        Ok(durable)
+    }
+}
+
+/// A session of this tenant became final: its slot is free.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Release;
+
+impl Handler<Release> for TenantSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, _: Release, _: &mut Context<Self>) {
+        self.live = self.live.saturating_sub(1);
+    }
+}
+
+/// Brings back a live session read from disk (recovery). It counts against
+/// the limit but is never refused: it was admitted before the restart.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Restore(pub Session);
+
+impl Handler<Restore> for TenantSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, Restore(session): Restore, ctx: &mut Context<Self>) {
+        self.live += 1;
+        self.spawn(session, ctx.address());
+    }
+}
+
+/// A session's actor is gone without stopping cleanly (it panicked).
+/// Restarts it from its last durable state; answers the live address, or
+/// `None` when the session is not live any more.
+#[derive(Message)]
+#[rtype(result = "Option<Addr<SessionActor>>")]
+pub struct Revive {
+    /// The session's id.
+    pub session_id: Arc<str>,
+}
+
+impl Handler<Revive> for TenantSupervisor {
+    type Result = Option<Addr<SessionActor>>;
+
+    fn handle(&mut self, msg: Revive, ctx: &mut Context<Self>) -> Self::Result {
+        let directory = self.shared.directory(self.limits.id);
+        let dead = match directory.get(&*msg.session_id) {
+            None => return None,
+            Some(entry) if entry.connected() => return Some(entry.clone()),
+            Some(entry) => entry.clone(),
+        };
+        directory.remove_if(&*msg.session_id, |_, addr| *addr == dead);
+        match self.shared.store.session(self.limits.id, &msg.session_id) {
+            Ok(Some(session)) if !session.status.is_final() => {
+                tracing::error!(
+                    session_id = %msg.session_id,
+                    tenant = %self.limits.id,
+                    version = session.version,
+                    "session actor died; restarted from its last durable state"
+                );
+                self.shared.restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Some(self.spawn(session, ctx.address()))
+            }
+            other => {
+                if let Err(e) = &other {
+                    tracing::error!(session_id = %msg.session_id, error = %e, "reading a dead session's record failed");
+                }
+                tracing::error!(session_id = %msg.session_id, tenant = %self.limits.id, "session actor died; its last durable state is final or missing");
+                self.live = self.live.saturating_sub(1);
+                None
+            }
+        }
+    }
+}
+
+/// Answers once every message sent before it has been handled.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct LiveCount;
+
+impl Handler<LiveCount> for TenantSupervisor {
+    type Result = usize;
+
+    fn handle(&mut self, _: LiveCount, _: &mut Context<Self>) -> usize {
+        self.live
+    }
+}

@@ -1,0 +1,174 @@
+//! The one place where errors become HTTP answers.
+//!
+//! Handlers return [`ApiError`]; its `IntoResponse` sets the status and
+//! attaches an [`ErrorBody`] extension. The request-id middleware then
+//! writes the contract's body (`error`, `code`, `request_id`, `details`),
+//! because only it knows the request id. 5xx causes are logged there and
+//! never sent.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value};
+
+use crate::model::SessionError;
+
+/// Everything an HTTP call can answer besides success.
+#[derive(Debug)]
+pub enum ApiError {
+    /// A domain error.
+    Session(SessionError),
+    /// The body is not JSON.
+    InvalidJson(String),
+    /// The body names a field the endpoint does not know.
+    UnknownField(String),
+    /// The body is over the limit.
+    PayloadTooLarge,
+    /// The body is not `application/json`.
+    UnsupportedMediaType,
+    /// No key, an unknown key, or a key of the wrong kind.
+    Unauthorized,
+    /// The key lacks the scope.
+    Forbidden,
+    /// No such route.
+    RouteNotFound,
+    /// A failure of ours; the cause is logged with the request id.
+    Internal(String),
+}
+
+impl From<SessionError> for ApiError {
+    fn from(e: SessionError) -> Self {
+        ApiError::Session(e)
+    }
+}
+
+/// The error as the middleware renders it.
+#[derive(Debug, Clone)]
+pub struct ErrorBody {
+    /// Lowercase human sentence.
+    pub message: String,
+    /// Stable machine code.
+    pub code: &'static str,
+    /// Optional details (field errors).
+    pub details: Value,
+    /// For 5xx: the cause, logged and never sent.
+    pub cause: Option<String>,
+}
+
+impl ErrorBody {
+    /// Renders the contract's JSON body.
+    pub fn to_json(&self, request_id: &str) -> Value {
+        json!({
+            "error": self.message,
+            "code": self.code,
+            "request_id": request_id,
+            "details": self.details,
+        })
+    }
+
+    /// The body for a bare status from the framework (405, 404 …).
+    pub fn for_status(status: StatusCode) -> Self {
+        let (code, message) = match status {
+            StatusCode::NOT_FOUND => ("not_found", "no such route"),
+            StatusCode::METHOD_NOT_ALLOWED => ("method_not_allowed", "method not allowed on this route"),
+            StatusCode::PAYLOAD_TOO_LARGE => ("payload_too_large", "request body is larger than 64 KiB"),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => ("unsupported_media_type", "content type must be application/json"),
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => ("headers_too_large", "request headers are too large"),
+            s if s.is_server_error() => ("internal_error", "internal error"),
+            _ => ("bad_request", "bad request"),
+        };
+        ErrorBody {
+            message: message.into(),
+            code,
+            details: json!({}),
+            cause: None,
+        }
+    }
+}
+
+fn field_details(field: &str, message: &str) -> Value {
+    json!({ "field": field, "fields": { field: message } })
+}
+
+impl ApiError {
+    fn parts(self) -> (StatusCode, ErrorBody) {
+        let body = |message: &str, code: &'static str, details: Value| ErrorBody {
+            message: message.to_owned(),
+            code,
+            details,
+            cause: None,
+        };
+        match self {
+            ApiError::Session(e) => match e {
+                SessionError::NotFound => (StatusCode::NOT_FOUND, body("session not found", "session_not_found", json!({}))),
+                SessionError::AlreadyExists => (StatusCode::CONFLICT, body("session already exists", "session_exists", json!({}))),
+                SessionError::TenantLimit { limit } => (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    body("tenant session limit reached", "tenant_session_limit", json!({ "max_active_sessions": limit })),
+                ),
+                SessionError::Expired => (StatusCode::GONE, body("session expired", "session_expired", json!({}))),
+                SessionError::Terminated => (StatusCode::GONE, body("session terminated", "session_terminated", json!({}))),
+                SessionError::VersionMismatch { current } => (
+                    StatusCode::PRECONDITION_FAILED,
+                    body("version mismatch", "version_mismatch", json!({ "current_version": current })),
+                ),
+                SessionError::Validation { field, message } => (
+                    StatusCode::BAD_REQUEST,
+                    body(&message, "validation_failed", field_details(&field, &message)),
+                ),
+                SessionError::Unavailable => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    body("service unavailable, retry shortly", "service_unavailable", json!({})),
+                ),
+                SessionError::Storage(cause) => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    ErrorBody {
+                        cause: Some(cause),
+                        ..body("internal error", "internal_error", json!({}))
+                    },
+                ),
+            },
+            ApiError::InvalidJson(why) => (
+                StatusCode::BAD_REQUEST,
+                body("request body is not valid json", "invalid_json", json!({ "reason": why })),
+            ),
+            ApiError::UnknownField(field) => (
+                StatusCode::BAD_REQUEST,
+                body(&format!("unknown field {field}"), "unknown_field", json!({ "field": field })),
+            ),
+            ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, ErrorBody::for_status(StatusCode::PAYLOAD_TOO_LARGE)),
+            ApiError::UnsupportedMediaType => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                ErrorBody::for_status(StatusCode::UNSUPPORTED_MEDIA_TYPE),
+            ),
+            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, body("missing or invalid credentials", "unauthorized", json!({}))),
+            ApiError::Forbidden => (StatusCode::FORBIDDEN, body("the key lacks the scope for this call", "forbidden", json!({}))),
+            ApiError::RouteNotFound => (StatusCode::NOT_FOUND, ErrorBody::for_status(StatusCode::NOT_FOUND)),
+            ApiError::Internal(cause) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                ErrorBody {
+                    cause: Some(cause),
+                    ..body("internal error", "internal_error", json!({}))
+                },
+            ),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, body) = self.parts();
+        let mut response = status.into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response.extensions_mut().insert(body);
+        response
+    }
+}
+
+/// A validation error for `field`.
+pub fn invalid(field: &str, message: impl Into<String>) -> ApiError {
+    ApiError::Session(SessionError::validation(field, message))
+}

@@ -1,0 +1,230 @@
+//! Extractors that answer in the contract's error body: JSON bodies (size,
+//! content type, syntax, unknown fields, field errors), session ids in the
+//! path, and the caller's key.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Path, Request};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde::de::DeserializeOwned;
+
+use super::error::{invalid, ApiError};
+use super::AppState;
+use crate::auth::{ApiKey, Scope};
+use crate::model::ids::is_valid_session_id;
+
+/// Largest request body.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(value) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let mime = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
+}
+
+async fn read_body(request: Request) -> Result<Bytes, ApiError> {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return Err(ApiError::PayloadTooLarge);
+    }
+    match Limited::new(request.into_body(), MAX_BODY_BYTES).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(ApiError::PayloadTooLarge),
+        Err(e) => Err(ApiError::InvalidJson(format!("reading the body failed: {e}"))),
+    }
+}
+
+/// Decodes JSON into `T`, classifying errors as the contract says.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut deserializer).map_err(classify)?;
+    deserializer.end().map_err(|e| ApiError::InvalidJson(e.to_string()))?;
+    Ok(value)
+}
+
+fn classify(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
+    {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        match inner.classify() {
+            serde_json::error::Category::Data => {
+                let message = inner.to_string();
+                if let Some(rest) = message.strip_prefix("unknown field `") {
+                    let name = rest.split('`').next().unwrap_or("");
+                    let field = if path == "." || path.is_empty() { name.to_owned() } else { format!("{path}.{name}") };
+                    ApiError::UnknownField(field.trim_start_matches('.').to_owned())
+                } else if let Some(rest) = message.strip_prefix("missing field `") {
+                    let name = rest.split('`').next().unwrap_or("");
+                    let field = if path == "." || path.is_empty() { name.to_owned() } else { format!("{path}.{name}") };
+                    invalid(&field, format!("{field} is required"))
+                } else {
+                    let field = if path == "." { "body".to_owned() } else { path };
+                    let message = message.split(" at line ").next().unwrap_or(&message).to_owned();
+                    invalid(&field, format!("{field}: {message}"))
+                }
+            }
+            _ => ApiError::InvalidJson(inner.to_string()),
+        }
+    }
+}
+
+/// A required JSON body of at most 64 KiB.
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, _: &S) -> Result<Self, ApiError> {
+        if !is_json(request.headers()) {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+        let bytes = read_body(request).await?;
+        decode(&bytes).map(JsonBody)
+    }
+}
+
+/// An optional JSON body: empty is `None` whatever the content type (a
+/// body-less DELETE with `Content-Type: application/json` is fine).
+pub struct OptionalJsonBody<T>(pub Option<T>);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for OptionalJsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, _: &S) -> Result<Self, ApiError> {
+        let json = is_json(request.headers());
+        let bytes = read_body(request).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(OptionalJsonBody(None));
+        }
+        if !json {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+        decode(&bytes).map(|v| OptionalJsonBody(Some(v)))
+    }
+}
+
+/// A valid session id from the path.
+pub struct SessionId(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for SessionId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path(id) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| invalid("session_id", "session_id in the path is not valid"))?;
+        if !is_valid_session_id(&id) {
+            return Err(invalid(
+                "session_id",
+                "session_id must be 1 to 255 characters from A-Z a-z 0-9 . _ : @ ~ -",
+            ));
+        }
+        Ok(SessionId(id))
+    }
+}
+
+fn presented_key<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    if let Some(value) = headers.get(name) {
+        return value.to_str().ok();
+    }
+    if name == "x-api-key" {
+        let auth = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+        let (scheme, token) = auth.split_once(' ')?;
+        if scheme.eq_ignore_ascii_case("bearer") {
+            return Some(token.trim());
+        }
+    }
+    None
+}
+
+/// A caller authenticated by a tenant API key (scope `sessions`).
+pub struct Tenant(pub ApiKey);
+
+impl FromRequestParts<AppState> for Tenant {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let key = presented_key(&parts.headers, "x-api-key").and_then(|k| state.keys.tenant_key(k));
+        match key {
+            None => {
+                tracing::warn!(reason = "missing or unknown api key", path = %parts.uri.path(), "authentication failed");
+                Err(ApiError::Unauthorized)
+            }
+            Some(key) if !key.allows(Scope::Sessions) => Err(ApiError::Forbidden),
+            Some(key) => Ok(Tenant(key.clone())),
+        }
+    }
+}
+
+/// A caller authenticated by an admin key.
+pub struct Admin;
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        match presented_key(&parts.headers, "x-admin-key") {
+            Some(key) if state.keys.is_admin(key) => Ok(Admin),
+            _ => {
+                tracing::warn!(reason = "missing or unknown admin key", path = %parts.uri.path(), "authentication failed");
+                Err(ApiError::Unauthorized)
+            }
+        }
+    }
+}
+
+/// Parses `limit` (1–1000) with a default.
+pub fn parse_limit(raw: Option<&str>, default: usize) -> Result<usize, ApiError> {
+    match raw {
+        None => Ok(default),
+        Some(text) => match text.parse::<usize>() {
+            Ok(n) if (1..=1000).contains(&n) => Ok(n),
+            _ => Err(invalid("limit", "limit must be an integer from 1 to 1000")),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Body {
+        name: String,
+        n: Option<u32>,
+    }
+
+    #[test]
+    fn errors_are_classified() {
+        assert!(matches!(decode::<Body>(b"{"), Err(ApiError::InvalidJson(_))));
+        assert!(matches!(decode::<Body>(b"{\"name\":\"a\"} x"), Err(ApiError::InvalidJson(_))));
+        assert!(matches!(decode::<Body>(b"{\"name\":\"a\",\"zzz\":1}"), Err(ApiError::UnknownField(f)) if f == "zzz"));
+        match decode::<Body>(b"{\"name\":\"a\",\"n\":-1}") {
+            Err(ApiError::Session(crate::model::SessionError::Validation { field, .. })) => assert_eq!(field, "n"),
+            other => panic!("{other:?}"),
+        }
+        match decode::<Body>(b"{}") {
+            Err(ApiError::Session(crate::model::SessionError::Validation { .. })) => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(decode::<Body>(b"{\"name\":\"a\"}").is_ok());
+    }
+
+    #[test]
+    fn limits() {
+        assert_eq!(parse_limit(None, 50).unwrap(), 50);
+        assert_eq!(parse_limit(Some("1000"), 50).unwrap(), 1000);
+        assert!(parse_limit(Some("0"), 50).is_err());
+        assert!(parse_limit(Some("1001"), 50).is_err());
+        assert!(parse_limit(Some("ten"), 50).is_err());
+    }
+}

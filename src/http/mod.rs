@@ -1,0 +1,50 @@
+//! The HTTP surface (axum): REST API, admin and health routes.
+//!
+//! Each module exports `router()`; [`app`] merges them and adds the
+//! per-request middleware, so tests serve exactly what the binary serves.
+
+pub mod admin;
+pub mod error;
+pub mod extract;
+pub mod health;
+pub mod request_id;
+pub mod sessions;
+pub mod tools;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::Router;
+use tokio::net::TcpListener;
+use tower_http::catch_panic::CatchPanicLayer;
+
+use crate::auth::Keyring;
+use crate::engine::Engine;
+
+/// What every handler can reach: cheap handles only.
+#[derive(Clone)]
+pub struct AppState {
+    /// The session engine.
+    pub engine: Engine,
+    /// Configured keys.
+    pub keys: Arc<Keyring>,
+}
+
+/// The whole application.
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .merge(sessions::router())
+        .merge(tools::router())
+        .merge(admin::router())
+        .merge(health::router())
+        .fallback(|| async { error::ApiError::RouteNotFound })
+        .layer(axum::middleware::from_fn(request_id::track))
+        .layer(CatchPanicLayer::custom(request_id::panic_response))
+        .with_state(state)
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then lets
+/// in-flight requests finish.
+pub async fn serve(listener: TcpListener, app: Router, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+}

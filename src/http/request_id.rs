@@ -1,0 +1,88 @@
+//! Per-request plumbing: the request id (echoed or generated), a tracing
+//! span carrying it, the contract's error body, and one access log line.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{MatchedPath, Request};
+use axum::http::{header, HeaderName, HeaderValue};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use tracing::Instrument as _;
+
+use super::error::ErrorBody;
+
+/// `X-Request-Id`, echoed on every response.
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// `X-Trace-ID`, accepted as the request id when `X-Request-Id` is absent.
+static X_TRACE_ID: HeaderName = HeaderName::from_static("x-trace-id");
+/// Longest request id taken from a client.
+const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// The request's id, available to handlers as an extension.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub Arc<str>);
+
+fn from_client(request: &Request) -> Option<String> {
+    [&X_REQUEST_ID, &X_TRACE_ID].into_iter().find_map(|name| {
+        let value = request.headers().get(name)?.to_str().ok()?;
+        let ok = !value.is_empty()
+            && value.len() <= MAX_REQUEST_ID_LEN
+            && value.bytes().all(|b| b.is_ascii_graphic());
+        ok.then(|| value.to_owned())
+    })
+}
+
+/// The middleware: wraps every request of the app.
+pub async fn track(mut request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let id: Arc<str> = from_client(&request)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+        .into();
+    request.extensions_mut().insert(RequestId(id.clone()));
+    let method = request.method().clone();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let span = tracing::info_span!("request", request_id = %id);
+    let mut response = next.run(request).instrument(span.clone()).await;
+
+    let status = response.status();
+    if status.is_client_error() || status.is_server_error() {
+        let error = response
+            .extensions_mut()
+            .remove::<ErrorBody>()
+            .unwrap_or_else(|| ErrorBody::for_status(status));
+        if let Some(cause) = &error.cause {
+            span.in_scope(|| tracing::error!(%status, cause = %cause, "request failed"));
+        }
+        let mut rendered = axum::Json(error.to_json(&id)).into_response();
+        *rendered.status_mut() = status;
+        for (name, value) in response.headers() {
+            if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+                rendered.headers_mut().insert(name.clone(), value.clone());
+            }
+        }
+        response = rendered;
+    }
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(X_REQUEST_ID.clone(), value);
+    }
+    span.in_scope(|| {
+        tracing::info!(
+            method = %method,
+            route = %route,
+            status = status.as_u16(),
+            latency_us = started.elapsed().as_micros() as u64,
+            "request"
+        )
+    });
+    response
+}
+
+/// Turns a panic in a handler into a 500 with the contract's body.
+pub fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response<Body> {
+    super::error::ApiError::Internal("handler panicked".into()).into_response()
+}

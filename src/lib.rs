@@ -1,0 +1,37 @@
+//! edge-sessions: an actor-based in-memory session engine for MCP edge
+//! clients, durable through write-behind to sled.
+//!
+//! # Layout
+//!
+//! - [`model`]: sessions, tool statistics, ids, time and the domain error;
+//!   pure, depends on nothing of ours.
+//! - [`persist`]: the sled store, its key layout and record format, and the
+//!   write-behind queue with its group-commit flusher thread.
+//! - [`engine`]: the actors. One [`engine::session::SessionActor`] per live
+//!   session, one [`engine::tenant::TenantSupervisor`] per tenant, spread
+//!   over one actix arbiter per core; start-up recovery and the sweep.
+//! - [`auth`]: API keys and admin keys (hashes only), development credentials.
+//! - [`http`]: the axum routes, extractors and the one error mapping.
+//! - [`settings`]: layered configuration; [`telemetry`]: logging;
+//!   [`service`]: wires it all and shuts it down in order.
+//!
+//! # How a request flows
+//!
+//! `http` authenticates the key (tenant), decodes and validates the body,
+//! then calls [`engine::Engine`]. The engine finds the session's actor in
+//! the tenant's `DashMap` directory and sends it one message. The actor
+//! changes its state in memory, hands the new record to the write-behind
+//! queue and replies with a durability receiver; under `durability = "sync"`
+//! the handler awaits it, i.e. the batch's fsync, before answering.
+//! Creates go through the tenant supervisor, which admits against the
+//! tenant's limit and spawns the actor. Layers point one way:
+//! `http -> engine -> persist -> model`.
+
+pub mod auth;
+pub mod engine;
+pub mod http;
+pub mod model;
+pub mod persist;
+pub mod service;
+pub mod settings;
+pub mod telemetry;

@@ -1,0 +1,153 @@
+//! Key layout of the single sled tree.
+//!
+//! One tree keeps every kind of record so that one `apply_batch` is atomic
+//! across a session, its index entry and its executions. A leading tag byte
+//! separates the kinds; the tenant id comes next so every scan is per tenant.
+//!
+//! | tag | key                                              | value            |
+//! |-----|--------------------------------------------------|------------------|
+//! | `S` | tenant(16) session_id                            | session record   |
+//! | `C` | tenant(16) created_at(8, BE) session_id          | empty            |
+//! | `E` | tenant(16) len(1) session_id seq(8, BE)          | execution record |
+//! | `F` | terminated_at(8, BE) tenant(16) session_id       | empty            |
+//!
+//! `F` lists final sessions by the time they ended, so the retention purge
+//! reads only what is due instead of every record.
+
+use uuid::Uuid;
+
+use crate::model::Millis;
+
+const TAG_SESSION: u8 = b'S';
+const TAG_CREATED: u8 = b'C';
+const TAG_EXECUTION: u8 = b'E';
+const TAG_FINISHED: u8 = b'F';
+
+/// Key of a session record.
+pub fn session(tenant: Uuid, session_id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(17 + session_id.len());
+    key.push(TAG_SESSION);
+    key.extend_from_slice(tenant.as_bytes());
+    key.extend_from_slice(session_id.as_bytes());
+    key
+}
+
+/// Prefix of every session record.
+pub fn all_sessions() -> [u8; 1] {
+    [TAG_SESSION]
+}
+
+/// Splits a session key into tenant and session id.
+pub fn parse_session(key: &[u8]) -> Option<(Uuid, &str)> {
+    if key.len() < 17 || key[0] != TAG_SESSION {
+        return None;
+    }
+    let tenant = Uuid::from_slice(&key[1..17]).ok()?;
+    let id = std::str::from_utf8(&key[17..]).ok()?;
+    Some((tenant, id))
+}
+
+/// Key of a creation-order index entry.
+pub fn created(tenant: Uuid, created_at: Millis, session_id: &str) -> Vec<u8> {
+    let mut key = created_prefix(tenant);
+    key.extend_from_slice(&(created_at.max(0) as u64).to_be_bytes());
+    key.extend_from_slice(session_id.as_bytes());
+    key
+}
+
+/// Prefix of a tenant's creation-order index.
+pub fn created_prefix(tenant: Uuid) -> Vec<u8> {
+    let mut key = Vec::with_capacity(25 + 64);
+    key.push(TAG_CREATED);
+    key.extend_from_slice(tenant.as_bytes());
+    key
+}
+
+/// Splits a creation-order key into `(created_at, session_id)`.
+pub fn parse_created(key: &[u8]) -> Option<(Millis, &str)> {
+    if key.len() < 25 || key[0] != TAG_CREATED {
+        return None;
+    }
+    let mut at = [0u8; 8];
+    at.copy_from_slice(&key[17..25]);
+    let id = std::str::from_utf8(&key[25..]).ok()?;
+    Some((u64::from_be_bytes(at) as Millis, id))
+}
+
+/// Prefix of one session's executions.
+pub fn executions_prefix(tenant: Uuid, session_id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(26 + session_id.len());
+    key.push(TAG_EXECUTION);
+    key.extend_from_slice(tenant.as_bytes());
+    // Session ids are at most 255 bytes, so the length fits a byte and keeps
+    // one id's prefix from matching a longer id's.
+    key.push(session_id.len().min(255) as u8);
+    key.extend_from_slice(session_id.as_bytes());
+    key
+}
+
+/// Key of one execution; `seq` orders a session's executions.
+pub fn execution(tenant: Uuid, session_id: &str, seq: u64) -> Vec<u8> {
+    let mut key = executions_prefix(tenant, session_id);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+/// Key of a final session in the by-end-time index.
+pub fn finished(terminated_at: Millis, tenant: Uuid, session_id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(25 + session_id.len());
+    key.push(TAG_FINISHED);
+    key.extend_from_slice(&(terminated_at.max(0) as u64).to_be_bytes());
+    key.extend_from_slice(tenant.as_bytes());
+    key.extend_from_slice(session_id.as_bytes());
+    key
+}
+
+/// Range start of the by-end-time index.
+pub fn finished_start() -> [u8; 1] {
+    [TAG_FINISHED]
+}
+
+/// Splits a by-end-time key into `(terminated_at, tenant, session_id)`.
+pub fn parse_finished(key: &[u8]) -> Option<(Millis, Uuid, &str)> {
+    if key.len() < 25 || key[0] != TAG_FINISHED {
+        return None;
+    }
+    let mut at = [0u8; 8];
+    at.copy_from_slice(&key[1..9]);
+    let tenant = Uuid::from_slice(&key[9..25]).ok()?;
+    let id = std::str::from_utf8(&key[25..]).ok()?;
+    Some((u64::from_be_bytes(at) as Millis, tenant, id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip() {
+        let tenant = Uuid::now_v7();
+        let key = session(tenant, "abc");
+        assert_eq!(parse_session(&key), Some((tenant, "abc")));
+        let key = created(tenant, 1_700_000_000_123, "abc");
+        assert_eq!(parse_created(&key), Some((1_700_000_000_123, "abc")));
+        assert!(key.starts_with(&created_prefix(tenant)));
+        let key = finished(42, tenant, "abc");
+        assert_eq!(parse_finished(&key), Some((42, tenant, "abc")));
+        assert!(finished(41, tenant, "zzz") < key);
+    }
+
+    #[test]
+    fn execution_prefixes_do_not_overlap() {
+        let tenant = Uuid::nil();
+        let short = executions_prefix(tenant, "ab");
+        let long = execution(tenant, "abc", 1);
+        assert!(!long.starts_with(&short));
+    }
+
+    #[test]
+    fn creation_order_is_byte_order() {
+        let tenant = Uuid::nil();
+        assert!(created(tenant, 999, "z") < created(tenant, 1000, "a"));
+    }
+}

@@ -1,0 +1,349 @@
+//! The write-behind queue and its flusher thread (group commit).
+//!
+//! Producers (session actors, supervisors) push [`WriteOp`]s through a
+//! channel and go on. One flusher thread gathers what is queued into a single
+//! sled batch, applies it and fsyncs once, then wakes every waiter of that
+//! batch. A batch closes when it is full, when someone waits on it (a sync
+//! acknowledgement or a barrier: waiting longer would only add latency, and
+//! whatever arrives during the fsync forms the next batch), or when
+//! `flush_interval` has passed since its first change (heartbeats and async
+//! writes, which nobody waits for, are coalesced this way).
+
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, TryRecvError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+use super::keys;
+use super::record;
+use super::sled::{Store, StoreError};
+use crate::model::time::now_ms;
+use crate::model::{Session, ToolExecution};
+
+/// Resolves once the change it was handed out for is on disk.
+pub type Durable = oneshot::Receiver<Result<(), StoreError>>;
+
+/// One change to the store.
+#[derive(Debug)]
+pub enum WriteOp {
+    /// Insert or overwrite a key.
+    Put {
+        /// The key (see [`keys`]).
+        key: Vec<u8>,
+        /// The encoded record.
+        value: Vec<u8>,
+    },
+    /// Delete a key.
+    Remove {
+        /// The key.
+        key: Vec<u8>,
+    },
+}
+
+impl WriteOp {
+    /// Stores a session's full state.
+    pub fn put_session(session: &Session) -> Self {
+        WriteOp::Put {
+            key: keys::session(session.tenant_id, &session.session_id),
+            value: record::encode(session),
+        }
+    }
+
+    /// Adds a session to its tenant's creation-order index.
+    pub fn index_session(session: &Session) -> Self {
+        WriteOp::Put {
+            key: keys::created(session.tenant_id, session.created_at, &session.session_id),
+            value: Vec::new(),
+        }
+    }
+
+    /// Adds a final session to the by-end-time index (for the retention purge).
+    pub fn index_finished(session: &Session) -> Self {
+        WriteOp::Put {
+            key: keys::finished(
+                session.terminated_at.unwrap_or_default(),
+                session.tenant_id,
+                &session.session_id,
+            ),
+            value: Vec::new(),
+        }
+    }
+
+    /// Appends execution number `seq` of a session.
+    pub fn put_execution(tenant: Uuid, session_id: &str, seq: u64, execution: &ToolExecution) -> Self {
+        WriteOp::Put {
+            key: keys::execution(tenant, session_id, seq),
+            value: record::encode(execution),
+        }
+    }
+}
+
+enum Command {
+    Write {
+        ops: Vec<WriteOp>,
+        ack: Option<oneshot::Sender<Result<(), StoreError>>>,
+    },
+    Barrier(oneshot::Sender<Result<(), StoreError>>),
+    Shutdown(oneshot::Sender<Result<(), StoreError>>),
+}
+
+/// Live figures of the write-behind queue, for stats and tests.
+#[derive(Debug, Default)]
+pub struct WriteBehindStats {
+    /// Commands queued and not yet written.
+    pub queue_depth: AtomicUsize,
+    /// Batches written so far.
+    pub batches: AtomicU64,
+    /// Changes written so far.
+    pub writes: AtomicU64,
+    /// Unix ms of the last completed flush (0 before the first).
+    pub last_flush_at_ms: AtomicI64,
+    /// Duration of the last apply + fsync, in microseconds.
+    pub last_flush_micros: AtomicU64,
+}
+
+/// Handle to the write-behind queue; cheap to clone.
+#[derive(Clone)]
+pub struct WriteBehind {
+    tx: mpsc::Sender<Command>,
+    stats: Arc<WriteBehindStats>,
+}
+
+impl WriteBehind {
+    /// Starts the flusher thread over `store`.
+    pub fn start(store: Store, flush_interval: Duration, max_batch: usize) -> (Self, JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel();
+        let stats = Arc::new(WriteBehindStats::default());
+        let flusher = Flusher {
+            store,
+            rx,
+            flush_interval,
+            max_batch,
+            stats: stats.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("write-behind".into())
+            .spawn(move || flusher.run())
+            // Failing to spawn a thread at start-up means the OS is out of
+            // resources; there is nothing sensible to continue with.
+            .expect("spawning the write-behind thread");
+        (WriteBehind { tx, stats }, thread)
+    }
+
+    /// Queues `ops` to be written together. With `durable`, returns a
+    /// receiver that resolves when they are on disk.
+    pub fn submit(&self, ops: Vec<WriteOp>, durable: bool) -> Option<Durable> {
+        let (ack, rx) = if durable {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        self.send(Command::Write { ops, ack });
+        rx
+    }
+
+    /// Resolves when everything submitted before it is on disk.
+    pub fn barrier(&self) -> Durable {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Barrier(tx));
+        rx
+    }
+
+    /// Flushes everything queued and stops the flusher thread.
+    pub fn shutdown(&self) -> Durable {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Shutdown(tx));
+        rx
+    }
+
+    /// The queue's live figures.
+    pub fn stats(&self) -> &WriteBehindStats {
+        &self.stats
+    }
+
+    fn send(&self, command: Command) {
+        self.stats.queue_depth.fetch_add(1, Ordering::Relaxed);
+        if let Err(mpsc::SendError(command)) = self.tx.send(command) {
+            // The flusher has stopped (after shutdown): dropping the ack makes
+            // any waiter see a closed channel, which callers report as
+            // unavailable.
+            self.stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
+            drop(command);
+        }
+    }
+}
+
+struct Flusher {
+    store: Store,
+    rx: mpsc::Receiver<Command>,
+    flush_interval: Duration,
+    max_batch: usize,
+    stats: Arc<WriteBehindStats>,
+}
+
+/// One batch being gathered.
+#[derive(Default)]
+struct Pending {
+    batch: sled::Batch,
+    writes: usize,
+    acks: Vec<oneshot::Sender<Result<(), StoreError>>>,
+    stop: bool,
+}
+
+impl Pending {
+    fn add(&mut self, command: Command) {
+        match command {
+            Command::Write { ops, ack } => {
+                for op in ops {
+                    match op {
+                        WriteOp::Put { key, value } => self.batch.insert(key, value),
+                        WriteOp::Remove { key } => self.batch.remove(key),
+                    }
+                    self.writes += 1;
+                }
+                self.acks.extend(ack);
+            }
+            Command::Barrier(ack) => self.acks.push(ack),
+            Command::Shutdown(ack) => {
+                self.acks.push(ack);
+                self.stop = true;
+            }
+        }
+    }
+
+    /// Someone is waiting for this batch.
+    fn urgent(&self) -> bool {
+        !self.acks.is_empty()
+    }
+}
+
+impl Flusher {
+    fn run(self) {
+        while let Ok(first) = self.rx.recv() {
+            let deadline = Instant::now() + self.flush_interval;
+            let mut pending = Pending::default();
+            self.take(&mut pending, first);
+            while !pending.stop && pending.writes < self.max_batch {
+                match self.rx.try_recv() {
+                    Ok(command) => {
+                        self.take(&mut pending, command);
+                        continue;
+                    }
+                    Err(TryRecvError::Disconnected) => break,
+                    Err(TryRecvError::Empty) if pending.urgent() => break,
+                    Err(TryRecvError::Empty) => {}
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                match self.rx.recv_timeout(left) {
+                    Ok(command) => self.take(&mut pending, command),
+                    Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+                }
+            }
+            let stop = pending.stop;
+            self.write(pending);
+            if stop {
+                return;
+            }
+        }
+    }
+
+    fn take(&self, pending: &mut Pending, command: Command) {
+        self.stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
+        pending.add(command);
+    }
+
+    fn write(&self, pending: Pending) {
+        let started = Instant::now();
+        let result = if pending.writes > 0 {
+            self.store.apply(pending.batch).and_then(|()| self.store.sync())
+        } else {
+            Ok(())
+        };
+        match &result {
+            Ok(()) => {
+                self.stats.batches.fetch_add(1, Ordering::Relaxed);
+                self.stats.writes.fetch_add(pending.writes as u64, Ordering::Relaxed);
+                self.stats.last_flush_at_ms.store(now_ms(), Ordering::Relaxed);
+                self.stats
+                    .last_flush_micros
+                    .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            }
+            Err(e) => tracing::error!(error = %e, writes = pending.writes, "write-behind batch failed"),
+        }
+        for ack in pending.acks {
+            // A waiter that gave up (its request was cancelled) is fine.
+            let _ = ack.send(result.clone());
+        }
+    }
+}
+
+/// Deletes a session with its index entry and executions (retention purge).
+pub fn purge_ops(store: &Store, session: &Session) -> Result<Vec<WriteOp>, StoreError> {
+    let mut ops = vec![
+        WriteOp::Remove {
+            key: keys::session(session.tenant_id, &session.session_id),
+        },
+        WriteOp::Remove {
+            key: keys::created(session.tenant_id, session.created_at, &session.session_id),
+        },
+        WriteOp::Remove {
+            key: keys::finished(
+                session.terminated_at.unwrap_or_default(),
+                session.tenant_id,
+                &session.session_id,
+            ),
+        },
+    ];
+    for key in store.execution_keys(session.tenant_id, &session.session_id)? {
+        ops.push(WriteOp::Remove { key: key.to_vec() });
+    }
+    Ok(ops)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::session::tests::session_at;
+
+    #[tokio::test]
+    async fn a_barrier_makes_earlier_writes_readable_and_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (queue, thread) = WriteBehind::start(store.clone(), Duration::from_millis(50), 1024);
+        let session = session_at(1_000, 60, 60);
+        assert!(queue.submit(vec![WriteOp::put_session(&session)], false).is_none());
+        queue.barrier().await.unwrap().unwrap();
+        let back = store.session(session.tenant_id, &session.session_id).unwrap();
+        assert_eq!(back, Some(session));
+        assert!(queue.stats().batches.load(Ordering::Relaxed) >= 1);
+        queue.shutdown().await.unwrap().unwrap();
+        thread.join().unwrap();
+    }
+
+    #[tokio::test]
+    async fn concurrent_waiters_share_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (queue, thread) = WriteBehind::start(store.clone(), Duration::from_millis(5), 4096);
+        let mut waiters = Vec::new();
+        for i in 0..500 {
+            let mut session = session_at(1_000, 60, 60);
+            session.session_id = format!("s{i}").into();
+            waiters.push(queue.submit(vec![WriteOp::put_session(&session)], true).unwrap());
+        }
+        for waiter in waiters {
+            waiter.await.unwrap().unwrap();
+        }
+        let batches = queue.stats().batches.load(Ordering::Relaxed);
+        assert!(batches < 500, "group commit should batch, saw {batches} batches");
+        assert_eq!(store.all_sessions().count(), 500);
+        queue.shutdown().await.unwrap().unwrap();
+        thread.join().unwrap();
+        assert!(queue.barrier().await.is_err(), "a stopped queue drops waiters");
+    }
+}

@@ -1,0 +1,102 @@
+//! The running service: wires settings, keys, the engine and the HTTP
+//! server together, and shuts them down in order.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+
+use crate::auth::bootstrap::{apply_dev_credentials, needs_dev_credentials};
+use crate::auth::Keyring;
+use crate::engine::{Engine, EngineConfig};
+use crate::http::{self, AppState};
+use crate::settings::Settings;
+
+/// Runs the service on `listener` until `shutdown` resolves: recovery in
+/// the background (`/readyz` answers 503 until it is done), the sweep, the
+/// HTTP server; then drains requests, flushes every pending write and stops.
+pub async fn run(
+    mut settings: Settings,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    if needs_dev_credentials(&settings) {
+        let (credentials, path) = apply_dev_credentials(&mut settings)?;
+        print_dev_banner(&credentials.api_key, &credentials.admin_key, &path, listener.local_addr()?);
+    }
+    let (keys, tenants) = Keyring::from_settings(&settings);
+    let engine = Engine::start(EngineConfig::from_settings(&settings, tenants))
+        .with_context(|| format!("opening the store in {}", settings.storage.data_dir.display()))?;
+    let result = serve_engine(engine.clone(), keys, listener, shutdown).await;
+    tracing::info!("shutting down: flushing pending writes");
+    engine.shutdown().await;
+    tracing::info!("stopped");
+    result
+}
+
+async fn serve_engine(
+    engine: Engine,
+    keys: Keyring,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let recovery = {
+        let engine = engine.clone();
+        tokio::spawn(async move { engine.recover().await })
+    };
+    let sweeper = tokio::spawn(engine.clone().sweep_forever());
+    let app = http::app(AppState {
+        engine: engine.clone(),
+        keys: Arc::new(keys),
+    });
+    tracing::info!(addr = %listener.local_addr()?, "listening");
+    let served = http::serve(listener, app, shutdown).await;
+    sweeper.abort();
+    match recovery.await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "recovery failed"),
+        Err(e) => tracing::error!(error = %e, "recovery task failed"),
+    }
+    served.context("serving HTTP")
+}
+
+fn print_dev_banner(api_key: &str, admin_key: &str, path: &std::path::Path, addr: SocketAddr) {
+    println!(
+        "\nNo tenants configured: using the development tenant kept in {}\n  \
+         tenant API key (X-API-Key):  {api_key}\n  \
+         admin key     (X-Admin-Key): {admin_key}\n  \
+         try: curl -s -X POST http://{addr}/api/v1/sessions -H 'X-API-Key: {api_key}' \
+         -H 'Content-Type: application/json' -d '{{\"edge_mcp_id\":\"demo\"}}'\n",
+        path.display()
+    );
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let interrupt = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => tracing::info!("SIGINT received"),
+        () = terminate => tracing::info!("SIGTERM received"),
+    }
+}

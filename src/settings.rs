@@ -1,0 +1,335 @@
+//! Layered configuration: built-in defaults (`config/default.toml`), an
+//! optional TOML file, then `EDGE_SESSIONS__SECTION__KEY` environment
+//! variables. Validated once at start-up; every error names its key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::Deserialize;
+use uuid::Uuid;
+
+/// The shipped defaults, documented key by key.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// Prefix of environment overrides; `__` separates section and key.
+const ENV_PREFIX: &str = "EDGE_SESSIONS__";
+
+/// Everything the service reads from configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// `[server]`
+    pub server: ServerSettings,
+    /// `[storage]`
+    pub storage: StorageSettings,
+    /// `[sessions]`
+    pub sessions: SessionSettings,
+    /// `[postgres]`
+    pub postgres: PostgresSettings,
+    /// `[security]`
+    pub security: SecuritySettings,
+    /// `[admin]`
+    pub admin: AdminSettings,
+    /// `[[tenants]]`
+    #[serde(default)]
+    pub tenants: Vec<TenantSettings>,
+    /// `[rate_limits]`
+    pub rate_limits: RateLimitSettings,
+    /// `[log]`
+    pub log: LogSettings,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    /// Address for every HTTP surface.
+    pub listen: SocketAddr,
+}
+
+/// How a state change is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// After its group commit is on disk.
+    Sync,
+    /// From memory; on disk within `flush_interval_ms`.
+    Async,
+    /// After the Postgres commit.
+    Postgres,
+}
+
+/// `[storage]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageSettings {
+    /// Where sled (and the development credentials) live.
+    pub data_dir: PathBuf,
+    /// Acknowledgement mode.
+    pub durability: Durability,
+    /// Longest wait of a change in the write-behind queue.
+    pub flush_interval_ms: u64,
+    /// Most changes per batch.
+    pub max_batch: usize,
+}
+
+/// `[sessions]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionSettings {
+    /// Idle timeout when a create gives none.
+    pub default_idle_timeout_seconds: u32,
+    /// Ttl when a create gives none.
+    pub default_ttl_seconds: u32,
+    /// `active -> idle` threshold.
+    pub idle_after_seconds: u32,
+    /// How long final sessions stay readable.
+    pub retention_seconds: u32,
+    /// WebSocket `session.expiring` lead time.
+    pub expiring_notice_seconds: u32,
+    /// Period of the overdue/purge sweep.
+    pub sweep_interval_seconds: u32,
+}
+
+/// `[postgres]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSettings {
+    /// Connection URL; empty disables the tier.
+    pub url: String,
+    /// Apply migrations at start.
+    pub migrate_on_start: bool,
+}
+
+/// `[security]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecuritySettings {
+    /// File holding the base64 master key.
+    pub master_key_file: String,
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSettings {
+    /// Hex sha256 of each admin key.
+    pub key_sha256: Vec<String>,
+}
+
+/// One `[[tenants]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantSettings {
+    /// The tenant's UUID.
+    pub id: Uuid,
+    /// A display name.
+    pub name: String,
+    /// Live sessions allowed at once.
+    #[serde(default = "default_max_active_sessions")]
+    pub max_active_sessions: usize,
+    /// Cap on a session's ttl.
+    #[serde(default = "default_cap_seconds")]
+    pub max_ttl_seconds: u32,
+    /// Cap on a session's idle timeout.
+    #[serde(default = "default_cap_seconds")]
+    pub max_idle_timeout_seconds: u32,
+    /// The tenant's API keys.
+    #[serde(default)]
+    pub api_keys: Vec<ApiKeySettings>,
+}
+
+fn default_max_active_sessions() -> usize {
+    1000
+}
+
+fn default_cap_seconds() -> u32 {
+    86_400
+}
+
+/// One `[[tenants.api_keys]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeySettings {
+    /// Hex sha256 of the key.
+    pub sha256: String,
+    /// Granted scopes.
+    #[serde(default = "default_scopes")]
+    pub scopes: Vec<String>,
+}
+
+fn default_scopes() -> Vec<String> {
+    vec!["sessions".to_owned()]
+}
+
+/// `[rate_limits]`: token buckets per API key and endpoint class.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct RateLimitSettings {
+    pub create_per_second: u32,
+    pub create_burst: u32,
+    pub read_per_second: u32,
+    pub read_burst: u32,
+    pub write_per_second: u32,
+    pub write_burst: u32,
+    pub admin_per_second: u32,
+    pub admin_burst: u32,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// Default level filter (RUST_LOG overrides it).
+    pub level: String,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// A configuration error; its message names the offending key.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(String);
+
+impl Settings {
+    /// Loads defaults, then `file` if given, then the environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(ConfigError(format!("config file {} does not exist", file.display())));
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__"));
+        Self::from_figment(figment)
+    }
+
+    /// Loads defaults overlaid with a TOML string (tests build configs this way).
+    pub fn from_toml(overrides: &str) -> Result<Self, ConfigError> {
+        Self::from_figment(Figment::from(Toml::string(DEFAULT_TOML)).merge(Toml::string(overrides)))
+    }
+
+    fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
+        let settings: Settings = figment.extract().map_err(|e| {
+            let key = e.path.join(".");
+            let message = e.kind.to_string();
+            if key.is_empty() {
+                ConfigError(message)
+            } else {
+                ConfigError(format!("{key}: {message}"))
+            }
+        })?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks what types alone cannot.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |key: &str, why: &str| Err(ConfigError(format!("{key}: {why}")));
+        if self.storage.flush_interval_ms == 0 {
+            return fail("storage.flush_interval_ms", "must be at least 1");
+        }
+        if self.storage.max_batch == 0 {
+            return fail("storage.max_batch", "must be at least 1");
+        }
+        if self.storage.durability == Durability::Postgres {
+            return fail(
+                "storage.durability",
+                "\"postgres\" needs the PostgreSQL tier, which this build does not have yet; use \"sync\" or \"async\"",
+            );
+        }
+        let s = &self.sessions;
+        for (key, value) in [
+            ("sessions.default_idle_timeout_seconds", s.default_idle_timeout_seconds),
+            ("sessions.default_ttl_seconds", s.default_ttl_seconds),
+            ("sessions.idle_after_seconds", s.idle_after_seconds),
+            ("sessions.sweep_interval_seconds", s.sweep_interval_seconds),
+        ] {
+            if value == 0 {
+                return fail(key, "must be at least 1");
+            }
+        }
+        for (i, hash) in self.admin.key_sha256.iter().enumerate() {
+            if !is_sha256_hex(hash) {
+                return fail(&format!("admin.key_sha256[{i}]"), "must be 64 hex characters");
+            }
+        }
+        let mut ids = std::collections::HashSet::new();
+        for (i, tenant) in self.tenants.iter().enumerate() {
+            if !ids.insert(tenant.id) {
+                return fail(&format!("tenants[{i}].id"), "is used by another tenant");
+            }
+            if tenant.max_ttl_seconds == 0 || tenant.max_idle_timeout_seconds == 0 {
+                return fail(&format!("tenants[{i}]"), "max_ttl_seconds and max_idle_timeout_seconds must be at least 1");
+            }
+            for (j, key) in tenant.api_keys.iter().enumerate() {
+                if !is_sha256_hex(&key.sha256) {
+                    return fail(&format!("tenants[{i}].api_keys[{j}].sha256"), "must be 64 hex characters");
+                }
+                for scope in &key.scopes {
+                    if !KNOWN_SCOPES.contains(&scope.as_str()) {
+                        return fail(
+                            &format!("tenants[{i}].api_keys[{j}].scopes"),
+                            &format!("unknown scope {scope:?} (known: sessions, passthrough:read)"),
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Scopes an API key may carry.
+pub const KNOWN_SCOPES: [&str; 2] = ["sessions", "passthrough:read"];
+
+fn is_sha256_hex(text: &str) -> bool {
+    text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_defaults_parse() {
+        let settings = Settings::from_toml("").unwrap();
+        assert_eq!(settings.server.listen.port(), 8081);
+        assert_eq!(settings.storage.durability, Durability::Sync);
+        assert_eq!(settings.sessions.default_idle_timeout_seconds, 1800);
+        assert!(settings.tenants.is_empty());
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let err = Settings::from_toml("[storage]\ndurability = \"sometimes\"").unwrap_err();
+        assert!(err.to_string().contains("storage.durability"), "{err}");
+        let err = Settings::from_toml("[storage]\nflush_interval_ms = 0").unwrap_err();
+        assert!(err.to_string().contains("storage.flush_interval_ms"), "{err}");
+        let err = Settings::from_toml("[[tenants]]\nid = \"6f1c0d3e-8a4b-4c6e-9f10-2b3c4d5e6f70\"\nname = \"a\"\n[[tenants.api_keys]]\nsha256 = \"xyz\"").unwrap_err();
+        assert!(err.to_string().contains("tenants[0].api_keys[0].sha256"), "{err}");
+    }
+
+    #[test]
+    fn tenants_get_contract_defaults() {
+        let settings = Settings::from_toml(
+            "[[tenants]]\nid = \"6f1c0d3e-8a4b-4c6e-9f10-2b3c4d5e6f70\"\nname = \"acme\"",
+        )
+        .unwrap();
+        assert_eq!(settings.tenants[0].max_active_sessions, 1000);
+    }
+}
