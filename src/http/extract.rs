@@ -58,8 +58,9 @@ fn classify(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
                 let message = inner.to_string();
                 if let Some(rest) = message.strip_prefix("unknown field `") {
                     let name = rest.split('`').next().unwrap_or("");
-                    let field = if path == "." || path.is_empty() { name.to_owned() } else { format!("{path}.{name}") };
-                    ApiError::UnknownField(field.trim_start_matches('.').to_owned())
+                    // The path already ends with the unknown key.
+                    let field = if path == "." || path.is_empty() { name.to_owned() } else { path };
+                    ApiError::UnknownField(field)
                 } else if let Some(rest) = message.strip_prefix("missing field `") {
                     let name = rest.split('`').next().unwrap_or("");
                     let field = if path == "." || path.is_empty() { name.to_owned() } else { format!("{path}.{name}") };

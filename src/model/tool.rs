@@ -126,7 +126,7 @@ fn bounds_of(bucket: u16) -> (u64, u64) {
     let sub = step & ((1 << SUB_BUCKET_BITS) - 1);
     let width = 1u64 << (exponent - SUB_BUCKET_BITS);
     let low = (1u64 << exponent) + sub * width;
-    (low, low + width - 1)
+    (low, low + (width - 1))
 }
 
 fn representative(bucket: u16) -> u64 {

@@ -1,0 +1,210 @@
+//! Shared set-up: a real server on 127.0.0.1:0 (in-process, or the real
+//! binary as a child process) with two tenants and an admin key, and a
+//! small HTTP client.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use edge_sessions::auth::hash_key_hex;
+use edge_sessions::settings::Settings;
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+pub const TENANT_A: &str = "6f1c0d3e-8a4b-4c6e-9f10-2b3c4d5e6f70";
+pub const TENANT_B: &str = "0b6e4a52-1d7c-4f3e-8a90-5c2d1e0f9a8b";
+pub const KEY_A: &str = "key-tenant-a";
+pub const KEY_B: &str = "key-tenant-b";
+pub const ADMIN_KEY: &str = "key-admin";
+
+/// A config with two tenants (A limited to `limit_a` live sessions) and
+/// `extra` TOML appended.
+pub fn config_toml(data_dir: &Path, limit_a: usize, extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+[storage]
+data_dir = {data_dir:?}
+[admin]
+key_sha256 = ["{admin}"]
+[[tenants]]
+id = "{TENANT_A}"
+name = "a"
+max_active_sessions = {limit_a}
+  [[tenants.api_keys]]
+  sha256 = "{a}"
+[[tenants]]
+id = "{TENANT_B}"
+name = "b"
+  [[tenants.api_keys]]
+  sha256 = "{b}"
+{extra}
+"#,
+        data_dir = data_dir.display().to_string(),
+        admin = hash_key_hex(ADMIN_KEY),
+        a = hash_key_hex(KEY_A),
+        b = hash_key_hex(KEY_B),
+    )
+}
+
+/// An in-process server.
+pub struct TestServer {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub dir: tempfile::TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(1000, "").await
+    }
+
+    pub async fn start_with(limit_a: usize, extra: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = Settings::from_toml(&config_toml(dir.path(), limit_a, extra)).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(edge_sessions::service::run(settings, listener, async move {
+            let _ = stopped.await;
+        }));
+        let server = TestServer {
+            base: format!("http://{addr}"),
+            client: client(),
+            dir,
+            stop: Some(stop),
+            task: Some(task),
+        };
+        wait_ready(&server.client, &server.base).await;
+        server
+    }
+
+    pub async fn call(&self, method: Method, path: &str, key: &str, body: Option<Value>) -> (StatusCode, Value) {
+        call(&self.client, &self.base, method, path, key, body).await
+    }
+
+    /// Stops the server gracefully and waits until it has flushed.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// Sends a request with a tenant key (`X-API-Key`), or an admin key when the
+/// path starts with `/admin`. An empty key sends none.
+pub async fn call(
+    client: &reqwest::Client,
+    base: &str,
+    method: Method,
+    path: &str,
+    key: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let mut request = client.request(method, format!("{base}{path}"));
+    if !key.is_empty() {
+        let header = if path.starts_with("/admin") { "X-Admin-Key" } else { "X-API-Key" };
+        request = request.header(header, key);
+    }
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status();
+    let text = response.text().await.unwrap();
+    let value = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+    (status, value)
+}
+
+pub async fn wait_ready(client: &reqwest::Client, base: &str) {
+    for _ in 0..500 {
+        if let Ok(r) = client.get(format!("{base}/readyz")).send().await {
+            if r.status() == StatusCode::OK {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("server at {base} did not become ready");
+}
+
+/// The real binary as a child process.
+pub struct ChildServer {
+    pub child: Child,
+    pub base: String,
+    pub config: PathBuf,
+}
+
+impl ChildServer {
+    /// Starts the binary with `config` and waits until it listens and is ready.
+    pub async fn start(config: &Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_edge-sessions"))
+            .arg("serve")
+            .arg("--config")
+            .arg(config)
+            .env("EDGE_SESSIONS__LOG__FORMAT", "json")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if !sent {
+                    if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                        if v["message"] == "listening" {
+                            let addr: SocketAddr = v["addr"].as_str().unwrap().parse().unwrap();
+                            let _ = tx.send(addr);
+                            sent = true;
+                        }
+                    }
+                }
+            }
+        });
+        let addr = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(60)))
+            .await
+            .unwrap()
+            .expect("the binary logs its address");
+        let base = format!("http://{addr}");
+        wait_ready(&client(), &base).await;
+        ChildServer {
+            child,
+            base,
+            config: config.to_owned(),
+        }
+    }
+
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Sends SIGTERM and answers the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        self.child.wait().unwrap()
+    }
+}
