@@ -12,22 +12,37 @@ use crate::auth::bootstrap::{apply_dev_credentials, needs_dev_credentials};
 use crate::auth::Keyring;
 use crate::engine::{Engine, EngineConfig};
 use crate::http::{self, AppState};
+use crate::model::time::Clock;
 use crate::settings::Settings;
 
 /// Runs the service on `listener` until `shutdown` resolves: recovery in
 /// the background (`/readyz` answers 503 until it is done), the sweep, the
 /// HTTP server; then drains requests, flushes every pending write and stops.
 pub async fn run(
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    run_with_clock(settings, listener, shutdown, Clock::system()).await
+}
+
+/// [`run`] with a given clock (tests move it to jump past deadlines).
+pub async fn run_with_clock(
     mut settings: Settings,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    clock: Clock,
 ) -> anyhow::Result<()> {
     if needs_dev_credentials(&settings) {
         let (credentials, path) = apply_dev_credentials(&mut settings)?;
         print_dev_banner(&credentials.api_key, &credentials.admin_key, &path, listener.local_addr()?);
     }
     let (keys, tenants) = Keyring::from_settings(&settings);
-    let engine = Engine::start(EngineConfig::from_settings(&settings, tenants))
+    let config = EngineConfig {
+        clock,
+        ..EngineConfig::from_settings(&settings, tenants)
+    };
+    let engine = Engine::start(config)
         .with_context(|| format!("opening the store in {}", settings.storage.data_dir.display()))?;
     let result = serve_engine(engine.clone(), keys, listener, shutdown).await;
     tracing::info!("shutting down: flushing pending writes");

@@ -47,7 +47,7 @@ use shards::Shards;
 use tenant::{Admit, LiveCount, Revive, TenantSupervisor};
 
 use crate::model::session::{SessionMetrics, SessionUpdate};
-use crate::model::time::now_ms;
+use crate::model::time::Clock;
 use crate::model::{ClientType, Millis, Session, SessionError, SessionView, Status, ToolExecution};
 use crate::persist::write_behind::purge_ops;
 use crate::persist::{Durable, Store, StoreError, WriteBehind, WriteBehindStats};
@@ -83,6 +83,8 @@ pub struct EngineConfig {
     pub tenants: Vec<TenantLimits>,
     /// Number of arbiters; the number of cores by default.
     pub shards: usize,
+    /// Source of "now" for every deadline.
+    pub clock: Clock,
 }
 
 impl EngineConfig {
@@ -103,6 +105,7 @@ impl EngineConfig {
             },
             tenants,
             shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            clock: Clock::system(),
         }
     }
 }
@@ -116,6 +119,7 @@ pub(crate) struct Shared {
     pub(crate) sync_acks: bool,
     pub(crate) idle_after_ms: Millis,
     pub(crate) flush_interval: Duration,
+    pub(crate) clock: Clock,
     directories: HashMap<Uuid, Directory>,
     /// Session actors restarted after dying.
     pub(crate) restarts: AtomicU64,
@@ -209,6 +213,7 @@ impl Engine {
             sync_acks: config.durability == Durability::Sync,
             idle_after_ms: config.idle_after.as_millis() as Millis,
             flush_interval: config.flush_interval,
+            clock: config.clock.clone(),
             directories: config.tenants.iter().map(|t| (t.id, Directory::default())).collect(),
             restarts: AtomicU64::new(0),
         });
@@ -336,7 +341,7 @@ impl Engine {
         self.ensure_ready()?;
         let handle = self.tenant(tenant)?;
         let client_chosen_id = request.session_id.is_some();
-        let now = now_ms();
+        let now = self.shared.clock.now();
         let session = admission::build(request, &handle.limits, self.defaults, now)?;
         let view = session.view(now);
         let durable = handle
@@ -357,7 +362,7 @@ impl Engine {
             return Ok(view);
         }
         match self.stored(tenant, session_id)? {
-            Some(session) => Ok(session.view(now_ms())),
+            Some(session) => Ok(session.view(self.shared.clock.now())),
             None => Err(SessionError::NotFound),
         }
     }
@@ -525,7 +530,7 @@ impl Engine {
             (true, Some(last)) => Some(encode_cursor(last.created_at, &last.session_id)),
             _ => None,
         };
-        let now = now_ms();
+        let now = self.shared.clock.now();
         Ok(Page {
             sessions: page.iter().map(|s| s.view(now)).collect(),
             next_cursor,
@@ -540,7 +545,7 @@ impl Engine {
             self.flush().await?;
         }
         let since = since.unwrap_or(Millis::MIN);
-        let now = now_ms();
+        let now = self.shared.clock.now();
         let mut metrics = TenantMetrics::default();
         let mut duration_ms_sum: i64 = 0;
         let mut before: Option<(Millis, String)> = None;
@@ -601,7 +606,7 @@ impl Engine {
 
     /// Deletes final sessions older than the retention; answers how many.
     pub async fn purge(&self) -> Result<usize, SessionError> {
-        let cutoff = now_ms() - self.retention_ms;
+        let cutoff = self.shared.clock.now() - self.retention_ms;
         let store = self.shared.store.clone();
         let due = tokio::task::spawn_blocking(move || -> Result<Vec<Vec<crate::persist::WriteOp>>, StoreError> {
             let mut all = Vec::new();

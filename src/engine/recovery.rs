@@ -2,7 +2,6 @@
 //! with its remaining time; sessions that became overdue while the process
 //! was down come back `expired`, ended at the instant they were due.
 
-use crate::model::time::now_ms;
 use crate::model::{Session, SessionError, Status, Transition};
 use crate::persist::WriteOp;
 
@@ -38,7 +37,7 @@ impl Engine {
         let shared = self.shared().clone();
         let idle_after_ms = shared.idle_after_ms;
         let known = self.tenant_ids();
-        let now = now_ms();
+        let now = shared.clock.now();
         // The scan is blocking I/O; it streams sessions to this task so a
         // million records are never all in memory at once.
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Found, SessionError>>(1024);

@@ -21,7 +21,6 @@ use actix::prelude::*;
 use super::tenant::{Release, TenantSupervisor};
 use super::Shared;
 use crate::model::session::{SessionUpdate, REASON_CLIENT_REQUEST};
-use crate::model::time::now_ms;
 use crate::model::{Millis, Session, SessionError, SessionView, Status, ToolExecution, Transition};
 use crate::persist::{Durable, WriteOp};
 
@@ -73,10 +72,11 @@ impl SessionActor {
             }
             ctx.cancel_future(handle);
         }
-        let delay = Duration::from_millis((deadline - now_ms()).max(0) as u64) + TIMER_SLACK;
+        let delay = Duration::from_millis((deadline - self.shared.clock.now()).max(0) as u64) + TIMER_SLACK;
         let handle = ctx.run_later(delay, |actor, ctx| {
             actor.timer = None;
-            actor.on_deadline(now_ms(), ctx);
+            let now = actor.shared.clock.now();
+            actor.on_deadline(now, ctx);
         });
         self.timer = Some((handle, deadline));
     }
@@ -186,7 +186,7 @@ impl Handler<Get> for SessionActor {
     type Result = MessageResult<Get>;
 
     fn handle(&mut self, _: Get, _: &mut Context<Self>) -> Self::Result {
-        MessageResult(self.session.view(now_ms()))
+        MessageResult(self.session.view(self.shared.clock.now()))
     }
 }
 
@@ -213,7 +213,7 @@ impl Handler<Touch> for SessionActor {
 
     fn handle(&mut self, _: Touch, ctx: &mut Context<Self>) -> Self::Result {
         self.session.ensure_live()?;
-        self.note_activity(now_ms(), ctx);
+        self.note_activity(self.shared.clock.now(), ctx);
         Ok(())
     }
 }
@@ -253,7 +253,7 @@ impl Handler<Update> for SessionActor {
                 });
             }
         }
-        let now = now_ms();
+        let now = self.shared.clock.now();
         self.session.apply_update(msg.update, now);
         self.arm(ctx);
         let durable = self.persist(self.sync());
@@ -274,7 +274,7 @@ impl Handler<Refresh> for SessionActor {
 
     fn handle(&mut self, _: Refresh, ctx: &mut Context<Self>) -> Self::Result {
         self.session.ensure_live()?;
-        let now = now_ms();
+        let now = self.shared.clock.now();
         self.session.refresh(now);
         self.arm(ctx);
         let durable = self.persist(self.sync());
@@ -296,10 +296,10 @@ impl Handler<Validate> for SessionActor {
     fn handle(&mut self, _: Validate, ctx: &mut Context<Self>) -> Self::Result {
         self.session.ensure_live()?;
         // An overdue session whose timer has not fired yet is not valid.
-        if self.on_deadline(now_ms(), ctx) {
+        if self.on_deadline(self.shared.clock.now(), ctx) {
             return Err(SessionError::Expired);
         }
-        Ok(self.session.view(now_ms()))
+        Ok(self.session.view(self.shared.clock.now()))
     }
 }
 
@@ -313,7 +313,7 @@ impl Handler<RecordTool> for SessionActor {
 
     fn handle(&mut self, RecordTool(execution): RecordTool, ctx: &mut Context<Self>) -> Self::Result {
         self.session.ensure_live()?;
-        let now = now_ms();
+        let now = self.shared.clock.now();
         self.session.record_execution(&execution, now);
         self.arm(ctx);
         let seq = self.session.tool_execution_count;
@@ -343,7 +343,7 @@ impl Handler<Terminate> for SessionActor {
             return Box::pin(actix::fut::ready(Ok(())));
         }
         let reason = msg.reason.as_deref().unwrap_or(REASON_CLIENT_REQUEST);
-        let durable = self.finish(Status::Terminated, reason, now_ms());
+        let durable = self.finish(Status::Terminated, reason, self.shared.clock.now());
         tracing::info!(session_id = %self.session.session_id, tenant = %self.session.tenant_id, reason, "session terminated");
         if let Some((handle, _)) = self.timer.take() {
             ctx.cancel_future(handle);
@@ -375,7 +375,7 @@ impl Handler<ExpireIfDue> for SessionActor {
         if let Some((handle, _)) = self.timer.take() {
             ctx.cancel_future(handle);
         }
-        self.on_deadline(now_ms(), ctx)
+        self.on_deadline(self.shared.clock.now(), ctx)
     }
 }
 

@@ -13,6 +13,31 @@ pub fn now_ms() -> Millis {
     Utc::now().timestamp_millis()
 }
 
+/// The engine's source of "now": the wall clock plus an offset that only
+/// tests move, so expiry is tested by jumping time instead of sleeping.
+#[derive(Debug, Clone, Default)]
+pub struct Clock {
+    offset_ms: std::sync::Arc<std::sync::atomic::AtomicI64>,
+}
+
+impl Clock {
+    /// The wall clock.
+    pub fn system() -> Self {
+        Clock::default()
+    }
+
+    /// The current time on this clock.
+    pub fn now(&self) -> Millis {
+        now_ms() + self.offset_ms.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Moves this clock (and every copy of it) forward by `by`.
+    pub fn advance(&self, by: std::time::Duration) {
+        self.offset_ms
+            .fetch_add(by.as_millis() as Millis, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Formats an instant as RFC 3339 UTC with milliseconds (`2026-11-23T22:18:06.123Z`).
 pub fn format_rfc3339(ms: Millis) -> String {
     match DateTime::<Utc>::from_timestamp_millis(ms) {
@@ -50,6 +75,15 @@ mod tests {
     fn offsets_are_normalised_to_utc() {
         let ms = parse_rfc3339("2026-11-23T23:18:06.123+01:00").unwrap();
         assert_eq!(format_rfc3339(ms), "2026-11-23T22:18:06.123Z");
+    }
+
+    #[test]
+    fn a_clock_moves_with_all_its_copies() {
+        let clock = Clock::system();
+        let copy = clock.clone();
+        let before = copy.now();
+        clock.advance(std::time::Duration::from_secs(3600));
+        assert!(copy.now() - before >= 3_600_000);
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use edge_sessions::auth::hash_key_hex;
+use edge_sessions::model::time::Clock;
 use edge_sessions::settings::Settings;
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
@@ -58,6 +59,8 @@ pub struct TestServer {
     pub base: String,
     pub client: reqwest::Client,
     pub dir: tempfile::TempDir,
+    /// The engine's clock: advance it to jump past deadlines.
+    pub clock: Clock,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -73,13 +76,20 @@ impl TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(edge_sessions::service::run(settings, listener, async move {
-            let _ = stopped.await;
-        }));
+        let clock = Clock::system();
+        let task = tokio::spawn(edge_sessions::service::run_with_clock(
+            settings,
+            listener,
+            async move {
+                let _ = stopped.await;
+            },
+            clock.clone(),
+        ));
         let server = TestServer {
             base: format!("http://{addr}"),
             client: client(),
             dir,
+            clock,
             stop: Some(stop),
             task: Some(task),
         };
