@@ -26,12 +26,18 @@ pub const ADMIN_KEY: &str = "key-admin";
 /// A config with two tenants (A limited to `limit_a` live sessions) and
 /// `extra` TOML appended.
 pub fn config_toml(data_dir: &Path, limit_a: usize, extra: &str) -> String {
+    config_toml_with_storage(data_dir, limit_a, "", extra)
+}
+
+/// As [`config_toml`], with `storage` lines added to `[storage]`.
+pub fn config_toml_with_storage(data_dir: &Path, limit_a: usize, storage: &str, extra: &str) -> String {
     format!(
         r#"
 [server]
 listen = "127.0.0.1:0"
 [storage]
 data_dir = {data_dir:?}
+{storage}
 [admin]
 key_sha256 = ["{admin}"]
 [[tenants]]

@@ -1,0 +1,123 @@
+//! Crash safety with the real binary as a child process: SIGKILL right
+//! after the last acknowledgement loses nothing acknowledged; sessions that
+//! became overdue while the process was down come back expired; SIGTERM
+//! flushes and exits 0.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+
+fn write_config(dir: &std::path::Path, storage: &str) -> std::path::PathBuf {
+    let path = dir.join("edge-sessions.toml");
+    std::fs::write(&path, config_toml_with_storage(&dir.join("data"), 1000, storage, "")).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_after_the_last_ack_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    let server = ChildServer::start(&config).await;
+    let client = client();
+    let base = server.base.clone();
+
+    for i in 0..20 {
+        let body = json!({"session_id": format!("c-{i}"), "edge_mcp_id": "edge"});
+        let (status, _) = call(&client, &base, Method::POST, "/api/v1/sessions", KEY_A, Some(body)).await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    let executions = (0..200).map(|i| {
+        let body = json!({"tool_name": "t", "tokens_used": 2, "error": if i % 10 == 0 { json!("failed") } else { json!(null) }});
+        let path = format!("/api/v1/sessions/c-{}/tools/execute", i % 20);
+        let client = client.clone();
+        let base = base.clone();
+        async move { call(&client, &base, Method::POST, &path, KEY_A, Some(body)).await }
+    });
+    for (status, body) in futures::future::join_all(executions).await {
+        assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    }
+    let (status, _) = call(&client, &base, Method::PATCH, "/api/v1/sessions/c-1", KEY_A, Some(json!({"initialized": true, "client_name": "patched"}))).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = call(&client, &base, Method::DELETE, "/api/v1/sessions/c-2", KEY_A, Some(json!({"reason": "done"}))).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    server.kill();
+
+    let server = ChildServer::start(&config).await;
+    let base = server.base.clone();
+    let mut total = 0;
+    let mut errors = 0;
+    for i in 0..20 {
+        let (status, session) = call(&client, &base, Method::GET, &format!("/api/v1/sessions/c-{i}"), KEY_A, None).await;
+        assert_eq!(status, StatusCode::OK, "c-{i} survived");
+        assert_eq!(session["tool_execution_count"], 10, "c-{i}");
+        assert_eq!(session["total_tokens_used"], 20);
+        total += session["tool_execution_count"].as_u64().unwrap();
+        errors += session["tool_error_count"].as_u64().unwrap();
+        let (_, list) = call(&client, &base, Method::GET, &format!("/api/v1/sessions/c-{i}/tools/executions"), KEY_A, None).await;
+        assert_eq!(list["count"], 10, "every execution of c-{i} is stored");
+    }
+    assert_eq!((total, errors), (200, 20));
+    let (_, patched) = call(&client, &base, Method::GET, "/api/v1/sessions/c-1", KEY_A, None).await;
+    assert_eq!((patched["initialized"].as_bool(), patched["client_name"].as_str()), (Some(true), Some("patched")));
+    assert_eq!(patched["version"], 12, "1 create + 10 executions + 1 patch");
+    let (_, ended) = call(&client, &base, Method::GET, "/api/v1/sessions/c-2", KEY_A, None).await;
+    assert_eq!((ended["status"].as_str(), ended["termination_reason"].as_str()), (Some("terminated"), Some("done")));
+    // Restored sessions are live actors again, and still count against the limit.
+    let (status, _) = call(&client, &base, Method::POST, "/api/v1/sessions/c-3/tools/execute", KEY_A, Some(json!({"tool_name": "t"}))).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (_, active) = call(&client, &base, Method::GET, "/api/v1/sessions/active?limit=100", KEY_A, None).await;
+    assert_eq!(active["count"], 19);
+    server.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_timed_out_while_down_comes_back_expired() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    let server = ChildServer::start(&config).await;
+    let client = client();
+    let body = json!({"session_id": "sleeper", "edge_mcp_id": "edge", "idle_timeout": 1});
+    let (status, created) = call(&client, &server.base, Method::POST, "/api/v1/sessions", KEY_A, Some(body)).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let body = json!({"session_id": "survivor", "edge_mcp_id": "edge", "idle_timeout": 3600});
+    call(&client, &server.base, Method::POST, "/api/v1/sessions", KEY_A, Some(body)).await;
+    server.kill();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+
+    let server = ChildServer::start(&config).await;
+    let (_, sleeper) = call(&client, &server.base, Method::GET, "/api/v1/sessions/sleeper", KEY_A, None).await;
+    assert_eq!(sleeper["status"], "expired");
+    assert_eq!(sleeper["termination_reason"], "idle_timeout");
+    assert_eq!(sleeper["terminated_at"], created["expires_at"], "ended when it was due, not at restart");
+    let (_, survivor) = call(&client, &server.base, Method::GET, "/api/v1/sessions/survivor", KEY_A, None).await;
+    assert_eq!(survivor["status"], "active");
+    server.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_flushes_pending_activity_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    // A long flush interval: heartbeats would wait a minute to be written
+    // unless shutdown flushes them.
+    let config = write_config(dir.path(), "flush_interval_ms = 60000");
+    let server = ChildServer::start(&config).await;
+    let client = client();
+    let body = json!({"session_id": "hb", "edge_mcp_id": "edge"});
+    let (_, created) = call(&client, &server.base, Method::POST, "/api/v1/sessions", KEY_A, Some(body)).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let (status, _) = call(&client, &server.base, Method::POST, "/api/v1/sessions/hb/activity", KEY_A, None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (_, live) = call(&client, &server.base, Method::GET, "/api/v1/sessions/hb", KEY_A, None).await;
+    assert_ne!(live["last_activity_at"], created["last_activity_at"]);
+    let exit = server.terminate();
+    assert!(exit.success(), "graceful shutdown exits 0, got {exit:?}");
+
+    let server = ChildServer::start(&config).await;
+    let (_, back) = call(&client, &server.base, Method::GET, "/api/v1/sessions/hb", KEY_A, None).await;
+    assert_eq!(back["last_activity_at"], live["last_activity_at"], "the heartbeat was flushed at shutdown");
+    server.kill();
+}
