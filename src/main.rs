@@ -50,7 +50,10 @@ fn serve(config: Option<PathBuf>) -> ExitCode {
         }
     };
     telemetry::init(&settings.log);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("edge-sessions: cannot start the async runtime: {e}");
@@ -60,13 +63,18 @@ fn serve(config: Option<PathBuf>) -> ExitCode {
     let result = runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(settings.server.listen)
             .await
-            .map_err(|e| anyhow::anyhow!("server.listen: cannot bind {}: {e}", settings.server.listen))?;
+            .map_err(|e| {
+                anyhow::anyhow!("server.listen: cannot bind {}: {e}", settings.server.listen)
+            })?;
         service::run(settings, listener, service::shutdown_signal()).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "edge-sessions stopped with an error");
+            tracing::error!(
+                error = format!("{e:#}"),
+                "edge-sessions stopped with an error"
+            );
             eprintln!("edge-sessions: {e:#}");
             ExitCode::FAILURE
         }

@@ -35,15 +35,24 @@ pub async fn run_with_clock(
 ) -> anyhow::Result<()> {
     if needs_dev_credentials(&settings) {
         let (credentials, path) = apply_dev_credentials(&mut settings)?;
-        print_dev_banner(&credentials.api_key, &credentials.admin_key, &path, listener.local_addr()?);
+        print_dev_banner(
+            &credentials.api_key,
+            &credentials.admin_key,
+            &path,
+            listener.local_addr()?,
+        );
     }
     let (keys, tenants) = Keyring::from_settings(&settings);
     let config = EngineConfig {
         clock,
         ..EngineConfig::from_settings(&settings, tenants)
     };
-    let engine = Engine::start(config)
-        .with_context(|| format!("opening the store in {}", settings.storage.data_dir.display()))?;
+    let engine = Engine::start(config).with_context(|| {
+        format!(
+            "opening the store in {}",
+            settings.storage.data_dir.display()
+        )
+    })?;
     let result = serve_engine(engine.clone(), keys, listener, shutdown).await;
     tracing::info!("shutting down: flushing pending writes");
     engine.shutdown().await;

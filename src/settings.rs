@@ -210,7 +210,10 @@ impl Settings {
         let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
         if let Some(file) = file {
             if !file.exists() {
-                return Err(ConfigError(format!("config file {} does not exist", file.display())));
+                return Err(ConfigError(format!(
+                    "config file {} does not exist",
+                    file.display()
+                )));
             }
             figment = figment.merge(Toml::file(file));
         }
@@ -254,7 +257,10 @@ impl Settings {
         }
         let s = &self.sessions;
         for (key, value) in [
-            ("sessions.default_idle_timeout_seconds", s.default_idle_timeout_seconds),
+            (
+                "sessions.default_idle_timeout_seconds",
+                s.default_idle_timeout_seconds,
+            ),
             ("sessions.default_ttl_seconds", s.default_ttl_seconds),
             ("sessions.idle_after_seconds", s.idle_after_seconds),
             ("sessions.sweep_interval_seconds", s.sweep_interval_seconds),
@@ -265,7 +271,10 @@ impl Settings {
         }
         for (i, hash) in self.admin.key_sha256.iter().enumerate() {
             if !is_sha256_hex(hash) {
-                return fail(&format!("admin.key_sha256[{i}]"), "must be 64 hex characters");
+                return fail(
+                    &format!("admin.key_sha256[{i}]"),
+                    "must be 64 hex characters",
+                );
             }
         }
         let mut ids = std::collections::HashSet::new();
@@ -274,11 +283,17 @@ impl Settings {
                 return fail(&format!("tenants[{i}].id"), "is used by another tenant");
             }
             if tenant.max_ttl_seconds == 0 || tenant.max_idle_timeout_seconds == 0 {
-                return fail(&format!("tenants[{i}]"), "max_ttl_seconds and max_idle_timeout_seconds must be at least 1");
+                return fail(
+                    &format!("tenants[{i}]"),
+                    "max_ttl_seconds and max_idle_timeout_seconds must be at least 1",
+                );
             }
             for (j, key) in tenant.api_keys.iter().enumerate() {
                 if !is_sha256_hex(&key.sha256) {
-                    return fail(&format!("tenants[{i}].api_keys[{j}].sha256"), "must be 64 hex characters");
+                    return fail(
+                        &format!("tenants[{i}].api_keys[{j}].sha256"),
+                        "must be 64 hex characters",
+                    );
                 }
                 for scope in &key.scopes {
                     if !KNOWN_SCOPES.contains(&scope.as_str()) {
@@ -319,9 +334,15 @@ mod tests {
         let err = Settings::from_toml("[storage]\ndurability = \"sometimes\"").unwrap_err();
         assert!(err.to_string().contains("storage.durability"), "{err}");
         let err = Settings::from_toml("[storage]\nflush_interval_ms = 0").unwrap_err();
-        assert!(err.to_string().contains("storage.flush_interval_ms"), "{err}");
+        assert!(
+            err.to_string().contains("storage.flush_interval_ms"),
+            "{err}"
+        );
         let err = Settings::from_toml("[[tenants]]\nid = \"6f1c0d3e-8a4b-4c6e-9f10-2b3c4d5e6f70\"\nname = \"a\"\n[[tenants.api_keys]]\nsha256 = \"xyz\"").unwrap_err();
-        assert!(err.to_string().contains("tenants[0].api_keys[0].sha256"), "{err}");
+        assert!(
+            err.to_string().contains("tenants[0].api_keys[0].sha256"),
+            "{err}"
+        );
     }
 
     #[test]

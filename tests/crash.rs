@@ -13,7 +13,11 @@ use serde_json::json;
 
 fn write_config(dir: &std::path::Path, storage: &str) -> std::path::PathBuf {
     let path = dir.join("edge-sessions.toml");
-    std::fs::write(&path, config_toml_with_storage(&dir.join("data"), 1000, storage, "")).unwrap();
+    std::fs::write(
+        &path,
+        config_toml_with_storage(&dir.join("data"), 1000, storage, ""),
+    )
+    .unwrap();
     path
 }
 
@@ -27,7 +31,15 @@ async fn sigkill_after_the_last_ack_loses_nothing_acknowledged() {
 
     for i in 0..20 {
         let body = json!({"session_id": format!("c-{i}"), "edge_mcp_id": "edge"});
-        let (status, _) = call(&client, &base, Method::POST, "/api/v1/sessions", KEY_A, Some(body)).await;
+        let (status, _) = call(
+            &client,
+            &base,
+            Method::POST,
+            "/api/v1/sessions",
+            KEY_A,
+            Some(body),
+        )
+        .await;
         assert_eq!(status, StatusCode::CREATED);
     }
     let executions = (0..200).map(|i| {
@@ -40,9 +52,25 @@ async fn sigkill_after_the_last_ack_loses_nothing_acknowledged() {
     for (status, body) in futures::future::join_all(executions).await {
         assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
     }
-    let (status, _) = call(&client, &base, Method::PATCH, "/api/v1/sessions/c-1", KEY_A, Some(json!({"initialized": true, "client_name": "patched"}))).await;
+    let (status, _) = call(
+        &client,
+        &base,
+        Method::PATCH,
+        "/api/v1/sessions/c-1",
+        KEY_A,
+        Some(json!({"initialized": true, "client_name": "patched"})),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
-    let (status, _) = call(&client, &base, Method::DELETE, "/api/v1/sessions/c-2", KEY_A, Some(json!({"reason": "done"}))).await;
+    let (status, _) = call(
+        &client,
+        &base,
+        Method::DELETE,
+        "/api/v1/sessions/c-2",
+        KEY_A,
+        Some(json!({"reason": "done"})),
+    )
+    .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     server.kill();
 
@@ -51,25 +79,85 @@ async fn sigkill_after_the_last_ack_loses_nothing_acknowledged() {
     let mut total = 0;
     let mut errors = 0;
     for i in 0..20 {
-        let (status, session) = call(&client, &base, Method::GET, &format!("/api/v1/sessions/c-{i}"), KEY_A, None).await;
+        let (status, session) = call(
+            &client,
+            &base,
+            Method::GET,
+            &format!("/api/v1/sessions/c-{i}"),
+            KEY_A,
+            None,
+        )
+        .await;
         assert_eq!(status, StatusCode::OK, "c-{i} survived");
         assert_eq!(session["tool_execution_count"], 10, "c-{i}");
         assert_eq!(session["total_tokens_used"], 20);
         total += session["tool_execution_count"].as_u64().unwrap();
         errors += session["tool_error_count"].as_u64().unwrap();
-        let (_, list) = call(&client, &base, Method::GET, &format!("/api/v1/sessions/c-{i}/tools/executions"), KEY_A, None).await;
+        let (_, list) = call(
+            &client,
+            &base,
+            Method::GET,
+            &format!("/api/v1/sessions/c-{i}/tools/executions"),
+            KEY_A,
+            None,
+        )
+        .await;
         assert_eq!(list["count"], 10, "every execution of c-{i} is stored");
     }
     assert_eq!((total, errors), (200, 20));
-    let (_, patched) = call(&client, &base, Method::GET, "/api/v1/sessions/c-1", KEY_A, None).await;
-    assert_eq!((patched["initialized"].as_bool(), patched["client_name"].as_str()), (Some(true), Some("patched")));
+    let (_, patched) = call(
+        &client,
+        &base,
+        Method::GET,
+        "/api/v1/sessions/c-1",
+        KEY_A,
+        None,
+    )
+    .await;
+    assert_eq!(
+        (
+            patched["initialized"].as_bool(),
+            patched["client_name"].as_str()
+        ),
+        (Some(true), Some("patched"))
+    );
     assert_eq!(patched["version"], 12, "1 create + 10 executions + 1 patch");
-    let (_, ended) = call(&client, &base, Method::GET, "/api/v1/sessions/c-2", KEY_A, None).await;
-    assert_eq!((ended["status"].as_str(), ended["termination_reason"].as_str()), (Some("terminated"), Some("done")));
+    let (_, ended) = call(
+        &client,
+        &base,
+        Method::GET,
+        "/api/v1/sessions/c-2",
+        KEY_A,
+        None,
+    )
+    .await;
+    assert_eq!(
+        (
+            ended["status"].as_str(),
+            ended["termination_reason"].as_str()
+        ),
+        (Some("terminated"), Some("done"))
+    );
     // Restored sessions are live actors again, and still count against the limit.
-    let (status, _) = call(&client, &base, Method::POST, "/api/v1/sessions/c-3/tools/execute", KEY_A, Some(json!({"tool_name": "t"}))).await;
+    let (status, _) = call(
+        &client,
+        &base,
+        Method::POST,
+        "/api/v1/sessions/c-3/tools/execute",
+        KEY_A,
+        Some(json!({"tool_name": "t"})),
+    )
+    .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
-    let (_, active) = call(&client, &base, Method::GET, "/api/v1/sessions/active?limit=100", KEY_A, None).await;
+    let (_, active) = call(
+        &client,
+        &base,
+        Method::GET,
+        "/api/v1/sessions/active?limit=100",
+        KEY_A,
+        None,
+    )
+    .await;
     assert_eq!(active["count"], 19);
     server.kill();
 }
@@ -81,19 +169,54 @@ async fn a_session_that_timed_out_while_down_comes_back_expired() {
     let server = ChildServer::start(&config).await;
     let client = client();
     let body = json!({"session_id": "sleeper", "edge_mcp_id": "edge", "idle_timeout": 1});
-    let (status, created) = call(&client, &server.base, Method::POST, "/api/v1/sessions", KEY_A, Some(body)).await;
+    let (status, created) = call(
+        &client,
+        &server.base,
+        Method::POST,
+        "/api/v1/sessions",
+        KEY_A,
+        Some(body),
+    )
+    .await;
     assert_eq!(status, StatusCode::CREATED);
     let body = json!({"session_id": "survivor", "edge_mcp_id": "edge", "idle_timeout": 3600});
-    call(&client, &server.base, Method::POST, "/api/v1/sessions", KEY_A, Some(body)).await;
+    call(
+        &client,
+        &server.base,
+        Method::POST,
+        "/api/v1/sessions",
+        KEY_A,
+        Some(body),
+    )
+    .await;
     server.kill();
     tokio::time::sleep(Duration::from_millis(1200)).await;
 
     let server = ChildServer::start(&config).await;
-    let (_, sleeper) = call(&client, &server.base, Method::GET, "/api/v1/sessions/sleeper", KEY_A, None).await;
+    let (_, sleeper) = call(
+        &client,
+        &server.base,
+        Method::GET,
+        "/api/v1/sessions/sleeper",
+        KEY_A,
+        None,
+    )
+    .await;
     assert_eq!(sleeper["status"], "expired");
     assert_eq!(sleeper["termination_reason"], "idle_timeout");
-    assert_eq!(sleeper["terminated_at"], created["expires_at"], "ended when it was due, not at restart");
-    let (_, survivor) = call(&client, &server.base, Method::GET, "/api/v1/sessions/survivor", KEY_A, None).await;
+    assert_eq!(
+        sleeper["terminated_at"], created["expires_at"],
+        "ended when it was due, not at restart"
+    );
+    let (_, survivor) = call(
+        &client,
+        &server.base,
+        Method::GET,
+        "/api/v1/sessions/survivor",
+        KEY_A,
+        None,
+    )
+    .await;
     assert_eq!(survivor["status"], "active");
     server.kill();
 }
@@ -107,17 +230,52 @@ async fn sigterm_flushes_pending_activity_and_exits_zero() {
     let server = ChildServer::start(&config).await;
     let client = client();
     let body = json!({"session_id": "hb", "edge_mcp_id": "edge"});
-    let (_, created) = call(&client, &server.base, Method::POST, "/api/v1/sessions", KEY_A, Some(body)).await;
+    let (_, created) = call(
+        &client,
+        &server.base,
+        Method::POST,
+        "/api/v1/sessions",
+        KEY_A,
+        Some(body),
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let (status, _) = call(&client, &server.base, Method::POST, "/api/v1/sessions/hb/activity", KEY_A, None).await;
+    let (status, _) = call(
+        &client,
+        &server.base,
+        Method::POST,
+        "/api/v1/sessions/hb/activity",
+        KEY_A,
+        None,
+    )
+    .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
-    let (_, live) = call(&client, &server.base, Method::GET, "/api/v1/sessions/hb", KEY_A, None).await;
+    let (_, live) = call(
+        &client,
+        &server.base,
+        Method::GET,
+        "/api/v1/sessions/hb",
+        KEY_A,
+        None,
+    )
+    .await;
     assert_ne!(live["last_activity_at"], created["last_activity_at"]);
     let exit = server.terminate();
     assert!(exit.success(), "graceful shutdown exits 0, got {exit:?}");
 
     let server = ChildServer::start(&config).await;
-    let (_, back) = call(&client, &server.base, Method::GET, "/api/v1/sessions/hb", KEY_A, None).await;
-    assert_eq!(back["last_activity_at"], live["last_activity_at"], "the heartbeat was flushed at shutdown");
+    let (_, back) = call(
+        &client,
+        &server.base,
+        Method::GET,
+        "/api/v1/sessions/hb",
+        KEY_A,
+        None,
+    )
+    .await;
+    assert_eq!(
+        back["last_activity_at"], live["last_activity_at"],
+        "the heartbeat was flushed at shutdown"
+    );
     server.kill();
 }

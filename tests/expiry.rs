@@ -11,13 +11,18 @@ use reqwest::{Method, StatusCode};
 use serde_json::json;
 
 async fn create(server: &TestServer, id: &str, idle_timeout: u64, ttl: u64) {
-    let body = json!({"session_id": id, "edge_mcp_id": "e", "idle_timeout": idle_timeout, "ttl": ttl});
-    let (status, body) = server.call(Method::POST, "/api/v1/sessions", KEY_A, Some(body)).await;
+    let body =
+        json!({"session_id": id, "edge_mcp_id": "e", "idle_timeout": idle_timeout, "ttl": ttl});
+    let (status, body) = server
+        .call(Method::POST, "/api/v1/sessions", KEY_A, Some(body))
+        .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
 }
 
 async fn get(server: &TestServer, id: &str) -> serde_json::Value {
-    let (status, body) = server.call(Method::GET, &format!("/api/v1/sessions/{id}"), KEY_A, None).await;
+    let (status, body) = server
+        .call(Method::GET, &format!("/api/v1/sessions/{id}"), KEY_A, None)
+        .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     body
 }
@@ -42,8 +47,13 @@ async fn the_idle_timeout_expires_a_quiet_session_by_its_own_timer() {
     assert_eq!(ended["termination_reason"], "idle_timeout");
     assert_eq!(ended["is_expired"], true);
     assert_eq!(ended["version"], 2);
-    assert_eq!(ended["terminated_at"], ended["expires_at"], "ended at the instant it was due");
-    let (status, body) = server.call(Method::POST, "/api/v1/sessions/quiet/activity", KEY_A, None).await;
+    assert_eq!(
+        ended["terminated_at"], ended["expires_at"],
+        "ended at the instant it was due"
+    );
+    let (status, body) = server
+        .call(Method::POST, "/api/v1/sessions/quiet/activity", KEY_A, None)
+        .await;
     assert_eq!(status, StatusCode::GONE);
     assert_eq!(body["code"], "session_expired");
     // The expired session freed the tenant's only slot.
@@ -57,8 +67,19 @@ async fn heartbeats_hold_off_the_idle_timeout_but_not_the_ttl() {
     create(&server, "beating", 1, 2).await;
     for _ in 0..6 {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        let (status, _) = server.call(Method::POST, "/api/v1/sessions/beating/activity", KEY_A, None).await;
-        assert_eq!(status, StatusCode::NO_CONTENT, "kept alive past its 1 s idle timeout");
+        let (status, _) = server
+            .call(
+                Method::POST,
+                "/api/v1/sessions/beating/activity",
+                KEY_A,
+                None,
+            )
+            .await;
+        assert_eq!(
+            status,
+            StatusCode::NO_CONTENT,
+            "kept alive past its 1 s idle timeout"
+        );
     }
     assert_eq!(get(&server, "beating").await["status"], "active");
     let ended = wait_for_status(&server, "beating", "expired").await;
@@ -72,14 +93,25 @@ async fn refresh_restarts_the_lifetime() {
     create(&server, "fresh", 3600, 100).await;
     let before = get(&server, "fresh").await;
     server.clock.advance(Duration::from_secs(90));
-    assert_eq!(get(&server, "fresh").await["should_refresh"], true, "80 % of the lifetime has passed");
-    let (status, refreshed) = server.call(Method::POST, "/api/v1/sessions/fresh/refresh", KEY_A, None).await;
+    assert_eq!(
+        get(&server, "fresh").await["should_refresh"],
+        true,
+        "80 % of the lifetime has passed"
+    );
+    let (status, refreshed) = server
+        .call(Method::POST, "/api/v1/sessions/fresh/refresh", KEY_A, None)
+        .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(refreshed["should_refresh"], false);
     assert_ne!(refreshed["expires_at"], before["expires_at"]);
     server.clock.advance(Duration::from_secs(50));
-    let (_, cleaned) = server.call(Method::POST, "/admin/sessions/cleanup", ADMIN_KEY, None).await;
-    assert_eq!(cleaned["expired"], 0, "140 s after creation, 50 s after the refresh");
+    let (_, cleaned) = server
+        .call(Method::POST, "/admin/sessions/cleanup", ADMIN_KEY, None)
+        .await;
+    assert_eq!(
+        cleaned["expired"], 0,
+        "140 s after creation, 50 s after the refresh"
+    );
     server.stop().await;
 }
 
@@ -89,9 +121,19 @@ async fn sessions_turn_idle_and_back_to_active() {
     create(&server, "dozy", 3600, 3600).await;
     let idle = wait_for_status(&server, "dozy", "idle").await;
     assert_eq!(idle["version"], 2, "a status change is a version");
-    let (_, metrics) = server.call(Method::GET, "/api/v1/sessions/metrics", KEY_A, None).await;
-    assert_eq!((metrics["active_sessions"].as_u64(), metrics["idle_sessions"].as_u64()), (Some(0), Some(1)));
-    let (status, _) = server.call(Method::POST, "/api/v1/sessions/dozy/activity", KEY_A, None).await;
+    let (_, metrics) = server
+        .call(Method::GET, "/api/v1/sessions/metrics", KEY_A, None)
+        .await;
+    assert_eq!(
+        (
+            metrics["active_sessions"].as_u64(),
+            metrics["idle_sessions"].as_u64()
+        ),
+        (Some(0), Some(1))
+    );
+    let (status, _) = server
+        .call(Method::POST, "/api/v1/sessions/dozy/activity", KEY_A, None)
+        .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     let active = get(&server, "dozy").await;
     assert_eq!(active["status"], "active");
@@ -108,11 +150,15 @@ async fn cleanup_expires_every_overdue_session_now() {
         create(&server, &format!("old-{i}"), 60, 3600).await;
     }
     create(&server, "long-lived", 7200, 7200).await;
-    let (status, _) = server.call(Method::POST, "/admin/sessions/cleanup", ADMIN_KEY, None).await;
+    let (status, _) = server
+        .call(Method::POST, "/admin/sessions/cleanup", ADMIN_KEY, None)
+        .await;
     assert_eq!(status, StatusCode::OK);
     // Jump past the 60 s idle timeout; the real timers are still far away.
     server.clock.advance(Duration::from_secs(120));
-    let (status, cleaned) = server.call(Method::POST, "/admin/sessions/cleanup", ADMIN_KEY, None).await;
+    let (status, cleaned) = server
+        .call(Method::POST, "/admin/sessions/cleanup", ADMIN_KEY, None)
+        .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(cleaned["expired"], 5);
     for i in 0..5 {
@@ -121,23 +167,35 @@ async fn cleanup_expires_every_overdue_session_now() {
         assert_eq!(ended["termination_reason"], "idle_timeout");
     }
     assert_eq!(get(&server, "long-lived").await["status"], "active");
-    let (_, again) = server.call(Method::POST, "/admin/sessions/cleanup", ADMIN_KEY, None).await;
+    let (_, again) = server
+        .call(Method::POST, "/admin/sessions/cleanup", ADMIN_KEY, None)
+        .await;
     assert_eq!(again["expired"], 0);
-    let (_, active) = server.call(Method::GET, "/api/v1/sessions/active", KEY_A, None).await;
+    let (_, active) = server
+        .call(Method::GET, "/api/v1/sessions/active", KEY_A, None)
+        .await;
     assert_eq!(active["count"], 1);
     server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn final_sessions_are_purged_after_retention() {
-    let server = TestServer::start_with(1000, "[sessions]\nretention_seconds = 60\nsweep_interval_seconds = 1").await;
+    let server = TestServer::start_with(
+        1000,
+        "[sessions]\nretention_seconds = 60\nsweep_interval_seconds = 1",
+    )
+    .await;
     create(&server, "gone-soon", 3600, 3600).await;
-    let (status, _) = server.call(Method::DELETE, "/api/v1/sessions/gone-soon", KEY_A, None).await;
+    let (status, _) = server
+        .call(Method::DELETE, "/api/v1/sessions/gone-soon", KEY_A, None)
+        .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     assert_eq!(get(&server, "gone-soon").await["status"], "terminated");
     server.clock.advance(Duration::from_secs(61));
     for _ in 0..300 {
-        let (status, _) = server.call(Method::GET, "/api/v1/sessions/gone-soon", KEY_A, None).await;
+        let (status, _) = server
+            .call(Method::GET, "/api/v1/sessions/gone-soon", KEY_A, None)
+            .await;
         if status == StatusCode::NOT_FOUND {
             // The id is free again once the old session is purged.
             create(&server, "gone-soon", 3600, 3600).await;

@@ -31,7 +31,10 @@ pub struct DevCredentials {
 fn random_key(prefix: &str) -> String {
     let mut bytes = [0u8; 32];
     rand::thread_rng().fill_bytes(&mut bytes);
-    format!("{prefix}{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
+    format!(
+        "{prefix}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    )
 }
 
 /// Whether `settings` name no tenant and no admin key.
@@ -43,10 +46,12 @@ pub fn needs_dev_credentials(settings: &Settings) -> bool {
 /// them to `settings`. Answers the credentials and whether they are new.
 pub fn apply_dev_credentials(settings: &mut Settings) -> anyhow::Result<(DevCredentials, PathBuf)> {
     let dir = settings.storage.data_dir.clone();
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating data_dir {}", dir.display()))?;
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("creating data_dir {}", dir.display()))?;
     let path = dir.join(DEV_CREDENTIALS_FILE);
     let credentials = if path.exists() {
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
         toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
     } else {
         let credentials = DevCredentials {
@@ -68,7 +73,10 @@ pub fn apply_dev_credentials(settings: &mut Settings) -> anyhow::Result<(DevCred
             scopes: vec!["sessions".into(), "passthrough:read".into()],
         }],
     });
-    settings.admin.key_sha256.push(hash_key_hex(&credentials.admin_key));
+    settings
+        .admin
+        .key_sha256
+        .push(hash_key_hex(&credentials.admin_key));
     Ok((credentials, path))
 }
 
@@ -81,7 +89,9 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
         use std::os::unix::fs::OpenOptionsExt as _;
         options.mode(0o600);
     }
-    let mut file = options.open(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
     file.write_all(text.as_bytes())
         .and_then(|()| file.sync_all())
         .with_context(|| format!("writing {}", path.display()))
@@ -94,7 +104,10 @@ mod tests {
     #[test]
     fn credentials_are_created_once_and_reused() {
         let dir = tempfile::tempdir().unwrap();
-        let toml = format!("[storage]\ndata_dir = {:?}", dir.path().display().to_string());
+        let toml = format!(
+            "[storage]\ndata_dir = {:?}",
+            dir.path().display().to_string()
+        );
         let mut first = Settings::from_toml(&toml).unwrap();
         assert!(needs_dev_credentials(&first));
         let (a, _) = apply_dev_credentials(&mut first).unwrap();

@@ -76,7 +76,9 @@ impl Keyring {
         for tenant in &settings.tenants {
             for key in &tenant.api_keys {
                 // Settings::validate checked hashes and scopes already.
-                let Some(hash) = parse_hash(&key.sha256) else { continue };
+                let Some(hash) = parse_hash(&key.sha256) else {
+                    continue;
+                };
                 let scopes = key.scopes.iter().filter_map(|s| Scope::parse(s)).collect();
                 keyring.tenant_keys.insert(
                     hash,
@@ -95,7 +97,12 @@ impl Keyring {
                 max_idle_timeout_seconds: tenant.max_idle_timeout_seconds,
             });
         }
-        keyring.admin_keys = settings.admin.key_sha256.iter().filter_map(|h| parse_hash(h)).collect();
+        keyring.admin_keys = settings
+            .admin
+            .key_sha256
+            .iter()
+            .filter_map(|h| parse_hash(h))
+            .collect();
         (keyring, tenants)
     }
 
@@ -116,7 +123,9 @@ impl Keyring {
         let hash = hash_key(presented);
         self.admin_keys
             .iter()
-            .fold(subtle::Choice::from(0), |found, key| found | key.ct_eq(&hash))
+            .fold(subtle::Choice::from(0), |found, key| {
+                found | key.ct_eq(&hash)
+            })
             .into()
     }
 }

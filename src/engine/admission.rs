@@ -86,7 +86,10 @@ pub fn check_metadata(field: &str, json: &str) -> Result<(), SessionError> {
 fn seconds(field: &str, asked: Option<u64>, default: u32, cap: u32) -> Result<u32, SessionError> {
     match asked {
         None => Ok(default.min(cap)),
-        Some(0) => Err(SessionError::validation(field, format!("{field} must be at least 1 second"))),
+        Some(0) => Err(SessionError::validation(
+            field,
+            format!("{field} must be at least 1 second"),
+        )),
         Some(s) if s > u64::from(cap) => Err(SessionError::validation(
             field,
             format!("{field} must be at most {cap} seconds for this tenant"),
@@ -123,11 +126,19 @@ pub fn build(
         }
     }
     let client_type = ClientType::normalise(request.client_type.as_deref()).ok_or_else(|| {
-        SessionError::validation("client_type", "client_type must be one of claude-code, ide, agent, cli")
+        SessionError::validation(
+            "client_type",
+            "client_type must be one of claude-code, ide, agent, cli",
+        )
     })?;
     let metadata = request.metadata.unwrap_or_else(|| "{}".to_owned());
     check_metadata("metadata", &metadata)?;
-    let ttl_seconds = seconds("ttl", request.ttl, defaults.ttl_seconds, tenant.max_ttl_seconds)?;
+    let ttl_seconds = seconds(
+        "ttl",
+        request.ttl,
+        defaults.ttl_seconds,
+        tenant.max_ttl_seconds,
+    )?;
     let idle_timeout_seconds = seconds(
         "idle_timeout",
         request.idle_timeout,
@@ -149,7 +160,11 @@ pub fn build(
         status: Status::Active,
         initialized: false,
         connection_metadata: metadata.into(),
-        passthrough_providers: request.passthrough_providers.into_iter().map(Into::into).collect(),
+        passthrough_providers: request
+            .passthrough_providers
+            .into_iter()
+            .map(Into::into)
+            .collect(),
         tool_execution_count: 0,
         tool_error_count: 0,
         total_tokens_used: 0,
@@ -215,7 +230,9 @@ mod tests {
         let mut r = request();
         r.edge_mcp_id = String::new();
         let err = build(r, &tenant(), DEFAULTS, 0).unwrap_err();
-        assert!(matches!(err, SessionError::Validation { ref field, .. } if field == "edge_mcp_id"));
+        assert!(
+            matches!(err, SessionError::Validation { ref field, .. } if field == "edge_mcp_id")
+        );
         let mut r = request();
         r.session_id = Some("no spaces".into());
         assert!(build(r, &tenant(), DEFAULTS, 0).is_err());

@@ -201,10 +201,12 @@ impl Engine {
     /// tenant. Call [`Engine::recover`] next; until it finishes the engine is
     /// not ready.
     pub fn start(config: EngineConfig) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(&config.data_dir)
-            .map_err(|e| StoreError::Sled(format!("creating {}: {e}", config.data_dir.display())))?;
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+            StoreError::Sled(format!("creating {}: {e}", config.data_dir.display()))
+        })?;
         let store = Store::open(&config.data_dir)?;
-        let (write_behind, flusher) = WriteBehind::start(store.clone(), config.flush_interval, config.max_batch);
+        let (write_behind, flusher) =
+            WriteBehind::start(store.clone(), config.flush_interval, config.max_batch);
         let shards = Shards::start(config.shards);
         let shared = Arc::new(Shared {
             store,
@@ -214,7 +216,11 @@ impl Engine {
             idle_after_ms: config.idle_after.as_millis() as Millis,
             flush_interval: config.flush_interval,
             clock: config.clock.clone(),
-            directories: config.tenants.iter().map(|t| (t.id, Directory::default())).collect(),
+            directories: config
+                .tenants
+                .iter()
+                .map(|t| (t.id, Directory::default()))
+                .collect(),
             restarts: AtomicU64::new(0),
         });
         let tenants = config
@@ -224,9 +230,10 @@ impl Engine {
                 let shard = shared.shards.index_of(limits.id.as_bytes());
                 let supervisor_limits = limits.clone();
                 let supervisor_shared = shared.clone();
-                let supervisor = TenantSupervisor::start_in_arbiter(shared.shards.arbiter(shard), move |_| {
-                    TenantSupervisor::new(supervisor_limits, supervisor_shared)
-                });
+                let supervisor =
+                    TenantSupervisor::start_in_arbiter(shared.shards.arbiter(shard), move |_| {
+                        TenantSupervisor::new(supervisor_limits, supervisor_shared)
+                    });
                 (limits.id, TenantHandle { limits, supervisor })
             })
             .collect();
@@ -281,7 +288,11 @@ impl Engine {
     }
 
     /// The live actor of a session, restarting it first if it died.
-    async fn actor(&self, tenant: Uuid, session_id: &str) -> Result<Option<Addr<SessionActor>>, SessionError> {
+    async fn actor(
+        &self,
+        tenant: Uuid,
+        session_id: &str,
+    ) -> Result<Option<Addr<SessionActor>>, SessionError> {
         self.ensure_ready()?;
         let handle = self.tenant(tenant)?;
         let addr = match self.shared.directory(tenant).get(session_id) {
@@ -301,7 +312,12 @@ impl Engine {
     }
 
     /// Sends `msg` to a live session; `None` when the session is not live.
-    async fn ask<M>(&self, tenant: Uuid, session_id: &str, msg: M) -> Result<Option<M::Result>, SessionError>
+    async fn ask<M>(
+        &self,
+        tenant: Uuid,
+        session_id: &str,
+        msg: M,
+    ) -> Result<Option<M::Result>, SessionError>
     where
         M: Message + Send + 'static,
         M::Result: Send,
@@ -324,7 +340,10 @@ impl Engine {
 
     /// The last durable state of a session.
     fn stored(&self, tenant: Uuid, session_id: &str) -> Result<Option<Session>, SessionError> {
-        self.shared.store.session(tenant, session_id).map_err(storage)
+        self.shared
+            .store
+            .session(tenant, session_id)
+            .map_err(storage)
     }
 
     /// The error for a call that needs a live session but found none.
@@ -337,7 +356,11 @@ impl Engine {
     }
 
     /// Creates a session (201), or refuses it (400, 409, 429).
-    pub async fn create(&self, tenant: Uuid, request: NewSession) -> Result<SessionView, SessionError> {
+    pub async fn create(
+        &self,
+        tenant: Uuid,
+        request: NewSession,
+    ) -> Result<SessionView, SessionError> {
         self.ensure_ready()?;
         let handle = self.tenant(tenant)?;
         let client_chosen_id = request.session_id.is_some();
@@ -368,7 +391,11 @@ impl Engine {
     }
 
     /// The whole state of a session, live or final.
-    async fn snapshot(&self, tenant: Uuid, session_id: &str) -> Result<Option<Session>, SessionError> {
+    async fn snapshot(
+        &self,
+        tenant: Uuid,
+        session_id: &str,
+    ) -> Result<Option<Session>, SessionError> {
         if let Some(session) = self.ask(tenant, session_id, session::Snapshot).await? {
             return Ok(Some(session));
         }
@@ -389,7 +416,11 @@ impl Engine {
     }
 
     /// Restarts a session's lifetime.
-    pub async fn refresh(&self, tenant: Uuid, session_id: &str) -> Result<SessionView, SessionError> {
+    pub async fn refresh(
+        &self,
+        tenant: Uuid,
+        session_id: &str,
+    ) -> Result<SessionView, SessionError> {
         let ack = self.ask(tenant, session_id, session::Refresh).await?;
         self.settled(tenant, session_id, ack).await
     }
@@ -401,7 +432,9 @@ impl Engine {
         session_id: &str,
         execution: ToolExecution,
     ) -> Result<u64, SessionError> {
-        let ack = self.ask(tenant, session_id, session::RecordTool(execution)).await?;
+        let ack = self
+            .ask(tenant, session_id, session::RecordTool(execution))
+            .await?;
         self.settled(tenant, session_id, ack).await
     }
 
@@ -430,7 +463,11 @@ impl Engine {
     }
 
     /// Checks that a session is live.
-    pub async fn validate(&self, tenant: Uuid, session_id: &str) -> Result<SessionView, SessionError> {
+    pub async fn validate(
+        &self,
+        tenant: Uuid,
+        session_id: &str,
+    ) -> Result<SessionView, SessionError> {
         match self.ask(tenant, session_id, session::Validate).await? {
             Some(result) => result,
             None => Err(self.not_live(tenant, session_id)),
@@ -438,8 +475,16 @@ impl Engine {
     }
 
     /// Ends a session; a final one is left as it is.
-    pub async fn terminate(&self, tenant: Uuid, session_id: &str, reason: Option<String>) -> Result<(), SessionError> {
-        match self.ask(tenant, session_id, session::Terminate { reason }).await? {
+    pub async fn terminate(
+        &self,
+        tenant: Uuid,
+        session_id: &str,
+        reason: Option<String>,
+    ) -> Result<(), SessionError> {
+        match self
+            .ask(tenant, session_id, session::Terminate { reason })
+            .await?
+        {
             Some(result) => result,
             None => match self.stored(tenant, session_id)? {
                 Some(_) => Ok(()),
@@ -462,11 +507,18 @@ impl Engine {
             // Acknowledged-from-memory executions may still be queued.
             self.flush().await?;
         }
-        self.shared.store.executions(tenant, session_id, limit).map_err(storage)
+        self.shared
+            .store
+            .executions(tenant, session_id, limit)
+            .map_err(storage)
     }
 
     /// Per-session metrics.
-    pub async fn session_metrics(&self, tenant: Uuid, session_id: &str) -> Result<SessionMetrics, SessionError> {
+    pub async fn session_metrics(
+        &self,
+        tenant: Uuid,
+        session_id: &str,
+    ) -> Result<SessionMetrics, SessionError> {
         match self.snapshot(tenant, session_id).await? {
             Some(session) => Ok(session.metrics()),
             None => Err(SessionError::NotFound),
@@ -475,7 +527,11 @@ impl Engine {
 
     /// Live or stored state of many sessions at once, in order; `None` for
     /// ids purged in between.
-    async fn snapshots(&self, tenant: Uuid, ids: &[String]) -> Result<Vec<Option<Session>>, SessionError> {
+    async fn snapshots(
+        &self,
+        tenant: Uuid,
+        ids: &[String],
+    ) -> Result<Vec<Option<Session>>, SessionError> {
         join_all(ids.iter().map(|id| self.snapshot(tenant, id)))
             .await
             .into_iter()
@@ -502,7 +558,12 @@ impl Engine {
             let chunk: Vec<(Millis, String)> = self
                 .shared
                 .store
-                .tenant_ids_newest_first(tenant, before.as_ref().map(|(at, id): &(Millis, String)| (*at, id.as_str())))
+                .tenant_ids_newest_first(
+                    tenant,
+                    before
+                        .as_ref()
+                        .map(|(at, id): &(Millis, String)| (*at, id.as_str())),
+                )
                 .take(FAN_OUT.min(query.limit + skip + 1).max(64))
                 .collect::<Result<_, _>>()
                 .map_err(storage)?;
@@ -538,7 +599,11 @@ impl Engine {
     }
 
     /// A tenant's aggregate figures over sessions created since `since`.
-    pub async fn tenant_metrics(&self, tenant: Uuid, since: Option<Millis>) -> Result<TenantMetrics, SessionError> {
+    pub async fn tenant_metrics(
+        &self,
+        tenant: Uuid,
+        since: Option<Millis>,
+    ) -> Result<TenantMetrics, SessionError> {
         self.ensure_ready()?;
         self.tenant(tenant)?;
         if !self.shared.sync_acks {
@@ -599,7 +664,10 @@ impl Engine {
         let mut expired = 0;
         for chunk in self.all_actors().chunks(FAN_OUT) {
             let answers = join_all(chunk.iter().map(|a| a.send(session::ExpireIfDue))).await;
-            expired += answers.into_iter().filter(|a| matches!(a, Ok(true))).count();
+            expired += answers
+                .into_iter()
+                .filter(|a| matches!(a, Ok(true)))
+                .count();
         }
         Ok(expired)
     }
@@ -608,15 +676,17 @@ impl Engine {
     pub async fn purge(&self) -> Result<usize, SessionError> {
         let cutoff = self.shared.clock.now() - self.retention_ms;
         let store = self.shared.store.clone();
-        let due = tokio::task::spawn_blocking(move || -> Result<Vec<Vec<crate::persist::WriteOp>>, StoreError> {
-            let mut all = Vec::new();
-            for (tenant, id) in store.finished_before(cutoff)? {
-                if let Some(session) = store.session(tenant, &id)? {
-                    all.push(purge_ops(&store, &session)?);
+        let due = tokio::task::spawn_blocking(
+            move || -> Result<Vec<Vec<crate::persist::WriteOp>>, StoreError> {
+                let mut all = Vec::new();
+                for (tenant, id) in store.finished_before(cutoff)? {
+                    if let Some(session) = store.session(tenant, &id)? {
+                        all.push(purge_ops(&store, &session)?);
+                    }
                 }
-            }
-            Ok(all)
-        })
+                Ok(all)
+            },
+        )
         .await
         .map_err(|e| SessionError::Storage(e.to_string()))?
         .map_err(storage)?;
@@ -672,7 +742,11 @@ impl Engine {
     /// Live sessions counted by a tenant's supervisor (tests and stats).
     pub async fn tenant_live_count(&self, tenant: Uuid) -> Result<usize, SessionError> {
         let handle = self.tenant(tenant)?;
-        handle.supervisor.send(LiveCount).await.map_err(|_| SessionError::Unavailable)
+        handle
+            .supervisor
+            .send(LiveCount)
+            .await
+            .map_err(|_| SessionError::Unavailable)
     }
 
     /// Writes pending activity, flushes the queue, stops the flusher and the
@@ -685,7 +759,11 @@ impl Engine {
         if let Err(e) = settle(Some(self.shared.write_behind.shutdown())).await {
             tracing::error!(error = %e, "final flush failed");
         }
-        let flusher = self.flusher.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let flusher = self
+            .flusher
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         let shared = self.shared.clone();
         // Joining threads blocks; keep it off the async workers.
         let _ = tokio::task::spawn_blocking(move || {
@@ -716,13 +794,15 @@ impl Engine {
     pub(crate) fn supervisors(&self) -> impl Iterator<Item = &Addr<TenantSupervisor>> {
         self.tenants.values().map(|t| &t.supervisor)
     }
-
 }
 
 fn matches(session: &Session, query: &ListQuery) -> bool {
     query.status.is_none_or(|s| s == session.status)
         && query.client_type.is_none_or(|c| c == session.client_type)
-        && query.edge_mcp_id.as_deref().is_none_or(|e| e == &*session.edge_mcp_id)
+        && query
+            .edge_mcp_id
+            .as_deref()
+            .is_none_or(|e| e == &*session.edge_mcp_id)
 }
 
 fn encode_cursor(created_at: Millis, session_id: &str) -> String {
@@ -730,7 +810,9 @@ fn encode_cursor(created_at: Millis, session_id: &str) -> String {
 }
 
 fn decode_cursor(cursor: &str) -> Option<(Millis, String)> {
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(cursor).ok()?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(cursor)
+        .ok()?;
     let text = String::from_utf8(bytes).ok()?;
     let (at, id) = text.split_once(':')?;
     Some((at.parse().ok()?, id.to_owned()))
@@ -759,7 +841,10 @@ mod tests {
     #[test]
     fn cursors_round_trip() {
         let c = encode_cursor(1_700_000_000_000, "ses_abc:def");
-        assert_eq!(decode_cursor(&c), Some((1_700_000_000_000, "ses_abc:def".to_owned())));
+        assert_eq!(
+            decode_cursor(&c),
+            Some((1_700_000_000_000, "ses_abc:def".to_owned()))
+        );
         assert_eq!(decode_cursor("not a cursor!"), None);
     }
 }

@@ -43,28 +43,28 @@ impl Engine {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Found, SessionError>>(1024);
         let scan = tokio::task::spawn_blocking(move || {
             for item in shared.store.all_sessions() {
-                let found = item
-                    .map_err(|e| SessionError::Storage(e.to_string()))
-                    .map(|mut session| {
-                        if !known.contains(&session.tenant_id) {
-                            Found::Orphan
-                        } else if session.status.is_final() {
-                            Found::Final
-                        } else {
-                            match session.due(now, idle_after_ms) {
-                                Transition::Expire(reason) => {
-                                    let at = session.expires_at();
-                                    session.finish(Status::Expired, reason, at);
-                                    Found::Expired(session)
+                let found =
+                    item.map_err(|e| SessionError::Storage(e.to_string()))
+                        .map(|mut session| {
+                            if !known.contains(&session.tenant_id) {
+                                Found::Orphan
+                            } else if session.status.is_final() {
+                                Found::Final
+                            } else {
+                                match session.due(now, idle_after_ms) {
+                                    Transition::Expire(reason) => {
+                                        let at = session.expires_at();
+                                        session.finish(Status::Expired, reason, at);
+                                        Found::Expired(session)
+                                    }
+                                    Transition::BecomeIdle => {
+                                        session.become_idle();
+                                        Found::Live(session)
+                                    }
+                                    Transition::None => Found::Live(session),
                                 }
-                                Transition::BecomeIdle => {
-                                    session.become_idle();
-                                    Found::Live(session)
-                                }
-                                Transition::None => Found::Live(session),
                             }
-                        }
-                    });
+                        });
                 if tx.blocking_send(found).is_err() {
                     return;
                 }
@@ -82,21 +82,28 @@ impl Engine {
                 Found::Expired(session) => {
                     report.expired += 1;
                     tracing::info!(session_id = %session.session_id, tenant = %session.tenant_id, "session expired while the process was down");
-                    let ops = vec![WriteOp::put_session(&session), WriteOp::index_finished(&session)];
+                    let ops = vec![
+                        WriteOp::put_session(&session),
+                        WriteOp::index_finished(&session),
+                    ];
                     self.shared().write_behind.submit(ops, false);
                 }
                 Found::Final => report.final_kept += 1,
                 Found::Orphan => report.orphaned += 1,
             }
         }
-        scan.await.map_err(|e| SessionError::Storage(e.to_string()))?;
+        scan.await
+            .map_err(|e| SessionError::Storage(e.to_string()))?;
         // Each supervisor answers after handling every Restore sent before.
         for supervisor in self.supervisors() {
             let _ = supervisor.send(LiveCount).await;
         }
         self.flush().await?;
         if report.orphaned > 0 {
-            tracing::warn!(count = report.orphaned, "sessions of tenants that are no longer configured were left on disk");
+            tracing::warn!(
+                count = report.orphaned,
+                "sessions of tenants that are no longer configured were left on disk"
+            );
         }
         self.purge().await?;
         self.mark_ready();

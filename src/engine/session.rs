@@ -49,7 +49,11 @@ pub struct SessionActor {
 
 impl SessionActor {
     /// A new actor for `session`.
-    pub(crate) fn new(session: Session, shared: Arc<Shared>, supervisor: Addr<TenantSupervisor>) -> Self {
+    pub(crate) fn new(
+        session: Session,
+        shared: Arc<Shared>,
+        supervisor: Addr<TenantSupervisor>,
+    ) -> Self {
         SessionActor {
             session,
             shared,
@@ -72,7 +76,8 @@ impl SessionActor {
             }
             ctx.cancel_future(handle);
         }
-        let delay = Duration::from_millis((deadline - self.shared.clock.now()).max(0) as u64) + TIMER_SLACK;
+        let delay =
+            Duration::from_millis((deadline - self.shared.clock.now()).max(0) as u64) + TIMER_SLACK;
         let handle = ctx.run_later(delay, |actor, ctx| {
             actor.timer = None;
             let now = actor.shared.clock.now();
@@ -123,7 +128,9 @@ impl SessionActor {
         self.arm(ctx);
         if !self.activity_write_scheduled {
             self.activity_write_scheduled = true;
-            ctx.run_later(self.shared.flush_interval, |actor, _| actor.write_activity());
+            ctx.run_later(self.shared.flush_interval, |actor, _| {
+                actor.write_activity()
+            });
         }
     }
 
@@ -140,7 +147,10 @@ impl SessionActor {
     fn finish(&mut self, status: Status, reason: &str, at: Millis) -> Durable {
         self.session.finish(status, reason, at);
         self.supervisor.do_send(Release);
-        let ops = vec![WriteOp::put_session(&self.session), WriteOp::index_finished(&self.session)];
+        let ops = vec![
+            WriteOp::put_session(&self.session),
+            WriteOp::index_finished(&self.session),
+        ];
         self.shared
             .write_behind
             .submit(ops, true)
@@ -151,7 +161,7 @@ impl SessionActor {
         if let Some((handle, _)) = self.timer.take() {
             ctx.cancel_future(handle);
         }
-        ctx.wait(async move { durable.await }.into_actor(self).map(|result, actor, ctx| {
+        ctx.wait(durable.into_actor(self).map(|result, actor, ctx| {
             if !matches!(result, Ok(Ok(()))) {
                 tracing::error!(session_id = %actor.session.session_id, "final session record was not written");
             }
@@ -311,18 +321,30 @@ pub struct RecordTool(pub ToolExecution);
 impl Handler<RecordTool> for SessionActor {
     type Result = Result<Ack<u64>, SessionError>;
 
-    fn handle(&mut self, RecordTool(execution): RecordTool, ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(
+        &mut self,
+        RecordTool(execution): RecordTool,
+        ctx: &mut Context<Self>,
+    ) -> Self::Result {
         self.session.ensure_live()?;
         let now = self.shared.clock.now();
         self.session.record_execution(&execution, now);
         self.arm(ctx);
         let seq = self.session.tool_execution_count;
         let ops = vec![
-            WriteOp::put_execution(self.session.tenant_id, &self.session.session_id, seq, &execution),
+            WriteOp::put_execution(
+                self.session.tenant_id,
+                &self.session.session_id,
+                seq,
+                &execution,
+            ),
             WriteOp::put_session(&self.session),
         ];
         let durable = self.shared.write_behind.submit(ops, self.sync());
-        Ok(Ack { value: seq, durable })
+        Ok(Ack {
+            value: seq,
+            durable,
+        })
     }
 }
 
@@ -348,7 +370,7 @@ impl Handler<Terminate> for SessionActor {
         if let Some((handle, _)) = self.timer.take() {
             ctx.cancel_future(handle);
         }
-        Box::pin(async move { durable.await }.into_actor(self).map(|result, _, ctx| {
+        Box::pin(durable.into_actor(self).map(|result, _, ctx| {
             ctx.stop();
             match result {
                 Ok(Ok(())) => Ok(()),

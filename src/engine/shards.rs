@@ -25,9 +25,8 @@ impl Shards {
             .name("actix-system".into())
             .spawn(move || {
                 let runner = actix_rt::System::new();
-                let arbiters: Vec<Arbiter> = runner.block_on(async {
-                    (0..count).map(|_| Arbiter::new()).collect()
-                });
+                let arbiters: Vec<Arbiter> =
+                    runner.block_on(async { (0..count).map(|_| Arbiter::new()).collect() });
                 let handles = arbiters.iter().map(Arbiter::handle).collect::<Vec<_>>();
                 // The receiver waits right below; it only goes away if the
                 // starting thread panicked, and then nobody needs the handles.

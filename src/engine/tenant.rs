@@ -42,7 +42,9 @@ impl TenantSupervisor {
         let addr = SessionActor::start_in_arbiter(self.shared.shards.arbiter(shard), move |_| {
             SessionActor::new(session, shared, me)
         });
-        self.shared.directory(self.limits.id).insert(id, addr.clone());
+        self.shared
+            .directory(self.limits.id)
+            .insert(id, addr.clone());
         addr
     }
 }
@@ -86,7 +88,10 @@ impl Handler<Admit> for TenantSupervisor {
             });
         }
         self.live += 1;
-        let ops = vec![WriteOp::index_session(&session), WriteOp::put_session(&session)];
+        let ops = vec![
+            WriteOp::index_session(&session),
+            WriteOp::put_session(&session),
+        ];
         let durable = self.shared.write_behind.submit(ops, self.shared.sync_acks);
         self.spawn(session, ctx.address());
         Ok(durable)
@@ -150,7 +155,9 @@ impl Handler<Revive> for TenantSupervisor {
                     version = session.version,
                     "session actor died; restarted from its last durable state"
                 );
-                self.shared.restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.shared
+                    .restarts
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Some(self.spawn(session, ctx.address()))
             }
             other => {

@@ -69,10 +69,19 @@ impl ErrorBody {
     pub fn for_status(status: StatusCode) -> Self {
         let (code, message) = match status {
             StatusCode::NOT_FOUND => ("not_found", "no such route"),
-            StatusCode::METHOD_NOT_ALLOWED => ("method_not_allowed", "method not allowed on this route"),
-            StatusCode::PAYLOAD_TOO_LARGE => ("payload_too_large", "request body is larger than 64 KiB"),
-            StatusCode::UNSUPPORTED_MEDIA_TYPE => ("unsupported_media_type", "content type must be application/json"),
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => ("headers_too_large", "request headers are too large"),
+            StatusCode::METHOD_NOT_ALLOWED => {
+                ("method_not_allowed", "method not allowed on this route")
+            }
+            StatusCode::PAYLOAD_TOO_LARGE => {
+                ("payload_too_large", "request body is larger than 64 KiB")
+            }
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => (
+                "unsupported_media_type",
+                "content type must be application/json",
+            ),
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => {
+                ("headers_too_large", "request headers are too large")
+            }
             s if s.is_server_error() => ("internal_error", "internal error"),
             _ => ("bad_request", "bad request"),
         };
@@ -99,25 +108,53 @@ impl ApiError {
         };
         match self {
             ApiError::Session(e) => match e {
-                SessionError::NotFound => (StatusCode::NOT_FOUND, body("session not found", "session_not_found", json!({}))),
-                SessionError::AlreadyExists => (StatusCode::CONFLICT, body("session already exists", "session_exists", json!({}))),
+                SessionError::NotFound => (
+                    StatusCode::NOT_FOUND,
+                    body("session not found", "session_not_found", json!({})),
+                ),
+                SessionError::AlreadyExists => (
+                    StatusCode::CONFLICT,
+                    body("session already exists", "session_exists", json!({})),
+                ),
                 SessionError::TenantLimit { limit } => (
                     StatusCode::TOO_MANY_REQUESTS,
-                    body("tenant session limit reached", "tenant_session_limit", json!({ "max_active_sessions": limit })),
+                    body(
+                        "tenant session limit reached",
+                        "tenant_session_limit",
+                        json!({ "max_active_sessions": limit }),
+                    ),
                 ),
-                SessionError::Expired => (StatusCode::GONE, body("session expired", "session_expired", json!({}))),
-                SessionError::Terminated => (StatusCode::GONE, body("session terminated", "session_terminated", json!({}))),
+                SessionError::Expired => (
+                    StatusCode::GONE,
+                    body("session expired", "session_expired", json!({})),
+                ),
+                SessionError::Terminated => (
+                    StatusCode::GONE,
+                    body("session terminated", "session_terminated", json!({})),
+                ),
                 SessionError::VersionMismatch { current } => (
                     StatusCode::PRECONDITION_FAILED,
-                    body("version mismatch", "version_mismatch", json!({ "current_version": current })),
+                    body(
+                        "version mismatch",
+                        "version_mismatch",
+                        json!({ "current_version": current }),
+                    ),
                 ),
                 SessionError::Validation { field, message } => (
                     StatusCode::BAD_REQUEST,
-                    body(&message, "validation_failed", field_details(&field, &message)),
+                    body(
+                        &message,
+                        "validation_failed",
+                        field_details(&field, &message),
+                    ),
                 ),
                 SessionError::Unavailable => (
                     StatusCode::SERVICE_UNAVAILABLE,
-                    body("service unavailable, retry shortly", "service_unavailable", json!({})),
+                    body(
+                        "service unavailable, retry shortly",
+                        "service_unavailable",
+                        json!({}),
+                    ),
                 ),
                 SessionError::Storage(cause) => (
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -129,20 +166,44 @@ impl ApiError {
             },
             ApiError::InvalidJson(why) => (
                 StatusCode::BAD_REQUEST,
-                body("request body is not valid json", "invalid_json", json!({ "reason": why })),
+                body(
+                    "request body is not valid json",
+                    "invalid_json",
+                    json!({ "reason": why }),
+                ),
             ),
             ApiError::UnknownField(field) => (
                 StatusCode::BAD_REQUEST,
-                body(&format!("unknown field {field}"), "unknown_field", json!({ "field": field })),
+                body(
+                    &format!("unknown field {field}"),
+                    "unknown_field",
+                    json!({ "field": field }),
+                ),
             ),
-            ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, ErrorBody::for_status(StatusCode::PAYLOAD_TOO_LARGE)),
+            ApiError::PayloadTooLarge => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorBody::for_status(StatusCode::PAYLOAD_TOO_LARGE),
+            ),
             ApiError::UnsupportedMediaType => (
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 ErrorBody::for_status(StatusCode::UNSUPPORTED_MEDIA_TYPE),
             ),
-            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, body("missing or invalid credentials", "unauthorized", json!({}))),
-            ApiError::Forbidden => (StatusCode::FORBIDDEN, body("the key lacks the scope for this call", "forbidden", json!({}))),
-            ApiError::RouteNotFound => (StatusCode::NOT_FOUND, ErrorBody::for_status(StatusCode::NOT_FOUND)),
+            ApiError::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                body("missing or invalid credentials", "unauthorized", json!({})),
+            ),
+            ApiError::Forbidden => (
+                StatusCode::FORBIDDEN,
+                body(
+                    "the key lacks the scope for this call",
+                    "forbidden",
+                    json!({}),
+                ),
+            ),
+            ApiError::RouteNotFound => (
+                StatusCode::NOT_FOUND,
+                ErrorBody::for_status(StatusCode::NOT_FOUND),
+            ),
             ApiError::Internal(cause) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 ErrorBody {

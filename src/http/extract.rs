@@ -18,10 +18,18 @@ use crate::model::ids::is_valid_session_id;
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
 fn is_json(headers: &HeaderMap) -> bool {
-    let Some(value) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+    let Some(value) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
         return false;
     };
-    let mime = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let mime = value
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
 }
 
@@ -34,10 +42,15 @@ async fn read_body(request: Request) -> Result<Bytes, ApiError> {
     if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
         return Err(ApiError::PayloadTooLarge);
     }
-    match Limited::new(request.into_body(), MAX_BODY_BYTES).collect().await {
+    match Limited::new(request.into_body(), MAX_BODY_BYTES)
+        .collect()
+        .await
+    {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(ApiError::PayloadTooLarge),
-        Err(e) => Err(ApiError::InvalidJson(format!("reading the body failed: {e}"))),
+        Err(e) => Err(ApiError::InvalidJson(format!(
+            "reading the body failed: {e}"
+        ))),
     }
 }
 
@@ -45,7 +58,9 @@ async fn read_body(request: Request) -> Result<Bytes, ApiError> {
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut deserializer).map_err(classify)?;
-    deserializer.end().map_err(|e| ApiError::InvalidJson(e.to_string()))?;
+    deserializer
+        .end()
+        .map_err(|e| ApiError::InvalidJson(e.to_string()))?;
     Ok(value)
 }
 
@@ -59,15 +74,27 @@ fn classify(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
                 if let Some(rest) = message.strip_prefix("unknown field `") {
                     let name = rest.split('`').next().unwrap_or("");
                     // The path already ends with the unknown key.
-                    let field = if path == "." || path.is_empty() { name.to_owned() } else { path };
+                    let field = if path == "." || path.is_empty() {
+                        name.to_owned()
+                    } else {
+                        path
+                    };
                     ApiError::UnknownField(field)
                 } else if let Some(rest) = message.strip_prefix("missing field `") {
                     let name = rest.split('`').next().unwrap_or("");
-                    let field = if path == "." || path.is_empty() { name.to_owned() } else { format!("{path}.{name}") };
+                    let field = if path == "." || path.is_empty() {
+                        name.to_owned()
+                    } else {
+                        format!("{path}.{name}")
+                    };
                     invalid(&field, format!("{field} is required"))
                 } else {
                     let field = if path == "." { "body".to_owned() } else { path };
-                    let message = message.split(" at line ").next().unwrap_or(&message).to_owned();
+                    let message = message
+                        .split(" at line ")
+                        .next()
+                        .unwrap_or(&message)
+                        .to_owned();
                     invalid(&field, format!("{field}: {message}"))
                 }
             }
@@ -206,11 +233,21 @@ mod tests {
 
     #[test]
     fn errors_are_classified() {
-        assert!(matches!(decode::<Body>(b"{"), Err(ApiError::InvalidJson(_))));
-        assert!(matches!(decode::<Body>(b"{\"name\":\"a\"} x"), Err(ApiError::InvalidJson(_))));
-        assert!(matches!(decode::<Body>(b"{\"name\":\"a\",\"zzz\":1}"), Err(ApiError::UnknownField(f)) if f == "zzz"));
+        assert!(matches!(
+            decode::<Body>(b"{"),
+            Err(ApiError::InvalidJson(_))
+        ));
+        assert!(matches!(
+            decode::<Body>(b"{\"name\":\"a\"} x"),
+            Err(ApiError::InvalidJson(_))
+        ));
+        assert!(
+            matches!(decode::<Body>(b"{\"name\":\"a\",\"zzz\":1}"), Err(ApiError::UnknownField(f)) if f == "zzz")
+        );
         match decode::<Body>(b"{\"name\":\"a\",\"n\":-1}") {
-            Err(ApiError::Session(crate::model::SessionError::Validation { field, .. })) => assert_eq!(field, "n"),
+            Err(ApiError::Session(crate::model::SessionError::Validation { field, .. })) => {
+                assert_eq!(field, "n")
+            }
             other => panic!("{other:?}"),
         }
         match decode::<Body>(b"{}") {

@@ -10,7 +10,9 @@ use super::AppState;
 
 /// The routes of this module.
 pub fn router() -> Router<AppState> {
-    Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz))
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
 }
 
 async fn healthz() -> Json<Value> {
@@ -20,10 +22,16 @@ async fn healthz() -> Json<Value> {
 /// 200 once recovery has finished and the store accepts writes, else 503.
 async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     if !state.engine.is_ready() {
-        return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "recovering" })));
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "recovering" })),
+        );
     }
     match state.engine.flush().await {
         Ok(()) => (StatusCode::OK, Json(json!({ "status": "ready" }))),
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "store not writable" }))),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "store not writable" })),
+        ),
     }
 }

@@ -31,7 +31,10 @@ pub fn router() -> Router<AppState> {
         .route("/api/v1/sessions", post(create).get(list))
         .route("/api/v1/sessions/active", get(list_active))
         .route("/api/v1/sessions/metrics", get(tenant_metrics))
-        .route("/api/v1/sessions/{session_id}", get(read).patch(update).delete(terminate))
+        .route(
+            "/api/v1/sessions/{session_id}",
+            get(read).patch(update).delete(terminate),
+        )
         .route("/api/v1/sessions/{session_id}/activity", post(activity))
         .route("/api/v1/sessions/{session_id}/refresh", post(refresh))
         .route("/api/v1/sessions/{session_id}/validate", post(validate))
@@ -72,7 +75,11 @@ fn object_json(field: &str, value: Value) -> Result<String, ApiError> {
     Ok(text)
 }
 
-async fn create(State(state): State<AppState>, Tenant(key): Tenant, JsonBody(body): JsonBody<CreateBody>) -> Result<Response, ApiError> {
+async fn create(
+    State(state): State<AppState>,
+    Tenant(key): Tenant,
+    JsonBody(body): JsonBody<CreateBody>,
+) -> Result<Response, ApiError> {
     let metadata = match body.metadata {
         None | Some(Value::Null) => None,
         Some(value) => Some(object_json("metadata", value)?),
@@ -105,7 +112,11 @@ fn set_etag(response: &mut Response, version: u64) {
     }
 }
 
-async fn read(State(state): State<AppState>, Tenant(key): Tenant, SessionId(id): SessionId) -> Result<Response, ApiError> {
+async fn read(
+    State(state): State<AppState>,
+    Tenant(key): Tenant,
+    SessionId(id): SessionId,
+) -> Result<Response, ApiError> {
     let view = state.engine.get(key.tenant_id, &id).await?;
     let mut response = Json(&view).into_response();
     set_etag(&mut response, view.version);
@@ -138,7 +149,12 @@ fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
         .trim_matches('"')
         .parse::<u64>()
         .map(Some)
-        .map_err(|_| invalid("If-Match", "If-Match must be a quoted version such as \"3\""))
+        .map_err(|_| {
+            invalid(
+                "If-Match",
+                "If-Match must be a quoted version such as \"3\"",
+            )
+        })
 }
 
 async fn update(
@@ -149,7 +165,10 @@ async fn update(
     JsonBody(body): JsonBody<UpdateBody>,
 ) -> Result<Response, ApiError> {
     let expected = if_match(&headers)?;
-    for (field, value) in [("client_name", &body.client_name), ("client_version", &body.client_version)] {
+    for (field, value) in [
+        ("client_name", &body.client_name),
+        ("client_version", &body.client_version),
+    ] {
         if let Some(value) = value {
             check_text(field, value, 0)?;
         }
@@ -165,7 +184,10 @@ async fn update(
         connection_metadata,
         user_id: body.user_id,
     };
-    let view = state.engine.update(key.tenant_id, &id, update, expected).await?;
+    let view = state
+        .engine
+        .update(key.tenant_id, &id, update, expected)
+        .await?;
     let mut response = Json(&view).into_response();
     set_etag(&mut response, view.version);
     Ok(response)
@@ -194,7 +216,11 @@ async fn terminate(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn activity(State(state): State<AppState>, Tenant(key): Tenant, SessionId(id): SessionId) -> Result<StatusCode, ApiError> {
+async fn activity(
+    State(state): State<AppState>,
+    Tenant(key): Tenant,
+    SessionId(id): SessionId,
+) -> Result<StatusCode, ApiError> {
     state.engine.touch(key.tenant_id, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -219,7 +245,11 @@ async fn refresh(
     Ok(response)
 }
 
-async fn validate(State(state): State<AppState>, Tenant(key): Tenant, SessionId(id): SessionId) -> Result<Json<Value>, ApiError> {
+async fn validate(
+    State(state): State<AppState>,
+    Tenant(key): Tenant,
+    SessionId(id): SessionId,
+) -> Result<Json<Value>, ApiError> {
     let view = state.engine.validate(key.tenant_id, &id).await?;
     Ok(Json(json!({ "valid": true, "session": view })))
 }
@@ -239,13 +269,19 @@ fn list_query(params: ListParams) -> Result<ListQuery, ApiError> {
     let status = match params.status.as_deref() {
         None | Some("") => None,
         Some(text) => Some(Status::parse(text).ok_or_else(|| {
-            invalid("status", "status must be one of active, idle, expired, terminated")
+            invalid(
+                "status",
+                "status must be one of active, idle, expired, terminated",
+            )
         })?),
     };
     let client_type = match params.client_type.as_deref() {
         None | Some("") => None,
         Some(text) => Some(ClientType::parse(text).ok_or_else(|| {
-            invalid("client_type", "client_type must be one of claude-code, ide, agent, cli")
+            invalid(
+                "client_type",
+                "client_type must be one of claude-code, ide, agent, cli",
+            )
         })?),
     };
     let offset = match params.offset.as_deref() {
@@ -264,7 +300,11 @@ fn list_query(params: ListParams) -> Result<ListQuery, ApiError> {
     })
 }
 
-async fn list_page(state: &AppState, tenant: Uuid, query: ListQuery) -> Result<Json<Value>, ApiError> {
+async fn list_page(
+    state: &AppState,
+    tenant: Uuid,
+    query: ListQuery,
+) -> Result<Json<Value>, ApiError> {
     let page = state.engine.list(tenant, query).await?;
     Ok(Json(json!({
         "sessions": page.sessions,
@@ -278,7 +318,8 @@ async fn list(
     Tenant(key): Tenant,
     params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let Query(params) = params.map_err(|e| invalid("query", format!("query string is not valid: {e}")))?;
+    let Query(params) =
+        params.map_err(|e| invalid("query", format!("query string is not valid: {e}")))?;
     list_page(&state, key.tenant_id, list_query(params)?).await
 }
 
@@ -287,8 +328,12 @@ async fn list_active(
     Tenant(key): Tenant,
     params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let Query(params) = params.map_err(|e| invalid("query", format!("query string is not valid: {e}")))?;
-    let mut query = list_query(ListParams { status: None, ..params })?;
+    let Query(params) =
+        params.map_err(|e| invalid("query", format!("query string is not valid: {e}")))?;
+    let mut query = list_query(ListParams {
+        status: None,
+        ..params
+    })?;
     query.status = Some(Status::Active);
     list_page(&state, key.tenant_id, query).await
 }
@@ -303,10 +348,16 @@ async fn tenant_metrics(
     Tenant(key): Tenant,
     params: Result<Query<MetricsParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<crate::engine::TenantMetrics>, ApiError> {
-    let Query(params) = params.map_err(|e| invalid("query", format!("query string is not valid: {e}")))?;
+    let Query(params) =
+        params.map_err(|e| invalid("query", format!("query string is not valid: {e}")))?;
     let since = match params.since.as_deref() {
         None | Some("") => None,
-        Some(text) => Some(parse_rfc3339(text).ok_or_else(|| invalid("since", "since must be an RFC 3339 timestamp"))?),
+        Some(text) => Some(
+            parse_rfc3339(text)
+                .ok_or_else(|| invalid("since", "since must be an RFC 3339 timestamp"))?,
+        ),
     };
-    Ok(Json(state.engine.tenant_metrics(key.tenant_id, since).await?))
+    Ok(Json(
+        state.engine.tenant_metrics(key.tenant_id, since).await?,
+    ))
 }

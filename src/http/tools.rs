@@ -28,7 +28,10 @@ const MAX_PAYLOAD_JSON: usize = 32 * 1024;
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/api/v1/sessions/{session_id}/tools/execute", post(execute))
-        .route("/api/v1/sessions/{session_id}/tools/executions", get(executions))
+        .route(
+            "/api/v1/sessions/{session_id}/tools/executions",
+            get(executions),
+        )
         .route("/api/v1/sessions/{session_id}/metrics", get(metrics))
         .route("/api/v1/executions", post(record))
 }
@@ -52,7 +55,10 @@ struct ExecuteBody {
 fn payload(field: &str, value: Option<Value>) -> Result<String, ApiError> {
     let text = value.unwrap_or(Value::Null).to_string();
     if text.len() > MAX_PAYLOAD_JSON {
-        return Err(invalid(field, format!("{field} must be at most {MAX_PAYLOAD_JSON} bytes of JSON")));
+        return Err(invalid(
+            field,
+            format!("{field} must be at most {MAX_PAYLOAD_JSON} bytes of JSON"),
+        ));
     }
     Ok(text)
 }
@@ -74,7 +80,10 @@ fn duration(value: Option<f64>) -> Result<u64, ApiError> {
     match value {
         None => Ok(0),
         Some(ms) if ms.is_finite() && ms >= 0.0 => Ok(ms.round() as u64),
-        Some(_) => Err(invalid("duration_ms", "duration_ms must be a non-negative number")),
+        Some(_) => Err(invalid(
+            "duration_ms",
+            "duration_ms must be a non-negative number",
+        )),
     }
 }
 
@@ -112,10 +121,13 @@ async fn execute(
     SessionId(id): SessionId,
     JsonBody(body): JsonBody<ExecuteBody>,
 ) -> Result<StatusCode, ApiError> {
-    let executed_at = match body.executed_at.as_deref() {
-        None => None,
-        Some(text) => Some(parse_rfc3339(text).ok_or_else(|| invalid("executed_at", "executed_at must be an RFC 3339 timestamp"))?),
-    };
+    let executed_at =
+        match body.executed_at.as_deref() {
+            None => None,
+            Some(text) => Some(parse_rfc3339(text).ok_or_else(|| {
+                invalid("executed_at", "executed_at must be an RFC 3339 timestamp")
+            })?),
+        };
     let execution = build(ExecutionFields {
         tool_name: body.tool_name,
         tool_id: body.tool_id,
@@ -126,7 +138,10 @@ async fn execute(
         tokens_used: body.tokens_used,
         executed_at,
     })?;
-    state.engine.record_tool(key.tenant_id, &id, execution).await?;
+    state
+        .engine
+        .record_tool(key.tenant_id, &id, execution)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -149,21 +164,33 @@ struct RecordBody {
 }
 
 fn timestamp(value: Option<Value>) -> Result<Option<Millis>, ApiError> {
-    let bad = || invalid("timestamp", "timestamp must be an RFC 3339 string or Unix seconds");
+    let bad = || {
+        invalid(
+            "timestamp",
+            "timestamp must be an RFC 3339 string or Unix seconds",
+        )
+    };
     match value {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(text)) => parse_rfc3339(&text).map(Some).ok_or_else(bad),
         Some(Value::Number(n)) => match n.as_f64() {
-            Some(s) if s.is_finite() && s >= 0.0 && s < 1e11 => Ok(Some((s * 1000.0).round() as Millis)),
+            Some(s) if (0.0..1e11).contains(&s) => Ok(Some((s * 1000.0).round() as Millis)),
             _ => Err(bad()),
         },
         Some(_) => Err(bad()),
     }
 }
 
-async fn record(State(state): State<AppState>, Tenant(key): Tenant, JsonBody(body): JsonBody<RecordBody>) -> Result<StatusCode, ApiError> {
+async fn record(
+    State(state): State<AppState>,
+    Tenant(key): Tenant,
+    JsonBody(body): JsonBody<RecordBody>,
+) -> Result<StatusCode, ApiError> {
     if !is_valid_session_id(&body.session_id) {
-        return Err(invalid("session_id", "session_id must be 1 to 255 characters from A-Z a-z 0-9 . _ : @ ~ -"));
+        return Err(invalid(
+            "session_id",
+            "session_id must be 1 to 255 characters from A-Z a-z 0-9 . _ : @ ~ -",
+        ));
     }
     let execution = build(ExecutionFields {
         tool_name: body.tool_name,
@@ -175,7 +202,10 @@ async fn record(State(state): State<AppState>, Tenant(key): Tenant, JsonBody(bod
         tokens_used: body.tokens_used,
         executed_at: timestamp(body.timestamp)?,
     })?;
-    state.engine.record_tool(key.tenant_id, &body.session_id, execution).await?;
+    state
+        .engine
+        .record_tool(key.tenant_id, &body.session_id, execution)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -211,7 +241,8 @@ async fn executions(
     SessionId(id): SessionId,
     params: Result<Query<ExecutionsParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let Query(params) = params.map_err(|e| invalid("query", format!("query string is not valid: {e}")))?;
+    let Query(params) =
+        params.map_err(|e| invalid("query", format!("query string is not valid: {e}")))?;
     let limit = parse_limit(params.limit.as_deref(), DEFAULT_EXECUTIONS_LIMIT)?;
     let list = state.engine.executions(key.tenant_id, &id, limit).await?;
     let views: Vec<ExecutionView> = list
@@ -230,6 +261,12 @@ async fn executions(
     Ok(Json(json!({ "count": views.len(), "executions": views })))
 }
 
-async fn metrics(State(state): State<AppState>, Tenant(key): Tenant, SessionId(id): SessionId) -> Result<Json<SessionMetrics>, ApiError> {
-    Ok(Json(state.engine.session_metrics(key.tenant_id, &id).await?))
+async fn metrics(
+    State(state): State<AppState>,
+    Tenant(key): Tenant,
+    SessionId(id): SessionId,
+) -> Result<Json<SessionMetrics>, ApiError> {
+    Ok(Json(
+        state.engine.session_metrics(key.tenant_id, &id).await?,
+    ))
 }

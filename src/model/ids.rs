@@ -14,9 +14,9 @@ const RESERVED_IDS: [&str; 4] = ["active", "metrics", ".", ".."];
 pub fn is_valid_session_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_SESSION_ID_LEN
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'@' | b'~' | b'-'))
+        && id.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'@' | b'~' | b'-')
+        })
         && !RESERVED_IDS.contains(&id)
 }
 

@@ -355,7 +355,11 @@ impl Session {
             initialized: self.initialized,
             connection_metadata: metadata_json(&self.connection_metadata),
             has_passthrough_auth: !self.passthrough_providers.is_empty(),
-            passthrough_providers: self.passthrough_providers.iter().map(|p| p.to_string()).collect(),
+            passthrough_providers: self
+                .passthrough_providers
+                .iter()
+                .map(|p| p.to_string())
+                .collect(),
             tool_execution_count: self.tool_execution_count,
             tool_error_count: self.tool_error_count,
             total_tokens_used: self.total_tokens_used,
@@ -522,10 +526,16 @@ pub(crate) mod tests {
         let s = session_at(0, 60, 3600);
         assert_eq!(s.expires_at(), 60_000);
         assert_eq!(s.due(59_999, IDLE_AFTER), Transition::None);
-        assert_eq!(s.due(60_000, IDLE_AFTER), Transition::Expire(REASON_IDLE_TIMEOUT));
+        assert_eq!(
+            s.due(60_000, IDLE_AFTER),
+            Transition::Expire(REASON_IDLE_TIMEOUT)
+        );
 
         let s = session_at(0, 3600, 60);
-        assert_eq!(s.due(60_000, IDLE_AFTER), Transition::Expire(REASON_TTL_EXPIRED));
+        assert_eq!(
+            s.due(60_000, IDLE_AFTER),
+            Transition::Expire(REASON_TTL_EXPIRED)
+        );
     }
 
     #[test]
@@ -534,7 +544,10 @@ pub(crate) mod tests {
         s.touch(50_000);
         assert_eq!(s.expires_at(), 100_000);
         assert_eq!(s.version, 1, "heartbeats do not bump the version");
-        assert_eq!(s.due(100_000, IDLE_AFTER), Transition::Expire(REASON_TTL_EXPIRED));
+        assert_eq!(
+            s.due(100_000, IDLE_AFTER),
+            Transition::Expire(REASON_TTL_EXPIRED)
+        );
     }
 
     #[test]
@@ -574,7 +587,14 @@ pub(crate) mod tests {
         s.record_execution(&call, 1);
         call.error = Some("boom".into());
         s.record_execution(&call, 2);
-        assert_eq!((s.tool_execution_count, s.tool_error_count, s.total_tokens_used), (2, 1, 10));
+        assert_eq!(
+            (
+                s.tool_execution_count,
+                s.tool_error_count,
+                s.total_tokens_used
+            ),
+            (2, 1, 10)
+        );
         assert_eq!(s.tools.len(), 1);
         assert_eq!((s.tools[0].count, s.tools[0].errors), (2, 1));
         assert_eq!(s.version, 3);
@@ -606,7 +626,10 @@ pub(crate) mod tests {
         assert_eq!(ClientType::normalise(None), Some(ClientType::Cli));
         assert_eq!(ClientType::normalise(Some("")), Some(ClientType::Cli));
         assert_eq!(ClientType::normalise(Some("vscode")), Some(ClientType::Ide));
-        assert_eq!(ClientType::normalise(Some("claude-code")), Some(ClientType::ClaudeCode));
+        assert_eq!(
+            ClientType::normalise(Some("claude-code")),
+            Some(ClientType::ClaudeCode)
+        );
         assert_eq!(ClientType::normalise(Some("emacs")), None);
     }
 }

@@ -33,8 +33,10 @@ impl Clock {
 
     /// Moves this clock (and every copy of it) forward by `by`.
     pub fn advance(&self, by: std::time::Duration) {
-        self.offset_ms
-            .fetch_add(by.as_millis() as Millis, std::sync::atomic::Ordering::Relaxed);
+        self.offset_ms.fetch_add(
+            by.as_millis() as Millis,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 }
 

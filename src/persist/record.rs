@@ -56,7 +56,10 @@ mod tests {
 
     #[test]
     fn unknown_formats_are_refused() {
-        assert!(matches!(decode::<Session>(&[9, 1, 2]), Err(RecordError::UnknownFormat(9))));
+        assert!(matches!(
+            decode::<Session>(&[9, 1, 2]),
+            Err(RecordError::UnknownFormat(9))
+        ));
         assert!(matches!(decode::<Session>(&[]), Err(RecordError::Empty)));
     }
 }

@@ -69,7 +69,9 @@ impl Store {
         let key = keys::session(tenant, session_id);
         match self.tree.get(&key)? {
             None => Ok(None),
-            Some(bytes) => record::decode(&bytes).map(Some).map_err(|e| corrupt(&key, e)),
+            Some(bytes) => record::decode(&bytes)
+                .map(Some)
+                .map_err(|e| corrupt(&key, e)),
         }
     }
 
@@ -94,7 +96,9 @@ impl Store {
     ) -> impl Iterator<Item = Result<(Millis, String), StoreError>> + '_ {
         let prefix = keys::created_prefix(tenant);
         let range = match before {
-            Some((at, id)) => self.tree.range(prefix.clone()..keys::created(tenant, at, id)),
+            Some((at, id)) => self
+                .tree
+                .range(prefix.clone()..keys::created(tenant, at, id)),
             None => self.tree.scan_prefix(prefix),
         };
         range.rev().filter_map(|item| match item {
@@ -142,7 +146,11 @@ impl Store {
     }
 
     /// Keys of a session's executions, for purging.
-    pub(crate) fn execution_keys(&self, tenant: Uuid, session_id: &str) -> Result<Vec<sled::IVec>, StoreError> {
+    pub(crate) fn execution_keys(
+        &self,
+        tenant: Uuid,
+        session_id: &str,
+    ) -> Result<Vec<sled::IVec>, StoreError> {
         self.tree
             .scan_prefix(keys::executions_prefix(tenant, session_id))
             .keys()

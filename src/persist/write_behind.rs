@@ -74,7 +74,12 @@ impl WriteOp {
     }
 
     /// Appends execution number `seq` of a session.
-    pub fn put_execution(tenant: Uuid, session_id: &str, seq: u64, execution: &ToolExecution) -> Self {
+    pub fn put_execution(
+        tenant: Uuid,
+        session_id: &str,
+        seq: u64,
+        execution: &ToolExecution,
+    ) -> Self {
         WriteOp::Put {
             key: keys::execution(tenant, session_id, seq),
             value: record::encode(execution),
@@ -115,7 +120,11 @@ pub struct WriteBehind {
 
 impl WriteBehind {
     /// Starts the flusher thread over `store`.
-    pub fn start(store: Store, flush_interval: Duration, max_batch: usize) -> (Self, JoinHandle<()>) {
+    pub fn start(
+        store: Store,
+        flush_interval: Duration,
+        max_batch: usize,
+    ) -> (Self, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(WriteBehindStats::default());
         let flusher = Flusher {
@@ -260,20 +269,28 @@ impl Flusher {
     fn write(&self, pending: Pending) {
         let started = Instant::now();
         let result = if pending.writes > 0 {
-            self.store.apply(pending.batch).and_then(|()| self.store.sync())
+            self.store
+                .apply(pending.batch)
+                .and_then(|()| self.store.sync())
         } else {
             Ok(())
         };
         match &result {
             Ok(()) => {
                 self.stats.batches.fetch_add(1, Ordering::Relaxed);
-                self.stats.writes.fetch_add(pending.writes as u64, Ordering::Relaxed);
-                self.stats.last_flush_at_ms.store(now_ms(), Ordering::Relaxed);
+                self.stats
+                    .writes
+                    .fetch_add(pending.writes as u64, Ordering::Relaxed);
+                self.stats
+                    .last_flush_at_ms
+                    .store(now_ms(), Ordering::Relaxed);
                 self.stats
                     .last_flush_micros
                     .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
             }
-            Err(e) => tracing::error!(error = %e, writes = pending.writes, "write-behind batch failed"),
+            Err(e) => {
+                tracing::error!(error = %e, writes = pending.writes, "write-behind batch failed")
+            }
         }
         for ack in pending.acks {
             // A waiter that gave up (its request was cancelled) is fine.
@@ -316,9 +333,13 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let (queue, thread) = WriteBehind::start(store.clone(), Duration::from_millis(50), 1024);
         let session = session_at(1_000, 60, 60);
-        assert!(queue.submit(vec![WriteOp::put_session(&session)], false).is_none());
+        assert!(queue
+            .submit(vec![WriteOp::put_session(&session)], false)
+            .is_none());
         queue.barrier().await.unwrap().unwrap();
-        let back = store.session(session.tenant_id, &session.session_id).unwrap();
+        let back = store
+            .session(session.tenant_id, &session.session_id)
+            .unwrap();
         assert_eq!(back, Some(session));
         assert!(queue.stats().batches.load(Ordering::Relaxed) >= 1);
         queue.shutdown().await.unwrap().unwrap();
@@ -334,16 +355,26 @@ mod tests {
         for i in 0..500 {
             let mut session = session_at(1_000, 60, 60);
             session.session_id = format!("s{i}").into();
-            waiters.push(queue.submit(vec![WriteOp::put_session(&session)], true).unwrap());
+            waiters.push(
+                queue
+                    .submit(vec![WriteOp::put_session(&session)], true)
+                    .unwrap(),
+            );
         }
         for waiter in waiters {
             waiter.await.unwrap().unwrap();
         }
         let batches = queue.stats().batches.load(Ordering::Relaxed);
-        assert!(batches < 500, "group commit should batch, saw {batches} batches");
+        assert!(
+            batches < 500,
+            "group commit should batch, saw {batches} batches"
+        );
         assert_eq!(store.all_sessions().count(), 500);
         queue.shutdown().await.unwrap().unwrap();
         thread.join().unwrap();
-        assert!(queue.barrier().await.is_err(), "a stopped queue drops waiters");
+        assert!(
+            queue.barrier().await.is_err(),
+            "a stopped queue drops waiters"
+        );
     }
 }

@@ -30,7 +30,12 @@ pub fn config_toml(data_dir: &Path, limit_a: usize, extra: &str) -> String {
 }
 
 /// As [`config_toml`], with `storage` lines added to `[storage]`.
-pub fn config_toml_with_storage(data_dir: &Path, limit_a: usize, storage: &str, extra: &str) -> String {
+pub fn config_toml_with_storage(
+    data_dir: &Path,
+    limit_a: usize,
+    storage: &str,
+    extra: &str,
+) -> String {
     format!(
         r#"
 [server]
@@ -103,7 +108,13 @@ impl TestServer {
         server
     }
 
-    pub async fn call(&self, method: Method, path: &str, key: &str, body: Option<Value>) -> (StatusCode, Value) {
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        key: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         call(&self.client, &self.base, method, path, key, body).await
     }
 
@@ -138,7 +149,11 @@ pub async fn call(
 ) -> (StatusCode, Value) {
     let mut request = client.request(method, format!("{base}{path}"));
     if !key.is_empty() {
-        let header = if path.starts_with("/admin") { "X-Admin-Key" } else { "X-API-Key" };
+        let header = if path.starts_with("/admin") {
+            "X-Admin-Key"
+        } else {
+            "X-API-Key"
+        };
         request = request.header(header, key);
     }
     if let Some(body) = body {
@@ -147,7 +162,11 @@ pub async fn call(
     let response = request.send().await.unwrap();
     let status = response.status();
     let text = response.text().await.unwrap();
-    let value = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+    let value = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or(Value::String(text))
+    };
     (status, value)
 }
 
