@@ -44,7 +44,7 @@ use uuid::Uuid;
 pub use admission::{NewSession, SessionDefaults, TenantLimits};
 use session::{Ack, SessionActor};
 use shards::Shards;
-use tenant::{Admit, LiveCount, Revive, TenantSupervisor};
+use tenant::{Admit, LiveCount, TenantSupervisor};
 
 use crate::model::session::{SessionMetrics, SessionUpdate};
 use crate::model::time::Clock;
@@ -123,6 +123,8 @@ pub(crate) struct Shared {
     directories: HashMap<Uuid, Directory>,
     /// Session actors restarted after dying.
     pub(crate) restarts: AtomicU64,
+    /// Set at shutdown: actors stopping now are not restarted.
+    pub(crate) shutting_down: AtomicBool,
 }
 
 impl Shared {
@@ -222,6 +224,7 @@ impl Engine {
                 .map(|t| (t.id, Directory::default()))
                 .collect(),
             restarts: AtomicU64::new(0),
+            shutting_down: AtomicBool::new(false),
         });
         let tenants = config
             .tenants
@@ -287,28 +290,19 @@ impl Engine {
         settle(Some(self.shared.write_behind.barrier())).await
     }
 
-    /// The live actor of a session, restarting it first if it died.
-    async fn actor(
-        &self,
-        tenant: Uuid,
-        session_id: &str,
-    ) -> Result<Option<Addr<SessionActor>>, SessionError> {
+    /// The live actor of a session, if any.
+    fn actor(&self, tenant: Uuid, session_id: &str) -> Result<Option<Addr<SessionActor>>, SessionError> {
         self.ensure_ready()?;
-        let handle = self.tenant(tenant)?;
-        let addr = match self.shared.directory(tenant).get(session_id) {
-            None => return Ok(None),
-            Some(entry) => entry.clone(),
-        };
-        if addr.connected() {
-            return Ok(Some(addr));
-        }
-        handle
-            .supervisor
-            .send(Revive {
-                session_id: session_id.into(),
-            })
-            .await
-            .map_err(|_| SessionError::Unavailable)
+        self.tenant(tenant)?;
+        // A disconnected entry belongs to an actor that is stopping: final
+        // (its record is durable, readers fall back to it) or panicked (its
+        // supervisor is restarting it; writers get a retryable 503).
+        Ok(self
+            .shared
+            .directory(tenant)
+            .get(session_id)
+            .map(|entry| entry.clone())
+            .filter(Addr::connected))
     }
 
     /// Sends `msg` to a live session; `None` when the session is not live.
@@ -323,7 +317,7 @@ impl Engine {
         M::Result: Send,
         SessionActor: Handler<M>,
     {
-        let Some(addr) = self.actor(tenant, session_id).await? else {
+        let Some(addr) = self.actor(tenant, session_id)? else {
             return Ok(None);
         };
         match addr.send(msg).await {
@@ -701,26 +695,7 @@ impl Engine {
         Ok(purged)
     }
 
-    /// Restarts actors that died; answers how many were found dead.
-    async fn revive_dead(&self) -> usize {
-        let mut dead = 0;
-        for (tenant, handle) in self.tenants.iter() {
-            let ids: Vec<Arc<str>> = self
-                .shared
-                .directory(*tenant)
-                .iter()
-                .filter(|e| !e.value().connected())
-                .map(|e| e.key().clone())
-                .collect();
-            for session_id in ids {
-                dead += 1;
-                let _ = handle.supervisor.send(Revive { session_id }).await;
-            }
-        }
-        dead
-    }
-
-    /// Runs the sweep forever: overdue sessions, dead actors, retention.
+    /// Runs the sweep forever: overdue sessions and retention.
     pub async fn sweep_forever(self) {
         let mut ticker = tokio::time::interval(self.sweep_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -730,12 +705,11 @@ impl Engine {
                 continue;
             }
             let expired = self.cleanup().await.unwrap_or(0);
-            let dead = self.revive_dead().await;
             let purged = self.purge().await.unwrap_or_else(|e| {
                 tracing::error!(error = %e, "retention purge failed");
                 0
             });
-            tracing::debug!(expired, dead, purged, "sweep done");
+            tracing::debug!(expired, purged, "sweep done");
         }
     }
 
@@ -753,6 +727,7 @@ impl Engine {
     /// shards. Call once, after the HTTP server has stopped.
     pub async fn shutdown(&self) {
         self.ready.store(false, Ordering::Release);
+        self.shared.shutting_down.store(true, Ordering::Release);
         for chunk in self.all_actors().chunks(FAN_OUT) {
             join_all(chunk.iter().map(|a| a.send(session::FlushActivity))).await;
         }
@@ -837,6 +812,82 @@ async fn settle(durable: Option<Durable>) -> Result<(), SessionError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn config(dir: &std::path::Path) -> EngineConfig {
+        EngineConfig {
+            data_dir: dir.to_owned(),
+            durability: Durability::Sync,
+            flush_interval: Duration::from_millis(5),
+            max_batch: 1024,
+            idle_after: Duration::from_secs(300),
+            retention: Duration::from_secs(3600),
+            sweep_interval: Duration::from_secs(3600),
+            defaults: SessionDefaults {
+                idle_timeout_seconds: 1800,
+                ttl_seconds: 86_400,
+            },
+            tenants: vec![TenantLimits {
+                id: Uuid::nil(),
+                name: "t".into(),
+                max_active_sessions: 10,
+                max_ttl_seconds: 86_400,
+                max_idle_timeout_seconds: 86_400,
+            }],
+            shards: 2,
+            clock: Clock::system(),
+        }
+    }
+
+    fn execution() -> ToolExecution {
+        ToolExecution {
+            tool_name: "t".into(),
+            tool_id: None,
+            arguments: "null".into(),
+            result: "null".into(),
+            error: None,
+            duration_ms: 1,
+            tokens_used: 1,
+            executed_at: 0,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_actor_is_restarted_from_its_last_durable_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::start(config(dir.path())).unwrap();
+        engine.recover().await.unwrap();
+        let tenant = Uuid::nil();
+        for id in ["victim", "bystander"] {
+            let request = NewSession {
+                session_id: Some(id.into()),
+                edge_mcp_id: "e".into(),
+                ..NewSession::default()
+            };
+            engine.create(tenant, request).await.unwrap();
+            engine.record_tool(tenant, id, execution()).await.unwrap();
+        }
+        let victim = engine.shared.directory(tenant).get("victim").unwrap().clone();
+        assert!(victim.send(session::Crash).await.is_err(), "the panic drops the reply");
+        // The supervisor restarts it asynchronously; wait for the new actor.
+        for _ in 0..500 {
+            let entry = engine.shared.directory(tenant).get("victim").map(|a| a.clone());
+            if entry.is_some_and(|a| a.connected() && a != victim) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+
+        // The other session on the same engine is untouched.
+        assert_eq!(engine.record_tool(tenant, "bystander", execution()).await.unwrap(), 2);
+        // The victim comes back with its durable state and keeps working.
+        let view = engine.get(tenant, "victim").await.unwrap();
+        assert_eq!(view.tool_execution_count, 1);
+        assert_eq!(view.status, "active");
+        assert_eq!(engine.restarts(), 1);
+        assert_eq!(engine.record_tool(tenant, "victim", execution()).await.unwrap(), 2);
+        assert_eq!(engine.tenant_live_count(tenant).await.unwrap(), 2, "no slot leaked or double-counted");
+        engine.shutdown().await;
+    }
 
     #[test]
     fn cursors_round_trip() {

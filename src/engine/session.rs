@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 
-use super::tenant::{Release, TenantSupervisor};
+use super::tenant::{ActorStopped, Release, TenantSupervisor};
 use super::Shared;
 use crate::model::session::{SessionUpdate, REASON_CLIENT_REQUEST};
 use crate::model::{Millis, Session, SessionError, SessionView, Status, ToolExecution, Transition};
@@ -184,6 +184,13 @@ impl Actor for SessionActor {
         self.shared
             .directory(self.session.tenant_id)
             .remove_if(&*self.session.session_id, |_, addr| *addr == me);
+        if !self.session.status.is_final() {
+            // Not a normal end: a handler panicked (or the engine is
+            // stopping, which the supervisor ignores).
+            self.supervisor.do_send(ActorStopped {
+                session_id: self.session.session_id.clone(),
+            });
+        }
     }
 }
 

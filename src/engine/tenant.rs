@@ -126,47 +126,50 @@ impl Handler<Restore> for TenantSupervisor {
     }
 }
 
-/// A session's actor is gone without stopping cleanly (it panicked).
-/// Restarts it from its last durable state; answers the live address, or
-/// `None` when the session is not live any more.
+/// A session's actor stopped while its session was still live: it
+/// panicked (actix stops an actor whose handler panicked), or the shards
+/// are shutting down. Sent once, by the actor itself, from `stopped`.
+/// The supervisor restarts it from its last durable state, so a panic costs
+/// at most the changes that were not yet durable and never the session.
 #[derive(Message)]
-#[rtype(result = "Option<Addr<SessionActor>>")]
-pub struct Revive {
+#[rtype(result = "()")]
+pub struct ActorStopped {
     /// The session's id.
     pub session_id: Arc<str>,
 }
 
-impl Handler<Revive> for TenantSupervisor {
-    type Result = Option<Addr<SessionActor>>;
+impl Handler<ActorStopped> for TenantSupervisor {
+    type Result = ();
 
-    fn handle(&mut self, msg: Revive, ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: ActorStopped, ctx: &mut Context<Self>) {
+        if self.shared.shutting_down.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         let directory = self.shared.directory(self.limits.id);
-        let dead = match directory.get(&*msg.session_id) {
-            None => return None,
-            Some(entry) if entry.connected() => return Some(entry.clone()),
-            Some(entry) => entry.clone(),
-        };
-        directory.remove_if(&*msg.session_id, |_, addr| *addr == dead);
+        if directory.get(&*msg.session_id).is_some_and(|a| a.connected()) {
+            return;
+        }
         match self.shared.store.session(self.limits.id, &msg.session_id) {
             Ok(Some(session)) if !session.status.is_final() => {
                 tracing::error!(
                     session_id = %msg.session_id,
                     tenant = %self.limits.id,
                     version = session.version,
-                    "session actor died; restarted from its last durable state"
+                    "session actor stopped unexpectedly (panic); restarted from its last durable state"
                 );
-                self.shared
-                    .restarts
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                Some(self.spawn(session, ctx.address()))
+                self.shared.restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.spawn(session, ctx.address());
             }
             other => {
                 if let Err(e) = &other {
-                    tracing::error!(session_id = %msg.session_id, error = %e, "reading a dead session's record failed");
+                    tracing::error!(session_id = %msg.session_id, error = %e, "reading a stopped session's record failed");
                 }
-                tracing::error!(session_id = %msg.session_id, tenant = %self.limits.id, "session actor died; its last durable state is final or missing");
+                tracing::error!(
+                    session_id = %msg.session_id,
+                    tenant = %self.limits.id,
+                    "session actor stopped unexpectedly before its first durable write; the session is lost"
+                );
                 self.live = self.live.saturating_sub(1);
-                None
             }
         }
     }
