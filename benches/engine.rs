@@ -1,1 +1,238 @@
-fn main() {}
+//! Engine throughput in-process (no HTTP): create, get, heartbeat and tool
+//! execution, sequential (one in flight: the cost of the hop) and with many
+//! in flight, under async and sync durability; plus the memory of a live
+//! session at 100k sessions (RSS delta / count).
+//!
+//! Run with `cargo bench --bench engine`; figures are printed, not asserted.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, Criterion, Throughput};
+use edge_sessions::engine::{Engine, EngineConfig, NewSession, SessionDefaults, TenantLimits};
+use edge_sessions::model::time::Clock;
+use edge_sessions::model::ToolExecution;
+use edge_sessions::settings::Durability;
+use futures::stream::{self, StreamExt};
+use uuid::Uuid;
+
+const TENANT: Uuid = Uuid::from_u128(0x6f1c_0d3e_8a4b_4c6e_9f10_2b3c_4d5e_6f70);
+/// Requests in flight for the concurrent variants.
+const IN_FLIGHT: usize = 256;
+/// Sessions the get / heartbeat / execution benches spread over.
+const WORKING_SET: usize = 1024;
+
+fn start(dir: &std::path::Path, durability: Durability) -> Engine {
+    let config = EngineConfig {
+        data_dir: dir.to_owned(),
+        durability,
+        flush_interval: Duration::from_millis(5),
+        max_batch: 8192,
+        idle_after: Duration::from_secs(300),
+        retention: Duration::from_secs(86_400),
+        sweep_interval: Duration::from_secs(3600),
+        defaults: SessionDefaults {
+            idle_timeout_seconds: 1800,
+            ttl_seconds: 86_400,
+        },
+        tenants: vec![TenantLimits {
+            id: TENANT,
+            name: "bench".into(),
+            max_active_sessions: usize::MAX,
+            max_ttl_seconds: 86_400,
+            max_idle_timeout_seconds: 86_400,
+        }],
+        shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        clock: Clock::system(),
+    };
+    Engine::start(config).expect("engine starts")
+}
+
+fn new_session(id: Option<String>) -> NewSession {
+    NewSession {
+        session_id: id,
+        edge_mcp_id: "bench-edge".into(),
+        client_name: Some("bench".into()),
+        client_type: Some("claude-code".into()),
+        ..NewSession::default()
+    }
+}
+
+fn execution(i: u64) -> ToolExecution {
+    ToolExecution {
+        tool_name: ["read", "grep", "edit", "bash"][(i % 4) as usize].into(),
+        tool_id: None,
+        arguments: "{\"path\":\"src/lib.rs\"}".into(),
+        result: "{\"ok\":true}".into(),
+        error: None,
+        duration_ms: i % 97,
+        tokens_used: 10,
+        executed_at: 0,
+    }
+}
+
+/// Runs `iters` operations with `in_flight` at once; answers the elapsed time.
+async fn drive<F, Fut>(iters: u64, in_flight: usize, op: F) -> Duration
+where
+    F: Fn(u64) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let started = Instant::now();
+    stream::iter(0..iters)
+        .map(&op)
+        .buffer_unordered(in_flight)
+        .for_each(|()| async {})
+        .await;
+    started.elapsed()
+}
+
+fn bench_engine(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    for durability in [Durability::Async, Durability::Sync] {
+        let label = match durability {
+            Durability::Async => "async",
+            _ => "sync",
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let engine = start(dir.path(), durability);
+        runtime.block_on(engine.recover()).unwrap();
+        let ids: Arc<Vec<String>> = Arc::new(runtime.block_on(async {
+            let mut ids = Vec::new();
+            for _ in 0..WORKING_SET {
+                ids.push(engine.create(TENANT, new_session(None)).await.unwrap().session_id);
+            }
+            ids
+        }));
+
+        let mut group = c.benchmark_group(format!("engine/{label}"));
+        group.throughput(Throughput::Elements(1));
+        group.sample_size(10);
+        group.measurement_time(Duration::from_secs(4));
+        group.warm_up_time(Duration::from_secs(1));
+
+        for in_flight in [1, IN_FLIGHT] {
+            group.bench_function(format!("create/in_flight={in_flight}"), |b| {
+                b.to_async(&runtime).iter_custom(|iters| {
+                    let engine = engine.clone();
+                    async move {
+                        drive(iters, in_flight, |_| {
+                            let engine = engine.clone();
+                            async move {
+                                engine.create(TENANT, new_session(None)).await.unwrap();
+                            }
+                        })
+                        .await
+                    }
+                })
+            });
+            group.bench_function(format!("tool_execution/in_flight={in_flight}"), |b| {
+                let counter = Arc::new(AtomicU64::new(0));
+                b.to_async(&runtime).iter_custom(|iters| {
+                    let (engine, ids, counter) = (engine.clone(), ids.clone(), counter.clone());
+                    async move {
+                        drive(iters, in_flight, |_| {
+                            let (engine, ids) = (engine.clone(), ids.clone());
+                            let i = counter.fetch_add(1, Ordering::Relaxed);
+                            async move {
+                                let id = &ids[(i as usize) % ids.len()];
+                                engine.record_tool(TENANT, id, execution(i)).await.unwrap();
+                            }
+                        })
+                        .await
+                    }
+                })
+            });
+            if durability == Durability::Async {
+                group.bench_function(format!("get/in_flight={in_flight}"), |b| {
+                    b.to_async(&runtime).iter_custom(|iters| {
+                        let (engine, ids) = (engine.clone(), ids.clone());
+                        async move {
+                            drive(iters, in_flight, |i| {
+                                let (engine, ids) = (engine.clone(), ids.clone());
+                                async move {
+                                    engine.get(TENANT, &ids[(i as usize) % ids.len()]).await.unwrap();
+                                }
+                            })
+                            .await
+                        }
+                    })
+                });
+                group.bench_function(format!("heartbeat/in_flight={in_flight}"), |b| {
+                    b.to_async(&runtime).iter_custom(|iters| {
+                        let (engine, ids) = (engine.clone(), ids.clone());
+                        async move {
+                            drive(iters, in_flight, |i| {
+                                let (engine, ids) = (engine.clone(), ids.clone());
+                                async move {
+                                    engine.touch(TENANT, &ids[(i as usize) % ids.len()]).await.unwrap();
+                                }
+                            })
+                            .await
+                        }
+                    })
+                });
+            }
+        }
+        group.finish();
+        runtime.block_on(engine.shutdown());
+    }
+}
+
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let resident: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+    resident * 4096
+}
+
+/// RSS growth per live session at 100k sessions (async durability, so the
+/// figure includes sled's share for the records written behind).
+fn memory_per_session() {
+    const COUNT: u64 = 100_000;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let engine = start(dir.path(), Durability::Async);
+    runtime.block_on(async {
+        engine.recover().await.unwrap();
+        // Warm up allocator arenas and sled before the baseline.
+        drive(1000, IN_FLIGHT, |_| {
+            let engine = engine.clone();
+            async move {
+                engine.create(TENANT, new_session(None)).await.unwrap();
+            }
+        })
+        .await;
+        engine.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let before = rss_bytes();
+        let started = Instant::now();
+        drive(COUNT, IN_FLIGHT, |_| {
+            let engine = engine.clone();
+            async move {
+                engine.create(TENANT, new_session(None)).await.unwrap();
+            }
+        })
+        .await;
+        let elapsed = started.elapsed();
+        engine.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let after = rss_bytes();
+        println!(
+            "memory: {COUNT} live sessions, RSS {:.1} MiB -> {:.1} MiB, {:.0} bytes per live session (created at {:.0}/s)",
+            before as f64 / 1048576.0,
+            after as f64 / 1048576.0,
+            (after.saturating_sub(before)) as f64 / COUNT as f64,
+            COUNT as f64 / elapsed.as_secs_f64(),
+        );
+        assert_eq!(engine.live_sessions() as u64, COUNT + 1000);
+        engine.shutdown().await;
+    });
+}
+
+criterion_group!(benches, bench_engine);
+
+fn main() {
+    memory_per_session();
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}
