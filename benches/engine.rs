@@ -29,6 +29,7 @@ fn start(dir: &std::path::Path, durability: Durability) -> Engine {
         durability,
         flush_interval: Duration::from_millis(5),
         max_batch: 8192,
+        cache_capacity_bytes: 16 << 20,
         idle_after: Duration::from_secs(300),
         retention: Duration::from_secs(86_400),
         sweep_interval: Duration::from_secs(3600),
@@ -88,7 +89,10 @@ where
 }
 
 fn bench_engine(c: &mut Criterion) {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     for durability in [Durability::Async, Durability::Sync] {
         let label = match durability {
             Durability::Async => "async",
@@ -100,7 +104,13 @@ fn bench_engine(c: &mut Criterion) {
         let ids: Arc<Vec<String>> = Arc::new(runtime.block_on(async {
             let mut ids = Vec::new();
             for _ in 0..WORKING_SET {
-                ids.push(engine.create(TENANT, new_session(None)).await.unwrap().session_id);
+                ids.push(
+                    engine
+                        .create(TENANT, new_session(None))
+                        .await
+                        .unwrap()
+                        .session_id,
+                );
             }
             ids
         }));
@@ -151,7 +161,10 @@ fn bench_engine(c: &mut Criterion) {
                             drive(iters, in_flight, |i| {
                                 let (engine, ids) = (engine.clone(), ids.clone());
                                 async move {
-                                    engine.get(TENANT, &ids[(i as usize) % ids.len()]).await.unwrap();
+                                    engine
+                                        .get(TENANT, &ids[(i as usize) % ids.len()])
+                                        .await
+                                        .unwrap();
                                 }
                             })
                             .await
@@ -165,7 +178,10 @@ fn bench_engine(c: &mut Criterion) {
                             drive(iters, in_flight, |i| {
                                 let (engine, ids) = (engine.clone(), ids.clone());
                                 async move {
-                                    engine.touch(TENANT, &ids[(i as usize) % ids.len()]).await.unwrap();
+                                    engine
+                                        .touch(TENANT, &ids[(i as usize) % ids.len()])
+                                        .await
+                                        .unwrap();
                                 }
                             })
                             .await
@@ -181,7 +197,11 @@ fn bench_engine(c: &mut Criterion) {
 
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let resident: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+    let resident: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
     resident * 4096
 }
 
@@ -189,7 +209,10 @@ fn rss_bytes() -> u64 {
 /// figure includes sled's share for the records written behind).
 fn memory_per_session() {
     const COUNT: u64 = 100_000;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let engine = start(dir.path(), Durability::Async);
     runtime.block_on(async {

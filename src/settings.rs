@@ -73,6 +73,8 @@ pub struct StorageSettings {
     pub flush_interval_ms: u64,
     /// Most changes per batch.
     pub max_batch: usize,
+    /// sled's page cache in MiB (records beyond it are read from disk).
+    pub cache_capacity_mb: u64,
 }
 
 /// `[sessions]`
@@ -245,6 +247,9 @@ impl Settings {
         let fail = |key: &str, why: &str| Err(ConfigError(format!("{key}: {why}")));
         if self.storage.flush_interval_ms == 0 {
             return fail("storage.flush_interval_ms", "must be at least 1");
+        }
+        if self.storage.cache_capacity_mb == 0 {
+            return fail("storage.cache_capacity_mb", "must be at least 1");
         }
         if self.storage.max_batch == 0 {
             return fail("storage.max_batch", "must be at least 1");

@@ -71,6 +71,8 @@ pub struct EngineConfig {
     pub flush_interval: Duration,
     /// Most changes per batch.
     pub max_batch: usize,
+    /// sled's page cache size.
+    pub cache_capacity_bytes: u64,
     /// `active -> idle` threshold.
     pub idle_after: Duration,
     /// How long final sessions stay readable.
@@ -96,6 +98,7 @@ impl EngineConfig {
             durability: settings.storage.durability,
             flush_interval: Duration::from_millis(settings.storage.flush_interval_ms),
             max_batch: settings.storage.max_batch,
+            cache_capacity_bytes: settings.storage.cache_capacity_mb << 20,
             idle_after: Duration::from_secs(s.idle_after_seconds.into()),
             retention: Duration::from_secs(s.retention_seconds.into()),
             sweep_interval: Duration::from_secs(s.sweep_interval_seconds.into()),
@@ -206,7 +209,7 @@ impl Engine {
         std::fs::create_dir_all(&config.data_dir).map_err(|e| {
             StoreError::Sled(format!("creating {}: {e}", config.data_dir.display()))
         })?;
-        let store = Store::open(&config.data_dir)?;
+        let store = Store::open(&config.data_dir, config.cache_capacity_bytes)?;
         let (write_behind, flusher) =
             WriteBehind::start(store.clone(), config.flush_interval, config.max_batch);
         let shards = Shards::start(config.shards);
@@ -291,7 +294,11 @@ impl Engine {
     }
 
     /// The live actor of a session, if any.
-    fn actor(&self, tenant: Uuid, session_id: &str) -> Result<Option<Addr<SessionActor>>, SessionError> {
+    fn actor(
+        &self,
+        tenant: Uuid,
+        session_id: &str,
+    ) -> Result<Option<Addr<SessionActor>>, SessionError> {
         self.ensure_ready()?;
         self.tenant(tenant)?;
         // A disconnected entry belongs to an actor that is stopping: final
@@ -819,6 +826,7 @@ mod tests {
             durability: Durability::Sync,
             flush_interval: Duration::from_millis(5),
             max_batch: 1024,
+            cache_capacity_bytes: 16 << 20,
             idle_after: Duration::from_secs(300),
             retention: Duration::from_secs(3600),
             sweep_interval: Duration::from_secs(3600),
@@ -866,11 +874,23 @@ mod tests {
             engine.create(tenant, request).await.unwrap();
             engine.record_tool(tenant, id, execution()).await.unwrap();
         }
-        let victim = engine.shared.directory(tenant).get("victim").unwrap().clone();
-        assert!(victim.send(session::Crash).await.is_err(), "the panic drops the reply");
+        let victim = engine
+            .shared
+            .directory(tenant)
+            .get("victim")
+            .unwrap()
+            .clone();
+        assert!(
+            victim.send(session::Crash).await.is_err(),
+            "the panic drops the reply"
+        );
         // The supervisor restarts it asynchronously; wait for the new actor.
         for _ in 0..500 {
-            let entry = engine.shared.directory(tenant).get("victim").map(|a| a.clone());
+            let entry = engine
+                .shared
+                .directory(tenant)
+                .get("victim")
+                .map(|a| a.clone());
             if entry.is_some_and(|a| a.connected() && a != victim) {
                 break;
             }
@@ -878,14 +898,30 @@ mod tests {
         }
 
         // The other session on the same engine is untouched.
-        assert_eq!(engine.record_tool(tenant, "bystander", execution()).await.unwrap(), 2);
+        assert_eq!(
+            engine
+                .record_tool(tenant, "bystander", execution())
+                .await
+                .unwrap(),
+            2
+        );
         // The victim comes back with its durable state and keeps working.
         let view = engine.get(tenant, "victim").await.unwrap();
         assert_eq!(view.tool_execution_count, 1);
         assert_eq!(view.status, "active");
         assert_eq!(engine.restarts(), 1);
-        assert_eq!(engine.record_tool(tenant, "victim", execution()).await.unwrap(), 2);
-        assert_eq!(engine.tenant_live_count(tenant).await.unwrap(), 2, "no slot leaked or double-counted");
+        assert_eq!(
+            engine
+                .record_tool(tenant, "victim", execution())
+                .await
+                .unwrap(),
+            2
+        );
+        assert_eq!(
+            engine.tenant_live_count(tenant).await.unwrap(),
+            2,
+            "no slot leaked or double-counted"
+        );
         engine.shutdown().await;
     }
 

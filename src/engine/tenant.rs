@@ -142,11 +142,18 @@ impl Handler<ActorStopped> for TenantSupervisor {
     type Result = ();
 
     fn handle(&mut self, msg: ActorStopped, ctx: &mut Context<Self>) {
-        if self.shared.shutting_down.load(std::sync::atomic::Ordering::Acquire) {
+        if self
+            .shared
+            .shutting_down
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
             return;
         }
         let directory = self.shared.directory(self.limits.id);
-        if directory.get(&*msg.session_id).is_some_and(|a| a.connected()) {
+        if directory
+            .get(&*msg.session_id)
+            .is_some_and(|a| a.connected())
+        {
             return;
         }
         match self.shared.store.session(self.limits.id, &msg.session_id) {
@@ -157,7 +164,9 @@ impl Handler<ActorStopped> for TenantSupervisor {
                     version = session.version,
                     "session actor stopped unexpectedly (panic); restarted from its last durable state"
                 );
-                self.shared.restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.shared
+                    .restarts
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 self.spawn(session, ctx.address());
             }
             other => {

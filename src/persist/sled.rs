@@ -52,10 +52,12 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (or creates) the store in `dir`.
-    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+    /// Opens (or creates) the store in `dir`, with at most about
+    /// `cache_bytes` of sled's page cache in memory.
+    pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(dir.join("sled"))
+            .cache_capacity(cache_bytes)
             // Durability comes from our own fsync per batch (group commit);
             // sled's background flusher would only add fsyncs.
             .flush_every_ms(None)
