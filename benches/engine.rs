@@ -70,6 +70,7 @@ fn execution(i: u64) -> ToolExecution {
         duration_ms: i % 97,
         tokens_used: 10,
         executed_at: 0,
+        recorded_at: 0,
     }
 }
 

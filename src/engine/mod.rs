@@ -856,6 +856,7 @@ mod tests {
             duration_ms: 1,
             tokens_used: 1,
             executed_at: 0,
+            recorded_at: 0,
         }
     }
 

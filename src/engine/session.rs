@@ -43,8 +43,8 @@ pub struct SessionActor {
     supervisor: Addr<TenantSupervisor>,
     /// The armed timer and the deadline it is armed for.
     timer: Option<(SpawnHandle, Millis)>,
-    /// A coalesced write of activity timestamps is scheduled.
-    activity_write_scheduled: bool,
+    /// A coalesced write of the session record is scheduled.
+    state_write_scheduled: bool,
 }
 
 impl SessionActor {
@@ -59,7 +59,7 @@ impl SessionActor {
             shared,
             supervisor,
             timer: None,
-            activity_write_scheduled: false,
+            state_write_scheduled: false,
         }
     }
 
@@ -126,19 +126,23 @@ impl SessionActor {
     fn note_activity(&mut self, now: Millis, ctx: &mut Context<Self>) {
         self.session.touch(now);
         self.arm(ctx);
-        if !self.activity_write_scheduled {
-            self.activity_write_scheduled = true;
-            ctx.run_later(self.shared.flush_interval, |actor, _| {
-                actor.write_activity()
-            });
+        self.schedule_state_write(ctx);
+    }
+
+    /// Writes the session record once within a flush interval, however many
+    /// changes arrive meanwhile.
+    fn schedule_state_write(&mut self, ctx: &mut Context<Self>) {
+        if !self.state_write_scheduled {
+            self.state_write_scheduled = true;
+            ctx.run_later(self.shared.flush_interval, |actor, _| actor.write_state());
         }
     }
 
-    fn write_activity(&mut self) {
-        if self.activity_write_scheduled && !self.session.status.is_final() {
+    fn write_state(&mut self) {
+        if self.state_write_scheduled && !self.session.status.is_final() {
             self.persist(false);
         }
-        self.activity_write_scheduled = false;
+        self.state_write_scheduled = false;
     }
 
     /// Makes the session final, frees its tenant slot and queues the final
@@ -235,7 +239,7 @@ impl Handler<Touch> for SessionActor {
     }
 }
 
-/// Writes pending activity timestamps now (graceful shutdown).
+/// Writes a pending coalesced session record now (graceful shutdown).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct FlushActivity;
@@ -244,7 +248,7 @@ impl Handler<FlushActivity> for SessionActor {
     type Result = ();
 
     fn handle(&mut self, _: FlushActivity, _: &mut Context<Self>) {
-        self.write_activity();
+        self.write_state();
     }
 }
 
@@ -330,24 +334,27 @@ impl Handler<RecordTool> for SessionActor {
 
     fn handle(
         &mut self,
-        RecordTool(execution): RecordTool,
+        RecordTool(mut execution): RecordTool,
         ctx: &mut Context<Self>,
     ) -> Self::Result {
         self.session.ensure_live()?;
         let now = self.shared.clock.now();
+        execution.recorded_at = now;
         self.session.record_execution(&execution, now);
         self.arm(ctx);
+        // Only the execution is written now (and waited for under sync); the
+        // session record, whose counters it implies, is written coalesced.
+        // Reading a session from disk replays executions past its record's
+        // count, so an acknowledged execution is never lost from the counts.
         let seq = self.session.tool_execution_count;
-        let ops = vec![
-            WriteOp::put_execution(
-                self.session.tenant_id,
-                &self.session.session_id,
-                seq,
-                &execution,
-            ),
-            WriteOp::put_session(&self.session),
-        ];
-        let durable = self.shared.write_behind.submit(ops, self.sync());
+        let op = WriteOp::put_execution(
+            self.session.tenant_id,
+            &self.session.session_id,
+            seq,
+            &execution,
+        );
+        let durable = self.shared.write_behind.submit(vec![op], self.sync());
+        self.schedule_state_write(ctx);
         Ok(Ack {
             value: seq,
             durable,

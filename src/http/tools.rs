@@ -112,6 +112,8 @@ fn build(fields: ExecutionFields) -> Result<ToolExecution, ApiError> {
         duration_ms: duration(fields.duration_ms)?,
         tokens_used: fields.tokens_used.unwrap_or(0),
         executed_at: fields.executed_at.unwrap_or_else(now_ms),
+        // Set by the session actor from the engine's clock.
+        recorded_at: 0,
     })
 }
 

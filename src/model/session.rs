@@ -583,6 +583,7 @@ pub(crate) mod tests {
             duration_ms: 10,
             tokens_used: 5,
             executed_at: 1,
+            recorded_at: 1,
         };
         s.record_execution(&call, 1);
         call.error = Some("boom".into());

@@ -23,6 +23,9 @@ pub struct ToolExecution {
     pub tokens_used: u64,
     /// When the call happened (the caller's timestamp, or arrival).
     pub executed_at: Millis,
+    /// When the engine recorded it (server clock); replayed as the
+    /// activity time when a session is rebuilt from its executions.
+    pub recorded_at: Millis,
 }
 
 /// Counters for one tool within one session.

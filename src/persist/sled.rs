@@ -71,10 +71,35 @@ impl Store {
         let key = keys::session(tenant, session_id);
         match self.tree.get(&key)? {
             None => Ok(None),
-            Some(bytes) => record::decode(&bytes)
-                .map(Some)
-                .map_err(|e| corrupt(&key, e)),
+            Some(bytes) => self.decode_session(&key, &bytes).map(Some),
         }
+    }
+
+    /// Decodes a session record and brings a live one up to date.
+    ///
+    /// A live session's record is written coalesced, while each tool
+    /// execution is written (and acknowledged) on its own; executions
+    /// numbered past the record's count are replayed onto it here.
+    fn decode_session(&self, key: &[u8], bytes: &[u8]) -> Result<Session, StoreError> {
+        let mut session: Session = record::decode(bytes).map_err(|e| corrupt(key, e))?;
+        if !session.status.is_final() {
+            let prefix = keys::executions_prefix(session.tenant_id, &session.session_id);
+            let start = keys::execution(
+                session.tenant_id,
+                &session.session_id,
+                session.tool_execution_count + 1,
+            );
+            for item in self.tree.range(start..) {
+                let (key, bytes) = item?;
+                if !key.starts_with(&prefix) {
+                    break;
+                }
+                let execution: ToolExecution =
+                    record::decode(&bytes).map_err(|e| corrupt(&key, e))?;
+                session.record_execution(&execution, execution.recorded_at);
+            }
+        }
+        Ok(session)
     }
 
     /// Whether a session record exists.
@@ -86,7 +111,7 @@ impl Store {
     pub fn all_sessions(&self) -> impl Iterator<Item = Result<Session, StoreError>> + '_ {
         self.tree.scan_prefix(keys::all_sessions()).map(|item| {
             let (key, bytes) = item?;
-            record::decode(&bytes).map_err(|e| corrupt(&key, e))
+            self.decode_session(&key, &bytes)
         })
     }
 
@@ -164,5 +189,79 @@ impl Store {
     pub(crate) fn sync(&self) -> Result<(), StoreError> {
         self.db.flush()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::session::tests::session_at;
+    use crate::persist::WriteOp;
+
+    fn apply(store: &Store, ops: Vec<WriteOp>) {
+        let mut batch = sled::Batch::default();
+        for op in ops {
+            match op {
+                WriteOp::Put { key, value } => batch.insert(key, value),
+                WriteOp::Remove { key } => batch.remove(key),
+            }
+        }
+        store.apply(batch).unwrap();
+    }
+
+    #[test]
+    fn executions_past_the_record_are_replayed_onto_a_live_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let session = session_at(1_000, 3600, 3600);
+        apply(&store, vec![WriteOp::put_session(&session)]);
+        let mut expected = session.clone();
+        for seq in 1..=3u64 {
+            let execution = ToolExecution {
+                tool_name: "grep".into(),
+                tool_id: None,
+                arguments: "null".into(),
+                result: "null".into(),
+                error: (seq == 2).then(|| "boom".to_owned()),
+                duration_ms: seq * 10,
+                tokens_used: 5,
+                executed_at: 2_000,
+                recorded_at: 2_000 + seq as i64,
+            };
+            expected.record_execution(&execution, execution.recorded_at);
+            apply(
+                &store,
+                vec![WriteOp::put_execution(
+                    session.tenant_id,
+                    &session.session_id,
+                    seq,
+                    &execution,
+                )],
+            );
+        }
+        let back = store
+            .session(session.tenant_id, &session.session_id)
+            .unwrap()
+            .unwrap();
+        assert_eq!(back, expected);
+        assert_eq!(
+            (
+                back.tool_execution_count,
+                back.tool_error_count,
+                back.version
+            ),
+            (3, 1, 4)
+        );
+        assert_eq!(back.last_activity_at, 2_003);
+        // A newer record already holding them is not replayed twice.
+        apply(&store, vec![WriteOp::put_session(&expected)]);
+        assert_eq!(
+            store
+                .session(session.tenant_id, &session.session_id)
+                .unwrap()
+                .unwrap(),
+            expected
+        );
+        assert_eq!(store.all_sessions().next().unwrap().unwrap(), expected);
     }
 }
