@@ -179,6 +179,55 @@ async fn cleanup_expires_every_overdue_session_now() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_call_acts_on_an_overdue_session_before_its_timer_fires() {
+    let server = TestServer::start().await;
+    for id in [
+        "late-beat",
+        "late-tool",
+        "late-patch",
+        "late-delete",
+        "late-read",
+    ] {
+        create(&server, id, 60, 3600).await;
+    }
+    // Past the idle timeout on the engine's clock; the real timers are a
+    // minute away, so every answer below comes from the overdue check.
+    server.clock.advance(Duration::from_secs(61));
+    let calls = [
+        (Method::POST, "/api/v1/sessions/late-beat/activity", None),
+        (
+            Method::POST,
+            "/api/v1/sessions/late-tool/tools/execute",
+            Some(json!({"tool_name": "t"})),
+        ),
+        (
+            Method::PATCH,
+            "/api/v1/sessions/late-patch",
+            Some(json!({"initialized": true})),
+        ),
+    ];
+    for (method, path, body) in calls {
+        let (status, body) = server.call(method, path, KEY_A, body).await;
+        assert_eq!(status, StatusCode::GONE, "{path}");
+        assert_eq!(body["code"], "session_expired", "{path}");
+    }
+    let (status, _) = server
+        .call(Method::DELETE, "/api/v1/sessions/late-delete", KEY_A, None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let deleted = get(&server, "late-delete").await;
+    assert_eq!(
+        deleted["status"], "expired",
+        "it had already expired when DELETE came"
+    );
+    let read = get(&server, "late-read").await;
+    assert_eq!(read["status"], "expired");
+    assert_eq!(read["termination_reason"], "idle_timeout");
+    assert_eq!(get(&server, "late-tool").await["tool_execution_count"], 0);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn final_sessions_are_purged_after_retention() {
     let server = TestServer::start_with(
         1000,

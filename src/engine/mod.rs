@@ -67,7 +67,9 @@ pub struct EngineConfig {
     pub data_dir: PathBuf,
     /// Acknowledgement mode.
     pub durability: Durability,
-    /// Longest wait in the write-behind queue.
+    /// Longest a change waits before its batch is written. Split in two:
+    /// an actor coalesces its heartbeats for half of it, and the flusher
+    /// gathers a batch nobody waits on for the other half.
     pub flush_interval: Duration,
     /// Most changes per batch.
     pub max_batch: usize,
@@ -121,6 +123,7 @@ pub(crate) struct Shared {
     /// Changes are acknowledged only once durable (`durability = "sync"`).
     pub(crate) sync_acks: bool,
     pub(crate) idle_after_ms: Millis,
+    /// How long an actor coalesces heartbeat writes.
     pub(crate) flush_interval: Duration,
     pub(crate) clock: Clock,
     directories: HashMap<Uuid, Directory>,
@@ -211,7 +214,7 @@ impl Engine {
         })?;
         let store = Store::open(&config.data_dir, config.cache_capacity_bytes)?;
         let (write_behind, flusher) =
-            WriteBehind::start(store.clone(), config.flush_interval, config.max_batch);
+            WriteBehind::start(store.clone(), half(config.flush_interval), config.max_batch);
         let shards = Shards::start(config.shards);
         let shared = Arc::new(Shared {
             store,
@@ -219,7 +222,7 @@ impl Engine {
             shards,
             sync_acks: config.durability == Durability::Sync,
             idle_after_ms: config.idle_after.as_millis() as Millis,
-            flush_interval: config.flush_interval,
+            flush_interval: half(config.flush_interval),
             clock: config.clock.clone(),
             directories: config
                 .tenants
@@ -236,9 +239,10 @@ impl Engine {
                 let shard = shared.shards.index_of(limits.id.as_bytes());
                 let supervisor_limits = limits.clone();
                 let supervisor_shared = shared.clone();
+                let retention_ms = config.retention.as_millis() as Millis;
                 let supervisor =
                     TenantSupervisor::start_in_arbiter(shared.shards.arbiter(shard), move |_| {
-                        TenantSupervisor::new(supervisor_limits, supervisor_shared)
+                        TenantSupervisor::new(supervisor_limits, supervisor_shared, retention_ms)
                     });
                 (limits.id, TenantHandle { limits, supervisor })
             })
@@ -565,7 +569,11 @@ impl Engine {
                         .as_ref()
                         .map(|(at, id): &(Millis, String)| (*at, id.as_str())),
                 )
-                .take(FAN_OUT.min(query.limit + skip + 1).max(64))
+                .take(
+                    FAN_OUT
+                        .min(query.limit.saturating_add(skip).saturating_add(1))
+                        .max(64),
+                )
                 .collect::<Result<_, _>>()
                 .map_err(storage)?;
             let Some(last) = chunk.last().cloned() else {
@@ -632,14 +640,19 @@ impl Engine {
                     break 'scan;
                 }
                 metrics.total_sessions += 1;
-                metrics.total_tool_executions += session.tool_execution_count;
-                metrics.total_tokens_used += session.total_tokens_used;
+                metrics.total_tool_executions = metrics
+                    .total_tool_executions
+                    .saturating_add(session.tool_execution_count);
+                metrics.total_tokens_used = metrics
+                    .total_tokens_used
+                    .saturating_add(session.total_tokens_used);
                 match session.status {
                     Status::Active => metrics.active_sessions += 1,
                     Status::Idle => metrics.idle_sessions += 1,
                     Status::Expired | Status::Terminated => {}
                 }
-                duration_ms_sum += session.terminated_at.unwrap_or(now) - session.created_at;
+                duration_ms_sum = duration_ms_sum
+                    .saturating_add(session.terminated_at.unwrap_or(now) - session.created_at);
             }
             before = Some(last);
         }
@@ -776,6 +789,11 @@ impl Engine {
     pub(crate) fn supervisors(&self) -> impl Iterator<Item = &Addr<TenantSupervisor>> {
         self.tenants.values().map(|t| &t.supervisor)
     }
+}
+
+/// Half of `d`, at least a millisecond.
+fn half(d: Duration) -> Duration {
+    (d / 2).max(Duration::from_millis(1))
 }
 
 fn matches(session: &Session, query: &ListQuery) -> bool {

@@ -19,6 +19,8 @@ pub struct RecoveryReport {
     pub final_kept: usize,
     /// Records of tenants no longer configured (left untouched).
     pub orphaned: usize,
+    /// Records that could not be read (logged, left untouched).
+    pub unreadable: usize,
 }
 
 enum Found {
@@ -72,7 +74,16 @@ impl Engine {
         });
         let mut report = RecoveryReport::default();
         while let Some(found) = rx.recv().await {
-            match found? {
+            let found = match found {
+                Ok(found) => found,
+                Err(e) => {
+                    // One bad record must not keep every other session down.
+                    tracing::error!(error = %e, "a stored session could not be read; skipped");
+                    report.unreadable += 1;
+                    continue;
+                }
+            };
+            match found {
                 Found::Live(session) => {
                     report.restored += 1;
                     if let Some(supervisor) = self.supervisor(session.tenant_id) {

@@ -109,6 +109,26 @@ impl SessionActor {
         }
     }
 
+    /// Expires the session now if it is overdue and its timer has not fired
+    /// yet (timer slack, a busy mailbox, a jump of the clock): no call may
+    /// act on a session past its `expires_at`.
+    fn expire_if_overdue(&mut self, now: Millis, ctx: &mut Context<Self>) {
+        if matches!(
+            self.session.due(now, self.shared.idle_after_ms),
+            Transition::Expire(_)
+        ) {
+            self.on_deadline(now, ctx);
+        }
+    }
+
+    /// The current time, or the 410 error when the session has ended.
+    fn live(&mut self, ctx: &mut Context<Self>) -> Result<Millis, SessionError> {
+        let now = self.shared.clock.now();
+        self.expire_if_overdue(now, ctx);
+        self.session.ensure_live()?;
+        Ok(now)
+    }
+
     /// Queues the full state; returns a [`Durable`] when `wait` is set.
     fn persist(&self, wait: bool) -> Option<Durable> {
         self.shared
@@ -124,9 +144,16 @@ impl SessionActor {
     /// Records activity; the timestamp reaches disk coalesced, within one
     /// flush interval, without anyone waiting for it.
     fn note_activity(&mut self, now: Millis, ctx: &mut Context<Self>) {
+        let version = self.session.version;
         self.session.touch(now);
         self.arm(ctx);
-        self.schedule_state_write(ctx);
+        if self.session.version != version {
+            // idle -> active is a state change, not just a timestamp: it is
+            // written now rather than coalesced.
+            self.persist(false);
+        } else {
+            self.schedule_state_write(ctx);
+        }
     }
 
     /// Writes the session record once within a flush interval, however many
@@ -206,8 +233,10 @@ pub struct Get;
 impl Handler<Get> for SessionActor {
     type Result = MessageResult<Get>;
 
-    fn handle(&mut self, _: Get, _: &mut Context<Self>) -> Self::Result {
-        MessageResult(self.session.view(self.shared.clock.now()))
+    fn handle(&mut self, _: Get, ctx: &mut Context<Self>) -> Self::Result {
+        let now = self.shared.clock.now();
+        self.expire_if_overdue(now, ctx);
+        MessageResult(self.session.view(now))
     }
 }
 
@@ -219,7 +248,9 @@ pub struct Snapshot;
 impl Handler<Snapshot> for SessionActor {
     type Result = MessageResult<Snapshot>;
 
-    fn handle(&mut self, _: Snapshot, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, _: Snapshot, ctx: &mut Context<Self>) -> Self::Result {
+        let now = self.shared.clock.now();
+        self.expire_if_overdue(now, ctx);
         MessageResult(self.session.clone())
     }
 }
@@ -233,8 +264,8 @@ impl Handler<Touch> for SessionActor {
     type Result = Result<(), SessionError>;
 
     fn handle(&mut self, _: Touch, ctx: &mut Context<Self>) -> Self::Result {
-        self.session.ensure_live()?;
-        self.note_activity(self.shared.clock.now(), ctx);
+        let now = self.live(ctx)?;
+        self.note_activity(now, ctx);
         Ok(())
     }
 }
@@ -266,7 +297,7 @@ impl Handler<Update> for SessionActor {
     type Result = Result<Ack<SessionView>, SessionError>;
 
     fn handle(&mut self, msg: Update, ctx: &mut Context<Self>) -> Self::Result {
-        self.session.ensure_live()?;
+        let now = self.live(ctx)?;
         if let Some(expected) = msg.if_match {
             if expected != self.session.version {
                 return Err(SessionError::VersionMismatch {
@@ -274,7 +305,6 @@ impl Handler<Update> for SessionActor {
                 });
             }
         }
-        let now = self.shared.clock.now();
         self.session.apply_update(msg.update, now);
         self.arm(ctx);
         let durable = self.persist(self.sync());
@@ -294,8 +324,7 @@ impl Handler<Refresh> for SessionActor {
     type Result = Result<Ack<SessionView>, SessionError>;
 
     fn handle(&mut self, _: Refresh, ctx: &mut Context<Self>) -> Self::Result {
-        self.session.ensure_live()?;
-        let now = self.shared.clock.now();
+        let now = self.live(ctx)?;
         self.session.refresh(now);
         self.arm(ctx);
         let durable = self.persist(self.sync());
@@ -315,12 +344,8 @@ impl Handler<Validate> for SessionActor {
     type Result = Result<SessionView, SessionError>;
 
     fn handle(&mut self, _: Validate, ctx: &mut Context<Self>) -> Self::Result {
-        self.session.ensure_live()?;
-        // An overdue session whose timer has not fired yet is not valid.
-        if self.on_deadline(self.shared.clock.now(), ctx) {
-            return Err(SessionError::Expired);
-        }
-        Ok(self.session.view(self.shared.clock.now()))
+        let now = self.live(ctx)?;
+        Ok(self.session.view(now))
     }
 }
 
@@ -337,8 +362,7 @@ impl Handler<RecordTool> for SessionActor {
         RecordTool(mut execution): RecordTool,
         ctx: &mut Context<Self>,
     ) -> Self::Result {
-        self.session.ensure_live()?;
-        let now = self.shared.clock.now();
+        let now = self.live(ctx)?;
         execution.recorded_at = now;
         self.session.record_execution(&execution, now);
         self.arm(ctx);
@@ -375,11 +399,15 @@ impl Handler<Terminate> for SessionActor {
     type Result = ResponseActFuture<Self, Result<(), SessionError>>;
 
     fn handle(&mut self, msg: Terminate, ctx: &mut Context<Self>) -> Self::Result {
+        let now = self.shared.clock.now();
+        // An overdue session has already ended by expiry; DELETE on a final
+        // session is a no-op.
+        self.expire_if_overdue(now, ctx);
         if self.session.status.is_final() {
             return Box::pin(actix::fut::ready(Ok(())));
         }
         let reason = msg.reason.as_deref().unwrap_or(REASON_CLIENT_REQUEST);
-        let durable = self.finish(Status::Terminated, reason, self.shared.clock.now());
+        let durable = self.finish(Status::Terminated, reason, now);
         tracing::info!(session_id = %self.session.session_id, tenant = %self.session.tenant_id, reason, "session terminated");
         if let Some((handle, _)) = self.timer.take() {
             ctx.cancel_future(handle);

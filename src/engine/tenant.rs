@@ -13,7 +13,8 @@ use actix::prelude::*;
 use super::admission::TenantLimits;
 use super::session::SessionActor;
 use super::Shared;
-use crate::model::{Session, SessionError};
+use crate::model::{Millis, Session, SessionError};
+use crate::persist::write_behind::purge_ops;
 use crate::persist::{Durable, WriteOp};
 
 /// The supervisor of one tenant's sessions.
@@ -22,15 +23,18 @@ pub struct TenantSupervisor {
     shared: Arc<Shared>,
     /// Live (non-final) sessions counted against the limit.
     live: usize,
+    /// How long final sessions keep their ids.
+    retention_ms: Millis,
 }
 
 impl TenantSupervisor {
     /// A supervisor for the tenant with `limits`.
-    pub(crate) fn new(limits: TenantLimits, shared: Arc<Shared>) -> Self {
+    pub(crate) fn new(limits: TenantLimits, shared: Arc<Shared>, retention_ms: Millis) -> Self {
         TenantSupervisor {
             limits,
             shared,
             live: 0,
+            retention_ms,
         }
     }
 
@@ -72,26 +76,36 @@ impl Handler<Admit> for TenantSupervisor {
         if directory.contains_key(&*session.session_id) {
             return Err(SessionError::AlreadyExists);
         }
-        if msg.client_chosen_id
-            && self
-                .shared
-                .store
-                .contains_session(self.limits.id, &session.session_id)
-                .map_err(|e| SessionError::Storage(e.to_string()))?
-        {
-            // A final session keeps its id until it is purged.
-            return Err(SessionError::AlreadyExists);
-        }
         if self.live >= self.limits.max_active_sessions {
             return Err(SessionError::TenantLimit {
                 limit: self.limits.max_active_sessions,
             });
         }
+        let mut ops = Vec::new();
+        if msg.client_chosen_id {
+            let storage = |e: crate::persist::StoreError| SessionError::Storage(e.to_string());
+            if let Some(old) = self
+                .shared
+                .store
+                .session(self.limits.id, &session.session_id)
+                .map_err(storage)?
+            {
+                // A final session keeps its id for its retention; past it,
+                // the old record goes (with its executions) in the same batch.
+                let now = self.shared.clock.now();
+                match old.terminated_at {
+                    Some(at) if at + self.retention_ms <= now => {
+                        ops = purge_ops(&self.shared.store, &old).map_err(storage)?;
+                    }
+                    _ => return Err(SessionError::AlreadyExists),
+                }
+            }
+        }
         self.live += 1;
-        let ops = vec![
+        ops.extend([
             WriteOp::index_session(&session),
             WriteOp::put_session(&session),
-        ];
+        ]);
         let durable = self.shared.write_behind.submit(ops, self.shared.sync_acks);
         self.spawn(session, ctx.address());
         Ok(durable)
@@ -149,17 +163,29 @@ impl Handler<ActorStopped> for TenantSupervisor {
         {
             return;
         }
+        // Changes the actor queued before it died may still be in the
+        // write-behind queue: read the store only once they are on disk,
+        // or the restarted actor would reuse an acknowledged execution's
+        // number. Admissions wait meanwhile (a few milliseconds, rarely).
+        let barrier = self.shared.write_behind.barrier();
+        ctx.wait(
+            barrier
+                .into_actor(self)
+                .map(move |_, supervisor, ctx| supervisor.restart(&msg.session_id, ctx)),
+        );
+    }
+}
+
+impl TenantSupervisor {
+    fn restart(&mut self, session_id: &Arc<str>, ctx: &mut Context<Self>) {
         let directory = self.shared.directory(self.limits.id);
-        if directory
-            .get(&*msg.session_id)
-            .is_some_and(|a| a.connected())
-        {
+        if directory.get(&**session_id).is_some_and(|a| a.connected()) {
             return;
         }
-        match self.shared.store.session(self.limits.id, &msg.session_id) {
+        match self.shared.store.session(self.limits.id, session_id) {
             Ok(Some(session)) if !session.status.is_final() => {
                 tracing::error!(
-                    session_id = %msg.session_id,
+                    %session_id,
                     tenant = %self.limits.id,
                     version = session.version,
                     "session actor stopped unexpectedly (panic); restarted from its last durable state"
@@ -171,10 +197,10 @@ impl Handler<ActorStopped> for TenantSupervisor {
             }
             other => {
                 if let Err(e) = &other {
-                    tracing::error!(session_id = %msg.session_id, error = %e, "reading a stopped session's record failed");
+                    tracing::error!(%session_id, error = %e, "reading a stopped session's record failed");
                 }
                 tracing::error!(
-                    session_id = %msg.session_id,
+                    %session_id,
                     tenant = %self.limits.id,
                     "session actor stopped unexpectedly before its first durable write; the session is lost"
                 );

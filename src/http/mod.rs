@@ -38,8 +38,10 @@ pub fn app(state: AppState) -> Router {
         .merge(admin::router())
         .merge(health::router())
         .fallback(|| async { error::ApiError::RouteNotFound })
-        .layer(axum::middleware::from_fn(request_id::track))
+        // Outermost last: `track` wraps the panic catcher, so a panic still
+        // gets the request id, the error body and an access log line.
         .layer(CatchPanicLayer::custom(request_id::panic_response))
+        .layer(axum::middleware::from_fn(request_id::track))
         .with_state(state)
 }
 

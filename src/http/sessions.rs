@@ -29,8 +29,14 @@ const DEFAULT_LIST_LIMIT: usize = 50;
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/api/v1/sessions", post(create).get(list))
-        .route("/api/v1/sessions/active", get(list_active))
-        .route("/api/v1/sessions/metrics", get(tenant_metrics))
+        .route(
+            "/api/v1/sessions/active",
+            get(list_active).patch(reserved_id).delete(reserved_id),
+        )
+        .route(
+            "/api/v1/sessions/metrics",
+            get(tenant_metrics).patch(reserved_id).delete(reserved_id),
+        )
         .route(
             "/api/v1/sessions/{session_id}",
             get(read).patch(update).delete(terminate),
@@ -104,6 +110,14 @@ async fn create(
     let mut response = (StatusCode::CREATED, Json(&view)).into_response();
     set_etag(&mut response, view.version);
     Ok(response)
+}
+
+/// `active` and `metrics` are routes, never session ids.
+async fn reserved_id() -> ApiError {
+    invalid(
+        "session_id",
+        "session_id must not be a reserved word (active, metrics)",
+    )
 }
 
 fn set_etag(response: &mut Response, version: u64) {
@@ -225,10 +239,13 @@ async fn activity(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// An optional refresh body; token rotation comes with session tokens.
+/// An optional refresh body.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RefreshBody {
+    /// Token rotation needs session tokens, which this server does not
+    /// issue yet: any refresh token presented is one it never issued.
+    refresh_token: Option<String>,
     #[serde(rename = "tenant_id")]
     _tenant_id: Option<IgnoredAny>,
 }
@@ -237,8 +254,12 @@ async fn refresh(
     State(state): State<AppState>,
     Tenant(key): Tenant,
     SessionId(id): SessionId,
-    OptionalJsonBody(_body): OptionalJsonBody<RefreshBody>,
+    OptionalJsonBody(body): OptionalJsonBody<RefreshBody>,
 ) -> Result<Response, ApiError> {
+    if body.is_some_and(|b| b.refresh_token.is_some()) {
+        tracing::warn!(reason = "unknown refresh token", "authentication failed");
+        return Err(ApiError::Unauthorized);
+    }
     let view = state.engine.refresh(key.tenant_id, &id).await?;
     let mut response = Json(&view).into_response();
     set_etag(&mut response, view.version);

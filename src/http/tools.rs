@@ -87,6 +87,18 @@ fn duration(value: Option<f64>) -> Result<u64, ApiError> {
     }
 }
 
+/// Tokens fit a signed 64-bit column (the PostgreSQL tier's BIGINT).
+fn tokens(value: Option<u64>) -> Result<u64, ApiError> {
+    match value {
+        None => Ok(0),
+        Some(n) if n <= i64::MAX as u64 => Ok(n),
+        Some(_) => Err(invalid(
+            "tokens_used",
+            "tokens_used must be at most 9223372036854775807",
+        )),
+    }
+}
+
 struct ExecutionFields {
     tool_name: String,
     tool_id: Option<String>,
@@ -110,7 +122,7 @@ fn build(fields: ExecutionFields) -> Result<ToolExecution, ApiError> {
         result: payload("result", fields.result)?,
         error: error_text(fields.error)?,
         duration_ms: duration(fields.duration_ms)?,
-        tokens_used: fields.tokens_used.unwrap_or(0),
+        tokens_used: tokens(fields.tokens_used)?,
         executed_at: fields.executed_at.unwrap_or_else(now_ms),
         // Set by the session actor from the engine's clock.
         recorded_at: 0,

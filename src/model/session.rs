@@ -118,7 +118,8 @@ pub const REASON_TTL_EXPIRED: &str = "ttl_expired";
 /// Termination reason when a DELETE gives none.
 pub const REASON_CLIENT_REQUEST: &str = "client_request";
 
-/// Fraction of the lifetime after which `should_refresh` turns true.
+/// Fraction of the lifetime (the ttl, counted from creation or the last
+/// refresh) after which `should_refresh` turns true.
 const REFRESH_AFTER_FRACTION: f64 = 0.8;
 
 /// The whole state of one session: what the actor owns and what sled stores.
@@ -341,7 +342,6 @@ impl Session {
     pub fn view(&self, now: Millis) -> SessionView {
         let expires_at = self.expires_at();
         let end = self.terminated_at.unwrap_or(now);
-        let lifetime = (expires_at - self.lifetime_start).max(1) as f64;
         SessionView {
             id: self.id,
             session_id: self.session_id.to_string(),
@@ -376,7 +376,8 @@ impl Session {
             is_expired: self.status == Status::Expired
                 || (!self.status.is_final() && now >= expires_at),
             should_refresh: !self.status.is_final()
-                && (now - self.lifetime_start) as f64 >= REFRESH_AFTER_FRACTION * lifetime,
+                && (now - self.lifetime_start) as f64
+                    >= REFRESH_AFTER_FRACTION * secs(self.ttl_seconds) as f64,
         }
     }
 }
@@ -599,6 +600,13 @@ pub(crate) mod tests {
         assert_eq!(s.tools.len(), 1);
         assert_eq!((s.tools[0].count, s.tools[0].errors), (2, 1));
         assert_eq!(s.version, 3);
+    }
+
+    #[test]
+    fn should_refresh_follows_the_ttl_not_the_idle_deadline() {
+        let s = session_at(0, 1800, 86_400);
+        assert!(!s.view(3_600_000).should_refresh);
+        assert!(s.view(69_120_000).should_refresh);
     }
 
     #[test]

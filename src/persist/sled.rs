@@ -102,11 +102,6 @@ impl Store {
         Ok(session)
     }
 
-    /// Whether a session record exists.
-    pub fn contains_session(&self, tenant: Uuid, session_id: &str) -> Result<bool, StoreError> {
-        Ok(self.tree.contains_key(keys::session(tenant, session_id))?)
-    }
-
     /// Every stored session, for recovery and purging.
     pub fn all_sessions(&self) -> impl Iterator<Item = Result<Session, StoreError>> + '_ {
         self.tree.scan_prefix(keys::all_sessions()).map(|item| {
