@@ -505,16 +505,16 @@ impl Engine {
         session_id: &str,
         limit: usize,
     ) -> Result<Vec<ToolExecution>, SessionError> {
-        if self.snapshot(tenant, session_id).await?.is_none() {
+        let Some(session) = self.snapshot(tenant, session_id).await? else {
             return Err(SessionError::NotFound);
-        }
+        };
         if !self.shared.sync_acks {
             // Acknowledged-from-memory executions may still be queued.
             self.flush().await?;
         }
         self.shared
             .store
-            .executions(tenant, session_id, limit)
+            .executions(session.id, limit)
             .map_err(storage)
     }
 

@@ -371,12 +371,7 @@ impl Handler<RecordTool> for SessionActor {
         // Reading a session from disk replays executions past its record's
         // count, so an acknowledged execution is never lost from the counts.
         let seq = self.session.tool_execution_count;
-        let op = WriteOp::put_execution(
-            self.session.tenant_id,
-            &self.session.session_id,
-            seq,
-            &execution,
-        );
+        let op = WriteOp::put_execution(self.session.id, seq, &execution);
         let durable = self.shared.write_behind.submit(vec![op], self.sync());
         self.schedule_state_write(ctx);
         Ok(Ack {

@@ -2,11 +2,12 @@
 //! content type, syntax, unknown fields, field errors), session ids in the
 //! path, and the caller's key.
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, FromRequestParts, Path, Request};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use bytes::BytesMut;
+use http_body_util::BodyExt;
 use serde::de::DeserializeOwned;
 
 use super::error::{invalid, ApiError};
@@ -33,24 +34,44 @@ fn is_json(headers: &HeaderMap) -> bool {
     mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
 }
 
+/// How much of an oversized body is read and discarded before answering 413.
+/// Answering while the client is still sending makes many clients report a
+/// broken connection instead of the 413; past this, the connection is closed.
+const MAX_DRAIN_BYTES: usize = 1024 * 1024;
+
 async fn read_body(request: Request) -> Result<Bytes, ApiError> {
     let declared = request
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    let mut body = request.into_body();
     if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        drain(&mut body, 0).await;
         return Err(ApiError::PayloadTooLarge);
     }
-    match Limited::new(request.into_body(), MAX_BODY_BYTES)
-        .collect()
-        .await
-    {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(ApiError::PayloadTooLarge),
-        Err(e) => Err(ApiError::InvalidJson(format!(
-            "reading the body failed: {e}"
-        ))),
+    let mut bytes = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame =
+            frame.map_err(|e| ApiError::InvalidJson(format!("reading the body failed: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            if bytes.len() + data.len() > MAX_BODY_BYTES {
+                drain(&mut body, bytes.len() + data.len()).await;
+                return Err(ApiError::PayloadTooLarge);
+            }
+            bytes.extend_from_slice(&data);
+        }
+    }
+    Ok(bytes.freeze())
+}
+
+/// Reads and discards the rest of a body, up to [`MAX_DRAIN_BYTES`].
+async fn drain(body: &mut Body, mut seen: usize) {
+    while seen <= MAX_DRAIN_BYTES {
+        match body.frame().await {
+            Some(Ok(frame)) => seen += frame.data_ref().map_or(0, |d| d.len()),
+            _ => return,
+        }
     }
 }
 

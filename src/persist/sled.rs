@@ -83,12 +83,8 @@ impl Store {
     fn decode_session(&self, key: &[u8], bytes: &[u8]) -> Result<Session, StoreError> {
         let mut session: Session = record::decode(bytes).map_err(|e| corrupt(key, e))?;
         if !session.status.is_final() {
-            let prefix = keys::executions_prefix(session.tenant_id, &session.session_id);
-            let start = keys::execution(
-                session.tenant_id,
-                &session.session_id,
-                session.tool_execution_count + 1,
-            );
+            let prefix = keys::executions_prefix(session.id);
+            let start = keys::execution(session.id, session.tool_execution_count + 1);
             for item in self.tree.range(start..) {
                 let (key, bytes) = item?;
                 if !key.starts_with(&prefix) {
@@ -129,17 +125,17 @@ impl Store {
         })
     }
 
-    /// A session's executions, newest first, at most `limit`.
+    /// The executions of the session with row id `session_row`, newest
+    /// first, at most `limit`.
     pub fn executions(
         &self,
-        tenant: Uuid,
-        session_id: &str,
+        session_row: Uuid,
         limit: usize,
     ) -> Result<Vec<ToolExecution>, StoreError> {
         let mut out = Vec::with_capacity(limit.min(128));
         for item in self
             .tree
-            .scan_prefix(keys::executions_prefix(tenant, session_id))
+            .scan_prefix(keys::executions_prefix(session_row))
             .rev()
             .take(limit)
         {
@@ -168,13 +164,9 @@ impl Store {
     }
 
     /// Keys of a session's executions, for purging.
-    pub(crate) fn execution_keys(
-        &self,
-        tenant: Uuid,
-        session_id: &str,
-    ) -> Result<Vec<sled::IVec>, StoreError> {
+    pub(crate) fn execution_keys(&self, session_row: Uuid) -> Result<Vec<sled::IVec>, StoreError> {
         self.tree
-            .scan_prefix(keys::executions_prefix(tenant, session_id))
+            .scan_prefix(keys::executions_prefix(session_row))
             .keys()
             .map(|k| k.map_err(StoreError::from))
             .collect()
@@ -226,12 +218,7 @@ mod tests {
             expected.record_execution(&execution, execution.recorded_at);
             apply(
                 &store,
-                vec![WriteOp::put_execution(
-                    session.tenant_id,
-                    &session.session_id,
-                    seq,
-                    &execution,
-                )],
+                vec![WriteOp::put_execution(session.id, seq, &execution)],
             );
         }
         let back = store

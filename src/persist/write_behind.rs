@@ -73,15 +73,10 @@ impl WriteOp {
         }
     }
 
-    /// Appends execution number `seq` of a session.
-    pub fn put_execution(
-        tenant: Uuid,
-        session_id: &str,
-        seq: u64,
-        execution: &ToolExecution,
-    ) -> Self {
+    /// Appends execution number `seq` of the session with row id `session_row`.
+    pub fn put_execution(session_row: Uuid, seq: u64, execution: &ToolExecution) -> Self {
         WriteOp::Put {
-            key: keys::execution(tenant, session_id, seq),
+            key: keys::execution(session_row, seq).to_vec(),
             value: record::encode(execution),
         }
     }
@@ -334,7 +329,7 @@ pub fn purge_ops(store: &Store, session: &Session) -> Result<Vec<WriteOp>, Store
             ),
         },
     ];
-    for key in store.execution_keys(session.tenant_id, &session.session_id)? {
+    for key in store.execution_keys(session.id)? {
         ops.push(WriteOp::Remove { key: key.to_vec() });
     }
     Ok(ops)
