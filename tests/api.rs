@@ -1094,3 +1094,56 @@ async fn edge_mcp_compatibility() {
     assert_eq!(ended["termination_reason"], "client_request");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_durability_answers_from_memory_and_reads_see_every_change() {
+    let server =
+        TestServer::start_with_storage(1000, "durability = \"async\"\nflush_interval_ms = 200", "")
+            .await;
+    for i in 0..20 {
+        let (status, _) = server
+            .call(
+                Method::POST,
+                "/api/v1/sessions",
+                KEY_A,
+                Some(create_body(&format!("a-{i}"))),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED);
+        let body = json!({"tool_name": "t", "tokens_used": 3});
+        let (status, _) = server
+            .call(
+                Method::POST,
+                &format!("/api/v1/sessions/a-{i}/tools/execute"),
+                KEY_A,
+                Some(body),
+            )
+            .await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+    }
+    // Lists and executions come from the store: they wait for the queue.
+    let (_, list) = server
+        .call(Method::GET, "/api/v1/sessions?limit=100", KEY_A, None)
+        .await;
+    assert_eq!(list["count"], 20);
+    let (_, executions) = server
+        .call(
+            Method::GET,
+            "/api/v1/sessions/a-7/tools/executions",
+            KEY_A,
+            None,
+        )
+        .await;
+    assert_eq!(executions["count"], 1);
+    let (_, metrics) = server
+        .call(Method::GET, "/api/v1/sessions/metrics", KEY_A, None)
+        .await;
+    assert_eq!(
+        (
+            metrics["total_sessions"].as_u64(),
+            metrics["total_tokens_used"].as_u64()
+        ),
+        (Some(20), Some(60))
+    );
+    server.stop().await;
+}

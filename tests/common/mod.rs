@@ -82,8 +82,19 @@ impl TestServer {
     }
 
     pub async fn start_with(limit_a: usize, extra: &str) -> Self {
+        Self::start_with_storage(limit_a, "", extra).await
+    }
+
+    /// A server with `storage` lines added to `[storage]`.
+    pub async fn start_with_storage(limit_a: usize, storage: &str, extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let settings = Settings::from_toml(&config_toml(dir.path(), limit_a, extra)).unwrap();
+        let settings = Settings::from_toml(&config_toml_with_storage(
+            dir.path(),
+            limit_a,
+            storage,
+            extra,
+        ))
+        .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
