@@ -13,7 +13,7 @@ use criterion::{criterion_group, Criterion, Throughput};
 use edge_sessions::engine::{Engine, EngineConfig, NewSession, SessionDefaults, TenantLimits};
 use edge_sessions::model::time::Clock;
 use edge_sessions::model::ToolExecution;
-use edge_sessions::settings::Durability;
+use edge_sessions::settings::{Durability, Placement};
 use futures::stream::{self, StreamExt};
 use uuid::Uuid;
 
@@ -28,6 +28,10 @@ const IN_FLIGHT: usize = 256;
 const WORKING_SET: usize = 1024;
 
 fn start(dir: &std::path::Path, durability: Durability) -> Engine {
+    start_placed(dir, durability, Placement::Session)
+}
+
+fn start_placed(dir: &std::path::Path, durability: Durability, placement: Placement) -> Engine {
     let config = EngineConfig {
         data_dir: dir.to_owned(),
         durability,
@@ -49,6 +53,7 @@ fn start(dir: &std::path::Path, durability: Durability) -> Engine {
             max_idle_timeout_seconds: 86_400,
         }],
         shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        placement,
         clock: Clock::system(),
     };
     Engine::start(config).expect("engine starts")
@@ -200,6 +205,74 @@ fn bench_engine(c: &mut Criterion) {
     }
 }
 
+/// Session placement: spread by session id (the default) against kept on
+/// the tenant's arbiter, one tenant, async durability.
+fn bench_placement(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for (label, placement) in [
+        ("session", Placement::Session),
+        ("tenant", Placement::Tenant),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = start_placed(dir.path(), Durability::Async, placement);
+        runtime.block_on(engine.recover()).unwrap();
+        let ids: Arc<Vec<String>> = Arc::new(runtime.block_on(async {
+            let mut ids = Vec::new();
+            for _ in 0..WORKING_SET {
+                ids.push(
+                    engine
+                        .create(TENANT, new_session(None))
+                        .await
+                        .unwrap()
+                        .session_id,
+                );
+            }
+            ids
+        }));
+        let mut group = c.benchmark_group(format!("placement/{label}"));
+        group.throughput(Throughput::Elements(1));
+        group.sample_size(10);
+        group.measurement_time(Duration::from_secs(4));
+        group.warm_up_time(Duration::from_secs(1));
+        group.bench_function("create/in_flight=256", |b| {
+            b.to_async(&runtime).iter_custom(|iters| {
+                let engine = engine.clone();
+                async move {
+                    drive(iters, IN_FLIGHT, |_| {
+                        let engine = engine.clone();
+                        async move {
+                            engine.create(TENANT, new_session(None)).await.unwrap();
+                        }
+                    })
+                    .await
+                }
+            })
+        });
+        group.bench_function("get/in_flight=256", |b| {
+            b.to_async(&runtime).iter_custom(|iters| {
+                let (engine, ids) = (engine.clone(), ids.clone());
+                async move {
+                    drive(iters, IN_FLIGHT, |i| {
+                        let (engine, ids) = (engine.clone(), ids.clone());
+                        async move {
+                            engine
+                                .get(TENANT, &ids[(i as usize) % ids.len()])
+                                .await
+                                .unwrap();
+                        }
+                    })
+                    .await
+                }
+            })
+        });
+        group.finish();
+        runtime.block_on(engine.shutdown());
+    }
+}
+
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
     let resident: u64 = statm
@@ -257,7 +330,7 @@ fn memory_per_session() {
     });
 }
 
-criterion_group!(benches, bench_engine);
+criterion_group!(benches, bench_engine, bench_placement);
 
 fn main() {
     memory_per_session();

@@ -39,6 +39,29 @@ pub struct Settings {
     pub rate_limits: RateLimitSettings,
     /// `[log]`
     pub log: LogSettings,
+    /// `[engine]`
+    pub engine: EngineSettings,
+}
+
+/// Where a session's actor runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Placement {
+    /// On the arbiter its session id hashes to: one busy tenant uses every core.
+    Session,
+    /// On its tenant's arbiter, next to the supervisor: a create crosses
+    /// one thread instead of two, but a tenant is bound to one core.
+    Tenant,
+}
+
+/// `[engine]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineSettings {
+    /// Actix arbiters (threads running actors); 0 means one per core.
+    pub shards: usize,
+    /// Where session actors run.
+    pub placement: Placement,
 }
 
 /// `[server]`

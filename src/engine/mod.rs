@@ -3,14 +3,16 @@
 //! # Placement
 //!
 //! There is one actix arbiter per core ([`shards`]). Each tenant's
-//! supervisor lives on the arbiter its tenant id hashes to; each session's
-//! actor lives on the arbiter its *session id* hashes to. Spreading sessions
-//! by id rather than keeping them on their tenant's arbiter lets one busy
-//! tenant use every core (a single edge platform is often one big tenant),
-//! while the supervisor is only on the path of creates and releases. The
-//! price is that a create crosses threads twice (handler -> supervisor ->
-//! session arbiter) where tenant placement would cross once; creates are
-//! rarer than the calls on a session, which always take exactly one hop.
+//! supervisor lives on the arbiter its tenant id hashes to; by default each
+//! session's actor lives on the arbiter its *session id* hashes to
+//! (`engine.placement = "session"`). Spreading sessions by id rather than
+//! keeping them on their tenant's arbiter (`"tenant"`) lets one busy tenant
+//! use every core (a single edge platform is often one big tenant), while the
+//! supervisor is only on the path of creates and releases. The price is that
+//! a create crosses threads twice (handler -> supervisor -> session arbiter)
+//! where tenant placement crosses once; creates are rarer than the calls on a
+//! session, which always take exactly one hop. `benches/engine.rs` measures
+//! both with one tenant; the figures are in `docs/benchmarks.md`.
 //!
 //! # The hop
 //!
@@ -51,7 +53,7 @@ use crate::model::time::Clock;
 use crate::model::{ClientType, Millis, Session, SessionError, SessionView, Status, ToolExecution};
 use crate::persist::write_behind::purge_ops;
 use crate::persist::{Durable, Store, StoreError, WriteBehind, WriteBehindStats};
-use crate::settings::{Durability, Settings};
+use crate::settings::{Durability, Placement, Settings};
 
 /// A tenant's live sessions by id: one hop from a request to its actor.
 pub type Directory = DashMap<Arc<str>, Addr<SessionActor>>;
@@ -87,6 +89,8 @@ pub struct EngineConfig {
     pub tenants: Vec<TenantLimits>,
     /// Number of arbiters; the number of cores by default.
     pub shards: usize,
+    /// Where session actors run.
+    pub placement: Placement,
     /// Source of "now" for every deadline.
     pub clock: Clock,
 }
@@ -109,7 +113,11 @@ impl EngineConfig {
                 ttl_seconds: s.default_ttl_seconds,
             },
             tenants,
-            shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            shards: match settings.engine.shards {
+                0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                n => n,
+            },
+            placement: settings.engine.placement,
             clock: Clock::system(),
         }
     }
@@ -120,6 +128,7 @@ pub(crate) struct Shared {
     pub(crate) store: Store,
     pub(crate) write_behind: WriteBehind,
     pub(crate) shards: Shards,
+    pub(crate) placement: Placement,
     /// Changes are acknowledged only once durable (`durability = "sync"`).
     pub(crate) sync_acks: bool,
     pub(crate) idle_after_ms: Millis,
@@ -220,6 +229,7 @@ impl Engine {
             store,
             write_behind,
             shards,
+            placement: config.placement,
             sync_acks: config.durability == Durability::Sync,
             idle_after_ms: config.idle_after.as_millis() as Millis,
             flush_interval: half(config.flush_interval),
@@ -860,6 +870,7 @@ mod tests {
                 max_idle_timeout_seconds: 86_400,
             }],
             shards: 2,
+            placement: Placement::Session,
             clock: Clock::system(),
         }
     }

@@ -16,6 +16,7 @@ use super::Shared;
 use crate::model::{Millis, Session, SessionError};
 use crate::persist::write_behind::purge_ops;
 use crate::persist::{Durable, WriteOp};
+use crate::settings::Placement;
 
 /// The supervisor of one tenant's sessions.
 pub struct TenantSupervisor {
@@ -40,7 +41,10 @@ impl TenantSupervisor {
 
     /// Starts an actor for `session` on its shard and registers it.
     fn spawn(&self, session: Session, me: Addr<TenantSupervisor>) -> Addr<SessionActor> {
-        let shard = self.shared.shards.index_of(session.session_id.as_bytes());
+        let shard = match self.shared.placement {
+            Placement::Session => self.shared.shards.index_of(session.session_id.as_bytes()),
+            Placement::Tenant => self.shared.shards.index_of(self.limits.id.as_bytes()),
+        };
         let id = session.session_id.clone();
         let shared = self.shared.clone();
         let addr = SessionActor::start_in_arbiter(self.shared.shards.arbiter(shard), move |_| {
