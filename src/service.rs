@@ -87,7 +87,9 @@ async fn serve_engine(
 }
 
 fn print_dev_banner(api_key: &str, admin_key: &str, path: &std::path::Path, addr: SocketAddr) {
-    println!(
+    use std::io::Write as _;
+    // Written whole and best effort: a closed stdout must not stop the server.
+    let banner = format!(
         "\nNo tenants configured: using the development tenant kept in {}\n  \
          tenant API key (X-API-Key):  {api_key}\n  \
          admin key     (X-Admin-Key): {admin_key}\n  \
@@ -95,6 +97,7 @@ fn print_dev_banner(api_key: &str, admin_key: &str, path: &std::path::Path, addr
          -H 'Content-Type: application/json' -d '{{\"edge_mcp_id\":\"demo\"}}'\n",
         path.display()
     );
+    let _ = std::io::stdout().lock().write_all(banner.as_bytes());
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -279,3 +279,131 @@ async fn sigterm_flushes_pending_activity_and_exits_zero() {
     );
     server.kill();
 }
+
+#[test]
+fn hash_key_prints_the_sha256_a_config_file_holds() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_edge-sessions"))
+        .args(["hash-key", "abc"])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    assert_eq!(
+        String::from_utf8(output.stdout).unwrap().trim(),
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
+}
+
+#[test]
+fn an_invalid_config_stops_serve_with_one_line_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "[storage]\ndurability = \"sometimes\"\n").unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_edge-sessions"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("storage.durability"), "{stderr}");
+
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_edge-sessions"))
+        .env("EDGE_SESSIONS__SERVER__LISTEN", "not-an-address")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8(output.stderr)
+        .unwrap()
+        .contains("server.listen"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_run_without_tenants_prints_working_development_keys() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("minimal.toml");
+    let data = dir.path().join("data");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\ndata_dir = {:?}\n",
+            data.display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_edge-sessions"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env("EDGE_SESSIONS__LOG__FORMAT", "json")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let keys = std::thread::spawn(move || {
+        let (mut api, mut admin) = (None, None);
+        let mut lines = BufReader::new(stdout).lines().map_while(Result::ok);
+        for line in lines.by_ref() {
+            let last = line.split_whitespace().last().unwrap_or("").to_owned();
+            if line.contains("X-API-Key):") {
+                api = Some(last);
+            } else if line.contains("X-Admin-Key):") {
+                admin = Some(last);
+            }
+            if api.is_some() && admin.is_some() {
+                break;
+            }
+        }
+        // Keep reading so the child's stdout stays open.
+        std::thread::spawn(move || lines.for_each(drop));
+        (api.unwrap(), admin.unwrap())
+    });
+    let addr = std::thread::spawn(move || {
+        let mut lines = BufReader::new(stderr).lines().map_while(Result::ok);
+        while let Some(line) = lines.next() {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                if v["message"] == "listening" {
+                    let addr = v["addr"].as_str().unwrap().to_owned();
+                    std::thread::spawn(move || lines.for_each(drop));
+                    return addr;
+                }
+            }
+        }
+        panic!("no listening line (stderr ended)");
+    });
+    let (api_key, admin_key) = tokio::task::spawn_blocking(move || keys.join().unwrap())
+        .await
+        .unwrap();
+    let addr = tokio::task::spawn_blocking(move || addr.join().unwrap())
+        .await
+        .unwrap();
+    let base = format!("http://{addr}");
+    let client = client();
+    wait_ready(&client, &base).await;
+    assert!(api_key.starts_with("esk_dev_") && admin_key.starts_with("esa_dev_"));
+    let (status, _) = call(
+        &client,
+        &base,
+        Method::POST,
+        "/api/v1/sessions",
+        &api_key,
+        Some(json!({"edge_mcp_id": "demo"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, _) = call(
+        &client,
+        &base,
+        Method::POST,
+        "/admin/sessions/cleanup",
+        &admin_key,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(data.join("dev-credentials.toml").exists());
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

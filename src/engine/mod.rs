@@ -390,7 +390,16 @@ impl Engine {
             })
             .await
             .map_err(|_| SessionError::Unavailable)??;
-        settle(durable).await?;
+        if let Err(e) = settle(durable).await {
+            // The client is told the create failed, so the session must not
+            // live on: end it, which also frees its slot.
+            if let Some(addr) = self.shared.directory(tenant).get(view.session_id.as_str()) {
+                addr.do_send(session::Terminate {
+                    reason: Some("storage_failure".into()),
+                });
+            }
+            return Err(e);
+        }
         Ok(view)
     }
 
@@ -887,6 +896,32 @@ mod tests {
             executed_at: 0,
             recorded_at: 0,
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nothing_is_served_before_recovery_finishes() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::start(config(dir.path())).unwrap();
+        assert!(!engine.is_ready());
+        let request = NewSession {
+            edge_mcp_id: "e".into(),
+            ..NewSession::default()
+        };
+        assert_eq!(
+            engine
+                .create(Uuid::nil(), request.clone())
+                .await
+                .unwrap_err(),
+            SessionError::Unavailable
+        );
+        assert_eq!(
+            engine.get(Uuid::nil(), "x").await.unwrap_err(),
+            SessionError::Unavailable
+        );
+        engine.recover().await.unwrap();
+        assert!(engine.is_ready());
+        assert!(engine.create(Uuid::nil(), request).await.is_ok());
+        engine.shutdown().await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
