@@ -478,12 +478,27 @@ impl Engine {
         }
     }
 
-    /// A heartbeat.
-    pub async fn touch(&self, tenant: Uuid, session_id: &str) -> Result<(), SessionError> {
-        match self.ask(tenant, session_id, session::Touch).await? {
+    /// Sends `msg` to a session that must be live; answers its reply.
+    async fn ask_live<M, T>(
+        &self,
+        tenant: Uuid,
+        session_id: &str,
+        msg: M,
+    ) -> Result<T, SessionError>
+    where
+        M: Message<Result = Result<T, SessionError>> + Send + 'static,
+        T: Send + 'static,
+        SessionActor: Handler<M>,
+    {
+        match self.ask(tenant, session_id, msg).await? {
             Some(result) => result,
             None => Err(self.not_live(tenant, session_id)),
         }
+    }
+
+    /// A heartbeat.
+    pub async fn touch(&self, tenant: Uuid, session_id: &str) -> Result<(), SessionError> {
+        self.ask_live(tenant, session_id, session::Touch).await
     }
 
     /// Checks that a session is live.
@@ -492,10 +507,7 @@ impl Engine {
         tenant: Uuid,
         session_id: &str,
     ) -> Result<SessionView, SessionError> {
-        match self.ask(tenant, session_id, session::Validate).await? {
-            Some(result) => result,
-            None => Err(self.not_live(tenant, session_id)),
-        }
+        self.ask_live(tenant, session_id, session::Validate).await
     }
 
     /// Ends a session; a final one is left as it is.

@@ -286,25 +286,34 @@ struct ListParams {
     offset: Option<String>,
 }
 
+/// Parses an optional filter; empty counts as absent.
+fn filter<T>(
+    field: &str,
+    raw: Option<&str>,
+    parse: fn(&str) -> Option<T>,
+    allowed: &str,
+) -> Result<Option<T>, ApiError> {
+    match raw {
+        None | Some("") => Ok(None),
+        Some(text) => parse(text)
+            .map(Some)
+            .ok_or_else(|| invalid(field, format!("{field} must be one of {allowed}"))),
+    }
+}
+
 fn list_query(params: ListParams) -> Result<ListQuery, ApiError> {
-    let status = match params.status.as_deref() {
-        None | Some("") => None,
-        Some(text) => Some(Status::parse(text).ok_or_else(|| {
-            invalid(
-                "status",
-                "status must be one of active, idle, expired, terminated",
-            )
-        })?),
-    };
-    let client_type = match params.client_type.as_deref() {
-        None | Some("") => None,
-        Some(text) => Some(ClientType::parse(text).ok_or_else(|| {
-            invalid(
-                "client_type",
-                "client_type must be one of claude-code, ide, agent, cli",
-            )
-        })?),
-    };
+    let status = filter(
+        "status",
+        params.status.as_deref(),
+        Status::parse,
+        "active, idle, expired, terminated",
+    )?;
+    let client_type = filter(
+        "client_type",
+        params.client_type.as_deref(),
+        ClientType::parse,
+        "claude-code, ide, agent, cli",
+    )?;
     let offset = match params.offset.as_deref() {
         None => 0,
         Some(text) => text
