@@ -428,13 +428,12 @@ impl Handler<ExpireIfDue> for SessionActor {
     type Result = bool;
 
     fn handle(&mut self, _: ExpireIfDue, ctx: &mut Context<Self>) -> bool {
-        if self.session.status.is_final() {
-            return false;
+        // Nothing due is the common case: the timer stays as it is.
+        let now = self.shared.clock.now();
+        match self.session.due(now, self.shared.idle_after_ms) {
+            Transition::None => false,
+            Transition::BecomeIdle | Transition::Expire(_) => self.on_deadline(now, ctx),
         }
-        if let Some((handle, _)) = self.timer.take() {
-            ctx.cancel_future(handle);
-        }
-        self.on_deadline(self.shared.clock.now(), ctx)
     }
 }
 

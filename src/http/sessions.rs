@@ -106,7 +106,7 @@ async fn create(
         idle_timeout: body.idle_timeout,
     };
     let view = state.engine.create(key.tenant_id, request).await?;
-    tracing::info!(session_id = %view.session_id, tenant = %key.tenant_id, client_type = view.client_type, "session created");
+    tracing::debug!(session_id = %view.session_id, tenant = %key.tenant_id, client_type = view.client_type, "session created");
     let mut response = (StatusCode::CREATED, Json(&view)).into_response();
     set_etag(&mut response, view.version);
     Ok(response)
