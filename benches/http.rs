@@ -123,7 +123,7 @@ async fn bench(durability: &str) {
     };
     let setup = run_phase("create (setup)", SESSIONS as u64, &create).await;
     let ids = Arc::new((0..SESSIONS).map(|i| format!("s-{i}")).collect::<Vec<_>>());
-    let phases = vec![
+    let phases = [
         setup,
         run_phase("create", REQUESTS / 4, |i| create(SESSIONS as u64 + i)).await,
         run_phase("get", REQUESTS, |i| {
