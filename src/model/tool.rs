@@ -92,7 +92,7 @@ impl DurationStats {
     }
 
     /// The `q`-quantile (0 < q <= 1): the representative value of the bucket
-    /// holding it, never above the exact maximum.
+    /// holding it, or the exact maximum when that is the highest bucket.
     pub fn quantile(&self, q: f64) -> u64 {
         let total = self.count();
         if total == 0 {
@@ -100,10 +100,16 @@ impl DurationStats {
         }
         let rank = ((q * total as f64).ceil() as u64).clamp(1, total);
         let mut seen = 0u64;
-        for &(bucket, count) in &self.buckets {
+        let last = self.buckets.len() - 1;
+        for (i, &(bucket, count)) in self.buckets.iter().enumerate() {
             seen += u64::from(count);
             if seen >= rank {
-                return representative(bucket).min(self.max_ms);
+                // The maximum lies in the highest bucket: use it, exact.
+                return if i == last {
+                    self.max_ms
+                } else {
+                    representative(bucket)
+                };
             }
         }
         self.max_ms
@@ -177,13 +183,22 @@ mod tests {
     }
 
     #[test]
+    fn a_single_sample_is_exact() {
+        let mut stats = DurationStats::default();
+        stats.record(800);
+        assert_eq!(
+            (stats.quantile(0.5), stats.quantile(0.99), stats.max()),
+            (800, 800, 800)
+        );
+    }
+
+    #[test]
     fn stays_small_for_repeated_values() {
         let mut stats = DurationStats::default();
         for _ in 0..10_000 {
             stats.record(42);
         }
         assert_eq!(stats.buckets.len(), 1);
-        let p50 = stats.quantile(0.5);
-        assert!((40..=42).contains(&p50), "p50 {p50}");
+        assert_eq!(stats.quantile(0.5), 42, "one bucket: the exact maximum");
     }
 }
