@@ -46,12 +46,11 @@ use uuid::Uuid;
 pub use admission::{NewSession, SessionDefaults, TenantLimits};
 use session::{Ack, SessionActor};
 use shards::Shards;
-use tenant::{Admit, LiveCount, TenantSupervisor};
+use tenant::{Admit, LiveCount, Purge, TenantSupervisor};
 
 use crate::model::session::{SessionMetrics, SessionUpdate};
 use crate::model::time::Clock;
 use crate::model::{ClientType, Millis, Session, SessionError, SessionView, Status, ToolExecution};
-use crate::persist::write_behind::purge_ops;
 use crate::persist::{Durable, Store, StoreError, WriteBehind, WriteBehindStats};
 use crate::settings::{Durability, Placement, Settings};
 
@@ -347,18 +346,27 @@ impl Engine {
             // became final (its record is on disk, so the caller's fallback
             // reads it) or it panicked on this very message.
             Err(_) => match self.stored(tenant, session_id)? {
-                Some(s) if s.status.is_final() => Ok(None),
-                _ => Err(SessionError::Unavailable),
+                Some(s) if !s.status.is_final() => Err(SessionError::Unavailable),
+                _ => Ok(None),
             },
         }
     }
 
-    /// The last durable state of a session.
+    /// The last durable state of a session; a final one past its retention
+    /// is gone even before the sweep deletes it.
     fn stored(&self, tenant: Uuid, session_id: &str) -> Result<Option<Session>, SessionError> {
-        self.shared
+        let session = self
+            .shared
             .store
             .session(tenant, session_id)
-            .map_err(storage)
+            .map_err(storage)?;
+        Ok(session.filter(|s| self.retained(s)))
+    }
+
+    /// Whether a stored session is still readable: live, or final within
+    /// its retention (the sweep deletes it some time after).
+    fn retained(&self, session: &Session) -> bool {
+        retained(session, self.shared.clock.now(), self.retention_ms)
     }
 
     /// The error for a call that needs a live session but found none.
@@ -523,7 +531,9 @@ impl Engine {
         {
             Some(result) => result,
             None => match self.stored(tenant, session_id)? {
-                Some(_) => Ok(()),
+                Some(s) if s.status.is_final() => Ok(()),
+                // Live on disk but without an actor: it is being restarted.
+                Some(_) => Err(SessionError::Unavailable),
                 None => Err(SessionError::NotFound),
             },
         }
@@ -568,10 +578,38 @@ impl Engine {
         tenant: Uuid,
         ids: &[String],
     ) -> Result<Vec<Option<Session>>, SessionError> {
-        join_all(ids.iter().map(|id| self.snapshot(tenant, id)))
-            .await
-            .into_iter()
-            .collect()
+        let live = join_all(ids.iter().map(|id| self.ask(tenant, id, session::Snapshot))).await;
+        let mut out = Vec::with_capacity(ids.len());
+        let mut missing = Vec::new();
+        for (i, answer) in live.into_iter().enumerate() {
+            let answer = answer?;
+            if answer.is_none() {
+                missing.push((i, ids[i].clone()));
+            }
+            out.push(answer);
+        }
+        if missing.is_empty() {
+            return Ok(out);
+        }
+        // Final sessions come from sled: read them off the async workers.
+        let store = self.shared.store.clone();
+        let (now, retention_ms) = (self.shared.clock.now(), self.retention_ms);
+        let found = tokio::task::spawn_blocking(move || {
+            missing
+                .into_iter()
+                .map(|(i, id)| {
+                    let session = store.session(tenant, &id)?;
+                    Ok((i, session.filter(|s| retained(s, now, retention_ms))))
+                })
+                .collect::<Result<Vec<_>, StoreError>>()
+        })
+        .await
+        .map_err(|e| SessionError::Storage(e.to_string()))?
+        .map_err(storage)?;
+        for (i, session) in found {
+            out[i] = session;
+        }
+        Ok(out)
     }
 
     /// A page of a tenant's sessions, newest first.
@@ -721,23 +759,28 @@ impl Engine {
     pub async fn purge(&self) -> Result<usize, SessionError> {
         let cutoff = self.shared.clock.now() - self.retention_ms;
         let store = self.shared.store.clone();
-        let due = tokio::task::spawn_blocking(
-            move || -> Result<Vec<Vec<crate::persist::WriteOp>>, StoreError> {
-                let mut all = Vec::new();
-                for (tenant, id) in store.finished_before(cutoff)? {
-                    if let Some(session) = store.session(tenant, &id)? {
-                        all.push(purge_ops(&store, &session)?);
-                    }
-                }
-                Ok(all)
-            },
-        )
-        .await
-        .map_err(|e| SessionError::Storage(e.to_string()))?
-        .map_err(storage)?;
-        let purged = due.len();
-        for ops in due {
-            self.shared.write_behind.submit(ops, false);
+        let due = tokio::task::spawn_blocking(move || store.finished_before(cutoff))
+            .await
+            .map_err(|e| SessionError::Storage(e.to_string()))?
+            .map_err(storage)?;
+        let mut by_tenant: HashMap<Uuid, Vec<String>> = HashMap::new();
+        for (tenant, id) in due {
+            by_tenant.entry(tenant).or_default().push(id);
+        }
+        // Each tenant's supervisor deletes its own: ordered with its
+        // admissions, a purge can never remove a session re-created under
+        // the same id.
+        let mut purged = 0;
+        for (tenant, session_ids) in by_tenant {
+            if let Some(supervisor) = self.supervisor(tenant) {
+                purged += supervisor
+                    .send(Purge {
+                        session_ids,
+                        cutoff,
+                    })
+                    .await
+                    .map_err(|_| SessionError::Unavailable)?;
+            }
         }
         if purged > 0 {
             self.flush().await?;
@@ -782,6 +825,10 @@ impl Engine {
         for chunk in self.all_actors().chunks(FAN_OUT) {
             join_all(chunk.iter().map(|a| a.send(session::FlushActivity))).await;
         }
+        // Stop the actors first, so no timer writes after the last flush.
+        let shared = self.shared.clone();
+        // Joining threads blocks; keep it off the async workers.
+        let _ = tokio::task::spawn_blocking(move || shared.shards.stop()).await;
         if let Err(e) = settle(Some(self.shared.write_behind.shutdown())).await {
             tracing::error!(error = %e, "final flush failed");
         }
@@ -790,15 +837,9 @@ impl Engine {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        let shared = self.shared.clone();
-        // Joining threads blocks; keep it off the async workers.
-        let _ = tokio::task::spawn_blocking(move || {
-            if let Some(flusher) = flusher {
-                let _ = flusher.join();
-            }
-            shared.shards.stop();
-        })
-        .await;
+        if let Some(flusher) = flusher {
+            let _ = tokio::task::spawn_blocking(move || flusher.join()).await;
+        }
     }
 
     pub(crate) fn mark_ready(&self) {
@@ -820,6 +861,14 @@ impl Engine {
     pub(crate) fn supervisors(&self) -> impl Iterator<Item = &Addr<TenantSupervisor>> {
         self.tenants.values().map(|t| &t.supervisor)
     }
+}
+
+/// Whether `session` is still readable at `now`: live, or final for less
+/// than `retention_ms`.
+fn retained(session: &Session, now: Millis, retention_ms: Millis) -> bool {
+    session
+        .terminated_at
+        .is_none_or(|at| at + retention_ms > now)
 }
 
 /// Half of `d`, at least a millisecond.
@@ -908,6 +957,56 @@ mod tests {
             executed_at: 0,
             recorded_at: 0,
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_purge_never_removes_a_session_recreated_under_the_same_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Clock::system();
+        let engine = Engine::start(EngineConfig {
+            clock: clock.clone(),
+            ..config(dir.path())
+        })
+        .unwrap();
+        engine.recover().await.unwrap();
+        let tenant = Uuid::nil();
+        let request = |id: &str| NewSession {
+            session_id: Some(id.into()),
+            edge_mcp_id: "e".into(),
+            ..NewSession::default()
+        };
+        for round in 0..20 {
+            let id = format!("reused-{round}");
+            engine.create(tenant, request(&id)).await.unwrap();
+            engine.record_tool(tenant, &id, execution()).await.unwrap();
+            engine.terminate(tenant, &id, None).await.unwrap();
+            clock.advance(Duration::from_secs(3601));
+            assert_eq!(
+                engine.get(tenant, &id).await.unwrap_err(),
+                SessionError::NotFound,
+                "past retention it is gone before the sweep runs"
+            );
+            // Race the retention purge against a create of the same id.
+            let (purged, created) =
+                tokio::join!(engine.purge(), engine.create(tenant, request(&id)));
+            purged.unwrap();
+            created.unwrap();
+            engine.record_tool(tenant, &id, execution()).await.unwrap();
+            engine.flush().await.unwrap();
+            let again = engine.purge().await.unwrap();
+            assert_eq!(again, 0, "nothing final is left to purge");
+            let view = engine.get(tenant, &id).await.unwrap();
+            assert_eq!((view.status, view.tool_execution_count), ("active", 1));
+            let stored = engine.shared.store.session(tenant, &id).unwrap().unwrap();
+            assert_eq!(
+                stored.tool_execution_count, 1,
+                "the new session's records survived"
+            );
+            assert_eq!(engine.executions(tenant, &id, 10).await.unwrap().len(), 1);
+            // Free the slot for the next round (the test tenant allows 10).
+            engine.terminate(tenant, &id, None).await.unwrap();
+        }
+        engine.shutdown().await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -35,6 +35,8 @@ pub struct Ack<T> {
 
 /// Timer slack: fire a hair after the deadline so `now >= deadline` holds.
 const TIMER_SLACK: Duration = Duration::from_millis(1);
+/// Wait before writing a final record again after the store failed.
+const FINAL_WRITE_RETRY: Duration = Duration::from_secs(1);
 
 /// The actor owning one live session.
 pub struct SessionActor {
@@ -193,11 +195,35 @@ impl SessionActor {
             ctx.cancel_future(handle);
         }
         ctx.wait(durable.into_actor(self).map(|result, actor, ctx| {
-            if !matches!(result, Ok(Ok(()))) {
-                tracing::error!(session_id = %actor.session.session_id, "final session record was not written");
+            if matches!(result, Ok(Ok(()))) {
+                ctx.stop();
+            } else {
+                actor.retry_final_write(ctx);
             }
-            ctx.stop();
         }));
+    }
+
+    /// The final record did not reach the disk: stay in the directory (the
+    /// final state is served from memory) and write it again later; leaving
+    /// now would make the stale live record on disk the truth.
+    fn retry_final_write(&mut self, ctx: &mut Context<Self>) {
+        tracing::error!(
+            session_id = %self.session.session_id,
+            retry_in_ms = FINAL_WRITE_RETRY.as_millis() as u64,
+            "final session record was not written; retrying"
+        );
+        ctx.run_later(FINAL_WRITE_RETRY, |actor, ctx| {
+            let ops = vec![
+                WriteOp::put_session(&actor.session),
+                WriteOp::index_finished(&actor.session),
+            ];
+            let durable = actor
+                .shared
+                .write_behind
+                .submit(ops, true)
+                .expect("submit with wait=true always returns a receiver");
+            actor.stop_when_durable(durable, ctx);
+        });
     }
 }
 
@@ -211,13 +237,16 @@ impl Actor for SessionActor {
     }
 
     fn stopped(&mut self, ctx: &mut Context<Self>) {
-        let me = ctx.address();
-        self.shared
-            .directory(self.session.tenant_id)
-            .remove_if(&*self.session.session_id, |_, addr| *addr == me);
-        if !self.session.status.is_final() {
+        if self.session.status.is_final() {
+            let me = ctx.address();
+            self.shared
+                .directory(self.session.tenant_id)
+                .remove_if(&*self.session.session_id, |_, addr| *addr == me);
+        } else {
             // Not a normal end: a handler panicked (or the engine is
-            // stopping, which the supervisor ignores).
+            // stopping, which the supervisor ignores). The entry stays, now
+            // disconnected, so the id cannot be taken by a create until the
+            // supervisor has restarted the session or given it up.
             self.supervisor.do_send(ActorStopped {
                 session_id: self.session.session_id.clone(),
             });
@@ -407,14 +436,23 @@ impl Handler<Terminate> for SessionActor {
         if let Some((handle, _)) = self.timer.take() {
             ctx.cancel_future(handle);
         }
-        Box::pin(durable.into_actor(self).map(|result, _, ctx| {
-            ctx.stop();
-            match result {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(SessionError::Storage(e.to_string())),
-                Err(_) => Err(SessionError::Unavailable),
-            }
-        }))
+        Box::pin(
+            durable
+                .into_actor(self)
+                .map(|result, actor, ctx| match result {
+                    Ok(Ok(())) => {
+                        ctx.stop();
+                        Ok(())
+                    }
+                    failed => {
+                        actor.retry_final_write(ctx);
+                        Err(match failed {
+                            Ok(Err(e)) => SessionError::Storage(e.to_string()),
+                            _ => SessionError::Unavailable,
+                        })
+                    }
+                }),
+        )
     }
 }
 

@@ -182,7 +182,17 @@ impl Handler<ActorStopped> for TenantSupervisor {
 
 impl TenantSupervisor {
     fn restart(&mut self, session_id: &Arc<str>, ctx: &mut Context<Self>) {
+        if self
+            .shared
+            .shutting_down
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            return;
+        }
         let directory = self.shared.directory(self.limits.id);
+        // The dead actor's entry stays in the directory until now, so no
+        // create could take the id meanwhile; a connected entry means the
+        // session is already running again.
         if directory.get(&**session_id).is_some_and(|a| a.connected()) {
             return;
         }
@@ -208,9 +218,53 @@ impl TenantSupervisor {
                     tenant = %self.limits.id,
                     "session actor stopped unexpectedly before its first durable write; the session is lost"
                 );
+                directory.remove_if(&**session_id, |_, addr| !addr.connected());
                 self.live = self.live.saturating_sub(1);
             }
         }
+    }
+}
+
+/// Deletes final sessions whose retention ended before `cutoff`, with their
+/// index entries and executions. Runs in the supervisor so it is ordered
+/// with admissions: an id re-created meanwhile is live and left alone.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct Purge {
+    /// Candidates from the by-end-time index.
+    pub session_ids: Vec<String>,
+    /// Sessions that ended before this instant are due.
+    pub cutoff: Millis,
+}
+
+impl Handler<Purge> for TenantSupervisor {
+    type Result = usize;
+
+    fn handle(&mut self, msg: Purge, _: &mut Context<Self>) -> usize {
+        let directory = self.shared.directory(self.limits.id);
+        let mut purged = 0;
+        for id in msg.session_ids {
+            if directory.contains_key(id.as_str()) {
+                continue;
+            }
+            let ops = match self.shared.store.session(self.limits.id, &id) {
+                Ok(Some(old)) if old.terminated_at.is_some_and(|at| at < msg.cutoff) => {
+                    purge_ops(&self.shared.store, &old)
+                }
+                Ok(_) => continue,
+                Err(e) => Err(e),
+            };
+            match ops {
+                Ok(ops) => {
+                    self.shared.write_behind.submit(ops, false);
+                    purged += 1;
+                }
+                Err(e) => {
+                    tracing::error!(session_id = %id, error = %e, "purging a final session failed")
+                }
+            }
+        }
+        purged
     }
 }
 
