@@ -66,24 +66,38 @@ async fn serve_engine(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let recovery = {
-        let engine = engine.clone();
-        tokio::spawn(async move { engine.recover().await })
-    };
-    let sweeper = tokio::spawn(engine.clone().sweep_forever());
+    let addr = listener.local_addr()?;
     let app = http::app(AppState {
         engine: engine.clone(),
         keys: Arc::new(keys),
     });
-    tracing::info!(addr = %listener.local_addr()?, "listening");
-    let served = http::serve(listener, app, shutdown).await;
+    // A failed recovery stops the server: serving 503 forever would hide it.
+    let (recovery_failed, failed) = tokio::sync::oneshot::channel::<()>();
+    let recovery = {
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            let result = engine.recover().await;
+            if result.is_err() {
+                let _ = recovery_failed.send(());
+            }
+            result
+        })
+    };
+    let sweeper = tokio::spawn(engine.clone().sweep_forever());
+    tracing::info!(%addr, "listening");
+    let stop = async move {
+        tokio::select! {
+            () = shutdown => {}
+            Ok(()) = failed => {}
+        }
+    };
+    let served = http::serve(listener, app, stop).await;
     sweeper.abort();
-    match recovery.await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => tracing::error!(error = %e, "recovery failed"),
-        Err(e) => tracing::error!(error = %e, "recovery task failed"),
-    }
-    served.context("serving HTTP")
+    let _ = sweeper.await;
+    let recovered = recovery.await.context("recovery task")?;
+    served.context("serving HTTP")?;
+    recovered.context("recovering sessions from the store")?;
+    Ok(())
 }
 
 fn print_dev_banner(api_key: &str, admin_key: &str, path: &std::path::Path, addr: SocketAddr) {
