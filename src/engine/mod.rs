@@ -57,7 +57,7 @@ use tenant::{Admit, LiveCount, Purge, TenantSupervisor};
 use crate::model::session::{SessionMetrics, SessionUpdate};
 use crate::model::time::Clock;
 use crate::model::{ClientType, Millis, Session, SessionError, SessionView, Status, ToolExecution};
-use crate::persist::{Durable, Store, StoreError, WriteBehind, WriteBehindStats};
+use crate::persist::{Durable, Store, StoreError, WriteBehind, WriteBehindStats, WriteOp};
 use crate::settings::{Durability, Placement, Settings};
 
 /// A tenant's live sessions by id: one hop from a request to its actor.
@@ -305,6 +305,16 @@ impl Engine {
     /// Session actors restarted after a panic.
     pub fn restarts(&self) -> u64 {
         self.shared.restarts.load(Ordering::Relaxed)
+    }
+
+    /// Writes and fsyncs a small probe record: proves the store accepts
+    /// writes now (readiness), not only that nothing failed so far.
+    pub async fn check_writable(&self) -> Result<(), SessionError> {
+        let probe = WriteOp::Put {
+            key: crate::persist::keys::meta("readyz"),
+            value: self.shared.clock.now().to_be_bytes().to_vec(),
+        };
+        settle(self.shared.write_behind.submit(vec![probe], true)).await
     }
 
     /// Resolves when everything changed before this call is durable.

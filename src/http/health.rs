@@ -27,7 +27,7 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
             Json(json!({ "status": "recovering" })),
         );
     }
-    match state.engine.flush().await {
+    match state.engine.check_writable().await {
         Ok(()) => (StatusCode::OK, Json(json!({ "status": "ready" }))),
         Err(_) => (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -10,6 +10,7 @@
 //! | `C` | tenant(16) created_at(8, BE) session_id          | empty            |
 //! | `E` | session row id(16) seq(8, BE)                     | execution record |
 //! | `F` | terminated_at(8, BE) tenant(16) session_id       | empty            |
+//! | `M` | name                                             | engine metadata  |
 //!
 //! `F` lists final sessions by the time they ended, so the retention purge
 //! reads only what is due instead of every record. Executions are keyed by
@@ -25,6 +26,15 @@ const TAG_SESSION: u8 = b'S';
 const TAG_CREATED: u8 = b'C';
 const TAG_EXECUTION: u8 = b'E';
 const TAG_FINISHED: u8 = b'F';
+const TAG_META: u8 = b'M';
+
+/// Key of an engine-wide value (e.g. the readiness probe's last write).
+pub fn meta(name: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(1 + name.len());
+    key.push(TAG_META);
+    key.extend_from_slice(name.as_bytes());
+    key
+}
 
 /// Key of a session record.
 pub fn session(tenant: Uuid, session_id: &str) -> Vec<u8> {
