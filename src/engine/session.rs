@@ -42,7 +42,7 @@ const FINAL_WRITE_RETRY: Duration = Duration::from_secs(1);
 pub struct SessionActor {
     session: Session,
     shared: Arc<Shared>,
-    supervisor: Addr<TenantSupervisor>,
+    supervisor: Arc<Addr<TenantSupervisor>>,
     /// The armed timer and the deadline it is armed for.
     timer: Option<(SpawnHandle, Millis)>,
     /// A coalesced write of the session record is scheduled.
@@ -54,7 +54,7 @@ impl SessionActor {
     pub(crate) fn new(
         session: Session,
         shared: Arc<Shared>,
-        supervisor: Addr<TenantSupervisor>,
+        supervisor: Arc<Addr<TenantSupervisor>>,
     ) -> Self {
         SessionActor {
             session,

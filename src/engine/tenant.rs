@@ -26,6 +26,9 @@ pub struct TenantSupervisor {
     live: usize,
     /// How long final sessions keep their ids.
     retention_ms: Millis,
+    /// This supervisor's address, shared by all its actors: an `Addr` clone
+    /// allocates, an `Arc` clone does not (a saving per live session).
+    me: Option<Arc<Addr<TenantSupervisor>>>,
 }
 
 impl TenantSupervisor {
@@ -36,11 +39,16 @@ impl TenantSupervisor {
             shared,
             live: 0,
             retention_ms,
+            me: None,
         }
     }
 
     /// Starts an actor for `session` on its shard and registers it.
-    fn spawn(&self, session: Session, me: Addr<TenantSupervisor>) -> Addr<SessionActor> {
+    fn spawn(&mut self, session: Session, ctx: &mut Context<Self>) -> Addr<SessionActor> {
+        let me = self
+            .me
+            .get_or_insert_with(|| Arc::new(ctx.address()))
+            .clone();
         let shard = match self.shared.placement {
             Placement::Session => self.shared.shards.index_of(session.session_id.as_bytes()),
             Placement::Tenant => self.shared.shards.index_of(self.limits.id.as_bytes()),
@@ -111,7 +119,7 @@ impl Handler<Admit> for TenantSupervisor {
             WriteOp::put_session(&session),
         ]);
         let durable = self.shared.write_behind.submit(ops, self.shared.sync_acks);
-        self.spawn(session, ctx.address());
+        self.spawn(session, ctx);
         Ok(durable)
     }
 }
@@ -140,7 +148,7 @@ impl Handler<Restore> for TenantSupervisor {
 
     fn handle(&mut self, Restore(session): Restore, ctx: &mut Context<Self>) {
         self.live += 1;
-        self.spawn(session, ctx.address());
+        self.spawn(session, ctx);
     }
 }
 
@@ -207,7 +215,7 @@ impl TenantSupervisor {
                 self.shared
                     .restarts
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                self.spawn(session, ctx.address());
+                self.spawn(session, ctx);
             }
             other => {
                 if let Err(e) = &other {
