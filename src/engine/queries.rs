@@ -1,0 +1,254 @@
+//! Reads across many sessions: a tenant's session list (filters, keyset
+//! pagination newest first, `offset`) and its aggregate metrics. Live
+//! sessions answer from their actors, final ones from sled.
+
+use base64::Engine as _;
+use futures::future::join_all;
+use serde::Serialize;
+use uuid::Uuid;
+
+use super::{retained, session, storage, Engine, FAN_OUT};
+use crate::model::{ClientType, Millis, Session, SessionError, SessionView, Status};
+use crate::persist::StoreError;
+
+/// A page of a session list.
+#[derive(Debug, Clone)]
+pub struct Page {
+    /// The sessions, newest first.
+    pub sessions: Vec<SessionView>,
+    /// Cursor for the next page, when there is one.
+    pub next_cursor: Option<String>,
+}
+
+/// Filters and paging of a session list.
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    /// Only this status.
+    pub status: Option<Status>,
+    /// Only this client type.
+    pub client_type: Option<ClientType>,
+    /// Only this edge-mcp id.
+    pub edge_mcp_id: Option<String>,
+    /// Page size (1–1000, checked by the caller).
+    pub limit: usize,
+    /// Continue after this cursor.
+    pub cursor: Option<String>,
+    /// Skip this many matches (after the cursor).
+    pub offset: usize,
+}
+
+/// A tenant's aggregate figures.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TenantMetrics {
+    /// Sessions now active.
+    pub active_sessions: u64,
+    /// Sessions now idle.
+    pub idle_sessions: u64,
+    /// Sessions (any status) still known, created since `since`.
+    pub total_sessions: u64,
+    /// Tool executions over those sessions.
+    pub total_tool_executions: u64,
+    /// Tokens over those sessions.
+    pub total_tokens_used: u64,
+    /// Mean age (live) or lifetime (final) in minutes.
+    pub avg_session_duration_minutes: f64,
+}
+
+impl Engine {
+    /// Live or stored state of many sessions at once, in order; `None` for
+    /// ids purged in between.
+    async fn snapshots(
+        &self,
+        tenant: Uuid,
+        ids: &[String],
+    ) -> Result<Vec<Option<Session>>, SessionError> {
+        let live = join_all(ids.iter().map(|id| self.ask(tenant, id, session::Snapshot))).await;
+        let mut out = Vec::with_capacity(ids.len());
+        let mut missing = Vec::new();
+        for (i, answer) in live.into_iter().enumerate() {
+            let answer = answer?;
+            if answer.is_none() {
+                missing.push((i, ids[i].clone()));
+            }
+            out.push(answer);
+        }
+        if missing.is_empty() {
+            return Ok(out);
+        }
+        // Final sessions come from sled: read them off the async workers.
+        let store = self.shared.store.clone();
+        let (now, retention_ms) = (self.shared.clock.now(), self.retention_ms);
+        let found = tokio::task::spawn_blocking(move || {
+            missing
+                .into_iter()
+                .map(|(i, id)| {
+                    let session = store.session(tenant, &id)?;
+                    Ok((i, session.filter(|s| retained(s, now, retention_ms))))
+                })
+                .collect::<Result<Vec<_>, StoreError>>()
+        })
+        .await
+        .map_err(|e| SessionError::Storage(e.to_string()))?
+        .map_err(storage)?;
+        for (i, session) in found {
+            out[i] = session;
+        }
+        Ok(out)
+    }
+
+    /// A page of a tenant's sessions, newest first.
+    pub async fn list(&self, tenant: Uuid, query: ListQuery) -> Result<Page, SessionError> {
+        self.ensure_ready()?;
+        self.tenant(tenant)?;
+        if !self.shared.sync_acks {
+            self.flush().await?;
+        }
+        let mut before = match &query.cursor {
+            None => None,
+            Some(cursor) => Some(decode_cursor(cursor).ok_or_else(|| {
+                SessionError::validation("cursor", "cursor is not one this server handed out")
+            })?),
+        };
+        let mut skip = query.offset;
+        let mut page: Vec<Session> = Vec::with_capacity(query.limit.min(FAN_OUT));
+        let mut more = false;
+        'scan: loop {
+            let chunk: Vec<(Millis, String)> = self
+                .shared
+                .store
+                .tenant_ids_newest_first(
+                    tenant,
+                    before
+                        .as_ref()
+                        .map(|(at, id): &(Millis, String)| (*at, id.as_str())),
+                )
+                .take(
+                    FAN_OUT
+                        .min(query.limit.saturating_add(skip).saturating_add(1))
+                        .max(64),
+                )
+                .collect::<Result<_, _>>()
+                .map_err(storage)?;
+            let Some(last) = chunk.last().cloned() else {
+                break;
+            };
+            let ids: Vec<String> = chunk.into_iter().map(|(_, id)| id).collect();
+            for session in self.snapshots(tenant, &ids).await?.into_iter().flatten() {
+                if !matches(&session, &query) {
+                    continue;
+                }
+                if skip > 0 {
+                    skip -= 1;
+                    continue;
+                }
+                if page.len() == query.limit {
+                    more = true;
+                    break 'scan;
+                }
+                page.push(session);
+            }
+            before = Some(last);
+        }
+        let next_cursor = match (more, page.last()) {
+            (true, Some(last)) => Some(encode_cursor(last.created_at, &last.session_id)),
+            _ => None,
+        };
+        let now = self.shared.clock.now();
+        Ok(Page {
+            sessions: page.iter().map(|s| s.view(now)).collect(),
+            next_cursor,
+        })
+    }
+
+    /// A tenant's aggregate figures over sessions created since `since`.
+    pub async fn tenant_metrics(
+        &self,
+        tenant: Uuid,
+        since: Option<Millis>,
+    ) -> Result<TenantMetrics, SessionError> {
+        self.ensure_ready()?;
+        self.tenant(tenant)?;
+        if !self.shared.sync_acks {
+            self.flush().await?;
+        }
+        let since = since.unwrap_or(Millis::MIN);
+        let now = self.shared.clock.now();
+        let mut metrics = TenantMetrics::default();
+        let mut duration_ms_sum: i64 = 0;
+        let mut before: Option<(Millis, String)> = None;
+        'scan: loop {
+            let chunk: Vec<(Millis, String)> = self
+                .shared
+                .store
+                .tenant_ids_newest_first(tenant, before.as_ref().map(|(at, id)| (*at, id.as_str())))
+                .take(FAN_OUT)
+                .collect::<Result<_, _>>()
+                .map_err(storage)?;
+            let Some(last) = chunk.last().cloned() else {
+                break;
+            };
+            let ids: Vec<String> = chunk.into_iter().map(|(_, id)| id).collect();
+            for session in self.snapshots(tenant, &ids).await?.into_iter().flatten() {
+                if session.created_at < since {
+                    break 'scan;
+                }
+                metrics.total_sessions += 1;
+                metrics.total_tool_executions = metrics
+                    .total_tool_executions
+                    .saturating_add(session.tool_execution_count);
+                metrics.total_tokens_used = metrics
+                    .total_tokens_used
+                    .saturating_add(session.total_tokens_used);
+                match session.status {
+                    Status::Active => metrics.active_sessions += 1,
+                    Status::Idle => metrics.idle_sessions += 1,
+                    Status::Expired | Status::Terminated => {}
+                }
+                duration_ms_sum = duration_ms_sum
+                    .saturating_add(session.terminated_at.unwrap_or(now) - session.created_at);
+            }
+            before = Some(last);
+        }
+        if metrics.total_sessions > 0 {
+            metrics.avg_session_duration_minutes =
+                duration_ms_sum as f64 / metrics.total_sessions as f64 / 60_000.0;
+        }
+        Ok(metrics)
+    }
+}
+
+fn matches(session: &Session, query: &ListQuery) -> bool {
+    query.status.is_none_or(|s| s == session.status)
+        && query.client_type.is_none_or(|c| c == session.client_type)
+        && query
+            .edge_mcp_id
+            .as_deref()
+            .is_none_or(|e| e == &*session.edge_mcp_id)
+}
+
+fn encode_cursor(created_at: Millis, session_id: &str) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{created_at}:{session_id}"))
+}
+
+fn decode_cursor(cursor: &str) -> Option<(Millis, String)> {
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(cursor)
+        .ok()?;
+    let text = String::from_utf8(bytes).ok()?;
+    let (at, id) = text.split_once(':')?;
+    Some((at.parse().ok()?, id.to_owned()))
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip() {
+        let c = encode_cursor(1_700_000_000_000, "ses_abc:def");
+        assert_eq!(
+            decode_cursor(&c),
+            Some((1_700_000_000_000, "ses_abc:def".to_owned()))
+        );
+        assert_eq!(decode_cursor("not a cursor!"), None);
+    }
+}
