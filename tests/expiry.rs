@@ -64,8 +64,9 @@ async fn the_idle_timeout_expires_a_quiet_session_by_its_own_timer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeats_hold_off_the_idle_timeout_but_not_the_ttl() {
     let server = TestServer::start().await;
-    create(&server, "beating", 1, 2).await;
-    for _ in 0..6 {
+    create(&server, "beating", 2, 3).await;
+    // Ten beats 250 ms apart outlive the 2 s idle timeout with margin to spare.
+    for _ in 0..10 {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let (status, _) = server
             .call(
@@ -78,7 +79,7 @@ async fn heartbeats_hold_off_the_idle_timeout_but_not_the_ttl() {
         assert_eq!(
             status,
             StatusCode::NO_CONTENT,
-            "kept alive past its 1 s idle timeout"
+            "kept alive past its 2 s idle timeout"
         );
     }
     assert_eq!(get(&server, "beating").await["status"], "active");
