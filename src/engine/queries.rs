@@ -2,6 +2,8 @@
 //! pagination newest first, `offset`) and its aggregate metrics. Live
 //! sessions answer from their actors, final ones from sled.
 
+use std::ops::ControlFlow;
+
 use base64::Engine as _;
 use futures::future::join_all;
 use serde::Serialize;
@@ -98,12 +100,7 @@ impl Engine {
 
     /// A page of a tenant's sessions, newest first.
     pub async fn list(&self, tenant: Uuid, query: ListQuery) -> Result<Page, SessionError> {
-        self.ensure_ready()?;
-        self.tenant(tenant)?;
-        if !self.shared.sync_acks {
-            self.flush().await?;
-        }
-        let mut before = match &query.cursor {
+        let before = match &query.cursor {
             None => None,
             Some(cursor) => Some(decode_cursor(cursor).ok_or_else(|| {
                 SessionError::validation("cursor", "cursor is not one this server handed out")
@@ -112,43 +109,26 @@ impl Engine {
         let mut skip = query.offset;
         let mut page: Vec<Session> = Vec::with_capacity(query.limit.min(FAN_OUT));
         let mut more = false;
-        'scan: loop {
-            let chunk: Vec<(Millis, String)> = self
-                .shared
-                .store
-                .tenant_ids_newest_first(
-                    tenant,
-                    before
-                        .as_ref()
-                        .map(|(at, id): &(Millis, String)| (*at, id.as_str())),
-                )
-                .take(
-                    FAN_OUT
-                        .min(query.limit.saturating_add(skip).saturating_add(1))
-                        .max(64),
-                )
-                .collect::<Result<_, _>>()
-                .map_err(storage)?;
-            let Some(last) = chunk.last().cloned() else {
-                break;
-            };
-            let ids: Vec<String> = chunk.into_iter().map(|(_, id)| id).collect();
-            for session in self.snapshots(tenant, &ids).await?.into_iter().flatten() {
-                if !matches(&session, &query) {
-                    continue;
-                }
-                if skip > 0 {
-                    skip -= 1;
-                    continue;
-                }
-                if page.len() == query.limit {
-                    more = true;
-                    break 'scan;
-                }
-                page.push(session);
+        // One more than the page (plus what is skipped) tells whether a next page exists.
+        let chunk = FAN_OUT
+            .min(query.limit.saturating_add(skip).saturating_add(1))
+            .max(64);
+        self.walk_newest_first(tenant, before, chunk, |session| {
+            if !matches(&session, &query) {
+                return ControlFlow::Continue(());
             }
-            before = Some(last);
-        }
+            if skip > 0 {
+                skip -= 1;
+                return ControlFlow::Continue(());
+            }
+            if page.len() == query.limit {
+                more = true;
+                return ControlFlow::Break(());
+            }
+            page.push(session);
+            ControlFlow::Continue(())
+        })
+        .await?;
         let next_cursor = match (more, page.last()) {
             (true, Some(last)) => Some(encode_cursor(last.created_at, &last.session_id)),
             _ => None,
@@ -166,54 +146,73 @@ impl Engine {
         tenant: Uuid,
         since: Option<Millis>,
     ) -> Result<TenantMetrics, SessionError> {
-        self.ensure_ready()?;
-        self.tenant(tenant)?;
-        if !self.shared.sync_acks {
-            self.flush().await?;
-        }
         let since = since.unwrap_or(Millis::MIN);
         let now = self.shared.clock.now();
         let mut metrics = TenantMetrics::default();
         let mut duration_ms_sum: i64 = 0;
-        let mut before: Option<(Millis, String)> = None;
-        'scan: loop {
-            let chunk: Vec<(Millis, String)> = self
-                .shared
-                .store
-                .tenant_ids_newest_first(tenant, before.as_ref().map(|(at, id)| (*at, id.as_str())))
-                .take(FAN_OUT)
-                .collect::<Result<_, _>>()
-                .map_err(storage)?;
-            let Some(last) = chunk.last().cloned() else {
-                break;
-            };
-            let ids: Vec<String> = chunk.into_iter().map(|(_, id)| id).collect();
-            for session in self.snapshots(tenant, &ids).await?.into_iter().flatten() {
-                if session.created_at < since {
-                    break 'scan;
-                }
-                metrics.total_sessions += 1;
-                metrics.total_tool_executions = metrics
-                    .total_tool_executions
-                    .saturating_add(session.tool_execution_count);
-                metrics.total_tokens_used = metrics
-                    .total_tokens_used
-                    .saturating_add(session.total_tokens_used);
-                match session.status {
-                    Status::Active => metrics.active_sessions += 1,
-                    Status::Idle => metrics.idle_sessions += 1,
-                    Status::Expired | Status::Terminated => {}
-                }
-                duration_ms_sum = duration_ms_sum
-                    .saturating_add(session.terminated_at.unwrap_or(now) - session.created_at);
+        self.walk_newest_first(tenant, None, FAN_OUT, |session| {
+            if session.created_at < since {
+                return ControlFlow::Break(());
             }
-            before = Some(last);
-        }
+            metrics.total_sessions += 1;
+            metrics.total_tool_executions = metrics
+                .total_tool_executions
+                .saturating_add(session.tool_execution_count);
+            metrics.total_tokens_used = metrics
+                .total_tokens_used
+                .saturating_add(session.total_tokens_used);
+            match session.status {
+                Status::Active => metrics.active_sessions += 1,
+                Status::Idle => metrics.idle_sessions += 1,
+                Status::Expired | Status::Terminated => {}
+            }
+            duration_ms_sum = duration_ms_sum
+                .saturating_add(session.terminated_at.unwrap_or(now) - session.created_at);
+            ControlFlow::Continue(())
+        })
+        .await?;
         if metrics.total_sessions > 0 {
             metrics.avg_session_duration_minutes =
                 duration_ms_sum as f64 / metrics.total_sessions as f64 / 60_000.0;
         }
         Ok(metrics)
+    }
+
+    /// Hands a tenant's sessions (live state from actors, final ones from
+    /// sled) to `visit`, newest first and after `before` when given, reading
+    /// `chunk` ids at a time, until `visit` breaks or they run out.
+    async fn walk_newest_first(
+        &self,
+        tenant: Uuid,
+        mut before: Option<(Millis, String)>,
+        chunk: usize,
+        mut visit: impl FnMut(Session) -> ControlFlow<()>,
+    ) -> Result<(), SessionError> {
+        self.ensure_ready()?;
+        self.tenant(tenant)?;
+        if !self.shared.sync_acks {
+            // Creates acknowledged from memory may still be queued.
+            self.flush().await?;
+        }
+        loop {
+            let ids: Vec<(Millis, String)> = self
+                .shared
+                .store
+                .tenant_ids_newest_first(tenant, before.as_ref().map(|(at, id)| (*at, id.as_str())))
+                .take(chunk)
+                .collect::<Result<_, _>>()
+                .map_err(storage)?;
+            let Some(last) = ids.last().cloned() else {
+                return Ok(());
+            };
+            let ids: Vec<String> = ids.into_iter().map(|(_, id)| id).collect();
+            for session in self.snapshots(tenant, &ids).await?.into_iter().flatten() {
+                if visit(session).is_break() {
+                    return Ok(());
+                }
+            }
+            before = Some(last);
+        }
     }
 }
 
