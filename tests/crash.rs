@@ -320,82 +320,49 @@ fn an_invalid_config_stops_serve_with_one_line_naming_the_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_first_run_without_tenants_prints_working_development_keys() {
-    use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("minimal.toml");
     let data = dir.path().join("data");
-    std::fs::write(
-        &path,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\ndata_dir = {:?}\n",
-            data.display().to_string()
-        ),
-    )
-    .unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_edge-sessions"))
-        .args(["serve", "--config"])
-        .arg(&path)
-        .env("EDGE_SESSIONS__LOG__FORMAT", "json")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let keys = std::thread::spawn(move || {
-        let (mut api, mut admin) = (None, None);
-        let mut lines = BufReader::new(stdout).lines().map_while(Result::ok);
-        for line in lines.by_ref() {
-            let last = line.split_whitespace().last().unwrap_or("").to_owned();
-            if line.contains("X-API-Key):") {
-                api = Some(last);
-            } else if line.contains("X-Admin-Key):") {
-                admin = Some(last);
-            }
-            if api.is_some() && admin.is_some() {
-                break;
-            }
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\ndata_dir = {:?}\n",
+        data.display().to_string()
+    );
+    std::fs::write(&path, toml).unwrap();
+    let server = ChildServer::start(&path).await;
+    // The banner is printed before the server listens; give the reader
+    // thread a moment to collect it.
+    let mut printed = Vec::new();
+    for _ in 0..200 {
+        printed = server.stdout.lock().unwrap().clone();
+        if printed.iter().any(|l| l.contains("X-Admin-Key):")) {
+            break;
         }
-        // Keep reading so the child's stdout stays open.
-        std::thread::spawn(move || lines.for_each(drop));
-        (api.unwrap(), admin.unwrap())
-    });
-    let addr = std::thread::spawn(move || {
-        let mut lines = BufReader::new(stderr).lines().map_while(Result::ok);
-        while let Some(line) = lines.next() {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                if v["message"] == "listening" {
-                    let addr = v["addr"].as_str().unwrap().to_owned();
-                    std::thread::spawn(move || lines.for_each(drop));
-                    return addr;
-                }
-            }
-        }
-        panic!("no listening line (stderr ended)");
-    });
-    let (api_key, admin_key) = tokio::task::spawn_blocking(move || keys.join().unwrap())
-        .await
-        .unwrap();
-    let addr = tokio::task::spawn_blocking(move || addr.join().unwrap())
-        .await
-        .unwrap();
-    let base = format!("http://{addr}");
-    let client = client();
-    wait_ready(&client, &base).await;
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let key_after = |label: &str| {
+        let line = printed
+            .iter()
+            .find(|l| l.contains(label))
+            .unwrap_or_else(|| panic!("no {label} in {printed:?}"));
+        line.split_whitespace().last().unwrap().to_owned()
+    };
+    let (api_key, admin_key) = (key_after("X-API-Key):"), key_after("X-Admin-Key):"));
     assert!(api_key.starts_with("esk_dev_") && admin_key.starts_with("esa_dev_"));
+    let client = client();
+    let body = json!({"edge_mcp_id": "demo"});
     let (status, _) = call(
         &client,
-        &base,
+        &server.base,
         Method::POST,
         "/api/v1/sessions",
         &api_key,
-        Some(json!({"edge_mcp_id": "demo"})),
+        Some(body),
     )
     .await;
     assert_eq!(status, StatusCode::CREATED);
     let (status, _) = call(
         &client,
-        &base,
+        &server.base,
         Method::POST,
         "/admin/sessions/cleanup",
         &admin_key,
@@ -404,6 +371,5 @@ async fn a_first_run_without_tenants_prints_working_development_keys() {
     .await;
     assert_eq!(status, StatusCode::OK);
     assert!(data.join("dev-credentials.toml").exists());
-    child.kill().unwrap();
-    child.wait().unwrap();
+    server.kill();
 }

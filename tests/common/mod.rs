@@ -198,10 +198,14 @@ pub struct ChildServer {
     pub child: Child,
     pub base: String,
     pub config: PathBuf,
+    /// Every line the binary printed on stdout so far.
+    pub stdout: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl ChildServer {
-    /// Starts the binary with `config` and waits until it listens and is ready.
+    /// Starts the binary with `config` and waits until it listens and is
+    /// ready. Both output streams are read to the end, so the child never
+    /// blocks on a full pipe or writes to a closed one.
     pub async fn start(config: &Path) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_edge-sessions"))
             .arg("serve")
@@ -209,22 +213,26 @@ impl ChildServer {
             .arg(config)
             .env("EDGE_SESSIONS__LOG__FORMAT", "json")
             .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        let stdout_lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stdout = child.stdout.take().unwrap();
+        let sink = stdout_lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let mut sent = false;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if !sent {
-                    if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                        if v["message"] == "listening" {
-                            let addr: SocketAddr = v["addr"].as_str().unwrap().parse().unwrap();
-                            let _ = tx.send(addr);
-                            sent = true;
-                        }
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    if v["message"] == "listening" {
+                        let addr: SocketAddr = v["addr"].as_str().unwrap().parse().unwrap();
+                        let _ = tx.send(addr);
                     }
                 }
             }
@@ -239,6 +247,7 @@ impl ChildServer {
             child,
             base,
             config: config.to_owned(),
+            stdout: stdout_lines,
         }
     }
 
