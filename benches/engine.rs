@@ -5,11 +5,11 @@
 //!
 //! Run with `cargo bench --bench engine`; figures are printed, not asserted.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, Criterion, Throughput};
+use criterion::measurement::WallTime;
+use criterion::{criterion_group, BenchmarkGroup, Criterion, Throughput};
 use edge_sessions::engine::{Engine, EngineConfig, NewSession, SessionDefaults, TenantLimits};
 use edge_sessions::model::time::Clock;
 use edge_sessions::model::ToolExecution;
@@ -98,106 +98,105 @@ where
     started.elapsed()
 }
 
+/// The operations measured, each a call on one engine.
+#[derive(Clone, Copy)]
+enum Op {
+    Create,
+    ToolExecution,
+    Get,
+    Heartbeat,
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Create => "create",
+            Op::ToolExecution => "tool_execution",
+            Op::Get => "get",
+            Op::Heartbeat => "heartbeat",
+        }
+    }
+
+    /// Call number `i`, on one of `ids` where a session is needed.
+    async fn call(self, engine: &Engine, ids: &[String], i: u64) {
+        let id = &ids[(i as usize) % ids.len()];
+        match self {
+            Op::Create => drop(engine.create(TENANT, new_session(None)).await.unwrap()),
+            Op::ToolExecution => drop(engine.record_tool(TENANT, id, execution(i)).await.unwrap()),
+            Op::Get => drop(engine.get(TENANT, id).await.unwrap()),
+            Op::Heartbeat => engine.touch(TENANT, id).await.unwrap(),
+        }
+    }
+}
+
+/// A recovered engine with a working set of live sessions.
+fn engine_with_sessions(
+    runtime: &tokio::runtime::Runtime,
+    dir: &std::path::Path,
+    durability: Durability,
+    placement: Placement,
+) -> (Engine, Arc<Vec<String>>) {
+    let engine = start_placed(dir, durability, placement);
+    let ids = runtime.block_on(async {
+        engine.recover().await.unwrap();
+        let mut ids = Vec::with_capacity(WORKING_SET);
+        for _ in 0..WORKING_SET {
+            ids.push(
+                engine
+                    .create(TENANT, new_session(None))
+                    .await
+                    .unwrap()
+                    .session_id,
+            );
+        }
+        ids
+    });
+    (engine, Arc::new(ids))
+}
+
+/// Measures `op` with `in_flight` calls at a time.
+fn bench_op(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    runtime: &tokio::runtime::Runtime,
+    engine: &Engine,
+    ids: &Arc<Vec<String>>,
+    op: Op,
+    in_flight: usize,
+) {
+    group.bench_function(format!("{}/in_flight={in_flight}", op.name()), |b| {
+        b.to_async(runtime).iter_custom(|iters| {
+            let (engine, ids) = (engine.clone(), ids.clone());
+            async move { drive(iters, in_flight, |i| op.call(&engine, &ids, i)).await }
+        })
+    });
+}
+
+fn configure(group: &mut BenchmarkGroup<'_, WallTime>) {
+    group.throughput(Throughput::Elements(1));
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(4));
+    group.warm_up_time(Duration::from_secs(1));
+}
+
 fn bench_engine(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-    for durability in [Durability::Async, Durability::Sync] {
-        let label = match durability {
-            Durability::Async => "async",
-            _ => "sync",
-        };
+    for (label, durability) in [("async", Durability::Async), ("sync", Durability::Sync)] {
         let dir = tempfile::tempdir().unwrap();
-        let engine = start(dir.path(), durability);
-        runtime.block_on(engine.recover()).unwrap();
-        let ids: Arc<Vec<String>> = Arc::new(runtime.block_on(async {
-            let mut ids = Vec::new();
-            for _ in 0..WORKING_SET {
-                ids.push(
-                    engine
-                        .create(TENANT, new_session(None))
-                        .await
-                        .unwrap()
-                        .session_id,
-                );
-            }
-            ids
-        }));
-
+        let (engine, ids) =
+            engine_with_sessions(&runtime, dir.path(), durability, Placement::Session);
         let mut group = c.benchmark_group(format!("engine/{label}"));
-        group.throughput(Throughput::Elements(1));
-        group.sample_size(10);
-        group.measurement_time(Duration::from_secs(4));
-        group.warm_up_time(Duration::from_secs(1));
-
+        configure(&mut group);
+        // Reads and heartbeats never wait for the disk: measured once.
+        let ops: &[Op] = match durability {
+            Durability::Async => &[Op::Create, Op::ToolExecution, Op::Get, Op::Heartbeat],
+            _ => &[Op::Create, Op::ToolExecution],
+        };
         for in_flight in [1, IN_FLIGHT] {
-            group.bench_function(format!("create/in_flight={in_flight}"), |b| {
-                b.to_async(&runtime).iter_custom(|iters| {
-                    let engine = engine.clone();
-                    async move {
-                        drive(iters, in_flight, |_| {
-                            let engine = engine.clone();
-                            async move {
-                                engine.create(TENANT, new_session(None)).await.unwrap();
-                            }
-                        })
-                        .await
-                    }
-                })
-            });
-            group.bench_function(format!("tool_execution/in_flight={in_flight}"), |b| {
-                let counter = Arc::new(AtomicU64::new(0));
-                b.to_async(&runtime).iter_custom(|iters| {
-                    let (engine, ids, counter) = (engine.clone(), ids.clone(), counter.clone());
-                    async move {
-                        drive(iters, in_flight, |_| {
-                            let (engine, ids) = (engine.clone(), ids.clone());
-                            let i = counter.fetch_add(1, Ordering::Relaxed);
-                            async move {
-                                let id = &ids[(i as usize) % ids.len()];
-                                engine.record_tool(TENANT, id, execution(i)).await.unwrap();
-                            }
-                        })
-                        .await
-                    }
-                })
-            });
-            if durability == Durability::Async {
-                group.bench_function(format!("get/in_flight={in_flight}"), |b| {
-                    b.to_async(&runtime).iter_custom(|iters| {
-                        let (engine, ids) = (engine.clone(), ids.clone());
-                        async move {
-                            drive(iters, in_flight, |i| {
-                                let (engine, ids) = (engine.clone(), ids.clone());
-                                async move {
-                                    engine
-                                        .get(TENANT, &ids[(i as usize) % ids.len()])
-                                        .await
-                                        .unwrap();
-                                }
-                            })
-                            .await
-                        }
-                    })
-                });
-                group.bench_function(format!("heartbeat/in_flight={in_flight}"), |b| {
-                    b.to_async(&runtime).iter_custom(|iters| {
-                        let (engine, ids) = (engine.clone(), ids.clone());
-                        async move {
-                            drive(iters, in_flight, |i| {
-                                let (engine, ids) = (engine.clone(), ids.clone());
-                                async move {
-                                    engine
-                                        .touch(TENANT, &ids[(i as usize) % ids.len()])
-                                        .await
-                                        .unwrap();
-                                }
-                            })
-                            .await
-                        }
-                    })
-                });
+            for &op in ops {
+                bench_op(&mut group, &runtime, &engine, &ids, op, in_flight);
             }
         }
         group.finish();
@@ -217,57 +216,13 @@ fn bench_placement(c: &mut Criterion) {
         ("tenant", Placement::Tenant),
     ] {
         let dir = tempfile::tempdir().unwrap();
-        let engine = start_placed(dir.path(), Durability::Async, placement);
-        runtime.block_on(engine.recover()).unwrap();
-        let ids: Arc<Vec<String>> = Arc::new(runtime.block_on(async {
-            let mut ids = Vec::new();
-            for _ in 0..WORKING_SET {
-                ids.push(
-                    engine
-                        .create(TENANT, new_session(None))
-                        .await
-                        .unwrap()
-                        .session_id,
-                );
-            }
-            ids
-        }));
+        let (engine, ids) =
+            engine_with_sessions(&runtime, dir.path(), Durability::Async, placement);
         let mut group = c.benchmark_group(format!("placement/{label}"));
-        group.throughput(Throughput::Elements(1));
-        group.sample_size(10);
-        group.measurement_time(Duration::from_secs(4));
-        group.warm_up_time(Duration::from_secs(1));
-        group.bench_function("create/in_flight=256", |b| {
-            b.to_async(&runtime).iter_custom(|iters| {
-                let engine = engine.clone();
-                async move {
-                    drive(iters, IN_FLIGHT, |_| {
-                        let engine = engine.clone();
-                        async move {
-                            engine.create(TENANT, new_session(None)).await.unwrap();
-                        }
-                    })
-                    .await
-                }
-            })
-        });
-        group.bench_function("get/in_flight=256", |b| {
-            b.to_async(&runtime).iter_custom(|iters| {
-                let (engine, ids) = (engine.clone(), ids.clone());
-                async move {
-                    drive(iters, IN_FLIGHT, |i| {
-                        let (engine, ids) = (engine.clone(), ids.clone());
-                        async move {
-                            engine
-                                .get(TENANT, &ids[(i as usize) % ids.len()])
-                                .await
-                                .unwrap();
-                        }
-                    })
-                    .await
-                }
-            })
-        });
+        configure(&mut group);
+        for op in [Op::Create, Op::Get] {
+            bench_op(&mut group, &runtime, &engine, &ids, op, IN_FLIGHT);
+        }
         group.finish();
         runtime.block_on(engine.shutdown());
     }
