@@ -138,6 +138,8 @@ pub(crate) struct Shared {
     /// Changes are acknowledged only once durable (`durability = "sync"`).
     pub(crate) sync_acks: bool,
     pub(crate) idle_after_ms: Millis,
+    /// How long final sessions stay readable.
+    pub(crate) retention_ms: Millis,
     /// How long an actor coalesces heartbeat writes.
     pub(crate) flush_interval: Duration,
     pub(crate) clock: Clock,
@@ -157,6 +159,27 @@ impl Shared {
             .get(&tenant)
             .expect("sessions exist only for configured tenants")
     }
+
+    /// Whether a stored session is still readable: live, or final within
+    /// its retention (the sweep deletes it some time after).
+    pub(crate) fn retained(&self, session: &Session) -> bool {
+        session
+            .terminated_at
+            .is_none_or(|at| at + self.retention_ms > self.clock.now())
+    }
+
+    /// The last durable state of a session; a final one past its retention
+    /// is gone even before the sweep deletes it.
+    pub(crate) fn stored(
+        &self,
+        tenant: Uuid,
+        session_id: &str,
+    ) -> Result<Option<Session>, StoreError> {
+        Ok(self
+            .store
+            .session(tenant, session_id)?
+            .filter(|s| self.retained(s)))
+    }
 }
 
 struct TenantHandle {
@@ -170,7 +193,6 @@ pub struct Engine {
     shared: Arc<Shared>,
     tenants: Arc<HashMap<Uuid, TenantHandle>>,
     defaults: SessionDefaults,
-    retention_ms: Millis,
     sweep_interval: Duration,
     ready: Arc<AtomicBool>,
     flusher: Arc<Mutex<Option<JoinHandle<()>>>>,
@@ -195,6 +217,7 @@ impl Engine {
             placement: config.placement,
             sync_acks: config.durability == Durability::Sync,
             idle_after_ms: config.idle_after.as_millis() as Millis,
+            retention_ms: config.retention.as_millis() as Millis,
             flush_interval: half(config.flush_interval),
             clock: config.clock.clone(),
             directories: config
@@ -212,10 +235,9 @@ impl Engine {
                 let shard = shared.shards.index_of(limits.id.as_bytes());
                 let supervisor_limits = limits.clone();
                 let supervisor_shared = shared.clone();
-                let retention_ms = config.retention.as_millis() as Millis;
                 let supervisor =
                     TenantSupervisor::start_in_arbiter(shared.shards.arbiter(shard), move |_| {
-                        TenantSupervisor::new(supervisor_limits, supervisor_shared, retention_ms)
+                        TenantSupervisor::new(supervisor_limits, supervisor_shared)
                     });
                 (limits.id, TenantHandle { limits, supervisor })
             })
@@ -224,7 +246,6 @@ impl Engine {
             shared,
             tenants: Arc::new(tenants),
             defaults: config.defaults,
-            retention_ms: config.retention.as_millis() as Millis,
             sweep_interval: config.sweep_interval,
             ready: Arc::new(AtomicBool::new(false)),
             flusher: Arc::new(Mutex::new(Some(flusher))),
@@ -272,12 +293,12 @@ impl Engine {
             key: crate::persist::keys::meta("readyz"),
             value: self.shared.clock.now().to_be_bytes().to_vec(),
         };
-        settle(self.shared.write_behind.submit(vec![probe], true)).await
+        durable_outcome(self.shared.write_behind.submit_durable(vec![probe]).await)
     }
 
     /// Resolves when everything changed before this call is durable.
     pub async fn flush(&self) -> Result<(), SessionError> {
-        settle(Some(self.shared.write_behind.barrier())).await
+        durable_outcome(self.shared.write_behind.barrier().await)
     }
 
     /// The live actor of a session, if any.
@@ -326,21 +347,9 @@ impl Engine {
         }
     }
 
-    /// The last durable state of a session; a final one past its retention
-    /// is gone even before the sweep deletes it.
+    /// The last durable state of a session, within its retention.
     fn stored(&self, tenant: Uuid, session_id: &str) -> Result<Option<Session>, SessionError> {
-        let session = self
-            .shared
-            .store
-            .session(tenant, session_id)
-            .map_err(storage)?;
-        Ok(session.filter(|s| self.retained(s)))
-    }
-
-    /// Whether a stored session is still readable: live, or final within
-    /// its retention (the sweep deletes it some time after).
-    fn retained(&self, session: &Session) -> bool {
-        retained(session, self.shared.clock.now(), self.retention_ms)
+        self.shared.stored(tenant, session_id).map_err(storage)
     }
 
     /// The error for a call that needs a live session but found none.
@@ -567,7 +576,7 @@ impl Engine {
         let shared = self.shared.clone();
         // Joining threads blocks; keep it off the async workers.
         let _ = tokio::task::spawn_blocking(move || shared.shards.stop()).await;
-        if let Err(e) = settle(Some(self.shared.write_behind.shutdown())).await {
+        if let Err(e) = durable_outcome(self.shared.write_behind.shutdown().await) {
             tracing::error!(error = %e, "final flush failed");
         }
         let flusher = self
@@ -580,33 +589,9 @@ impl Engine {
         }
     }
 
-    pub(crate) fn mark_ready(&self) {
-        self.ready.store(true, Ordering::Release);
-    }
-
-    pub(crate) fn shared(&self) -> &Arc<Shared> {
-        &self.shared
-    }
-
-    pub(crate) fn supervisor(&self, tenant: Uuid) -> Option<&Addr<TenantSupervisor>> {
+    fn supervisor(&self, tenant: Uuid) -> Option<&Addr<TenantSupervisor>> {
         self.tenants.get(&tenant).map(|t| &t.supervisor)
     }
-
-    pub(crate) fn tenant_ids(&self) -> std::collections::HashSet<Uuid> {
-        self.tenants.keys().copied().collect()
-    }
-
-    pub(crate) fn supervisors(&self) -> impl Iterator<Item = &Addr<TenantSupervisor>> {
-        self.tenants.values().map(|t| &t.supervisor)
-    }
-}
-
-/// Whether `session` is still readable at `now`: live, or final for less
-/// than `retention_ms`.
-fn retained(session: &Session, now: Millis, retention_ms: Millis) -> bool {
-    session
-        .terminated_at
-        .is_none_or(|at| at + retention_ms > now)
 }
 
 /// Half of `d`, at least a millisecond.
@@ -622,11 +607,19 @@ fn storage(e: StoreError) -> SessionError {
 async fn settle(durable: Option<Durable>) -> Result<(), SessionError> {
     match durable {
         None => Ok(()),
-        Some(rx) => match rx.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(storage(e)),
-            Err(_) => Err(SessionError::Unavailable),
-        },
+        Some(rx) => durable_outcome(rx.await),
+    }
+}
+
+/// What a resolved [`Durable`] means for the caller: a store failure, or a
+/// closed queue (shutting down), which is worth retrying.
+fn durable_outcome(
+    written: Result<Result<(), StoreError>, tokio::sync::oneshot::error::RecvError>,
+) -> Result<(), SessionError> {
+    match written {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(storage(e)),
+        Err(_) => Err(SessionError::Unavailable),
     }
 }
 

@@ -9,7 +9,7 @@ use futures::future::join_all;
 use serde::Serialize;
 use uuid::Uuid;
 
-use super::{retained, session, storage, Engine, FAN_OUT};
+use super::{session, storage, Engine, FAN_OUT};
 use crate::model::{ClientType, Millis, Session, SessionError, SessionView, Status};
 use crate::persist::StoreError;
 
@@ -78,15 +78,11 @@ impl Engine {
             return Ok(out);
         }
         // Final sessions come from sled: read them off the async workers.
-        let store = self.shared.store.clone();
-        let (now, retention_ms) = (self.shared.clock.now(), self.retention_ms);
+        let shared = self.shared.clone();
         let found = tokio::task::spawn_blocking(move || {
             missing
                 .into_iter()
-                .map(|(i, id)| {
-                    let session = store.session(tenant, &id)?;
-                    Ok((i, session.filter(|s| retained(s, now, retention_ms))))
-                })
+                .map(|(i, id)| Ok((i, shared.stored(tenant, &id)?)))
                 .collect::<Result<Vec<_>, StoreError>>()
         })
         .await

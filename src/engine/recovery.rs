@@ -2,11 +2,16 @@
 //! with its remaining time; sessions that became overdue while the process
 //! was down come back `expired`, ended at the instant they were due.
 
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+
+use uuid::Uuid;
+
 use crate::model::{Session, SessionError, Status, Transition};
 use crate::persist::WriteOp;
 
 use super::tenant::{LiveCount, Restore};
-use super::Engine;
+use super::{storage, Engine};
 
 /// What recovery found.
 #[derive(Debug, Default, Clone, Copy)]
@@ -36,37 +41,35 @@ impl Engine {
     /// ready. Call once, right after [`Engine::start`].
     pub async fn recover(&self) -> Result<RecoveryReport, SessionError> {
         let started = std::time::Instant::now();
-        let shared = self.shared().clone();
+        let shared = self.shared.clone();
         let idle_after_ms = shared.idle_after_ms;
-        let known = self.tenant_ids();
+        let known: HashSet<Uuid> = self.tenants.keys().copied().collect();
         let now = shared.clock.now();
         // The scan is blocking I/O; it streams sessions to this task so a
         // million records are never all in memory at once.
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Found, SessionError>>(1024);
         let scan = tokio::task::spawn_blocking(move || {
             for item in shared.store.all_sessions() {
-                let found =
-                    item.map_err(|e| SessionError::Storage(e.to_string()))
-                        .map(|mut session| {
-                            if !known.contains(&session.tenant_id) {
-                                Found::Orphan
-                            } else if session.status.is_final() {
-                                Found::Final
-                            } else {
-                                match session.due(now, idle_after_ms) {
-                                    Transition::Expire(reason) => {
-                                        let at = session.expires_at();
-                                        session.finish(Status::Expired, reason, at);
-                                        Found::Expired(session)
-                                    }
-                                    Transition::BecomeIdle => {
-                                        session.become_idle();
-                                        Found::Live(session)
-                                    }
-                                    Transition::None => Found::Live(session),
-                                }
+                let found = item.map_err(storage).map(|mut session| {
+                    if !known.contains(&session.tenant_id) {
+                        Found::Orphan
+                    } else if session.status.is_final() {
+                        Found::Final
+                    } else {
+                        match session.due(now, idle_after_ms) {
+                            Transition::Expire(reason) => {
+                                let at = session.expires_at();
+                                session.finish(Status::Expired, reason, at);
+                                Found::Expired(session)
                             }
-                        });
+                            Transition::BecomeIdle => {
+                                session.become_idle();
+                                Found::Live(session)
+                            }
+                            Transition::None => Found::Live(session),
+                        }
+                    }
+                });
                 if tx.blocking_send(found).is_err() {
                     return;
                 }
@@ -93,11 +96,9 @@ impl Engine {
                 Found::Expired(session) => {
                     report.expired += 1;
                     tracing::info!(session_id = %session.session_id, tenant = %session.tenant_id, "session expired while the process was down");
-                    let ops = vec![
-                        WriteOp::put_session(&session),
-                        WriteOp::index_finished(&session),
-                    ];
-                    self.shared().write_behind.submit(ops, false);
+                    self.shared
+                        .write_behind
+                        .submit(WriteOp::final_session(&session), false);
                 }
                 Found::Final => report.final_kept += 1,
                 Found::Orphan => report.orphaned += 1,
@@ -106,8 +107,8 @@ impl Engine {
         scan.await
             .map_err(|e| SessionError::Storage(e.to_string()))?;
         // Each supervisor answers after handling every Restore sent before.
-        for supervisor in self.supervisors() {
-            let _ = supervisor.send(LiveCount).await;
+        for tenant in self.tenants.values() {
+            let _ = tenant.supervisor.send(LiveCount).await;
         }
         self.flush().await?;
         if report.orphaned > 0 {
@@ -117,7 +118,7 @@ impl Engine {
             );
         }
         self.purge().await?;
-        self.mark_ready();
+        self.ready.store(true, Ordering::Release);
         tracing::info!(
             restored = report.restored,
             expired = report.expired,

@@ -19,7 +19,7 @@ use std::time::Duration;
 use actix::prelude::*;
 
 use super::tenant::{ActorStopped, Release, TenantSupervisor};
-use super::Shared;
+use super::{durable_outcome, Shared};
 use crate::model::session::{SessionUpdate, REASON_CLIENT_REQUEST};
 use crate::model::{Millis, Session, SessionError, SessionView, Status, ToolExecution, Transition};
 use crate::persist::{Durable, WriteOp};
@@ -180,20 +180,23 @@ impl SessionActor {
     fn finish(&mut self, status: Status, reason: &str, at: Millis) -> Durable {
         self.session.finish(status, reason, at);
         self.supervisor.do_send(Release);
-        let ops = vec![
-            WriteOp::put_session(&self.session),
-            WriteOp::index_finished(&self.session),
-        ];
-        self.shared
-            .write_behind
-            .submit(ops, true)
-            .expect("submit with wait=true always returns a receiver")
+        self.write_final()
     }
 
-    fn stop_when_durable(&mut self, durable: Durable, ctx: &mut Context<Self>) {
+    fn write_final(&self) -> Durable {
+        self.shared
+            .write_behind
+            .submit_durable(WriteOp::final_session(&self.session))
+    }
+
+    fn cancel_timer(&mut self, ctx: &mut Context<Self>) {
         if let Some((handle, _)) = self.timer.take() {
             ctx.cancel_future(handle);
         }
+    }
+
+    fn stop_when_durable(&mut self, durable: Durable, ctx: &mut Context<Self>) {
+        self.cancel_timer(ctx);
         ctx.wait(durable.into_actor(self).map(|result, actor, ctx| {
             if matches!(result, Ok(Ok(()))) {
                 ctx.stop();
@@ -213,15 +216,7 @@ impl SessionActor {
             "final session record was not written; retrying"
         );
         ctx.run_later(FINAL_WRITE_RETRY, |actor, ctx| {
-            let ops = vec![
-                WriteOp::put_session(&actor.session),
-                WriteOp::index_finished(&actor.session),
-            ];
-            let durable = actor
-                .shared
-                .write_behind
-                .submit(ops, true)
-                .expect("submit with wait=true always returns a receiver");
+            let durable = actor.write_final();
             actor.stop_when_durable(durable, ctx);
         });
     }
@@ -433,26 +428,16 @@ impl Handler<Terminate> for SessionActor {
         let reason = msg.reason.as_deref().unwrap_or(REASON_CLIENT_REQUEST);
         let durable = self.finish(Status::Terminated, reason, now);
         tracing::info!(session_id = %self.session.session_id, tenant = %self.session.tenant_id, reason, "session terminated");
-        if let Some((handle, _)) = self.timer.take() {
-            ctx.cancel_future(handle);
-        }
-        Box::pin(
-            durable
-                .into_actor(self)
-                .map(|result, actor, ctx| match result {
-                    Ok(Ok(())) => {
-                        ctx.stop();
-                        Ok(())
-                    }
-                    failed => {
-                        actor.retry_final_write(ctx);
-                        Err(match failed {
-                            Ok(Err(e)) => SessionError::Storage(e.to_string()),
-                            _ => SessionError::Unavailable,
-                        })
-                    }
-                }),
-        )
+        self.cancel_timer(ctx);
+        Box::pin(durable.into_actor(self).map(|written, actor, ctx| {
+            let outcome = durable_outcome(written);
+            if outcome.is_ok() {
+                ctx.stop();
+            } else {
+                actor.retry_final_write(ctx);
+            }
+            outcome
+        }))
     }
 }
 

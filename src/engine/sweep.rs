@@ -39,7 +39,7 @@ impl Engine {
 
     /// Deletes final sessions older than the retention; answers how many.
     pub async fn purge(&self) -> Result<usize, SessionError> {
-        let cutoff = self.shared.clock.now() - self.retention_ms;
+        let cutoff = self.shared.clock.now() - self.shared.retention_ms;
         let store = self.shared.store.clone();
         let due = tokio::task::spawn_blocking(move || store.finished_before(cutoff))
             .await
@@ -56,10 +56,7 @@ impl Engine {
         for (tenant, session_ids) in by_tenant {
             if let Some(supervisor) = self.supervisor(tenant) {
                 purged += supervisor
-                    .send(Purge {
-                        session_ids,
-                        cutoff,
-                    })
+                    .send(Purge { session_ids })
                     .await
                     .map_err(|_| SessionError::Unavailable)?;
             }

@@ -12,8 +12,8 @@ use actix::prelude::*;
 
 use super::admission::TenantLimits;
 use super::session::SessionActor;
-use super::Shared;
-use crate::model::{Millis, Session, SessionError};
+use super::{storage, Shared};
+use crate::model::{Session, SessionError};
 use crate::persist::write_behind::purge_ops;
 use crate::persist::{Durable, WriteOp};
 use crate::settings::Placement;
@@ -24,8 +24,6 @@ pub struct TenantSupervisor {
     shared: Arc<Shared>,
     /// Live (non-final) sessions counted against the limit.
     live: usize,
-    /// How long final sessions keep their ids.
-    retention_ms: Millis,
     /// This supervisor's address, shared by all its actors: an `Addr` clone
     /// allocates, an `Arc` clone does not (a saving per live session).
     me: Option<Arc<Addr<TenantSupervisor>>>,
@@ -33,12 +31,11 @@ pub struct TenantSupervisor {
 
 impl TenantSupervisor {
     /// A supervisor for the tenant with `limits`.
-    pub(crate) fn new(limits: TenantLimits, shared: Arc<Shared>, retention_ms: Millis) -> Self {
+    pub(crate) fn new(limits: TenantLimits, shared: Arc<Shared>) -> Self {
         TenantSupervisor {
             limits,
             shared,
             live: 0,
-            retention_ms,
             me: None,
         }
     }
@@ -95,7 +92,6 @@ impl Handler<Admit> for TenantSupervisor {
         }
         let mut ops = Vec::new();
         if msg.client_chosen_id {
-            let storage = |e: crate::persist::StoreError| SessionError::Storage(e.to_string());
             if let Some(old) = self
                 .shared
                 .store
@@ -104,13 +100,10 @@ impl Handler<Admit> for TenantSupervisor {
             {
                 // A final session keeps its id for its retention; past it,
                 // the old record goes (with its executions) in the same batch.
-                let now = self.shared.clock.now();
-                match old.terminated_at {
-                    Some(at) if at + self.retention_ms <= now => {
-                        ops = purge_ops(&self.shared.store, &old).map_err(storage)?;
-                    }
-                    _ => return Err(SessionError::AlreadyExists),
+                if self.shared.retained(&old) {
+                    return Err(SessionError::AlreadyExists);
                 }
+                ops = purge_ops(&self.shared.store, &old).map_err(storage)?;
             }
         }
         self.live += 1;
@@ -168,13 +161,6 @@ impl Handler<ActorStopped> for TenantSupervisor {
     type Result = ();
 
     fn handle(&mut self, msg: ActorStopped, ctx: &mut Context<Self>) {
-        if self
-            .shared
-            .shutting_down
-            .load(std::sync::atomic::Ordering::Acquire)
-        {
-            return;
-        }
         // Changes the actor queued before it died may still be in the
         // write-behind queue: read the store only once they are on disk,
         // or the restarted actor would reuse an acknowledged execution's
@@ -233,16 +219,14 @@ impl TenantSupervisor {
     }
 }
 
-/// Deletes final sessions whose retention ended before `cutoff`, with their
-/// index entries and executions. Runs in the supervisor so it is ordered
-/// with admissions: an id re-created meanwhile is live and left alone.
+/// Deletes final sessions past their retention, with their index entries
+/// and executions. Runs in the supervisor so it is ordered with admissions:
+/// an id re-created meanwhile is live and left alone.
 #[derive(Message)]
 #[rtype(result = "usize")]
 pub struct Purge {
     /// Candidates from the by-end-time index.
     pub session_ids: Vec<String>,
-    /// Sessions that ended before this instant are due.
-    pub cutoff: Millis,
 }
 
 impl Handler<Purge> for TenantSupervisor {
@@ -256,7 +240,7 @@ impl Handler<Purge> for TenantSupervisor {
                 continue;
             }
             let ops = match self.shared.store.session(self.limits.id, &id) {
-                Ok(Some(old)) if old.terminated_at.is_some_and(|at| at < msg.cutoff) => {
+                Ok(Some(old)) if old.status.is_final() && !self.shared.retained(&old) => {
                     purge_ops(&self.shared.store, &old)
                 }
                 Ok(_) => continue,

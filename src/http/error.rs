@@ -107,63 +107,51 @@ impl ApiError {
             cause: None,
         };
         match self {
-            ApiError::Session(e) => match e {
-                SessionError::NotFound => (
-                    StatusCode::NOT_FOUND,
-                    body("session not found", "session_not_found", json!({})),
-                ),
-                SessionError::AlreadyExists => (
-                    StatusCode::CONFLICT,
-                    body("session already exists", "session_exists", json!({})),
-                ),
-                SessionError::TenantLimit { limit } => (
-                    StatusCode::TOO_MANY_REQUESTS,
-                    body(
-                        "tenant session limit reached",
+            ApiError::Session(e) => {
+                // The domain error's own message is the sentence clients get,
+                // except for a storage failure, whose cause stays in the log.
+                let message = e.to_string();
+                let (status, code, details) = match e {
+                    SessionError::NotFound => {
+                        (StatusCode::NOT_FOUND, "session_not_found", json!({}))
+                    }
+                    SessionError::AlreadyExists => {
+                        (StatusCode::CONFLICT, "session_exists", json!({}))
+                    }
+                    SessionError::TenantLimit { limit } => (
+                        StatusCode::TOO_MANY_REQUESTS,
                         "tenant_session_limit",
                         json!({ "max_active_sessions": limit }),
                     ),
-                ),
-                SessionError::Expired => (
-                    StatusCode::GONE,
-                    body("session expired", "session_expired", json!({})),
-                ),
-                SessionError::Terminated => (
-                    StatusCode::GONE,
-                    body("session terminated", "session_terminated", json!({})),
-                ),
-                SessionError::VersionMismatch { current } => (
-                    StatusCode::PRECONDITION_FAILED,
-                    body(
-                        "version mismatch",
+                    SessionError::Expired => (StatusCode::GONE, "session_expired", json!({})),
+                    SessionError::Terminated => (StatusCode::GONE, "session_terminated", json!({})),
+                    SessionError::VersionMismatch { current } => (
+                        StatusCode::PRECONDITION_FAILED,
                         "version_mismatch",
                         json!({ "current_version": current }),
                     ),
-                ),
-                SessionError::Validation { field, message } => (
-                    StatusCode::BAD_REQUEST,
-                    body(
-                        &message,
+                    SessionError::Validation { field, message } => (
+                        StatusCode::BAD_REQUEST,
                         "validation_failed",
                         field_details(&field, &message),
                     ),
-                ),
-                SessionError::Unavailable => (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    body(
-                        "service unavailable, retry shortly",
+                    SessionError::Unavailable => (
+                        StatusCode::SERVICE_UNAVAILABLE,
                         "service_unavailable",
                         json!({}),
                     ),
-                ),
-                SessionError::Storage(cause) => (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    ErrorBody {
-                        cause: Some(cause),
-                        ..body("internal error", "internal_error", json!({}))
-                    },
-                ),
-            },
+                    SessionError::Storage(cause) => {
+                        return (
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            ErrorBody {
+                                cause: Some(cause),
+                                ..body("internal error", "internal_error", json!({}))
+                            },
+                        )
+                    }
+                };
+                (status, body(&message, code, details))
+            }
             ApiError::InvalidJson(why) => (
                 StatusCode::BAD_REQUEST,
                 body(

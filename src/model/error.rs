@@ -41,7 +41,7 @@ pub enum SessionError {
         message: String,
     },
     /// The engine is recovering or shutting down; retrying later will work.
-    #[error("service unavailable")]
+    #[error("service unavailable, retry shortly")]
     Unavailable,
     /// The durable store failed; the cause is logged, never sent to clients.
     #[error("storage failure: {0}")]

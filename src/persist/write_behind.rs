@@ -61,8 +61,16 @@ impl WriteOp {
         }
     }
 
-    /// Adds a final session to the by-end-time index (for the retention purge).
-    pub fn index_finished(session: &Session) -> Self {
+    /// A final session's record together with its by-end-time index entry
+    /// (which the retention purge reads).
+    pub fn final_session(session: &Session) -> Vec<Self> {
+        vec![
+            WriteOp::put_session(session),
+            WriteOp::index_finished(session),
+        ]
+    }
+
+    fn index_finished(session: &Session) -> Self {
         WriteOp::Put {
             key: keys::finished(
                 session.terminated_at.unwrap_or_default(),
@@ -141,13 +149,17 @@ impl WriteBehind {
     /// Queues `ops` to be written together. With `durable`, returns a
     /// receiver that resolves when they are on disk.
     pub fn submit(&self, ops: Vec<WriteOp>, durable: bool) -> Option<Durable> {
-        let (ack, rx) = if durable {
-            let (tx, rx) = oneshot::channel();
-            (Some(tx), Some(rx))
-        } else {
-            (None, None)
-        };
-        self.send(Command::Write { ops, ack });
+        if durable {
+            return Some(self.submit_durable(ops));
+        }
+        self.send(Command::Write { ops, ack: None });
+        None
+    }
+
+    /// Queues `ops` to be written together; resolves when they are on disk.
+    pub fn submit_durable(&self, ops: Vec<WriteOp>) -> Durable {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Write { ops, ack: Some(tx) });
         rx
     }
 
