@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use edge_sessions::persist::postgres::Postgres;
 use edge_sessions::settings::Settings;
 use edge_sessions::{auth, service, telemetry};
 
@@ -34,6 +35,28 @@ enum Command {
         /// The key to hash.
         key: String,
     },
+    /// Apply, revert or list the PostgreSQL migrations (schema `mcp`).
+    Migrate {
+        #[command(subcommand)]
+        action: MigrateAction,
+        /// A TOML file layered over the built-in defaults.
+        #[arg(long, global = true)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum MigrateAction {
+    /// Apply every pending migration.
+    Up,
+    /// Revert the last N applied migrations (one without N).
+    Down {
+        /// How many to revert.
+        #[arg(default_value_t = 1)]
+        steps: usize,
+    },
+    /// List the migrations and whether each is applied.
+    Status,
 }
 
 fn main() -> ExitCode {
@@ -44,16 +67,72 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Serve { config } => serve(config),
+        Command::Migrate { action, config } => migrate(action, config),
+    }
+}
+
+fn load(config: Option<&std::path::Path>) -> Result<Settings, ExitCode> {
+    Settings::load(config).map_err(|e| {
+        eprintln!("edge-sessions: {e}");
+        ExitCode::from(2)
+    })
+}
+
+fn migrate(action: MigrateAction, config: Option<PathBuf>) -> ExitCode {
+    let settings = match load(config.as_deref()) {
+        Ok(settings) => settings,
+        Err(code) => return code,
+    };
+    if !settings.postgres.enabled() {
+        eprintln!(
+            "edge-sessions: postgres.url: not set; give it in the config file or as EDGE_SESSIONS__POSTGRES__URL"
+        );
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("edge-sessions: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result: anyhow::Result<()> = runtime.block_on(async {
+        let postgres = Postgres::new(&service::postgres_config(&settings))?;
+        match action {
+            MigrateAction::Up => {
+                postgres.migrate_up().await?;
+                println!("migrations applied");
+            }
+            MigrateAction::Down { steps } => {
+                postgres.migrate_down(steps).await?;
+                println!("reverted up to {steps} migration(s)");
+            }
+            MigrateAction::Status => {
+                for (version, description, applied) in postgres.migrate_status().await? {
+                    let state = if applied { "applied" } else { "pending" };
+                    println!("{version:04} {description}: {state}");
+                }
+            }
+        }
+        postgres.pool().close().await;
+        Ok(())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("edge-sessions: migrate: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 
 fn serve(config: Option<PathBuf>) -> ExitCode {
-    let settings = match Settings::load(config.as_deref()) {
+    let settings = match load(config.as_deref()) {
         Ok(settings) => settings,
-        Err(e) => {
-            eprintln!("edge-sessions: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     telemetry::init(&settings.log);
     let runtime = match tokio::runtime::Builder::new_multi_thread()

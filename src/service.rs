@@ -4,15 +4,18 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 
 use crate::auth::bootstrap::{apply_dev_credentials, needs_dev_credentials};
 use crate::auth::Keyring;
-use crate::engine::{Engine, EngineConfig};
+use crate::engine::{Engine, EngineConfig, PostgresTier};
 use crate::http::{self, AppState};
 use crate::model::time::Clock;
+use crate::persist::postgres::{Postgres, PostgresConfig};
+use crate::persist::shipper::ShipperConfig;
 use crate::settings::Settings;
 
 /// Runs the service on `listener` until `shutdown` resolves: recovery in
@@ -45,6 +48,7 @@ pub async fn run_with_clock(
     let (keys, tenants) = Keyring::from_settings(&settings);
     let config = EngineConfig {
         clock,
+        postgres: postgres_tier(&settings)?,
         ..EngineConfig::from_settings(&settings, tenants)
     };
     let engine = Engine::start(config).with_context(|| {
@@ -94,10 +98,51 @@ async fn serve_engine(
     let served = http::serve(listener, app, stop).await;
     sweeper.abort();
     let _ = sweeper.await;
-    let recovered = recovery.await.context("recovery task")?;
+    // Recovery may still wait for PostgreSQL (an empty data dir): a
+    // shutdown does not wait for it.
+    if !recovery.is_finished() {
+        recovery.abort();
+    }
+    let recovered = match recovery.await {
+        Err(e) if e.is_cancelled() => Ok(()),
+        joined => joined.context("recovery task")?.map(drop),
+    };
     served.context("serving HTTP")?;
     recovered.context("recovering sessions from the store")?;
     Ok(())
+}
+
+/// The PostgreSQL tier from `[postgres]`, when `url` is set.
+pub fn postgres_tier(settings: &Settings) -> anyhow::Result<Option<PostgresTier>> {
+    let p = &settings.postgres;
+    if !p.enabled() {
+        return Ok(None);
+    }
+    let postgres = Postgres::new(&postgres_config(settings)).context("postgres.url")?;
+    tracing::info!(
+        durability = ?settings.storage.durability,
+        "PostgreSQL tier on: changes are shipped through the sled outbox"
+    );
+    Ok(Some(PostgresTier {
+        postgres,
+        shipper: ShipperConfig {
+            batch_size: p.batch_size,
+            migrate_on_start: p.migrate_on_start,
+            drain_on_shutdown: Duration::from_millis(p.drain_on_shutdown_ms),
+        },
+        commit_timeout: Duration::from_millis(p.commit_timeout_ms),
+    }))
+}
+
+/// The connection settings of `[postgres]`.
+pub fn postgres_config(settings: &Settings) -> PostgresConfig {
+    let p = &settings.postgres;
+    PostgresConfig {
+        url: p.url.trim().to_owned(),
+        max_connections: p.max_connections,
+        statement_timeout: Duration::from_millis(p.statement_timeout_ms),
+        connect_timeout: Duration::from_millis(p.connect_timeout_ms),
+    }
 }
 
 fn print_dev_banner(api_key: &str, admin_key: &str, path: &std::path::Path, addr: SocketAddr) {

@@ -126,6 +126,27 @@ pub struct PostgresSettings {
     pub url: String,
     /// Apply migrations at start.
     pub migrate_on_start: bool,
+    /// Most pooled connections.
+    pub max_connections: u32,
+    /// Server-side limit per statement, in ms.
+    pub statement_timeout_ms: u64,
+    /// Longest wait for a connection, in ms.
+    pub connect_timeout_ms: u64,
+    /// Most outbox entries shipped per transaction.
+    pub batch_size: usize,
+    /// Under `durability = "postgres"`, longest an acknowledgement waits for
+    /// its commit before the request answers 503, in ms.
+    pub commit_timeout_ms: u64,
+    /// How long shutdown keeps shipping the outbox, in ms (the rest ships at
+    /// the next start).
+    pub drain_on_shutdown_ms: u64,
+}
+
+impl PostgresSettings {
+    /// Whether the tier is on.
+    pub fn enabled(&self) -> bool {
+        !self.url.trim().is_empty()
+    }
 }
 
 /// `[security]`
@@ -277,11 +298,29 @@ impl Settings {
         if self.storage.max_batch == 0 {
             return fail("storage.max_batch", "must be at least 1");
         }
-        if self.storage.durability == Durability::Postgres {
+        if self.storage.durability == Durability::Postgres && !self.postgres.enabled() {
             return fail(
                 "storage.durability",
-                "\"postgres\" needs the PostgreSQL tier, which this build does not have yet; use \"sync\" or \"async\"",
+                "\"postgres\" needs postgres.url to be set",
             );
+        }
+        if self.postgres.enabled() {
+            if let Err(e) = crate::persist::postgres::check_url(self.postgres.url.trim()) {
+                // The URL may hold a password: only the parser's reason is shown.
+                return fail("postgres.url", &format!("not a valid PostgreSQL URL ({e})"));
+            }
+            let p = &self.postgres;
+            for (key, value) in [
+                ("postgres.max_connections", u64::from(p.max_connections)),
+                ("postgres.statement_timeout_ms", p.statement_timeout_ms),
+                ("postgres.connect_timeout_ms", p.connect_timeout_ms),
+                ("postgres.batch_size", p.batch_size as u64),
+                ("postgres.commit_timeout_ms", p.commit_timeout_ms),
+            ] {
+                if value == 0 {
+                    return fail(key, "must be at least 1");
+                }
+            }
         }
         let s = &self.sessions;
         for (key, value) in [

@@ -58,7 +58,12 @@ use tenant::{Admit, LiveCount, TenantSupervisor};
 use crate::model::session::{SessionMetrics, SessionUpdate};
 use crate::model::time::Clock;
 use crate::model::{Millis, Session, SessionError, SessionView, ToolExecution};
-use crate::persist::{Durable, Store, StoreError, WriteBehind, WriteBehindStats, WriteOp};
+use crate::persist::outbox::{Outbox, OutboxStats};
+use crate::persist::postgres::Postgres;
+use crate::persist::shipper::{self, ShipperConfig, ShipperHandle};
+use crate::persist::{
+    Durable, Shipping, Store, StoreError, WriteBehind, WriteBehindStats, WriteOp,
+};
 use crate::settings::{Durability, Placement, Settings};
 
 /// A tenant's live sessions by id: one hop from a request to its actor.
@@ -99,6 +104,30 @@ pub struct EngineConfig {
     pub placement: Placement,
     /// Source of "now" for every deadline.
     pub clock: Clock,
+    /// The PostgreSQL tier, when `[postgres] url` is set.
+    pub postgres: Option<PostgresTier>,
+}
+
+/// The PostgreSQL tier's handle and settings.
+#[derive(Clone)]
+pub struct PostgresTier {
+    /// The (lazily connecting) pool.
+    pub postgres: Postgres,
+    /// How the outbox is shipped.
+    pub shipper: ShipperConfig,
+    /// Under `durability = "postgres"`, longest an acknowledgement waits for
+    /// the commit before the caller gets 503.
+    pub commit_timeout: Duration,
+}
+
+impl std::fmt::Debug for PostgresTier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may hold a password: never printed.
+        f.debug_struct("PostgresTier")
+            .field("shipper", &self.shipper)
+            .field("commit_timeout", &self.commit_timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 impl EngineConfig {
@@ -125,6 +154,7 @@ impl EngineConfig {
             },
             placement: settings.engine.placement,
             clock: Clock::system(),
+            postgres: None,
         }
     }
 }
@@ -196,6 +226,10 @@ pub struct Engine {
     sweep_interval: Duration,
     ready: Arc<AtomicBool>,
     flusher: Arc<Mutex<Option<JoinHandle<()>>>>,
+    /// The PostgreSQL tier, when on.
+    postgres: Option<Postgres>,
+    outbox: Option<Arc<Outbox>>,
+    shipper: Arc<Mutex<Option<ShipperHandle>>>,
 }
 
 impl Engine {
@@ -207,15 +241,37 @@ impl Engine {
             StoreError::Sled(format!("creating {}: {e}", config.data_dir.display()))
         })?;
         let store = Store::open(&config.data_dir, config.cache_capacity_bytes)?;
-        let (write_behind, flusher) =
-            WriteBehind::start(store.clone(), half(config.flush_interval), config.max_batch);
+        let shipping = match &config.postgres {
+            Some(tier) => Some(Shipping {
+                outbox: Arc::new(Outbox::open(&store)?),
+                ack_after_commit: config.durability == Durability::Postgres,
+                commit_timeout: tier.commit_timeout,
+            }),
+            None => None,
+        };
+        let outbox = shipping.as_ref().map(|s| s.outbox.clone());
+        let (write_behind, flusher) = WriteBehind::start_with_outbox(
+            store.clone(),
+            half(config.flush_interval),
+            config.max_batch,
+            shipping,
+        );
+        let shipper = match (&config.postgres, &outbox) {
+            (Some(tier), Some(outbox)) => Some(shipper::start(
+                store.clone(),
+                outbox.clone(),
+                tier.postgres.clone(),
+                tier.shipper.clone(),
+            )),
+            _ => None,
+        };
         let shards = Shards::start(config.shards);
         let shared = Arc::new(Shared {
             store,
             write_behind,
             shards,
             placement: config.placement,
-            sync_acks: config.durability == Durability::Sync,
+            sync_acks: config.durability != Durability::Async,
             idle_after_ms: config.idle_after.as_millis() as Millis,
             retention_ms: config.retention.as_millis() as Millis,
             flush_interval: half(config.flush_interval),
@@ -249,6 +305,9 @@ impl Engine {
             sweep_interval: config.sweep_interval,
             ready: Arc::new(AtomicBool::new(false)),
             flusher: Arc::new(Mutex::new(Some(flusher))),
+            postgres: config.postgres.map(|tier| tier.postgres),
+            outbox,
+            shipper: Arc::new(Mutex::new(shipper)),
         })
     }
 
@@ -276,6 +335,11 @@ impl Engine {
         self.shared.write_behind.stats()
     }
 
+    /// The outbox's live figures, when the PostgreSQL tier is on.
+    pub fn outbox_stats(&self) -> Option<&OutboxStats> {
+        self.outbox.as_deref().map(Outbox::stats)
+    }
+
     /// Live sessions across tenants (directory entries).
     pub fn live_sessions(&self) -> usize {
         self.shared.directories.values().map(DashMap::len).sum()
@@ -299,6 +363,13 @@ impl Engine {
     /// Resolves when everything changed before this call is durable.
     pub async fn flush(&self) -> Result<(), SessionError> {
         durable_outcome(self.shared.write_behind.barrier().await)
+    }
+
+    /// Resolves when everything changed before this call is committed to
+    /// PostgreSQL (durable in sled when the tier is off), or fails after
+    /// the tier's commit timeout.
+    pub async fn flush_to_postgres(&self) -> Result<(), SessionError> {
+        durable_outcome(self.shared.write_behind.shipped_barrier().await)
     }
 
     /// The live actor of a session, if any.
@@ -587,6 +658,17 @@ impl Engine {
         if let Some(flusher) = flusher {
             let _ = tokio::task::spawn_blocking(move || flusher.join()).await;
         }
+        let shipper = self
+            .shipper
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(shipper) = shipper {
+            let _ = tokio::task::spawn_blocking(move || shipper.stop()).await;
+        }
+        if let Some(postgres) = &self.postgres {
+            postgres.pool().close().await;
+        }
     }
 
     fn supervisor(&self, tenant: Uuid) -> Option<&Addr<TenantSupervisor>> {
@@ -618,8 +700,14 @@ fn durable_outcome(
 ) -> Result<(), SessionError> {
     match written {
         Ok(Ok(())) => Ok(()),
+        // PostgreSQL did not commit in time (durability = "postgres"): the
+        // change is safe in sled and will ship; the caller may retry.
+        Ok(Err(StoreError::Postgres(e))) => {
+            tracing::warn!(error = %e, "a change waits for PostgreSQL; answered 503");
+            Err(SessionError::Unavailable)
+        }
+        Ok(Err(StoreError::Closed)) | Err(_) => Err(SessionError::Unavailable),
         Ok(Err(e)) => Err(storage(e)),
-        Err(_) => Err(SessionError::Unavailable),
     }
 }
 
@@ -651,6 +739,7 @@ mod tests {
             shards: 2,
             placement: Placement::Session,
             clock: Clock::system(),
+            postgres: None,
         }
     }
 

@@ -1,13 +1,21 @@
 //! Start-up recovery: every non-final session in sled gets its actor back
 //! with its remaining time; sessions that became overdue while the process
 //! was down come back `expired`, ended at the instant they were due.
+//!
+//! With the PostgreSQL tier on and no session in sled at all (a lost or new
+//! data dir), the live sessions are first rebuilt from PostgreSQL, the
+//! system of record. The engine stays not ready until PostgreSQL answers:
+//! serving from an empty store would forget sessions clients still hold.
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 
+use std::time::Duration;
+
 use uuid::Uuid;
 
 use crate::model::{Session, SessionError, Status, Transition};
+use crate::persist::postgres::Postgres;
 use crate::persist::WriteOp;
 
 use super::tenant::{LiveCount, Restore};
@@ -26,6 +34,8 @@ pub struct RecoveryReport {
     pub orphaned: usize,
     /// Records that could not be read (logged, left untouched).
     pub unreadable: usize,
+    /// Live sessions rebuilt from PostgreSQL into an empty store.
+    pub rebuilt: usize,
 }
 
 enum Found {
@@ -41,6 +51,12 @@ impl Engine {
     /// ready. Call once, right after [`Engine::start`].
     pub async fn recover(&self) -> Result<RecoveryReport, SessionError> {
         let started = std::time::Instant::now();
+        let rebuilt = match &self.postgres {
+            Some(postgres) if self.shared.store.has_no_sessions().map_err(storage)? => {
+                self.rebuild_from_postgres(postgres).await?
+            }
+            _ => 0,
+        };
         let shared = self.shared.clone();
         let idle_after_ms = shared.idle_after_ms;
         let known: HashSet<Uuid> = self.tenants.keys().copied().collect();
@@ -75,7 +91,10 @@ impl Engine {
                 }
             }
         });
-        let mut report = RecoveryReport::default();
+        let mut report = RecoveryReport {
+            rebuilt,
+            ..RecoveryReport::default()
+        };
         while let Some(found) = rx.recv().await {
             let found = match found {
                 Ok(found) => found,
@@ -121,11 +140,50 @@ impl Engine {
         self.ready.store(true, Ordering::Release);
         tracing::info!(
             restored = report.restored,
+            rebuilt_from_postgres = report.rebuilt,
             expired = report.expired,
             final_kept = report.final_kept,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "recovery finished"
         );
         Ok(report)
+    }
+}
+
+impl Engine {
+    /// Writes PostgreSQL's live sessions of the configured tenants into the
+    /// empty store, retrying until PostgreSQL answers.
+    async fn rebuild_from_postgres(&self, postgres: &Postgres) -> Result<usize, SessionError> {
+        let tenants: Vec<Uuid> = self.tenants.keys().copied().collect();
+        let mut delay = Duration::from_millis(200);
+        let sessions = loop {
+            match postgres.live_sessions(&tenants).await {
+                Ok(sessions) => break sessions,
+                Err(e) => {
+                    tracing::error!(
+                        error = %e,
+                        retry_in_ms = delay.as_millis() as u64,
+                        "the data dir holds no session: waiting for PostgreSQL to rebuild live sessions (not ready until then)"
+                    );
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+        let count = sessions.len();
+        let store = self.shared.store.clone();
+        tokio::task::spawn_blocking(move || {
+            for (session, executions) in &sessions {
+                store.put_rebuilt(session, executions)?;
+            }
+            store.sync()
+        })
+        .await
+        .map_err(|e| SessionError::Storage(e.to_string()))?
+        .map_err(storage)?;
+        if count > 0 {
+            tracing::info!(count, "live sessions rebuilt from PostgreSQL");
+        }
+        Ok(count)
     }
 }

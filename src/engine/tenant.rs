@@ -107,10 +107,7 @@ impl Handler<Admit> for TenantSupervisor {
             }
         }
         self.live += 1;
-        ops.extend([
-            WriteOp::index_session(&session),
-            WriteOp::put_session(&session),
-        ]);
+        ops.extend(WriteOp::new_session(&session));
         let durable = self.shared.write_behind.submit(ops, self.shared.sync_acks);
         self.spawn(session, ctx);
         Ok(durable)

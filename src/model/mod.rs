@@ -4,12 +4,14 @@
 //! and takes the current time as an argument, so expiry rules are tested
 //! without clocks.
 
+pub mod audit;
 pub mod error;
 pub mod ids;
 pub mod session;
 pub mod time;
 pub mod tool;
 
+pub use audit::{AuditAction, AuditEntry};
 pub use error::SessionError;
 pub use session::{ClientType, Session, SessionView, Status, Transition};
 pub use time::Millis;

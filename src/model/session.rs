@@ -117,6 +117,8 @@ pub const REASON_IDLE_TIMEOUT: &str = "idle_timeout";
 pub const REASON_TTL_EXPIRED: &str = "ttl_expired";
 /// Termination reason when a DELETE gives none.
 pub const REASON_CLIENT_REQUEST: &str = "client_request";
+/// Termination reason of a session revoked for refresh-token reuse.
+pub const REASON_REFRESH_TOKEN_REUSE: &str = "refresh_token_reuse";
 
 /// Fraction of the lifetime (the ttl, counted from creation or the last
 /// refresh) after which `should_refresh` turns true.

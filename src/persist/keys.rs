@@ -11,6 +11,12 @@
 //! | `E` | session row id(16) seq(8, BE)                     | execution record |
 //! | `F` | terminated_at(8, BE) tenant(16) session_id       | empty            |
 //! | `M` | name                                             | engine metadata  |
+//! | `O` | seq(8, BE)                                       | outbox entry     |
+//!
+//! `O` is the PostgreSQL outbox (only written when the tier is on): every
+//! `S` and `E` record written is also appended there, in the same atomic
+//! batch, and stays until PostgreSQL has committed it (see
+//! [`super::outbox`]).
 //!
 //! `F` lists final sessions by the time they ended, so the retention purge
 //! reads only what is due instead of every record. Executions are keyed by
@@ -27,6 +33,7 @@ const TAG_CREATED: u8 = b'C';
 const TAG_EXECUTION: u8 = b'E';
 const TAG_FINISHED: u8 = b'F';
 const TAG_META: u8 = b'M';
+const TAG_OUTBOX: u8 = b'O';
 
 /// Key of an engine-wide value (e.g. the readiness probe's last write).
 pub fn meta(name: &str) -> Vec<u8> {
@@ -34,6 +41,50 @@ pub fn meta(name: &str) -> Vec<u8> {
     key.push(TAG_META);
     key.extend_from_slice(name.as_bytes());
     key
+}
+
+/// Whether `key` is a session record's.
+pub fn is_session(key: &[u8]) -> bool {
+    key.first() == Some(&TAG_SESSION)
+}
+
+/// Whether `key` is an execution record's.
+pub fn is_execution(key: &[u8]) -> bool {
+    key.len() == 25 && key[0] == TAG_EXECUTION
+}
+
+/// Splits an execution key into `(session row id, seq)`.
+pub fn parse_execution(key: &[u8]) -> Option<(Uuid, u64)> {
+    if !is_execution(key) {
+        return None;
+    }
+    let row = Uuid::from_slice(&key[1..17]).ok()?;
+    let mut seq = [0u8; 8];
+    seq.copy_from_slice(&key[17..25]);
+    Some((row, u64::from_be_bytes(seq)))
+}
+
+/// Key of outbox entry number `seq`.
+pub fn outbox(seq: u64) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key[0] = TAG_OUTBOX;
+    key[1..].copy_from_slice(&seq.to_be_bytes());
+    key
+}
+
+/// Prefix of the outbox.
+pub fn outbox_prefix() -> [u8; 1] {
+    [TAG_OUTBOX]
+}
+
+/// The sequence number of an outbox key.
+pub fn parse_outbox(key: &[u8]) -> Option<u64> {
+    if key.len() != 9 || key[0] != TAG_OUTBOX {
+        return None;
+    }
+    let mut seq = [0u8; 8];
+    seq.copy_from_slice(&key[1..]);
+    Some(u64::from_be_bytes(seq))
 }
 
 /// Key of a session record.
@@ -153,6 +204,14 @@ mod tests {
         assert!(execution(row, 9) < execution(row, 10));
         assert!(execution(row, u64::MAX).starts_with(&executions_prefix(row)));
         assert!(!execution(Uuid::now_v7(), 1).starts_with(&executions_prefix(row)));
+        assert_eq!(parse_execution(&execution(row, 7)), Some((row, 7)));
+    }
+
+    #[test]
+    fn outbox_keys_sort_by_sequence() {
+        assert!(outbox(255) < outbox(256));
+        assert_eq!(parse_outbox(&outbox(42)), Some(42));
+        assert!(outbox(1).starts_with(&outbox_prefix()));
     }
 
     #[test]

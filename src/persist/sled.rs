@@ -29,6 +29,9 @@ pub enum StoreError {
     /// The write-behind queue is closed (shutting down).
     #[error("write-behind queue closed")]
     Closed,
+    /// PostgreSQL did not commit (durability = "postgres").
+    #[error("postgres: {0}")]
+    Postgres(String),
 }
 
 impl From<sled::Error> for StoreError {
@@ -158,6 +161,138 @@ impl Store {
         Ok(out)
     }
 
+    /// Whether no session record is stored at all.
+    pub fn has_no_sessions(&self) -> Result<bool, StoreError> {
+        Ok(self
+            .tree
+            .scan_prefix(keys::all_sessions())
+            .next()
+            .transpose()?
+            .is_none())
+    }
+
+    /// An engine-wide value.
+    pub fn meta(&self, name: &str) -> Result<Option<sled::IVec>, StoreError> {
+        Ok(self.tree.get(keys::meta(name))?)
+    }
+
+    /// Sets an engine-wide value (made durable by the next sync).
+    pub fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.tree.insert(keys::meta(name), value)?;
+        Ok(())
+    }
+
+    /// The number of the last outbox entry.
+    pub fn outbox_last(&self) -> Result<Option<u64>, StoreError> {
+        Ok(
+            match self
+                .tree
+                .scan_prefix(keys::outbox_prefix())
+                .keys()
+                .next_back()
+            {
+                None => None,
+                Some(key) => keys::parse_outbox(&key?),
+            },
+        )
+    }
+
+    /// The first outbox entry's number and append time.
+    pub fn outbox_first(&self) -> Result<Option<(u64, Millis)>, StoreError> {
+        Ok(match self.tree.scan_prefix(keys::outbox_prefix()).next() {
+            None => None,
+            Some(item) => {
+                let (key, value) = item?;
+                let at = super::outbox::decode(&value).map_or(0, |(at, _)| at);
+                keys::parse_outbox(&key).map(|seq| (seq, at))
+            }
+        })
+    }
+
+    /// How many entries the outbox holds (a scan: start-up only).
+    pub fn outbox_len(&self) -> Result<usize, StoreError> {
+        let mut count = 0;
+        for key in self.tree.scan_prefix(keys::outbox_prefix()).keys() {
+            key?;
+            count += 1;
+        }
+        Ok(count)
+    }
+
+    /// The first `limit` outbox entries, oldest first.
+    pub fn outbox_batch(&self, limit: usize) -> Result<Vec<(u64, sled::IVec)>, StoreError> {
+        let mut out = Vec::with_capacity(limit.min(4096));
+        for item in self.tree.scan_prefix(keys::outbox_prefix()).take(limit) {
+            let (key, value) = item?;
+            if let Some(seq) = keys::parse_outbox(&key) {
+                out.push((seq, value));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes shipped outbox entries (durable with the next sync; a replay
+    /// after a crash is harmless).
+    pub fn remove_outbox(&self, seqs: impl IntoIterator<Item = u64>) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for seq in seqs {
+            batch.remove(&keys::outbox(seq));
+        }
+        self.apply(batch)
+    }
+
+    /// Appends every stored session and execution record to the outbox,
+    /// numbered from `next`; returns the next free number.
+    pub(crate) fn seed_outbox(&self, mut next: u64, now: Millis) -> Result<u64, StoreError> {
+        let mut batch = sled::Batch::default();
+        let mut pending = 0;
+        for prefix in [
+            keys::all_sessions(),
+            [keys::executions_prefix(Uuid::nil())[0]],
+        ] {
+            for item in self.tree.scan_prefix(prefix) {
+                let (key, value) = item?;
+                if let Some(entry) = super::outbox::entry_for_record(&key, &value, now) {
+                    batch.insert(&keys::outbox(next), entry);
+                    next += 1;
+                    pending += 1;
+                }
+                if pending == 1024 {
+                    self.apply(std::mem::take(&mut batch))?;
+                    pending = 0;
+                }
+            }
+        }
+        self.apply(batch)?;
+        Ok(next)
+    }
+
+    /// Writes sessions rebuilt from PostgreSQL, with their index entries and
+    /// executions, straight to the store (not through the outbox: they came
+    /// from PostgreSQL).
+    pub fn put_rebuilt(
+        &self,
+        session: &Session,
+        executions: &[(u64, ToolExecution)],
+    ) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        batch.insert(
+            keys::session(session.tenant_id, &session.session_id),
+            record::encode(session),
+        );
+        batch.insert(
+            keys::created(session.tenant_id, session.created_at, &session.session_id),
+            Vec::new(),
+        );
+        for (seq, execution) in executions {
+            batch.insert(
+                &keys::execution(session.id, *seq),
+                record::encode(execution),
+            );
+        }
+        self.apply(batch)
+    }
+
     /// Applies one batch atomically (one tree, one `apply_batch`).
     pub(crate) fn apply(&self, batch: sled::Batch) -> Result<(), StoreError> {
         Ok(self.tree.apply_batch(batch)?)
@@ -191,6 +326,7 @@ mod tests {
             match op {
                 WriteOp::Put { key, value } => batch.insert(key, value),
                 WriteOp::Remove { key } => batch.remove(key),
+                WriteOp::Audit(_) => {}
             }
         }
         store.apply(batch).unwrap();

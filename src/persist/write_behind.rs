@@ -19,10 +19,11 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::keys;
+use super::outbox::{self, Outbox};
 use super::record;
 use super::sled::{Store, StoreError};
 use crate::model::time::now_ms;
-use crate::model::{Session, ToolExecution};
+use crate::model::{AuditEntry, Session, ToolExecution};
 
 /// Resolves once the change it was handed out for is on disk.
 pub type Durable = oneshot::Receiver<Result<(), StoreError>>;
@@ -42,6 +43,9 @@ pub enum WriteOp {
         /// The key.
         key: Vec<u8>,
     },
+    /// An audit row for PostgreSQL: appended to the outbox only (dropped
+    /// when the Postgres tier is off).
+    Audit(AuditEntry),
 }
 
 impl WriteOp {
@@ -61,13 +65,25 @@ impl WriteOp {
         }
     }
 
-    /// A final session's record together with its by-end-time index entry
-    /// (which the retention purge reads).
-    pub fn final_session(session: &Session) -> Vec<Self> {
+    /// A new session's record, its creation-order index entry and its
+    /// `created` audit row.
+    pub fn new_session(session: &Session) -> Vec<Self> {
         vec![
+            WriteOp::index_session(session),
+            WriteOp::put_session(session),
+            WriteOp::Audit(AuditEntry::created(session)),
+        ]
+    }
+
+    /// A final session's record together with its by-end-time index entry
+    /// (which the retention purge reads) and its audit row.
+    pub fn final_session(session: &Session) -> Vec<Self> {
+        let mut ops = vec![
             WriteOp::put_session(session),
             WriteOp::index_finished(session),
-        ]
+        ];
+        ops.extend(AuditEntry::ended(session).map(WriteOp::Audit));
+        ops
     }
 
     fn index_finished(session: &Session) -> Self {
@@ -96,6 +112,9 @@ enum Command {
         ack: Option<oneshot::Sender<Result<(), StoreError>>>,
     },
     Barrier(oneshot::Sender<Result<(), StoreError>>),
+    /// Resolves once everything before it is committed to PostgreSQL (a
+    /// plain barrier when the tier is off).
+    ShippedBarrier(oneshot::Sender<Result<(), StoreError>>),
     Shutdown(oneshot::Sender<Result<(), StoreError>>),
 }
 
@@ -122,11 +141,22 @@ pub struct WriteBehind {
 }
 
 impl WriteBehind {
-    /// Starts the flusher thread over `store`.
+    /// Starts the flusher thread over `store`, without a Postgres tier.
     pub fn start(
         store: Store,
         flush_interval: Duration,
         max_batch: usize,
+    ) -> (Self, JoinHandle<()>) {
+        Self::start_with_outbox(store, flush_interval, max_batch, None)
+    }
+
+    /// Starts the flusher thread over `store`; with `shipping`, records are
+    /// also appended to its outbox (see [`Shipping`]).
+    pub fn start_with_outbox(
+        store: Store,
+        flush_interval: Duration,
+        max_batch: usize,
+        shipping: Option<Shipping>,
     ) -> (Self, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(WriteBehindStats::default());
@@ -136,6 +166,7 @@ impl WriteBehind {
             flush_interval,
             max_batch,
             stats: stats.clone(),
+            shipping,
         };
         let thread = std::thread::Builder::new()
             .name("write-behind".into())
@@ -170,6 +201,14 @@ impl WriteBehind {
         rx
     }
 
+    /// Resolves when everything submitted before it is committed to
+    /// PostgreSQL (or, without the tier, on disk).
+    pub fn shipped_barrier(&self) -> Durable {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::ShippedBarrier(tx));
+        rx
+    }
+
     /// Flushes everything queued and stops the flusher thread.
     pub fn shutdown(&self) -> Durable {
         let (tx, rx) = oneshot::channel();
@@ -194,12 +233,25 @@ impl WriteBehind {
     }
 }
 
+/// How the flusher feeds the PostgreSQL outbox.
+#[derive(Clone)]
+pub struct Shipping {
+    /// The outbox shared with the shipper.
+    pub outbox: Arc<Outbox>,
+    /// `durability = "postgres"`: acknowledgements wait for the Postgres
+    /// commit of their entries, not only for sled.
+    pub ack_after_commit: bool,
+    /// Longest such a wait before the caller gets an error.
+    pub commit_timeout: Duration,
+}
+
 struct Flusher {
     store: Store,
     rx: mpsc::Receiver<Command>,
     flush_interval: Duration,
     max_batch: usize,
     stats: Arc<WriteBehindStats>,
+    shipping: Option<Shipping>,
 }
 
 /// Most changes per `apply_batch` call. A group commit may hold thousands of
@@ -210,18 +262,27 @@ struct Flusher {
 /// once.
 const APPLY_CHUNK: usize = 256;
 
+type Ack = oneshot::Sender<Result<(), StoreError>>;
+
 /// One batch being gathered.
 #[derive(Default)]
 struct Pending {
     chunks: Vec<sled::Batch>,
     chunk_writes: usize,
     writes: usize,
-    acks: Vec<oneshot::Sender<Result<(), StoreError>>>,
+    /// Resolved once the batch is on disk.
+    acks: Vec<Ack>,
+    /// Resolved once the batch's outbox entries are committed to PostgreSQL.
+    commit_acks: Vec<Ack>,
+    /// Outbox entries appended, and the number of the last one.
+    entries: usize,
+    last_entry: u64,
     stop: bool,
 }
 
 impl Pending {
-    fn add(&mut self, command: Command) {
+    fn add(&mut self, command: Command, shipping: Option<&Shipping>, now: i64) {
+        let after_commit = shipping.is_some_and(|s| s.ack_after_commit);
         match command {
             Command::Write { ops, ack } => {
                 if self.chunks.is_empty() || self.chunk_writes >= APPLY_CHUNK {
@@ -231,16 +292,41 @@ impl Pending {
                 // The chunk was pushed just above when there was none.
                 let chunk = self.chunks.last_mut().expect("a chunk exists");
                 for op in ops {
+                    // The outbox entry goes into the same chunk as its
+                    // record: one atomic apply holds both or neither.
+                    let entry = match (&op, shipping) {
+                        (WriteOp::Put { key, value }, Some(_)) => {
+                            outbox::entry_for_record(key, value, now)
+                        }
+                        (WriteOp::Audit(audit), Some(_)) => {
+                            Some(outbox::entry_for_audit(audit, now))
+                        }
+                        _ => None,
+                    };
+                    if let (Some(entry), Some(shipping)) = (entry, shipping) {
+                        self.last_entry = shipping.outbox.next_seq();
+                        chunk.insert(&keys::outbox(self.last_entry), entry);
+                        self.entries += 1;
+                        self.chunk_writes += 1;
+                        self.writes += 1;
+                    }
                     match op {
                         WriteOp::Put { key, value } => chunk.insert(key, value),
                         WriteOp::Remove { key } => chunk.remove(key),
+                        WriteOp::Audit(_) => continue,
                     }
                     self.chunk_writes += 1;
                     self.writes += 1;
                 }
-                self.acks.extend(ack);
+                if after_commit {
+                    self.commit_acks.extend(ack);
+                } else {
+                    self.acks.extend(ack);
+                }
             }
-            Command::Barrier(ack) => self.acks.push(ack),
+            Command::Barrier(ack) if after_commit => self.commit_acks.push(ack),
+            Command::ShippedBarrier(ack) if shipping.is_some() => self.commit_acks.push(ack),
+            Command::Barrier(ack) | Command::ShippedBarrier(ack) => self.acks.push(ack),
             Command::Shutdown(ack) => {
                 self.acks.push(ack);
                 self.stop = true;
@@ -250,7 +336,7 @@ impl Pending {
 
     /// Someone is waiting for this batch.
     fn urgent(&self) -> bool {
-        !self.acks.is_empty()
+        !self.acks.is_empty() || !self.commit_acks.is_empty()
     }
 }
 
@@ -286,7 +372,7 @@ impl Flusher {
 
     fn take(&self, pending: &mut Pending, command: Command) {
         self.stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
-        pending.add(command);
+        pending.add(command, self.shipping.as_ref(), now_ms());
     }
 
     fn write(&self, pending: Pending) {
@@ -315,6 +401,25 @@ impl Flusher {
             }
             Err(e) => {
                 tracing::error!(error = %e, writes = pending.writes, "write-behind batch failed")
+            }
+        }
+        if let Some(shipping) = &self.shipping {
+            let outbox = &shipping.outbox;
+            let applied = if result.is_ok() { pending.entries } else { 0 };
+            outbox.applied(
+                pending.last_entry.max(outbox.applied_through()),
+                applied,
+                now_ms(),
+            );
+            let deadline = Instant::now() + shipping.commit_timeout;
+            for ack in pending.commit_acks {
+                match &result {
+                    // Everything appended so far, this batch included.
+                    Ok(()) => outbox.wait_for(outbox.applied_through(), deadline, ack),
+                    Err(e) => {
+                        let _ = ack.send(Err(e.clone()));
+                    }
+                }
             }
         }
         for ack in pending.acks {

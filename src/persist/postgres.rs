@@ -1,0 +1,583 @@
+//! The PostgreSQL tier: connection pool, migrations, batched shipping of
+//! outbox entries, and reading live sessions back for a rebuild.
+//!
+//! Every statement binds arrays (`UNNEST`), one statement per table per
+//! batch; nothing is built from strings. Times travel as Unix milliseconds
+//! and are converted by PostgreSQL (`to_timestamp`).
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::migrate::{Migrate, Migrator};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{Connection, Row};
+use uuid::Uuid;
+
+use super::outbox::Entry;
+use crate::model::{AuditEntry, ClientType, Millis, Session, Status, ToolExecution};
+
+/// The schema's migrations (`deploy/migrations`), embedded in the binary.
+pub static MIGRATOR: Migrator = sqlx::migrate!("deploy/migrations");
+
+/// Connection settings of the tier.
+#[derive(Debug, Clone)]
+pub struct PostgresConfig {
+    /// The connection URL (`postgres://user:password@host:port/db`).
+    pub url: String,
+    /// Most pooled connections.
+    pub max_connections: u32,
+    /// Server-side limit per statement.
+    pub statement_timeout: Duration,
+    /// Longest wait for a connection (connecting included).
+    pub connect_timeout: Duration,
+}
+
+/// A PostgreSQL failure, with the server's message.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct PgError(String);
+
+impl From<sqlx::Error> for PgError {
+    fn from(e: sqlx::Error) -> Self {
+        PgError(e.to_string())
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for PgError {
+    fn from(e: sqlx::migrate::MigrateError) -> Self {
+        PgError(e.to_string())
+    }
+}
+
+/// Handle to the pool; cheap to clone. Connections are made lazily, so a
+/// server that is down delays shipping but never start-up.
+#[derive(Clone)]
+pub struct Postgres {
+    pool: PgPool,
+}
+
+/// Checks a URL without connecting (config validation).
+pub fn check_url(url: &str) -> Result<(), String> {
+    PgConnectOptions::from_str(url)
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+impl Postgres {
+    /// A lazily connecting pool.
+    pub fn new(config: &PostgresConfig) -> Result<Self, PgError> {
+        let options = PgConnectOptions::from_str(&config.url)?
+            .application_name("edge-sessions")
+            .options([(
+                "statement_timeout",
+                config.statement_timeout.as_millis().to_string(),
+            )]);
+        let pool = PgPoolOptions::new()
+            .max_connections(config.max_connections.max(1))
+            .acquire_timeout(config.connect_timeout)
+            .connect_lazy_with(options);
+        Ok(Postgres { pool })
+    }
+
+    /// The pool, for tests and tools.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Applies every pending migration.
+    pub async fn migrate_up(&self) -> Result<(), PgError> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Reverts the last `steps` applied migrations.
+    pub async fn migrate_down(&self, steps: usize) -> Result<(), PgError> {
+        let mut applied = self.applied_versions().await?;
+        applied.sort_unstable();
+        let target = if steps >= applied.len() {
+            0
+        } else {
+            applied[applied.len() - steps - 1]
+        };
+        MIGRATOR.undo(&self.pool, target).await?;
+        Ok(())
+    }
+
+    /// Every embedded migration with whether it is applied:
+    /// `(version, description, applied)`.
+    pub async fn migrate_status(&self) -> Result<Vec<(i64, String, bool)>, PgError> {
+        let applied = self.applied_versions().await?;
+        Ok(MIGRATOR
+            .iter()
+            .filter(|m| m.migration_type.is_up_migration())
+            .map(|m| {
+                (
+                    m.version,
+                    m.description.to_string(),
+                    applied.contains(&m.version),
+                )
+            })
+            .collect())
+    }
+
+    async fn applied_versions(&self) -> Result<Vec<i64>, PgError> {
+        let mut conn = self.pool.acquire().await?;
+        conn.ensure_migrations_table().await?;
+        Ok(conn
+            .list_applied_migrations()
+            .await?
+            .into_iter()
+            .map(|m| m.version)
+            .collect())
+    }
+
+    /// Checks that the server answers.
+    pub async fn ping(&self) -> Result<(), PgError> {
+        let mut conn = self.pool.acquire().await?;
+        conn.ping().await?;
+        Ok(())
+    }
+
+    /// Commits one batch of outbox entries in one transaction: session rows
+    /// upserted (a row only moves forward in `version`), then executions and
+    /// audit rows appended (a replayed one is skipped by its key).
+    pub async fn ship(&self, entries: &[Entry]) -> Result<ShipCounts, PgError> {
+        let batch = Batch::gather(entries);
+        let mut tx = self.pool.begin().await?;
+        if !batch.sessions.is_empty() {
+            let s = SessionColumns::from(&batch.sessions);
+            // A client-chosen id re-used after the old session's retention:
+            // the new session takes over the (tenant, id) row.
+            sqlx::query(
+                "DELETE FROM mcp.edge_mcp_sessions s
+                 USING UNNEST($1::uuid[], $2::uuid[], $3::text[]) AS i(id, tenant_id, session_id)
+                 WHERE s.tenant_id = i.tenant_id AND s.session_id = i.session_id AND s.id <> i.id",
+            )
+            .bind(&s.id)
+            .bind(&s.tenant_id)
+            .bind(&s.session_id)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(UPSERT_SESSIONS)
+                .bind(&s.id)
+                .bind(&s.session_id)
+                .bind(&s.tenant_id)
+                .bind(&s.user_id)
+                .bind(&s.edge_mcp_id)
+                .bind(&s.client_name)
+                .bind(&s.client_type)
+                .bind(&s.client_version)
+                .bind(&s.status)
+                .bind(&s.initialized)
+                .bind(&s.connection_metadata)
+                .bind(&s.providers)
+                .bind(&s.tool_execution_count)
+                .bind(&s.tool_error_count)
+                .bind(&s.total_tokens_used)
+                .bind(&s.created_at)
+                .bind(&s.lifetime_start)
+                .bind(&s.last_activity_at)
+                .bind(&s.expires_at)
+                .bind(&s.idle_timeout_seconds)
+                .bind(&s.ttl_seconds)
+                .bind(&s.terminated_at)
+                .bind(&s.termination_reason)
+                .bind(&s.version)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if !batch.executions.is_empty() {
+            let e = ExecutionColumns::from(&batch.executions);
+            sqlx::query(INSERT_EXECUTIONS)
+                .bind(&e.session_id)
+                .bind(&e.seq)
+                .bind(&e.tool_name)
+                .bind(&e.tool_id)
+                .bind(&e.arguments)
+                .bind(&e.result)
+                .bind(&e.error)
+                .bind(&e.duration_ms)
+                .bind(&e.tokens_used)
+                .bind(&e.executed_at)
+                .bind(&e.recorded_at)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if !batch.audits.is_empty() {
+            let a = &batch.audits;
+            sqlx::query(
+                "INSERT INTO mcp.session_audit_log (id, session_id, tenant_id, action, actor, reason, at)
+                 SELECT id, session_id, tenant_id, action, actor, reason, to_timestamp(at_ms / 1000.0)
+                 FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::int8[])
+                      AS u(id, session_id, tenant_id, action, actor, reason, at_ms)
+                 ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(a.iter().map(|a| a.id).collect::<Vec<_>>())
+            .bind(a.iter().map(|a| a.session_row).collect::<Vec<_>>())
+            .bind(a.iter().map(|a| a.tenant_id).collect::<Vec<_>>())
+            .bind(a.iter().map(|a| a.action.as_str()).collect::<Vec<_>>())
+            .bind(a.iter().map(|a| a.action.actor()).collect::<Vec<_>>())
+            .bind(a.iter().map(|a| a.reason.clone()).collect::<Vec<_>>())
+            .bind(a.iter().map(|a| a.at).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(ShipCounts {
+            sessions: batch.sessions.len(),
+            executions: batch.executions.len(),
+            audits: batch.audits.len(),
+        })
+    }
+
+    /// Live sessions of `tenants` with their executions (oldest first), for
+    /// rebuilding a lost data dir. Per-tool statistics are recomputed from
+    /// the executions.
+    pub async fn live_sessions(
+        &self,
+        tenants: &[Uuid],
+    ) -> Result<Vec<(Session, Vec<(u64, ToolExecution)>)>, PgError> {
+        let rows = sqlx::query(
+            "SELECT id, session_id, tenant_id, user_id, edge_mcp_id, client_name, client_type,
+                    client_version, status, initialized, connection_metadata::text AS connection_metadata,
+                    passthrough_providers, tool_execution_count, tool_error_count, total_tokens_used,
+                    (extract(epoch FROM created_at) * 1000)::int8 AS created_ms,
+                    (extract(epoch FROM lifetime_started_at) * 1000)::int8 AS lifetime_ms,
+                    (extract(epoch FROM last_activity_at) * 1000)::int8 AS activity_ms,
+                    idle_timeout_seconds, ttl_seconds, version
+             FROM mcp.edge_mcp_sessions
+             WHERE status IN ('active', 'idle') AND tenant_id = ANY($1)
+             ORDER BY created_at",
+        )
+        .bind(tenants)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut sessions = Vec::with_capacity(rows.len());
+        let mut index = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let session = session_from_row(&row)?;
+            index.insert(session.id, sessions.len());
+            sessions.push((session, Vec::new()));
+        }
+        let ids: Vec<Uuid> = index.keys().copied().collect();
+        let rows = sqlx::query(
+            "SELECT session_id, seq, tool_name, tool_id, arguments::text AS arguments,
+                    result::text AS result, error, duration_ms, tokens_used,
+                    (extract(epoch FROM executed_at) * 1000)::int8 AS executed_ms,
+                    (extract(epoch FROM recorded_at) * 1000)::int8 AS recorded_ms
+             FROM mcp.session_tool_executions
+             WHERE session_id = ANY($1)
+             ORDER BY session_id, seq",
+        )
+        .bind(&ids)
+        .fetch_all(&self.pool)
+        .await?;
+        for row in rows {
+            let session_row: Uuid = row.try_get("session_id")?;
+            let seq: i64 = row.try_get("seq")?;
+            let execution = ToolExecution {
+                tool_name: row.try_get("tool_name")?,
+                tool_id: row.try_get("tool_id")?,
+                arguments: row.try_get("arguments")?,
+                result: row.try_get("result")?,
+                error: row.try_get("error")?,
+                duration_ms: row.try_get::<i64, _>("duration_ms")?.max(0) as u64,
+                tokens_used: row.try_get::<i64, _>("tokens_used")?.max(0) as u64,
+                executed_at: row.try_get("executed_ms")?,
+                recorded_at: row.try_get("recorded_ms")?,
+            };
+            if let Some(&i) = index.get(&session_row) {
+                sessions[i].1.push((seq.max(0) as u64, execution));
+            }
+        }
+        for (session, executions) in &mut sessions {
+            rebuild_counters(session, executions);
+        }
+        Ok(sessions)
+    }
+}
+
+/// What one shipped batch wrote (before de-duplication by PostgreSQL).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ShipCounts {
+    /// Session rows upserted (the newest state of each session in the batch).
+    pub sessions: usize,
+    /// Execution rows offered.
+    pub executions: usize,
+    /// Audit rows offered.
+    pub audits: usize,
+}
+
+/// Recomputes a rebuilt session's counters and per-tool statistics from its
+/// executions, keeping its status, activity time and version.
+fn rebuild_counters(session: &mut Session, executions: &[(u64, ToolExecution)]) {
+    let (status, last_activity, version) =
+        (session.status, session.last_activity_at, session.version);
+    session.tool_execution_count = 0;
+    session.tool_error_count = 0;
+    session.total_tokens_used = 0;
+    session.tools.clear();
+    for (_, execution) in executions {
+        session.record_execution(execution, execution.recorded_at);
+    }
+    session.status = status;
+    session.last_activity_at = last_activity.max(session.last_activity_at);
+    session.version = version.max(session.version);
+}
+
+fn session_from_row(row: &sqlx::postgres::PgRow) -> Result<Session, PgError> {
+    let text = |name: &str| -> Result<String, PgError> { Ok(row.try_get::<String, _>(name)?) };
+    let optional = |name: &str| -> Result<Option<Box<str>>, PgError> {
+        Ok(row.try_get::<Option<String>, _>(name)?.map(Into::into))
+    };
+    let count =
+        |name: &str| -> Result<u64, PgError> { Ok(row.try_get::<i64, _>(name)?.max(0) as u64) };
+    let client_type = text("client_type")?;
+    let status = text("status")?;
+    let providers: Vec<String> = row.try_get("passthrough_providers")?;
+    Ok(Session {
+        id: row.try_get("id")?,
+        session_id: text("session_id")?.into(),
+        tenant_id: row.try_get("tenant_id")?,
+        user_id: row.try_get("user_id")?,
+        edge_mcp_id: text("edge_mcp_id")?.into(),
+        client_name: optional("client_name")?,
+        client_type: ClientType::parse(&client_type)
+            .ok_or_else(|| PgError(format!("unknown client_type {client_type:?}")))?,
+        client_version: optional("client_version")?,
+        status: Status::parse(&status)
+            .ok_or_else(|| PgError(format!("unknown status {status:?}")))?,
+        initialized: row.try_get("initialized")?,
+        connection_metadata: text("connection_metadata")?.into(),
+        passthrough_providers: providers.into_iter().map(Into::into).collect(),
+        tool_execution_count: count("tool_execution_count")?,
+        tool_error_count: count("tool_error_count")?,
+        total_tokens_used: count("total_tokens_used")?,
+        created_at: row.try_get::<i64, _>("created_ms")?,
+        lifetime_start: row.try_get::<i64, _>("lifetime_ms")?,
+        last_activity_at: row.try_get::<i64, _>("activity_ms")?,
+        idle_timeout_seconds: row.try_get::<i32, _>("idle_timeout_seconds")?.max(1) as u32,
+        ttl_seconds: row.try_get::<i32, _>("ttl_seconds")?.max(1) as u32,
+        terminated_at: None,
+        termination_reason: None,
+        version: count("version")?,
+        tools: Vec::new(),
+    })
+}
+
+/// A batch's entries sorted by table, sessions reduced to their newest state.
+struct Batch<'a> {
+    sessions: Vec<&'a Session>,
+    executions: Vec<(Uuid, u64, &'a ToolExecution)>,
+    audits: Vec<&'a AuditEntry>,
+}
+
+impl<'a> Batch<'a> {
+    fn gather(entries: &'a [Entry]) -> Self {
+        // One row per (tenant, session id): a statement may not touch a row
+        // twice, and only the newest state matters. The later entry wins
+        // (entries are in append order).
+        let mut newest: HashMap<(Uuid, &str), usize> = HashMap::new();
+        let mut sessions: Vec<&Session> = Vec::new();
+        let mut executions = Vec::new();
+        let mut audits = Vec::new();
+        for entry in entries {
+            match entry {
+                Entry::Session(session) => {
+                    match newest.get(&(session.tenant_id, &*session.session_id)) {
+                        Some(&i) => sessions[i] = session,
+                        None => {
+                            newest
+                                .insert((session.tenant_id, &*session.session_id), sessions.len());
+                            sessions.push(session);
+                        }
+                    }
+                }
+                Entry::Execution {
+                    session_row,
+                    seq,
+                    execution,
+                } => executions.push((*session_row, *seq, execution)),
+                Entry::Audit(audit) => audits.push(audit),
+            }
+        }
+        Batch {
+            sessions,
+            executions,
+            audits,
+        }
+    }
+}
+
+const UPSERT_SESSIONS: &str = "
+INSERT INTO mcp.edge_mcp_sessions (
+    id, session_id, tenant_id, user_id, edge_mcp_id, client_name, client_type, client_version,
+    status, initialized, connection_metadata, has_passthrough_auth, passthrough_providers,
+    tool_execution_count, tool_error_count, total_tokens_used, created_at, lifetime_started_at,
+    last_activity_at, expires_at, idle_timeout_seconds, ttl_seconds, terminated_at,
+    termination_reason, version, updated_at)
+SELECT id, session_id, tenant_id, user_id, edge_mcp_id, client_name, client_type, client_version,
+       status, initialized, connection_metadata::jsonb,
+       jsonb_array_length(providers::jsonb) > 0,
+       ARRAY(SELECT jsonb_array_elements_text(providers::jsonb)),
+       tool_execution_count, tool_error_count, total_tokens_used,
+       to_timestamp(created_ms / 1000.0), to_timestamp(lifetime_ms / 1000.0),
+       to_timestamp(activity_ms / 1000.0), to_timestamp(expires_ms / 1000.0),
+       idle_timeout_seconds, ttl_seconds, to_timestamp(terminated_ms / 1000.0),
+       termination_reason, version, now()
+FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::uuid[], $5::text[], $6::text[], $7::text[],
+            $8::text[], $9::text[], $10::bool[], $11::text[], $12::text[], $13::int8[], $14::int8[],
+            $15::int8[], $16::int8[], $17::int8[], $18::int8[], $19::int8[], $20::int4[],
+            $21::int4[], $22::int8[], $23::text[], $24::int8[])
+     AS u(id, session_id, tenant_id, user_id, edge_mcp_id, client_name, client_type,
+          client_version, status, initialized, connection_metadata, providers,
+          tool_execution_count, tool_error_count, total_tokens_used, created_ms, lifetime_ms,
+          activity_ms, expires_ms, idle_timeout_seconds, ttl_seconds, terminated_ms,
+          termination_reason, version)
+ON CONFLICT (tenant_id, session_id) DO UPDATE SET
+    user_id = EXCLUDED.user_id,
+    client_name = EXCLUDED.client_name,
+    client_version = EXCLUDED.client_version,
+    status = EXCLUDED.status,
+    initialized = EXCLUDED.initialized,
+    connection_metadata = EXCLUDED.connection_metadata,
+    has_passthrough_auth = EXCLUDED.has_passthrough_auth,
+    passthrough_providers = EXCLUDED.passthrough_providers,
+    tool_execution_count = EXCLUDED.tool_execution_count,
+    tool_error_count = EXCLUDED.tool_error_count,
+    total_tokens_used = EXCLUDED.total_tokens_used,
+    lifetime_started_at = EXCLUDED.lifetime_started_at,
+    last_activity_at = EXCLUDED.last_activity_at,
+    expires_at = EXCLUDED.expires_at,
+    idle_timeout_seconds = EXCLUDED.idle_timeout_seconds,
+    ttl_seconds = EXCLUDED.ttl_seconds,
+    terminated_at = EXCLUDED.terminated_at,
+    termination_reason = EXCLUDED.termination_reason,
+    version = EXCLUDED.version,
+    updated_at = now()
+WHERE mcp.edge_mcp_sessions.version < EXCLUDED.version
+   OR (mcp.edge_mcp_sessions.version = EXCLUDED.version
+       AND mcp.edge_mcp_sessions.last_activity_at < EXCLUDED.last_activity_at)";
+
+const INSERT_EXECUTIONS: &str = "
+INSERT INTO mcp.session_tool_executions (
+    session_id, seq, tool_name, tool_id, arguments, result, error, duration_ms, tokens_used,
+    executed_at, recorded_at)
+SELECT session_id, seq, tool_name, tool_id, arguments::jsonb, result::jsonb, error, duration_ms,
+       tokens_used, to_timestamp(executed_ms / 1000.0), to_timestamp(recorded_ms / 1000.0)
+FROM UNNEST($1::uuid[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+            $8::int8[], $9::int8[], $10::int8[], $11::int8[])
+     AS u(session_id, seq, tool_name, tool_id, arguments, result, error, duration_ms,
+          tokens_used, executed_ms, recorded_ms)
+ON CONFLICT (session_id, seq) DO NOTHING";
+
+fn int(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// Session fields as column arrays, for `UNNEST`.
+#[derive(Default)]
+struct SessionColumns {
+    id: Vec<Uuid>,
+    session_id: Vec<String>,
+    tenant_id: Vec<Uuid>,
+    user_id: Vec<Option<Uuid>>,
+    edge_mcp_id: Vec<String>,
+    client_name: Vec<Option<String>>,
+    client_type: Vec<&'static str>,
+    client_version: Vec<Option<String>>,
+    status: Vec<&'static str>,
+    initialized: Vec<bool>,
+    connection_metadata: Vec<String>,
+    providers: Vec<String>,
+    tool_execution_count: Vec<i64>,
+    tool_error_count: Vec<i64>,
+    total_tokens_used: Vec<i64>,
+    created_at: Vec<Millis>,
+    lifetime_start: Vec<Millis>,
+    last_activity_at: Vec<Millis>,
+    expires_at: Vec<Millis>,
+    idle_timeout_seconds: Vec<i32>,
+    ttl_seconds: Vec<i32>,
+    terminated_at: Vec<Option<Millis>>,
+    termination_reason: Vec<Option<String>>,
+    version: Vec<i64>,
+}
+
+impl From<&Vec<&Session>> for SessionColumns {
+    fn from(sessions: &Vec<&Session>) -> Self {
+        let mut c = SessionColumns::default();
+        for s in sessions {
+            c.id.push(s.id);
+            c.session_id.push(s.session_id.to_string());
+            c.tenant_id.push(s.tenant_id);
+            c.user_id.push(s.user_id);
+            c.edge_mcp_id.push(s.edge_mcp_id.to_string());
+            c.client_name
+                .push(s.client_name.as_deref().map(str::to_owned));
+            c.client_type.push(s.client_type.as_str());
+            c.client_version
+                .push(s.client_version.as_deref().map(str::to_owned));
+            c.status.push(s.status.as_str());
+            c.initialized.push(s.initialized);
+            c.connection_metadata
+                .push(s.connection_metadata.to_string());
+            c.providers.push(
+                serde_json::to_string(&s.passthrough_providers).unwrap_or_else(|_| "[]".into()),
+            );
+            c.tool_execution_count.push(int(s.tool_execution_count));
+            c.tool_error_count.push(int(s.tool_error_count));
+            c.total_tokens_used.push(int(s.total_tokens_used));
+            c.created_at.push(s.created_at);
+            c.lifetime_start.push(s.lifetime_start);
+            c.last_activity_at.push(s.last_activity_at);
+            c.expires_at.push(s.expires_at());
+            c.idle_timeout_seconds
+                .push(i32::try_from(s.idle_timeout_seconds).unwrap_or(i32::MAX));
+            c.ttl_seconds
+                .push(i32::try_from(s.ttl_seconds).unwrap_or(i32::MAX));
+            c.terminated_at.push(s.terminated_at);
+            c.termination_reason
+                .push(s.termination_reason.as_deref().map(str::to_owned));
+            c.version.push(int(s.version));
+        }
+        c
+    }
+}
+
+/// Execution fields as column arrays, for `UNNEST`.
+#[derive(Default)]
+struct ExecutionColumns {
+    session_id: Vec<Uuid>,
+    seq: Vec<i64>,
+    tool_name: Vec<String>,
+    tool_id: Vec<Option<String>>,
+    arguments: Vec<String>,
+    result: Vec<String>,
+    error: Vec<Option<String>>,
+    duration_ms: Vec<i64>,
+    tokens_used: Vec<i64>,
+    executed_at: Vec<Millis>,
+    recorded_at: Vec<Millis>,
+}
+
+impl From<&Vec<(Uuid, u64, &ToolExecution)>> for ExecutionColumns {
+    fn from(executions: &Vec<(Uuid, u64, &ToolExecution)>) -> Self {
+        let mut c = ExecutionColumns::default();
+        for (row, seq, e) in executions {
+            c.session_id.push(*row);
+            c.seq.push(int(*seq));
+            c.tool_name.push(e.tool_name.clone());
+            c.tool_id.push(e.tool_id.clone());
+            c.arguments.push(e.arguments.clone());
+            c.result.push(e.result.clone());
+            c.error.push(e.error.clone());
+            c.duration_ms.push(int(e.duration_ms));
+            c.tokens_used.push(int(e.tokens_used));
+            c.executed_at.push(e.executed_at);
+            c.recorded_at.push(e.recorded_at);
+        }
+        c
+    }
+}

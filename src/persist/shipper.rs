@@ -1,0 +1,295 @@
+//! The shipper: drains the sled outbox into PostgreSQL in batches.
+//!
+//! It runs on its own thread with its own single-threaded runtime, so
+//! PostgreSQL never sits on a request's path and a slow server slows only
+//! this thread. Each round reads up to `batch_size` entries (oldest first),
+//! commits them in one transaction ([`Postgres::ship`]) and then deletes them
+//! from the outbox. A crash between the commit and the delete replays the
+//! batch, which PostgreSQL absorbs (see [`super::outbox`]).
+//!
+//! When PostgreSQL is down or failing, the shipper retries with capped
+//! exponential backoff and jitter, and logs the outbox depth and the age of
+//! its oldest entry (at most every few seconds) so an operator sees the
+//! backlog grow and drain.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use tokio::sync::watch;
+
+use super::outbox::{self, Outbox};
+use super::postgres::Postgres;
+use super::sled::{Store, StoreError};
+use crate::model::time::now_ms;
+
+/// First retry delay after a failure.
+const BACKOFF_START: Duration = Duration::from_millis(100);
+/// Longest retry delay.
+const BACKOFF_CAP: Duration = Duration::from_secs(10);
+/// Least time between two backlog log lines while failing.
+const LOG_EVERY: Duration = Duration::from_secs(5);
+/// Longest sleep with nothing to do (waiter deadlines are checked this often).
+const IDLE_WAIT: Duration = Duration::from_millis(250);
+
+/// How the shipper runs.
+#[derive(Debug, Clone)]
+pub struct ShipperConfig {
+    /// Most outbox entries per transaction.
+    pub batch_size: usize,
+    /// Apply migrations before the first batch.
+    pub migrate_on_start: bool,
+    /// How long shutdown keeps shipping what is left before leaving it in
+    /// the outbox for the next start.
+    pub drain_on_shutdown: Duration,
+}
+
+/// Handle to the running shipper.
+pub struct ShipperHandle {
+    stop: watch::Sender<bool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ShipperHandle {
+    /// Asks the shipper to drain (bounded by `drain_on_shutdown`) and stop,
+    /// and waits for its thread.
+    pub fn stop(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::error!("the outbox shipper panicked");
+            }
+        }
+    }
+}
+
+/// Starts the shipper thread.
+pub fn start(
+    store: Store,
+    outbox: Arc<Outbox>,
+    postgres: Postgres,
+    config: ShipperConfig,
+) -> ShipperHandle {
+    let (stop, stopping) = watch::channel(false);
+    let shipper = Shipper {
+        store,
+        outbox,
+        postgres,
+        config,
+    };
+    let thread = std::thread::Builder::new()
+        .name("outbox-shipper".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the outbox shipper's runtime; PostgreSQL will not be written");
+                    return;
+                }
+            };
+            runtime.block_on(shipper.run(stopping));
+        })
+        // Failing to spawn a thread at start-up means the OS is out of
+        // resources; there is nothing sensible to continue with.
+        .expect("spawning the outbox shipper thread");
+    ShipperHandle {
+        stop,
+        thread: Some(thread),
+    }
+}
+
+struct Shipper {
+    store: Store,
+    outbox: Arc<Outbox>,
+    postgres: Postgres,
+    config: ShipperConfig,
+}
+
+/// Capped exponential backoff with full jitter.
+struct Backoff {
+    failures: u32,
+    last_log: Option<Instant>,
+}
+
+impl Backoff {
+    fn delay(&self) -> Duration {
+        let exp = BACKOFF_START.saturating_mul(1 << self.failures.min(16));
+        let cap = exp.min(BACKOFF_CAP);
+        // Full jitter: anywhere in [cap/2, cap], so many engines restarting
+        // together do not hammer the server in step.
+        let half = cap / 2;
+        half + rand::thread_rng().gen_range(Duration::ZERO..=half)
+    }
+
+    /// Whether a failure is worth a log line now.
+    fn should_log(&mut self) -> bool {
+        let due = self.last_log.is_none_or(|at| at.elapsed() >= LOG_EVERY);
+        if due {
+            self.last_log = Some(Instant::now());
+        }
+        due
+    }
+}
+
+impl Shipper {
+    async fn run(self, mut stopping: watch::Receiver<bool>) {
+        let mut backoff = Backoff {
+            failures: 0,
+            last_log: None,
+        };
+        if self.config.migrate_on_start {
+            loop {
+                match self.postgres.migrate_up().await {
+                    Ok(()) => {
+                        tracing::info!("postgres: migrations applied");
+                        break;
+                    }
+                    Err(e) => {
+                        if backoff.should_log() {
+                            tracing::error!(error = %e, "postgres: cannot apply migrations; shipping waits, sessions are kept in sled");
+                        }
+                        self.outbox
+                            .settle_waiters(Some(&StoreError::Postgres(e.to_string())));
+                        backoff.failures += 1;
+                        if self.pause(backoff.delay(), &mut stopping).await {
+                            self.outbox.fail_waiters();
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+        backoff = Backoff {
+            failures: 0,
+            last_log: None,
+        };
+        let mut drain_deadline: Option<Instant> = None;
+        loop {
+            if *stopping.borrow() && drain_deadline.is_none() {
+                drain_deadline = Some(Instant::now() + self.config.drain_on_shutdown);
+            }
+            let applied = self.outbox.applied_through();
+            let batch = match self.store.outbox_batch(self.config.batch_size) {
+                Ok(batch) => batch,
+                Err(e) => {
+                    tracing::error!(error = %e, "outbox: cannot read from sled");
+                    Vec::new()
+                }
+            };
+            if batch.is_empty() {
+                self.outbox.drained(applied);
+                if drain_deadline.is_some() {
+                    break;
+                }
+                self.idle(&mut stopping).await;
+                continue;
+            }
+            if drain_deadline.is_some_and(|d| Instant::now() >= d) {
+                tracing::warn!(
+                    left = self.outbox.stats().depth.load(std::sync::atomic::Ordering::Relaxed),
+                    "outbox: shutdown before PostgreSQL took everything; the rest ships at the next start"
+                );
+                break;
+            }
+            match self.ship(&batch).await {
+                Ok(()) => {
+                    if backoff.failures > 0 {
+                        tracing::info!(
+                            after_failures = backoff.failures,
+                            "postgres: reachable again, outbox shipping resumed"
+                        );
+                    }
+                    backoff.failures = 0;
+                    backoff.last_log = None;
+                }
+                Err(e) => {
+                    backoff.failures += 1;
+                    self.outbox
+                        .stats()
+                        .failures
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if backoff.should_log() {
+                        let stats = self.outbox.stats();
+                        let oldest = stats
+                            .oldest_enqueued_at_ms
+                            .load(std::sync::atomic::Ordering::Relaxed);
+                        tracing::error!(
+                            error = %e,
+                            outbox_depth = stats.depth.load(std::sync::atomic::Ordering::Relaxed),
+                            oldest_entry_age_ms = if oldest > 0 { now_ms() - oldest } else { 0 },
+                            retry_in_ms = backoff.delay().as_millis() as u64,
+                            "postgres: shipping failed; requests go on, changes wait in the outbox"
+                        );
+                    }
+                    self.outbox
+                        .settle_waiters(Some(&StoreError::Postgres(e.to_string())));
+                    let delay = backoff.delay();
+                    if drain_deadline.is_some() {
+                        // Shutting down: one more try within the deadline at most.
+                        if drain_deadline.is_some_and(|d| Instant::now() + delay >= d) {
+                            break;
+                        }
+                        tokio::time::sleep(delay).await;
+                    } else {
+                        self.pause(delay, &mut stopping).await;
+                    }
+                }
+            }
+        }
+        self.outbox.fail_waiters();
+    }
+
+    /// Ships one batch; on success deletes it from the outbox.
+    async fn ship(&self, batch: &[(u64, sled::IVec)]) -> Result<(), String> {
+        let mut entries = Vec::with_capacity(batch.len());
+        for (seq, value) in batch {
+            match outbox::decode(value) {
+                Ok((_, entry)) => entries.push(entry),
+                // A corrupt entry would block the outbox forever; it is
+                // logged and dropped with the batch.
+                Err(e) => tracing::error!(seq, error = %e, "outbox: unreadable entry dropped"),
+            }
+        }
+        self.postgres
+            .ship(&entries)
+            .await
+            .map_err(|e| e.to_string())?;
+        let last = batch.last().map_or(0, |(seq, _)| *seq);
+        self.store
+            .remove_outbox(batch.iter().map(|(seq, _)| *seq))
+            .map_err(|e| e.to_string())?;
+        let oldest_left = self
+            .store
+            .outbox_first()
+            .ok()
+            .flatten()
+            .map_or(0, |(_, at)| at);
+        self.outbox.committed(last, batch.len(), oldest_left);
+        Ok(())
+    }
+
+    /// Waits for new entries or waiters, at most [`IDLE_WAIT`].
+    async fn idle(&self, stopping: &mut watch::Receiver<bool>) {
+        tokio::select! {
+            () = self.outbox.wake.notified() => {}
+            _ = stopping.changed() => {}
+            () = tokio::time::sleep(IDLE_WAIT) => {}
+        }
+        self.outbox.settle_waiters(None);
+    }
+
+    /// Sleeps `delay` unless asked to stop; returns whether it was.
+    async fn pause(&self, delay: Duration, stopping: &mut watch::Receiver<bool>) -> bool {
+        if *stopping.borrow() {
+            return true;
+        }
+        tokio::select! {
+            _ = stopping.changed() => true,
+            () = tokio::time::sleep(delay) => false,
+        }
+    }
+}
