@@ -6,7 +6,10 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
+use std::sync::atomic::Ordering;
+
 use super::AppState;
+use crate::model::time::now_ms;
 
 /// The routes of this module.
 pub fn router() -> Router<AppState> {
@@ -19,7 +22,8 @@ async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
-/// 200 once recovery has finished and the store accepts writes, else 503.
+/// 200 once recovery has finished and the store accepts writes, else 503;
+/// with the PostgreSQL tier on, the body also shows the outbox backlog.
 async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     if !state.engine.is_ready() {
         return (
@@ -27,11 +31,23 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
             Json(json!({ "status": "recovering" })),
         );
     }
-    match state.engine.check_writable().await {
-        Ok(()) => (StatusCode::OK, Json(json!({ "status": "ready" }))),
+    let (status, mut body) = match state.engine.check_writable().await {
+        Ok(()) => (StatusCode::OK, json!({ "status": "ready" })),
         Err(_) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": "store not writable" })),
+            json!({ "status": "store not writable" }),
         ),
+    };
+    // The PostgreSQL backlog: readiness does not depend on it (sled holds
+    // every change), but this is where an operator looks first.
+    if let Some(outbox) = state.engine.outbox_stats() {
+        let oldest = outbox.oldest_enqueued_at_ms.load(Ordering::Relaxed);
+        body["postgres"] = json!({
+            "outbox_depth": outbox.depth.load(Ordering::Relaxed),
+            "oldest_entry_age_ms": if oldest > 0 { (now_ms() - oldest).max(0) } else { 0 },
+            "shipped": outbox.shipped.load(Ordering::Relaxed),
+            "failures": outbox.failures.load(Ordering::Relaxed),
+        });
     }
+    (status, Json(body))
 }

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod pg;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -200,6 +202,8 @@ pub struct ChildServer {
     pub config: PathBuf,
     /// Every line the binary printed on stdout so far.
     pub stdout: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// Every log line (stderr) so far.
+    pub logs: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl ChildServer {
@@ -207,6 +211,12 @@ impl ChildServer {
     /// ready. Both output streams are read to the end, so the child never
     /// blocks on a full pipe or writes to a closed one.
     pub async fn start(config: &Path) -> Self {
+        Self::start_waiting(config, true).await
+    }
+
+    /// As [`ChildServer::start`]; with `ready` false it returns once the
+    /// binary listens, without waiting for `/readyz`.
+    pub async fn start_waiting(config: &Path, ready: bool) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_edge-sessions"))
             .arg("serve")
             .arg("--config")
@@ -227,8 +237,11 @@ impl ChildServer {
         });
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
+        let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log_sink = logs.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                log_sink.lock().unwrap().push(line.clone());
                 if let Ok(v) = serde_json::from_str::<Value>(&line) {
                     if v["message"] == "listening" {
                         let addr: SocketAddr = v["addr"].as_str().unwrap().parse().unwrap();
@@ -242,12 +255,15 @@ impl ChildServer {
             .unwrap()
             .expect("the binary logs its address");
         let base = format!("http://{addr}");
-        wait_ready(&client(), &base).await;
+        if ready {
+            wait_ready(&client(), &base).await;
+        }
         ChildServer {
             child,
             base,
             config: config.to_owned(),
             stdout: stdout_lines,
+            logs,
         }
     }
 

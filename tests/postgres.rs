@@ -1,0 +1,263 @@
+//! The PostgreSQL tier against a real, throwaway PostgreSQL (see
+//! `common::pg`): migrations, rows for what was done over HTTP, an outage in
+//! the middle of a run, a SIGKILL with a full outbox, a rebuild from
+//! PostgreSQL into an empty data dir, `durability = "postgres"`, and a
+//! server that cannot be reached.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::pg::TempPostgres;
+use common::*;
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+fn postgres_section(url: &str, extra: &str) -> String {
+    format!("[postgres]\nurl = {url:?}\n{extra}\n")
+}
+
+fn write_config(dir: &Path, data: &str, storage: &str, postgres: &str) -> PathBuf {
+    let path = dir.join(format!("{data}.toml"));
+    std::fs::write(
+        &path,
+        config_toml_with_storage(&dir.join(data), 1000, storage, postgres),
+    )
+    .unwrap();
+    path
+}
+
+fn migrate(url: &str, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_edge-sessions"))
+        .arg("migrate")
+        .args(args)
+        .env("EDGE_SESSIONS__POSTGRES__URL", url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "migrate {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+async fn create(client: &reqwest::Client, base: &str, id: &str) {
+    let body = json!({"session_id": id, "edge_mcp_id": "edge", "client_type": "claude-code",
+                      "passthrough_auth": {"credentials": {"github": {"type": "bearer", "token": "ghp_secret"}}},
+                      "metadata": {"k": "v"}});
+    let (status, body) = call(
+        client,
+        base,
+        Method::POST,
+        "/api/v1/sessions",
+        KEY_A,
+        Some(body),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+}
+
+async fn execute(client: &reqwest::Client, base: &str, id: &str, failed: bool) -> StatusCode {
+    let body = json!({"tool_name": if failed { "grep" } else { "read" }, "tokens_used": 3,
+                      "duration_ms": 7, "arguments": {"q": id},
+                      "error": if failed { json!("boom") } else { json!(null) }});
+    let path = format!("/api/v1/sessions/{id}/tools/execute");
+    call(client, base, Method::POST, &path, KEY_A, Some(body))
+        .await
+        .0
+}
+
+async fn flush(client: &reqwest::Client, base: &str) -> (StatusCode, Value) {
+    call(client, base, Method::POST, "/admin/flush", ADMIN_KEY, None).await
+}
+
+#[test]
+fn migrations_go_up_down_and_up_again() {
+    let pg = TempPostgres::start();
+    let status = migrate(&pg.url, &["status"]);
+    assert!(
+        status.contains("0001 edge mcp sessions: pending"),
+        "{status}"
+    );
+    migrate(&pg.url, &["up"]);
+    migrate(&pg.url, &["up"]); // a no-op the second time
+    let tables = pg.psql("\\dt mcp.*");
+    for table in [
+        "edge_mcp_sessions",
+        "session_tool_executions",
+        "session_audit_log",
+    ] {
+        assert!(tables.contains(table), "{table} missing from {tables}");
+    }
+    assert_eq!(pg.scalar("SELECT count(*) FROM mcp.session_metrics"), 0);
+    assert!(migrate(&pg.url, &["status"]).contains(": applied"));
+
+    migrate(&pg.url, &["down"]);
+    assert_eq!(
+        pg.scalar("SELECT count(*) FROM information_schema.schemata WHERE schema_name = 'mcp'"),
+        0,
+        "down removes the schema completely"
+    );
+    assert!(migrate(&pg.url, &["status"]).contains(": pending"));
+    migrate(&pg.url, &["up"]);
+    assert_eq!(
+        pg.scalar("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'mcp' AND table_type = 'BASE TABLE'"),
+        3
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_is_done_over_http_arrives_as_rows() {
+    let pg = TempPostgres::start();
+    let server = TestServer::start_with(1000, &postgres_section(&pg.url, "")).await;
+    let client = &server.client;
+    let base = &server.base;
+    for i in 0..5 {
+        create(client, base, &format!("h-{i}")).await;
+    }
+    for i in 0..40 {
+        assert_eq!(
+            execute(client, base, &format!("h-{}", i % 5), i % 4 == 0).await,
+            StatusCode::NO_CONTENT
+        );
+    }
+    let (status, _) = server
+        .call(
+            Method::DELETE,
+            "/api/v1/sessions/h-0",
+            KEY_A,
+            Some(json!({"reason": "done"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = server
+        .call(
+            Method::PATCH,
+            "/api/v1/sessions/h-1",
+            KEY_A,
+            Some(json!({"client_name": "renamed"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, body) = flush(client, base).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["outbox_depth"], 0);
+
+    assert_eq!(pg.scalar("SELECT count(*) FROM mcp.edge_mcp_sessions"), 5);
+    assert_eq!(
+        pg.scalar("SELECT count(*) FROM mcp.session_tool_executions"),
+        40
+    );
+    assert_eq!(
+        pg.scalar("SELECT count(*) FROM mcp.session_tool_executions WHERE error IS NOT NULL"),
+        10
+    );
+    assert_eq!(
+        pg.scalar("SELECT sum(tool_execution_count) FROM mcp.edge_mcp_sessions"),
+        40
+    );
+    assert_eq!(
+        pg.scalar("SELECT sum(total_tokens_used) FROM mcp.edge_mcp_sessions"),
+        120
+    );
+    let row = pg.psql(
+        "SELECT status, termination_reason, client_type, has_passthrough_auth, passthrough_providers, connection_metadata->>'k', version
+         FROM mcp.edge_mcp_sessions WHERE session_id = 'h-0'",
+    );
+    assert_eq!(row.trim(), "terminated|done|claude-code|t|{github}|v|10");
+    assert_eq!(
+        pg.psql("SELECT client_name FROM mcp.edge_mcp_sessions WHERE session_id = 'h-1'")
+            .trim(),
+        "renamed"
+    );
+    let audit = pg.psql("SELECT action || ':' || actor || ':' || coalesce(reason, '') FROM mcp.session_audit_log a JOIN mcp.edge_mcp_sessions s ON s.id = a.session_id WHERE s.session_id = 'h-0' ORDER BY at");
+    assert_eq!(audit.trim(), "created:client:\nterminated:client:done");
+    assert_eq!(
+        pg.scalar("SELECT count(*) FROM mcp.session_audit_log WHERE action = 'created'"),
+        5
+    );
+    assert_eq!(
+        pg.scalar("SELECT total_sessions FROM mcp.session_metrics"),
+        5,
+        "the view sums per tenant"
+    );
+    // The credentials are never stored in plaintext (they are not kept at
+    // all until the vault exists).
+    assert_eq!(
+        pg.scalar("SELECT count(*) FROM mcp.edge_mcp_sessions WHERE row_to_json(edge_mcp_sessions)::text LIKE '%ghp_secret%'"),
+        0
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_loses_nothing_and_duplicates_nothing() {
+    let pg = TempPostgres::start_own();
+    let server = TestServer::start_with(
+        1000,
+        &postgres_section(&pg.url, "commit_timeout_ms = 60000"),
+    )
+    .await;
+    let client = &server.client;
+    let base = &server.base;
+    let mut executed = 0;
+    for round in 0..3 {
+        if round == 1 {
+            pg.stop();
+        }
+        for i in 0..10 {
+            create(client, base, &format!("o-{round}-{i}")).await;
+        }
+        for i in 0..60 {
+            let id = format!("o-{round}-{}", i % 10);
+            assert_eq!(
+                execute(client, base, &id, i % 7 == 0).await,
+                StatusCode::NO_CONTENT
+            );
+            executed += 1;
+        }
+        if round == 1 {
+            // Requests kept succeeding while PostgreSQL was down; the
+            // changes wait in the outbox.
+            let depth = outbox_depth(&server).await;
+            assert!(
+                depth > 0,
+                "the outbox holds the changes made during the outage"
+            );
+            pg.restart();
+        }
+    }
+    let (status, body) = flush(client, base).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(pg.scalar("SELECT count(*) FROM mcp.edge_mcp_sessions"), 30);
+    assert_eq!(
+        pg.scalar("SELECT count(*) FROM mcp.session_tool_executions"),
+        executed
+    );
+    assert_eq!(
+        pg.scalar("SELECT count(DISTINCT (session_id, seq)) FROM mcp.session_tool_executions"),
+        executed
+    );
+    assert_eq!(
+        pg.scalar("SELECT sum(tool_execution_count) FROM mcp.edge_mcp_sessions"),
+        executed
+    );
+    assert_eq!(pg.scalar("SELECT count(*) FROM mcp.session_audit_log"), 30);
+    // The engine's own counts agree.
+    let (_, metrics) = server
+        .call(Method::GET, "/api/v1/sessions/metrics", KEY_A, None)
+        .await;
+    assert_eq!(metrics["total_tool_executions"], executed);
+    assert_eq!(metrics["total_sessions"], 30);
+    server.stop().await;
+}
+
+/// The outbox depth `/readyz` reports.
+async fn outbox_depth(server: &TestServer) -> u64 {
+    let (status, body) = server.call(Method::GET, "/readyz", "", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body["postgres"]["outbox_depth"].as_u64().unwrap()
+}
