@@ -55,6 +55,7 @@ fn start_placed(dir: &std::path::Path, durability: Durability, placement: Placem
         shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
         placement,
         clock: Clock::system(),
+        postgres: None,
     };
     Engine::start(config).expect("engine starts")
 }

@@ -132,8 +132,10 @@ pub struct PostgresSettings {
     pub statement_timeout_ms: u64,
     /// Longest wait for a connection, in ms.
     pub connect_timeout_ms: u64,
-    /// Most outbox entries shipped per transaction.
+    /// Most outbox entries shipped per round.
     pub batch_size: usize,
+    /// Connections (transactions) a round is split over, by session.
+    pub ship_connections: usize,
     /// Under `durability = "postgres"`, longest an acknowledgement waits for
     /// its commit before the request answers 503, in ms.
     pub commit_timeout_ms: u64,
@@ -315,6 +317,7 @@ impl Settings {
                 ("postgres.statement_timeout_ms", p.statement_timeout_ms),
                 ("postgres.connect_timeout_ms", p.connect_timeout_ms),
                 ("postgres.batch_size", p.batch_size as u64),
+                ("postgres.ship_connections", p.ship_connections as u64),
                 ("postgres.commit_timeout_ms", p.commit_timeout_ms),
             ] {
                 if value == 0 {

@@ -261,3 +261,304 @@ async fn outbox_depth(server: &TestServer) -> u64 {
     assert_eq!(status, StatusCode::OK, "{body}");
     body["postgres"]["outbox_depth"].as_u64().unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_engine_ships_its_outbox_after_restart() {
+    let pg = TempPostgres::start_own();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "data", "", &postgres_section(&pg.url, ""));
+    // First run: schema in place, then PostgreSQL goes away.
+    let server = ChildServer::start(&config).await;
+    let client = client();
+    let (status, _) = flush(&client, &server.base).await;
+    assert_eq!(status, StatusCode::OK);
+    pg.stop();
+    for i in 0..8 {
+        create(&client, &server.base, &format!("k-{i}")).await;
+    }
+    for i in 0..40 {
+        assert_eq!(
+            execute(&client, &server.base, &format!("k-{}", i % 8), false).await,
+            StatusCode::NO_CONTENT
+        );
+    }
+    let (status, body) = call(&client, &server.base, Method::GET, "/readyz", "", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        body["postgres"]["outbox_depth"].as_u64().unwrap() >= 48,
+        "{body}"
+    );
+    server.kill();
+
+    pg.restart();
+    let server = ChildServer::start(&config).await;
+    let (status, body) = flush(&client, &server.base).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["outbox_depth"], 0);
+    assert_eq!(pg.scalar("SELECT count(*) FROM mcp.edge_mcp_sessions"), 8);
+    assert_eq!(
+        pg.scalar("SELECT count(*) FROM mcp.session_tool_executions"),
+        40
+    );
+    assert_eq!(
+        pg.scalar("SELECT sum(tool_execution_count) FROM mcp.edge_mcp_sessions"),
+        40
+    );
+    assert_eq!(server.terminate().code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_data_dir_is_rebuilt_from_postgres() {
+    let pg = TempPostgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let first = write_config(dir.path(), "first", "", &postgres_section(&pg.url, ""));
+    let server = ChildServer::start(&first).await;
+    let client = client();
+    let base = server.base.clone();
+    for i in 0..6 {
+        create(&client, &base, &format!("r-{i}")).await;
+    }
+    for i in 0..30 {
+        assert_eq!(
+            execute(&client, &base, &format!("r-{}", i % 6), i % 3 == 0).await,
+            StatusCode::NO_CONTENT
+        );
+    }
+    let (status, _) = call(
+        &client,
+        &base,
+        Method::DELETE,
+        "/api/v1/sessions/r-5",
+        KEY_A,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (_, before) = call(
+        &client,
+        &base,
+        Method::GET,
+        "/api/v1/sessions/r-1",
+        KEY_A,
+        None,
+    )
+    .await;
+    let (_, metrics_before) = call(
+        &client,
+        &base,
+        Method::GET,
+        "/api/v1/sessions/r-1/metrics",
+        KEY_A,
+        None,
+    )
+    .await;
+    assert_eq!(flush(&client, &base).await.0, StatusCode::OK);
+    assert_eq!(server.terminate().code(), Some(0));
+
+    // Same PostgreSQL, a brand-new data dir.
+    let second = write_config(dir.path(), "second", "", &postgres_section(&pg.url, ""));
+    let server = ChildServer::start(&second).await;
+    let base = server.base.clone();
+    let (status, after) = call(
+        &client,
+        &base,
+        Method::GET,
+        "/api/v1/sessions/r-1",
+        KEY_A,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{after}");
+    for field in [
+        "id",
+        "status",
+        "tool_execution_count",
+        "tool_error_count",
+        "total_tokens_used",
+        "created_at",
+        "expires_at",
+        "version",
+        "connection_metadata",
+        "passthrough_providers",
+    ] {
+        assert_eq!(after[field], before[field], "{field}");
+    }
+    let (_, metrics_after) = call(
+        &client,
+        &base,
+        Method::GET,
+        "/api/v1/sessions/r-1/metrics",
+        KEY_A,
+        None,
+    )
+    .await;
+    assert_eq!(metrics_after, metrics_before);
+    let (_, executions) = call(
+        &client,
+        &base,
+        Method::GET,
+        "/api/v1/sessions/r-1/tools/executions",
+        KEY_A,
+        None,
+    )
+    .await;
+    assert_eq!(executions["count"], 5);
+    // Only live sessions come back; the rebuilt ones keep working.
+    let (status, _) = call(
+        &client,
+        &base,
+        Method::GET,
+        "/api/v1/sessions/r-5",
+        KEY_A,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        execute(&client, &base, "r-1", false).await,
+        StatusCode::NO_CONTENT
+    );
+    let (_, body) = call(
+        &client,
+        &base,
+        Method::GET,
+        "/api/v1/sessions/r-1",
+        KEY_A,
+        None,
+    )
+    .await;
+    assert_eq!(body["tool_execution_count"], 6);
+    assert_eq!(flush(&client, &base).await.0, StatusCode::OK);
+    assert_eq!(
+        pg.scalar(
+            "SELECT tool_execution_count FROM mcp.edge_mcp_sessions WHERE session_id = 'r-1'"
+        ),
+        6
+    );
+    assert_eq!(server.terminate().code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durability_postgres_acknowledges_after_the_commit() {
+    let pg = TempPostgres::start_own();
+    let server = TestServer::start_with_storage(
+        1000,
+        "durability = \"postgres\"",
+        &postgres_section(&pg.url, "commit_timeout_ms = 1500"),
+    )
+    .await;
+    let client = &server.client;
+    let base = &server.base;
+    create(client, base, "p-1").await;
+    // No flush: the 201 itself means the row is committed.
+    assert_eq!(
+        pg.scalar("SELECT count(*) FROM mcp.edge_mcp_sessions WHERE session_id = 'p-1'"),
+        1
+    );
+    assert_eq!(
+        execute(client, base, "p-1", false).await,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        pg.scalar("SELECT count(*) FROM mcp.session_tool_executions"),
+        1
+    );
+
+    // PostgreSQL down: the change cannot be acknowledged, so the caller
+    // gets a retryable 503; the change itself waits in the outbox.
+    pg.stop();
+    assert_eq!(
+        execute(client, base, "p-1", false).await,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    pg.restart();
+    let (status, body) = flush(client, base).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        pg.scalar("SELECT count(*) FROM mcp.session_tool_executions"),
+        2
+    );
+    assert_eq!(
+        execute(client, base, "p-1", true).await,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        pg.scalar("SELECT count(*) FROM mcp.session_tool_executions"),
+        3
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_postgres_is_logged_and_sled_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens on this port.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("postgres://edge:wrong-password@127.0.0.1:{port}/nowhere");
+    let data = dir.path().join("data");
+    // A data dir with a session in it: no rebuild is needed.
+    let plain = write_config(dir.path(), "data", "", "");
+    let server = ChildServer::start(&plain).await;
+    create(&client(), &server.base, "u-0").await;
+    assert_eq!(server.terminate().code(), Some(0));
+    assert!(data.exists());
+
+    let config = write_config(
+        dir.path(),
+        "data",
+        "",
+        &postgres_section(&url, "connect_timeout_ms = 500"),
+    );
+    let server = ChildServer::start(&config).await;
+    let client = client();
+    create(&client, &server.base, "u-1").await;
+    assert_eq!(
+        execute(&client, &server.base, "u-1", false).await,
+        StatusCode::NO_CONTENT
+    );
+    let mut logged = false;
+    for _ in 0..100 {
+        logged = server.logs.lock().unwrap().iter().any(|line| {
+            let v: Value = serde_json::from_str(line).unwrap_or_default();
+            v["level"] == "ERROR" && v["message"].as_str().unwrap_or("").starts_with("postgres:")
+        });
+        if logged {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(logged, "a clear error line about PostgreSQL");
+    assert!(
+        !server
+            .logs
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("wrong-password")),
+        "the password never reaches the logs"
+    );
+    assert_eq!(server.terminate().code(), Some(0));
+}
+
+#[test]
+fn a_malformed_postgres_url_is_a_config_error_naming_the_key() {
+    let out = Command::new(env!("CARGO_BIN_EXE_edge-sessions"))
+        .args(["migrate", "status"])
+        .env("EDGE_SESSIONS__POSTGRES__URL", "not a url")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("postgres.url"), "{stderr}");
+    let out = Command::new(env!("CARGO_BIN_EXE_edge-sessions"))
+        .args(["serve"])
+        .env("EDGE_SESSIONS__STORAGE__DURABILITY", "postgres")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("storage.durability"));
+}

@@ -39,7 +39,8 @@ pub struct RecoveryReport {
 }
 
 enum Found {
-    Live(Session),
+    /// A live session, and whether its record must be written again.
+    Live(Session, bool),
     Expired(Session),
     Final,
     Orphan,
@@ -65,8 +66,8 @@ impl Engine {
         // million records are never all in memory at once.
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Found, SessionError>>(1024);
         let scan = tokio::task::spawn_blocking(move || {
-            for item in shared.store.all_sessions() {
-                let found = item.map_err(storage).map(|mut session| {
+            for item in shared.store.all_sessions_replayed() {
+                let found = item.map_err(storage).map(|(mut session, replayed)| {
                     if !known.contains(&session.tenant_id) {
                         Found::Orphan
                     } else if session.status.is_final() {
@@ -80,9 +81,13 @@ impl Engine {
                             }
                             Transition::BecomeIdle => {
                                 session.become_idle();
-                                Found::Live(session)
+                                Found::Live(session, true)
                             }
-                            Transition::None => Found::Live(session),
+                            // A record behind its executions (the process
+                            // died before the coalesced write) is written
+                            // again, so every copy (PostgreSQL included)
+                            // catches up.
+                            Transition::None => Found::Live(session, replayed > 0),
                         }
                     }
                 });
@@ -106,8 +111,13 @@ impl Engine {
                 }
             };
             match found {
-                Found::Live(session) => {
+                Found::Live(session, rewrite) => {
                     report.restored += 1;
+                    if rewrite {
+                        self.shared
+                            .write_behind
+                            .submit(vec![WriteOp::put_session(&session)], false);
+                    }
                     if let Some(supervisor) = self.supervisor(session.tenant_id) {
                         supervisor.do_send(Restore(session));
                     }

@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
+use dashmap::DashMap;
 use tokio::sync::{oneshot, Notify};
 use uuid::Uuid;
 
@@ -118,6 +119,19 @@ pub fn decode(value: &[u8]) -> Result<(Millis, Entry), EntryError> {
     Ok((at, entry))
 }
 
+/// What the shipper does with a session-state entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StatePlan {
+    /// A state at least as new was already committed.
+    Skip,
+    /// Ship this state.
+    This,
+    /// A newer state of the session is queued as this entry: ship that one
+    /// now instead (the row exists and is current sooner, and the newer
+    /// entry is skipped when its turn comes).
+    Newest(u64),
+}
+
 /// Someone waiting for PostgreSQL to commit everything up to `upto`.
 struct Waiter {
     upto: u64,
@@ -154,6 +168,14 @@ pub struct Outbox {
     waiters: Mutex<Vec<Waiter>>,
     /// Wakes the shipper: new entries or new waiters.
     pub(crate) wake: Notify,
+    /// The newest session entry of each session still in the outbox (by
+    /// session record key): an older state of the same session need not be
+    /// shipped, the newer one replaces it. Filled as the flusher appends
+    /// (entries left from before a restart are simply all shipped).
+    newest_state: DashMap<Box<[u8]>, u64>,
+    /// Sessions whose newer state (entry number) was already committed in
+    /// place of an older entry; entries up to it are skipped.
+    shipped_ahead: DashMap<Box<[u8]>, (Uuid, u64)>,
     stats: OutboxStats,
 }
 
@@ -177,6 +199,8 @@ impl Outbox {
             shipped_through: AtomicU64::new(first.map_or(next - 1, |(seq, _)| seq - 1)),
             waiters: Mutex::new(Vec::new()),
             wake: Notify::new(),
+            newest_state: DashMap::new(),
+            shipped_ahead: DashMap::new(),
             stats: OutboxStats::default(),
         };
         outbox.stats.depth.store(depth as u64, Ordering::Relaxed);
@@ -192,6 +216,41 @@ impl Outbox {
     /// Takes the next sequence number (the flusher alone appends).
     pub(crate) fn next_seq(&self) -> u64 {
         self.next_seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The flusher appended entry `seq`, a state of the session stored
+    /// under `key`.
+    pub(crate) fn session_state_appended(&self, key: &[u8], seq: u64) {
+        self.newest_state.insert(key.into(), seq);
+    }
+
+    /// What to ship for entry `seq`, a state of the session with row id
+    /// `row` stored under `key`.
+    pub(crate) fn plan_state(&self, key: &[u8], row: Uuid, seq: u64) -> StatePlan {
+        if let Some(ahead) = self.shipped_ahead.get(key) {
+            // The same session (not a later one re-using its id).
+            if ahead.0 == row && seq <= ahead.1 {
+                return StatePlan::Skip;
+            }
+        }
+        match self.newest_state.get(key) {
+            Some(newest) if *newest > seq => StatePlan::Newest(*newest),
+            _ => StatePlan::This,
+        }
+    }
+
+    /// Entry `seq` (a state of the session under `key`) was skipped,
+    /// shipped, or shipped as the newer entry `shipped_as`.
+    pub(crate) fn state_done(&self, key: &[u8], row: Uuid, seq: u64, shipped_as: u64) {
+        if shipped_as > seq {
+            self.shipped_ahead
+                .entry(key.into())
+                .and_modify(|ahead| *ahead = (row, ahead.1.max(shipped_as)))
+                .or_insert((row, shipped_as));
+        } else {
+            self.shipped_ahead.remove_if(key, |_, ahead| ahead.1 <= seq);
+            self.newest_state.remove_if(key, |_, newest| *newest <= seq);
+        }
     }
 
     /// Every entry numbered up to this is in sled (or will never be).

@@ -139,10 +139,48 @@ impl Postgres {
         Ok(())
     }
 
-    /// Commits one batch of outbox entries in one transaction: session rows
-    /// upserted (a row only moves forward in `version`), then executions and
-    /// audit rows appended (a replayed one is skipped by its key).
-    pub async fn ship(&self, entries: &[Entry]) -> Result<ShipCounts, PgError> {
+    /// Commits a batch of outbox entries split by session into `parts`
+    /// transactions that run at once on separate connections (PostgreSQL
+    /// uses a core per connection). A session's entries always land in the
+    /// same part, in order, so its row precedes its executions. When a part
+    /// fails the others may have committed; shipping the batch again is
+    /// harmless.
+    pub async fn ship(&self, entries: &[Entry], parts: usize) -> Result<ShipCounts, PgError> {
+        let parts = parts.max(1);
+        if parts == 1 {
+            return self.ship_part(entries.iter().collect()).await;
+        }
+        let mut split: Vec<Vec<&Entry>> = vec![Vec::new(); parts];
+        for entry in entries {
+            let row = match entry {
+                Entry::Session(session) => session.id,
+                Entry::Execution { session_row, .. } => *session_row,
+                Entry::Audit(audit) => audit.session_row,
+            };
+            let part = (row.as_u128() % parts as u128) as usize;
+            split[part].push(entry);
+        }
+        let results = futures::future::join_all(
+            split
+                .into_iter()
+                .filter(|part| !part.is_empty())
+                .map(|part| self.ship_part(part)),
+        )
+        .await;
+        let mut total = ShipCounts::default();
+        for result in results {
+            let counts = result?;
+            total.sessions += counts.sessions;
+            total.executions += counts.executions;
+            total.audits += counts.audits;
+        }
+        Ok(total)
+    }
+
+    /// Commits entries in one transaction: session rows upserted (a row only
+    /// moves forward in `version`), then executions and audit rows appended
+    /// (a replayed one is skipped by its key).
+    async fn ship_part(&self, entries: Vec<&Entry>) -> Result<ShipCounts, PgError> {
         let batch = Batch::gather(entries);
         let mut tx = self.pool.begin().await?;
         if !batch.sessions.is_empty() {
@@ -312,8 +350,12 @@ pub struct ShipCounts {
 /// Recomputes a rebuilt session's counters and per-tool statistics from its
 /// executions, keeping its status, activity time and version.
 fn rebuild_counters(session: &mut Session, executions: &[(u64, ToolExecution)]) {
-    let (status, last_activity, version) =
-        (session.status, session.last_activity_at, session.version);
+    let (status, last_activity, version, recorded) = (
+        session.status,
+        session.last_activity_at,
+        session.version,
+        session.tool_execution_count,
+    );
     session.tool_execution_count = 0;
     session.tool_error_count = 0;
     session.total_tokens_used = 0;
@@ -323,7 +365,9 @@ fn rebuild_counters(session: &mut Session, executions: &[(u64, ToolExecution)]) 
     }
     session.status = status;
     session.last_activity_at = last_activity.max(session.last_activity_at);
-    session.version = version.max(session.version);
+    // The row may lag its executions (it is written coalesced): each
+    // execution past the row's count is one more version.
+    session.version = version + session.tool_execution_count.saturating_sub(recorded);
 }
 
 fn session_from_row(row: &sqlx::postgres::PgRow) -> Result<Session, PgError> {
@@ -374,7 +418,7 @@ struct Batch<'a> {
 }
 
 impl<'a> Batch<'a> {
-    fn gather(entries: &'a [Entry]) -> Self {
+    fn gather(entries: Vec<&'a Entry>) -> Self {
         // One row per (tenant, session id): a statement may not touch a row
         // twice, and only the newest state matters. The later entry wins
         // (entries are in append order).

@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use tokio::sync::watch;
 
-use super::outbox::{self, Outbox};
+use super::keys;
+use super::outbox::{self, Entry, Outbox, StatePlan};
 use super::postgres::Postgres;
 use super::sled::{Store, StoreError};
 use crate::model::time::now_ms;
@@ -36,8 +37,10 @@ const IDLE_WAIT: Duration = Duration::from_millis(250);
 /// How the shipper runs.
 #[derive(Debug, Clone)]
 pub struct ShipperConfig {
-    /// Most outbox entries per transaction.
+    /// Most outbox entries read per round.
     pub batch_size: usize,
+    /// Transactions a round is split into, run at once (by session).
+    pub parallel: usize,
     /// Apply migrations before the first batch.
     pub migrate_on_start: bool,
     /// How long shutdown keeps shipping what is left before leaving it in
@@ -195,7 +198,7 @@ impl Shipper {
                 );
                 break;
             }
-            match self.ship(&batch).await {
+            match self.ship(&batch, backoff.failures).await {
                 Ok(()) => {
                     if backoff.failures > 0 {
                         tracing::info!(
@@ -244,20 +247,56 @@ impl Shipper {
     }
 
     /// Ships one batch; on success deletes it from the outbox.
-    async fn ship(&self, batch: &[(u64, sled::IVec)]) -> Result<(), String> {
+    async fn ship(&self, batch: &[(u64, sled::IVec)], failures: u32) -> Result<(), String> {
         let mut entries = Vec::with_capacity(batch.len());
+        // (session key, row id, entry number, number of the state shipped)
+        let mut states = Vec::new();
         for (seq, value) in batch {
             match outbox::decode(value) {
+                Ok((_, Entry::Session(session))) => {
+                    let key = keys::session(session.tenant_id, &session.session_id);
+                    let row = session.id;
+                    match self.outbox.plan_state(&key, row, *seq) {
+                        StatePlan::Skip => states.push((key, row, *seq, *seq)),
+                        StatePlan::This => {
+                            entries.push(Entry::Session(session));
+                            states.push((key, row, *seq, *seq));
+                        }
+                        StatePlan::Newest(newest) => match self.newest_state(newest) {
+                            // Only a newer state of this very session (a
+                            // later session may re-use the id).
+                            Some(newer) if newer.id == row => {
+                                entries.push(Entry::Session(newer));
+                                states.push((key, row, *seq, newest));
+                            }
+                            _ => {
+                                entries.push(Entry::Session(session));
+                                states.push((key, row, *seq, *seq));
+                            }
+                        },
+                    }
+                }
                 Ok((_, entry)) => entries.push(entry),
                 // A corrupt entry would block the outbox forever; it is
                 // logged and dropped with the batch.
                 Err(e) => tracing::error!(seq, error = %e, "outbox: unreadable entry dropped"),
             }
         }
+        // After a failure the batch goes as one transaction: should two
+        // parts ever conflict (a session id re-used by a new session while
+        // the old one still waits here), the retry cannot.
+        let parts = if failures > 0 {
+            1
+        } else {
+            self.config.parallel
+        };
         self.postgres
-            .ship(&entries)
+            .ship(&entries, parts)
             .await
             .map_err(|e| e.to_string())?;
+        for (key, row, seq, shipped_as) in states {
+            self.outbox.state_done(&key, row, seq, shipped_as);
+        }
         let last = batch.last().map_or(0, |(seq, _)| *seq);
         self.store
             .remove_outbox(batch.iter().map(|(seq, _)| *seq))
@@ -270,6 +309,14 @@ impl Shipper {
             .map_or(0, |(_, at)| at);
         self.outbox.committed(last, batch.len(), oldest_left);
         Ok(())
+    }
+
+    /// The session state queued as entry `seq`, if it is in sled already.
+    fn newest_state(&self, seq: u64) -> Option<Box<crate::model::Session>> {
+        match outbox::decode(&self.store.outbox_entry(seq).ok()??) {
+            Ok((_, Entry::Session(session))) => Some(session),
+            _ => None,
+        }
     }
 
     /// Waits for new entries or waiters, at most [`IDLE_WAIT`].

@@ -84,7 +84,18 @@ impl Store {
     /// execution is written (and acknowledged) on its own; executions
     /// numbered past the record's count are replayed onto it here.
     fn decode_session(&self, key: &[u8], bytes: &[u8]) -> Result<Session, StoreError> {
+        self.decode_session_replayed(key, bytes)
+            .map(|(session, _)| session)
+    }
+
+    /// As [`Store::decode_session`], with the number of executions replayed.
+    fn decode_session_replayed(
+        &self,
+        key: &[u8],
+        bytes: &[u8],
+    ) -> Result<(Session, u64), StoreError> {
         let mut session: Session = record::decode(bytes).map_err(|e| corrupt(key, e))?;
+        let recorded = session.tool_execution_count;
         if !session.status.is_final() {
             let prefix = keys::executions_prefix(session.id);
             let start = keys::execution(session.id, session.tool_execution_count + 1);
@@ -98,14 +109,24 @@ impl Store {
                 session.record_execution(&execution, execution.recorded_at);
             }
         }
-        Ok(session)
+        let replayed = session.tool_execution_count - recorded;
+        Ok((session, replayed))
     }
 
     /// Every stored session, for recovery and purging.
     pub fn all_sessions(&self) -> impl Iterator<Item = Result<Session, StoreError>> + '_ {
+        self.all_sessions_replayed()
+            .map(|item| item.map(|(session, _)| session))
+    }
+
+    /// Every stored session, with how many executions were replayed onto
+    /// its record (non-zero: the record on disk is behind).
+    pub fn all_sessions_replayed(
+        &self,
+    ) -> impl Iterator<Item = Result<(Session, u64), StoreError>> + '_ {
         self.tree.scan_prefix(keys::all_sessions()).map(|item| {
             let (key, bytes) = item?;
-            self.decode_session(&key, &bytes)
+            self.decode_session_replayed(&key, &bytes)
         })
     }
 
@@ -229,6 +250,11 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// Outbox entry number `seq`.
+    pub fn outbox_entry(&self, seq: u64) -> Result<Option<sled::IVec>, StoreError> {
+        Ok(self.tree.get(keys::outbox(seq))?)
     }
 
     /// Deletes shipped outbox entries (durable with the next sync; a replay

@@ -305,6 +305,11 @@ impl Pending {
                     };
                     if let (Some(entry), Some(shipping)) = (entry, shipping) {
                         self.last_entry = shipping.outbox.next_seq();
+                        if let WriteOp::Put { key, .. } = &op {
+                            if keys::is_session(key) {
+                                shipping.outbox.session_state_appended(key, self.last_entry);
+                            }
+                        }
                         chunk.insert(&keys::outbox(self.last_entry), entry);
                         self.entries += 1;
                         self.chunk_writes += 1;

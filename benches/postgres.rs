@@ -1,0 +1,231 @@
+//! Shipping throughput of the PostgreSQL tier: how many session rows and
+//! tool-execution rows per second the outbox shipper commits, against a
+//! throwaway PostgreSQL with durable commits (fsync and synchronous_commit
+//! on, as in production).
+//!
+//! Each phase builds a backlog while PostgreSQL is stopped (so the engine is
+//! not what is measured), starts PostgreSQL, and times the drain until the
+//! shipping barrier resolves. For comparison it also times the design this
+//! replaces: one INSERT statement (one commit) per operation.
+//!
+//! Run with `cargo bench --bench postgres`; figures are printed, not
+//! asserted. Needs the PostgreSQL server binaries (see the README).
+
+#[path = "../tests/common/pg.rs"]
+#[allow(dead_code)]
+mod pg;
+
+use std::time::{Duration, Instant};
+
+use edge_sessions::engine::{
+    Engine, EngineConfig, NewSession, PostgresTier, SessionDefaults, TenantLimits,
+};
+use edge_sessions::model::time::Clock;
+use edge_sessions::model::ToolExecution;
+use edge_sessions::persist::postgres::{Postgres, PostgresConfig};
+use edge_sessions::persist::shipper::ShipperConfig;
+use edge_sessions::settings::{Durability, Placement};
+use futures::stream::{self, StreamExt};
+use uuid::Uuid;
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const TENANT: Uuid = Uuid::from_u128(0x6f1c_0d3e_8a4b_4c6e_9f10_2b3c_4d5e_6f70);
+const SESSIONS: usize = 20_000;
+const EXECUTIONS: usize = 100_000;
+const BASELINE_OPS: usize = 2_000;
+const IN_FLIGHT: usize = 256;
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(run());
+}
+
+fn postgres(url: &str) -> Postgres {
+    Postgres::new(&PostgresConfig {
+        url: url.to_owned(),
+        max_connections: 4,
+        statement_timeout: Duration::from_secs(60),
+        connect_timeout: Duration::from_secs(5),
+    })
+    .unwrap()
+}
+
+fn start(dir: &std::path::Path, url: &str) -> Engine {
+    let config = EngineConfig {
+        data_dir: dir.to_owned(),
+        durability: Durability::Async,
+        flush_interval: Duration::from_millis(5),
+        max_batch: 8192,
+        cache_capacity_bytes: 64 << 20,
+        idle_after: Duration::from_secs(300),
+        retention: Duration::from_secs(86_400),
+        sweep_interval: Duration::from_secs(3600),
+        defaults: SessionDefaults {
+            idle_timeout_seconds: 1800,
+            ttl_seconds: 86_400,
+        },
+        tenants: vec![TenantLimits {
+            id: TENANT,
+            name: "bench".into(),
+            max_active_sessions: usize::MAX,
+            max_ttl_seconds: 86_400,
+            max_idle_timeout_seconds: 86_400,
+        }],
+        shards: 2,
+        placement: Placement::Session,
+        clock: Clock::system(),
+        postgres: Some(PostgresTier {
+            postgres: postgres(url),
+            shipper: ShipperConfig {
+                batch_size: 8000,
+                parallel: std::env::var("SHIP_CONNECTIONS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(2),
+                migrate_on_start: true,
+                drain_on_shutdown: Duration::from_secs(30),
+            },
+            commit_timeout: Duration::from_secs(600),
+        }),
+    };
+    Engine::start(config).unwrap()
+}
+
+fn execution(i: usize) -> ToolExecution {
+    ToolExecution {
+        tool_name: format!("tool-{}", i % 8),
+        tool_id: None,
+        arguments: r#"{"path":"/src/main.rs"}"#.into(),
+        result: r#"{"ok":true}"#.into(),
+        error: None,
+        duration_ms: (i % 50) as u64,
+        tokens_used: 10,
+        executed_at: 0,
+        recorded_at: 0,
+    }
+}
+
+async fn run() {
+    let pg = pg::TempPostgres::start_own_durable();
+    let dir = tempfile::tempdir().unwrap();
+    let engine = start(dir.path(), &pg.url);
+    engine.recover().await.unwrap();
+    engine.flush_to_postgres().await.unwrap(); // migrations applied
+
+    // Phase 1: a backlog of session creates.
+    pg.stop();
+    stream::iter(0..SESSIONS)
+        .for_each_concurrent(IN_FLIGHT, |i| {
+            let engine = engine.clone();
+            async move {
+                let request = NewSession {
+                    session_id: Some(format!("b-{i}")),
+                    edge_mcp_id: "bench".into(),
+                    ..NewSession::default()
+                };
+                engine.create(TENANT, request).await.unwrap();
+            }
+        })
+        .await;
+    engine.flush().await.unwrap();
+    let rows = engine
+        .outbox_stats()
+        .unwrap()
+        .depth
+        .load(std::sync::atomic::Ordering::Relaxed);
+    pg.restart();
+    let started = Instant::now();
+    engine.flush_to_postgres().await.unwrap();
+    let took = started.elapsed();
+    println!(
+        "ship session creates: {SESSIONS} sessions ({rows} outbox entries: rows + audit) in {:.2} s = {:.0} sessions/s, {:.0} entries/s",
+        took.as_secs_f64(),
+        SESSIONS as f64 / took.as_secs_f64(),
+        rows as f64 / took.as_secs_f64()
+    );
+
+    // Phase 2: a backlog of tool executions over those sessions.
+    pg.stop();
+    stream::iter(0..EXECUTIONS)
+        .for_each_concurrent(IN_FLIGHT, |i| {
+            let engine = engine.clone();
+            async move {
+                let id = format!("b-{}", i % SESSIONS);
+                engine.record_tool(TENANT, &id, execution(i)).await.unwrap();
+            }
+        })
+        .await;
+    engine.flush().await.unwrap();
+    // Let the coalesced session-record writes land too.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    engine.flush().await.unwrap();
+    let rows = engine
+        .outbox_stats()
+        .unwrap()
+        .depth
+        .load(std::sync::atomic::Ordering::Relaxed);
+    pg.restart();
+    let started = Instant::now();
+    engine.flush_to_postgres().await.unwrap();
+    let took = started.elapsed();
+    println!(
+        "ship tool executions: {EXECUTIONS} executions ({rows} outbox entries: executions + session updates) in {:.2} s = {:.0} executions/s, {:.0} entries/s",
+        took.as_secs_f64(),
+        EXECUTIONS as f64 / took.as_secs_f64(),
+        rows as f64 / took.as_secs_f64()
+    );
+    let count = pg.scalar("SELECT count(*) FROM mcp.session_tool_executions");
+    assert_eq!(count as usize, EXECUTIONS, "every execution arrived once");
+    engine.shutdown().await;
+
+    // The replaced design: one statement, one commit per operation.
+    let db = postgres(&pg.url);
+    let pool = db.pool();
+    let started = Instant::now();
+    for i in 0..BASELINE_OPS {
+        sqlx::query(
+            "INSERT INTO mcp.edge_mcp_sessions (id, session_id, tenant_id, edge_mcp_id, client_type, status,
+                 created_at, lifetime_started_at, last_activity_at, expires_at, idle_timeout_seconds, ttl_seconds, version)
+             VALUES ($1, $2, $3, 'bench', 'cli', 'active', now(), now(), now(), now() + interval '1 day', 1800, 86400, 1)",
+        )
+        .bind(Uuid::now_v7())
+        .bind(format!("one-{i}"))
+        .bind(TENANT)
+        .execute(pool)
+        .await
+        .unwrap();
+    }
+    let took = started.elapsed();
+    println!(
+        "baseline, one INSERT per session create: {:.0} sessions/s",
+        BASELINE_OPS as f64 / took.as_secs_f64()
+    );
+    let session_row: Uuid = sqlx::query_scalar("SELECT id FROM mcp.edge_mcp_sessions LIMIT 1")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    for i in 0..BASELINE_OPS {
+        sqlx::query(
+            "INSERT INTO mcp.session_tool_executions (session_id, seq, tool_name, arguments, result, duration_ms, tokens_used, executed_at, recorded_at)
+             VALUES ($1, $2, 'tool', '{}', '{}', 5, 10, now(), now())",
+        )
+        .bind(session_row)
+        .bind(1_000_000 + i as i64)
+        .execute(pool)
+        .await
+        .unwrap();
+    }
+    let took = started.elapsed();
+    println!(
+        "baseline, one INSERT per tool execution: {:.0} executions/s",
+        BASELINE_OPS as f64 / took.as_secs_f64()
+    );
+    pool.close().await;
+}
