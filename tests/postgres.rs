@@ -562,3 +562,60 @@ fn a_malformed_postgres_url_is_a_config_error_naming_the_key() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("storage.durability"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_batches_after_an_outage_keep_every_row_and_the_newest_state() {
+    // Rounds of three entries split over two connections: a session's row,
+    // its executions and its newer states fall into different rounds, which
+    // is where replacing an old state by the newest must keep the order.
+    let pg = TempPostgres::start_own();
+    let server = TestServer::start_with(
+        1000,
+        &postgres_section(&pg.url, "batch_size = 3\nship_connections = 2\ncommit_timeout_ms = 60000"),
+    )
+    .await;
+    let client = &server.client;
+    let base = &server.base;
+    assert_eq!(flush(client, base).await.0, StatusCode::OK);
+    pg.stop();
+    for i in 0..6 {
+        create(client, base, &format!("t-{i}")).await;
+    }
+    for i in 0..36 {
+        let id = format!("t-{}", i % 6);
+        assert_eq!(execute(client, base, &id, i % 5 == 0).await, StatusCode::NO_CONTENT);
+        if i % 4 == 0 {
+            let body = json!({"client_name": format!("n-{i}")});
+            let path = format!("/api/v1/sessions/{id}");
+            assert_eq!(server.call(Method::PATCH, &path, KEY_A, Some(body)).await.0, StatusCode::OK);
+        }
+    }
+    let (status, _) = server.call(Method::DELETE, "/api/v1/sessions/t-3", KEY_A, None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    // Let the coalesced session records reach sled (and the outbox).
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    pg.restart();
+    let (status, body) = flush(client, base).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(pg.scalar("SELECT count(*) FROM mcp.session_tool_executions"), 36);
+    for i in 0..6 {
+        let id = format!("t-{i}");
+        let (_, view) = server
+            .call(Method::GET, &format!("/api/v1/sessions/{id}"), KEY_A, None)
+            .await;
+        let row = pg.psql(&format!(
+            "SELECT status || '|' || tool_execution_count || '|' || tool_error_count || '|' || coalesce(client_name, '') || '|' || version
+             FROM mcp.edge_mcp_sessions WHERE session_id = '{id}'"
+        ));
+        let expected = format!(
+            "{}|{}|{}|{}|{}",
+            view["status"].as_str().unwrap(),
+            view["tool_execution_count"],
+            view["tool_error_count"],
+            view["client_name"].as_str().unwrap_or(""),
+            view["version"]
+        );
+        assert_eq!(row.trim(), expected, "{id}");
+    }
+    server.stop().await;
+}
