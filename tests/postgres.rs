@@ -571,7 +571,10 @@ async fn tiny_batches_after_an_outage_keep_every_row_and_the_newest_state() {
     let pg = TempPostgres::start_own();
     let server = TestServer::start_with(
         1000,
-        &postgres_section(&pg.url, "batch_size = 3\nship_connections = 2\ncommit_timeout_ms = 60000"),
+        &postgres_section(
+            &pg.url,
+            "batch_size = 3\nship_connections = 2\ncommit_timeout_ms = 60000",
+        ),
     )
     .await;
     let client = &server.client;
@@ -583,21 +586,32 @@ async fn tiny_batches_after_an_outage_keep_every_row_and_the_newest_state() {
     }
     for i in 0..36 {
         let id = format!("t-{}", i % 6);
-        assert_eq!(execute(client, base, &id, i % 5 == 0).await, StatusCode::NO_CONTENT);
+        assert_eq!(
+            execute(client, base, &id, i % 5 == 0).await,
+            StatusCode::NO_CONTENT
+        );
         if i % 4 == 0 {
             let body = json!({"client_name": format!("n-{i}")});
             let path = format!("/api/v1/sessions/{id}");
-            assert_eq!(server.call(Method::PATCH, &path, KEY_A, Some(body)).await.0, StatusCode::OK);
+            assert_eq!(
+                server.call(Method::PATCH, &path, KEY_A, Some(body)).await.0,
+                StatusCode::OK
+            );
         }
     }
-    let (status, _) = server.call(Method::DELETE, "/api/v1/sessions/t-3", KEY_A, None).await;
+    let (status, _) = server
+        .call(Method::DELETE, "/api/v1/sessions/t-3", KEY_A, None)
+        .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     // Let the coalesced session records reach sled (and the outbox).
     tokio::time::sleep(Duration::from_millis(50)).await;
     pg.restart();
     let (status, body) = flush(client, base).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(pg.scalar("SELECT count(*) FROM mcp.session_tool_executions"), 36);
+    assert_eq!(
+        pg.scalar("SELECT count(*) FROM mcp.session_tool_executions"),
+        36
+    );
     for i in 0..6 {
         let id = format!("t-{i}");
         let (_, view) = server
@@ -617,5 +631,39 @@ async fn tiny_batches_after_an_outage_keep_every_row_and_the_newest_state() {
         );
         assert_eq!(row.trim(), expected, "{id}");
     }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_postgres_refuses_become_dead_letters_and_the_rest_ships() {
+    let pg = TempPostgres::start();
+    let server = TestServer::start_with(1000, &postgres_section(&pg.url, "")).await;
+    let client = &server.client;
+    let base = &server.base;
+    assert_eq!(flush(client, base).await.0, StatusCode::OK);
+    // An operator's constraint the engine knows nothing about.
+    pg.psql("ALTER TABLE mcp.session_tool_executions ADD CONSTRAINT no_poison CHECK (tool_name <> 'poison')");
+    create(client, base, "d-1").await;
+    let execute_named = |name: &'static str, arguments: Value| async move {
+        let body = json!({"tool_name": name, "arguments": arguments});
+        call(client, base, Method::POST, "/api/v1/sessions/d-1/tools/execute", KEY_A, Some(body)).await.0
+    };
+    assert_eq!(execute_named("read", json!({"x": "a\u{0}b"})).await, StatusCode::NO_CONTENT);
+    assert_eq!(execute_named("poison", json!({})).await, StatusCode::NO_CONTENT);
+    assert_eq!(execute_named("write", json!({})).await, StatusCode::NO_CONTENT);
+    let (status, body) = flush(client, base).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["outbox_depth"], 0);
+    assert_eq!(
+        pg.psql("SELECT tool_name FROM mcp.session_tool_executions ORDER BY seq").trim(),
+        "read\nwrite"
+    );
+    // NUL, which PostgreSQL cannot store, arrives as U+FFFD.
+    assert_eq!(
+        pg.psql("SELECT arguments->>'x' FROM mcp.session_tool_executions WHERE tool_name = 'read'").trim(),
+        "a\u{fffd}b"
+    );
+    let (_, ready) = server.call(Method::GET, "/readyz", "", None).await;
+    assert_eq!(ready["postgres"]["dead_letters"], 1, "{ready}");
     server.stop().await;
 }

@@ -47,6 +47,7 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
             "oldest_entry_age_ms": if oldest > 0 { (now_ms() - oldest).max(0) } else { 0 },
             "shipped": outbox.shipped.load(Ordering::Relaxed),
             "failures": outbox.failures.load(Ordering::Relaxed),
+            "dead_letters": outbox.dead_letters.load(Ordering::Relaxed),
         });
     }
     (status, Json(body))

@@ -12,11 +12,13 @@
 //! | `F` | terminated_at(8, BE) tenant(16) session_id       | empty            |
 //! | `M` | name                                             | engine metadata  |
 //! | `O` | seq(8, BE)                                       | outbox entry     |
+//! | `X` | seq(8, BE)                                       | dead letter      |
 //!
 //! `O` is the PostgreSQL outbox (only written when the tier is on): every
 //! `S` and `E` record written is also appended there, in the same atomic
 //! batch, and stays until PostgreSQL has committed it (see
-//! [`super::outbox`]).
+//! [`super::outbox`]). `X` keeps the rare entry PostgreSQL refused for its
+//! content (never retried, kept for inspection).
 //!
 //! `F` lists final sessions by the time they ended, so the retention purge
 //! reads only what is due instead of every record. Executions are keyed by
@@ -34,6 +36,7 @@ const TAG_EXECUTION: u8 = b'E';
 const TAG_FINISHED: u8 = b'F';
 const TAG_META: u8 = b'M';
 const TAG_OUTBOX: u8 = b'O';
+const TAG_DEAD_LETTER: u8 = b'X';
 
 /// Key of an engine-wide value (e.g. the readiness probe's last write).
 pub fn meta(name: &str) -> Vec<u8> {
@@ -69,6 +72,13 @@ pub fn outbox(seq: u64) -> [u8; 9] {
     let mut key = [0u8; 9];
     key[0] = TAG_OUTBOX;
     key[1..].copy_from_slice(&seq.to_be_bytes());
+    key
+}
+
+/// Key of dead letter number `seq` (an outbox entry PostgreSQL refused).
+pub fn dead_letter(seq: u64) -> [u8; 9] {
+    let mut key = outbox(seq);
+    key[0] = TAG_DEAD_LETTER;
     key
 }
 

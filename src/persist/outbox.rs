@@ -154,6 +154,8 @@ pub struct OutboxStats {
     pub batches: AtomicU64,
     /// Failed shipping attempts since start.
     pub failures: AtomicU64,
+    /// Entries PostgreSQL refused, kept aside as dead letters, since start.
+    pub dead_letters: AtomicU64,
 }
 
 /// Shared between the flusher (appends) and the shipper (drains).

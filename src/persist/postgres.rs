@@ -35,18 +35,46 @@ pub struct PostgresConfig {
 
 /// A PostgreSQL failure, with the server's message.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{0}")]
-pub struct PgError(String);
+#[error("{message}")]
+pub struct PgError {
+    message: String,
+    /// The server refused the data itself (SQLSTATE class 22 or 23):
+    /// retrying the same rows can never succeed.
+    data: bool,
+}
+
+impl PgError {
+    fn other(message: String) -> Self {
+        PgError {
+            message,
+            data: false,
+        }
+    }
+
+    /// Whether the rows themselves were refused (not the connection).
+    pub fn is_data(&self) -> bool {
+        self.data
+    }
+}
 
 impl From<sqlx::Error> for PgError {
     fn from(e: sqlx::Error) -> Self {
-        PgError(e.to_string())
+        let data = match &e {
+            sqlx::Error::Database(db) => db
+                .code()
+                .is_some_and(|code| code.starts_with("22") || code.starts_with("23")),
+            _ => false,
+        };
+        PgError {
+            message: e.to_string(),
+            data,
+        }
     }
 }
 
 impl From<sqlx::migrate::MigrateError> for PgError {
     fn from(e: sqlx::migrate::MigrateError) -> Self {
-        PgError(e.to_string())
+        PgError::other(e.to_string())
     }
 }
 
@@ -246,7 +274,7 @@ impl Postgres {
             let a = &batch.audits;
             sqlx::query(
                 "INSERT INTO mcp.session_audit_log (id, session_id, tenant_id, action, actor, reason, at)
-                 SELECT id, session_id, tenant_id, action, actor, reason, to_timestamp(at_ms / 1000.0)
+                 SELECT id, session_id, tenant_id, action, actor, reason, to_timestamp(at_ms::float8 / 1000)
                  FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::int8[])
                       AS u(id, session_id, tenant_id, action, actor, reason, at_ms)
                  ON CONFLICT (id) DO NOTHING",
@@ -256,7 +284,7 @@ impl Postgres {
             .bind(a.iter().map(|a| a.tenant_id).collect::<Vec<_>>())
             .bind(a.iter().map(|a| a.action.as_str()).collect::<Vec<_>>())
             .bind(a.iter().map(|a| a.action.actor()).collect::<Vec<_>>())
-            .bind(a.iter().map(|a| a.reason.clone()).collect::<Vec<_>>())
+            .bind(a.iter().map(|a| a.reason.as_deref().map(pg_text)).collect::<Vec<_>>())
             .bind(a.iter().map(|a| a.at).collect::<Vec<_>>())
             .execute(&mut *tx)
             .await?;
@@ -388,10 +416,10 @@ fn session_from_row(row: &sqlx::postgres::PgRow) -> Result<Session, PgError> {
         edge_mcp_id: text("edge_mcp_id")?.into(),
         client_name: optional("client_name")?,
         client_type: ClientType::parse(&client_type)
-            .ok_or_else(|| PgError(format!("unknown client_type {client_type:?}")))?,
+            .ok_or_else(|| PgError::other(format!("unknown client_type {client_type:?}")))?,
         client_version: optional("client_version")?,
         status: Status::parse(&status)
-            .ok_or_else(|| PgError(format!("unknown status {status:?}")))?,
+            .ok_or_else(|| PgError::other(format!("unknown status {status:?}")))?,
         initialized: row.try_get("initialized")?,
         connection_metadata: text("connection_metadata")?.into(),
         passthrough_providers: providers.into_iter().map(Into::into).collect(),
@@ -463,12 +491,11 @@ INSERT INTO mcp.edge_mcp_sessions (
     termination_reason, version, updated_at)
 SELECT id, session_id, tenant_id, user_id, edge_mcp_id, client_name, client_type, client_version,
        status, initialized, connection_metadata::jsonb,
-       jsonb_array_length(providers::jsonb) > 0,
-       ARRAY(SELECT jsonb_array_elements_text(providers::jsonb)),
+       cardinality(providers::text[]) > 0, providers::text[],
        tool_execution_count, tool_error_count, total_tokens_used,
-       to_timestamp(created_ms / 1000.0), to_timestamp(lifetime_ms / 1000.0),
-       to_timestamp(activity_ms / 1000.0), to_timestamp(expires_ms / 1000.0),
-       idle_timeout_seconds, ttl_seconds, to_timestamp(terminated_ms / 1000.0),
+       to_timestamp(created_ms::float8 / 1000), to_timestamp(lifetime_ms::float8 / 1000),
+       to_timestamp(activity_ms::float8 / 1000), to_timestamp(expires_ms::float8 / 1000),
+       idle_timeout_seconds, ttl_seconds, to_timestamp(terminated_ms::float8 / 1000),
        termination_reason, version, now()
 FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::uuid[], $5::text[], $6::text[], $7::text[],
             $8::text[], $9::text[], $10::bool[], $11::text[], $12::text[], $13::int8[], $14::int8[],
@@ -509,12 +536,74 @@ INSERT INTO mcp.session_tool_executions (
     session_id, seq, tool_name, tool_id, arguments, result, error, duration_ms, tokens_used,
     executed_at, recorded_at)
 SELECT session_id, seq, tool_name, tool_id, arguments::jsonb, result::jsonb, error, duration_ms,
-       tokens_used, to_timestamp(executed_ms / 1000.0), to_timestamp(recorded_ms / 1000.0)
+       tokens_used, to_timestamp(executed_ms::float8 / 1000), to_timestamp(recorded_ms::float8 / 1000)
 FROM UNNEST($1::uuid[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
             $8::int8[], $9::int8[], $10::int8[], $11::int8[])
      AS u(session_id, seq, tool_name, tool_id, arguments, result, error, duration_ms,
           tokens_used, executed_ms, recorded_ms)
 ON CONFLICT (session_id, seq) DO NOTHING";
+
+/// `items` as a PostgreSQL `text[]` literal (`{"a","b \"c\""}`), every
+/// element quoted and escaped, so any name round-trips; the column is
+/// filled with a cheap per-row cast rather than a subquery.
+fn text_array_literal(items: &[Box<str>]) -> String {
+    let mut out = String::from("{");
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push('"');
+        for c in item.chars() {
+            if c == '"' || c == '\\' {
+                out.push('\\');
+            }
+            out.push(if c == '\0' { '\u{fffd}' } else { c });
+        }
+        out.push('"');
+    }
+    out.push('}');
+    out
+}
+
+/// PostgreSQL text cannot hold NUL: it becomes U+FFFD (which JSON and the
+/// engine accept) rather than failing the whole batch.
+fn pg_text(text: &str) -> String {
+    if text.contains('\0') {
+        text.replace('\0', "\u{fffd}")
+    } else {
+        text.to_owned()
+    }
+}
+
+/// As [`pg_text`] for JSON text, where NUL appears escaped (`\u0000`),
+/// which `jsonb` rejects: such a document is rewritten with U+FFFD.
+fn pg_json(text: &str) -> String {
+    if !text.contains("\\u0000") {
+        return pg_text(text);
+    }
+    fn clean(value: &mut serde_json::Value) {
+        match value {
+            serde_json::Value::String(s) => *s = pg_text(s),
+            serde_json::Value::Array(items) => items.iter_mut().for_each(clean),
+            serde_json::Value::Object(map) => {
+                let entries = std::mem::take(map);
+                for (key, mut item) in entries {
+                    clean(&mut item);
+                    map.insert(pg_text(&key), item);
+                }
+            }
+            _ => {}
+        }
+    }
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(mut value) => {
+            clean(&mut value);
+            value.to_string()
+        }
+        // Not JSON after all: kept as a JSON string.
+        Err(_) => serde_json::Value::String(pg_text(text)).to_string(),
+    }
+}
 
 fn int(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
@@ -554,22 +643,19 @@ impl From<&Vec<&Session>> for SessionColumns {
         let mut c = SessionColumns::default();
         for s in sessions {
             c.id.push(s.id);
-            c.session_id.push(s.session_id.to_string());
+            c.session_id.push(pg_text(&s.session_id));
             c.tenant_id.push(s.tenant_id);
             c.user_id.push(s.user_id);
-            c.edge_mcp_id.push(s.edge_mcp_id.to_string());
-            c.client_name
-                .push(s.client_name.as_deref().map(str::to_owned));
+            c.edge_mcp_id.push(pg_text(&s.edge_mcp_id));
+            c.client_name.push(s.client_name.as_deref().map(pg_text));
             c.client_type.push(s.client_type.as_str());
             c.client_version
-                .push(s.client_version.as_deref().map(str::to_owned));
+                .push(s.client_version.as_deref().map(pg_text));
             c.status.push(s.status.as_str());
             c.initialized.push(s.initialized);
-            c.connection_metadata
-                .push(s.connection_metadata.to_string());
-            c.providers.push(
-                serde_json::to_string(&s.passthrough_providers).unwrap_or_else(|_| "[]".into()),
-            );
+            c.connection_metadata.push(pg_json(&s.connection_metadata));
+            c.providers
+                .push(text_array_literal(&s.passthrough_providers));
             c.tool_execution_count.push(int(s.tool_execution_count));
             c.tool_error_count.push(int(s.tool_error_count));
             c.total_tokens_used.push(int(s.total_tokens_used));
@@ -583,7 +669,7 @@ impl From<&Vec<&Session>> for SessionColumns {
                 .push(i32::try_from(s.ttl_seconds).unwrap_or(i32::MAX));
             c.terminated_at.push(s.terminated_at);
             c.termination_reason
-                .push(s.termination_reason.as_deref().map(str::to_owned));
+                .push(s.termination_reason.as_deref().map(pg_text));
             c.version.push(int(s.version));
         }
         c
@@ -612,16 +698,41 @@ impl From<&Vec<(Uuid, u64, &ToolExecution)>> for ExecutionColumns {
         for (row, seq, e) in executions {
             c.session_id.push(*row);
             c.seq.push(int(*seq));
-            c.tool_name.push(e.tool_name.clone());
-            c.tool_id.push(e.tool_id.clone());
-            c.arguments.push(e.arguments.clone());
-            c.result.push(e.result.clone());
-            c.error.push(e.error.clone());
+            c.tool_name.push(pg_text(&e.tool_name));
+            c.tool_id.push(e.tool_id.as_deref().map(pg_text));
+            c.arguments.push(pg_json(&e.arguments));
+            c.result.push(pg_json(&e.result));
+            c.error.push(e.error.as_deref().map(pg_text));
             c.duration_ms.push(int(e.duration_ms));
             c.tokens_used.push(int(e.tokens_used));
             c.executed_at.push(e.executed_at);
             c.recorded_at.push(e.recorded_at);
         }
         c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_arrays_quote_and_escape_every_element() {
+        let items: Vec<Box<str>> = vec!["github".into(), "a \"b\" \\ c".into(), "".into()];
+        assert_eq!(
+            text_array_literal(&items),
+            r#"{"github","a \"b\" \\ c",""}"#
+        );
+        assert_eq!(text_array_literal(&[]), "{}");
+    }
+
+    #[test]
+    fn nul_never_reaches_postgres() {
+        assert_eq!(pg_text("a\0b"), "a\u{fffd}b");
+        assert_eq!(
+            pg_json(r#"{"k\u0000":"v\u0000","n":[1,"\u0000"]}"#),
+            "{\"k\u{fffd}\":\"v\u{fffd}\",\"n\":[1,\"\u{fffd}\"]}"
+        );
+        assert_eq!(pg_json(r#"{"k":"plain"}"#), r#"{"k":"plain"}"#);
     }
 }

@@ -21,7 +21,7 @@ use tokio::sync::watch;
 
 use super::keys;
 use super::outbox::{self, Entry, Outbox, StatePlan};
-use super::postgres::Postgres;
+use super::postgres::{PgError, Postgres};
 use super::sled::{Store, StoreError};
 use crate::model::time::now_ms;
 
@@ -249,6 +249,8 @@ impl Shipper {
     /// Ships one batch; on success deletes it from the outbox.
     async fn ship(&self, batch: &[(u64, sled::IVec)], failures: u32) -> Result<(), String> {
         let mut entries = Vec::with_capacity(batch.len());
+        // The entry number of each of `entries`.
+        let mut numbers = Vec::with_capacity(batch.len());
         // (session key, row id, entry number, number of the state shipped)
         let mut states = Vec::new();
         for (seq, value) in batch {
@@ -260,6 +262,7 @@ impl Shipper {
                         StatePlan::Skip => states.push((key, row, *seq, *seq)),
                         StatePlan::This => {
                             entries.push(Entry::Session(session));
+                            numbers.push(*seq);
                             states.push((key, row, *seq, *seq));
                         }
                         StatePlan::Newest(newest) => match self.newest_state(newest) {
@@ -267,16 +270,21 @@ impl Shipper {
                             // later session may re-use the id).
                             Some(newer) if newer.id == row => {
                                 entries.push(Entry::Session(newer));
+                                numbers.push(*seq);
                                 states.push((key, row, *seq, newest));
                             }
                             _ => {
                                 entries.push(Entry::Session(session));
+                                numbers.push(*seq);
                                 states.push((key, row, *seq, *seq));
                             }
                         },
                     }
                 }
-                Ok((_, entry)) => entries.push(entry),
+                Ok((_, entry)) => {
+                    entries.push(entry);
+                    numbers.push(*seq);
+                }
                 // A corrupt entry would block the outbox forever; it is
                 // logged and dropped with the batch.
                 Err(e) => tracing::error!(seq, error = %e, "outbox: unreadable entry dropped"),
@@ -290,10 +298,11 @@ impl Shipper {
         } else {
             self.config.parallel
         };
-        self.postgres
-            .ship(&entries, parts)
-            .await
-            .map_err(|e| e.to_string())?;
+        match self.postgres.ship(&entries, parts).await {
+            Ok(_) => {}
+            Err(e) if e.is_data() => self.isolate(&entries, &numbers, batch, &e).await?,
+            Err(e) => return Err(e.to_string()),
+        }
         for (key, row, seq, shipped_as) in states {
             self.outbox.state_done(&key, row, seq, shipped_as);
         }
@@ -308,6 +317,41 @@ impl Shipper {
             .flatten()
             .map_or(0, |(_, at)| at);
         self.outbox.committed(last, batch.len(), oldest_left);
+        Ok(())
+    }
+
+    /// PostgreSQL refused some rows of a batch (it would refuse them
+    /// forever): ships the entries one by one, in order, and moves each one
+    /// it refuses to the dead-letter records (kept in sled, logged), so the
+    /// outbox moves on.
+    async fn isolate(
+        &self,
+        entries: &[Entry],
+        numbers: &[u64],
+        batch: &[(u64, sled::IVec)],
+        cause: &PgError,
+    ) -> Result<(), String> {
+        tracing::warn!(error = %cause, entries = entries.len(), "postgres refused rows of a batch; shipping it entry by entry");
+        for (entry, seq) in entries.iter().zip(numbers) {
+            match self.postgres.ship(std::slice::from_ref(entry), 1).await {
+                Ok(_) => {}
+                Err(e) if e.is_data() => {
+                    let raw = batch
+                        .iter()
+                        .find(|(n, _)| n == seq)
+                        .map_or(&[][..], |(_, value)| &value[..]);
+                    self.store
+                        .put_dead_letter(*seq, raw)
+                        .map_err(|e| e.to_string())?;
+                    self.outbox
+                        .stats()
+                        .dead_letters
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::error!(seq, error = %e, "postgres refused an outbox entry; kept in sled as a dead letter");
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
         Ok(())
     }
 

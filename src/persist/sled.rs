@@ -252,6 +252,13 @@ impl Store {
         Ok(out)
     }
 
+    /// Keeps an outbox entry PostgreSQL refused (removed from the outbox
+    /// with its batch).
+    pub fn put_dead_letter(&self, seq: u64, value: &[u8]) -> Result<(), StoreError> {
+        self.tree.insert(keys::dead_letter(seq), value)?;
+        Ok(())
+    }
+
     /// Outbox entry number `seq`.
     pub fn outbox_entry(&self, seq: u64) -> Result<Option<sled::IVec>, StoreError> {
         Ok(self.tree.get(keys::outbox(seq))?)
