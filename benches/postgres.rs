@@ -111,6 +111,26 @@ fn execution(i: usize) -> ToolExecution {
     }
 }
 
+/// Waits for the backlog of `rows` entries to drain. The clock starts at
+/// the first committed round (the shipper may still be in its retry
+/// backoff when PostgreSQL comes back, which is not shipping time); answers
+/// the time and the share of the backlog shipped in it.
+async fn drain(engine: &Engine, rows: u64) -> (Duration, f64) {
+    let stats = engine.outbox_stats().unwrap();
+    let shipped = || stats.shipped.load(std::sync::atomic::Ordering::Relaxed);
+    let before = shipped();
+    while shipped() == before {
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    let started = Instant::now();
+    let first = shipped() - before;
+    engine.flush_to_postgres().await.unwrap();
+    let took = started.elapsed();
+    let total = shipped() - before;
+    assert_eq!(total, rows, "the whole backlog shipped");
+    (took, (total - first) as f64 / rows as f64)
+}
+
 async fn run() {
     let pg = pg::TempPostgres::start_own_durable();
     let dir = tempfile::tempdir().unwrap();
@@ -140,14 +160,13 @@ async fn run() {
         .depth
         .load(std::sync::atomic::Ordering::Relaxed);
     pg.restart();
-    let started = Instant::now();
-    engine.flush_to_postgres().await.unwrap();
-    let took = started.elapsed();
+    let (took, share) = drain(&engine, rows).await;
     println!(
-        "ship session creates: {SESSIONS} sessions ({rows} outbox entries: rows + audit) in {:.2} s = {:.0} sessions/s, {:.0} entries/s",
+        "ship session creates: {SESSIONS} sessions ({rows} outbox entries: rows + audit), {:.0} % of them in {:.2} s = {:.0} sessions/s, {:.0} entries/s",
+        share * 100.0,
         took.as_secs_f64(),
-        SESSIONS as f64 / took.as_secs_f64(),
-        rows as f64 / took.as_secs_f64()
+        share * SESSIONS as f64 / took.as_secs_f64(),
+        share * rows as f64 / took.as_secs_f64()
     );
 
     // Phase 2: a backlog of tool executions over those sessions.
@@ -171,14 +190,13 @@ async fn run() {
         .depth
         .load(std::sync::atomic::Ordering::Relaxed);
     pg.restart();
-    let started = Instant::now();
-    engine.flush_to_postgres().await.unwrap();
-    let took = started.elapsed();
+    let (took, share) = drain(&engine, rows).await;
     println!(
-        "ship tool executions: {EXECUTIONS} executions ({rows} outbox entries: executions + session updates) in {:.2} s = {:.0} executions/s, {:.0} entries/s",
+        "ship tool executions: {EXECUTIONS} executions ({rows} outbox entries: executions + session updates), {:.0} % of them in {:.2} s = {:.0} executions/s, {:.0} entries/s",
+        share * 100.0,
         took.as_secs_f64(),
-        EXECUTIONS as f64 / took.as_secs_f64(),
-        rows as f64 / took.as_secs_f64()
+        share * EXECUTIONS as f64 / took.as_secs_f64(),
+        share * rows as f64 / took.as_secs_f64()
     );
     let count = pg.scalar("SELECT count(*) FROM mcp.session_tool_executions");
     assert_eq!(count as usize, EXECUTIONS, "every execution arrived once");

@@ -646,21 +646,41 @@ async fn rows_postgres_refuses_become_dead_letters_and_the_rest_ships() {
     create(client, base, "d-1").await;
     let execute_named = |name: &'static str, arguments: Value| async move {
         let body = json!({"tool_name": name, "arguments": arguments});
-        call(client, base, Method::POST, "/api/v1/sessions/d-1/tools/execute", KEY_A, Some(body)).await.0
+        call(
+            client,
+            base,
+            Method::POST,
+            "/api/v1/sessions/d-1/tools/execute",
+            KEY_A,
+            Some(body),
+        )
+        .await
+        .0
     };
-    assert_eq!(execute_named("read", json!({"x": "a\u{0}b"})).await, StatusCode::NO_CONTENT);
-    assert_eq!(execute_named("poison", json!({})).await, StatusCode::NO_CONTENT);
-    assert_eq!(execute_named("write", json!({})).await, StatusCode::NO_CONTENT);
+    assert_eq!(
+        execute_named("read", json!({"x": "a\u{0}b"})).await,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        execute_named("poison", json!({})).await,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        execute_named("write", json!({})).await,
+        StatusCode::NO_CONTENT
+    );
     let (status, body) = flush(client, base).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["outbox_depth"], 0);
     assert_eq!(
-        pg.psql("SELECT tool_name FROM mcp.session_tool_executions ORDER BY seq").trim(),
+        pg.psql("SELECT tool_name FROM mcp.session_tool_executions ORDER BY seq")
+            .trim(),
         "read\nwrite"
     );
     // NUL, which PostgreSQL cannot store, arrives as U+FFFD.
     assert_eq!(
-        pg.psql("SELECT arguments->>'x' FROM mcp.session_tool_executions WHERE tool_name = 'read'").trim(),
+        pg.psql("SELECT arguments->>'x' FROM mcp.session_tool_executions WHERE tool_name = 'read'")
+            .trim(),
         "a\u{fffd}b"
     );
     let (_, ready) = server.call(Method::GET, "/readyz", "", None).await;
