@@ -80,7 +80,7 @@ CREATE INDEX session_tool_executions_tool_name_idx
 CREATE TABLE mcp.session_audit_log (
     id          uuid        PRIMARY KEY,
     -- No foreign key: the log outlives the sessions it tells about, and
-    -- per-row key checks would halve the shipping rate of creates.
+    -- a per-row key check would slow down shipping every create.
     session_id  uuid        NOT NULL,
     tenant_id   uuid        NOT NULL,
     action      text        NOT NULL
