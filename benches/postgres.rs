@@ -92,6 +92,7 @@ fn start(dir: &std::path::Path, url: &str) -> Engine {
                 drain_on_shutdown: Duration::from_secs(30),
             },
             commit_timeout: Duration::from_secs(600),
+            rebuild_wait: Duration::from_secs(30),
         }),
     };
     Engine::start(config).unwrap()

@@ -132,6 +132,7 @@ pub fn postgres_tier(settings: &Settings) -> anyhow::Result<Option<PostgresTier>
             drain_on_shutdown: Duration::from_millis(p.drain_on_shutdown_ms),
         },
         commit_timeout: Duration::from_millis(p.commit_timeout_ms),
+        rebuild_wait: Duration::from_secs(p.rebuild_wait_seconds),
     }))
 }
 

@@ -118,8 +118,11 @@ pub struct SessionSettings {
     pub sweep_interval_seconds: u32,
 }
 
+/// Largest duration in seconds a session may have (PostgreSQL `integer`).
+const MAX_SECONDS: u32 = i32::MAX as u32;
+
 /// `[postgres]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PostgresSettings {
     /// Connection URL; empty disables the tier.
@@ -142,6 +145,22 @@ pub struct PostgresSettings {
     /// How long shutdown keeps shipping the outbox, in ms (the rest ships at
     /// the next start).
     pub drain_on_shutdown_ms: u64,
+    /// With a new or lost data dir, longest start-up waits for PostgreSQL
+    /// to rebuild the live sessions, in seconds, before serving from sled
+    /// alone (the rebuild goes on in the background).
+    pub rebuild_wait_seconds: u64,
+}
+
+impl std::fmt::Debug for PostgresSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may hold a password.
+        f.debug_struct("PostgresSettings")
+            .field("url", &if self.enabled() { "[redacted]" } else { "" })
+            .field("migrate_on_start", &self.migrate_on_start)
+            .field("batch_size", &self.batch_size)
+            .field("ship_connections", &self.ship_connections)
+            .finish_non_exhaustive()
+    }
 }
 
 impl PostgresSettings {
@@ -356,6 +375,14 @@ impl Settings {
                 return fail(
                     &format!("tenants[{i}]"),
                     "max_ttl_seconds and max_idle_timeout_seconds must be at least 1",
+                );
+            }
+            // PostgreSQL keeps them as `integer`.
+            if tenant.max_ttl_seconds > MAX_SECONDS || tenant.max_idle_timeout_seconds > MAX_SECONDS
+            {
+                return fail(
+                    &format!("tenants[{i}]"),
+                    "max_ttl_seconds and max_idle_timeout_seconds must be at most 2147483647",
                 );
             }
             for (j, key) in tenant.api_keys.iter().enumerate() {

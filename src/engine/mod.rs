@@ -118,6 +118,10 @@ pub struct PostgresTier {
     /// Under `durability = "postgres"`, longest an acknowledgement waits for
     /// the commit before the caller gets 503.
     pub commit_timeout: Duration,
+    /// With a new or lost data dir, longest start-up waits for PostgreSQL to
+    /// rebuild the live sessions before serving from sled alone (the
+    /// rebuild then goes on in the background).
+    pub rebuild_wait: Duration,
 }
 
 impl std::fmt::Debug for PostgresTier {
@@ -126,6 +130,7 @@ impl std::fmt::Debug for PostgresTier {
         f.debug_struct("PostgresTier")
             .field("shipper", &self.shipper)
             .field("commit_timeout", &self.commit_timeout)
+            .field("rebuild_wait", &self.rebuild_wait)
             .finish_non_exhaustive()
     }
 }
@@ -228,6 +233,8 @@ pub struct Engine {
     flusher: Arc<Mutex<Option<JoinHandle<()>>>>,
     /// The PostgreSQL tier, when on.
     postgres: Option<Postgres>,
+    /// See [`PostgresTier::rebuild_wait`].
+    rebuild_wait: Duration,
     outbox: Option<Arc<Outbox>>,
     shipper: Arc<Mutex<Option<ShipperHandle>>>,
 }
@@ -241,6 +248,16 @@ impl Engine {
             StoreError::Sled(format!("creating {}: {e}", config.data_dir.display()))
         })?;
         let store = Store::open(&config.data_dir, config.cache_capacity_bytes)?;
+        match &config.postgres {
+            // A new or lost data dir: recovery rebuilds the live sessions
+            // from PostgreSQL. The marker survives a crash mid-rebuild.
+            Some(_) if store.is_empty() => {
+                store.put_meta(recovery::REBUILD_PENDING, b"1")?;
+                store.sync()?;
+            }
+            Some(_) => {}
+            None => store.remove_meta(crate::persist::outbox::SEEDED)?,
+        }
         let shipping = match &config.postgres {
             Some(tier) => Some(Shipping {
                 outbox: Arc::new(Outbox::open(&store)?),
@@ -305,6 +322,10 @@ impl Engine {
             sweep_interval: config.sweep_interval,
             ready: Arc::new(AtomicBool::new(false)),
             flusher: Arc::new(Mutex::new(Some(flusher))),
+            rebuild_wait: config
+                .postgres
+                .as_ref()
+                .map_or(Duration::ZERO, |tier| tier.rebuild_wait),
             postgres: config.postgres.map(|tier| tier.postgres),
             outbox,
             shipper: Arc::new(Mutex::new(shipper)),
@@ -357,7 +378,7 @@ impl Engine {
             key: crate::persist::keys::meta("readyz"),
             value: self.shared.clock.now().to_be_bytes().to_vec(),
         };
-        durable_outcome(self.shared.write_behind.submit_durable(vec![probe]).await)
+        durable_outcome(self.shared.write_behind.submit_local(vec![probe]).await)
     }
 
     /// Resolves when everything changed before this call is durable.
@@ -369,6 +390,11 @@ impl Engine {
     /// PostgreSQL (durable in sled when the tier is off), or fails after
     /// the tier's commit timeout.
     pub async fn flush_to_postgres(&self) -> Result<(), SessionError> {
+        // Coalesced state (a session's counters after its executions,
+        // heartbeat times) is queued first, so the barrier covers it.
+        for chunk in self.all_actors().chunks(FAN_OUT) {
+            join_all(chunk.iter().map(|a| a.send(session::FlushActivity))).await;
+        }
         durable_outcome(self.shared.write_behind.shipped_barrier().await)
     }
 

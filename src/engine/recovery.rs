@@ -52,12 +52,7 @@ impl Engine {
     /// ready. Call once, right after [`Engine::start`].
     pub async fn recover(&self) -> Result<RecoveryReport, SessionError> {
         let started = std::time::Instant::now();
-        let rebuilt = match &self.postgres {
-            Some(postgres) if self.shared.store.has_no_sessions().map_err(storage)? => {
-                self.rebuild_from_postgres(postgres).await?
-            }
-            _ => 0,
-        };
+        let rebuilt = self.rebuild_if_pending().await?;
         let shared = self.shared.clone();
         let idle_after_ms = shared.idle_after_ms;
         let known: HashSet<Uuid> = self.tenants.keys().copied().collect();
@@ -160,40 +155,141 @@ impl Engine {
     }
 }
 
+/// Meta key present while live sessions are still to be rebuilt from
+/// PostgreSQL (set when the engine starts on a new or lost data dir).
+pub const REBUILD_PENDING: &str = "pg-rebuild-pending";
+
 impl Engine {
+    /// Rebuilds the live sessions from PostgreSQL into the store if a
+    /// rebuild is pending: waits at most `rebuild_wait` for PostgreSQL, then
+    /// leaves the rebuild to a background task (serving from sled alone
+    /// meanwhile). Answers how many sessions were written now.
+    async fn rebuild_if_pending(&self) -> Result<usize, SessionError> {
+        let Some(postgres) = self.postgres.clone() else {
+            return Ok(0);
+        };
+        if self
+            .shared
+            .store
+            .meta(REBUILD_PENDING)
+            .map_err(storage)?
+            .is_none()
+        {
+            return Ok(0);
+        }
+        let deadline = tokio::time::Instant::now() + self.rebuild_wait;
+        match self
+            .rebuild_from_postgres(&postgres, Some(deadline))
+            .await?
+        {
+            Some(written) => Ok(written.len()),
+            None => {
+                tracing::error!(
+                    waited_ms = self.rebuild_wait.as_millis() as u64,
+                    "PostgreSQL did not answer: serving from sled alone; live sessions are rebuilt from PostgreSQL once it answers"
+                );
+                let engine = self.clone();
+                tokio::spawn(async move {
+                    match engine.rebuild_from_postgres(&postgres, None).await {
+                        Ok(Some(written)) => engine.restore_rebuilt(written),
+                        Ok(None) => {}
+                        Err(e) => tracing::error!(error = %e, "rebuilding from PostgreSQL failed"),
+                    }
+                });
+                Ok(0)
+            }
+        }
+    }
+
     /// Writes PostgreSQL's live sessions of the configured tenants into the
-    /// empty store, retrying until PostgreSQL answers.
-    async fn rebuild_from_postgres(&self, postgres: &Postgres) -> Result<usize, SessionError> {
+    /// store (those not stored already), retrying until PostgreSQL answers
+    /// or `deadline` passes (`None`). Clears the pending marker when done.
+    async fn rebuild_from_postgres(
+        &self,
+        postgres: &Postgres,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<Option<Vec<Session>>, SessionError> {
         let tenants: Vec<Uuid> = self.tenants.keys().copied().collect();
         let mut delay = Duration::from_millis(200);
-        let sessions = loop {
-            match postgres.live_sessions(&tenants).await {
-                Ok(sessions) => break sessions,
+        let mut written = Vec::new();
+        let mut after = Uuid::nil();
+        loop {
+            match postgres.live_sessions(&tenants, after, REBUILD_PAGE).await {
+                Ok(page) => {
+                    let last = page.last().map(|(s, _)| s.id);
+                    let store = self.shared.store.clone();
+                    let mut page_written = tokio::task::spawn_blocking(move || {
+                        let mut out = Vec::new();
+                        for (session, executions) in page {
+                            if store.put_rebuilt(&session, &executions)? {
+                                out.push(session);
+                            }
+                        }
+                        Ok::<_, crate::persist::StoreError>(out)
+                    })
+                    .await
+                    .map_err(|e| SessionError::Storage(e.to_string()))?
+                    .map_err(storage)?;
+                    written.append(&mut page_written);
+                    match last {
+                        Some(id) => after = id,
+                        None => break,
+                    }
+                }
                 Err(e) => {
+                    if deadline.is_some_and(|d| tokio::time::Instant::now() + delay > d) {
+                        return Ok(None);
+                    }
                     tracing::error!(
                         error = %e,
                         retry_in_ms = delay.as_millis() as u64,
-                        "the data dir holds no session: waiting for PostgreSQL to rebuild live sessions (not ready until then)"
+                        "new or lost data dir: waiting for PostgreSQL to rebuild the live sessions"
                     );
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
             }
-        };
-        let count = sessions.len();
+        }
         let store = self.shared.store.clone();
         tokio::task::spawn_blocking(move || {
-            for (session, executions) in &sessions {
-                store.put_rebuilt(session, executions)?;
-            }
+            store.remove_meta(REBUILD_PENDING)?;
             store.sync()
         })
         .await
         .map_err(|e| SessionError::Storage(e.to_string()))?
         .map_err(storage)?;
-        if count > 0 {
-            tracing::info!(count, "live sessions rebuilt from PostgreSQL");
+        tracing::info!(
+            count = written.len(),
+            "live sessions rebuilt from PostgreSQL"
+        );
+        Ok(Some(written))
+    }
+
+    /// Gives sessions rebuilt after start-up their actors (or their final
+    /// state, when they became overdue meanwhile).
+    fn restore_rebuilt(&self, sessions: Vec<Session>) {
+        let now = self.shared.clock.now();
+        for mut session in sessions {
+            match session.due(now, self.shared.idle_after_ms) {
+                Transition::Expire(reason) => {
+                    let at = session.expires_at();
+                    session.finish(Status::Expired, reason, at);
+                    self.shared
+                        .write_behind
+                        .submit(WriteOp::final_session(&session), false);
+                }
+                transition => {
+                    if transition == Transition::BecomeIdle {
+                        session.become_idle();
+                    }
+                    if let Some(supervisor) = self.supervisor(session.tenant_id) {
+                        supervisor.do_send(Restore(session));
+                    }
+                }
+            }
         }
-        Ok(count)
     }
 }
+
+/// Sessions read from PostgreSQL per query during a rebuild.
+const REBUILD_PAGE: usize = 1000;

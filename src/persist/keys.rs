@@ -12,7 +12,7 @@
 //! | `F` | terminated_at(8, BE) tenant(16) session_id       | empty            |
 //! | `M` | name                                             | engine metadata  |
 //! | `O` | seq(8, BE)                                       | outbox entry     |
-//! | `X` | seq(8, BE)                                       | dead letter      |
+//! | `X` | at(8, BE) seq(8, BE)                             | dead letter      |
 //!
 //! `O` is the PostgreSQL outbox (only written when the tier is on): every
 //! `S` and `E` record written is also appended there, in the same atomic
@@ -75,10 +75,13 @@ pub fn outbox(seq: u64) -> [u8; 9] {
     key
 }
 
-/// Key of dead letter number `seq` (an outbox entry PostgreSQL refused).
-pub fn dead_letter(seq: u64) -> [u8; 9] {
-    let mut key = outbox(seq);
+/// Key of a dead letter: outbox entry `seq`, which PostgreSQL refused at
+/// `at` (entry numbers restart when the outbox is empty at start).
+pub fn dead_letter(at: Millis, seq: u64) -> [u8; 17] {
+    let mut key = [0u8; 17];
     key[0] = TAG_DEAD_LETTER;
+    key[1..9].copy_from_slice(&(at.max(0) as u64).to_be_bytes());
+    key[9..].copy_from_slice(&seq.to_be_bytes());
     key
 }
 

@@ -35,8 +35,9 @@ const KIND_EXECUTION: u8 = b'E';
 const KIND_AUDIT: u8 = b'A';
 
 /// Meta key set once every record present when the tier was switched on
-/// has been put in the outbox.
-const SEEDED: &str = "outbox-seeded";
+/// has been put in the outbox (cleared whenever the engine runs without the
+/// tier, so switching it on again ships what changed meanwhile).
+pub const SEEDED: &str = "outbox-seeded";
 
 /// One decoded outbox entry.
 #[derive(Debug, Clone, PartialEq)]
@@ -80,6 +81,27 @@ pub fn entry_for_audit(audit: &AuditEntry, now: Millis) -> Vec<u8> {
     out.extend_from_slice(&now.to_be_bytes());
     out.extend_from_slice(&record::encode(audit));
     out
+}
+
+/// The outbox value of a decoded entry (dead letters keep what was refused).
+pub fn encode(entry: &Entry, now: Millis) -> Vec<u8> {
+    match entry {
+        Entry::Session(session) => {
+            let key = keys::session(session.tenant_id, &session.session_id);
+            entry_for_record(&key, &record::encode(&**session), now).unwrap_or_default()
+        }
+        Entry::Execution {
+            session_row,
+            seq,
+            execution,
+        } => entry_for_record(
+            &keys::execution(*session_row, *seq),
+            &record::encode(execution),
+            now,
+        )
+        .unwrap_or_default(),
+        Entry::Audit(audit) => entry_for_audit(audit, now),
+    }
 }
 
 /// Why an outbox value did not decode.

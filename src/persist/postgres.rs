@@ -21,7 +21,7 @@ use crate::model::{AuditEntry, ClientType, Millis, Session, Status, ToolExecutio
 pub static MIGRATOR: Migrator = sqlx::migrate!("deploy/migrations");
 
 /// Connection settings of the tier.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PostgresConfig {
     /// The connection URL (`postgres://user:password@host:port/db`).
     pub url: String,
@@ -31,6 +31,18 @@ pub struct PostgresConfig {
     pub statement_timeout: Duration,
     /// Longest wait for a connection (connecting included).
     pub connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may hold a password.
+        f.debug_struct("PostgresConfig")
+            .field("url", &"[redacted]")
+            .field("max_connections", &self.max_connections)
+            .field("statement_timeout", &self.statement_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
 }
 
 /// A PostgreSQL failure, with the server's message.
@@ -300,9 +312,12 @@ impl Postgres {
     /// Live sessions of `tenants` with their executions (oldest first), for
     /// rebuilding a lost data dir. Per-tool statistics are recomputed from
     /// the executions.
+    /// One page: the first `limit` by row id after `after` (keyset).
     pub async fn live_sessions(
         &self,
         tenants: &[Uuid],
+        after: Uuid,
+        limit: usize,
     ) -> Result<Vec<(Session, Vec<(u64, ToolExecution)>)>, PgError> {
         let rows = sqlx::query(
             "SELECT id, session_id, tenant_id, user_id, edge_mcp_id, client_name, client_type,
@@ -313,10 +328,13 @@ impl Postgres {
                     (extract(epoch FROM last_activity_at) * 1000)::int8 AS activity_ms,
                     idle_timeout_seconds, ttl_seconds, version
              FROM mcp.edge_mcp_sessions
-             WHERE status IN ('active', 'idle') AND tenant_id = ANY($1)
-             ORDER BY created_at",
+             WHERE status IN ('active', 'idle') AND tenant_id = ANY($1) AND id > $2
+             ORDER BY id
+             LIMIT $3",
         )
         .bind(tenants)
+        .bind(after)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .fetch_all(&self.pool)
         .await?;
         let mut sessions = Vec::with_capacity(rows.len());

@@ -172,15 +172,25 @@ impl Shipper {
         };
         let mut drain_deadline: Option<Instant> = None;
         loop {
-            if *stopping.borrow() && drain_deadline.is_none() {
+            let stop = *stopping.borrow() || stopping.has_changed().is_err();
+            if stop && drain_deadline.is_none() {
                 drain_deadline = Some(Instant::now() + self.config.drain_on_shutdown);
             }
             let applied = self.outbox.applied_through();
-            let batch = match self.store.outbox_batch(self.config.batch_size) {
+            // After failures the round shrinks (halving each time, down to
+            // one entry), so a round too big for the statement timeout gets
+            // through; a success restores it.
+            let size = (self.config.batch_size >> backoff.failures.min(16)).max(1);
+            let batch = match self.store.outbox_batch(size) {
                 Ok(batch) => batch,
                 Err(e) => {
+                    // Nothing is known to be shipped: waiters keep waiting.
                     tracing::error!(error = %e, "outbox: cannot read from sled");
-                    Vec::new()
+                    backoff.failures += 1;
+                    if self.pause(backoff.delay(), &mut stopping).await {
+                        break;
+                    }
+                    continue;
                 }
             };
             if batch.is_empty() {
@@ -215,6 +225,7 @@ impl Shipper {
                         .stats()
                         .failures
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let delay = backoff.delay();
                     if backoff.should_log() {
                         let stats = self.outbox.stats();
                         let oldest = stats
@@ -224,13 +235,12 @@ impl Shipper {
                             error = %e,
                             outbox_depth = stats.depth.load(std::sync::atomic::Ordering::Relaxed),
                             oldest_entry_age_ms = if oldest > 0 { now_ms() - oldest } else { 0 },
-                            retry_in_ms = backoff.delay().as_millis() as u64,
+                            retry_in_ms = delay.as_millis() as u64,
                             "postgres: shipping failed; requests go on, changes wait in the outbox"
                         );
                     }
                     self.outbox
                         .settle_waiters(Some(&StoreError::Postgres(e.to_string())));
-                    let delay = backoff.delay();
                     if drain_deadline.is_some() {
                         // Shutting down: one more try within the deadline at most.
                         if drain_deadline.is_some_and(|d| Instant::now() + delay >= d) {
@@ -336,12 +346,17 @@ impl Shipper {
             match self.postgres.ship(std::slice::from_ref(entry), 1).await {
                 Ok(_) => {}
                 Err(e) if e.is_data() => {
-                    let raw = batch
-                        .iter()
-                        .find(|(n, _)| n == seq)
-                        .map_or(&[][..], |(_, value)| &value[..]);
+                    // What was refused: for a session, possibly the newer
+                    // state shipped in place of the queued one.
+                    let raw = match entry {
+                        Entry::Session(_) => outbox::encode(entry, now_ms()),
+                        _ => batch
+                            .iter()
+                            .find(|(n, _)| n == seq)
+                            .map_or_else(Vec::new, |(_, value)| value.to_vec()),
+                    };
                     self.store
-                        .put_dead_letter(*seq, raw)
+                        .put_dead_letter(now_ms(), *seq, &raw)
                         .map_err(|e| e.to_string())?;
                     self.outbox
                         .stats()
@@ -367,20 +382,36 @@ impl Shipper {
     async fn idle(&self, stopping: &mut watch::Receiver<bool>) {
         tokio::select! {
             () = self.outbox.wake.notified() => {}
+            // A dropped sender (the engine went away without a shutdown)
+            // reads as a stop request at the next round.
             _ = stopping.changed() => {}
             () = tokio::time::sleep(IDLE_WAIT) => {}
         }
         self.outbox.settle_waiters(None);
     }
 
-    /// Sleeps `delay` unless asked to stop; returns whether it was.
+    /// Sleeps `delay` unless asked to stop (or the engine is gone); returns
+    /// whether it was. Waiters past their deadline get their error
+    /// meanwhile, not only after the sleep.
     async fn pause(&self, delay: Duration, stopping: &mut watch::Receiver<bool>) -> bool {
-        if *stopping.borrow() {
-            return true;
-        }
-        tokio::select! {
-            _ = stopping.changed() => true,
-            () = tokio::time::sleep(delay) => false,
+        let until = tokio::time::Instant::now() + delay;
+        loop {
+            if *stopping.borrow() || stopping.has_changed().is_err() {
+                return true;
+            }
+            let now = tokio::time::Instant::now();
+            if now >= until {
+                return false;
+            }
+            tokio::select! {
+                changed = stopping.changed() => {
+                    if changed.is_err() {
+                        return true;
+                    }
+                }
+                () = tokio::time::sleep((until - now).min(IDLE_WAIT)) => {}
+            }
+            self.outbox.settle_waiters(None);
         }
     }
 }

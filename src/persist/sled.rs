@@ -182,14 +182,15 @@ impl Store {
         Ok(out)
     }
 
-    /// Whether no session record is stored at all.
-    pub fn has_no_sessions(&self) -> Result<bool, StoreError> {
-        Ok(self
-            .tree
-            .scan_prefix(keys::all_sessions())
-            .next()
-            .transpose()?
-            .is_none())
+    /// Whether nothing at all is stored (a new or lost data dir).
+    pub fn is_empty(&self) -> bool {
+        self.tree.is_empty()
+    }
+
+    /// Removes an engine-wide value (made durable by the next sync).
+    pub fn remove_meta(&self, name: &str) -> Result<(), StoreError> {
+        self.tree.remove(keys::meta(name))?;
+        Ok(())
     }
 
     /// An engine-wide value.
@@ -254,8 +255,8 @@ impl Store {
 
     /// Keeps an outbox entry PostgreSQL refused (removed from the outbox
     /// with its batch).
-    pub fn put_dead_letter(&self, seq: u64, value: &[u8]) -> Result<(), StoreError> {
-        self.tree.insert(keys::dead_letter(seq), value)?;
+    pub fn put_dead_letter(&self, at: Millis, seq: u64, value: &[u8]) -> Result<(), StoreError> {
+        self.tree.insert(keys::dead_letter(at, seq), value)?;
         Ok(())
     }
 
@@ -300,14 +301,22 @@ impl Store {
         Ok(next)
     }
 
-    /// Writes sessions rebuilt from PostgreSQL, with their index entries and
-    /// executions, straight to the store (not through the outbox: they came
-    /// from PostgreSQL).
+    /// Writes a session rebuilt from PostgreSQL, with its index entry and
+    /// executions, straight to the store (not through the outbox: it came
+    /// from PostgreSQL). A session already stored (an earlier, interrupted
+    /// rebuild, or created here meanwhile) is left alone: answers whether
+    /// it was written.
     pub fn put_rebuilt(
         &self,
         session: &Session,
         executions: &[(u64, ToolExecution)],
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
+        if self
+            .tree
+            .contains_key(keys::session(session.tenant_id, &session.session_id))?
+        {
+            return Ok(false);
+        }
         let mut batch = sled::Batch::default();
         batch.insert(
             keys::session(session.tenant_id, &session.session_id),
@@ -323,7 +332,8 @@ impl Store {
                 record::encode(execution),
             );
         }
-        self.apply(batch)
+        self.apply(batch)?;
+        Ok(true)
     }
 
     /// Applies one batch atomically (one tree, one `apply_batch`).

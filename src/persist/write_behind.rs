@@ -110,6 +110,8 @@ enum Command {
     Write {
         ops: Vec<WriteOp>,
         ack: Option<oneshot::Sender<Result<(), StoreError>>>,
+        /// The ack waits for sled only, whatever the durability mode.
+        local: bool,
     },
     Barrier(oneshot::Sender<Result<(), StoreError>>),
     /// Resolves once everything before it is committed to PostgreSQL (a
@@ -183,14 +185,35 @@ impl WriteBehind {
         if durable {
             return Some(self.submit_durable(ops));
         }
-        self.send(Command::Write { ops, ack: None });
+        self.send(Command::Write {
+            ops,
+            ack: None,
+            local: false,
+        });
         None
     }
 
     /// Queues `ops` to be written together; resolves when they are on disk.
     pub fn submit_durable(&self, ops: Vec<WriteOp>) -> Durable {
         let (tx, rx) = oneshot::channel();
-        self.send(Command::Write { ops, ack: Some(tx) });
+        self.send(Command::Write {
+            ops,
+            ack: Some(tx),
+            local: false,
+        });
+        rx
+    }
+
+    /// Queues `ops`; resolves when they are on disk in sled, even under
+    /// `durability = "postgres"` (the readiness probe: sled's health does
+    /// not depend on PostgreSQL's).
+    pub fn submit_local(&self, ops: Vec<WriteOp>) -> Durable {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Write {
+            ops,
+            ack: Some(tx),
+            local: true,
+        });
         rx
     }
 
@@ -284,7 +307,7 @@ impl Pending {
     fn add(&mut self, command: Command, shipping: Option<&Shipping>, now: i64) {
         let after_commit = shipping.is_some_and(|s| s.ack_after_commit);
         match command {
-            Command::Write { ops, ack } => {
+            Command::Write { ops, ack, local } => {
                 if self.chunks.is_empty() || self.chunk_writes >= APPLY_CHUNK {
                     self.chunks.push(sled::Batch::default());
                     self.chunk_writes = 0;
@@ -323,7 +346,7 @@ impl Pending {
                     self.chunk_writes += 1;
                     self.writes += 1;
                 }
-                if after_commit {
+                if after_commit && !local {
                     self.commit_acks.extend(ack);
                 } else {
                     self.acks.extend(ack);
