@@ -141,6 +141,7 @@ async fn run() {
 
     // Phase 1: a backlog of session creates.
     pg.stop();
+    let started = Instant::now();
     stream::iter(0..SESSIONS)
         .for_each_concurrent(IN_FLIGHT, |i| {
             let engine = engine.clone();
@@ -155,6 +156,10 @@ async fn run() {
         })
         .await;
     engine.flush().await.unwrap();
+    println!(
+        "engine with the outbox on (async, {IN_FLIGHT} in flight, PostgreSQL down): {:.0} creates/s",
+        SESSIONS as f64 / started.elapsed().as_secs_f64()
+    );
     let rows = engine
         .outbox_stats()
         .unwrap()
@@ -172,6 +177,7 @@ async fn run() {
 
     // Phase 2: a backlog of tool executions over those sessions.
     pg.stop();
+    let started = Instant::now();
     stream::iter(0..EXECUTIONS)
         .for_each_concurrent(IN_FLIGHT, |i| {
             let engine = engine.clone();
@@ -182,6 +188,10 @@ async fn run() {
         })
         .await;
     engine.flush().await.unwrap();
+    println!(
+        "engine with the outbox on (async, {IN_FLIGHT} in flight, PostgreSQL down): {:.0} tool executions/s",
+        EXECUTIONS as f64 / started.elapsed().as_secs_f64()
+    );
     // Let the coalesced session-record writes land too.
     tokio::time::sleep(Duration::from_millis(50)).await;
     engine.flush().await.unwrap();
