@@ -203,33 +203,45 @@ async fn an_outage_loses_nothing_and_duplicates_nothing() {
     .await;
     let client = &server.client;
     let base = &server.base;
+    // A steady run of creates and executions (8 in flight); PostgreSQL is
+    // stopped and started again while it goes on.
+    let pg = std::sync::Arc::new(pg);
+    let outage = {
+        let pg = pg.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            tokio::task::spawn_blocking({
+                let pg = pg.clone();
+                move || pg.stop()
+            })
+            .await
+            .unwrap();
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            tokio::task::spawn_blocking(move || pg.restart())
+                .await
+                .unwrap();
+        })
+    };
+    let mut in_outage_depth = 0;
     let mut executed = 0;
-    for round in 0..3 {
-        if round == 1 {
-            pg.stop();
-        }
-        for i in 0..10 {
-            create(client, base, &format!("o-{round}-{i}")).await;
-        }
-        for i in 0..60 {
-            let id = format!("o-{round}-{}", i % 10);
-            assert_eq!(
-                execute(client, base, &id, i % 7 == 0).await,
-                StatusCode::NO_CONTENT
-            );
+    for round in 0..30 {
+        create(client, base, &format!("o-{round}")).await;
+        let calls = (0..20).map(|i| {
+            let id = format!("o-{round}");
+            async move { execute(client, base, &id, i % 7 == 0).await }
+        });
+        for status in futures::future::join_all(calls).await {
+            assert_eq!(status, StatusCode::NO_CONTENT);
             executed += 1;
         }
-        if round == 1 {
-            // Requests kept succeeding while PostgreSQL was down; the
-            // changes wait in the outbox.
-            let depth = outbox_depth(&server).await;
-            assert!(
-                depth > 0,
-                "the outbox holds the changes made during the outage"
-            );
-            pg.restart();
-        }
+        in_outage_depth = in_outage_depth.max(outbox_depth(&server).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    outage.await.unwrap();
+    assert!(
+        in_outage_depth > 20,
+        "the outbox held the changes made during the outage (max depth {in_outage_depth})"
+    );
     let (status, body) = flush(client, base).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(pg.scalar("SELECT count(*) FROM mcp.edge_mcp_sessions"), 30);
@@ -237,6 +249,7 @@ async fn an_outage_loses_nothing_and_duplicates_nothing() {
         pg.scalar("SELECT count(*) FROM mcp.session_tool_executions"),
         executed
     );
+    assert_eq!(executed, 600);
     assert_eq!(
         pg.scalar("SELECT sum(tool_execution_count) FROM mcp.edge_mcp_sessions"),
         executed
