@@ -56,6 +56,7 @@ fn start_placed(dir: &std::path::Path, durability: Durability, placement: Placem
         placement,
         clock: Clock::system(),
         postgres: None,
+        vault: std::sync::Arc::new(edge_sessions::crypto::Vault::ephemeral()),
     };
     Engine::start(config).expect("engine starts")
 }
@@ -147,6 +148,7 @@ fn engine_with_sessions(
                     .create(TENANT, new_session(None))
                     .await
                     .unwrap()
+                    .0
                     .session_id,
             );
         }

@@ -94,6 +94,7 @@ fn start(dir: &std::path::Path, url: &str) -> Engine {
             commit_timeout: Duration::from_secs(600),
             rebuild_wait: Duration::from_secs(30),
         }),
+        vault: std::sync::Arc::new(edge_sessions::crypto::Vault::ephemeral()),
     };
     Engine::start(config).unwrap()
 }

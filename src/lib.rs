@@ -28,6 +28,7 @@
 //! `http -> engine -> persist -> model`.
 
 pub mod auth;
+pub mod crypto;
 pub mod engine;
 pub mod http;
 pub mod model;

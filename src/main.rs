@@ -35,6 +35,15 @@ enum Command {
         /// The key to hash.
         key: String,
     },
+    /// Put a fresh master key in front of the keyring file (the configured
+    /// `security.master_key_file`, or the development one in `data_dir`).
+    /// Credentials sealed under the older keys stay readable; new ones use
+    /// the new key once the server restarts.
+    RotateKey {
+        /// A TOML file layered over the built-in defaults.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Apply, revert or list the PostgreSQL migrations (schema `mcp`).
     Migrate {
         #[command(subcommand)]
@@ -68,6 +77,37 @@ fn main() -> ExitCode {
         }
         Command::Serve { config } => serve(config),
         Command::Migrate { action, config } => migrate(action, config),
+        Command::RotateKey { config } => rotate_key(config),
+    }
+}
+
+fn rotate_key(config: Option<PathBuf>) -> ExitCode {
+    let settings = match load(config.as_deref()) {
+        Ok(settings) => settings,
+        Err(code) => return code,
+    };
+    if std::env::var(auth::master_key::MASTER_KEY_ENV).is_ok_and(|v| !v.trim().is_empty()) {
+        eprintln!(
+            "edge-sessions: the keyring comes from {}: put a new key (openssl rand -base64 32) in front of its list instead",
+            auth::master_key::MASTER_KEY_ENV
+        );
+        return ExitCode::from(2);
+    }
+    let path = auth::master_key::keyring_path(&settings);
+    match auth::master_key::rotate(&path) {
+        Ok(keyring) => {
+            println!(
+                "{}: new master key {:08x} in front of {} older key(s); restart the server to use it",
+                path.display(),
+                keyring.current().id(),
+                keyring.len() - 1
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("edge-sessions: rotate-key: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

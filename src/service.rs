@@ -10,7 +10,8 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 
 use crate::auth::bootstrap::{apply_dev_credentials, needs_dev_credentials};
-use crate::auth::Keyring;
+use crate::auth::{master_key, Keyring};
+use crate::crypto::Vault;
 use crate::engine::{Engine, EngineConfig, PostgresTier};
 use crate::http::{self, AppState};
 use crate::model::time::Clock;
@@ -36,7 +37,14 @@ pub async fn run_with_clock(
     shutdown: impl Future<Output = ()> + Send + 'static,
     clock: Clock,
 ) -> anyhow::Result<()> {
-    if needs_dev_credentials(&settings) {
+    let dev_mode = needs_dev_credentials(&settings);
+    let keyring = master_key::load(&settings, dev_mode)?;
+    tracing::info!(
+        key_id = format!("{:08x}", keyring.current().id()),
+        keys = keyring.len(),
+        "master keyring loaded"
+    );
+    if dev_mode {
         let (credentials, path) = apply_dev_credentials(&mut settings)?;
         print_dev_banner(
             &credentials.api_key,
@@ -49,6 +57,7 @@ pub async fn run_with_clock(
     let config = EngineConfig {
         clock,
         postgres: postgres_tier(&settings)?,
+        vault: Arc::new(Vault::new(keyring)),
         ..EngineConfig::from_settings(&settings, tenants)
     };
     let engine = Engine::start(config).with_context(|| {

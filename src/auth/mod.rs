@@ -4,5 +4,6 @@
 
 pub mod bootstrap;
 pub mod keys;
+pub mod master_key;
 
 pub use keys::{hash_key_hex, ApiKey, Keyring, Scope};

@@ -4,6 +4,7 @@
 use uuid::Uuid;
 
 use crate::model::ids::{generate_session_id, is_valid_session_id};
+use crate::model::session::SessionCredentials;
 use crate::model::{ClientType, Millis, Session, SessionError, Status};
 
 /// Longest free-text field (names, versions, edge_mcp_id, tool names).
@@ -52,6 +53,8 @@ pub struct NewSession {
     pub user_id: Option<Uuid>,
     /// Provider names of the passthrough credentials.
     pub passthrough_providers: Vec<String>,
+    /// The passthrough bundle (JSON), sealed by the engine at admission.
+    pub passthrough: Option<crate::crypto::Secret>,
     /// Metadata as compact JSON object text.
     pub metadata: Option<String>,
     /// Requested ttl in seconds.
@@ -177,6 +180,7 @@ pub fn build(
         termination_reason: None,
         version: 1,
         tools: Vec::new(),
+        credentials: SessionCredentials::default(),
     })
 }
 

@@ -55,6 +55,7 @@ use session::{Ack, SessionActor};
 use shards::Shards;
 use tenant::{Admit, LiveCount, TenantSupervisor};
 
+use crate::crypto::{Secret, SessionTokens, TokenHash, Vault};
 use crate::model::session::{SessionMetrics, SessionUpdate};
 use crate::model::time::Clock;
 use crate::model::{Millis, Session, SessionError, SessionView, ToolExecution};
@@ -106,6 +107,8 @@ pub struct EngineConfig {
     pub clock: Clock,
     /// The PostgreSQL tier, when `[postgres] url` is set.
     pub postgres: Option<PostgresTier>,
+    /// Seals and opens passthrough credentials.
+    pub vault: Arc<Vault>,
 }
 
 /// The PostgreSQL tier's handle and settings.
@@ -160,6 +163,7 @@ impl EngineConfig {
             placement: settings.engine.placement,
             clock: Clock::system(),
             postgres: None,
+            vault: Arc::new(Vault::ephemeral()),
         }
     }
 }
@@ -235,6 +239,7 @@ pub struct Engine {
     postgres: Option<Postgres>,
     /// See [`PostgresTier::rebuild_wait`].
     rebuild_wait: Duration,
+    vault: Arc<Vault>,
     outbox: Option<Arc<Outbox>>,
     shipper: Arc<Mutex<Option<ShipperHandle>>>,
 }
@@ -327,6 +332,7 @@ impl Engine {
                 .as_ref()
                 .map_or(Duration::ZERO, |tier| tier.rebuild_wait),
             postgres: config.postgres.map(|tier| tier.postgres),
+            vault: config.vault,
             outbox,
             shipper: Arc::new(Mutex::new(shipper)),
         })
@@ -458,17 +464,27 @@ impl Engine {
         }
     }
 
-    /// Creates a session (201), or refuses it (400, 409, 429).
+    /// Creates a session (201), or refuses it (400, 409, 429). Answers its
+    /// view and its token pair (the only time the tokens are shown).
     pub async fn create(
         &self,
         tenant: Uuid,
-        request: NewSession,
-    ) -> Result<SessionView, SessionError> {
+        mut request: NewSession,
+    ) -> Result<(SessionView, SessionTokens), SessionError> {
         self.ensure_ready()?;
         let handle = self.tenant(tenant)?;
         let client_chosen_id = request.session_id.is_some();
         let now = self.shared.clock.now();
-        let session = admission::build(request, &handle.limits, self.defaults, now)?;
+        let passthrough = request.passthrough.take();
+        let mut session = admission::build(request, &handle.limits, self.defaults, now)?;
+        let tokens = SessionTokens::generate(tenant);
+        let (session_token, refresh_token) = tokens.hashes();
+        session.credentials.session_token = session_token;
+        session.credentials.refresh_token = refresh_token;
+        // Sealed with the row id the session has for life: the ciphertext
+        // opens for this session of this tenant only.
+        session.credentials.passthrough = passthrough
+            .map(|plain| self.vault.seal(tenant, session.id, &plain).into_boxed_slice());
         let view = session.view(now);
         let durable = handle
             .supervisor
@@ -488,7 +504,44 @@ impl Engine {
             }
             return Err(e);
         }
-        Ok(view)
+        Ok((view, tokens))
+    }
+
+    /// Checks that `token` is the session token of this session (live or
+    /// final within retention); another session's token is answered as an
+    /// unknown session.
+    pub async fn verify_token(
+        &self,
+        tenant: Uuid,
+        session_id: &str,
+        token: &TokenHash,
+    ) -> Result<(), SessionError> {
+        let matches = match self
+            .ask(tenant, session_id, session::VerifyToken(*token))
+            .await?
+        {
+            Some(matches) => matches,
+            None => self
+                .stored(tenant, session_id)?
+                .is_some_and(|s| s.credentials.session_token.matches(token)),
+        };
+        if matches {
+            Ok(())
+        } else {
+            Err(SessionError::TokenMismatch)
+        }
+    }
+
+    /// The decrypted passthrough credentials of a live session.
+    pub async fn passthrough(&self, tenant: Uuid, session_id: &str) -> Result<Secret, SessionError> {
+        let sealed = self
+            .ask_live(tenant, session_id, session::SealedPassthrough)
+            .await?
+            .ok_or(SessionError::PassthroughNotFound)?;
+        let row = self.get(tenant, session_id).await?.id;
+        self.vault.open(tenant, row, &sealed).map_err(|e| {
+            SessionError::Storage(format!("passthrough credentials of {session_id}: {e}"))
+        })
     }
 
     /// Reads a session, live or final.
@@ -528,13 +581,23 @@ impl Engine {
     }
 
     /// Restarts a session's lifetime.
+    /// With `refresh_token`, also rotates the token pair (answered once) or,
+    /// for a token rotated away before, revokes the session.
     pub async fn refresh(
         &self,
         tenant: Uuid,
         session_id: &str,
-    ) -> Result<SessionView, SessionError> {
-        let ack = self.ask(tenant, session_id, session::Refresh).await?;
-        self.settled(tenant, session_id, ack).await
+        refresh_token: Option<&Secret>,
+    ) -> Result<(SessionView, Option<SessionTokens>), SessionError> {
+        let fresh = refresh_token.map(|_| SessionTokens::generate(tenant));
+        let rotate = refresh_token
+            .zip(fresh.as_ref())
+            .map(|(presented, fresh)| (TokenHash::of(presented.expose()), fresh.hashes()));
+        let ack = self
+            .ask(tenant, session_id, session::Refresh { rotate })
+            .await?;
+        let view = self.settled(tenant, session_id, ack).await?;
+        Ok((view, fresh))
     }
 
     /// Records one tool execution; answers the session's execution count.
@@ -766,6 +829,7 @@ mod tests {
             placement: Placement::Session,
             clock: Clock::system(),
             postgres: None,
+            vault: Arc::new(Vault::ephemeral()),
         }
     }
 

@@ -20,7 +20,10 @@ use actix::prelude::*;
 
 use super::tenant::{ActorStopped, Release, TenantSupervisor};
 use super::{durable_outcome, Shared};
-use crate::model::session::{SessionUpdate, REASON_CLIENT_REQUEST};
+use crate::crypto::TokenHash;
+use crate::model::session::{
+    RefreshCheck, SessionUpdate, REASON_CLIENT_REQUEST, REASON_REFRESH_TOKEN_REUSE,
+};
 use crate::model::{Millis, Session, SessionError, SessionView, Status, ToolExecution, Transition};
 use crate::persist::{Durable, WriteOp};
 
@@ -339,16 +342,36 @@ impl Handler<Update> for SessionActor {
     }
 }
 
-/// Restarts the session's lifetime.
+/// Restarts the session's lifetime; with a refresh token, also rotates the
+/// token pair (or revokes the session when the token was rotated away).
 #[derive(Message)]
 #[rtype(result = "Result<Ack<SessionView>, SessionError>")]
-pub struct Refresh;
+pub struct Refresh {
+    /// The presented refresh token's hash, and the new pair's hashes.
+    pub rotate: Option<(TokenHash, (TokenHash, TokenHash))>,
+}
 
 impl Handler<Refresh> for SessionActor {
     type Result = Result<Ack<SessionView>, SessionError>;
 
-    fn handle(&mut self, _: Refresh, ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: Refresh, ctx: &mut Context<Self>) -> Self::Result {
         let now = self.live(ctx)?;
+        if let Some((presented, (session_token, refresh_token))) = msg.rotate {
+            match self.session.credentials.check_refresh(&presented) {
+                RefreshCheck::Current => self
+                    .session
+                    .credentials
+                    .rotate(session_token, refresh_token),
+                RefreshCheck::Reused => {
+                    // The pair leaked: whoever holds it loses the session.
+                    let durable = self.finish(Status::Terminated, REASON_REFRESH_TOKEN_REUSE, now);
+                    tracing::warn!(session_id = %self.session.session_id, tenant = %self.session.tenant_id, "refresh token reuse: session revoked");
+                    self.stop_when_durable(durable, ctx);
+                    return Err(SessionError::RefreshTokenReused);
+                }
+                RefreshCheck::Unknown => return Err(SessionError::InvalidRefreshToken),
+            }
+        }
         self.session.refresh(now);
         self.arm(ctx);
         let durable = self.persist(self.sync());
@@ -356,6 +379,33 @@ impl Handler<Refresh> for SessionActor {
             value: self.session.view(now),
             durable,
         })
+    }
+}
+
+/// Whether a session token is this session's (final sessions included).
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct VerifyToken(pub TokenHash);
+
+impl Handler<VerifyToken> for SessionActor {
+    type Result = bool;
+
+    fn handle(&mut self, VerifyToken(hash): VerifyToken, _: &mut Context<Self>) -> bool {
+        self.session.credentials.session_token.matches(&hash)
+    }
+}
+
+/// The sealed passthrough credentials of a live session.
+#[derive(Message)]
+#[rtype(result = "Result<Option<Box<[u8]>>, SessionError>")]
+pub struct SealedPassthrough;
+
+impl Handler<SealedPassthrough> for SessionActor {
+    type Result = Result<Option<Box<[u8]>>, SessionError>;
+
+    fn handle(&mut self, _: SealedPassthrough, ctx: &mut Context<Self>) -> Self::Result {
+        self.live(ctx)?;
+        Ok(self.session.credentials.passthrough.clone())
     }
 }
 

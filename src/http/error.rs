@@ -124,6 +124,22 @@ impl ApiError {
                         json!({ "max_active_sessions": limit }),
                     ),
                     SessionError::Expired => (StatusCode::GONE, "session_expired", json!({})),
+                    SessionError::RefreshTokenReused => {
+                        (StatusCode::UNAUTHORIZED, "refresh_token_reused", json!({}))
+                    }
+                    SessionError::InvalidRefreshToken => (
+                        StatusCode::UNAUTHORIZED,
+                        "unauthorized",
+                        json!({ "field": "refresh_token" }),
+                    ),
+                    SessionError::TokenMismatch => {
+                        (StatusCode::NOT_FOUND, "session_not_found", json!({}))
+                    }
+                    SessionError::PassthroughNotFound => (
+                        StatusCode::NOT_FOUND,
+                        "passthrough_auth_not_found",
+                        json!({}),
+                    ),
                     SessionError::Terminated => (StatusCode::GONE, "session_terminated", json!({})),
                     SessionError::VersionMismatch { current } => (
                         StatusCode::PRECONDITION_FAILED,

@@ -12,7 +12,12 @@ use serde::de::DeserializeOwned;
 
 use super::error::{invalid, ApiError};
 use super::AppState;
+use uuid::Uuid;
+
 use crate::auth::{ApiKey, Scope};
+use crate::crypto::tokens;
+use crate::crypto::{Secret, TokenHash};
+use crate::model::SessionError;
 use crate::model::ids::is_valid_session_id;
 
 /// Largest request body.
@@ -193,6 +198,107 @@ fn presented_key<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     None
 }
 
+/// The bearer token of `Authorization`, if any.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let auth = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = auth.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
+}
+
+/// A call on one session (the contract's (T) endpoints), authenticated by a
+/// tenant API key with scope `sessions` or by that session's own token
+/// (`Authorization: Bearer est_…`). Another session's token answers 404,
+/// as an unknown session does.
+pub struct SessionAccess {
+    /// The session's tenant.
+    pub tenant: Uuid,
+    /// The session id from the path.
+    pub id: String,
+    /// Authenticated by the session token (not an API key).
+    pub by_token: bool,
+}
+
+impl FromRequestParts<AppState> for SessionAccess {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = bearer(&parts.headers)
+            .filter(|t| t.starts_with(tokens::SESSION_PREFIX))
+            .map(|t| Secret::new(t.to_owned()));
+        let Some(token) = token else {
+            let Tenant(key) = Tenant::from_request_parts(parts, state).await?;
+            let SessionId(id) = SessionId::from_request_parts(parts, state).await?;
+            return Ok(SessionAccess {
+                tenant: key.tenant_id,
+                id,
+                by_token: false,
+            });
+        };
+        let token = token.expose();
+        let Some(tenant) = tokens::tenant_of(token, tokens::SESSION_PREFIX) else {
+            auth_failure(parts, "malformed session token");
+            return Err(ApiError::Unauthorized);
+        };
+        let SessionId(id) = SessionId::from_request_parts(parts, state).await?;
+        match state
+            .engine
+            .verify_token(tenant, &id, &TokenHash::of(token))
+            .await
+        {
+            Ok(()) => Ok(SessionAccess {
+                tenant,
+                id,
+                by_token: true,
+            }),
+            Err(e) => {
+                if matches!(e, SessionError::TokenMismatch | SessionError::NotFound) {
+                    auth_failure(parts, "session token not valid for this session");
+                }
+                Err(e.into())
+            }
+        }
+    }
+}
+
+/// Logs an authentication failure: what and where, never key material.
+fn auth_failure(parts: &Parts, reason: &'static str) {
+    tracing::warn!(
+        event = "auth_failure",
+        reason,
+        method = %parts.method,
+        path = %parts.uri.path(),
+        "authentication failed"
+    );
+}
+
+/// A caller whose API key carries `passthrough:read` (session tokens do not
+/// qualify: 403).
+pub struct CredentialReader(pub ApiKey);
+
+impl FromRequestParts<AppState> for CredentialReader {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        if bearer(&parts.headers).is_some_and(|t| t.starts_with(tokens::SESSION_PREFIX)) {
+            auth_failure(parts, "session token used to read credentials");
+            return Err(ApiError::Forbidden);
+        }
+        match presented_key(&parts.headers, "x-api-key").and_then(|k| state.keys.tenant_key(k)) {
+            None => {
+                auth_failure(parts, "missing or unknown api key");
+                Err(ApiError::Unauthorized)
+            }
+            Some(key) if !key.allows(Scope::PassthroughRead) => {
+                auth_failure(parts, "api key lacks scope passthrough:read");
+                Err(ApiError::Forbidden)
+            }
+            Some(key) => Ok(CredentialReader(key.clone())),
+        }
+    }
+}
+
 /// A caller authenticated by a tenant API key (scope `sessions`).
 pub struct Tenant(pub ApiKey);
 
@@ -203,10 +309,13 @@ impl FromRequestParts<AppState> for Tenant {
         let key = presented_key(&parts.headers, "x-api-key").and_then(|k| state.keys.tenant_key(k));
         match key {
             None => {
-                tracing::warn!(reason = "missing or unknown api key", path = %parts.uri.path(), "authentication failed");
+                auth_failure(parts, "missing or unknown api key");
                 Err(ApiError::Unauthorized)
             }
-            Some(key) if !key.allows(Scope::Sessions) => Err(ApiError::Forbidden),
+            Some(key) if !key.allows(Scope::Sessions) => {
+                auth_failure(parts, "api key lacks scope sessions");
+                Err(ApiError::Forbidden)
+            }
             Some(key) => Ok(Tenant(key.clone())),
         }
     }
@@ -222,7 +331,7 @@ impl FromRequestParts<AppState> for Admin {
         match presented_key(&parts.headers, "x-admin-key") {
             Some(key) if state.keys.is_admin(key) => Ok(Admin),
             _ => {
-                tracing::warn!(reason = "missing or unknown admin key", path = %parts.uri.path(), "authentication failed");
+                auth_failure(parts, "missing or unknown admin key");
                 Err(ApiError::Unauthorized)
             }
         }

@@ -14,13 +14,16 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use super::error::{invalid, ApiError};
-use super::extract::{parse_limit, JsonBody, OptionalJsonBody, SessionId, Tenant};
+use super::extract::{
+    parse_limit, CredentialReader, JsonBody, OptionalJsonBody, SessionAccess, SessionId, Tenant,
+};
 use super::AppState;
 use crate::engine::admission::{check_metadata, check_text};
 use crate::engine::{ListQuery, NewSession};
 use crate::model::session::SessionUpdate;
 use crate::model::time::parse_rfc3339;
-use crate::model::{ClientType, Status};
+use crate::crypto::{Secret, SessionTokens};
+use crate::model::{ClientType, SessionError, SessionView, Status};
 
 /// Default page size of lists.
 const DEFAULT_LIST_LIMIT: usize = 50;
@@ -44,6 +47,10 @@ pub fn router() -> Router<AppState> {
         .route("/api/v1/sessions/{session_id}/activity", post(activity))
         .route("/api/v1/sessions/{session_id}/refresh", post(refresh))
         .route("/api/v1/sessions/{session_id}/validate", post(validate))
+        .route(
+            "/api/v1/sessions/{session_id}/passthrough-auth",
+            get(passthrough_auth),
+        )
 }
 
 /// `CreateSessionRequest`.
@@ -99,15 +106,20 @@ async fn create(
         user_id: body.user_id,
         passthrough_providers: body
             .passthrough_auth
-            .map(|p| p.credentials.into_keys().collect())
+            .as_ref()
+            .map(|p| p.credentials.keys().cloned().collect())
             .unwrap_or_default(),
+        passthrough: body
+            .passthrough_auth
+            .map(|p| Secret::new(json!({ "credentials": p.credentials }).to_string())),
         metadata,
         ttl: body.ttl,
         idle_timeout: body.idle_timeout,
     };
-    let view = state.engine.create(key.tenant_id, request).await?;
+    let (view, tokens) = state.engine.create(key.tenant_id, request).await?;
     tracing::debug!(session_id = %view.session_id, tenant = %key.tenant_id, client_type = view.client_type, "session created");
-    let mut response = (StatusCode::CREATED, Json(&view)).into_response();
+    let mut response =
+        (StatusCode::CREATED, Json(with_tokens(&view, Some(&tokens)))).into_response();
     set_etag(&mut response, view.version);
     Ok(response)
 }
@@ -128,10 +140,9 @@ fn set_etag(response: &mut Response, version: u64) {
 
 async fn read(
     State(state): State<AppState>,
-    Tenant(key): Tenant,
-    SessionId(id): SessionId,
+    access: SessionAccess,
 ) -> Result<Response, ApiError> {
-    let view = state.engine.get(key.tenant_id, &id).await?;
+    let view = state.engine.get(access.tenant, &access.id).await?;
     let mut response = Json(&view).into_response();
     set_etag(&mut response, view.version);
     Ok(response)
@@ -173,8 +184,7 @@ fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
 
 async fn update(
     State(state): State<AppState>,
-    Tenant(key): Tenant,
-    SessionId(id): SessionId,
+    access: SessionAccess,
     headers: HeaderMap,
     JsonBody(body): JsonBody<UpdateBody>,
 ) -> Result<Response, ApiError> {
@@ -200,7 +210,7 @@ async fn update(
     };
     let view = state
         .engine
-        .update(key.tenant_id, &id, update, expected)
+        .update(access.tenant, &access.id, update, expected)
         .await?;
     let mut response = Json(&view).into_response();
     set_etag(&mut response, view.version);
@@ -218,24 +228,22 @@ struct TerminateBody {
 
 async fn terminate(
     State(state): State<AppState>,
-    Tenant(key): Tenant,
-    SessionId(id): SessionId,
+    access: SessionAccess,
     OptionalJsonBody(body): OptionalJsonBody<TerminateBody>,
 ) -> Result<StatusCode, ApiError> {
     let reason = body.and_then(|b| b.reason);
     if let Some(reason) = &reason {
         check_text("reason", reason, 1)?;
     }
-    state.engine.terminate(key.tenant_id, &id, reason).await?;
+    state.engine.terminate(access.tenant, &access.id, reason).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 async fn activity(
     State(state): State<AppState>,
-    Tenant(key): Tenant,
-    SessionId(id): SessionId,
+    access: SessionAccess,
 ) -> Result<StatusCode, ApiError> {
-    state.engine.touch(key.tenant_id, &id).await?;
+    state.engine.touch(access.tenant, &access.id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -252,26 +260,74 @@ struct RefreshBody {
 
 async fn refresh(
     State(state): State<AppState>,
-    Tenant(key): Tenant,
-    SessionId(id): SessionId,
+    access: SessionAccess,
     OptionalJsonBody(body): OptionalJsonBody<RefreshBody>,
 ) -> Result<Response, ApiError> {
-    if body.is_some_and(|b| b.refresh_token.is_some()) {
-        tracing::warn!(reason = "unknown refresh token", "authentication failed");
-        return Err(ApiError::Unauthorized);
+    let presented = body.and_then(|b| b.refresh_token).map(Secret::new);
+    let result = state
+        .engine
+        .refresh(access.tenant, &access.id, presented.as_ref())
+        .await;
+    let (view, tokens) = match result {
+        Ok(answer) => answer,
+        Err(e) => {
+            if matches!(
+                e,
+                SessionError::InvalidRefreshToken | SessionError::RefreshTokenReused
+            ) {
+                tracing::warn!(event = "auth_failure", reason = %e, session_id = %access.id, "refresh token refused");
+            }
+            return Err(e.into());
+        }
+    };
+    let version = view.version;
+    let mut response = Json(with_tokens(&view, tokens.as_ref())).into_response();
+    set_etag(&mut response, version);
+    Ok(response)
+}
+
+/// The session resource, with a new token pair when there is one (shown
+/// this once).
+fn with_tokens(view: &SessionView, tokens: Option<&SessionTokens>) -> Value {
+    let mut body = json!(view);
+    if let (Some(tokens), Some(map)) = (tokens, body.as_object_mut()) {
+        map.insert(
+            "session_token".into(),
+            tokens.session_token.expose().into(),
+        );
+        map.insert(
+            "refresh_token".into(),
+            tokens.refresh_token.expose().into(),
+        );
     }
-    let view = state.engine.refresh(key.tenant_id, &id).await?;
-    let mut response = Json(&view).into_response();
-    set_etag(&mut response, view.version);
+    body
+}
+
+/// `GET …/passthrough-auth`: the decrypted bundle, for keys with
+/// `passthrough:read` only.
+async fn passthrough_auth(
+    State(state): State<AppState>,
+    CredentialReader(key): CredentialReader,
+    SessionId(id): SessionId,
+) -> Result<Response, ApiError> {
+    let bundle = state.engine.passthrough(key.tenant_id, &id).await?;
+    tracing::info!(event = "passthrough_read", session_id = %id, tenant = %key.tenant_id, "passthrough credentials read");
+    let mut response = (
+        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        bundle.expose().to_owned(),
+    )
+        .into_response();
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(response)
 }
 
 async fn validate(
     State(state): State<AppState>,
-    Tenant(key): Tenant,
-    SessionId(id): SessionId,
+    access: SessionAccess,
 ) -> Result<Json<Value>, ApiError> {
-    let view = state.engine.validate(key.tenant_id, &id).await?;
+    let view = state.engine.validate(access.tenant, &access.id).await?;
     Ok(Json(json!({ "valid": true, "session": view })))
 }
 

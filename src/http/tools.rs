@@ -11,7 +11,7 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use super::error::{invalid, ApiError};
-use super::extract::{parse_limit, JsonBody, SessionId, Tenant};
+use super::extract::{parse_limit, JsonBody, SessionAccess, Tenant};
 use super::AppState;
 use crate::engine::admission::check_text;
 use crate::model::ids::is_valid_session_id;
@@ -131,8 +131,7 @@ fn build(fields: ExecutionFields) -> Result<ToolExecution, ApiError> {
 
 async fn execute(
     State(state): State<AppState>,
-    Tenant(key): Tenant,
-    SessionId(id): SessionId,
+    access: SessionAccess,
     JsonBody(body): JsonBody<ExecuteBody>,
 ) -> Result<StatusCode, ApiError> {
     let executed_at =
@@ -154,7 +153,7 @@ async fn execute(
     })?;
     state
         .engine
-        .record_tool(key.tenant_id, &id, execution)
+        .record_tool(access.tenant, &access.id, execution)
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -251,14 +250,13 @@ struct ExecutionsParams {
 
 async fn executions(
     State(state): State<AppState>,
-    Tenant(key): Tenant,
-    SessionId(id): SessionId,
+    access: SessionAccess,
     params: Result<Query<ExecutionsParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(params) =
         params.map_err(|e| invalid("query", format!("query string is not valid: {e}")))?;
     let limit = parse_limit(params.limit.as_deref(), DEFAULT_EXECUTIONS_LIMIT)?;
-    let list = state.engine.executions(key.tenant_id, &id, limit).await?;
+    let list = state.engine.executions(access.tenant, &access.id, limit).await?;
     let views: Vec<ExecutionView> = list
         .into_iter()
         .map(|e| ExecutionView {
@@ -277,10 +275,9 @@ async fn executions(
 
 async fn metrics(
     State(state): State<AppState>,
-    Tenant(key): Tenant,
-    SessionId(id): SessionId,
+    access: SessionAccess,
 ) -> Result<Json<SessionMetrics>, ApiError> {
     Ok(Json(
-        state.engine.session_metrics(key.tenant_id, &id).await?,
+        state.engine.session_metrics(access.tenant, &access.id).await?,
     ))
 }

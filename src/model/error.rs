@@ -40,6 +40,19 @@ pub enum SessionError {
         /// A lowercase sentence saying what is wrong.
         message: String,
     },
+    /// A refresh token that was already rotated away: the session is revoked.
+    #[error("refresh token was already used; the session is revoked")]
+    RefreshTokenReused,
+    /// A refresh token that is not this session's.
+    #[error("invalid refresh token")]
+    InvalidRefreshToken,
+    /// The session token does not belong to this session (answered as an
+    /// unknown session, like another tenant's).
+    #[error("session not found")]
+    TokenMismatch,
+    /// The live session has no passthrough credentials.
+    #[error("the session has no passthrough credentials")]
+    PassthroughNotFound,
     /// The engine is recovering or shutting down; retrying later will work.
     #[error("service unavailable, retry shortly")]
     Unavailable,

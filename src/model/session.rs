@@ -9,6 +9,7 @@ use uuid::Uuid;
 use super::error::SessionError;
 use super::time::{format_rfc3339, secs, Millis};
 use super::tool::{ToolExecution, ToolStats};
+use crate::crypto::TokenHash;
 
 /// Where a session is in its life. `Expired` and `Terminated` are final.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -175,6 +176,61 @@ pub struct Session {
     pub version: u64,
     /// Per-tool counters.
     pub tools: Vec<ToolStats>,
+    /// Sealed passthrough credentials and token hashes. Last, so records
+    /// written before it existed still decode (see `persist::record`).
+    pub credentials: SessionCredentials,
+}
+
+/// What a session keeps to authenticate its client and to hand its
+/// credentials on: never plaintext.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SessionCredentials {
+    /// The passthrough bundle, sealed by the vault (bound to tenant and row id).
+    pub passthrough: Option<Box<[u8]>>,
+    /// Hash of the current session token (`est_`).
+    pub session_token: TokenHash,
+    /// Hash of the current refresh token (`ert_`).
+    pub refresh_token: TokenHash,
+    /// Hashes of refresh tokens rotated away: presenting one revokes the
+    /// session (the most recent [`RETIRED_REFRESH_KEPT`]).
+    pub retired_refresh: Vec<TokenHash>,
+}
+
+/// Rotated-away refresh tokens remembered per session.
+pub const RETIRED_REFRESH_KEPT: usize = 16;
+
+/// What presenting a refresh token means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefreshCheck {
+    /// The current one: rotate.
+    Current,
+    /// One rotated away: the pair leaked, revoke the session.
+    Reused,
+    /// Not this session's.
+    Unknown,
+}
+
+impl SessionCredentials {
+    /// Classifies a presented refresh token (constant-time comparisons).
+    pub fn check_refresh(&self, presented: &TokenHash) -> RefreshCheck {
+        if self.refresh_token.matches(presented) {
+            RefreshCheck::Current
+        } else if self.retired_refresh.iter().any(|h| h.matches(presented)) {
+            RefreshCheck::Reused
+        } else {
+            RefreshCheck::Unknown
+        }
+    }
+
+    /// Installs a new pair, retiring the current refresh token.
+    pub fn rotate(&mut self, session_token: TokenHash, refresh_token: TokenHash) {
+        let old = std::mem::replace(&mut self.refresh_token, refresh_token);
+        self.retired_refresh.push(old);
+        if self.retired_refresh.len() > RETIRED_REFRESH_KEPT {
+            self.retired_refresh.remove(0);
+        }
+        self.session_token = session_token;
+    }
 }
 
 /// A PATCH: every field optional; `None` leaves a field unchanged.
@@ -519,6 +575,7 @@ pub(crate) mod tests {
             termination_reason: None,
             version: 1,
             tools: Vec::new(),
+            credentials: SessionCredentials::default(),
         }
     }
 

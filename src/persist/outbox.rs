@@ -125,7 +125,7 @@ pub fn decode(value: &[u8]) -> Result<(Millis, Entry), EntryError> {
     let at = Millis::from_be_bytes(at);
     let payload = &value[9..];
     let entry = match value[0] {
-        KIND_SESSION => Entry::Session(Box::new(record::decode(payload)?)),
+        KIND_SESSION => Entry::Session(Box::new(record::decode_session(payload)?)),
         KIND_EXECUTION => {
             let key = payload.get(..25).ok_or(EntryError::Malformed)?;
             let (session_row, seq) = keys::parse_execution(key).ok_or(EntryError::Malformed)?;

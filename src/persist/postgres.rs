@@ -453,6 +453,7 @@ fn session_from_row(row: &sqlx::postgres::PgRow) -> Result<Session, PgError> {
         termination_reason: None,
         version: count("version")?,
         tools: Vec::new(),
+        credentials: Default::default(),
     })
 }
 

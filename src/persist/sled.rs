@@ -94,7 +94,7 @@ impl Store {
         key: &[u8],
         bytes: &[u8],
     ) -> Result<(Session, u64), StoreError> {
-        let mut session: Session = record::decode(bytes).map_err(|e| corrupt(key, e))?;
+        let mut session = record::decode_session(bytes).map_err(|e| corrupt(key, e))?;
         let recorded = session.tool_execution_count;
         if !session.status.is_final() {
             let prefix = keys::executions_prefix(session.id);

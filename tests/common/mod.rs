@@ -38,6 +38,7 @@ pub fn config_toml_with_storage(
     storage: &str,
     extra: &str,
 ) -> String {
+    let key_file = master_key_file(data_dir);
     format!(
         r#"
 [server]
@@ -45,6 +46,8 @@ listen = "127.0.0.1:0"
 [storage]
 data_dir = {data_dir:?}
 {storage}
+[security]
+master_key_file = {key_file:?}
 [admin]
 key_sha256 = ["{admin}"]
 [[tenants]]
@@ -61,10 +64,27 @@ name = "b"
 {extra}
 "#,
         data_dir = data_dir.display().to_string(),
+        key_file = key_file.display().to_string(),
         admin = hash_key_hex(ADMIN_KEY),
         a = hash_key_hex(KEY_A),
         b = hash_key_hex(KEY_B),
     )
+}
+
+/// The keyring file the test configs use: next to `data_dir` (so servers
+/// sharing a parent dir share the key), created once.
+pub fn master_key_file(data_dir: &Path) -> PathBuf {
+    let path = data_dir
+        .parent()
+        .unwrap_or(data_dir)
+        .join("test-master.key");
+    if !path.exists() {
+        let keyring =
+            edge_sessions::crypto::MasterKeyring::new(vec![edge_sessions::crypto::MasterKey::generate()])
+                .unwrap();
+        std::fs::write(&path, keyring.to_file_text().as_bytes()).unwrap();
+    }
+    path
 }
 
 /// An in-process server.
@@ -91,7 +111,7 @@ impl TestServer {
     pub async fn start_with_storage(limit_a: usize, storage: &str, extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let settings = Settings::from_toml(&config_toml_with_storage(
-            dir.path(),
+            &dir.path().join("data"),
             limit_a,
             storage,
             extra,
