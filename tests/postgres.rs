@@ -95,7 +95,14 @@ fn migrations_go_up_down_and_up_again() {
     assert_eq!(pg.scalar("SELECT count(*) FROM mcp.session_metrics"), 0);
     assert!(migrate(&pg.url, &["status"]).contains(": applied"));
 
+    // `down` without N undoes one step: the token columns go, the tables stay.
     migrate(&pg.url, &["down"]);
+    assert_eq!(
+        pg.scalar("SELECT count(*) FROM information_schema.columns WHERE table_schema = 'mcp' AND column_name = 'session_token_sha256'"),
+        0
+    );
+    assert!(pg.psql("\\dt mcp.*").contains("edge_mcp_sessions"));
+    migrate(&pg.url, &["down", "1"]);
     assert_eq!(
         pg.scalar("SELECT count(*) FROM information_schema.schemata WHERE schema_name = 'mcp'"),
         0,
@@ -184,10 +191,13 @@ async fn what_is_done_over_http_arrives_as_rows() {
         5,
         "the view sums per tenant"
     );
-    // The credentials are never stored in plaintext (they are not kept at
-    // all until the vault exists).
+    // The credentials arrive sealed, never in plaintext; token hashes too.
     assert_eq!(
-        pg.scalar("SELECT count(*) FROM mcp.edge_mcp_sessions WHERE row_to_json(edge_mcp_sessions)::text LIKE '%ghp_secret%'"),
+        pg.scalar("SELECT count(*) FROM mcp.edge_mcp_sessions WHERE passthrough_auth_encrypted IS NOT NULL AND octet_length(session_token_sha256) = 32"),
+        5
+    );
+    assert_eq!(
+        pg.scalar("SELECT count(*) FROM mcp.edge_mcp_sessions WHERE position(convert_to('ghp_secret', 'UTF8') IN passthrough_auth_encrypted) > 0 OR row_to_json(edge_mcp_sessions)::text LIKE '%ghp_secret%'"),
         0
     );
     server.stop().await;
@@ -324,9 +334,22 @@ async fn an_empty_data_dir_is_rebuilt_from_postgres() {
     let server = ChildServer::start(&first).await;
     let client = client();
     let base = server.base.clone();
-    for i in 0..6 {
+    for i in 1..6 {
         create(&client, &base, &format!("r-{i}")).await;
     }
+    let body = json!({"session_id": "r-0", "edge_mcp_id": "edge",
+                      "passthrough_auth": {"credentials": {"github": {"type": "bearer", "token": "ghp_rebuilt"}}}});
+    let (status, created) = call(
+        &client,
+        &base,
+        Method::POST,
+        "/api/v1/sessions",
+        KEY_A,
+        Some(body),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let token = created["session_token"].as_str().unwrap().to_owned();
     for i in 0..30 {
         assert_eq!(
             execute(&client, &base, &format!("r-{}", i % 6), i % 3 == 0).await,
@@ -437,6 +460,26 @@ async fn an_empty_data_dir_is_rebuilt_from_postgres() {
     )
     .await;
     assert_eq!(body["tool_execution_count"], 6);
+    // The session token and the sealed credentials came back too.
+    let (status, _) = client
+        .get(format!("{base}/api/v1/sessions/r-0"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .map(|r| (r.status(), ()))
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let (status, bundle) = call(
+        &client,
+        &base,
+        Method::GET,
+        "/api/v1/sessions/r-0/passthrough-auth",
+        KEY_A_READER,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{bundle}");
+    assert_eq!(bundle["credentials"]["github"]["token"], "ghp_rebuilt");
     assert_eq!(flush(&client, &base).await.0, StatusCode::OK);
     assert_eq!(
         pg.scalar(

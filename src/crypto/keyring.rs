@@ -164,7 +164,11 @@ mod tests {
     fn parses_newest_first_and_rejects_bad_keys() {
         let a = MasterKey::generate();
         let b = MasterKey::generate();
-        let text = format!("# comment\n{}\n\n{}  # old\n", &*a.to_base64(), &*b.to_base64());
+        let text = format!(
+            "# comment\n{}\n\n{}  # old\n",
+            &*a.to_base64(),
+            &*b.to_base64()
+        );
         let ring = MasterKeyring::parse(&text).unwrap();
         assert_eq!(ring.len(), 2);
         assert_eq!(ring.current().id(), a.id());
@@ -173,11 +177,16 @@ mod tests {
         assert_eq!(MasterKeyring::parse(&env).unwrap().len(), 2);
         assert!(MasterKeyring::parse("").is_err());
         assert!(MasterKeyring::parse("not base64!").is_err());
-        assert!(MasterKeyring::parse("AAAA").unwrap_err().contains("32 bytes"));
+        assert!(MasterKeyring::parse("AAAA")
+            .unwrap_err()
+            .contains("32 bytes"));
         let rotated = ring.rotated();
         assert_eq!(rotated.len(), 3);
         assert_ne!(rotated.current().id(), a.id());
-        assert_eq!(MasterKeyring::parse(&rotated.to_file_text()).unwrap().len(), 3);
+        assert_eq!(
+            MasterKeyring::parse(&rotated.to_file_text()).unwrap().len(),
+            3
+        );
         assert!(!format!("{:?}", a).contains(&*a.to_base64()));
     }
 }

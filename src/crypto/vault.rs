@@ -91,7 +91,12 @@ impl Vault {
     }
 
     /// Decrypts what [`Vault::seal`] produced for the same tenant and session.
-    pub fn open(&self, tenant: Uuid, session_row: Uuid, sealed: &[u8]) -> Result<Secret, VaultError> {
+    pub fn open(
+        &self,
+        tenant: Uuid,
+        session_row: Uuid,
+        sealed: &[u8],
+    ) -> Result<Secret, VaultError> {
         if sealed.len() < HEADER + 16 || sealed[0] != VERSION {
             return Err(VaultError::Malformed);
         }
@@ -160,14 +165,30 @@ mod tests {
         let vault = vault();
         let (tenant, row) = (Uuid::new_v4(), Uuid::now_v7());
         let sealed = vault.seal(tenant, row, &Secret::new("s".into()));
-        assert_eq!(vault.open(Uuid::new_v4(), row, &sealed), Err(VaultError::Rejected));
-        assert_eq!(vault.open(tenant, Uuid::now_v7(), &sealed), Err(VaultError::Rejected));
+        assert_eq!(
+            vault.open(Uuid::new_v4(), row, &sealed),
+            Err(VaultError::Rejected)
+        );
+        assert_eq!(
+            vault.open(tenant, Uuid::now_v7(), &sealed),
+            Err(VaultError::Rejected)
+        );
         let mut tampered = sealed.clone();
         *tampered.last_mut().unwrap() ^= 1;
-        assert_eq!(vault.open(tenant, row, &tampered), Err(VaultError::Rejected));
-        assert_eq!(vault.open(tenant, row, &sealed[..10]), Err(VaultError::Malformed));
+        assert_eq!(
+            vault.open(tenant, row, &tampered),
+            Err(VaultError::Rejected)
+        );
+        assert_eq!(
+            vault.open(tenant, row, &sealed[..10]),
+            Err(VaultError::Malformed)
+        );
         // Another master key does not open it either.
-        assert!(matches!(super::super::Vault::new(MasterKeyring::new(vec![MasterKey::generate()]).unwrap()).open(tenant, row, &sealed), Err(VaultError::UnknownKey(_))));
+        assert!(matches!(
+            super::super::Vault::new(MasterKeyring::new(vec![MasterKey::generate()]).unwrap())
+                .open(tenant, row, &sealed),
+            Err(VaultError::UnknownKey(_))
+        ));
     }
 
     #[test]
@@ -179,7 +200,13 @@ mod tests {
         assert_ne!(rotated.current_key_id(), old.current_key_id());
         assert_eq!(rotated.open(tenant, row, &before).unwrap().expose(), "old");
         let after = rotated.seal(tenant, row, &Secret::new("new".into()));
-        assert_eq!(u32::from_be_bytes(after[1..5].try_into().unwrap()), rotated.current_key_id());
-        assert!(matches!(old.open(tenant, row, &after), Err(VaultError::UnknownKey(_))));
+        assert_eq!(
+            u32::from_be_bytes(after[1..5].try_into().unwrap()),
+            rotated.current_key_id()
+        );
+        assert!(matches!(
+            old.open(tenant, row, &after),
+            Err(VaultError::UnknownKey(_))
+        ));
     }
 }

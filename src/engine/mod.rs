@@ -483,8 +483,11 @@ impl Engine {
         session.credentials.refresh_token = refresh_token;
         // Sealed with the row id the session has for life: the ciphertext
         // opens for this session of this tenant only.
-        session.credentials.passthrough = passthrough
-            .map(|plain| self.vault.seal(tenant, session.id, &plain).into_boxed_slice());
+        session.credentials.passthrough = passthrough.map(|plain| {
+            self.vault
+                .seal(tenant, session.id, &plain)
+                .into_boxed_slice()
+        });
         let view = session.view(now);
         let durable = handle
             .supervisor
@@ -533,7 +536,11 @@ impl Engine {
     }
 
     /// The decrypted passthrough credentials of a live session.
-    pub async fn passthrough(&self, tenant: Uuid, session_id: &str) -> Result<Secret, SessionError> {
+    pub async fn passthrough(
+        &self,
+        tenant: Uuid,
+        session_id: &str,
+    ) -> Result<Secret, SessionError> {
         let sealed = self
             .ask_live(tenant, session_id, session::SealedPassthrough)
             .await?

@@ -17,8 +17,8 @@ use uuid::Uuid;
 use crate::auth::{ApiKey, Scope};
 use crate::crypto::tokens;
 use crate::crypto::{Secret, TokenHash};
-use crate::model::SessionError;
 use crate::model::ids::is_valid_session_id;
+use crate::model::SessionError;
 
 /// Largest request body.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;

@@ -18,11 +18,11 @@ use super::extract::{
     parse_limit, CredentialReader, JsonBody, OptionalJsonBody, SessionAccess, SessionId, Tenant,
 };
 use super::AppState;
+use crate::crypto::{Secret, SessionTokens};
 use crate::engine::admission::{check_metadata, check_text};
 use crate::engine::{ListQuery, NewSession};
 use crate::model::session::SessionUpdate;
 use crate::model::time::parse_rfc3339;
-use crate::crypto::{Secret, SessionTokens};
 use crate::model::{ClientType, SessionError, SessionView, Status};
 
 /// Default page size of lists.
@@ -138,10 +138,7 @@ fn set_etag(response: &mut Response, version: u64) {
     }
 }
 
-async fn read(
-    State(state): State<AppState>,
-    access: SessionAccess,
-) -> Result<Response, ApiError> {
+async fn read(State(state): State<AppState>, access: SessionAccess) -> Result<Response, ApiError> {
     let view = state.engine.get(access.tenant, &access.id).await?;
     let mut response = Json(&view).into_response();
     set_etag(&mut response, view.version);
@@ -235,7 +232,10 @@ async fn terminate(
     if let Some(reason) = &reason {
         check_text("reason", reason, 1)?;
     }
-    state.engine.terminate(access.tenant, &access.id, reason).await?;
+    state
+        .engine
+        .terminate(access.tenant, &access.id, reason)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -291,14 +291,8 @@ async fn refresh(
 fn with_tokens(view: &SessionView, tokens: Option<&SessionTokens>) -> Value {
     let mut body = json!(view);
     if let (Some(tokens), Some(map)) = (tokens, body.as_object_mut()) {
-        map.insert(
-            "session_token".into(),
-            tokens.session_token.expose().into(),
-        );
-        map.insert(
-            "refresh_token".into(),
-            tokens.refresh_token.expose().into(),
-        );
+        map.insert("session_token".into(), tokens.session_token.expose().into());
+        map.insert("refresh_token".into(), tokens.refresh_token.expose().into());
     }
     body
 }
@@ -313,7 +307,10 @@ async fn passthrough_auth(
     let bundle = state.engine.passthrough(key.tenant_id, &id).await?;
     tracing::info!(event = "passthrough_read", session_id = %id, tenant = %key.tenant_id, "passthrough credentials read");
     let mut response = (
-        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
         bundle.expose().to_owned(),
     )
         .into_response();

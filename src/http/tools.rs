@@ -256,7 +256,10 @@ async fn executions(
     let Query(params) =
         params.map_err(|e| invalid("query", format!("query string is not valid: {e}")))?;
     let limit = parse_limit(params.limit.as_deref(), DEFAULT_EXECUTIONS_LIMIT)?;
-    let list = state.engine.executions(access.tenant, &access.id, limit).await?;
+    let list = state
+        .engine
+        .executions(access.tenant, &access.id, limit)
+        .await?;
     let views: Vec<ExecutionView> = list
         .into_iter()
         .map(|e| ExecutionView {
@@ -278,6 +281,9 @@ async fn metrics(
     access: SessionAccess,
 ) -> Result<Json<SessionMetrics>, ApiError> {
     Ok(Json(
-        state.engine.session_metrics(access.tenant, &access.id).await?,
+        state
+            .engine
+            .session_metrics(access.tenant, &access.id)
+            .await?,
     ))
 }

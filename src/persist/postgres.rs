@@ -15,6 +15,8 @@ use sqlx::{Connection, Row};
 use uuid::Uuid;
 
 use super::outbox::Entry;
+use crate::crypto::TokenHash;
+use crate::model::session::SessionCredentials;
 use crate::model::{AuditEntry, ClientType, Millis, Session, Status, ToolExecution};
 
 /// The schema's migrations (`deploy/migrations`), embedded in the binary.
@@ -262,6 +264,9 @@ impl Postgres {
                 .bind(&s.terminated_at)
                 .bind(&s.termination_reason)
                 .bind(&s.version)
+                .bind(&s.passthrough)
+                .bind(&s.session_token)
+                .bind(&s.refresh_token)
                 .execute(&mut *tx)
                 .await?;
         }
@@ -326,7 +331,8 @@ impl Postgres {
                     (extract(epoch FROM created_at) * 1000)::int8 AS created_ms,
                     (extract(epoch FROM lifetime_started_at) * 1000)::int8 AS lifetime_ms,
                     (extract(epoch FROM last_activity_at) * 1000)::int8 AS activity_ms,
-                    idle_timeout_seconds, ttl_seconds, version
+                    idle_timeout_seconds, ttl_seconds, version, passthrough_auth_encrypted,
+                    session_token_sha256, refresh_token_sha256
              FROM mcp.edge_mcp_sessions
              WHERE status IN ('active', 'idle') AND tenant_id = ANY($1) AND id > $2
              ORDER BY id
@@ -416,6 +422,15 @@ fn rebuild_counters(session: &mut Session, executions: &[(u64, ToolExecution)]) 
     session.version = version + session.tool_execution_count.saturating_sub(recorded);
 }
 
+/// A stored token digest; a missing or malformed one matches no token.
+fn token_hash(bytes: Option<Vec<u8>>) -> TokenHash {
+    TokenHash(
+        bytes
+            .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
+            .unwrap_or_default(),
+    )
+}
+
 fn session_from_row(row: &sqlx::postgres::PgRow) -> Result<Session, PgError> {
     let text = |name: &str| -> Result<String, PgError> { Ok(row.try_get::<String, _>(name)?) };
     let optional = |name: &str| -> Result<Option<Box<str>>, PgError> {
@@ -453,7 +468,14 @@ fn session_from_row(row: &sqlx::postgres::PgRow) -> Result<Session, PgError> {
         termination_reason: None,
         version: count("version")?,
         tools: Vec::new(),
-        credentials: Default::default(),
+        credentials: SessionCredentials {
+            passthrough: row
+                .try_get::<Option<Vec<u8>>, _>("passthrough_auth_encrypted")?
+                .map(Vec::into_boxed_slice),
+            session_token: token_hash(row.try_get("session_token_sha256")?),
+            refresh_token: token_hash(row.try_get("refresh_token_sha256")?),
+            retired_refresh: Vec::new(),
+        },
     })
 }
 
@@ -507,7 +529,8 @@ INSERT INTO mcp.edge_mcp_sessions (
     status, initialized, connection_metadata, has_passthrough_auth, passthrough_providers,
     tool_execution_count, tool_error_count, total_tokens_used, created_at, lifetime_started_at,
     last_activity_at, expires_at, idle_timeout_seconds, ttl_seconds, terminated_at,
-    termination_reason, version, updated_at)
+    termination_reason, version, passthrough_auth_encrypted, session_token_sha256,
+    refresh_token_sha256, updated_at)
 SELECT id, session_id, tenant_id, user_id, edge_mcp_id, client_name, client_type, client_version,
        status, initialized, connection_metadata::jsonb,
        cardinality(providers::text[]) > 0, providers::text[],
@@ -515,16 +538,17 @@ SELECT id, session_id, tenant_id, user_id, edge_mcp_id, client_name, client_type
        to_timestamp(created_ms::float8 / 1000), to_timestamp(lifetime_ms::float8 / 1000),
        to_timestamp(activity_ms::float8 / 1000), to_timestamp(expires_ms::float8 / 1000),
        idle_timeout_seconds, ttl_seconds, to_timestamp(terminated_ms::float8 / 1000),
-       termination_reason, version, now()
+       termination_reason, version, passthrough, session_token, refresh_token, now()
 FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::uuid[], $5::text[], $6::text[], $7::text[],
             $8::text[], $9::text[], $10::bool[], $11::text[], $12::text[], $13::int8[], $14::int8[],
             $15::int8[], $16::int8[], $17::int8[], $18::int8[], $19::int8[], $20::int4[],
-            $21::int4[], $22::int8[], $23::text[], $24::int8[])
+            $21::int4[], $22::int8[], $23::text[], $24::int8[], $25::bytea[], $26::bytea[],
+            $27::bytea[])
      AS u(id, session_id, tenant_id, user_id, edge_mcp_id, client_name, client_type,
           client_version, status, initialized, connection_metadata, providers,
           tool_execution_count, tool_error_count, total_tokens_used, created_ms, lifetime_ms,
           activity_ms, expires_ms, idle_timeout_seconds, ttl_seconds, terminated_ms,
-          termination_reason, version)
+          termination_reason, version, passthrough, session_token, refresh_token)
 ON CONFLICT (tenant_id, session_id) DO UPDATE SET
     user_id = EXCLUDED.user_id,
     client_name = EXCLUDED.client_name,
@@ -545,6 +569,9 @@ ON CONFLICT (tenant_id, session_id) DO UPDATE SET
     terminated_at = EXCLUDED.terminated_at,
     termination_reason = EXCLUDED.termination_reason,
     version = EXCLUDED.version,
+    passthrough_auth_encrypted = EXCLUDED.passthrough_auth_encrypted,
+    session_token_sha256 = EXCLUDED.session_token_sha256,
+    refresh_token_sha256 = EXCLUDED.refresh_token_sha256,
     updated_at = now()
 WHERE mcp.edge_mcp_sessions.version < EXCLUDED.version
    OR (mcp.edge_mcp_sessions.version = EXCLUDED.version
@@ -655,6 +682,9 @@ struct SessionColumns {
     terminated_at: Vec<Option<Millis>>,
     termination_reason: Vec<Option<String>>,
     version: Vec<i64>,
+    passthrough: Vec<Option<Vec<u8>>>,
+    session_token: Vec<Vec<u8>>,
+    refresh_token: Vec<Vec<u8>>,
 }
 
 impl From<&Vec<&Session>> for SessionColumns {
@@ -690,6 +720,10 @@ impl From<&Vec<&Session>> for SessionColumns {
             c.termination_reason
                 .push(s.termination_reason.as_deref().map(pg_text));
             c.version.push(int(s.version));
+            c.passthrough
+                .push(s.credentials.passthrough.as_deref().map(<[u8]>::to_vec));
+            c.session_token.push(s.credentials.session_token.0.to_vec());
+            c.refresh_token.push(s.credentials.refresh_token.0.to_vec());
         }
         c
     }

@@ -23,6 +23,10 @@ pub const TENANT_A: &str = "6f1c0d3e-8a4b-4c6e-9f10-2b3c4d5e6f70";
 pub const TENANT_B: &str = "0b6e4a52-1d7c-4f3e-8a90-5c2d1e0f9a8b";
 pub const KEY_A: &str = "key-tenant-a";
 pub const KEY_B: &str = "key-tenant-b";
+/// Tenant A's credential reader: scopes `sessions` and `passthrough:read`.
+pub const KEY_A_READER: &str = "key-tenant-a-reader";
+/// Tenant A's key with only `passthrough:read`.
+pub const KEY_A_READ_ONLY: &str = "key-tenant-a-read-only";
 pub const ADMIN_KEY: &str = "key-admin";
 
 /// A config with two tenants (A limited to `limit_a` live sessions) and
@@ -56,6 +60,12 @@ name = "a"
 max_active_sessions = {limit_a}
   [[tenants.api_keys]]
   sha256 = "{a}"
+  [[tenants.api_keys]]
+  sha256 = "{a_reader}"
+  scopes = ["sessions", "passthrough:read"]
+  [[tenants.api_keys]]
+  sha256 = "{a_read_only}"
+  scopes = ["passthrough:read"]
 [[tenants]]
 id = "{TENANT_B}"
 name = "b"
@@ -68,6 +78,8 @@ name = "b"
         admin = hash_key_hex(ADMIN_KEY),
         a = hash_key_hex(KEY_A),
         b = hash_key_hex(KEY_B),
+        a_reader = hash_key_hex(KEY_A_READER),
+        a_read_only = hash_key_hex(KEY_A_READ_ONLY),
     )
 }
 
@@ -79,9 +91,10 @@ pub fn master_key_file(data_dir: &Path) -> PathBuf {
         .unwrap_or(data_dir)
         .join("test-master.key");
     if !path.exists() {
-        let keyring =
-            edge_sessions::crypto::MasterKeyring::new(vec![edge_sessions::crypto::MasterKey::generate()])
-                .unwrap();
+        let keyring = edge_sessions::crypto::MasterKeyring::new(vec![
+            edge_sessions::crypto::MasterKey::generate(),
+        ])
+        .unwrap();
         std::fs::write(&path, keyring.to_file_text().as_bytes()).unwrap();
     }
     path
