@@ -72,11 +72,25 @@ fn report(phase: &Phase) {
     );
 }
 
+/// A master keyring for the bench server (tenants are configured, so it
+/// needs one).
+fn key_file(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("master.key");
+    let keyring =
+        edge_sessions::crypto::MasterKeyring::new(vec![edge_sessions::crypto::MasterKey::generate()])
+            .unwrap();
+    std::fs::write(&path, keyring.to_file_text().as_bytes()).unwrap();
+    path
+}
+
+/// Rate limits are off here (a `*_per_second` of 0): this measures the
+/// engine and the HTTP stack, not the configured budget.
 async fn bench(durability: &str) {
     let dir = tempfile::tempdir().unwrap();
     let settings = Settings::from_toml(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\ndata_dir = {:?}\ndurability = \"{durability}\"\n[log]\nlevel = \"warn\"\n[[tenants]]\nid = \"6f1c0d3e-8a4b-4c6e-9f10-2b3c4d5e6f70\"\nname = \"bench\"\nmax_active_sessions = 10000000\n[[tenants.api_keys]]\nsha256 = \"{}\"",
+        "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\ndata_dir = {:?}\ndurability = \"{durability}\"\n[log]\nlevel = \"warn\"\n[security]\nmaster_key_file = {:?}\n[rate_limits]\ncreate_per_second = 0\nread_per_second = 0\nwrite_per_second = 0\n[[tenants]]\nid = \"6f1c0d3e-8a4b-4c6e-9f10-2b3c4d5e6f70\"\nname = \"bench\"\nmax_active_sessions = 10000000\n[[tenants.api_keys]]\nsha256 = \"{}\"",
         dir.path().display().to_string(),
+        key_file(dir.path()).display().to_string(),
         hash_key_hex(KEY)
     ))
     .unwrap();

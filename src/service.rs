@@ -13,7 +13,9 @@ use crate::auth::bootstrap::{apply_dev_credentials, needs_dev_credentials};
 use crate::auth::{master_key, Keyring};
 use crate::crypto::Vault;
 use crate::engine::{Engine, EngineConfig, PostgresTier};
+use crate::http::limits::{forget_idle_forever, RateLimits};
 use crate::http::{self, AppState};
+use crate::settings::RateLimitSettings;
 use crate::model::time::Clock;
 use crate::persist::postgres::{Postgres, PostgresConfig};
 use crate::persist::shipper::ShipperConfig;
@@ -66,7 +68,14 @@ pub async fn run_with_clock(
             settings.storage.data_dir.display()
         )
     })?;
-    let result = serve_engine(engine.clone(), keys, listener, shutdown).await;
+    let result = serve_engine(
+        engine.clone(),
+        keys,
+        settings.rate_limits.clone(),
+        listener,
+        shutdown,
+    )
+    .await;
     tracing::info!("shutting down: flushing pending writes");
     engine.shutdown().await;
     tracing::info!("stopped");
@@ -76,14 +85,18 @@ pub async fn run_with_clock(
 async fn serve_engine(
     engine: Engine,
     keys: Keyring,
+    rate_limits: RateLimitSettings,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
+    let limits = Arc::new(RateLimits::new(&rate_limits));
     let app = http::app(AppState {
         engine: engine.clone(),
         keys: Arc::new(keys),
+        limits: limits.clone(),
     });
+    let forgetter = tokio::spawn(forget_idle_forever(limits));
     // A failed recovery stops the server: serving 503 forever would hide it.
     let (recovery_failed, failed) = tokio::sync::oneshot::channel::<()>();
     let recovery = {
@@ -107,6 +120,7 @@ async fn serve_engine(
     let served = http::serve(listener, app, stop).await;
     sweeper.abort();
     let _ = sweeper.await;
+    forgetter.abort();
     // Recovery may still wait for PostgreSQL (an empty data dir): a
     // shutdown does not wait for it.
     if !recovery.is_finished() {

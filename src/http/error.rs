@@ -31,6 +31,8 @@ pub enum ApiError {
     Forbidden,
     /// No such route.
     RouteNotFound,
+    /// The caller's token bucket for this class is empty.
+    RateLimited,
     /// A failure of ours; the cause is logged with the request id.
     Internal(String),
 }
@@ -203,6 +205,10 @@ impl ApiError {
                     "forbidden",
                     json!({}),
                 ),
+            ),
+            ApiError::RateLimited => (
+                StatusCode::TOO_MANY_REQUESTS,
+                body("rate limit exceeded, retry later", "rate_limited", json!({})),
             ),
             ApiError::RouteNotFound => (
                 StatusCode::NOT_FOUND,

@@ -7,6 +7,7 @@ pub mod admin;
 pub mod error;
 pub mod extract;
 pub mod health;
+pub mod limits;
 pub mod request_id;
 pub mod sessions;
 pub mod tools;
@@ -28,6 +29,8 @@ pub struct AppState {
     pub engine: Engine,
     /// Configured keys.
     pub keys: Arc<Keyring>,
+    /// Token buckets per key and endpoint class.
+    pub limits: Arc<limits::RateLimits>,
 }
 
 /// The whole application.
@@ -38,6 +41,10 @@ pub fn app(state: AppState) -> Router {
         .merge(admin::router())
         .merge(health::router())
         .fallback(|| async { error::ApiError::RouteNotFound })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            limits::limit_rate,
+        ))
         // Outermost last: `track` wraps the panic catcher, so a panic still
         // gets the request id, the error body and an access log line.
         .layer(CatchPanicLayer::custom(request_id::panic_response))

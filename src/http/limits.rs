@@ -1,0 +1,300 @@
+//! Rate limits: a token bucket per API key (or per session, for calls made
+//! with a session token) and endpoint class, from `[rate_limits]`.
+//!
+//! Classes: `create` (`POST /api/v1/sessions`), `read` (every other GET),
+//! `write` (every other tenant call), `admin` (`/admin/…`). Health, readiness,
+//! metrics and the OpenAPI document are not limited. Only callers whose key
+//! is known get a bucket (an unknown key is refused with 401 anyway), so
+//! made-up keys cannot grow the tables; buckets of session tokens are
+//! dropped once full again ([`RateLimits::forget_idle`]).
+//!
+//! Every limited answer carries `RateLimit-Limit` (the burst),
+//! `RateLimit-Remaining` and `RateLimit-Reset` (seconds until a token is
+//! back); a refused one is 429 `rate_limited` with `Retry-After`.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::StateInformationMiddleware;
+use governor::state::keyed::DefaultKeyedStateStore;
+use governor::{Quota, RateLimiter};
+use sha2::{Digest, Sha256};
+
+use super::error::ApiError;
+use super::AppState;
+use crate::crypto::tokens;
+use crate::settings::RateLimitSettings;
+
+type Bucket =
+    RateLimiter<[u8; 32], DefaultKeyedStateStore<[u8; 32]>, DefaultClock, StateInformationMiddleware>;
+
+/// An endpoint class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// `POST /api/v1/sessions`.
+    Create,
+    /// Every other GET.
+    Read,
+    /// Every other tenant call (and WebSocket frames).
+    Write,
+    /// `/admin/…`.
+    Admin,
+}
+
+/// One class's buckets and its figures.
+struct Limit {
+    buckets: Bucket,
+    burst: u32,
+    /// Time for one token to come back.
+    period: Duration,
+}
+
+/// The buckets of every class (`None`: unlimited).
+pub struct RateLimits {
+    create: Option<Limit>,
+    read: Option<Limit>,
+    write: Option<Limit>,
+    admin: Option<Limit>,
+    clock: DefaultClock,
+}
+
+/// What a check answered.
+#[derive(Debug, Clone, Copy)]
+pub enum Decision {
+    /// Allowed; tokens left and the burst.
+    Allowed {
+        /// `RateLimit-Limit`.
+        limit: u32,
+        /// `RateLimit-Remaining`.
+        remaining: u32,
+        /// `RateLimit-Reset`, seconds.
+        reset: u64,
+    },
+    /// Refused until `retry_after` seconds from now.
+    Refused {
+        /// `RateLimit-Limit`.
+        limit: u32,
+        /// `Retry-After`, seconds.
+        retry_after: u64,
+    },
+}
+
+fn limit(per_second: u32, burst: u32) -> Option<Limit> {
+    let rate = NonZeroU32::new(per_second)?;
+    let burst = NonZeroU32::new(burst).unwrap_or(rate);
+    let quota = Quota::per_second(rate).allow_burst(burst);
+    Some(Limit {
+        buckets: RateLimiter::keyed(quota).with_middleware::<StateInformationMiddleware>(),
+        burst: burst.get(),
+        period: quota.replenish_interval(),
+    })
+}
+
+impl RateLimits {
+    /// The buckets `[rate_limits]` describes (a `*_per_second` of 0: none).
+    pub fn new(settings: &RateLimitSettings) -> Self {
+        RateLimits {
+            create: limit(settings.create_per_second, settings.create_burst),
+            read: limit(settings.read_per_second, settings.read_burst),
+            write: limit(settings.write_per_second, settings.write_burst),
+            admin: limit(settings.admin_per_second, settings.admin_burst),
+            clock: DefaultClock::default(),
+        }
+    }
+
+    fn class(&self, class: Class) -> Option<&Limit> {
+        match class {
+            Class::Create => self.create.as_ref(),
+            Class::Read => self.read.as_ref(),
+            Class::Write => self.write.as_ref(),
+            Class::Admin => self.admin.as_ref(),
+        }
+    }
+
+    /// Takes a token for `who` in `class`; `None` when the class is unlimited.
+    pub fn check(&self, class: Class, who: &[u8; 32]) -> Option<Decision> {
+        let limit = self.class(class)?;
+        let reset = seconds(limit.period);
+        Some(match limit.buckets.check_key(who) {
+            Ok(state) => {
+                let remaining = state.remaining_burst_capacity();
+                Decision::Allowed {
+                    limit: limit.burst,
+                    remaining,
+                    reset: if remaining < limit.burst { reset } else { 0 },
+                }
+            }
+            Err(not_until) => Decision::Refused {
+                limit: limit.burst,
+                retry_after: seconds(not_until.wait_time_from(self.clock.now())).max(1),
+            },
+        })
+    }
+
+    /// Drops buckets that are full again (nothing to remember); call now
+    /// and then so per-session buckets do not accumulate.
+    pub fn forget_idle(&self) {
+        for limit in [&self.create, &self.read, &self.write, &self.admin]
+            .into_iter()
+            .flatten()
+        {
+            limit.buckets.retain_recent();
+            limit.buckets.shrink_to_fit();
+        }
+    }
+}
+
+/// Whole seconds, rounded up.
+fn seconds(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// The class of a request, if it is limited at all.
+pub fn class_of(method: &Method, path: &str) -> Option<Class> {
+    if path.starts_with("/admin/") {
+        // The dashboard page itself is static and holds no data.
+        return (path != "/admin/dashboard").then_some(Class::Admin);
+    }
+    if !path.starts_with("/api/v1/") || path == "/api/v1/openapi.json" {
+        return None;
+    }
+    Some(if method == Method::GET {
+        Class::Read
+    } else if method == Method::POST && path == "/api/v1/sessions" {
+        Class::Create
+    } else {
+        Class::Write
+    })
+}
+
+/// Whose bucket a request draws on: the digest of a known API or admin
+/// key, or of the session a well-formed session token names. `None` for
+/// callers that will be refused (no bucket is made for them).
+fn caller(state: &AppState, headers: &HeaderMap, class: Class, path: &str) -> Option<[u8; 32]> {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if class == Class::Admin {
+        let key = header("x-admin-key")?;
+        return state.keys.is_admin(key).then(|| digest(b"admin", key.as_bytes()));
+    }
+    let bearer = header("authorization")
+        .and_then(|a| a.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
+    if let Some(token) = bearer.filter(|t| t.starts_with(tokens::SESSION_PREFIX)) {
+        let tenant = tokens::tenant_of(token, tokens::SESSION_PREFIX)?;
+        // /api/v1/sessions/{id}/…: the session's own bucket.
+        let id = path.strip_prefix("/api/v1/sessions/")?.split('/').next()?;
+        let mut who = tenant.as_bytes().to_vec();
+        who.extend_from_slice(id.as_bytes());
+        return Some(digest(b"session", &who));
+    }
+    let key = header("x-api-key").or(bearer)?;
+    state
+        .keys
+        .tenant_key(key)
+        .map(|_| digest(b"key", key.as_bytes()))
+}
+
+fn digest(kind: &[u8], value: &[u8]) -> [u8; 32] {
+    Sha256::new()
+        .chain_update(kind)
+        .chain_update([0])
+        .chain_update(value)
+        .finalize()
+        .into()
+}
+
+/// The middleware: checks the caller's bucket before the handler runs and
+/// adds the headers to the answer.
+pub async fn limit_rate(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let path = request.uri().path().to_owned();
+    let decision = class_of(request.method(), &path).and_then(|class| {
+        let who = caller(&state, request.headers(), class, &path)?;
+        state.limits.check(class, &who)
+    });
+    match decision {
+        None => next.run(request).await,
+        Some(Decision::Allowed {
+            limit,
+            remaining,
+            reset,
+        }) => {
+            let mut response = next.run(request).await;
+            let headers = response.headers_mut();
+            headers.insert("ratelimit-limit", HeaderValue::from(limit));
+            headers.insert("ratelimit-remaining", HeaderValue::from(remaining));
+            headers.insert("ratelimit-reset", HeaderValue::from(reset));
+            response
+        }
+        Some(Decision::Refused { limit, retry_after }) => {
+            tracing::info!(event = "rate_limited", path = %path, retry_after, "rate limit reached");
+            let mut response = ApiError::RateLimited.into_response();
+            let headers = response.headers_mut();
+            headers.insert("retry-after", HeaderValue::from(retry_after));
+            headers.insert("ratelimit-limit", HeaderValue::from(limit));
+            headers.insert("ratelimit-remaining", HeaderValue::from(0u32));
+            headers.insert("ratelimit-reset", HeaderValue::from(retry_after));
+            response
+        }
+    }
+}
+
+/// Forgets idle buckets every minute, for as long as the server runs.
+pub async fn forget_idle_forever(limits: Arc<RateLimits>) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        ticker.tick().await;
+        limits.forget_idle();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classes_follow_the_contract() {
+        assert_eq!(class_of(&Method::POST, "/api/v1/sessions"), Some(Class::Create));
+        assert_eq!(class_of(&Method::GET, "/api/v1/sessions"), Some(Class::Read));
+        assert_eq!(class_of(&Method::GET, "/api/v1/sessions/x/metrics"), Some(Class::Read));
+        assert_eq!(class_of(&Method::POST, "/api/v1/executions"), Some(Class::Write));
+        assert_eq!(class_of(&Method::DELETE, "/api/v1/sessions/x"), Some(Class::Write));
+        assert_eq!(class_of(&Method::POST, "/admin/sessions/cleanup"), Some(Class::Admin));
+        assert_eq!(class_of(&Method::GET, "/api/v1/openapi.json"), None);
+        assert_eq!(class_of(&Method::GET, "/readyz"), None);
+    }
+
+    #[test]
+    fn a_bucket_allows_its_burst_then_refuses() {
+        let limits = RateLimits::new(&RateLimitSettings {
+            create_per_second: 1,
+            create_burst: 3,
+            read_per_second: 0,
+            read_burst: 0,
+            write_per_second: 10,
+            write_burst: 0,
+            admin_per_second: 1,
+            admin_burst: 1,
+        });
+        let who = [7u8; 32];
+        for left in [2, 1, 0] {
+            assert!(matches!(
+                limits.check(Class::Create, &who),
+                Some(Decision::Allowed { limit: 3, remaining, reset: 1 }) if remaining == left
+            ));
+        }
+        assert!(matches!(
+            limits.check(Class::Create, &who),
+            Some(Decision::Refused { limit: 3, retry_after: 1 })
+        ));
+        assert!(limits.check(Class::Create, &[8u8; 32]).is_some(), "another key has its own bucket");
+        assert!(limits.check(Class::Read, &who).is_none(), "0 per second is unlimited");
+        assert!(matches!(limits.check(Class::Write, &who), Some(Decision::Allowed { limit: 10, .. })));
+    }
+}
