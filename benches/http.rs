@@ -76,9 +76,10 @@ fn report(phase: &Phase) {
 /// needs one).
 fn key_file(dir: &std::path::Path) -> std::path::PathBuf {
     let path = dir.join("master.key");
-    let keyring =
-        edge_sessions::crypto::MasterKeyring::new(vec![edge_sessions::crypto::MasterKey::generate()])
-            .unwrap();
+    let keyring = edge_sessions::crypto::MasterKeyring::new(vec![
+        edge_sessions::crypto::MasterKey::generate(),
+    ])
+    .unwrap();
     std::fs::write(&path, keyring.to_file_text().as_bytes()).unwrap();
     path
 }

@@ -15,10 +15,10 @@ use crate::crypto::Vault;
 use crate::engine::{Engine, EngineConfig, PostgresTier};
 use crate::http::limits::{forget_idle_forever, RateLimits};
 use crate::http::{self, AppState};
-use crate::settings::RateLimitSettings;
 use crate::model::time::Clock;
 use crate::persist::postgres::{Postgres, PostgresConfig};
 use crate::persist::shipper::ShipperConfig;
+use crate::settings::RateLimitSettings;
 use crate::settings::Settings;
 
 /// Runs the service on `listener` until `shutdown` resolves: recovery in

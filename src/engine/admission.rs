@@ -11,6 +11,8 @@ use crate::model::{ClientType, Millis, Session, SessionError, Status};
 pub const MAX_TEXT_LEN: usize = 255;
 /// Largest `metadata` / `connection_metadata` object, as compact JSON.
 pub const MAX_METADATA_BYTES: usize = 16 * 1024;
+/// Most passthrough credential providers per session.
+pub const MAX_PROVIDERS: usize = 32;
 
 /// A tenant's limits, from configuration.
 #[derive(Debug, Clone)]
@@ -148,9 +150,16 @@ pub fn build(
         defaults.idle_timeout_seconds,
         tenant.max_idle_timeout_seconds,
     )?;
+    if request.passthrough_providers.len() > MAX_PROVIDERS {
+        return Err(SessionError::validation(
+            "passthrough_auth.credentials",
+            format!("passthrough_auth.credentials must name at most {MAX_PROVIDERS} providers"),
+        ));
+    }
     for provider in &request.passthrough_providers {
         check_text("passthrough_auth.credentials", provider, 1)?;
     }
+
     Ok(Session {
         id: Uuid::now_v7(),
         session_id: session_id.into(),

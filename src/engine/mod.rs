@@ -476,6 +476,9 @@ impl Engine {
         let client_chosen_id = request.session_id.is_some();
         let now = self.shared.clock.now();
         let passthrough = request.passthrough.take();
+        if let Some(bundle) = &passthrough {
+            admission::check_metadata("passthrough_auth", bundle.expose())?;
+        }
         let mut session = admission::build(request, &handle.limits, self.defaults, now)?;
         let tokens = SessionTokens::generate(tenant);
         let (session_token, refresh_token) = tokens.hashes();

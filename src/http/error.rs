@@ -208,7 +208,11 @@ impl ApiError {
             ),
             ApiError::RateLimited => (
                 StatusCode::TOO_MANY_REQUESTS,
-                body("rate limit exceeded, retry later", "rate_limited", json!({})),
+                body(
+                    "rate limit exceeded, retry later",
+                    "rate_limited",
+                    json!({}),
+                ),
             ),
             ApiError::RouteNotFound => (
                 StatusCode::NOT_FOUND,

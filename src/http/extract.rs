@@ -82,12 +82,48 @@ async fn drain(body: &mut Body, mut seen: usize) {
 
 /// Decodes JSON into `T`, classifying errors as the contract says.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    check_depth(bytes)?;
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut deserializer).map_err(classify)?;
     deserializer
         .end()
         .map_err(|e| ApiError::InvalidJson(e.to_string()))?;
     Ok(value)
+}
+
+/// Deepest JSON nesting a body may have (objects and arrays).
+pub const MAX_JSON_DEPTH: usize = 32;
+
+/// Refuses bodies nested deeper than [`MAX_JSON_DEPTH`] before parsing
+/// them: deep nesting costs stack and time, and no field needs it.
+fn check_depth(bytes: &[u8]) -> Result<(), ApiError> {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in bytes {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > MAX_JSON_DEPTH {
+                    return Err(invalid(
+                        "body",
+                        format!("json must not be nested deeper than {MAX_JSON_DEPTH} levels"),
+                    ));
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 fn classify(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {

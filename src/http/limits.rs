@@ -31,8 +31,12 @@ use super::AppState;
 use crate::crypto::tokens;
 use crate::settings::RateLimitSettings;
 
-type Bucket =
-    RateLimiter<[u8; 32], DefaultKeyedStateStore<[u8; 32]>, DefaultClock, StateInformationMiddleware>;
+type Bucket = RateLimiter<
+    [u8; 32],
+    DefaultKeyedStateStore<[u8; 32]>,
+    DefaultClock,
+    StateInformationMiddleware,
+>;
 
 /// An endpoint class.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,7 +184,10 @@ fn caller(state: &AppState, headers: &HeaderMap, class: Class, path: &str) -> Op
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     if class == Class::Admin {
         let key = header("x-admin-key")?;
-        return state.keys.is_admin(key).then(|| digest(b"admin", key.as_bytes()));
+        return state
+            .keys
+            .is_admin(key)
+            .then(|| digest(b"admin", key.as_bytes()));
     }
     let bearer = header("authorization")
         .and_then(|a| a.split_once(' '))
@@ -260,12 +267,30 @@ mod tests {
 
     #[test]
     fn classes_follow_the_contract() {
-        assert_eq!(class_of(&Method::POST, "/api/v1/sessions"), Some(Class::Create));
-        assert_eq!(class_of(&Method::GET, "/api/v1/sessions"), Some(Class::Read));
-        assert_eq!(class_of(&Method::GET, "/api/v1/sessions/x/metrics"), Some(Class::Read));
-        assert_eq!(class_of(&Method::POST, "/api/v1/executions"), Some(Class::Write));
-        assert_eq!(class_of(&Method::DELETE, "/api/v1/sessions/x"), Some(Class::Write));
-        assert_eq!(class_of(&Method::POST, "/admin/sessions/cleanup"), Some(Class::Admin));
+        assert_eq!(
+            class_of(&Method::POST, "/api/v1/sessions"),
+            Some(Class::Create)
+        );
+        assert_eq!(
+            class_of(&Method::GET, "/api/v1/sessions"),
+            Some(Class::Read)
+        );
+        assert_eq!(
+            class_of(&Method::GET, "/api/v1/sessions/x/metrics"),
+            Some(Class::Read)
+        );
+        assert_eq!(
+            class_of(&Method::POST, "/api/v1/executions"),
+            Some(Class::Write)
+        );
+        assert_eq!(
+            class_of(&Method::DELETE, "/api/v1/sessions/x"),
+            Some(Class::Write)
+        );
+        assert_eq!(
+            class_of(&Method::POST, "/admin/sessions/cleanup"),
+            Some(Class::Admin)
+        );
         assert_eq!(class_of(&Method::GET, "/api/v1/openapi.json"), None);
         assert_eq!(class_of(&Method::GET, "/readyz"), None);
     }
@@ -291,10 +316,22 @@ mod tests {
         }
         assert!(matches!(
             limits.check(Class::Create, &who),
-            Some(Decision::Refused { limit: 3, retry_after: 1 })
+            Some(Decision::Refused {
+                limit: 3,
+                retry_after: 1
+            })
         ));
-        assert!(limits.check(Class::Create, &[8u8; 32]).is_some(), "another key has its own bucket");
-        assert!(limits.check(Class::Read, &who).is_none(), "0 per second is unlimited");
-        assert!(matches!(limits.check(Class::Write, &who), Some(Decision::Allowed { limit: 10, .. })));
+        assert!(
+            limits.check(Class::Create, &[8u8; 32]).is_some(),
+            "another key has its own bucket"
+        );
+        assert!(
+            limits.check(Class::Read, &who).is_none(),
+            "0 per second is unlimited"
+        );
+        assert!(matches!(
+            limits.check(Class::Write, &who),
+            Some(Decision::Allowed { limit: 10, .. })
+        ));
     }
 }

@@ -19,6 +19,16 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_TRACE_ID: HeaderName = HeaderName::from_static("x-trace-id");
 /// Longest request id taken from a client.
 const MAX_REQUEST_ID_LEN: usize = 128;
+/// Most header bytes (names and values) a request may carry; more is 431.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+
+fn header_bytes(request: &Request) -> usize {
+    request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len())
+        .sum()
+}
 
 /// The request's id, available to handlers as an extension.
 #[derive(Debug, Clone)]
@@ -47,7 +57,11 @@ pub async fn track(mut request: Request, next: Next) -> Response {
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let span = tracing::info_span!("request", request_id = %id);
-    let mut response = next.run(request).instrument(span.clone()).await;
+    let mut response = if header_bytes(&request) > MAX_HEADER_BYTES {
+        axum::http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE.into_response()
+    } else {
+        next.run(request).instrument(span.clone()).await
+    };
 
     let status = response.status();
     if status.is_client_error() || status.is_server_error() {
