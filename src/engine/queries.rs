@@ -40,7 +40,7 @@ pub struct ListQuery {
 }
 
 /// A tenant's aggregate figures.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
 pub struct TenantMetrics {
     /// Sessions now active.
     pub active_sessions: u64,

@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 
 use std::sync::atomic::Ordering;
 
+use super::openapi::Health;
 use super::AppState;
 use crate::model::time::now_ms;
 
@@ -18,13 +19,30 @@ pub fn router() -> Router<AppState> {
         .route("/readyz", get(readyz))
 }
 
-async fn healthz() -> Json<Value> {
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "health",
+    responses(
+        (status = 200, description = "The process runs", body = Health)
+    )
+)]
+pub(crate) async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
 /// 200 once recovery has finished and the store accepts writes, else 503;
 /// with the PostgreSQL tier on, the body also shows the outbox backlog.
-async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "health",
+    responses(
+        (status = 200, description = "Ready", body = Health),
+        (status = 503, description = "Recovering or the store is not writable", body = Health)
+    )
+)]
+pub(crate) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     if !state.engine.is_ready() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -8,6 +8,7 @@ pub mod error;
 pub mod extract;
 pub mod health;
 pub mod limits;
+pub mod openapi;
 pub mod request_id;
 pub mod sessions;
 pub mod tools;
@@ -40,6 +41,7 @@ pub fn app(state: AppState) -> Router {
         .merge(tools::router())
         .merge(admin::router())
         .merge(health::router())
+        .merge(openapi::router())
         .fallback(|| async { error::ApiError::RouteNotFound })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

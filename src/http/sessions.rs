@@ -17,13 +17,20 @@ use super::error::{invalid, ApiError};
 use super::extract::{
     parse_limit, CredentialReader, JsonBody, OptionalJsonBody, SessionAccess, SessionId, Tenant,
 };
+use super::openapi::{
+    CreatedSession, ErrorResponse, PassthroughBundle, RefreshedSession, SessionList, Validation,
+};
 use super::AppState;
 use crate::crypto::{Secret, SessionTokens};
 use crate::engine::admission::{check_metadata, check_text};
+use crate::engine::TenantMetrics;
 use crate::engine::{ListQuery, NewSession};
 use crate::model::session::SessionUpdate;
 use crate::model::time::parse_rfc3339;
+#[allow(unused_imports)]
+use crate::model::SessionView as Session;
 use crate::model::{ClientType, SessionError, SessionView, Status};
+use utoipa::{IntoParams, ToSchema};
 
 /// Default page size of lists.
 const DEFAULT_LIST_LIMIT: usize = 50;
@@ -54,27 +61,35 @@ pub fn router() -> Router<AppState> {
 }
 
 /// `CreateSessionRequest`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateBody {
+pub(crate) struct CreateBody {
+    #[schema(pattern = r"^[A-Za-z0-9._:@~-]{1,255}$")]
     session_id: Option<String>,
+    #[schema(min_length = 1, max_length = 255)]
     edge_mcp_id: String,
+    #[schema(max_length = 255)]
     client_name: Option<String>,
+    #[schema(pattern = "^(claude-code|ide|agent|cli|cursor|vscode|editor|)$")]
     client_type: Option<String>,
+    #[schema(max_length = 255)]
     client_version: Option<String>,
     user_id: Option<Uuid>,
     passthrough_auth: Option<PassthroughAuthBody>,
     metadata: Option<Value>,
+    #[schema(minimum = 1, maximum = 2147483647)]
     ttl: Option<u64>,
+    #[schema(minimum = 1, maximum = 2147483647)]
     idle_timeout: Option<u64>,
     /// Ignored: the key decides the tenant.
     #[serde(rename = "tenant_id")]
+    #[schema(value_type = Option<Value>)]
     _tenant_id: Option<IgnoredAny>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct PassthroughAuthBody {
+pub(crate) struct PassthroughAuthBody {
     credentials: BTreeMap<String, Value>,
 }
 
@@ -88,11 +103,46 @@ fn object_json(field: &str, value: Value) -> Result<String, ApiError> {
     Ok(text)
 }
 
-async fn create(
+#[utoipa::path(
+    post,
+    path = "/api/v1/sessions",
+    tag = "sessions",
+    request_body = CreateBody,
+    responses(
+        (status = 201, description = "Created; the tokens are shown this once", body = CreatedSession),
+        (status = 400, description = "invalid_json, validation_failed or unknown_field", body = ErrorResponse),
+        (status = 401, description = "unauthorized", body = ErrorResponse),
+        (status = 403, description = "forbidden: the key lacks the scope", body = ErrorResponse),
+        (status = 409, description = "session_exists", body = ErrorResponse),
+        (status = 413, description = "payload_too_large", body = ErrorResponse),
+        (status = 415, description = "unsupported_media_type", body = ErrorResponse),
+        (status = 429, description = "rate_limited (with Retry-After) or tenant_session_limit", body = ErrorResponse),
+        (status = 503, description = "service_unavailable: recovering, shutting down, or the store did not commit", body = ErrorResponse)
+    ),
+    security(("api_key" = []))
+)]
+pub(crate) async fn create(
     State(state): State<AppState>,
     Tenant(key): Tenant,
     JsonBody(body): JsonBody<CreateBody>,
 ) -> Result<Response, ApiError> {
+    let request = new_session(body)?;
+    let (view, tokens) = state.engine.create(key.tenant_id, request).await?;
+    tracing::debug!(session_id = %view.session_id, tenant = %key.tenant_id, client_type = view.client_type, "session created");
+    let mut response =
+        (StatusCode::CREATED, Json(with_tokens(&view, Some(&tokens)))).into_response();
+    set_etag(&mut response, view.version);
+    Ok(response)
+}
+
+/// Decodes and checks a create body as the create handler does, without
+/// creating anything (the fuzz target's way in).
+pub fn check_create_body(bytes: &[u8]) -> Result<NewSession, ApiError> {
+    new_session(super::extract::decode(bytes)?)
+}
+
+/// The engine's request for a create body.
+fn new_session(body: CreateBody) -> Result<NewSession, ApiError> {
     let metadata = match body.metadata {
         None | Some(Value::Null) => None,
         Some(value) => Some(object_json("metadata", value)?),
@@ -116,12 +166,7 @@ async fn create(
         ttl: body.ttl,
         idle_timeout: body.idle_timeout,
     };
-    let (view, tokens) = state.engine.create(key.tenant_id, request).await?;
-    tracing::debug!(session_id = %view.session_id, tenant = %key.tenant_id, client_type = view.client_type, "session created");
-    let mut response =
-        (StatusCode::CREATED, Json(with_tokens(&view, Some(&tokens)))).into_response();
-    set_etag(&mut response, view.version);
-    Ok(response)
+    Ok(request)
 }
 
 /// `active` and `metrics` are routes, never session ids.
@@ -138,7 +183,26 @@ fn set_etag(response: &mut Response, version: u64) {
     }
 }
 
-async fn read(State(state): State<AppState>, access: SessionAccess) -> Result<Response, ApiError> {
+#[utoipa::path(
+    get,
+    path = "/api/v1/sessions/{session_id}",
+    tag = "sessions",
+    params(("session_id" = String, Path, description = "The session id (1-255 of A-Z a-z 0-9 . _ : @ ~ -)")),
+    responses(
+        (status = 200, description = "The session, live or final (within retention)", body = Session, headers(("ETag" = String, description = "\"<version>\""))),
+        (status = 400, description = "invalid_json, validation_failed or unknown_field", body = ErrorResponse),
+        (status = 401, description = "unauthorized", body = ErrorResponse),
+        (status = 403, description = "forbidden: the key lacks the scope", body = ErrorResponse),
+        (status = 404, description = "session_not_found", body = ErrorResponse),
+        (status = 429, description = "rate_limited (with Retry-After) or tenant_session_limit", body = ErrorResponse),
+        (status = 503, description = "service_unavailable: recovering, shutting down, or the store did not commit", body = ErrorResponse)
+    ),
+    security(("api_key" = []), ("session_token" = []))
+)]
+pub(crate) async fn read(
+    State(state): State<AppState>,
+    access: SessionAccess,
+) -> Result<Response, ApiError> {
     let view = state.engine.get(access.tenant, &access.id).await?;
     let mut response = Json(&view).into_response();
     set_etag(&mut response, view.version);
@@ -146,15 +210,19 @@ async fn read(State(state): State<AppState>, access: SessionAccess) -> Result<Re
 }
 
 /// A PATCH body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct UpdateBody {
+pub(crate) struct UpdateBody {
+    #[schema(max_length = 255)]
     client_name: Option<String>,
+    #[schema(max_length = 255)]
     client_version: Option<String>,
     initialized: Option<bool>,
     connection_metadata: Option<Value>,
     user_id: Option<Uuid>,
+    /// Ignored: the key decides the tenant.
     #[serde(rename = "tenant_id")]
+    #[schema(value_type = Option<Value>)]
     _tenant_id: Option<IgnoredAny>,
 }
 
@@ -179,7 +247,28 @@ fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
         })
 }
 
-async fn update(
+#[utoipa::path(
+    patch,
+    path = "/api/v1/sessions/{session_id}",
+    tag = "sessions",
+    request_body = UpdateBody,
+    params(("session_id" = String, Path, description = "The session id (1-255 of A-Z a-z 0-9 . _ : @ ~ -)"), ("If-Match" = Option<String>, Header, description = "\"<version>\": update only at this version")),
+    responses(
+        (status = 200, description = "Updated", body = Session, headers(("ETag" = String, description = "\"<version>\""))),
+        (status = 400, description = "invalid_json, validation_failed or unknown_field", body = ErrorResponse),
+        (status = 401, description = "unauthorized", body = ErrorResponse),
+        (status = 403, description = "forbidden: the key lacks the scope", body = ErrorResponse),
+        (status = 404, description = "session_not_found", body = ErrorResponse),
+        (status = 410, description = "session_expired or session_terminated", body = ErrorResponse),
+        (status = 412, description = "version_mismatch", body = ErrorResponse),
+        (status = 413, description = "payload_too_large", body = ErrorResponse),
+        (status = 415, description = "unsupported_media_type", body = ErrorResponse),
+        (status = 429, description = "rate_limited (with Retry-After) or tenant_session_limit", body = ErrorResponse),
+        (status = 503, description = "service_unavailable: recovering, shutting down, or the store did not commit", body = ErrorResponse)
+    ),
+    security(("api_key" = []), ("session_token" = []))
+)]
+pub(crate) async fn update(
     State(state): State<AppState>,
     access: SessionAccess,
     headers: HeaderMap,
@@ -215,15 +304,37 @@ async fn update(
 }
 
 /// An optional DELETE body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct TerminateBody {
+pub(crate) struct TerminateBody {
+    #[schema(min_length = 1, max_length = 255)]
     reason: Option<String>,
+    /// Ignored: the key decides the tenant.
     #[serde(rename = "tenant_id")]
+    #[schema(value_type = Option<Value>)]
     _tenant_id: Option<IgnoredAny>,
 }
 
-async fn terminate(
+#[utoipa::path(
+    delete,
+    path = "/api/v1/sessions/{session_id}",
+    tag = "sessions",
+    request_body = Option<TerminateBody>,
+    params(("session_id" = String, Path, description = "The session id (1-255 of A-Z a-z 0-9 . _ : @ ~ -)")),
+    responses(
+        (status = 204, description = "Terminated (or already final)"),
+        (status = 400, description = "invalid_json, validation_failed or unknown_field", body = ErrorResponse),
+        (status = 401, description = "unauthorized", body = ErrorResponse),
+        (status = 403, description = "forbidden: the key lacks the scope", body = ErrorResponse),
+        (status = 404, description = "session_not_found", body = ErrorResponse),
+        (status = 413, description = "payload_too_large", body = ErrorResponse),
+        (status = 415, description = "unsupported_media_type", body = ErrorResponse),
+        (status = 429, description = "rate_limited (with Retry-After) or tenant_session_limit", body = ErrorResponse),
+        (status = 503, description = "service_unavailable: recovering, shutting down, or the store did not commit", body = ErrorResponse)
+    ),
+    security(("api_key" = []), ("session_token" = []))
+)]
+pub(crate) async fn terminate(
     State(state): State<AppState>,
     access: SessionAccess,
     OptionalJsonBody(body): OptionalJsonBody<TerminateBody>,
@@ -239,7 +350,24 @@ async fn terminate(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn activity(
+#[utoipa::path(
+    post,
+    path = "/api/v1/sessions/{session_id}/activity",
+    tag = "sessions",
+    params(("session_id" = String, Path, description = "The session id (1-255 of A-Z a-z 0-9 . _ : @ ~ -)")),
+    responses(
+        (status = 204, description = "Heartbeat recorded"),
+        (status = 400, description = "invalid_json, validation_failed or unknown_field", body = ErrorResponse),
+        (status = 401, description = "unauthorized", body = ErrorResponse),
+        (status = 403, description = "forbidden: the key lacks the scope", body = ErrorResponse),
+        (status = 404, description = "session_not_found", body = ErrorResponse),
+        (status = 410, description = "session_expired or session_terminated", body = ErrorResponse),
+        (status = 429, description = "rate_limited (with Retry-After) or tenant_session_limit", body = ErrorResponse),
+        (status = 503, description = "service_unavailable: recovering, shutting down, or the store did not commit", body = ErrorResponse)
+    ),
+    security(("api_key" = []), ("session_token" = []))
+)]
+pub(crate) async fn activity(
     State(state): State<AppState>,
     access: SessionAccess,
 ) -> Result<StatusCode, ApiError> {
@@ -248,17 +376,39 @@ async fn activity(
 }
 
 /// An optional refresh body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RefreshBody {
+pub(crate) struct RefreshBody {
     /// Token rotation needs session tokens, which this server does not
     /// issue yet: any refresh token presented is one it never issued.
     refresh_token: Option<String>,
+    /// Ignored: the key decides the tenant.
     #[serde(rename = "tenant_id")]
+    #[schema(value_type = Option<Value>)]
     _tenant_id: Option<IgnoredAny>,
 }
 
-async fn refresh(
+#[utoipa::path(
+    post,
+    path = "/api/v1/sessions/{session_id}/refresh",
+    tag = "sessions",
+    request_body = Option<RefreshBody>,
+    params(("session_id" = String, Path, description = "The session id (1-255 of A-Z a-z 0-9 . _ : @ ~ -)")),
+    responses(
+        (status = 200, description = "Lifetime restarted; with a refresh token, a new token pair", body = RefreshedSession),
+        (status = 400, description = "invalid_json, validation_failed or unknown_field", body = ErrorResponse),
+        (status = 401, description = "unauthorized", body = ErrorResponse),
+        (status = 403, description = "forbidden: the key lacks the scope", body = ErrorResponse),
+        (status = 404, description = "session_not_found", body = ErrorResponse),
+        (status = 410, description = "session_expired or session_terminated", body = ErrorResponse),
+        (status = 413, description = "payload_too_large", body = ErrorResponse),
+        (status = 415, description = "unsupported_media_type", body = ErrorResponse),
+        (status = 429, description = "rate_limited (with Retry-After) or tenant_session_limit", body = ErrorResponse),
+        (status = 503, description = "service_unavailable: recovering, shutting down, or the store did not commit", body = ErrorResponse)
+    ),
+    security(("api_key" = []), ("session_token" = []))
+)]
+pub(crate) async fn refresh(
     State(state): State<AppState>,
     access: SessionAccess,
     OptionalJsonBody(body): OptionalJsonBody<RefreshBody>,
@@ -299,7 +449,25 @@ fn with_tokens(view: &SessionView, tokens: Option<&SessionTokens>) -> Value {
 
 /// `GET …/passthrough-auth`: the decrypted bundle, for keys with
 /// `passthrough:read` only.
-async fn passthrough_auth(
+#[utoipa::path(
+    get,
+    path = "/api/v1/sessions/{session_id}/passthrough-auth",
+    tag = "sessions",
+    description = "Needs an API key with scope passthrough:read; 404 passthrough_auth_not_found when the session has none",
+    params(("session_id" = String, Path, description = "The session id (1-255 of A-Z a-z 0-9 . _ : @ ~ -)")),
+    responses(
+        (status = 200, description = "The decrypted bundle", body = PassthroughBundle),
+        (status = 400, description = "invalid_json, validation_failed or unknown_field", body = ErrorResponse),
+        (status = 401, description = "unauthorized", body = ErrorResponse),
+        (status = 403, description = "forbidden: the key lacks the scope", body = ErrorResponse),
+        (status = 404, description = "session_not_found", body = ErrorResponse),
+        (status = 410, description = "session_expired or session_terminated", body = ErrorResponse),
+        (status = 429, description = "rate_limited (with Retry-After) or tenant_session_limit", body = ErrorResponse),
+        (status = 503, description = "service_unavailable: recovering, shutting down, or the store did not commit", body = ErrorResponse)
+    ),
+    security(("api_key" = []))
+)]
+pub(crate) async fn passthrough_auth(
     State(state): State<AppState>,
     CredentialReader(key): CredentialReader,
     SessionId(id): SessionId,
@@ -320,22 +488,47 @@ async fn passthrough_auth(
     Ok(response)
 }
 
-async fn validate(
+#[utoipa::path(
+    post,
+    path = "/api/v1/sessions/{session_id}/validate",
+    tag = "sessions",
+    params(("session_id" = String, Path, description = "The session id (1-255 of A-Z a-z 0-9 . _ : @ ~ -)")),
+    responses(
+        (status = 200, description = "The session is live", body = Validation),
+        (status = 400, description = "invalid_json, validation_failed or unknown_field", body = ErrorResponse),
+        (status = 401, description = "unauthorized", body = ErrorResponse),
+        (status = 403, description = "forbidden: the key lacks the scope", body = ErrorResponse),
+        (status = 404, description = "session_not_found", body = ErrorResponse),
+        (status = 410, description = "session_expired or session_terminated", body = ErrorResponse),
+        (status = 429, description = "rate_limited (with Retry-After) or tenant_session_limit", body = ErrorResponse),
+        (status = 503, description = "service_unavailable: recovering, shutting down, or the store did not commit", body = ErrorResponse)
+    ),
+    security(("api_key" = []), ("session_token" = []))
+)]
+pub(crate) async fn validate(
     State(state): State<AppState>,
     access: SessionAccess,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Validation>, ApiError> {
     let view = state.engine.validate(access.tenant, &access.id).await?;
-    Ok(Json(json!({ "valid": true, "session": view })))
+    Ok(Json(Validation {
+        valid: true,
+        session: view,
+    }))
 }
 
 /// List query parameters, all as text so errors name the parameter.
-#[derive(Debug, Default, Deserialize)]
-struct ListParams {
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct ListParams {
+    #[param(pattern = "^(active|idle|expired|terminated|)$")]
     status: Option<String>,
+    #[param(pattern = "^(claude-code|ide|agent|cli|)$")]
     client_type: Option<String>,
     edge_mcp_id: Option<String>,
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
     limit: Option<String>,
     cursor: Option<String>,
+    #[param(value_type = Option<u32>, minimum = 0)]
     offset: Option<String>,
 }
 
@@ -387,30 +580,60 @@ async fn list_page(
     state: &AppState,
     tenant: Uuid,
     query: ListQuery,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<SessionList>, ApiError> {
     let page = state.engine.list(tenant, query).await?;
-    Ok(Json(json!({
-        "sessions": page.sessions,
-        "count": page.sessions.len(),
-        "next_cursor": page.next_cursor,
-    })))
+    Ok(Json(SessionList {
+        count: page.sessions.len(),
+        sessions: page.sessions,
+        next_cursor: page.next_cursor,
+    }))
 }
 
-async fn list(
+#[utoipa::path(
+    get,
+    path = "/api/v1/sessions",
+    tag = "sessions",
+    params(ListParams),
+    responses(
+        (status = 200, description = "A page, newest first", body = SessionList),
+        (status = 400, description = "invalid_json, validation_failed or unknown_field", body = ErrorResponse),
+        (status = 401, description = "unauthorized", body = ErrorResponse),
+        (status = 403, description = "forbidden: the key lacks the scope", body = ErrorResponse),
+        (status = 429, description = "rate_limited (with Retry-After) or tenant_session_limit", body = ErrorResponse),
+        (status = 503, description = "service_unavailable: recovering, shutting down, or the store did not commit", body = ErrorResponse)
+    ),
+    security(("api_key" = []))
+)]
+pub(crate) async fn list(
     State(state): State<AppState>,
     Tenant(key): Tenant,
     params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<SessionList>, ApiError> {
     let Query(params) =
         params.map_err(|e| invalid("query", format!("query string is not valid: {e}")))?;
     list_page(&state, key.tenant_id, list_query(params)?).await
 }
 
-async fn list_active(
+#[utoipa::path(
+    get,
+    path = "/api/v1/sessions/active",
+    tag = "sessions",
+    params(ListParams),
+    responses(
+        (status = 200, description = "Active sessions, newest first", body = SessionList),
+        (status = 400, description = "invalid_json, validation_failed or unknown_field", body = ErrorResponse),
+        (status = 401, description = "unauthorized", body = ErrorResponse),
+        (status = 403, description = "forbidden: the key lacks the scope", body = ErrorResponse),
+        (status = 429, description = "rate_limited (with Retry-After) or tenant_session_limit", body = ErrorResponse),
+        (status = 503, description = "service_unavailable: recovering, shutting down, or the store did not commit", body = ErrorResponse)
+    ),
+    security(("api_key" = []))
+)]
+pub(crate) async fn list_active(
     State(state): State<AppState>,
     Tenant(key): Tenant,
     params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<SessionList>, ApiError> {
     let Query(params) =
         params.map_err(|e| invalid("query", format!("query string is not valid: {e}")))?;
     let mut query = list_query(ListParams {
@@ -421,12 +644,29 @@ async fn list_active(
     list_page(&state, key.tenant_id, query).await
 }
 
-#[derive(Debug, Default, Deserialize)]
-struct MetricsParams {
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct MetricsParams {
+    #[param(format = DateTime)]
     since: Option<String>,
 }
 
-async fn tenant_metrics(
+#[utoipa::path(
+    get,
+    path = "/api/v1/sessions/metrics",
+    tag = "sessions",
+    params(MetricsParams),
+    responses(
+        (status = 200, description = "The tenant's figures", body = TenantMetrics),
+        (status = 400, description = "invalid_json, validation_failed or unknown_field", body = ErrorResponse),
+        (status = 401, description = "unauthorized", body = ErrorResponse),
+        (status = 403, description = "forbidden: the key lacks the scope", body = ErrorResponse),
+        (status = 429, description = "rate_limited (with Retry-After) or tenant_session_limit", body = ErrorResponse),
+        (status = 503, description = "service_unavailable: recovering, shutting down, or the store did not commit", body = ErrorResponse)
+    ),
+    security(("api_key" = []))
+)]
+pub(crate) async fn tenant_metrics(
     State(state): State<AppState>,
     Tenant(key): Tenant,
     params: Result<Query<MetricsParams>, axum::extract::rejection::QueryRejection>,

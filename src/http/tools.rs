@@ -8,16 +8,18 @@ use axum::{Json, Router};
 use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::error::{invalid, ApiError};
 use super::extract::{parse_limit, JsonBody, SessionAccess, Tenant};
+use super::openapi::ErrorResponse;
 use super::AppState;
 use crate::engine::admission::check_text;
 use crate::model::ids::is_valid_session_id;
 use crate::model::session::SessionMetrics;
 use crate::model::time::{format_rfc3339, now_ms, parse_rfc3339, Millis};
 use crate::model::ToolExecution;
+use utoipa::{IntoParams, ToSchema};
 
 /// Default page size of the executions list.
 const DEFAULT_EXECUTIONS_LIMIT: usize = 100;
@@ -37,18 +39,25 @@ pub fn router() -> Router<AppState> {
 }
 
 /// The tool execution body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ExecuteBody {
+pub(crate) struct ExecuteBody {
+    #[schema(min_length = 1, max_length = 255)]
     tool_name: String,
+    #[schema(max_length = 255)]
     tool_id: Option<String>,
     arguments: Option<Value>,
     result: Option<Value>,
     error: Option<Value>,
+    #[schema(minimum = 0)]
     duration_ms: Option<f64>,
+    #[schema(maximum = 9223372036854775807_u64)]
     tokens_used: Option<u64>,
+    #[schema(format = DateTime)]
     executed_at: Option<String>,
+    /// Ignored: the key decides the tenant.
     #[serde(rename = "tenant_id")]
+    #[schema(value_type = Option<Value>)]
     _tenant_id: Option<IgnoredAny>,
 }
 
@@ -129,11 +138,51 @@ fn build(fields: ExecutionFields) -> Result<ToolExecution, ApiError> {
     })
 }
 
-async fn execute(
+#[utoipa::path(
+    post,
+    path = "/api/v1/sessions/{session_id}/tools/execute",
+    tag = "tools",
+    request_body = ExecuteBody,
+    params(("session_id" = String, Path, description = "The session id (1-255 of A-Z a-z 0-9 . _ : @ ~ -)")),
+    responses(
+        (status = 204, description = "Recorded"),
+        (status = 400, description = "invalid_json, validation_failed or unknown_field", body = ErrorResponse),
+        (status = 401, description = "unauthorized", body = ErrorResponse),
+        (status = 403, description = "forbidden: the key lacks the scope", body = ErrorResponse),
+        (status = 404, description = "session_not_found", body = ErrorResponse),
+        (status = 410, description = "session_expired or session_terminated", body = ErrorResponse),
+        (status = 413, description = "payload_too_large", body = ErrorResponse),
+        (status = 415, description = "unsupported_media_type", body = ErrorResponse),
+        (status = 429, description = "rate_limited (with Retry-After) or tenant_session_limit", body = ErrorResponse),
+        (status = 503, description = "service_unavailable: recovering, shutting down, or the store did not commit", body = ErrorResponse)
+    ),
+    security(("api_key" = []), ("session_token" = []))
+)]
+pub(crate) async fn execute(
     State(state): State<AppState>,
     access: SessionAccess,
     JsonBody(body): JsonBody<ExecuteBody>,
 ) -> Result<StatusCode, ApiError> {
+    let execution = from_execute_body(body)?;
+    state
+        .engine
+        .record_tool(access.tenant, &access.id, execution)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Decodes and checks a tools/execute body, then a `POST /executions` body,
+/// as the handlers do (the fuzz target's way in).
+pub fn check_execution_bodies(bytes: &[u8]) -> [Result<ToolExecution, ApiError>; 2] {
+    [
+        super::extract::decode(bytes).and_then(from_execute_body),
+        super::extract::decode(bytes)
+            .and_then(from_record_body)
+            .map(|(_, execution)| execution),
+    ]
+}
+
+fn from_execute_body(body: ExecuteBody) -> Result<ToolExecution, ApiError> {
     let executed_at =
         match body.executed_at.as_deref() {
             None => None,
@@ -151,28 +200,31 @@ async fn execute(
         tokens_used: body.tokens_used,
         executed_at,
     })?;
-    state
-        .engine
-        .record_tool(access.tenant, &access.id, execution)
-        .await?;
-    Ok(StatusCode::NO_CONTENT)
+    Ok(execution)
 }
 
 /// edge-mcp's own recording call.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RecordBody {
+pub(crate) struct RecordBody {
+    #[schema(pattern = r"^[A-Za-z0-9._:@~-]{1,255}$")]
     session_id: String,
+    #[schema(min_length = 1, max_length = 255)]
     tool_name: String,
+    #[schema(max_length = 255)]
     tool_id: Option<String>,
     arguments: Option<Value>,
     result: Option<Value>,
     error: Option<Value>,
+    #[schema(minimum = 0)]
     duration_ms: Option<f64>,
+    #[schema(maximum = 9223372036854775807_u64)]
     tokens_used: Option<u64>,
     /// RFC 3339 text or Unix seconds.
     timestamp: Option<Value>,
+    /// Ignored: the key decides the tenant.
     #[serde(rename = "tenant_id")]
+    #[schema(value_type = Option<Value>)]
     _tenant_id: Option<IgnoredAny>,
 }
 
@@ -194,11 +246,40 @@ fn timestamp(value: Option<Value>) -> Result<Option<Millis>, ApiError> {
     }
 }
 
-async fn record(
+#[utoipa::path(
+    post,
+    path = "/api/v1/executions",
+    tag = "tools",
+    description = "edge-mcp's own recording call",
+    request_body = RecordBody,
+    responses(
+        (status = 204, description = "Recorded"),
+        (status = 400, description = "invalid_json, validation_failed or unknown_field", body = ErrorResponse),
+        (status = 401, description = "unauthorized", body = ErrorResponse),
+        (status = 403, description = "forbidden: the key lacks the scope", body = ErrorResponse),
+        (status = 404, description = "session_not_found", body = ErrorResponse),
+        (status = 410, description = "session_expired or session_terminated", body = ErrorResponse),
+        (status = 413, description = "payload_too_large", body = ErrorResponse),
+        (status = 415, description = "unsupported_media_type", body = ErrorResponse),
+        (status = 429, description = "rate_limited (with Retry-After) or tenant_session_limit", body = ErrorResponse),
+        (status = 503, description = "service_unavailable: recovering, shutting down, or the store did not commit", body = ErrorResponse)
+    ),
+    security(("api_key" = []))
+)]
+pub(crate) async fn record(
     State(state): State<AppState>,
     Tenant(key): Tenant,
     JsonBody(body): JsonBody<RecordBody>,
 ) -> Result<StatusCode, ApiError> {
+    let (session_id, execution) = from_record_body(body)?;
+    state
+        .engine
+        .record_tool(key.tenant_id, &session_id, execution)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn from_record_body(body: RecordBody) -> Result<(String, ToolExecution), ApiError> {
     if !is_valid_session_id(&body.session_id) {
         return Err(invalid(
             "session_id",
@@ -215,23 +296,31 @@ async fn record(
         tokens_used: body.tokens_used,
         executed_at: timestamp(body.timestamp)?,
     })?;
-    state
-        .engine
-        .record_tool(key.tenant_id, &body.session_id, execution)
-        .await?;
-    Ok(StatusCode::NO_CONTENT)
+    Ok((body.session_id, execution))
+}
+
+/// `GET …/tools/executions`.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct ExecutionList {
+    /// Items in this answer.
+    count: usize,
+    /// Newest first.
+    executions: Vec<ExecutionView>,
 }
 
 /// One execution as listed.
-#[derive(Serialize)]
-struct ExecutionView {
+#[derive(Serialize, ToSchema)]
+pub(crate) struct ExecutionView {
     tool_name: String,
     tool_id: Option<String>,
+    #[schema(value_type = Value)]
     arguments: Box<RawValue>,
+    #[schema(value_type = Value)]
     result: Box<RawValue>,
     error: Option<String>,
     duration_ms: u64,
     tokens_used: u64,
+    #[schema(format = DateTime)]
     executed_at: String,
 }
 
@@ -243,16 +332,34 @@ fn raw(text: String) -> Box<RawValue> {
     })
 }
 
-#[derive(Debug, Default, Deserialize)]
-struct ExecutionsParams {
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct ExecutionsParams {
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
     limit: Option<String>,
 }
 
-async fn executions(
+#[utoipa::path(
+    get,
+    path = "/api/v1/sessions/{session_id}/tools/executions",
+    tag = "tools",
+    params(("session_id" = String, Path, description = "The session id (1-255 of A-Z a-z 0-9 . _ : @ ~ -)"), ExecutionsParams),
+    responses(
+        (status = 200, description = "Newest first", body = ExecutionList),
+        (status = 400, description = "invalid_json, validation_failed or unknown_field", body = ErrorResponse),
+        (status = 401, description = "unauthorized", body = ErrorResponse),
+        (status = 403, description = "forbidden: the key lacks the scope", body = ErrorResponse),
+        (status = 404, description = "session_not_found", body = ErrorResponse),
+        (status = 429, description = "rate_limited (with Retry-After) or tenant_session_limit", body = ErrorResponse),
+        (status = 503, description = "service_unavailable: recovering, shutting down, or the store did not commit", body = ErrorResponse)
+    ),
+    security(("api_key" = []), ("session_token" = []))
+)]
+pub(crate) async fn executions(
     State(state): State<AppState>,
     access: SessionAccess,
     params: Result<Query<ExecutionsParams>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ExecutionList>, ApiError> {
     let Query(params) =
         params.map_err(|e| invalid("query", format!("query string is not valid: {e}")))?;
     let limit = parse_limit(params.limit.as_deref(), DEFAULT_EXECUTIONS_LIMIT)?;
@@ -273,10 +380,29 @@ async fn executions(
             executed_at: format_rfc3339(e.executed_at),
         })
         .collect();
-    Ok(Json(json!({ "count": views.len(), "executions": views })))
+    Ok(Json(ExecutionList {
+        count: views.len(),
+        executions: views,
+    }))
 }
 
-async fn metrics(
+#[utoipa::path(
+    get,
+    path = "/api/v1/sessions/{session_id}/metrics",
+    tag = "tools",
+    params(("session_id" = String, Path, description = "The session id (1-255 of A-Z a-z 0-9 . _ : @ ~ -)")),
+    responses(
+        (status = 200, description = "Per-session metrics", body = SessionMetrics),
+        (status = 400, description = "invalid_json, validation_failed or unknown_field", body = ErrorResponse),
+        (status = 401, description = "unauthorized", body = ErrorResponse),
+        (status = 403, description = "forbidden: the key lacks the scope", body = ErrorResponse),
+        (status = 404, description = "session_not_found", body = ErrorResponse),
+        (status = 429, description = "rate_limited (with Retry-After) or tenant_session_limit", body = ErrorResponse),
+        (status = 503, description = "service_unavailable: recovering, shutting down, or the store did not commit", body = ErrorResponse)
+    ),
+    security(("api_key" = []), ("session_token" = []))
+)]
+pub(crate) async fn metrics(
     State(state): State<AppState>,
     access: SessionAccess,
 ) -> Result<Json<SessionMetrics>, ApiError> {

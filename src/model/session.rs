@@ -470,7 +470,7 @@ impl Session {
 }
 
 /// The per-session metrics resource.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct SessionMetrics {
     /// The session's id.
     pub session_id: String,
@@ -485,7 +485,7 @@ pub struct SessionMetrics {
 }
 
 /// One tool's figures within a session.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ToolMetrics {
     /// Executions.
     pub count: u64,
@@ -512,8 +512,9 @@ fn metadata_json(text: &str) -> Box<serde_json::value::RawValue> {
 }
 
 /// The session resource of the wire contract (fields as documented there).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[allow(missing_docs)]
+#[schema(as = Session)]
 pub struct SessionView {
     pub id: Uuid,
     pub session_id: String,
@@ -521,21 +522,28 @@ pub struct SessionView {
     pub user_id: Option<Uuid>,
     pub edge_mcp_id: String,
     pub client_name: Option<String>,
+    #[schema(value_type = String, pattern = "^(claude-code|ide|agent|cli)$")]
     pub client_type: &'static str,
     pub client_version: Option<String>,
+    #[schema(value_type = String, pattern = "^(active|idle|expired|terminated)$")]
     pub status: &'static str,
     pub initialized: bool,
+    #[schema(value_type = Object)]
     pub connection_metadata: Box<serde_json::value::RawValue>,
     pub has_passthrough_auth: bool,
     pub passthrough_providers: Vec<String>,
     pub tool_execution_count: u64,
     pub tool_error_count: u64,
     pub total_tokens_used: u64,
+    #[schema(format = DateTime)]
     pub created_at: String,
+    #[schema(format = DateTime)]
     pub last_activity_at: String,
+    #[schema(format = DateTime)]
     pub expires_at: String,
     pub idle_timeout_seconds: u32,
     pub ttl_seconds: u32,
+    #[schema(format = DateTime)]
     pub terminated_at: Option<String>,
     pub termination_reason: Option<String>,
     pub version: u64,
