@@ -3,15 +3,20 @@
 //!
 //! # Layout
 //!
-//! - [`model`]: sessions, tool statistics, ids, time and the domain error;
-//!   pure, depends on nothing of ours.
-//! - [`persist`]: the sled store, its key layout and record format, and the
-//!   write-behind queue with its group-commit flusher thread.
+//! - [`model`]: sessions, tool statistics, ids, time, audit entries and the
+//!   domain error; pure.
+//! - [`crypto`]: the passthrough vault (AES-256-GCM under HKDF per-tenant
+//!   keys from a rotatable master keyring), session tokens, `Secret`.
+//! - [`persist`]: the sled store, its key layout and record format, the
+//!   write-behind queue with its group-commit flusher thread, and the
+//!   PostgreSQL tier (outbox in sled, shipper thread, schema migrations).
 //! - [`engine`]: the actors. One [`engine::session::SessionActor`] per live
 //!   session, one [`engine::tenant::TenantSupervisor`] per tenant, spread
 //!   over one actix arbiter per core; start-up recovery and the sweep.
-//! - [`auth`]: API keys and admin keys (hashes only), development credentials.
-//! - [`http`]: the axum routes, extractors and the one error mapping.
+//! - [`auth`]: API keys and admin keys (hashes only, scopes), where the
+//!   master keyring comes from, development credentials.
+//! - [`http`]: the axum routes, extractors (keys, session tokens), the one
+//!   error mapping, rate limits and the OpenAPI document.
 //! - [`settings`]: layered configuration; [`telemetry`]: logging;
 //!   [`service`]: wires it all and shuts it down in order.
 //!
@@ -25,7 +30,7 @@
 //! the handler awaits it, i.e. the batch's fsync, before answering.
 //! Creates go through the tenant supervisor, which admits against the
 //! tenant's limit and spawns the actor. Layers point one way:
-//! `http -> engine -> persist -> model`.
+//! `http -> engine -> persist -> model`, with `crypto` beside `model`.
 
 pub mod auth;
 pub mod crypto;
