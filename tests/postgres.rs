@@ -149,10 +149,47 @@ async fn what_is_done_over_http_arrives_as_rows() {
         )
         .await;
     assert_eq!(status, StatusCode::OK);
+    // A leaked refresh token: rotation, then reuse, revokes (audit: revoked).
+    let (_, leaked) = call(
+        client,
+        base,
+        Method::POST,
+        "/api/v1/sessions",
+        KEY_A,
+        Some(json!({"session_id": "h-leak", "edge_mcp_id": "e"})),
+    )
+    .await;
+    let first_refresh = leaked["refresh_token"].as_str().unwrap().to_owned();
+    let (status, _) = call(
+        client,
+        base,
+        Method::POST,
+        "/api/v1/sessions/h-leak/refresh",
+        KEY_A,
+        Some(json!({"refresh_token": first_refresh})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = call(
+        client,
+        base,
+        Method::POST,
+        "/api/v1/sessions/h-leak/refresh",
+        KEY_A,
+        Some(json!({"refresh_token": first_refresh})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
     let (status, body) = flush(client, base).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["outbox_depth"], 0);
 
+    assert_eq!(
+        pg.psql("SELECT action || ':' || actor || ':' || reason FROM mcp.session_audit_log a JOIN mcp.edge_mcp_sessions s ON s.id = a.session_id WHERE s.session_id = 'h-leak' AND action <> 'created'").trim(),
+        "revoked:engine:refresh_token_reuse"
+    );
+    // Out of the way of the counts below.
+    pg.psql("WITH s AS (DELETE FROM mcp.edge_mcp_sessions WHERE session_id = 'h-leak' RETURNING id) DELETE FROM mcp.session_audit_log WHERE session_id IN (SELECT id FROM s)");
     assert_eq!(pg.scalar("SELECT count(*) FROM mcp.edge_mcp_sessions"), 5);
     assert_eq!(
         pg.scalar("SELECT count(*) FROM mcp.session_tool_executions"),
