@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod error;
+pub mod export;
 pub mod extract;
 pub mod health;
 pub mod limits;
@@ -40,6 +41,7 @@ pub fn app(state: AppState) -> Router {
         .merge(sessions::router())
         .merge(tools::router())
         .merge(admin::router())
+        .merge(export::router())
         .merge(health::router())
         .merge(openapi::router())
         .fallback(|| async { error::ApiError::RouteNotFound })

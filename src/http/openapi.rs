@@ -164,6 +164,7 @@ impl Modify for Security {
         super::tools::record,
         super::admin::cleanup,
         super::admin::flush,
+        super::export::export,
         super::health::healthz,
         super::health::readyz,
         document,
