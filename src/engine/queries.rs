@@ -233,21 +233,6 @@ fn decode_cursor(cursor: &str) -> Option<(Millis, String)> {
     let (at, id) = text.split_once(':')?;
     Some((at.parse().ok()?, id.to_owned()))
 }
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cursors_round_trip() {
-        let c = encode_cursor(1_700_000_000_000, "ses_abc:def");
-        assert_eq!(
-            decode_cursor(&c),
-            Some((1_700_000_000_000, "ses_abc:def".to_owned()))
-        );
-        assert_eq!(decode_cursor("not a cursor!"), None);
-    }
-}
-
 impl Engine {
     /// Every stored session (of `tenant`, or of every configured tenant),
     /// created at or after `since`, as resources, one at a time through a
@@ -284,5 +269,20 @@ impl Engine {
             }
         });
         Ok(rx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip() {
+        let c = encode_cursor(1_700_000_000_000, "ses_abc:def");
+        assert_eq!(
+            decode_cursor(&c),
+            Some((1_700_000_000_000, "ses_abc:def".to_owned()))
+        );
+        assert_eq!(decode_cursor("not a cursor!"), None);
     }
 }
