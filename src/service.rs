@@ -90,6 +90,8 @@ async fn serve_engine(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
+    // Installs the process-wide recorder before the first request.
+    crate::telemetry::metrics::handle();
     let limits = Arc::new(RateLimits::new(&rate_limits));
     let app = http::app(AppState {
         engine: engine.clone(),

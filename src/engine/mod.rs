@@ -66,6 +66,7 @@ use crate::persist::{
     Durable, Shipping, Store, StoreError, WriteBehind, WriteBehindStats, WriteOp,
 };
 use crate::settings::{Durability, Placement, Settings};
+use crate::telemetry::metrics as telemetry;
 
 /// A tenant's live sessions by id: one hop from a request to its actor.
 pub type Directory = DashMap<Arc<str>, Addr<SessionActor>>;
@@ -197,6 +198,14 @@ impl Shared {
         self.directories
             .get(&tenant)
             .expect("sessions exist only for configured tenants")
+    }
+
+    /// The arbiter a session's actor runs on.
+    pub(crate) fn shard_of(&self, tenant: Uuid, session_id: &str) -> usize {
+        match self.placement {
+            Placement::Session => self.shards.index_of(session_id.as_bytes()),
+            Placement::Tenant => self.shards.index_of(tenant.as_bytes()),
+        }
     }
 
     /// Whether a stored session is still readable: live, or final within
@@ -492,6 +501,7 @@ impl Engine {
                 .into_boxed_slice()
         });
         let view = session.view(now);
+        let client_type = session.client_type.as_str();
         let durable = handle
             .supervisor
             .send(Admit {
@@ -510,7 +520,27 @@ impl Engine {
             }
             return Err(e);
         }
+        metrics::counter!(
+            telemetry::SESSIONS_CREATED,
+            "tenant_id" => tenant.to_string(),
+            "client_type" => client_type
+        )
+        .increment(1);
         Ok((view, tokens))
+    }
+
+    /// Live sessions per configured tenant.
+    pub fn live_by_tenant(&self) -> Vec<(Uuid, usize)> {
+        self.shared
+            .directories
+            .iter()
+            .map(|(tenant, directory)| (*tenant, directory.len()))
+            .collect()
+    }
+
+    /// Live session actors per shard.
+    pub fn actors_per_shard(&self) -> Vec<i64> {
+        self.shared.shards.actor_counts()
     }
 
     /// Checks that `token` is the session token of this session (live or

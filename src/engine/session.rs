@@ -26,6 +26,7 @@ use crate::model::session::{
 };
 use crate::model::{Millis, Session, SessionError, SessionView, Status, ToolExecution, Transition};
 use crate::persist::{Durable, WriteOp};
+use crate::telemetry::metrics as telemetry;
 
 /// A reply together with the durability of the change it made.
 #[derive(Debug)]
@@ -182,6 +183,19 @@ impl SessionActor {
     /// its final state is readable from disk).
     fn finish(&mut self, status: Status, reason: &str, at: Millis) -> Durable {
         self.session.finish(status, reason, at);
+        let tenant = self.session.tenant_id.to_string();
+        metrics::histogram!(
+            telemetry::SESSION_DURATION,
+            "tenant_id" => tenant.clone(),
+            "client_type" => self.session.client_type.as_str()
+        )
+        .record((at - self.session.created_at).max(0) as f64 / 1000.0);
+        metrics::counter!(
+            telemetry::SESSIONS_ENDED,
+            "tenant_id" => tenant,
+            "status" => status.as_str()
+        )
+        .increment(1);
         self.supervisor.do_send(Release);
         self.write_final()
     }
@@ -229,12 +243,20 @@ impl Actor for SessionActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        let shard = self
+            .shared
+            .shard_of(self.session.tenant_id, &self.session.session_id);
+        self.shared.shards.count_actor(shard, 1);
         // Registration in the directory happens in the supervisor before the
         // create is answered, so a GET right after a 201 finds the session.
         self.arm(ctx);
     }
 
     fn stopped(&mut self, ctx: &mut Context<Self>) {
+        let shard = self
+            .shared
+            .shard_of(self.session.tenant_id, &self.session.session_id);
+        self.shared.shards.count_actor(shard, -1);
         if self.session.status.is_final() {
             let me = ctx.address();
             self.shared
@@ -438,6 +460,11 @@ impl Handler<RecordTool> for SessionActor {
     ) -> Self::Result {
         let now = self.live(ctx)?;
         execution.recorded_at = now;
+        let tenant = self.session.tenant_id.to_string();
+        if execution.error.is_some() {
+            metrics::counter!(telemetry::TOOL_ERRORS, "tenant_id" => tenant.clone()).increment(1);
+        }
+        metrics::counter!(telemetry::TOOL_EXECUTIONS, "tenant_id" => tenant).increment(1);
         self.session.record_execution(&execution, now);
         self.arm(ctx);
         // Only the execution is written now (and waited for under sync); the

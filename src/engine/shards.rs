@@ -12,11 +12,28 @@ use actix_rt::{Arbiter, ArbiterHandle};
 /// The arbiters and the actix system that owns them.
 pub struct Shards {
     handles: Vec<ArbiterHandle>,
+    /// Live session actors per arbiter (started minus stopped).
+    actors: Vec<std::sync::atomic::AtomicI64>,
     system: System,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Shards {
+    /// A session actor started (`+1`) or stopped (`-1`) on arbiter `index`.
+    pub fn count_actor(&self, index: usize, delta: i64) {
+        if let Some(count) = self.actors.get(index) {
+            count.fetch_add(delta, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Live session actors per arbiter.
+    pub fn actor_counts(&self) -> Vec<i64> {
+        self.actors
+            .iter()
+            .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+            .collect()
+    }
+
     /// Starts an actix system on its own thread with `count` arbiters.
     pub fn start(count: usize) -> Self {
         let count = count.max(1);
@@ -44,6 +61,9 @@ impl Shards {
         // The thread sends before doing anything that could fail.
         let (system, handles) = rx.recv().expect("actix system thread reports its arbiters");
         Shards {
+            actors: (0..handles.len())
+                .map(|_| std::sync::atomic::AtomicI64::new(0))
+                .collect(),
             handles,
             system,
             thread: Mutex::new(Some(thread)),

@@ -16,7 +16,6 @@ use super::{storage, Shared};
 use crate::model::{Session, SessionError};
 use crate::persist::write_behind::purge_ops;
 use crate::persist::{Durable, WriteOp};
-use crate::settings::Placement;
 
 /// The supervisor of one tenant's sessions.
 pub struct TenantSupervisor {
@@ -46,10 +45,7 @@ impl TenantSupervisor {
             .me
             .get_or_insert_with(|| Arc::new(ctx.address()))
             .clone();
-        let shard = match self.shared.placement {
-            Placement::Session => self.shared.shards.index_of(session.session_id.as_bytes()),
-            Placement::Tenant => self.shared.shards.index_of(self.limits.id.as_bytes()),
-        };
+        let shard = self.shared.shard_of(self.limits.id, &session.session_id);
         let id = session.session_id.clone();
         let shared = self.shared.clone();
         let addr = SessionActor::start_in_arbiter(self.shared.shards.arbiter(shard), move |_| {

@@ -9,6 +9,7 @@ pub mod export;
 pub mod extract;
 pub mod health;
 pub mod limits;
+pub mod metrics;
 pub mod openapi;
 pub mod request_id;
 pub mod sessions;
@@ -43,6 +44,7 @@ pub fn app(state: AppState) -> Router {
         .merge(admin::router())
         .merge(export::router())
         .merge(health::router())
+        .merge(metrics::router())
         .merge(openapi::router())
         .fallback(|| async { error::ApiError::RouteNotFound })
         .layer(axum::middleware::from_fn_with_state(

@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use tracing::Instrument as _;
 
 use super::error::ErrorBody;
+use crate::telemetry::metrics as telemetry;
 
 /// `X-Request-Id`, echoed on every response.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -64,6 +65,19 @@ pub async fn track(mut request: Request, next: Next) -> Response {
     };
 
     let status = response.status();
+    metrics::counter!(
+        telemetry::HTTP_REQUESTS,
+        "method" => method.to_string(),
+        "route" => route.clone(),
+        "status" => status.as_str().to_owned()
+    )
+    .increment(1);
+    metrics::histogram!(
+        telemetry::HTTP_DURATION,
+        "method" => method.to_string(),
+        "route" => route.clone()
+    )
+    .record(started.elapsed().as_secs_f64());
     if status.is_client_error() || status.is_server_error() {
         let error = response
             .extensions_mut()

@@ -24,6 +24,7 @@ use super::record;
 use super::sled::{Store, StoreError};
 use crate::model::time::now_ms;
 use crate::model::{AuditEntry, Session, ToolExecution};
+use crate::telemetry::metrics as telemetry;
 
 /// Resolves once the change it was handed out for is on disk.
 pub type Durable = oneshot::Receiver<Result<(), StoreError>>;
@@ -416,6 +417,9 @@ impl Flusher {
         };
         match &result {
             Ok(()) => {
+                metrics::histogram!(telemetry::WRITE_BEHIND_BATCH).record(pending.writes as f64);
+                metrics::histogram!(telemetry::WRITE_BEHIND_FLUSH)
+                    .record(started.elapsed().as_secs_f64());
                 self.stats.batches.fetch_add(1, Ordering::Relaxed);
                 self.stats
                     .writes

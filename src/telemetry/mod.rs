@@ -1,5 +1,7 @@
 //! Logging: `tracing` with text or JSON lines, filtered by `RUST_LOG` or
-//! `[log] level`.
+//! `[log] level`; and Prometheus [`metrics`].
+
+pub mod metrics;
 
 use tracing_subscriber::EnvFilter;
 

@@ -1,0 +1,125 @@
+//! Prometheus metrics through the `metrics` facade and
+//! `metrics-exporter-prometheus`, rendered at `GET /metrics`.
+//!
+//! Counters and histograms are recorded where things happen (cheap: an
+//! atomic add per event); gauges that mirror engine state (live sessions,
+//! queue depths, actors per shard) are set when the page is scraped. Labels
+//! stay low-cardinality: tenant ids, client types, routes, statuses and
+//! shard numbers, never session ids.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// `sessions_created_total{tenant_id,client_type}`: sessions admitted.
+pub const SESSIONS_CREATED: &str = "sessions_created_total";
+/// `sessions_active{tenant_id}`: live sessions (active or idle).
+pub const SESSIONS_ACTIVE: &str = "sessions_active";
+/// `session_duration_seconds{tenant_id,client_type}`: lifetime of ended sessions.
+pub const SESSION_DURATION: &str = "session_duration_seconds";
+/// `sessions_ended_total{tenant_id,status}`: sessions that became final.
+pub const SESSIONS_ENDED: &str = "sessions_ended_total";
+/// `http_requests_total{method,route,status}`.
+pub const HTTP_REQUESTS: &str = "http_requests_total";
+/// `http_request_duration_seconds{method,route}`.
+pub const HTTP_DURATION: &str = "http_request_duration_seconds";
+/// `tool_executions_total{tenant_id}`.
+pub const TOOL_EXECUTIONS: &str = "tool_executions_total";
+/// `tool_execution_errors_total{tenant_id}`.
+pub const TOOL_ERRORS: &str = "tool_execution_errors_total";
+/// `write_behind_queue_depth`: commands waiting for the flusher.
+pub const WRITE_BEHIND_DEPTH: &str = "write_behind_queue_depth";
+/// `write_behind_batch_size`: changes per group commit.
+pub const WRITE_BEHIND_BATCH: &str = "write_behind_batch_size";
+/// `write_behind_flush_seconds`: apply + fsync time per group commit.
+pub const WRITE_BEHIND_FLUSH: &str = "write_behind_flush_seconds";
+/// `write_behind_flush_lag_seconds`: time since the last group commit.
+pub const WRITE_BEHIND_LAG: &str = "write_behind_flush_lag_seconds";
+/// `outbox_depth`: entries waiting for PostgreSQL (tier on only).
+pub const OUTBOX_DEPTH: &str = "outbox_depth";
+/// `outbox_oldest_entry_age_seconds` (tier on only).
+pub const OUTBOX_AGE: &str = "outbox_oldest_entry_age_seconds";
+/// `outbox_shipped_total` (tier on only).
+pub const OUTBOX_SHIPPED: &str = "outbox_shipped_total";
+/// `session_actors{shard}`: live session actors per arbiter.
+pub const SESSION_ACTORS: &str = "session_actors";
+/// `session_actor_restarts_total`: actors restarted after a panic.
+pub const ACTOR_RESTARTS: &str = "session_actor_restarts_total";
+
+/// `session_duration_seconds` buckets: 60·2^k s, k = 0..9 (the contract).
+pub const DURATION_BUCKETS: [f64; 10] = [
+    60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 3840.0, 7680.0, 15360.0, 30720.0,
+];
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+const BATCH_BUCKETS: [f64; 10] = [
+    1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0,
+];
+
+/// The process-wide recorder (installed once; later calls share it, so
+/// several servers in one test process all render the same registry).
+pub fn handle() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(SESSION_DURATION.into()), &DURATION_BUCKETS)
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Full(HTTP_DURATION.into()), &LATENCY_BUCKETS)
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Full(WRITE_BEHIND_FLUSH.into()), &LATENCY_BUCKETS)
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Full(WRITE_BEHIND_BATCH.into()), &BATCH_BUCKETS)
+            })
+            // The bucket lists are constants and non-empty.
+            .expect("valid histogram buckets");
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!("a metrics recorder was already installed; /metrics shows this one's");
+        }
+        describe();
+        handle
+    })
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(SESSIONS_CREATED, "Sessions admitted");
+    describe_gauge!(SESSIONS_ACTIVE, "Live sessions (active or idle)");
+    describe_histogram!(
+        SESSION_DURATION,
+        Unit::Seconds,
+        "Lifetime of sessions that ended"
+    );
+    describe_counter!(
+        SESSIONS_ENDED,
+        "Sessions that became final, by final status"
+    );
+    describe_counter!(HTTP_REQUESTS, "HTTP requests answered");
+    describe_histogram!(HTTP_DURATION, Unit::Seconds, "HTTP request latency");
+    describe_counter!(TOOL_EXECUTIONS, "Tool executions recorded");
+    describe_counter!(TOOL_ERRORS, "Tool executions recorded with an error");
+    describe_gauge!(
+        WRITE_BEHIND_DEPTH,
+        "Commands waiting for the write-behind flusher"
+    );
+    describe_histogram!(WRITE_BEHIND_BATCH, "Changes per group commit");
+    describe_histogram!(
+        WRITE_BEHIND_FLUSH,
+        Unit::Seconds,
+        "Apply and fsync time per group commit"
+    );
+    describe_gauge!(
+        WRITE_BEHIND_LAG,
+        Unit::Seconds,
+        "Time since the last group commit"
+    );
+    describe_gauge!(OUTBOX_DEPTH, "Outbox entries waiting for PostgreSQL");
+    describe_gauge!(OUTBOX_AGE, Unit::Seconds, "Age of the oldest outbox entry");
+    describe_counter!(OUTBOX_SHIPPED, "Outbox entries committed to PostgreSQL");
+    describe_gauge!(SESSION_ACTORS, "Live session actors per shard (arbiter)");
+    describe_counter!(ACTOR_RESTARTS, "Session actors restarted after a panic");
+}
