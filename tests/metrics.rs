@@ -59,9 +59,7 @@ async fn the_metrics_page_has_the_contract_metrics_and_passes_promtool() {
             .any(|l| !l.starts_with('#') && l.contains(needle))
     };
     // The contract's three.
-    assert!(
-        has(&format!("sessions_created_total{{")) && text.contains("client_type=\"claude-code\"")
-    );
+    assert!(has("sessions_created_total{") && text.contains("client_type=\"claude-code\""));
     assert!(text
         .lines()
         .any(|l| l.starts_with("sessions_active{") && l.contains(&tenant)));
