@@ -341,8 +341,8 @@ async fn credentials_are_read_only_with_passthrough_read() {
     let (status, _) = with_token(c, b, Method::GET, path, token, None).await;
     assert_eq!(
         status,
-        StatusCode::FORBIDDEN,
-        "a session token never reads credentials"
+        StatusCode::UNAUTHORIZED,
+        "a session token never reads credentials (not a (T) endpoint)"
     );
     let (status, _) = server.call(Method::GET, path, KEY_B, None).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
@@ -821,4 +821,222 @@ fn serve_refuses_tenants_without_a_master_key() {
         stderr.contains("master_key_file") && stderr.contains("no master key"),
         "{stderr}"
     );
+}
+
+/// A well-formed session token for `tenant` that the server never issued.
+fn forged_token(tenant: &str) -> String {
+    let mut bytes = uuid::Uuid::parse_str(tenant).unwrap().as_bytes().to_vec();
+    bytes.extend_from_slice(&[7u8; 32]);
+    format!(
+        "est_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thief_who_rotated_first_is_caught_when_the_client_refreshes_with_its_own_token() {
+    let server = TestServer::start().await;
+    let (c, b) = (&server.client, server.base.as_str());
+    let created = create(&server, "theft-1").await;
+    let (token, refresh) = (
+        created["session_token"].as_str().unwrap().to_owned(),
+        created["refresh_token"].as_str().unwrap().to_owned(),
+    );
+    // The thief uses the stolen pair first.
+    let (status, _) = with_token(
+        c,
+        b,
+        Method::POST,
+        "/api/v1/sessions/theft-1/refresh",
+        &token,
+        Some(json!({"refresh_token": refresh})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    // The client, authenticated only by its (now rotated-away) token, refreshes.
+    let (status, body) = with_token(
+        c,
+        b,
+        Method::POST,
+        "/api/v1/sessions/theft-1/refresh",
+        &token,
+        Some(json!({"refresh_token": refresh})),
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("refresh_token_reused")),
+        "{body}"
+    );
+    let (_, after) = server
+        .call(Method::GET, "/api/v1/sessions/theft-1", KEY_A, None)
+        .await;
+    assert_eq!(after["termination_reason"], "refresh_token_reuse");
+    // A stale token without a refresh token stays an unknown session.
+    let created = create(&server, "theft-2").await;
+    let token2 = created["session_token"].as_str().unwrap();
+    let refresh2 = created["refresh_token"].as_str().unwrap();
+    with_token(
+        c,
+        b,
+        Method::POST,
+        "/api/v1/sessions/theft-2/refresh",
+        token2,
+        Some(json!({"refresh_token": refresh2})),
+    )
+    .await;
+    let (status, _) = with_token(
+        c,
+        b,
+        Method::POST,
+        "/api/v1/sessions/theft-2/refresh",
+        token2,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_follow_the_credential_that_authenticated() {
+    let server = TestServer::start_with(
+        1000,
+        "[rate_limits]\ncreate_per_second = 1\ncreate_burst = 1\nwrite_per_second = 1\nwrite_burst = 2\n",
+    )
+    .await;
+    let (c, b) = (&server.client, server.base.as_str());
+    // An API key cannot dodge its bucket by adding a session token.
+    let mut statuses = Vec::new();
+    for i in 0..2 {
+        let response = c
+            .post(format!("{b}/api/v1/sessions"))
+            .header("X-API-Key", KEY_A)
+            .bearer_auth(forged_token(TENANT_A))
+            .json(&json!({"session_id": format!("lim-{i}"), "edge_mcp_id": "e"}))
+            .send()
+            .await
+            .unwrap();
+        statuses.push(response.status());
+    }
+    assert_eq!(
+        statuses,
+        [StatusCode::CREATED, StatusCode::TOO_MANY_REQUESTS]
+    );
+
+    // A session token draws on its session's bucket, charged only once the
+    // token is verified: forged tokens neither drain nor touch it.
+    let (_, created) = server
+        .call(
+            Method::POST,
+            "/api/v1/sessions",
+            KEY_A_READER,
+            Some(json!({"session_id": "lim-s", "edge_mcp_id": "e"})),
+        )
+        .await;
+    let token = created["session_token"].as_str().unwrap().to_owned();
+    let response = c
+        .post(format!("{b}/api/v1/sessions/lim-s/activity"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    assert_eq!(response.headers()["ratelimit-remaining"], "1");
+    for _ in 0..5 {
+        let (status, _) = with_token(
+            c,
+            b,
+            Method::POST,
+            "/api/v1/sessions/lim-s/activity",
+            &forged_token(TENANT_A),
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+    }
+    let response = c
+        .post(format!("{b}/api/v1/sessions/lim-s/activity"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        StatusCode::NO_CONTENT,
+        "the forged calls took nothing"
+    );
+    let response = c
+        .post(format!("{b}/api/v1/sessions/lim-s/activity"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(response.headers().contains_key("retry-after"));
+    assert_eq!(response.headers()["ratelimit-limit"], "2");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["code"], "rate_limited");
+    // The API key's own write bucket is separate.
+    let (status, _) = server
+        .call(
+            Method::POST,
+            "/api/v1/sessions/lim-s/activity",
+            KEY_A_READER,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_never_come_back_in_errors_and_an_empty_bundle_is_none() {
+    let server = TestServer::start().await;
+    for bad in [
+        json!({"edge_mcp_id": "e", "passthrough_auth": "ghp_echo_me"}),
+        json!({"edge_mcp_id": "e", "passthrough_auth": {"credentials": "ghp_echo_me"}}),
+        json!({"edge_mcp_id": "e", "passthrough_auth": {"credentials": ["ghp_echo_me"]}}),
+    ] {
+        let (status, body) = server
+            .call(Method::POST, "/api/v1/sessions", KEY_A, Some(bad))
+            .await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("validation_failed"))
+        );
+        assert!(!body.to_string().contains("ghp_echo_me"), "{body}");
+    }
+    let (status, created) = server
+        .call(Method::POST, "/api/v1/sessions", KEY_A, Some(json!({"session_id": "empty", "edge_mcp_id": "e", "passthrough_auth": {"credentials": {}}})))
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(created["has_passthrough_auth"], false);
+    assert!(created.get("session_token").is_some());
+    let (status, body) = server
+        .call(
+            Method::GET,
+            "/api/v1/sessions/empty/passthrough-auth",
+            KEY_A_READER,
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("passthrough_auth_not_found"))
+    );
+    let response = server
+        .client
+        .post(format!("{}/api/v1/sessions", server.base))
+        .header("X-API-Key", KEY_A)
+        .json(&json!({"edge_mcp_id": "e"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.headers()["cache-control"],
+        "no-store",
+        "answers with tokens are not cached"
+    );
+    server.stop().await;
 }

@@ -5,8 +5,18 @@ use zeroize::Zeroizing;
 /// Text that must never be logged or kept after use (credentials, tokens).
 /// Its `Debug` and `Display` print `[redacted]`; its memory is overwritten
 /// when it is dropped.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct Secret(Zeroizing<String>);
+
+/// Constant-time equality (the length is not hidden).
+impl PartialEq for Secret {
+    fn eq(&self, other: &Self) -> bool {
+        use subtle::ConstantTimeEq as _;
+        self.0.as_bytes().ct_eq(other.0.as_bytes()).into()
+    }
+}
+
+impl Eq for Secret {}
 
 impl Secret {
     /// Wraps `text`.

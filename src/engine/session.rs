@@ -378,6 +378,7 @@ impl Handler<Refresh> for SessionActor {
 
     fn handle(&mut self, msg: Refresh, ctx: &mut Context<Self>) -> Self::Result {
         let now = self.live(ctx)?;
+        let rotating = msg.rotate.is_some();
         if let Some((presented, (session_token, refresh_token))) = msg.rotate {
             match self.session.credentials.check_refresh(&presented) {
                 RefreshCheck::Current => self
@@ -396,7 +397,9 @@ impl Handler<Refresh> for SessionActor {
         }
         self.session.refresh(now);
         self.arm(ctx);
-        let durable = self.persist(self.sync());
+        // New tokens are handed out only once they are on disk, whatever the
+        // durability mode: after a crash the old pair must not be the valid one.
+        let durable = self.persist(self.sync() || rotating);
         Ok(Ack {
             value: self.session.view(now),
             durable,

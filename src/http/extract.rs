@@ -11,6 +11,7 @@ use http_body_util::BodyExt;
 use serde::de::DeserializeOwned;
 
 use super::error::{invalid, ApiError};
+use super::limits;
 use super::AppState;
 use uuid::Uuid;
 
@@ -150,6 +151,11 @@ fn classify(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
                         format!("{path}.{name}")
                     };
                     invalid(&field, format!("{field} is required"))
+                } else if path.starts_with("passthrough_auth") || path.starts_with("refresh_token")
+                {
+                    // serde's message quotes the offending value: for
+                    // credentials and tokens it must not come back.
+                    invalid(&path, format!("{path} has the wrong type"))
                 } else {
                     let field = if path == "." { "body".to_owned() } else { path };
                     let message = message
@@ -254,47 +260,94 @@ pub struct SessionAccess {
     pub id: String,
     /// Authenticated by the session token (not an API key).
     pub by_token: bool,
+    /// A session token that named this session's tenant but is not (or no
+    /// longer) the session's: only [`RefreshAccess`] lets it through.
+    pub stale_token: bool,
 }
 
 impl FromRequestParts<AppState> for SessionAccess {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let token = bearer(&parts.headers)
-            .filter(|t| t.starts_with(tokens::SESSION_PREFIX))
-            .map(|t| Secret::new(t.to_owned()));
-        let Some(token) = token else {
-            let Tenant(key) = Tenant::from_request_parts(parts, state).await?;
-            let SessionId(id) = SessionId::from_request_parts(parts, state).await?;
-            return Ok(SessionAccess {
-                tenant: key.tenant_id,
-                id,
-                by_token: false,
-            });
-        };
-        let token = token.expose();
-        let Some(tenant) = tokens::tenant_of(token, tokens::SESSION_PREFIX) else {
-            auth_failure(parts, "malformed session token");
-            return Err(ApiError::Unauthorized);
-        };
+        session_access(parts, state, false).await
+    }
+}
+
+/// `POST …/refresh`: as [`SessionAccess`], but a session token rotated away
+/// is let through when the body carries a refresh token, which then decides
+/// (rotate, revoke on reuse, or 401). Without that, a thief who rotated
+/// first would leave the real client unable to ever present the old pair.
+pub struct RefreshAccess(pub SessionAccess);
+
+impl FromRequestParts<AppState> for RefreshAccess {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        session_access(parts, state, true).await.map(RefreshAccess)
+    }
+}
+
+async fn session_access(
+    parts: &mut Parts,
+    state: &AppState,
+    allow_stale: bool,
+) -> Result<SessionAccess, ApiError> {
+    let token = bearer(&parts.headers)
+        .filter(|t| t.starts_with(tokens::SESSION_PREFIX))
+        .map(|t| Secret::new(t.to_owned()));
+    let Some(token) = token else {
+        let Tenant(key) = Tenant::from_request_parts(parts, state).await?;
         let SessionId(id) = SessionId::from_request_parts(parts, state).await?;
-        match state
-            .engine
-            .verify_token(tenant, &id, &TokenHash::of(token))
-            .await
-        {
-            Ok(()) => Ok(SessionAccess {
-                tenant,
-                id,
-                by_token: true,
-            }),
-            Err(e) => {
-                if matches!(e, SessionError::TokenMismatch | SessionError::NotFound) {
-                    auth_failure(parts, "session token not valid for this session");
-                }
-                Err(e.into())
+        return Ok(SessionAccess {
+            tenant: key.tenant_id,
+            id,
+            by_token: false,
+            stale_token: false,
+        });
+    };
+    let token = token.expose();
+    let Some(tenant) = tokens::tenant_of(token, tokens::SESSION_PREFIX) else {
+        auth_failure(parts, "malformed session token");
+        return Err(ApiError::Unauthorized);
+    };
+    let SessionId(id) = SessionId::from_request_parts(parts, state).await?;
+    let stale_token = match state
+        .engine
+        .verify_token(tenant, &id, &TokenHash::of(token))
+        .await
+    {
+        Ok(()) => false,
+        Err(SessionError::TokenMismatch) if allow_stale => true,
+        Err(e) => {
+            if matches!(e, SessionError::TokenMismatch | SessionError::NotFound) {
+                auth_failure(parts, "session token not valid for this session");
             }
+            return Err(e.into());
         }
+    };
+    // Authenticated: the session's own bucket (charged only now, so forged
+    // tokens can neither drain it nor grow the tables).
+    charge_session(parts, state, tenant, &id)?;
+    Ok(SessionAccess {
+        tenant,
+        id,
+        by_token: true,
+        stale_token,
+    })
+}
+
+/// Takes a token from the write/read bucket of session `id` of `tenant`.
+fn charge_session(parts: &Parts, state: &AppState, tenant: Uuid, id: &str) -> Result<(), ApiError> {
+    let Some(class) = limits::class_of(&parts.method, parts.uri.path()) else {
+        return Ok(());
+    };
+    let decision = state.limits.check(class, &limits::session_key(tenant, id));
+    if let (Some(decision), Some(slot)) = (decision, parts.extensions.get::<limits::RateSlot>()) {
+        slot.put(decision);
+    }
+    match decision {
+        Some(limits::Decision::Refused { .. }) => Err(ApiError::RateLimited),
+        _ => Ok(()),
     }
 }
 
@@ -317,9 +370,13 @@ impl FromRequestParts<AppState> for CredentialReader {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        if bearer(&parts.headers).is_some_and(|t| t.starts_with(tokens::SESSION_PREFIX)) {
+        // Not a (T) endpoint: a session token alone is 401 (an API key in
+        // X-API-Key decides when both are sent).
+        if !parts.headers.contains_key("x-api-key")
+            && bearer(&parts.headers).is_some_and(|t| t.starts_with(tokens::SESSION_PREFIX))
+        {
             auth_failure(parts, "session token used to read credentials");
-            return Err(ApiError::Forbidden);
+            return Err(ApiError::Unauthorized);
         }
         match presented_key(&parts.headers, "x-api-key").and_then(|k| state.keys.tenant_key(k)) {
             None => {

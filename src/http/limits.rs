@@ -5,8 +5,10 @@
 //! `write` (every other tenant call), `admin` (`/admin/…`). Health, readiness,
 //! metrics and the OpenAPI document are not limited. Only callers whose key
 //! is known get a bucket (an unknown key is refused with 401 anyway), so
-//! made-up keys cannot grow the tables; buckets of session tokens are
-//! dropped once full again ([`RateLimits::forget_idle`]).
+//! made-up keys cannot grow the tables. Calls made with a session token are
+//! charged to that session's bucket by the extractor, after the token is
+//! verified, so a forged token neither drains nor creates a bucket. Buckets
+//! that are full again are dropped ([`RateLimits::forget_idle`]).
 //!
 //! Every limited answer carries `RateLimit-Limit` (the burst),
 //! `RateLimit-Remaining` and `RateLimit-Reset` (seconds until a token is
@@ -168,7 +170,7 @@ pub fn class_of(method: &Method, path: &str) -> Option<Class> {
     if !path.starts_with("/api/v1/") || path == "/api/v1/openapi.json" {
         return None;
     }
-    Some(if method == Method::GET {
+    Some(if method == Method::GET || method == Method::HEAD {
         Class::Read
     } else if method == Method::POST && path == "/api/v1/sessions" {
         Class::Create
@@ -177,35 +179,59 @@ pub fn class_of(method: &Method, path: &str) -> Option<Class> {
     })
 }
 
-/// Whose bucket a request draws on: the digest of a known API or admin
-/// key, or of the session a well-formed session token names. `None` for
-/// callers that will be refused (no bucket is made for them).
-fn caller(state: &AppState, headers: &HeaderMap, class: Class, path: &str) -> Option<[u8; 32]> {
+/// Whose bucket a request draws on.
+enum Caller {
+    /// A known API or admin key: its digest.
+    Key([u8; 32]),
+    /// A session token on a call of its session: charged by the extractor
+    /// once the token is verified (see [`session_key`]).
+    Session,
+    /// Nobody this middleware can charge (the call is refused with 401).
+    Unknown,
+}
+
+/// Mirrors the extractors: on a session's own calls a `Bearer est_…` token
+/// is the credential; elsewhere the API key (`X-API-Key`, else a bearer
+/// that is not a session token) is.
+fn caller(state: &AppState, headers: &HeaderMap, class: Class, path: &str) -> Caller {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     if class == Class::Admin {
-        let key = header("x-admin-key")?;
-        return state
-            .keys
-            .is_admin(key)
-            .then(|| digest(b"admin", key.as_bytes()));
+        return match header("x-admin-key") {
+            Some(key) if state.keys.is_admin(key) => Caller::Key(digest(b"admin", key.as_bytes())),
+            _ => Caller::Unknown,
+        };
     }
     let bearer = header("authorization")
         .and_then(|a| a.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, token)| token.trim());
-    if let Some(token) = bearer.filter(|t| t.starts_with(tokens::SESSION_PREFIX)) {
-        let tenant = tokens::tenant_of(token, tokens::SESSION_PREFIX)?;
-        // /api/v1/sessions/{id}/…: the session's own bucket.
-        let id = path.strip_prefix("/api/v1/sessions/")?.split('/').next()?;
-        let mut who = tenant.as_bytes().to_vec();
-        who.extend_from_slice(id.as_bytes());
-        return Some(digest(b"session", &who));
+    let session_token = bearer.filter(|t| t.starts_with(tokens::SESSION_PREFIX));
+    if session_token.is_some() && is_session_call(path) {
+        return Caller::Session;
     }
-    let key = header("x-api-key").or(bearer)?;
-    state
-        .keys
-        .tenant_key(key)
-        .map(|_| digest(b"key", key.as_bytes()))
+    let key = header("x-api-key").or(bearer.filter(|t| !t.starts_with(tokens::SESSION_PREFIX)));
+    match key {
+        Some(key) if state.keys.tenant_key(key).is_some() => {
+            Caller::Key(digest(b"key", key.as_bytes()))
+        }
+        _ => Caller::Unknown,
+    }
+}
+
+/// `/api/v1/sessions/{id}` and below, where a session token authenticates.
+fn is_session_call(path: &str) -> bool {
+    path.strip_prefix("/api/v1/sessions/").is_some_and(|rest| {
+        !rest.is_empty()
+            && !matches!(rest, "active" | "metrics")
+            && !rest.ends_with("/passthrough-auth")
+    })
+}
+
+/// The bucket of session `id` of `tenant` (calls made with its token).
+pub fn session_key(tenant: uuid::Uuid, id: &str) -> [u8; 32] {
+    let mut who = tenant.as_bytes().to_vec();
+    who.extend_from_slice(id.as_bytes());
+    digest(b"session", &who)
 }
 
 fn digest(kind: &[u8], value: &[u8]) -> [u8; 32] {
@@ -217,39 +243,71 @@ fn digest(kind: &[u8], value: &[u8]) -> [u8; 32] {
         .into()
 }
 
-/// The middleware: checks the caller's bucket before the handler runs and
-/// adds the headers to the answer.
-pub async fn limit_rate(State(state): State<AppState>, request: Request, next: Next) -> Response {
+/// Where an extractor leaves the decision it took (session tokens), so the
+/// middleware can put the headers on the answer.
+#[derive(Clone, Default)]
+pub struct RateSlot(Arc<std::sync::Mutex<Option<Decision>>>);
+
+impl RateSlot {
+    /// Records a decision.
+    pub fn put(&self, decision: Decision) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(decision);
+    }
+
+    fn take(&self) -> Option<Decision> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+}
+
+/// The middleware: charges API and admin keys before the handler runs (429
+/// at once when empty), leaves session tokens to their extractor, and puts
+/// the headers on the answer.
+pub async fn limit_rate(
+    State(state): State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let path = request.uri().path().to_owned();
+    let slot = RateSlot::default();
+    request.extensions_mut().insert(slot.clone());
     let decision = class_of(request.method(), &path).and_then(|class| {
-        let who = caller(&state, request.headers(), class, &path)?;
-        state.limits.check(class, &who)
-    });
-    match decision {
-        None => next.run(request).await,
-        Some(Decision::Allowed {
-            limit,
-            remaining,
-            reset,
-        }) => {
-            let mut response = next.run(request).await;
-            let headers = response.headers_mut();
-            headers.insert("ratelimit-limit", HeaderValue::from(limit));
-            headers.insert("ratelimit-remaining", HeaderValue::from(remaining));
-            headers.insert("ratelimit-reset", HeaderValue::from(reset));
-            response
+        match caller(&state, request.headers(), class, &path) {
+            Caller::Key(who) => state.limits.check(class, &who),
+            Caller::Session | Caller::Unknown => None,
         }
-        Some(Decision::Refused { limit, retry_after }) => {
-            tracing::info!(event = "rate_limited", path = %path, retry_after, "rate limit reached");
-            let mut response = ApiError::RateLimited.into_response();
-            let headers = response.headers_mut();
-            headers.insert("retry-after", HeaderValue::from(retry_after));
-            headers.insert("ratelimit-limit", HeaderValue::from(limit));
-            headers.insert("ratelimit-remaining", HeaderValue::from(0u32));
-            headers.insert("ratelimit-reset", HeaderValue::from(retry_after));
-            response
+    });
+    let mut response = match decision {
+        Some(Decision::Refused { .. }) => ApiError::RateLimited.into_response(),
+        _ => next.run(request).await,
+    };
+    if let Some(decision) = decision.or_else(|| slot.take()) {
+        let headers = response.headers_mut();
+        match decision {
+            Decision::Allowed {
+                limit,
+                remaining,
+                reset,
+            } => {
+                headers.insert("ratelimit-limit", HeaderValue::from(limit));
+                headers.insert("ratelimit-remaining", HeaderValue::from(remaining));
+                headers.insert("ratelimit-reset", HeaderValue::from(reset));
+            }
+            Decision::Refused { limit, retry_after } => {
+                tracing::info!(event = "rate_limited", path = %path, retry_after, "rate limit reached");
+                headers.insert("retry-after", HeaderValue::from(retry_after));
+                headers.insert("ratelimit-limit", HeaderValue::from(limit));
+                headers.insert("ratelimit-remaining", HeaderValue::from(0u32));
+                headers.insert("ratelimit-reset", HeaderValue::from(retry_after));
+            }
         }
     }
+    response
 }
 
 /// Forgets idle buckets every minute, for as long as the server runs.

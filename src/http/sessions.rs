@@ -15,7 +15,8 @@ use uuid::Uuid;
 
 use super::error::{invalid, ApiError};
 use super::extract::{
-    parse_limit, CredentialReader, JsonBody, OptionalJsonBody, SessionAccess, SessionId, Tenant,
+    parse_limit, CredentialReader, JsonBody, OptionalJsonBody, RefreshAccess, SessionAccess,
+    SessionId, Tenant,
 };
 use super::openapi::{
     CreatedSession, ErrorResponse, PassthroughBundle, RefreshedSession, SessionList, Validation,
@@ -132,6 +133,7 @@ pub(crate) async fn create(
     let mut response =
         (StatusCode::CREATED, Json(with_tokens(&view, Some(&tokens)))).into_response();
     set_etag(&mut response, view.version);
+    no_store(&mut response);
     Ok(response)
 }
 
@@ -159,8 +161,11 @@ fn new_session(body: CreateBody) -> Result<NewSession, ApiError> {
             .as_ref()
             .map(|p| p.credentials.keys().cloned().collect())
             .unwrap_or_default(),
+        // An empty bundle is no bundle (has_passthrough_auth is false, and
+        // reading it answers 404).
         passthrough: body
             .passthrough_auth
+            .filter(|p| !p.credentials.is_empty())
             .map(|p| Secret::new(json!({ "credentials": p.credentials }).to_string())),
         metadata,
         ttl: body.ttl,
@@ -175,6 +180,13 @@ async fn reserved_id() -> ApiError {
         "session_id",
         "session_id must not be a reserved word (active, metrics)",
     )
+}
+
+/// Answers carrying tokens or credentials are never cached (RFC 6749 §5.1).
+fn no_store(response: &mut Response) {
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
 }
 
 fn set_etag(response: &mut Response, version: u64) {
@@ -379,8 +391,8 @@ pub(crate) async fn activity(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RefreshBody {
-    /// Token rotation needs session tokens, which this server does not
-    /// issue yet: any refresh token presented is one it never issued.
+    /// The session's current `ert_…` token: rotates both tokens. A token
+    /// rotated away before revokes the session (401 refresh_token_reused).
     refresh_token: Option<String>,
     /// Ignored: the key decides the tenant.
     #[serde(rename = "tenant_id")]
@@ -410,10 +422,14 @@ pub(crate) struct RefreshBody {
 )]
 pub(crate) async fn refresh(
     State(state): State<AppState>,
-    access: SessionAccess,
+    RefreshAccess(access): RefreshAccess,
     OptionalJsonBody(body): OptionalJsonBody<RefreshBody>,
 ) -> Result<Response, ApiError> {
     let presented = body.and_then(|b| b.refresh_token).map(Secret::new);
+    if access.stale_token && presented.is_none() {
+        // A session token rotated away, and no refresh token to decide.
+        return Err(SessionError::TokenMismatch.into());
+    }
     let result = state
         .engine
         .refresh(access.tenant, &access.id, presented.as_ref())
@@ -433,6 +449,7 @@ pub(crate) async fn refresh(
     let version = view.version;
     let mut response = Json(with_tokens(&view, tokens.as_ref())).into_response();
     set_etag(&mut response, version);
+    no_store(&mut response);
     Ok(response)
 }
 
