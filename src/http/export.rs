@@ -78,7 +78,10 @@ enum Format {
     tag = "admin",
     params(ExportParams),
     responses(
-        (status = 200, description = "CSV with a header row (text/csv), or one session resource per line (application/x-ndjson)", content_type = "text/csv", body = String),
+        (status = 200, description = "CSV with a header row, or one session resource per line", content(
+            (String = "text/csv"),
+            (String = "application/x-ndjson")
+        )),
         (status = 400, description = "validation_failed", body = ErrorResponse),
         (status = 401, description = "unauthorized", body = ErrorResponse),
         (status = 429, description = "rate_limited", body = ErrorResponse),
