@@ -64,6 +64,7 @@ fn start(dir: &std::path::Path, url: &str) -> Engine {
         max_batch: 8192,
         cache_capacity_bytes: 64 << 20,
         idle_after: Duration::from_secs(300),
+        expiring_notice: Duration::from_secs(60),
         retention: Duration::from_secs(86_400),
         sweep_interval: Duration::from_secs(3600),
         defaults: SessionDefaults {

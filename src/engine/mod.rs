@@ -92,6 +92,8 @@ pub struct EngineConfig {
     pub cache_capacity_bytes: u64,
     /// `active -> idle` threshold.
     pub idle_after: Duration,
+    /// Lead time of the WebSocket `session.expiring` notice.
+    pub expiring_notice: Duration,
     /// How long final sessions stay readable.
     pub retention: Duration,
     /// Period of the overdue / purge / dead-actor sweep.
@@ -150,6 +152,7 @@ impl EngineConfig {
             max_batch: settings.storage.max_batch,
             cache_capacity_bytes: settings.storage.cache_capacity_mb << 20,
             idle_after: Duration::from_secs(s.idle_after_seconds.into()),
+            expiring_notice: Duration::from_secs(s.expiring_notice_seconds.into()),
             retention: Duration::from_secs(s.retention_seconds.into()),
             sweep_interval: Duration::from_secs(s.sweep_interval_seconds.into()),
             defaults: SessionDefaults {
@@ -178,6 +181,10 @@ pub(crate) struct Shared {
     /// Changes are acknowledged only once durable (`durability = "sync"`).
     pub(crate) sync_acks: bool,
     pub(crate) idle_after_ms: Millis,
+    /// Lead time of the `session.expiring` notice.
+    pub(crate) expiring_notice_ms: Millis,
+    /// Numbers WebSocket subscriptions.
+    pub(crate) next_subscriber: AtomicU64,
     /// How long final sessions stay readable.
     pub(crate) retention_ms: Millis,
     /// How long an actor coalesces heartbeat writes.
@@ -304,6 +311,8 @@ impl Engine {
             placement: config.placement,
             sync_acks: config.durability != Durability::Async,
             idle_after_ms: config.idle_after.as_millis() as Millis,
+            expiring_notice_ms: config.expiring_notice.as_millis() as Millis,
+            next_subscriber: AtomicU64::new(1),
             retention_ms: config.retention.as_millis() as Millis,
             flush_interval: half(config.flush_interval),
             clock: config.clock.clone(),
@@ -527,6 +536,29 @@ impl Engine {
         )
         .increment(1);
         Ok((view, tokens))
+    }
+
+    /// Opens a push channel from a live session's actor (a WebSocket):
+    /// answers the session, the subscription's id, and the receiver of
+    /// pushes, of at most `capacity` pending (a subscriber that falls
+    /// further behind is dropped, which closes its receiver).
+    pub async fn subscribe(
+        &self,
+        tenant: Uuid,
+        session_id: &str,
+        capacity: usize,
+    ) -> Result<(SessionView, u64, tokio::sync::mpsc::Receiver<session::Push>), SessionError> {
+        let id = self.shared.next_subscriber.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::mpsc::channel(capacity.max(1));
+        let view = self
+            .ask_live(tenant, session_id, session::Subscribe { id, tx })
+            .await?;
+        Ok((view, id, rx))
+    }
+
+    /// Closes a push channel.
+    pub async fn unsubscribe(&self, tenant: Uuid, session_id: &str, id: u64) {
+        let _ = self.ask(tenant, session_id, session::Unsubscribe(id)).await;
     }
 
     /// Live sessions per configured tenant.
@@ -852,6 +884,7 @@ mod tests {
             max_batch: 1024,
             cache_capacity_bytes: 16 << 20,
             idle_after: Duration::from_secs(300),
+            expiring_notice: Duration::from_secs(60),
             retention: Duration::from_secs(3600),
             sweep_interval: Duration::from_secs(3600),
             defaults: SessionDefaults {

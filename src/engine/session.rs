@@ -51,6 +51,37 @@ pub struct SessionActor {
     timer: Option<(SpawnHandle, Millis)>,
     /// A coalesced write of the session record is scheduled.
     state_write_scheduled: bool,
+    /// Open WebSockets of this session.
+    subscribers: Vec<Subscriber>,
+    /// The armed `session.expiring` timer and the expiry it is for.
+    notice_timer: Option<(SpawnHandle, Millis)>,
+    /// The expiry a `session.expiring` notice was already pushed for.
+    noticed_for: Option<Millis>,
+}
+
+/// What a session pushes to its open WebSockets.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Push {
+    /// The session expires at `expires_at` unless there is activity.
+    Expiring {
+        /// When.
+        expires_at: Millis,
+        /// Seconds from now.
+        seconds_left: u64,
+    },
+    /// The session became final.
+    Ended {
+        /// `expired` or `terminated`.
+        status: Status,
+        /// Its termination reason.
+        reason: String,
+    },
+}
+
+/// One open WebSocket: where its pushes go.
+struct Subscriber {
+    id: u64,
+    tx: tokio::sync::mpsc::Sender<Push>,
 }
 
 impl SessionActor {
@@ -66,7 +97,66 @@ impl SessionActor {
             supervisor,
             timer: None,
             state_write_scheduled: false,
+            subscribers: Vec::new(),
+            notice_timer: None,
+            noticed_for: None,
         }
+    }
+
+    /// Sends `push` to every subscriber. One whose queue is full is dropped
+    /// (its receiver closes and its WebSocket is closed with a reason):
+    /// a slow client never makes the actor buffer without limit.
+    fn push(&mut self, push: &Push) {
+        self.subscribers
+            .retain(|s| match s.tx.try_send(push.clone()) {
+                Ok(()) => true,
+                Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+                    tracing::warn!(
+                        subscriber = s.id,
+                        "websocket send queue full: connection dropped"
+                    );
+                    false
+                }
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => false,
+            });
+    }
+
+    /// Arms the `session.expiring` notice for the current expiry, when a
+    /// WebSocket listens and none was pushed for it yet.
+    fn arm_notice(&mut self, ctx: &mut Context<Self>) {
+        if self.subscribers.is_empty() || self.session.status.is_final() {
+            return;
+        }
+        let expires_at = self.session.expires_at();
+        if self.noticed_for == Some(expires_at) {
+            return;
+        }
+        if let Some((handle, armed_for)) = self.notice_timer {
+            if armed_for == expires_at {
+                return;
+            }
+            ctx.cancel_future(handle);
+            self.notice_timer = None;
+        }
+        let now = self.shared.clock.now();
+        let notice_at = expires_at - self.shared.expiring_notice_ms;
+        if notice_at <= now {
+            self.noticed_for = Some(expires_at);
+            let seconds_left = ((expires_at - now).max(0) / 1000) as u64;
+            self.push(&Push::Expiring {
+                expires_at,
+                seconds_left,
+            });
+            return;
+        }
+        let handle = ctx.run_later(
+            Duration::from_millis((notice_at - now) as u64),
+            |actor, ctx| {
+                actor.notice_timer = None;
+                actor.arm_notice(ctx);
+            },
+        );
+        self.notice_timer = Some((handle, expires_at));
     }
 
     /// Arms the timer for the next deadline unless it is armed for an
@@ -90,6 +180,7 @@ impl SessionActor {
             actor.on_deadline(now, ctx);
         });
         self.timer = Some((handle, deadline));
+        self.arm_notice(ctx);
     }
 
     /// Applies whatever is due at `now`; returns whether the session expired.
@@ -183,6 +274,12 @@ impl SessionActor {
     /// its final state is readable from disk).
     fn finish(&mut self, status: Status, reason: &str, at: Millis) -> Durable {
         self.session.finish(status, reason, at);
+        // Every open WebSocket hears it at once, then its channel closes.
+        self.push(&Push::Ended {
+            status,
+            reason: reason.to_owned(),
+        });
+        self.subscribers.clear();
         let tenant = self.session.tenant_id.to_string();
         metrics::histogram!(
             telemetry::SESSION_DURATION,
@@ -404,6 +501,54 @@ impl Handler<Refresh> for SessionActor {
             value: self.session.view(now),
             durable,
         })
+    }
+}
+
+/// Opens a push channel (a WebSocket of this session).
+#[derive(Message)]
+#[rtype(result = "Result<SessionView, SessionError>")]
+pub struct Subscribe {
+    /// The subscription's id.
+    pub id: u64,
+    /// Where pushes go.
+    pub tx: tokio::sync::mpsc::Sender<Push>,
+}
+
+impl Handler<Subscribe> for SessionActor {
+    type Result = Result<SessionView, SessionError>;
+
+    fn handle(&mut self, msg: Subscribe, ctx: &mut Context<Self>) -> Self::Result {
+        let now = self.live(ctx)?;
+        // A client connecting inside the notice window hears it at once.
+        let expires_at = self.session.expires_at();
+        if expires_at - self.shared.expiring_notice_ms <= now {
+            let _ = msg.tx.try_send(Push::Expiring {
+                expires_at,
+                seconds_left: ((expires_at - now).max(0) / 1000) as u64,
+            });
+            if self.subscribers.is_empty() {
+                self.noticed_for = Some(expires_at);
+            }
+        }
+        self.subscribers.push(Subscriber {
+            id: msg.id,
+            tx: msg.tx,
+        });
+        self.arm_notice(ctx);
+        Ok(self.session.view(now))
+    }
+}
+
+/// Closes a push channel.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Unsubscribe(pub u64);
+
+impl Handler<Unsubscribe> for SessionActor {
+    type Result = ();
+
+    fn handle(&mut self, Unsubscribe(id): Unsubscribe, _: &mut Context<Self>) {
+        self.subscribers.retain(|s| s.id != id);
     }
 }
 

@@ -226,6 +226,12 @@ impl<S: Send + Sync> FromRequestParts<S> for SessionId {
     }
 }
 
+/// The tenant API key a request presents: `X-API-Key`, else a bearer token
+/// that is not a session token.
+pub fn presented_api_key(headers: &HeaderMap) -> Option<&str> {
+    presented_key(headers, "x-api-key").filter(|k| !k.starts_with(tokens::SESSION_PREFIX))
+}
+
 fn presented_key<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     if let Some(value) = headers.get(name) {
         return value.to_str().ok();

@@ -227,6 +227,11 @@ fn is_session_call(path: &str) -> bool {
     })
 }
 
+/// The bucket of a tenant API key.
+pub fn key_bucket(key: &str) -> [u8; 32] {
+    digest(b"key", key.as_bytes())
+}
+
 /// The bucket of session `id` of `tenant` (calls made with its token).
 pub fn session_key(tenant: uuid::Uuid, id: &str) -> [u8; 32] {
     let mut who = tenant.as_bytes().to_vec();

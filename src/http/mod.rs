@@ -14,6 +14,7 @@ pub mod openapi;
 pub mod request_id;
 pub mod sessions;
 pub mod tools;
+pub mod ws;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -41,6 +42,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .merge(sessions::router())
         .merge(tools::router())
+        .merge(ws::router())
         .merge(admin::router())
         .merge(export::router())
         .merge(health::router())

@@ -162,6 +162,7 @@ impl Modify for Security {
         super::tools::executions,
         super::tools::metrics,
         super::tools::record,
+        super::ws::upgrade,
         super::admin::cleanup,
         super::admin::flush,
         super::export::export,

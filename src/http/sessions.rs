@@ -287,6 +287,18 @@ pub(crate) async fn update(
     JsonBody(body): JsonBody<UpdateBody>,
 ) -> Result<Response, ApiError> {
     let expected = if_match(&headers)?;
+    let update = session_update(body)?;
+    let view = state
+        .engine
+        .update(access.tenant, &access.id, update, expected)
+        .await?;
+    let mut response = Json(&view).into_response();
+    set_etag(&mut response, view.version);
+    Ok(response)
+}
+
+/// The engine's update for a PATCH body (or a WebSocket `session.update`).
+pub(crate) fn session_update(body: UpdateBody) -> Result<SessionUpdate, ApiError> {
     for (field, value) in [
         ("client_name", &body.client_name),
         ("client_version", &body.client_version),
@@ -299,20 +311,13 @@ pub(crate) async fn update(
         None | Some(Value::Null) => None,
         Some(value) => Some(object_json("connection_metadata", value)?),
     };
-    let update = SessionUpdate {
+    Ok(SessionUpdate {
         client_name: body.client_name,
         client_version: body.client_version,
         initialized: body.initialized,
         connection_metadata,
         user_id: body.user_id,
-    };
-    let view = state
-        .engine
-        .update(access.tenant, &access.id, update, expected)
-        .await?;
-    let mut response = Json(&view).into_response();
-    set_etag(&mut response, view.version);
-    Ok(response)
+    })
 }
 
 /// An optional DELETE body.
@@ -320,7 +325,7 @@ pub(crate) async fn update(
 #[serde(deny_unknown_fields)]
 pub(crate) struct TerminateBody {
     #[schema(min_length = 1, max_length = 255)]
-    reason: Option<String>,
+    pub(crate) reason: Option<String>,
     /// Ignored: the key decides the tenant.
     #[serde(rename = "tenant_id")]
     #[schema(value_type = Option<Value>)]
@@ -393,7 +398,7 @@ pub(crate) async fn activity(
 pub(crate) struct RefreshBody {
     /// The session's current `ert_…` token: rotates both tokens. A token
     /// rotated away before revokes the session (401 refresh_token_reused).
-    refresh_token: Option<String>,
+    pub(crate) refresh_token: Option<String>,
     /// Ignored: the key decides the tenant.
     #[serde(rename = "tenant_id")]
     #[schema(value_type = Option<Value>)]
@@ -455,7 +460,7 @@ pub(crate) async fn refresh(
 
 /// The session resource, with a new token pair when there is one (shown
 /// this once).
-fn with_tokens(view: &SessionView, tokens: Option<&SessionTokens>) -> Value {
+pub(crate) fn with_tokens(view: &SessionView, tokens: Option<&SessionTokens>) -> Value {
     let mut body = json!(view);
     if let (Some(tokens), Some(map)) = (tokens, body.as_object_mut()) {
         map.insert("session_token".into(), tokens.session_token.expose().into());

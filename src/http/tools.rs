@@ -182,7 +182,7 @@ pub fn check_execution_bodies(bytes: &[u8]) -> [Result<ToolExecution, ApiError>;
     ]
 }
 
-fn from_execute_body(body: ExecuteBody) -> Result<ToolExecution, ApiError> {
+pub(crate) fn from_execute_body(body: ExecuteBody) -> Result<ToolExecution, ApiError> {
     let executed_at =
         match body.executed_at.as_deref() {
             None => None,

@@ -43,6 +43,8 @@ pub const OUTBOX_AGE: &str = "outbox_oldest_entry_age_seconds";
 pub const OUTBOX_SHIPPED: &str = "outbox_shipped_total";
 /// `session_actors{shard}`: live session actors per arbiter.
 pub const SESSION_ACTORS: &str = "session_actors";
+/// `websocket_connections_open`: open session WebSockets.
+pub const WS_OPEN: &str = "websocket_connections_open";
 /// `session_actor_restarts_total`: actors restarted after a panic.
 pub const ACTOR_RESTARTS: &str = "session_actor_restarts_total";
 
@@ -122,4 +124,5 @@ fn describe() {
     describe_counter!(OUTBOX_SHIPPED, "Outbox entries committed to PostgreSQL");
     describe_gauge!(SESSION_ACTORS, "Live session actors per shard (arbiter)");
     describe_counter!(ACTOR_RESTARTS, "Session actors restarted after a panic");
+    describe_gauge!(WS_OPEN, "Open session WebSockets");
 }

@@ -1,0 +1,454 @@
+//! `GET /api/v1/sessions/{session_id}/ws`: the edge-mcp's live channel,
+//! JSON-RPC 2.0 over a WebSocket.
+//!
+//! Authenticated by the session token (`Authorization: Bearer est_…`, or
+//! `?token=est_…`) or the tenant's API key. The connection subscribes to its
+//! session's actor, which pushes `session.expiring` before expiry and
+//! `session.terminated` / `session.expired` when the session ends, however it
+//! ended (REST, admin, expiry, revocation); the socket then closes with 4000
+//! (terminated), 4001 (expired) or 4002 (revoked).
+//!
+//! Every inbound frame counts as activity, pings included. The server pings
+//! every 30 s and closes a connection silent for 90 s. Outbound messages go
+//! through a bounded queue; a client too slow to drain it is disconnected
+//! with a reason instead of being buffered for without limit. Frames draw on
+//! a write bucket: the session's own with a session token, the key's with an
+//! API key (over the limit: error -32029, the connection stays open).
+
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::http::request::Parts;
+use axum::response::Response;
+use axum::routing::get;
+use axum::Router;
+use futures::{SinkExt as _, StreamExt as _};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use super::error::ApiError;
+use super::extract::{decode, presented_api_key, SessionId};
+use super::limits::{self, Class, Decision};
+use super::openapi::ErrorResponse;
+use super::sessions::{session_update, with_tokens, RefreshBody, TerminateBody, UpdateBody};
+use super::tools::{from_execute_body, ExecuteBody};
+use super::AppState;
+use crate::auth::Scope;
+use crate::crypto::{tokens, Secret, TokenHash};
+use crate::engine::session::Push;
+use crate::model::time::format_rfc3339;
+use crate::model::{SessionError, Status};
+use crate::telemetry::metrics as names;
+
+/// Server ping period.
+const PING_EVERY: Duration = Duration::from_secs(30);
+/// A connection silent (no frame, no pong) this long is closed.
+const SILENT_LIMIT: Duration = Duration::from_secs(90);
+/// Outbound messages queued per connection before it counts as too slow.
+const SEND_QUEUE: usize = 64;
+/// Pushes queued in the session actor per connection.
+const PUSH_QUEUE: usize = 16;
+
+/// Close codes of the contract.
+const CLOSE_TERMINATED: u16 = 4000;
+const CLOSE_EXPIRED: u16 = 4001;
+const CLOSE_REVOKED: u16 = 4002;
+/// Ours: the client did not keep up with its send queue.
+const CLOSE_TOO_SLOW: u16 = 4008;
+
+/// JSON-RPC error codes of the contract.
+const PARSE_ERROR: i64 = -32700;
+const INVALID_REQUEST: i64 = -32600;
+const METHOD_NOT_FOUND: i64 = -32601;
+const INVALID_PARAMS: i64 = -32602;
+const SESSION_GONE: i64 = -32001;
+const RATE_LIMITED: i64 = -32029;
+const INTERNAL: i64 = -32603;
+
+/// The routes of this module.
+pub fn router() -> Router<AppState> {
+    Router::new().route("/api/v1/sessions/{session_id}/ws", get(upgrade))
+}
+
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct WsParams {
+    /// The session token, for clients that cannot set headers.
+    token: Option<String>,
+}
+
+/// Who opened the connection, and whose write bucket its frames draw on.
+struct Caller {
+    tenant: Uuid,
+    bucket: [u8; 32],
+}
+
+/// Authenticates the upgrade request: a session token (header or query)
+/// for this very session, or an API key with scope `sessions`.
+async fn authenticate(
+    state: &AppState,
+    parts: &Parts,
+    id: &str,
+    query_token: Option<&str>,
+) -> Result<Caller, ApiError> {
+    let header_token = parts
+        .headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim())
+        .filter(|t| t.starts_with(tokens::SESSION_PREFIX));
+    if let Some(token) = header_token.or(query_token.filter(|t| !t.is_empty())) {
+        let token = Secret::new(token.to_owned());
+        let tenant = tokens::tenant_of(token.expose(), tokens::SESSION_PREFIX)
+            .ok_or(ApiError::Unauthorized)?;
+        state
+            .engine
+            .verify_token(tenant, id, &TokenHash::of(token.expose()))
+            .await?;
+        return Ok(Caller {
+            tenant,
+            bucket: limits::session_key(tenant, id),
+        });
+    }
+    let key = presented_api_key(&parts.headers)
+        .and_then(|k| state.keys.tenant_key(k).map(|grant| (k, grant)));
+    match key {
+        Some((_, grant)) if !grant.allows(Scope::Sessions) => Err(ApiError::Forbidden),
+        Some((raw, grant)) => Ok(Caller {
+            tenant: grant.tenant_id,
+            bucket: limits::key_bucket(raw),
+        }),
+        None => {
+            tracing::warn!(
+                event = "auth_failure",
+                reason = "websocket without a valid token or key",
+                "authentication failed"
+            );
+            Err(ApiError::Unauthorized)
+        }
+    }
+}
+
+/// Opens the channel (101), or refuses with the contract's error body.
+#[utoipa::path(
+    get,
+    path = "/api/v1/sessions/{session_id}/ws",
+    tag = "sessions",
+    description = "JSON-RPC 2.0 over a WebSocket (see the README's WebSocket section). Methods: session.heartbeat, session.get, session.update, session.refresh, tool.executed, session.terminate. Pushes: session.expiring, session.terminated, session.expired, then close 4000/4001/4002.",
+    params(("session_id" = String, Path, description = "The session id"), WsParams),
+    responses(
+        (status = 101, description = "Switching to the WebSocket protocol"),
+        (status = 400, description = "validation_failed, or not a WebSocket upgrade", body = ErrorResponse),
+        (status = 401, description = "unauthorized", body = ErrorResponse),
+        (status = 403, description = "forbidden", body = ErrorResponse),
+        (status = 404, description = "session_not_found", body = ErrorResponse),
+        (status = 410, description = "session_expired or session_terminated", body = ErrorResponse),
+        (status = 429, description = "rate_limited", body = ErrorResponse),
+        (status = 503, description = "service_unavailable", body = ErrorResponse)
+    ),
+    security(("api_key" = []), ("session_token" = []))
+)]
+pub(crate) async fn upgrade(
+    State(state): State<AppState>,
+    SessionId(id): SessionId,
+    params: Result<Query<WsParams>, axum::extract::rejection::QueryRejection>,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+    request: axum::extract::Request,
+) -> Result<Response, ApiError> {
+    let (parts, _) = request.into_parts();
+    let Query(params) =
+        params.map_err(|_| super::error::invalid("token", "query string is not valid"))?;
+    let caller = authenticate(&state, &parts, &id, params.token.as_deref()).await?;
+    let ws = ws.map_err(|_| {
+        super::error::invalid("upgrade", "this endpoint needs a WebSocket upgrade request")
+    })?;
+    let (_, subscription, pushes) = state
+        .engine
+        .subscribe(caller.tenant, &id, PUSH_QUEUE)
+        .await?;
+    tracing::info!(session_id = %id, tenant = %caller.tenant, "websocket opened");
+    Ok(ws.on_upgrade(move |socket| async move {
+        metrics::gauge!(names::WS_OPEN).increment(1.0);
+        let connection = Connection {
+            state: state.clone(),
+            tenant: caller.tenant,
+            id: id.clone(),
+            bucket: caller.bucket,
+        };
+        connection.run(socket, pushes).await;
+        state
+            .engine
+            .unsubscribe(caller.tenant, &id, subscription)
+            .await;
+        metrics::gauge!(names::WS_OPEN).decrement(1.0);
+        tracing::info!(session_id = %id, "websocket closed");
+    }))
+}
+
+struct Connection {
+    state: AppState,
+    tenant: Uuid,
+    id: String,
+    bucket: [u8; 32],
+}
+
+/// Why the loop ended, and how to close.
+enum End {
+    Close(u16, &'static str),
+    Gone,
+}
+
+impl Connection {
+    async fn run(&self, socket: WebSocket, mut pushes: mpsc::Receiver<Push>) {
+        let (mut sink, mut stream) = socket.split();
+        let (out, mut outbox) = mpsc::channel::<Message>(SEND_QUEUE);
+        // The writer drains the bounded queue; a close frame ends it.
+        let writer = tokio::spawn(async move {
+            while let Some(message) = outbox.recv().await {
+                let closing = matches!(message, Message::Close(_));
+                if sink.send(message).await.is_err() || closing {
+                    break;
+                }
+            }
+            let _ = sink.close().await;
+        });
+        let mut ping = tokio::time::interval(PING_EVERY);
+        ping.tick().await;
+        let mut last_heard = Instant::now();
+        let end = loop {
+            tokio::select! {
+                push = pushes.recv() => match push {
+                    Some(push) => {
+                        if let Some(end) = self.deliver(&out, push) {
+                            break end;
+                        }
+                    }
+                    // Dropped by the actor without an end: it fell behind.
+                    None => break End::Close(CLOSE_TOO_SLOW, "send queue overflow"),
+                },
+                frame = stream.next() => match frame {
+                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break End::Gone,
+                    Some(Ok(frame)) => {
+                        last_heard = Instant::now();
+                        // Every inbound frame is activity, pings included.
+                        let _ = self.state.engine.touch(self.tenant, &self.id).await;
+                        if let Message::Text(text) = frame {
+                            if let Some(reply) = self.handle(text.as_str()).await {
+                                if out.try_send(Message::Text(Utf8Bytes::from(reply.to_string()))).is_err() {
+                                    break End::Close(CLOSE_TOO_SLOW, "send queue overflow");
+                                }
+                            }
+                        }
+                    }
+                },
+                _ = ping.tick() => {
+                    if last_heard.elapsed() >= SILENT_LIMIT {
+                        break End::Close(1001, "silent for 90 s");
+                    }
+                    if out.try_send(Message::Ping(Vec::new().into())).is_err() {
+                        break End::Close(CLOSE_TOO_SLOW, "send queue overflow");
+                    }
+                }
+            }
+        };
+        if let End::Close(code, reason) = end {
+            tracing::info!(session_id = %self.id, code, reason, "closing websocket");
+            let _ = out.try_send(close(code, reason));
+        }
+        drop(out);
+        let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    }
+
+    /// Sends a push; answers the end when it ends the connection.
+    fn deliver(&self, out: &mpsc::Sender<Message>, push: Push) -> Option<End> {
+        let (note, end) = match push {
+            Push::Expiring {
+                expires_at,
+                seconds_left,
+            } => (
+                notification(
+                    "session.expiring",
+                    json!({ "expires_at": format_rfc3339(expires_at), "seconds_left": seconds_left }),
+                ),
+                None,
+            ),
+            Push::Ended { status, reason } => {
+                let end = match (status, reason.as_str()) {
+                    (Status::Expired, _) => (CLOSE_EXPIRED, "session expired"),
+                    (_, "refresh_token_reuse") => (CLOSE_REVOKED, "session revoked"),
+                    _ => (CLOSE_TERMINATED, "session terminated"),
+                };
+                let note = if status == Status::Expired {
+                    notification("session.expired", json!({}))
+                } else {
+                    notification("session.terminated", json!({ "reason": reason }))
+                };
+                (note, Some(End::Close(end.0, end.1)))
+            }
+        };
+        if out
+            .try_send(Message::Text(Utf8Bytes::from(note.to_string())))
+            .is_err()
+        {
+            return Some(End::Close(CLOSE_TOO_SLOW, "send queue overflow"));
+        }
+        end
+    }
+
+    /// Handles one text frame; answers the reply, if any (requests get one,
+    /// notifications none; a frame that is not JSON-RPC gets an error).
+    async fn handle(&self, text: &str) -> Option<Value> {
+        let Ok(frame) = serde_json::from_str::<Value>(text) else {
+            return Some(error(Value::Null, PARSE_ERROR, "parse error"));
+        };
+        let id = frame.get("id").cloned();
+        let reply_id = id.clone().unwrap_or(Value::Null);
+        let Some(object) = frame.as_object() else {
+            return Some(error(Value::Null, INVALID_REQUEST, "invalid request"));
+        };
+        let method = object.get("method").and_then(Value::as_str);
+        let valid_id = id
+            .as_ref()
+            .is_none_or(|i| i.is_string() || i.is_number() || i.is_null());
+        let (Some(method), true, Some("2.0")) = (
+            method,
+            valid_id,
+            object.get("jsonrpc").and_then(Value::as_str),
+        ) else {
+            return Some(error(reply_id, INVALID_REQUEST, "invalid request"));
+        };
+        if let Some(Decision::Refused { .. }) = self.state.limits.check(Class::Write, &self.bucket)
+        {
+            return id.map(|id| error(id, RATE_LIMITED, "rate limited"));
+        }
+        let params = object.get("params").cloned().unwrap_or(Value::Null);
+        let outcome = self.call(method, params).await;
+        let id = id?;
+        Some(match outcome {
+            Ok(result) => json!({ "jsonrpc": "2.0", "id": id, "result": result }),
+            Err((code, message)) => error(id, code, &message),
+        })
+    }
+
+    async fn call(&self, method: &str, params: Value) -> Result<Value, (i64, String)> {
+        let engine = &self.state.engine;
+        let (tenant, id) = (self.tenant, self.id.as_str());
+        match method {
+            "session.heartbeat" => {
+                engine.touch(tenant, id).await.map_err(rpc)?;
+                let view = engine.get(tenant, id).await.map_err(rpc)?;
+                Ok(json!({ "expires_at": view.expires_at }))
+            }
+            "session.get" => Ok(json!(engine.get(tenant, id).await.map_err(rpc)?)),
+            "session.update" => {
+                let body: UpdateBody = params_as(params)?;
+                let update = session_update(body).map_err(api)?;
+                let view = engine.update(tenant, id, update, None).await.map_err(rpc)?;
+                Ok(json!(view))
+            }
+            "session.refresh" => {
+                let body: Option<RefreshBody> = optional_params(params)?;
+                let presented = body.and_then(|b| b.refresh_token).map(Secret::new);
+                let (view, tokens) = engine
+                    .refresh(tenant, id, presented.as_ref())
+                    .await
+                    .map_err(rpc)?;
+                Ok(with_tokens(&view, tokens.as_ref()))
+            }
+            "tool.executed" => {
+                let body: ExecuteBody = params_as(params)?;
+                let execution = from_execute_body(body).map_err(api)?;
+                let count = engine
+                    .record_tool(tenant, id, execution)
+                    .await
+                    .map_err(rpc)?;
+                Ok(json!({ "tool_execution_count": count }))
+            }
+            "session.terminate" => {
+                let body: Option<TerminateBody> = optional_params(params)?;
+                let reason = body.and_then(|b| b.reason);
+                if let Some(reason) = &reason {
+                    crate::engine::admission::check_text("reason", reason, 1).map_err(rpc)?;
+                }
+                // The answer `{}` goes out first; the actor's push then
+                // brings `session.terminated` and the close.
+                let engine = engine.clone();
+                let (tenant, id) = (tenant, id.to_owned());
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    let _ = engine.terminate(tenant, &id, reason).await;
+                });
+                Ok(json!({}))
+            }
+            _ => Err((METHOD_NOT_FOUND, format!("method not found: {method}"))),
+        }
+    }
+}
+
+fn params_as<T: serde::de::DeserializeOwned>(params: Value) -> Result<T, (i64, String)> {
+    let params = if params.is_null() { json!({}) } else { params };
+    decode(params.to_string().as_bytes()).map_err(api)
+}
+
+fn optional_params<T: serde::de::DeserializeOwned>(
+    params: Value,
+) -> Result<Option<T>, (i64, String)> {
+    if params.is_null() {
+        return Ok(None);
+    }
+    params_as(params).map(Some)
+}
+
+/// A domain error as a JSON-RPC error.
+fn rpc(e: SessionError) -> (i64, String) {
+    let code = match e {
+        SessionError::NotFound
+        | SessionError::Expired
+        | SessionError::Terminated
+        | SessionError::TokenMismatch
+        | SessionError::RefreshTokenReused => SESSION_GONE,
+        SessionError::Validation { .. }
+        | SessionError::VersionMismatch { .. }
+        | SessionError::InvalidRefreshToken
+        | SessionError::PassthroughNotFound
+        | SessionError::AlreadyExists
+        | SessionError::TenantLimit { .. } => INVALID_PARAMS,
+        SessionError::Unavailable | SessionError::Storage(_) => INTERNAL,
+    };
+    let message = match &e {
+        SessionError::Storage(_) => "internal error".to_owned(),
+        other => other.to_string(),
+    };
+    (code, message)
+}
+
+/// A request error (bad params) as a JSON-RPC error.
+fn api(e: ApiError) -> (i64, String) {
+    match e {
+        ApiError::Session(e) => rpc(e),
+        ApiError::InvalidJson(_) | ApiError::UnknownField(_) => {
+            (INVALID_PARAMS, "invalid params".into())
+        }
+        _ => (INTERNAL, "internal error".into()),
+    }
+}
+
+fn error(id: Value, code: i64, message: &str) -> Value {
+    json!({ "jsonrpc": "2.0", "id": id, "error": { "code": code, "message": message } })
+}
+
+fn notification(method: &str, params: Value) -> Value {
+    json!({ "jsonrpc": "2.0", "method": method, "params": params })
+}
+
+fn close(code: u16, reason: &'static str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(reason),
+    }))
+}

@@ -1,0 +1,385 @@
+//! The JSON-RPC WebSocket with a real client (tokio-tungstenite): both
+//! authentication forms, every method, bad frames, the pushes and close
+//! codes (terminated by REST or by the socket, revoked, expired), and
+//! keep-alive holding an idle-timeout session alive.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures::{SinkExt, StreamExt};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+fn ws_url(server: &TestServer, id: &str, query: &str) -> String {
+    format!(
+        "{}/api/v1/sessions/{id}/ws{query}",
+        server.base.replacen("http", "ws", 1)
+    )
+}
+
+async fn connect(url: &str, header: Option<(&str, &str)>) -> Result<Socket, u16> {
+    let mut request = url.into_client_request().unwrap();
+    if let Some((name, value)) = header {
+        request.headers_mut().insert(
+            reqwest::header::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            value.parse().unwrap(),
+        );
+    }
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((socket, _)) => Ok(socket),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            Err(response.status().as_u16())
+        }
+        Err(e) => panic!("connect: {e}"),
+    }
+}
+
+/// The next text frame as JSON (pings and pongs skipped), within 10 s.
+async fn next_json(socket: &mut Socket) -> Value {
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(10), socket.next())
+            .await
+            .expect("a frame within 10 s")
+            .expect("the socket is open")
+            .unwrap();
+        match frame {
+            Message::Text(text) => return serde_json::from_str(text.as_str()).unwrap(),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("expected text, got {other:?}"),
+        }
+    }
+}
+
+/// The close frame's code, within 10 s.
+async fn close_code(socket: &mut Socket) -> u16 {
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(10), socket.next())
+            .await
+            .expect("a close within 10 s");
+        match frame {
+            Some(Ok(Message::Close(Some(frame)))) => return u16::from(frame.code),
+            Some(Ok(Message::Close(None))) | None => return 0,
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => panic!("{e}"),
+        }
+    }
+}
+
+async fn send(socket: &mut Socket, value: Value) {
+    socket
+        .send(Message::Text(value.to_string().into()))
+        .await
+        .unwrap();
+}
+
+async fn request(socket: &mut Socket, id: u64, method: &str, params: Value) -> Value {
+    send(
+        socket,
+        json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}),
+    )
+    .await;
+    let reply = next_json(socket).await;
+    assert_eq!(reply["id"], id, "{reply}");
+    reply
+}
+
+async fn create(server: &TestServer, id: &str, extra: Value) -> Value {
+    let mut body = json!({"session_id": id, "edge_mcp_id": "edge"});
+    body.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    let (status, created) = server
+        .call(Method::POST, "/api/v1/sessions", KEY_A, Some(body))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    created
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_method_both_auth_forms_and_bad_frames() {
+    let server = TestServer::start().await;
+    let created = create(&server, "ws-1", json!({})).await;
+    let token = created["session_token"].as_str().unwrap().to_owned();
+    let refresh = created["refresh_token"].as_str().unwrap().to_owned();
+    let bearer = format!("Bearer {token}");
+    let mut ws = connect(
+        &ws_url(&server, "ws-1", ""),
+        Some(("authorization", &bearer)),
+    )
+    .await
+    .unwrap();
+
+    let reply = request(&mut ws, 1, "session.heartbeat", Value::Null).await;
+    assert!(reply["result"]["expires_at"].is_string(), "{reply}");
+    let reply = request(&mut ws, 2, "session.get", Value::Null).await;
+    assert_eq!(reply["result"]["session_id"], "ws-1");
+    let reply = request(
+        &mut ws,
+        3,
+        "session.update",
+        json!({"client_name": "ws client", "initialized": true}),
+    )
+    .await;
+    assert_eq!(reply["result"]["client_name"], "ws client");
+    let reply = request(
+        &mut ws,
+        4,
+        "tool.executed",
+        json!({"tool_name": "grep", "tokens_used": 5}),
+    )
+    .await;
+    assert_eq!(reply["result"]["tool_execution_count"], 1);
+    // A notification gets no answer: the next reply is for id 5.
+    send(
+        &mut ws,
+        json!({"jsonrpc": "2.0", "method": "tool.executed", "params": {"tool_name": "t"}}),
+    )
+    .await;
+    let reply = request(&mut ws, 5, "session.get", Value::Null).await;
+    assert_eq!(reply["result"]["tool_execution_count"], 2);
+    let reply = request(
+        &mut ws,
+        6,
+        "session.refresh",
+        json!({"refresh_token": refresh}),
+    )
+    .await;
+    let new_token = reply["result"]["session_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(reply["result"]["refresh_token"]
+        .as_str()
+        .unwrap()
+        .starts_with("ert_"));
+
+    // Bad frames: an error each, and the connection stays open.
+    ws.send(Message::Text("{not json".into())).await.unwrap();
+    assert_eq!(next_json(&mut ws).await["error"]["code"], -32700);
+    send(&mut ws, json!({"id": 7, "method": "session.get"})).await;
+    assert_eq!(next_json(&mut ws).await["error"]["code"], -32600);
+    send(&mut ws, json!([1, 2])).await;
+    assert_eq!(next_json(&mut ws).await["error"]["code"], -32600);
+    let reply = request(&mut ws, 8, "session.dance", Value::Null).await;
+    assert_eq!(reply["error"]["code"], -32601);
+    let reply = request(&mut ws, 9, "tool.executed", json!({"tokens_used": 1})).await;
+    assert_eq!(reply["error"]["code"], -32602, "tool_name is required");
+    let reply = request(&mut ws, 10, "session.update", json!({"nope": 1})).await;
+    assert_eq!(reply["error"]["code"], -32602);
+    let reply = request(&mut ws, 11, "session.get", Value::Null).await;
+    assert_eq!(reply["result"]["session_id"], "ws-1", "still open");
+
+    // The token in the query, and the tenant's API key.
+    let mut by_query = connect(
+        &ws_url(&server, "ws-1", &format!("?token={new_token}")),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        request(&mut by_query, 1, "session.get", Value::Null).await["result"]["session_id"],
+        "ws-1"
+    );
+    let mut by_key = connect(&ws_url(&server, "ws-1", ""), Some(("x-api-key", KEY_A)))
+        .await
+        .unwrap();
+    assert_eq!(
+        request(&mut by_key, 1, "session.get", Value::Null).await["result"]["session_id"],
+        "ws-1"
+    );
+    // Refused before the upgrade.
+    assert_eq!(
+        connect(&ws_url(&server, "ws-1", ""), None).await.err(),
+        Some(401)
+    );
+    assert_eq!(
+        connect(&ws_url(&server, "ws-1", &format!("?token={token}")), None)
+            .await
+            .err(),
+        Some(404),
+        "rotated away"
+    );
+    create(&server, "ws-other", json!({})).await;
+    assert_eq!(
+        connect(
+            &ws_url(&server, "ws-other", &format!("?token={new_token}")),
+            None
+        )
+        .await
+        .err(),
+        Some(404)
+    );
+    assert_eq!(
+        connect(&ws_url(&server, "ws-1", ""), Some(("x-api-key", KEY_B)))
+            .await
+            .err(),
+        Some(404)
+    );
+
+    // session.terminate: {}, then the push, then close 4000 (on every socket).
+    let reply = request(&mut ws, 12, "session.terminate", json!({"reason": "done"})).await;
+    assert_eq!(reply["result"], json!({}));
+    let note = next_json(&mut ws).await;
+    assert_eq!(
+        (note["method"].as_str(), note["params"]["reason"].as_str()),
+        (Some("session.terminated"), Some("done"))
+    );
+    assert_eq!(close_code(&mut ws).await, 4000);
+    assert_eq!(next_json(&mut by_key).await["method"], "session.terminated");
+    assert_eq!(close_code(&mut by_key).await, 4000);
+    assert_eq!(close_code(&mut by_query).await, 4000);
+    // A final session refuses new sockets.
+    assert_eq!(
+        connect(&ws_url(&server, "ws-1", ""), Some(("x-api-key", KEY_A)))
+            .await
+            .err(),
+        Some(410)
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_termination_revocation_and_expiry_reach_open_sockets() {
+    let server = TestServer::start_with(1000, "[sessions]\nexpiring_notice_seconds = 10\n").await;
+    // Terminated over REST: every open socket hears it at once.
+    create(&server, "push-1", json!({})).await;
+    let mut a = connect(&ws_url(&server, "push-1", ""), Some(("x-api-key", KEY_A)))
+        .await
+        .unwrap();
+    let mut b = connect(&ws_url(&server, "push-1", ""), Some(("x-api-key", KEY_A)))
+        .await
+        .unwrap();
+    let (status, _) = server
+        .call(
+            Method::DELETE,
+            "/api/v1/sessions/push-1",
+            KEY_A,
+            Some(json!({"reason": "admin"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    for socket in [&mut a, &mut b] {
+        let note = next_json(socket).await;
+        assert_eq!(
+            note,
+            json!({"jsonrpc": "2.0", "method": "session.terminated", "params": {"reason": "admin"}})
+        );
+        assert_eq!(close_code(socket).await, 4000);
+    }
+
+    // Revoked by refresh-token reuse: 4002.
+    let created = create(&server, "push-2", json!({})).await;
+    let refresh = created["refresh_token"].as_str().unwrap();
+    let mut c = connect(&ws_url(&server, "push-2", ""), Some(("x-api-key", KEY_A)))
+        .await
+        .unwrap();
+    server
+        .call(
+            Method::POST,
+            "/api/v1/sessions/push-2/refresh",
+            KEY_A,
+            Some(json!({"refresh_token": refresh})),
+        )
+        .await;
+    let (status, _) = server
+        .call(
+            Method::POST,
+            "/api/v1/sessions/push-2/refresh",
+            KEY_A,
+            Some(json!({"refresh_token": refresh})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let note = next_json(&mut c).await;
+    assert_eq!(
+        (note["method"].as_str(), note["params"]["reason"].as_str()),
+        (Some("session.terminated"), Some("refresh_token_reuse"))
+    );
+    assert_eq!(close_code(&mut c).await, 4002);
+
+    // Expiring then expired: connecting inside the notice window hears
+    // session.expiring at once; then expiry closes with 4001.
+    create(&server, "push-3", json!({"idle_timeout": 2})).await;
+    let mut d = connect(&ws_url(&server, "push-3", ""), Some(("x-api-key", KEY_A)))
+        .await
+        .unwrap();
+    let note = next_json(&mut d).await;
+    assert_eq!(note["method"], "session.expiring", "{note}");
+    assert!(note["params"]["seconds_left"].as_u64().unwrap() <= 2);
+    assert!(note["params"]["expires_at"].is_string());
+    let note = next_json(&mut d).await;
+    assert_eq!(
+        note,
+        json!({"jsonrpc": "2.0", "method": "session.expired", "params": {}})
+    );
+    assert_eq!(close_code(&mut d).await, 4001);
+    let (_, view) = server
+        .call(Method::GET, "/api/v1/sessions/push-3", KEY_A, None)
+        .await;
+    assert_eq!(view["status"], "expired");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pings_keep_an_idle_timeout_session_alive() {
+    let server = TestServer::start().await;
+    create(&server, "alive", json!({"idle_timeout": 2})).await;
+    create(&server, "left-alone", json!({"idle_timeout": 2})).await;
+    let mut ws = connect(&ws_url(&server, "alive", ""), Some(("x-api-key", KEY_A)))
+        .await
+        .unwrap();
+    for _ in 0..8 {
+        ws.send(Message::Ping(b"hi".to_vec().into())).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (_, alive) = server
+        .call(Method::GET, "/api/v1/sessions/alive", KEY_A, None)
+        .await;
+    assert_eq!(
+        alive["status"], "active",
+        "4 s of pings held a 2 s idle timeout"
+    );
+    let (_, alone) = server
+        .call(Method::GET, "/api/v1/sessions/left-alone", KEY_A, None)
+        .await;
+    assert_eq!(alone["status"], "expired", "the control expired");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_over_the_write_limit_get_an_error_and_the_socket_stays() {
+    let server = TestServer::start_with(
+        1000,
+        "[rate_limits]\nwrite_per_second = 1\nwrite_burst = 2\n",
+    )
+    .await;
+    let created = create(&server, "lim", json!({})).await;
+    let token = created["session_token"].as_str().unwrap();
+    let mut ws = connect(&ws_url(&server, "lim", &format!("?token={token}")), None)
+        .await
+        .unwrap();
+    let mut codes = Vec::new();
+    for id in 1..=4 {
+        let reply = request(&mut ws, id, "session.get", Value::Null).await;
+        codes.push(reply["error"]["code"].as_i64().unwrap_or(0));
+    }
+    assert_eq!(
+        codes,
+        [0, 0, -32029, -32029],
+        "the session's own write bucket"
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let reply = request(&mut ws, 5, "session.get", Value::Null).await;
+    assert_eq!(
+        reply["result"]["session_id"], "lim",
+        "open, and a token came back"
+    );
+    server.stop().await;
+}
