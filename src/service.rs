@@ -97,7 +97,9 @@ async fn serve_engine(
         engine: engine.clone(),
         keys: Arc::new(keys),
         limits: limits.clone(),
+        tickets: Arc::default(),
     });
+    let rotator = tokio::spawn(engine.clone().rotate_stats_forever());
     let forgetter = tokio::spawn(forget_idle_forever(limits));
     // A failed recovery stops the server: serving 503 forever would hide it.
     let (recovery_failed, failed) = tokio::sync::oneshot::channel::<()>();
@@ -123,6 +125,7 @@ async fn serve_engine(
     sweeper.abort();
     let _ = sweeper.await;
     forgetter.abort();
+    rotator.abort();
     // Recovery may still wait for PostgreSQL (an empty data dir): a
     // shutdown does not wait for it.
     if !recovery.is_finished() {

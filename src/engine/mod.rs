@@ -34,6 +34,7 @@ pub mod queries;
 pub mod recovery;
 pub mod session;
 pub mod shards;
+pub mod stats;
 pub mod sweep;
 pub mod tenant;
 
@@ -185,6 +186,10 @@ pub(crate) struct Shared {
     pub(crate) expiring_notice_ms: Millis,
     /// Numbers WebSocket subscriptions.
     pub(crate) next_subscriber: AtomicU64,
+    /// Live figures per shard.
+    pub(crate) stats: stats::EngineStats,
+    /// Idle sessions per tenant.
+    pub(crate) idle: HashMap<Uuid, std::sync::atomic::AtomicI64>,
     /// How long final sessions stay readable.
     pub(crate) retention_ms: Millis,
     /// How long an actor coalesces heartbeat writes.
@@ -304,6 +309,7 @@ impl Engine {
             _ => None,
         };
         let shards = Shards::start(config.shards);
+        let shard_count = shards.len();
         let shared = Arc::new(Shared {
             store,
             write_behind,
@@ -313,6 +319,12 @@ impl Engine {
             idle_after_ms: config.idle_after.as_millis() as Millis,
             expiring_notice_ms: config.expiring_notice.as_millis() as Millis,
             next_subscriber: AtomicU64::new(1),
+            stats: stats::EngineStats::new(shard_count),
+            idle: config
+                .tenants
+                .iter()
+                .map(|t| (t.id, std::sync::atomic::AtomicI64::new(0)))
+                .collect(),
             retention_ms: config.retention.as_millis() as Millis,
             flush_interval: half(config.flush_interval),
             clock: config.clock.clone(),
@@ -456,6 +468,10 @@ impl Engine {
         let Some(addr) = self.actor(tenant, session_id)? else {
             return Ok(None);
         };
+        let _call = self.shared.stats.call(
+            self.shared.shard_of(tenant, session_id),
+            std::any::type_name::<M>(),
+        );
         match addr.send(msg).await {
             Ok(result) => Ok(Some(result)),
             // The actor stopped while the message waited: either it just
@@ -573,6 +589,41 @@ impl Engine {
     /// Live session actors per shard.
     pub fn actors_per_shard(&self) -> Vec<i64> {
         self.shared.shards.actor_counts()
+    }
+
+    /// Per-shard figures: actors, calls in flight, calls per second, latency.
+    pub fn shard_stats(&self) -> Vec<stats::ShardSnapshot> {
+        self.shared.stats.shards(&self.actors_per_shard())
+    }
+
+    /// Idle sessions of `tenant`.
+    pub fn idle_sessions(&self, tenant: Uuid) -> i64 {
+        self.shared
+            .idle
+            .get(&tenant)
+            .map_or(0, |n| n.load(Ordering::Relaxed).max(0))
+    }
+
+    /// Time since the engine started.
+    pub fn uptime(&self) -> Duration {
+        self.shared.stats.uptime()
+    }
+
+    /// The configured tenants: id and name.
+    pub fn tenant_names(&self) -> Vec<(Uuid, String)> {
+        self.tenants
+            .values()
+            .map(|t| (t.limits.id, t.limits.name.clone()))
+            .collect()
+    }
+
+    /// Rotates the latency windows every [`stats::WINDOW`], forever.
+    pub async fn rotate_stats_forever(self) {
+        let mut ticker = tokio::time::interval(stats::WINDOW);
+        loop {
+            ticker.tick().await;
+            self.shared.stats.rotate();
+        }
     }
 
     /// Checks that `token` is the session token of this session (live or

@@ -57,6 +57,8 @@ pub struct SessionActor {
     notice_timer: Option<(SpawnHandle, Millis)>,
     /// The expiry a `session.expiring` notice was already pushed for.
     noticed_for: Option<Millis>,
+    /// Whether this session is counted in its tenant's idle sessions.
+    counted_idle: bool,
 }
 
 /// What a session pushes to its open WebSockets.
@@ -100,6 +102,21 @@ impl SessionActor {
             subscribers: Vec::new(),
             notice_timer: None,
             noticed_for: None,
+            counted_idle: false,
+        }
+    }
+
+    /// Keeps the tenant's idle count in step with this session's status.
+    fn count_idle(&mut self) {
+        let idle = self.session.status == Status::Idle;
+        if idle != self.counted_idle {
+            if let Some(count) = self.shared.idle.get(&self.session.tenant_id) {
+                count.fetch_add(
+                    if idle { 1 } else { -1 },
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+            }
+            self.counted_idle = idle;
         }
     }
 
@@ -162,6 +179,7 @@ impl SessionActor {
     /// Arms the timer for the next deadline unless it is armed for an
     /// earlier one already.
     fn arm(&mut self, ctx: &mut Context<Self>) {
+        self.count_idle();
         if self.session.status.is_final() {
             return;
         }
@@ -350,6 +368,12 @@ impl Actor for SessionActor {
     }
 
     fn stopped(&mut self, ctx: &mut Context<Self>) {
+        if self.counted_idle {
+            if let Some(count) = self.shared.idle.get(&self.session.tenant_id) {
+                count.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            self.counted_idle = false;
+        }
         let shard = self
             .shared
             .shard_of(self.session.tenant_id, &self.session.session_id);

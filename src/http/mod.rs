@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod request_id;
 pub mod sessions;
+pub mod stats;
 pub mod tools;
 pub mod ws;
 
@@ -35,6 +36,8 @@ pub struct AppState {
     pub keys: Arc<Keyring>,
     /// Token buckets per key and endpoint class.
     pub limits: Arc<limits::RateLimits>,
+    /// Single-use tickets for the stats WebSocket.
+    pub tickets: Arc<stats::Tickets>,
 }
 
 /// The whole application.
@@ -45,6 +48,7 @@ pub fn app(state: AppState) -> Router {
         .merge(ws::router())
         .merge(admin::router())
         .merge(export::router())
+        .merge(stats::router())
         .merge(health::router())
         .merge(metrics::router())
         .merge(openapi::router())
