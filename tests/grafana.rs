@@ -9,7 +9,6 @@ use std::collections::BTreeSet;
 
 use common::pg::TempPostgres;
 use common::*;
-use futures::StreamExt as _;
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -144,7 +143,7 @@ async fn every_metric_the_dashboard_queries_exists() {
         "{}/api/v1/sessions/g-1/ws?token={token}",
         server.base.replacen("http", "ws", 1)
     );
-    let (mut socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let (socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
     server
         .call(Method::POST, "/admin/flush", ADMIN_KEY, None)
         .await;
@@ -170,6 +169,6 @@ async fn every_metric_the_dashboard_queries_exists() {
         missing.is_empty(),
         "queried by the dashboard but not exposed: {missing:?}"
     );
-    let _ = socket.next();
+    drop(socket);
     server.stop().await;
 }
