@@ -16,8 +16,10 @@
 //! - [`auth`]: API keys and admin keys (hashes only, scopes), where the
 //!   master keyring comes from, development credentials.
 //! - [`http`]: the axum routes, extractors (keys, session tokens), the one
-//!   error mapping, rate limits and the OpenAPI document.
-//! - [`settings`]: layered configuration; [`telemetry`]: logging;
+//!   error mapping, rate limits, the OpenAPI document, the JSON-RPC
+//!   WebSocket, live stats with the dashboard, `/metrics` and the export.
+//! - [`settings`]: layered configuration; [`telemetry`]: logging and
+//!   Prometheus metric names;
 //!   [`service`]: wires it all and shuts it down in order.
 //!
 //! # How a request flows
