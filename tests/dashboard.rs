@@ -184,9 +184,13 @@ async fn the_dashboard_shows_live_sessions_in_a_real_browser() {
         .await;
     let session = attached["sessionId"].as_str().unwrap().to_owned();
     let ready = cdp
-        .wait_for(&session, "document.readyState", &json!("complete"))
+        .wait_for(
+            &session,
+            "location.pathname === '/admin/dashboard' && document.readyState === 'complete' && !!document.getElementById('live-sessions')",
+            &json!(true),
+        )
         .await;
-    assert_eq!(ready, "complete");
+    assert_eq!(ready, true, "the page loaded (not the initial about:blank)");
     assert_eq!(
         cdp.eval(
             &session,
