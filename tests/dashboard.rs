@@ -353,7 +353,12 @@ async fn stats_answer_the_contract_fields_and_tickets_are_single_use() {
     assert_eq!(pushed["sessions"]["live"], 3);
     let again =
         tokio_tungstenite::connect_async(format!("{ws_base}/admin/stats/ws?ticket={ticket}")).await;
-    assert!(again.is_err(), "a ticket works once");
+    match again {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status().as_u16(), 401, "a ticket works once")
+        }
+        other => panic!("a used ticket must be refused with 401, got {other:?}"),
+    }
     let mut request =
         tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
             "{ws_base}/admin/stats/ws"

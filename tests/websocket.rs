@@ -306,13 +306,13 @@ async fn rest_termination_revocation_and_expiry_reach_open_sockets() {
 
     // Expiring then expired: connecting inside the notice window hears
     // session.expiring at once; then expiry closes with 4001.
-    create(&server, "push-3", json!({"idle_timeout": 2})).await;
+    create(&server, "push-3", json!({"idle_timeout": 3})).await;
     let mut d = connect(&ws_url(&server, "push-3", ""), Some(("x-api-key", KEY_A)))
         .await
         .unwrap();
     let note = next_json(&mut d).await;
     assert_eq!(note["method"], "session.expiring", "{note}");
-    assert!(note["params"]["seconds_left"].as_u64().unwrap() <= 2);
+    assert!(note["params"]["seconds_left"].as_u64().unwrap() <= 3);
     assert!(note["params"]["expires_at"].is_string());
     let note = next_json(&mut d).await;
     assert_eq!(
@@ -381,5 +381,46 @@ async fn frames_over_the_write_limit_get_an_error_and_the_socket_stays() {
         reply["result"]["session_id"], "lim",
         "open, and a token came back"
     );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_cannot_fake_a_revocation() {
+    let server = TestServer::start().await;
+    create(&server, "fake", json!({})).await;
+    let mut ws = connect(&ws_url(&server, "fake", ""), Some(("x-api-key", KEY_A)))
+        .await
+        .unwrap();
+    let reply = request(
+        &mut ws,
+        1,
+        "session.terminate",
+        json!({"reason": "refresh_token_reuse"}),
+    )
+    .await;
+    assert_eq!(reply["error"]["code"], -32602, "{reply}");
+    let (status, body) = server
+        .call(
+            Method::DELETE,
+            "/api/v1/sessions/fake",
+            KEY_A,
+            Some(json!({"reason": "refresh_token_reuse"})),
+        )
+        .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("validation_failed"))
+    );
+    // A plain termination still closes with 4000.
+    server
+        .call(
+            Method::DELETE,
+            "/api/v1/sessions/fake",
+            KEY_A,
+            Some(json!({"reason": "done"})),
+        )
+        .await;
+    assert_eq!(next_json(&mut ws).await["method"], "session.terminated");
+    assert_eq!(close_code(&mut ws).await, 4000);
     server.stop().await;
 }

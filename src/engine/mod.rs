@@ -791,6 +791,21 @@ impl Engine {
         session_id: &str,
         reason: Option<String>,
     ) -> Result<(), SessionError> {
+        // The engine's own reasons are not a client's to give: they mean
+        // something to audits and to the WebSocket's close codes.
+        if reason.as_deref().is_some_and(|r| {
+            [
+                crate::model::session::REASON_REFRESH_TOKEN_REUSE,
+                crate::model::session::REASON_IDLE_TIMEOUT,
+                crate::model::session::REASON_TTL_EXPIRED,
+            ]
+            .contains(&r)
+        }) {
+            return Err(SessionError::validation(
+                "reason",
+                "reason must not be one the engine uses (refresh_token_reuse, idle_timeout, ttl_expired)",
+            ));
+        }
         match self
             .ask(tenant, session_id, session::Terminate { reason })
             .await?

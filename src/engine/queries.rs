@@ -247,6 +247,7 @@ impl Engine {
         self.ensure_ready()?;
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         let shared = self.shared.clone();
+        let runtime = tokio::runtime::Handle::current();
         let known: std::collections::HashSet<Uuid> = self.tenants.keys().copied().collect();
         tokio::task::spawn_blocking(move || {
             let now = shared.clock.now();
@@ -262,9 +263,16 @@ impl Engine {
                     && tenant.is_none_or(|t| t == session.tenant_id)
                     && since.is_none_or(|s| session.created_at >= s)
                     && shared.retained(&session);
-                // A closed channel: the client went away.
-                if wanted && tx.blocking_send(session.view(now)).is_err() {
-                    return;
+                // A closed channel (the client went away) or a client that
+                // reads nothing for a minute ends the scan and frees the thread.
+                if wanted {
+                    let sent = runtime.block_on(tokio::time::timeout(
+                        std::time::Duration::from_secs(60),
+                        tx.send(session.view(now)),
+                    ));
+                    if !matches!(sent, Ok(Ok(()))) {
+                        return;
+                    }
                 }
             }
         });

@@ -59,6 +59,8 @@ pub struct SessionActor {
     noticed_for: Option<Millis>,
     /// Whether this session is counted in its tenant's idle sessions.
     counted_idle: bool,
+    /// The session is being revoked (refresh-token reuse).
+    revoking: bool,
 }
 
 /// What a session pushes to its open WebSockets.
@@ -77,6 +79,9 @@ pub enum Push {
         status: Status,
         /// Its termination reason.
         reason: String,
+        /// Ended by the engine for refresh-token reuse (not a client's
+        /// choice of reason).
+        revoked: bool,
     },
 }
 
@@ -103,6 +108,7 @@ impl SessionActor {
             notice_timer: None,
             noticed_for: None,
             counted_idle: false,
+            revoking: false,
         }
     }
 
@@ -296,8 +302,10 @@ impl SessionActor {
         self.push(&Push::Ended {
             status,
             reason: reason.to_owned(),
+            revoked: self.revoking,
         });
         self.subscribers.clear();
+        self.count_idle();
         let tenant = self.session.tenant_id.to_string();
         metrics::histogram!(
             telemetry::SESSION_DURATION,
@@ -508,6 +516,7 @@ impl Handler<Refresh> for SessionActor {
                     .rotate(session_token, refresh_token),
                 RefreshCheck::Reused => {
                     // The pair leaked: whoever holds it loses the session.
+                    self.revoking = true;
                     let durable = self.finish(Status::Terminated, REASON_REFRESH_TOKEN_REUSE, now);
                     tracing::warn!(session_id = %self.session.session_id, tenant = %self.session.tenant_id, "refresh token reuse: session revoked");
                     self.stop_when_durable(durable, ctx);

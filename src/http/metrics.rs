@@ -31,8 +31,11 @@ async fn render(State(state): State<AppState>) -> Response {
     metrics::counter!(names::ACTOR_RESTARTS).absolute(engine.restarts());
     let wb = engine.write_behind_stats();
     metrics::gauge!(names::WRITE_BEHIND_DEPTH).set(wb.queue_depth.load(Ordering::Relaxed) as f64);
+    // How far behind the flusher is: 0 with nothing queued (an idle engine
+    // is not lagging), else the time since the last group commit.
     let last = wb.last_flush_at_ms.load(Ordering::Relaxed);
-    let lag = if last > 0 {
+    let queued = wb.queue_depth.load(Ordering::Relaxed) > 0;
+    let lag = if queued && last > 0 {
         (now_ms() - last).max(0) as f64 / 1000.0
     } else {
         0.0

@@ -45,6 +45,22 @@ fn from_client(request: &Request) -> Option<String> {
     })
 }
 
+/// A metric label for the method: the standard ones, else `other` (any
+/// token is a valid method, and labels must stay few).
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
 /// The middleware: wraps every request of the app.
 pub async fn track(mut request: Request, next: Next) -> Response {
     let started = Instant::now();
@@ -67,14 +83,14 @@ pub async fn track(mut request: Request, next: Next) -> Response {
     let status = response.status();
     metrics::counter!(
         telemetry::HTTP_REQUESTS,
-        "method" => method.to_string(),
+        "method" => method_label(&method),
         "route" => route.clone(),
         "status" => status.as_str().to_owned()
     )
     .increment(1);
     metrics::histogram!(
         telemetry::HTTP_DURATION,
-        "method" => method.to_string(),
+        "method" => method_label(&method),
         "route" => route.clone()
     )
     .record(started.elapsed().as_secs_f64());

@@ -140,7 +140,8 @@ pub fn collect(state: &AppState) -> Stats {
             .collect(),
         write_behind: serde_json::json!({
             "queue_depth": wb.queue_depth.load(Ordering::Relaxed),
-            "flush_lag_ms": if last_flush > 0 { (now_ms() - last_flush).max(0) } else { 0 },
+            // 0 with nothing queued: an idle engine is not lagging.
+            "flush_lag_ms": if last_flush > 0 && wb.queue_depth.load(Ordering::Relaxed) > 0 { (now_ms() - last_flush).max(0) } else { 0 },
             "last_flush_at": (last_flush > 0).then(|| format_rfc3339(last_flush)),
             "last_flush_micros": wb.last_flush_micros.load(Ordering::Relaxed),
             "batches": wb.batches.load(Ordering::Relaxed),

@@ -51,6 +51,10 @@ const SILENT_LIMIT: Duration = Duration::from_secs(90);
 const SEND_QUEUE: usize = 64;
 /// Pushes queued in the session actor per connection.
 const PUSH_QUEUE: usize = 16;
+/// Longest a single send to the client may take.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest inbound message (the REST body limit).
+const MAX_MESSAGE: usize = 64 * 1024;
 
 /// Close codes of the contract.
 const CLOSE_TERMINATED: u16 = 4000;
@@ -172,22 +176,24 @@ pub(crate) async fn upgrade(
         .subscribe(caller.tenant, &id, PUSH_QUEUE)
         .await?;
     tracing::info!(session_id = %id, tenant = %caller.tenant, "websocket opened");
-    Ok(ws.on_upgrade(move |socket| async move {
-        metrics::gauge!(names::WS_OPEN).increment(1.0);
-        let connection = Connection {
-            state: state.clone(),
-            tenant: caller.tenant,
-            id: id.clone(),
-            bucket: caller.bucket,
-        };
-        connection.run(socket, pushes).await;
-        state
-            .engine
-            .unsubscribe(caller.tenant, &id, subscription)
-            .await;
-        metrics::gauge!(names::WS_OPEN).decrement(1.0);
-        tracing::info!(session_id = %id, "websocket closed");
-    }))
+    Ok(ws
+        .max_message_size(MAX_MESSAGE)
+        .on_upgrade(move |socket| async move {
+            metrics::gauge!(names::WS_OPEN).increment(1.0);
+            let connection = Connection {
+                state: state.clone(),
+                tenant: caller.tenant,
+                id: id.clone(),
+                bucket: caller.bucket,
+            };
+            connection.run(socket, pushes).await;
+            state
+                .engine
+                .unsubscribe(caller.tenant, &id, subscription)
+                .await;
+            metrics::gauge!(names::WS_OPEN).decrement(1.0);
+            tracing::info!(session_id = %id, "websocket closed");
+        }))
 }
 
 struct Connection {
@@ -211,45 +217,55 @@ impl Connection {
         let writer = tokio::spawn(async move {
             while let Some(message) = outbox.recv().await {
                 let closing = matches!(message, Message::Close(_));
-                if sink.send(message).await.is_err() || closing {
+                // A client that does not read for this long is gone.
+                let sent = tokio::time::timeout(SEND_TIMEOUT, sink.send(message)).await;
+                if !matches!(sent, Ok(Ok(()))) || closing {
                     break;
                 }
             }
-            let _ = sink.close().await;
+            let _ = tokio::time::timeout(SEND_TIMEOUT, sink.close()).await;
         });
         let mut ping = tokio::time::interval(PING_EVERY);
         ping.tick().await;
         let mut last_heard = Instant::now();
         let end = loop {
+            let silence = tokio::time::sleep_until((last_heard + SILENT_LIMIT).into());
             tokio::select! {
+                () = silence => break End::Close(1001, "silent for 90 s"),
                 push = pushes.recv() => match push {
                     Some(push) => {
                         if let Some(end) = self.deliver(&out, push) {
                             break end;
                         }
                     }
-                    // Dropped by the actor without an end: it fell behind.
-                    None => break End::Close(CLOSE_TOO_SLOW, "send queue overflow"),
+                    // Closed by the actor without an end: it restarted, the
+                    // engine is stopping, or this socket fell behind on pushes.
+                    None => break End::Close(1001, "session channel closed, reconnect"),
                 },
                 frame = stream.next() => match frame {
                     None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break End::Gone,
                     Some(Ok(frame)) => {
                         last_heard = Instant::now();
-                        // Every inbound frame is activity, pings included.
+                        // Every inbound frame is activity, pings included,
+                        // and draws on the write bucket.
                         let _ = self.state.engine.touch(self.tenant, &self.id).await;
-                        if let Message::Text(text) = frame {
-                            if let Some(reply) = self.handle(text.as_str()).await {
-                                if out.try_send(Message::Text(Utf8Bytes::from(reply.to_string()))).is_err() {
-                                    break End::Close(CLOSE_TOO_SLOW, "send queue overflow");
-                                }
+                        let limited = matches!(
+                            self.state.limits.check(Class::Write, &self.bucket),
+                            Some(Decision::Refused { .. })
+                        );
+                        let reply = match frame {
+                            Message::Text(text) => self.handle(text.as_str(), limited).await,
+                            Message::Binary(_) => Some(error(Value::Null, INVALID_REQUEST, "frames are JSON text")),
+                            _ => None,
+                        };
+                        if let Some(reply) = reply {
+                            if out.try_send(Message::Text(Utf8Bytes::from(reply.to_string()))).is_err() {
+                                break End::Close(CLOSE_TOO_SLOW, "send queue overflow");
                             }
                         }
                     }
                 },
                 _ = ping.tick() => {
-                    if last_heard.elapsed() >= SILENT_LIMIT {
-                        break End::Close(1001, "silent for 90 s");
-                    }
                     if out.try_send(Message::Ping(Vec::new().into())).is_err() {
                         break End::Close(CLOSE_TOO_SLOW, "send queue overflow");
                     }
@@ -258,10 +274,16 @@ impl Connection {
         };
         if let End::Close(code, reason) = end {
             tracing::info!(session_id = %self.id, code, reason, "closing websocket");
-            let _ = out.try_send(close(code, reason));
+            // Waits for room (a full queue is why some closes happen).
+            let _ =
+                tokio::time::timeout(Duration::from_secs(1), out.send(close(code, reason))).await;
         }
         drop(out);
-        let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+        let abort = writer.abort_handle();
+        if tokio::time::timeout(SEND_TIMEOUT, writer).await.is_err() {
+            // A client that does not read: drop the connection.
+            abort.abort();
+        }
     }
 
     /// Sends a push; answers the end when it ends the connection.
@@ -277,10 +299,14 @@ impl Connection {
                 ),
                 None,
             ),
-            Push::Ended { status, reason } => {
-                let end = match (status, reason.as_str()) {
-                    (Status::Expired, _) => (CLOSE_EXPIRED, "session expired"),
-                    (_, "refresh_token_reuse") => (CLOSE_REVOKED, "session revoked"),
+            Push::Ended {
+                status,
+                reason,
+                revoked,
+            } => {
+                let end = match status {
+                    Status::Expired => (CLOSE_EXPIRED, "session expired"),
+                    _ if revoked => (CLOSE_REVOKED, "session revoked"),
                     _ => (CLOSE_TERMINATED, "session terminated"),
                 };
                 let note = if status == Status::Expired {
@@ -302,19 +328,19 @@ impl Connection {
 
     /// Handles one text frame; answers the reply, if any (requests get one,
     /// notifications none; a frame that is not JSON-RPC gets an error).
-    async fn handle(&self, text: &str) -> Option<Value> {
+    async fn handle(&self, text: &str, limited: bool) -> Option<Value> {
         let Ok(frame) = serde_json::from_str::<Value>(text) else {
             return Some(error(Value::Null, PARSE_ERROR, "parse error"));
         };
         let id = frame.get("id").cloned();
-        let reply_id = id.clone().unwrap_or(Value::Null);
+        let valid_id = id
+            .as_ref()
+            .is_none_or(|i| i.is_string() || i.is_number() || i.is_null());
+        let reply_id = id.clone().filter(|_| valid_id).unwrap_or(Value::Null);
         let Some(object) = frame.as_object() else {
             return Some(error(Value::Null, INVALID_REQUEST, "invalid request"));
         };
         let method = object.get("method").and_then(Value::as_str);
-        let valid_id = id
-            .as_ref()
-            .is_none_or(|i| i.is_string() || i.is_number() || i.is_null());
         let (Some(method), true, Some("2.0")) = (
             method,
             valid_id,
@@ -322,8 +348,7 @@ impl Connection {
         ) else {
             return Some(error(reply_id, INVALID_REQUEST, "invalid request"));
         };
-        if let Some(Decision::Refused { .. }) = self.state.limits.check(Class::Write, &self.bucket)
-        {
+        if limited {
             return id.map(|id| error(id, RATE_LIMITED, "rate limited"));
         }
         let params = object.get("params").cloned().unwrap_or(Value::Null);
@@ -375,14 +400,10 @@ impl Connection {
                 if let Some(reason) = &reason {
                     crate::engine::admission::check_text("reason", reason, 1).map_err(rpc)?;
                 }
-                // The answer `{}` goes out first; the actor's push then
-                // brings `session.terminated` and the close.
-                let engine = engine.clone();
-                let (tenant, id) = (tenant, id.to_owned());
-                tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    let _ = engine.terminate(tenant, &id, reason).await;
-                });
+                // The actor's push waits in this connection's channel until
+                // the answer `{}` is queued, so `session.terminated` and the
+                // close follow it.
+                engine.terminate(tenant, id, reason).await.map_err(rpc)?;
                 Ok(json!({}))
             }
             _ => Err((METHOD_NOT_FOUND, format!("method not found: {method}"))),

@@ -33,7 +33,8 @@ pub const WRITE_BEHIND_DEPTH: &str = "write_behind_queue_depth";
 pub const WRITE_BEHIND_BATCH: &str = "write_behind_batch_size";
 /// `write_behind_flush_seconds`: apply + fsync time per group commit.
 pub const WRITE_BEHIND_FLUSH: &str = "write_behind_flush_seconds";
-/// `write_behind_flush_lag_seconds`: time since the last group commit.
+/// `write_behind_flush_lag_seconds`: with changes queued, time since the
+/// last group commit (0 when nothing waits).
 pub const WRITE_BEHIND_LAG: &str = "write_behind_flush_lag_seconds";
 /// `outbox_depth`: entries waiting for PostgreSQL (tier on only).
 pub const OUTBOX_DEPTH: &str = "outbox_depth";
