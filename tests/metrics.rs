@@ -1,6 +1,7 @@
 //! `GET /metrics`: the contract's metrics with their labels and buckets,
 //! the engine's own, no session ids in labels, and `promtool check metrics`
-//! on the output when promtool (Debian package `prometheus`) is installed.
+//! on the output when promtool (Debian package `prometheus`) is installed;
+//! and JSON access log lines carrying the request id.
 
 mod common;
 
@@ -118,4 +119,40 @@ async fn the_metrics_page_has_the_contract_metrics_and_passes_promtool() {
         }
     }
     server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_the_request_id_in_the_request_span() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("edge.toml");
+    std::fs::write(&config, config_toml(&dir.path().join("data"), 10, "")).unwrap();
+    let server = ChildServer::start(&config).await;
+    let response = client()
+        .get(format!("{}/api/v1/sessions/nope", server.base))
+        .header("X-API-Key", KEY_A)
+        .header("X-Request-Id", "trace-me-123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-request-id"], "trace-me-123");
+    let mut line = None;
+    for _ in 0..100 {
+        line = server
+            .logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["message"] == "request" && v["span"]["request_id"] == "trace-me-123");
+        if line.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let line = line.expect("a JSON access log line in the request's span");
+    assert_eq!(line["status"], 404);
+    assert_eq!(line["route"], "/api/v1/sessions/{session_id}");
+    assert_eq!(line["method"], "GET");
+    assert!(line["latency_us"].is_u64());
+    assert_eq!(server.terminate().code(), Some(0));
 }
