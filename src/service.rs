@@ -100,6 +100,7 @@ async fn serve_engine(
         tickets: Arc::default(),
     });
     let rotator = tokio::spawn(engine.clone().rotate_stats_forever());
+    let upkeep = tokio::spawn(crate::telemetry::metrics::upkeep_forever());
     let forgetter = tokio::spawn(forget_idle_forever(limits));
     // A failed recovery stops the server: serving 503 forever would hide it.
     let (recovery_failed, failed) = tokio::sync::oneshot::channel::<()>();
@@ -126,6 +127,7 @@ async fn serve_engine(
     let _ = sweeper.await;
     forgetter.abort();
     rotator.abort();
+    upkeep.abort();
     // Recovery may still wait for PostgreSQL (an empty data dir): a
     // shutdown does not wait for it.
     if !recovery.is_finished() {

@@ -123,6 +123,11 @@ impl RateLimits {
         }
     }
 
+    /// Whether `class` is limited at all.
+    pub fn limits(&self, class: Class) -> bool {
+        self.class(class).is_some()
+    }
+
     /// Takes a token for `who` in `class`; `None` when the class is unlimited.
     pub fn check(&self, class: Class, who: &[u8; 32]) -> Option<Decision> {
         let limit = self.class(class)?;
@@ -281,7 +286,9 @@ pub async fn limit_rate(
     let path = request.uri().path().to_owned();
     let slot = RateSlot::default();
     request.extensions_mut().insert(slot.clone());
-    let decision = class_of(request.method(), &path).and_then(|class| {
+    // An unlimited class costs nothing (no key digests).
+    let limited = class_of(request.method(), &path).filter(|class| state.limits.limits(*class));
+    let decision = limited.and_then(|class| {
         match caller(&state, request.headers(), class, &path) {
             Caller::Key(who) => state.limits.check(class, &who),
             Caller::Session | Caller::Unknown => None,

@@ -88,6 +88,18 @@ pub fn handle() -> &'static PrometheusHandle {
     })
 }
 
+/// Drains the histograms' sample buffers into their buckets every few
+/// seconds, for as long as the server runs. Without it, samples recorded
+/// between two scrapes would pile up in memory (or forever, with nobody
+/// scraping).
+pub async fn upkeep_forever() {
+    let mut ticker = tokio::time::interval(std::time::Duration::from_secs(5));
+    loop {
+        ticker.tick().await;
+        handle().run_upkeep();
+    }
+}
+
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(SESSIONS_CREATED, "Sessions admitted");
