@@ -288,12 +288,13 @@ pub async fn limit_rate(
     request.extensions_mut().insert(slot.clone());
     // An unlimited class costs nothing (no key digests).
     let limited = class_of(request.method(), &path).filter(|class| state.limits.limits(*class));
-    let decision = limited.and_then(|class| {
-        match caller(&state, request.headers(), class, &path) {
-            Caller::Key(who) => state.limits.check(class, &who),
-            Caller::Session | Caller::Unknown => None,
-        }
-    });
+    let decision =
+        limited.and_then(
+            |class| match caller(&state, request.headers(), class, &path) {
+                Caller::Key(who) => state.limits.check(class, &who),
+                Caller::Session | Caller::Unknown => None,
+            },
+        );
     let mut response = match decision {
         Some(Decision::Refused { .. }) => ApiError::RateLimited.into_response(),
         _ => next.run(request).await,
