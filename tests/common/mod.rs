@@ -239,6 +239,16 @@ pub struct ChildServer {
     pub logs: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
+/// A test that fails half-way must not leave the binary running.
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 impl ChildServer {
     /// Starts the binary with `config` and waits until it listens and is
     /// ready. Both output streams are read to the end, so the child never
