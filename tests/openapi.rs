@@ -42,7 +42,7 @@ async fn the_document_covers_every_endpoint_of_the_contract() {
         let operation = &doc["paths"][path][method];
         assert!(operation.is_object(), "{method} {path} is missing");
         for (code, response) in operation["responses"].as_object().unwrap() {
-            if code.starts_with('4') || code.starts_with('5') && path.starts_with("/api") {
+            if code.starts_with('4') || (code.starts_with('5') && path.starts_with("/api")) {
                 let schema = &response["content"]["application/json"]["schema"]["$ref"];
                 assert_eq!(
                     schema, "#/components/schemas/ErrorResponse",

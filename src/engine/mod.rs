@@ -657,11 +657,10 @@ impl Engine {
         tenant: Uuid,
         session_id: &str,
     ) -> Result<Secret, SessionError> {
-        let sealed = self
+        let (row, sealed) = self
             .ask_live(tenant, session_id, session::SealedPassthrough)
-            .await?
-            .ok_or(SessionError::PassthroughNotFound)?;
-        let row = self.get(tenant, session_id).await?.id;
+            .await?;
+        let sealed = sealed.ok_or(SessionError::PassthroughNotFound)?;
         self.vault.open(tenant, row, &sealed).map_err(|e| {
             SessionError::Storage(format!("passthrough credentials of {session_id}: {e}"))
         })

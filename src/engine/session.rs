@@ -598,17 +598,21 @@ impl Handler<VerifyToken> for SessionActor {
     }
 }
 
-/// The sealed passthrough credentials of a live session.
+/// The sealed passthrough credentials of a live session, with its row id
+/// (part of what they are bound to).
 #[derive(Message)]
-#[rtype(result = "Result<Option<Box<[u8]>>, SessionError>")]
+#[rtype(result = "Result<(uuid::Uuid, Option<Box<[u8]>>), SessionError>")]
 pub struct SealedPassthrough;
 
 impl Handler<SealedPassthrough> for SessionActor {
-    type Result = Result<Option<Box<[u8]>>, SessionError>;
+    type Result = Result<(uuid::Uuid, Option<Box<[u8]>>), SessionError>;
 
     fn handle(&mut self, _: SealedPassthrough, ctx: &mut Context<Self>) -> Self::Result {
         self.live(ctx)?;
-        Ok(self.session.credentials.passthrough.clone())
+        Ok((
+            self.session.id,
+            self.session.credentials.passthrough.clone(),
+        ))
     }
 }
 

@@ -233,21 +233,20 @@ pub fn presented_api_key(headers: &HeaderMap) -> Option<&str> {
 }
 
 fn presented_key<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    if let Some(value) = headers.get(name) {
-        return value.to_str().ok();
+    match headers.get(name) {
+        Some(value) => value.to_str().ok(),
+        None if name == "x-api-key" => bearer(headers),
+        None => None,
     }
-    if name == "x-api-key" {
-        let auth = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-        let (scheme, token) = auth.split_once(' ')?;
-        if scheme.eq_ignore_ascii_case("bearer") {
-            return Some(token.trim());
-        }
-    }
-    None
+}
+
+/// The session token (`Bearer est_…`) of `Authorization`, if any.
+pub fn session_token(headers: &HeaderMap) -> Option<&str> {
+    bearer(headers).filter(|t| t.starts_with(tokens::SESSION_PREFIX))
 }
 
 /// The bearer token of `Authorization`, if any.
-fn bearer(headers: &HeaderMap) -> Option<&str> {
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     let auth = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = auth.split_once(' ')?;
     scheme
@@ -264,8 +263,6 @@ pub struct SessionAccess {
     pub tenant: Uuid,
     /// The session id from the path.
     pub id: String,
-    /// Authenticated by the session token (not an API key).
-    pub by_token: bool,
     /// A session token that named this session's tenant but is not (or no
     /// longer) the session's: only [`RefreshAccess`] lets it through.
     pub stale_token: bool,
@@ -298,16 +295,13 @@ async fn session_access(
     state: &AppState,
     allow_stale: bool,
 ) -> Result<SessionAccess, ApiError> {
-    let token = bearer(&parts.headers)
-        .filter(|t| t.starts_with(tokens::SESSION_PREFIX))
-        .map(|t| Secret::new(t.to_owned()));
+    let token = session_token(&parts.headers).map(|t| Secret::new(t.to_owned()));
     let Some(token) = token else {
         let Tenant(key) = Tenant::from_request_parts(parts, state).await?;
         let SessionId(id) = SessionId::from_request_parts(parts, state).await?;
         return Ok(SessionAccess {
             tenant: key.tenant_id,
             id,
-            by_token: false,
             stale_token: false,
         });
     };
@@ -337,7 +331,6 @@ async fn session_access(
     Ok(SessionAccess {
         tenant,
         id,
-        by_token: true,
         stale_token,
     })
 }
@@ -380,9 +373,7 @@ impl FromRequestParts<AppState> for CredentialReader {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         // Not a (T) endpoint: a session token alone is 401 (an API key in
         // X-API-Key decides when both are sent).
-        if !parts.headers.contains_key("x-api-key")
-            && bearer(&parts.headers).is_some_and(|t| t.starts_with(tokens::SESSION_PREFIX))
-        {
+        if !parts.headers.contains_key("x-api-key") && session_token(&parts.headers).is_some() {
             auth_failure(parts, "session token used to read credentials");
             return Err(ApiError::Unauthorized);
         }

@@ -10,7 +10,6 @@ use std::sync::atomic::Ordering;
 
 use super::openapi::Health;
 use super::AppState;
-use crate::model::time::now_ms;
 
 /// The routes of this module.
 pub fn router() -> Router<AppState> {
@@ -59,10 +58,9 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<V
     // The PostgreSQL backlog: readiness does not depend on it (sled holds
     // every change), but this is where an operator looks first.
     if let Some(outbox) = state.engine.outbox_stats() {
-        let oldest = outbox.oldest_enqueued_at_ms.load(Ordering::Relaxed);
         body["postgres"] = json!({
             "outbox_depth": outbox.depth.load(Ordering::Relaxed),
-            "oldest_entry_age_ms": if oldest > 0 { (now_ms() - oldest).max(0) } else { 0 },
+            "oldest_entry_age_ms": outbox.oldest_age_ms(),
             "shipped": outbox.shipped.load(Ordering::Relaxed),
             "failures": outbox.failures.load(Ordering::Relaxed),
             "dead_letters": outbox.dead_letters.load(Ordering::Relaxed),

@@ -29,8 +29,8 @@ use governor::{Quota, RateLimiter};
 use sha2::{Digest, Sha256};
 
 use super::error::ApiError;
+use super::extract;
 use super::AppState;
-use crate::crypto::tokens;
 use crate::settings::RateLimitSettings;
 
 type Bucket = RateLimiter<
@@ -206,19 +206,11 @@ fn caller(state: &AppState, headers: &HeaderMap, class: Class, path: &str) -> Ca
             _ => Caller::Unknown,
         };
     }
-    let bearer = header("authorization")
-        .and_then(|a| a.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim());
-    let session_token = bearer.filter(|t| t.starts_with(tokens::SESSION_PREFIX));
-    if session_token.is_some() && is_session_call(path) {
+    if extract::session_token(headers).is_some() && is_session_call(path) {
         return Caller::Session;
     }
-    let key = header("x-api-key").or(bearer.filter(|t| !t.starts_with(tokens::SESSION_PREFIX)));
-    match key {
-        Some(key) if state.keys.tenant_key(key).is_some() => {
-            Caller::Key(digest(b"key", key.as_bytes()))
-        }
+    match extract::presented_api_key(headers) {
+        Some(key) if state.keys.tenant_key(key).is_some() => Caller::Key(key_bucket(key)),
         _ => Caller::Unknown,
     }
 }

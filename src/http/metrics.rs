@@ -11,7 +11,6 @@ use axum::routing::get;
 use axum::Router;
 
 use super::AppState;
-use crate::model::time::now_ms;
 use crate::telemetry::metrics as names;
 
 /// The routes of this module.
@@ -31,25 +30,10 @@ async fn render(State(state): State<AppState>) -> Response {
     metrics::counter!(names::ACTOR_RESTARTS).absolute(engine.restarts());
     let wb = engine.write_behind_stats();
     metrics::gauge!(names::WRITE_BEHIND_DEPTH).set(wb.queue_depth.load(Ordering::Relaxed) as f64);
-    // How far behind the flusher is: 0 with nothing queued (an idle engine
-    // is not lagging), else the time since the last group commit.
-    let last = wb.last_flush_at_ms.load(Ordering::Relaxed);
-    let queued = wb.queue_depth.load(Ordering::Relaxed) > 0;
-    let lag = if queued && last > 0 {
-        (now_ms() - last).max(0) as f64 / 1000.0
-    } else {
-        0.0
-    };
-    metrics::gauge!(names::WRITE_BEHIND_LAG).set(lag);
+    metrics::gauge!(names::WRITE_BEHIND_LAG).set(wb.flush_lag_ms() as f64 / 1000.0);
     if let Some(outbox) = engine.outbox_stats() {
         metrics::gauge!(names::OUTBOX_DEPTH).set(outbox.depth.load(Ordering::Relaxed) as f64);
-        let oldest = outbox.oldest_enqueued_at_ms.load(Ordering::Relaxed);
-        let age = if oldest > 0 {
-            (now_ms() - oldest).max(0) as f64 / 1000.0
-        } else {
-            0.0
-        };
-        metrics::gauge!(names::OUTBOX_AGE).set(age);
+        metrics::gauge!(names::OUTBOX_AGE).set(outbox.oldest_age_ms() as f64 / 1000.0);
         metrics::counter!(names::OUTBOX_SHIPPED).absolute(outbox.shipped.load(Ordering::Relaxed));
     }
     let mut response = names::handle().render().into_response();

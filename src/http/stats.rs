@@ -140,18 +140,16 @@ pub fn collect(state: &AppState) -> Stats {
             .collect(),
         write_behind: serde_json::json!({
             "queue_depth": wb.queue_depth.load(Ordering::Relaxed),
-            // 0 with nothing queued: an idle engine is not lagging.
-            "flush_lag_ms": if last_flush > 0 && wb.queue_depth.load(Ordering::Relaxed) > 0 { (now_ms() - last_flush).max(0) } else { 0 },
+            "flush_lag_ms": wb.flush_lag_ms(),
             "last_flush_at": (last_flush > 0).then(|| format_rfc3339(last_flush)),
             "last_flush_micros": wb.last_flush_micros.load(Ordering::Relaxed),
             "batches": wb.batches.load(Ordering::Relaxed),
             "writes": wb.writes.load(Ordering::Relaxed),
         }),
         outbox: engine.outbox_stats().map(|o| {
-            let oldest = o.oldest_enqueued_at_ms.load(Ordering::Relaxed);
             serde_json::json!({
                 "depth": o.depth.load(Ordering::Relaxed),
-                "oldest_entry_age_ms": if oldest > 0 { (now_ms() - oldest).max(0) } else { 0 },
+                "oldest_entry_age_ms": o.oldest_age_ms(),
                 "shipped": o.shipped.load(Ordering::Relaxed),
                 "failures": o.failures.load(Ordering::Relaxed),
                 "dead_letters": o.dead_letters.load(Ordering::Relaxed),

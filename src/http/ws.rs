@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use super::error::ApiError;
-use super::extract::{decode, presented_api_key, SessionId};
+use super::extract::{decode, presented_api_key, session_token, SessionId};
 use super::limits::{self, Class, Decision};
 use super::openapi::ErrorResponse;
 use super::sessions::{session_update, with_tokens, RefreshBody, TerminateBody, UpdateBody};
@@ -98,14 +98,7 @@ async fn authenticate(
     id: &str,
     query_token: Option<&str>,
 ) -> Result<Caller, ApiError> {
-    let header_token = parts
-        .headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, t)| t.trim())
-        .filter(|t| t.starts_with(tokens::SESSION_PREFIX));
+    let header_token = session_token(&parts.headers);
     if let Some(token) = header_token.or(query_token.filter(|t| !t.is_empty())) {
         let token = Secret::new(token.to_owned());
         let tenant = tokens::tenant_of(token.expose(), tokens::SESSION_PREFIX)
@@ -365,8 +358,8 @@ impl Connection {
         let (tenant, id) = (self.tenant, self.id.as_str());
         match method {
             "session.heartbeat" => {
-                engine.touch(tenant, id).await.map_err(rpc)?;
-                let view = engine.get(tenant, id).await.map_err(rpc)?;
+                // The frame itself was the activity (see `run`).
+                let view = engine.validate(tenant, id).await.map_err(rpc)?;
                 Ok(json!({ "expires_at": view.expires_at }))
             }
             "session.get" => Ok(json!(engine.get(tenant, id).await.map_err(rpc)?)),

@@ -180,6 +180,18 @@ pub struct OutboxStats {
     pub dead_letters: AtomicU64,
 }
 
+impl OutboxStats {
+    /// Age of the oldest waiting entry, in ms (0 when none waits).
+    pub fn oldest_age_ms(&self) -> i64 {
+        let oldest = self.oldest_enqueued_at_ms.load(Ordering::Relaxed);
+        if oldest > 0 {
+            (crate::model::time::now_ms() - oldest).max(0)
+        } else {
+            0
+        }
+    }
+}
+
 /// Shared between the flusher (appends) and the shipper (drains).
 pub struct Outbox {
     /// The number the next appended entry gets.

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use sqlx::migrate::{Migrate, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{Connection, Row};
+use sqlx::Row;
 use uuid::Uuid;
 
 use super::outbox::Entry;
@@ -174,20 +174,13 @@ impl Postgres {
             .collect())
     }
 
-    /// Checks that the server answers.
-    pub async fn ping(&self) -> Result<(), PgError> {
-        let mut conn = self.pool.acquire().await?;
-        conn.ping().await?;
-        Ok(())
-    }
-
     /// Commits a batch of outbox entries split by session into `parts`
     /// transactions that run at once on separate connections (PostgreSQL
     /// uses a core per connection). A session's entries always land in the
     /// same part, in order, so its row precedes its executions. When a part
     /// fails the others may have committed; shipping the batch again is
     /// harmless.
-    pub async fn ship(&self, entries: &[Entry], parts: usize) -> Result<ShipCounts, PgError> {
+    pub async fn ship(&self, entries: &[Entry], parts: usize) -> Result<(), PgError> {
         let parts = parts.max(1);
         if parts == 1 {
             return self.ship_part(entries.iter().collect()).await;
@@ -209,20 +202,13 @@ impl Postgres {
                 .map(|part| self.ship_part(part)),
         )
         .await;
-        let mut total = ShipCounts::default();
-        for result in results {
-            let counts = result?;
-            total.sessions += counts.sessions;
-            total.executions += counts.executions;
-            total.audits += counts.audits;
-        }
-        Ok(total)
+        results.into_iter().collect()
     }
 
     /// Commits entries in one transaction: session rows upserted (a row only
     /// moves forward in `version`), then executions and audit rows appended
     /// (a replayed one is skipped by its key).
-    async fn ship_part(&self, entries: Vec<&Entry>) -> Result<ShipCounts, PgError> {
+    async fn ship_part(&self, entries: Vec<&Entry>) -> Result<(), PgError> {
         let batch = Batch::gather(entries);
         let mut tx = self.pool.begin().await?;
         if !batch.sessions.is_empty() {
@@ -307,17 +293,13 @@ impl Postgres {
             .await?;
         }
         tx.commit().await?;
-        Ok(ShipCounts {
-            sessions: batch.sessions.len(),
-            executions: batch.executions.len(),
-            audits: batch.audits.len(),
-        })
+        Ok(())
     }
 
     /// Live sessions of `tenants` with their executions (oldest first), for
     /// rebuilding a lost data dir. Per-tool statistics are recomputed from
-    /// the executions.
-    /// One page: the first `limit` by row id after `after` (keyset).
+    /// the executions. One page: the first `limit` by row id after `after`
+    /// (keyset).
     pub async fn live_sessions(
         &self,
         tenants: &[Uuid],
@@ -386,17 +368,6 @@ impl Postgres {
         }
         Ok(sessions)
     }
-}
-
-/// What one shipped batch wrote (before de-duplication by PostgreSQL).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct ShipCounts {
-    /// Session rows upserted (the newest state of each session in the batch).
-    pub sessions: usize,
-    /// Execution rows offered.
-    pub executions: usize,
-    /// Audit rows offered.
-    pub audits: usize,
 }
 
 /// Recomputes a rebuilt session's counters and per-tool statistics from its

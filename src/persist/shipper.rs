@@ -228,13 +228,10 @@ impl Shipper {
                     let delay = backoff.delay();
                     if backoff.should_log() {
                         let stats = self.outbox.stats();
-                        let oldest = stats
-                            .oldest_enqueued_at_ms
-                            .load(std::sync::atomic::Ordering::Relaxed);
                         tracing::error!(
                             error = %e,
                             outbox_depth = stats.depth.load(std::sync::atomic::Ordering::Relaxed),
-                            oldest_entry_age_ms = if oldest > 0 { now_ms() - oldest } else { 0 },
+                            oldest_entry_age_ms = stats.oldest_age_ms(),
                             retry_in_ms = delay.as_millis() as u64,
                             "postgres: shipping failed; requests go on, changes wait in the outbox"
                         );

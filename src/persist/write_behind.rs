@@ -136,6 +136,20 @@ pub struct WriteBehindStats {
     pub last_flush_micros: AtomicU64,
 }
 
+impl WriteBehindStats {
+    /// How far behind the flusher is, in ms: with changes queued, the time
+    /// since the last group commit; 0 with nothing queued (an idle engine
+    /// is not lagging).
+    pub fn flush_lag_ms(&self) -> i64 {
+        let last = self.last_flush_at_ms.load(Ordering::Relaxed);
+        if last > 0 && self.queue_depth.load(Ordering::Relaxed) > 0 {
+            (now_ms() - last).max(0)
+        } else {
+            0
+        }
+    }
+}
+
 /// Handle to the write-behind queue; cheap to clone.
 #[derive(Clone)]
 pub struct WriteBehind {
