@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use edge_sessions::persist::postgres::Postgres;
+use edge_sessions::persist::StoreError;
 use edge_sessions::settings::Settings;
 use edge_sessions::{auth, service, telemetry};
 
@@ -29,6 +30,10 @@ enum Command {
         /// A TOML file layered over the built-in defaults.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Start from what can be read of a damaged store, logging what
+        /// was lost (without it, a damaged store refuses to start).
+        #[arg(long)]
+        salvage: bool,
     },
     /// Print the sha256 hex of KEY, for a config file.
     HashKey {
@@ -70,12 +75,15 @@ enum MigrateAction {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command.unwrap_or(Command::Serve { config: None }) {
+    match cli.command.unwrap_or(Command::Serve {
+        config: None,
+        salvage: false,
+    }) {
         Command::HashKey { key } => {
             println!("{}", auth::hash_key_hex(&key));
             ExitCode::SUCCESS
         }
-        Command::Serve { config } => serve(config),
+        Command::Serve { config, salvage } => serve(config, salvage),
         Command::Migrate { action, config } => migrate(action, config),
         Command::RotateKey { config } => rotate_key(config),
     }
@@ -169,11 +177,13 @@ fn migrate(action: MigrateAction, config: Option<PathBuf>) -> ExitCode {
     }
 }
 
-fn serve(config: Option<PathBuf>) -> ExitCode {
-    let settings = match load(config.as_deref()) {
+fn serve(config: Option<PathBuf>, salvage: bool) -> ExitCode {
+    let mut settings = match load(config.as_deref()) {
         Ok(settings) => settings,
         Err(code) => return code,
     };
+    settings.storage.salvage = salvage;
+    let data_dir = settings.storage.data_dir.clone();
     telemetry::init(&settings.log);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -196,6 +206,17 @@ fn serve(config: Option<PathBuf>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            let damage = e.chain().find_map(|cause| match cause.downcast_ref() {
+                Some(StoreError::Damaged(damage)) => Some(damage.clone()),
+                _ => None,
+            });
+            if let Some(damage) = damage {
+                eprintln!(
+                    "edge-sessions: the store in {} is damaged ({damage}); nothing was changed; `edge-sessions serve --salvage` starts from what can be read",
+                    data_dir.display()
+                );
+                return ExitCode::from(2);
+            }
             tracing::error!(
                 error = format!("{e:#}"),
                 "edge-sessions stopped with an error"

@@ -98,6 +98,10 @@ pub struct StorageSettings {
     pub max_batch: usize,
     /// sled's page cache in MiB (records beyond it are read from disk).
     pub cache_capacity_mb: u64,
+    /// `serve --salvage`: start from what can be read of a damaged store.
+    /// A command-line flag, never a config key.
+    #[serde(skip)]
+    pub salvage: bool,
 }
 
 /// `[sessions]`

@@ -60,9 +60,11 @@ use crate::crypto::{Secret, SessionTokens, TokenHash, Vault};
 use crate::model::session::{SessionMetrics, SessionUpdate};
 use crate::model::time::Clock;
 use crate::model::{Millis, Session, SessionError, SessionView, ToolExecution};
+use crate::persist::checkpoint::Checkpointer;
 use crate::persist::outbox::{Outbox, OutboxStats};
 use crate::persist::postgres::Postgres;
 use crate::persist::shipper::{self, ShipperConfig, ShipperHandle};
+use crate::persist::sled::Opened;
 use crate::persist::{
     Durable, Shipping, Store, StoreError, WriteBehind, WriteBehindStats, WriteOp,
 };
@@ -113,6 +115,9 @@ pub struct EngineConfig {
     pub postgres: Option<PostgresTier>,
     /// Seals and opens passthrough credentials.
     pub vault: Arc<Vault>,
+    /// Start from what can be read when the store is damaged (`serve
+    /// --salvage`), instead of refusing to start.
+    pub salvage: bool,
 }
 
 /// The PostgreSQL tier's handle and settings.
@@ -169,6 +174,7 @@ impl EngineConfig {
             clock: Clock::system(),
             postgres: None,
             vault: Arc::new(Vault::ephemeral()),
+            salvage: settings.storage.salvage,
         }
     }
 }
@@ -263,6 +269,7 @@ pub struct Engine {
     vault: Arc<Vault>,
     outbox: Option<Arc<Outbox>>,
     shipper: Arc<Mutex<Option<ShipperHandle>>>,
+    checkpointer: Arc<Mutex<Option<Checkpointer>>>,
 }
 
 impl Engine {
@@ -273,28 +280,64 @@ impl Engine {
         std::fs::create_dir_all(&config.data_dir).map_err(|e| {
             StoreError::Sled(format!("creating {}: {e}", config.data_dir.display()))
         })?;
-        let store = Store::open(&config.data_dir, config.cache_capacity_bytes)?;
+        set_private(&config.data_dir);
+        let Opened {
+            store,
+            mut log,
+            salvaged,
+        } = Store::open(
+            &config.data_dir,
+            config.cache_capacity_bytes,
+            config.salvage,
+        )?;
+        if let Some(salvaged) = salvaged {
+            tracing::error!(
+                data_dir = %config.data_dir.display(),
+                damage = salvaged.damage.join("; "),
+                lost_changes = salvaged.lost_changes,
+                "salvage: the store was damaged; started from what could be read"
+            );
+        }
         match &config.postgres {
             // A new or lost data dir: recovery rebuilds the live sessions
             // from PostgreSQL. The marker survives a crash mid-rebuild.
             Some(_) if store.is_empty() => {
                 store.put_meta(recovery::REBUILD_PENDING, b"1")?;
+                store.put_meta(crate::persist::outbox::SEEDED, b"1")?;
                 store.sync()?;
+            }
+            // The tier was just switched on: what is stored already ships.
+            Some(_) if store.meta(crate::persist::outbox::SEEDED)?.is_none() => {
+                let seeded = store.seed_outbox(&mut log, crate::model::time::now_ms())?;
+                store.put_meta(crate::persist::outbox::SEEDED, b"1")?;
+                store.sync()?;
+                tracing::info!(
+                    records = seeded,
+                    "postgres: every stored record queued for PostgreSQL"
+                );
             }
             Some(_) => {}
             None => store.remove_meta(crate::persist::outbox::SEEDED)?,
         }
-        let shipping = match &config.postgres {
-            Some(tier) => Some(Shipping {
-                outbox: Arc::new(Outbox::open(&store)?),
-                ack_after_commit: config.durability == Durability::Postgres,
-                commit_timeout: tier.commit_timeout,
-            }),
+        let outbox = match &config.postgres {
+            Some(_) => Some(Arc::new(Outbox::open(&store, log.shared())?)),
             None => None,
         };
-        let outbox = shipping.as_ref().map(|s| s.outbox.clone());
-        let (write_behind, flusher) = WriteBehind::start_with_outbox(
+        let shipping = outbox.as_ref().map(|outbox| Shipping {
+            outbox: outbox.clone(),
+            ack_after_commit: config.durability == Durability::Postgres,
+            commit_timeout: config
+                .postgres
+                .as_ref()
+                .map_or(Duration::ZERO, |tier| tier.commit_timeout),
+        });
+        let log_shared = log.shared().clone();
+        let checkpointer =
+            Checkpointer::start(store.clone(), log_shared.clone(), config.postgres.is_some());
+        let (write_behind, flusher) = WriteBehind::start(
             store.clone(),
+            log,
+            checkpointer.nudger(),
             half(config.flush_interval),
             config.max_batch,
             shipping,
@@ -302,6 +345,7 @@ impl Engine {
         let shipper = match (&config.postgres, &outbox) {
             (Some(tier), Some(outbox)) => Some(shipper::start(
                 store.clone(),
+                log_shared,
                 outbox.clone(),
                 tier.postgres.clone(),
                 tier.shipper.clone(),
@@ -365,6 +409,7 @@ impl Engine {
             vault: config.vault,
             outbox,
             shipper: Arc::new(Mutex::new(shipper)),
+            checkpointer: Arc::new(Mutex::new(Some(checkpointer))),
         })
     }
 
@@ -892,6 +937,15 @@ impl Engine {
         if let Some(shipper) = shipper {
             let _ = tokio::task::spawn_blocking(move || shipper.stop()).await;
         }
+        // Last: the final checkpoint holds the shipper's position too.
+        let checkpointer = self
+            .checkpointer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(mut checkpointer) = checkpointer {
+            let _ = tokio::task::spawn_blocking(move || checkpointer.stop()).await;
+        }
         if let Some(postgres) = &self.postgres {
             postgres.pool().close().await;
         }
@@ -899,6 +953,16 @@ impl Engine {
 
     fn supervisor(&self, tenant: Uuid) -> Option<&Addr<TenantSupervisor>> {
         self.tenants.get(&tenant).map(|t| &t.supervisor)
+    }
+}
+
+/// Makes the data dir readable by its owner only (tool arguments and
+/// results are in it). Best effort: a dir the process does not own keeps
+/// its mode, with a warning.
+fn set_private(dir: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Err(e) = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)) {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot make the data dir private (mode 0700)");
     }
 }
 
@@ -968,6 +1032,7 @@ mod tests {
             clock: Clock::system(),
             postgres: None,
             vault: Arc::new(Vault::ephemeral()),
+            salvage: false,
         }
     }
 

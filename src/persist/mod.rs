@@ -2,14 +2,30 @@
 //! write-behind queue that batches changes into group commits.
 //!
 //! A change travels: actor -> [`WriteBehind::submit`] (a channel send) ->
-//! the flusher thread, which gathers whatever is queued into one sled batch,
-//! applies it, fsyncs once, and then wakes every waiter of that batch.
+//! the flusher thread, which gathers whatever is queued into one [`log`]
+//! record, appends it, fsyncs once, adds it to the [`overlay`] that reads
+//! see, and then wakes every waiter of that batch. The [`checkpoint`]
+//! thread folds the overlay into [`sled`] about once a second and deletes
+//! the log segments nothing needs any more.
 //!
-//! With the PostgreSQL tier on, the same batch appends a copy of each record
-//! to the [`outbox`], and the [`shipper`] drains it into [`postgres`].
+//! With the PostgreSQL tier on, the log is also the [`outbox`]: the
+//! [`shipper`] reads it and commits its entries to [`postgres`].
+//!
+//! # Threads
+//!
+//! - `write-behind`: the flusher; the only writer of the log. It wakes per
+//!   group commit, not per change.
+//! - `checkpoint`: wakes once a second (or when the overlay grows large) to
+//!   write sled; idle when nothing changed.
+//! - `outbox-shipper` (PostgreSQL tier only): its own current-thread tokio
+//!   runtime, so PostgreSQL never sits on a request's path.
+//! - sled's own background threads (its flusher is off: we fsync).
 
+pub mod checkpoint;
 pub mod keys;
+pub mod log;
 pub mod outbox;
+pub mod overlay;
 pub mod postgres;
 pub mod record;
 pub mod shipper;

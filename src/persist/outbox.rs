@@ -1,33 +1,34 @@
-//! The PostgreSQL outbox, kept in sled.
+//! The PostgreSQL outbox: the [log](super::log) itself.
 //!
-//! With the Postgres tier on, the flusher appends a copy of every session
-//! and execution record it writes (and every audit entry) under the `O`
-//! prefix, in the same atomic sled batch as the record itself. An entry
-//! stays until the [shipper](super::shipper) has committed it to
-//! PostgreSQL, so an outage or a crash loses nothing that sled has: after a
-//! restart shipping resumes from the first entry left.
+//! Every session and execution record the flusher puts in a log record is
+//! an outbox entry, and so is every audit row (an outbox-only op in the
+//! same record). A log segment stays on disk until the
+//! [shipper](super::shipper) has committed all of its entries to
+//! PostgreSQL (and the checkpointer has folded it into sled), so an outage
+//! or a crash loses nothing: after a restart shipping resumes after the
+//! last record PostgreSQL committed (`shipped-through` in sled).
 //!
-//! Entries are numbered in the order the flusher applied them; the shipper
-//! sends them in that order, so a session's row always precedes its
-//! executions' rows. Replaying an entry is harmless (session rows carry a
-//! version, executions and audit rows a natural key), which makes the
-//! shipping exactly-once as seen from PostgreSQL.
+//! The shipper sends entries in log order, so a session's row always
+//! precedes its executions' rows. Replaying an entry is harmless (session
+//! rows carry a version, executions and audit rows a natural key), which
+//! makes the shipping exactly-once as seen from PostgreSQL.
 //!
-//! Value layout: `kind(1) enqueued_at(8, BE ms) payload`, where the payload
-//! is the session record as stored (`S`), the execution key and record
-//! (`E`), or an encoded [`AuditEntry`] (`A`).
+//! Entry layout (for outbox-only ops, seeding and dead letters):
+//! `kind(1) enqueued_at(8, BE ms) payload`, where the payload is the
+//! session record as stored (`S`), the execution key and record (`E`), or
+//! an encoded [`AuditEntry`] (`A`).
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use dashmap::DashMap;
 use tokio::sync::{oneshot, Notify};
 use uuid::Uuid;
 
 use super::keys;
+use super::log::{LogOp, LogReader, LogShared, Record};
 use super::record::{self, RecordError};
-use super::sled::{Store, StoreError};
+use super::sled::{Store, StoreError, SHIPPED_THROUGH};
 use crate::model::{AuditEntry, Millis, Session, ToolExecution};
 
 const KIND_SESSION: u8 = b'S';
@@ -35,7 +36,7 @@ const KIND_EXECUTION: u8 = b'E';
 const KIND_AUDIT: u8 = b'A';
 
 /// Meta key set once every record present when the tier was switched on
-/// has been put in the outbox (cleared whenever the engine runs without the
+/// has been put in the log as outbox entries (cleared whenever the engine runs without the
 /// tier, so switching it on again ships what changed meanwhile).
 pub const SEEDED: &str = "outbox-seeded";
 
@@ -141,17 +142,38 @@ pub fn decode(value: &[u8]) -> Result<(Millis, Entry), EntryError> {
     Ok((at, entry))
 }
 
-/// What the shipper does with a session-state entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum StatePlan {
-    /// A state at least as new was already committed.
-    Skip,
-    /// Ship this state.
-    This,
-    /// A newer state of the session is queued as this entry: ship that one
-    /// now instead (the row exists and is current sooner, and the newer
-    /// entry is skipped when its turn comes).
-    Newest(u64),
+/// Whether a log op is an outbox entry.
+pub fn is_entry(op: &LogOp<'_>) -> bool {
+    match op {
+        LogOp::Put(key, _) => keys::is_session(key) || keys::is_execution(key),
+        LogOp::Remove(_) => false,
+        LogOp::Entry(_) => true,
+    }
+}
+
+/// The outbox entries of a log record, in order.
+pub fn entries(record: &Record) -> impl Iterator<Item = Result<Entry, EntryError>> + '_ {
+    record.ops().filter_map(|op| match op {
+        LogOp::Put(key, value) if keys::is_session(key) => Some(
+            record::decode_session(value)
+                .map(|s| Entry::Session(Box::new(s)))
+                .map_err(EntryError::from),
+        ),
+        LogOp::Put(key, value) if keys::is_execution(key) => {
+            let (session_row, seq) = keys::parse_execution(key)?;
+            Some(
+                record::decode(value)
+                    .map(|execution| Entry::Execution {
+                        session_row,
+                        seq,
+                        execution,
+                    })
+                    .map_err(EntryError::from),
+            )
+        }
+        LogOp::Entry(bytes) => Some(decode(bytes).map(|(_, entry)| entry)),
+        LogOp::Put(..) | LogOp::Remove(_) => None,
+    })
 }
 
 /// Someone waiting for PostgreSQL to commit everything up to `upto`.
@@ -192,110 +214,65 @@ impl OutboxStats {
     }
 }
 
-/// Shared between the flusher (appends) and the shipper (drains).
+/// Shared between the flusher (appends) and the shipper (drains). Positions
+/// are log record numbers.
 pub struct Outbox {
-    /// The number the next appended entry gets.
-    next_seq: AtomicU64,
-    /// Every entry numbered up to this has been applied to sled (or failed
-    /// to be, and will never exist).
+    /// Every record numbered up to this is in the log.
     applied_through: AtomicU64,
-    /// Every entry numbered up to this is committed to PostgreSQL.
+    /// Every record numbered up to this is committed to PostgreSQL.
     shipped_through: AtomicU64,
     waiters: Mutex<Vec<Waiter>>,
     /// Wakes the shipper: new entries or new waiters.
     pub(crate) wake: Notify,
-    /// The newest session entry of each session still in the outbox (by
-    /// session record key): an older state of the same session need not be
-    /// shipped, the newer one replaces it. Filled as the flusher appends
-    /// (entries left from before a restart are simply all shipped).
-    newest_state: DashMap<Box<[u8]>, u64>,
-    /// Sessions whose newer state (entry number) was already committed in
-    /// place of an older entry; entries up to it are skipped.
-    shipped_ahead: DashMap<Box<[u8]>, (Uuid, u64)>,
     stats: OutboxStats,
 }
 
 impl Outbox {
-    /// Opens the outbox over `store`. The first time the tier is on for a
-    /// store, every record already there is appended, so PostgreSQL gets
-    /// the sessions that existed before it was configured.
-    pub fn open(store: &Store) -> Result<Self, StoreError> {
-        let seeded = store.meta(SEEDED)?.is_some();
-        let mut next = store.outbox_last()?.map_or(1, |seq| seq + 1);
-        if !seeded {
-            next = store.seed_outbox(next, crate::model::time::now_ms())?;
-            store.put_meta(SEEDED, b"1")?;
-            store.sync()?;
+    /// Opens the outbox over `store` and its log: shipping resumes after
+    /// the last record PostgreSQL committed. Counts the entries waiting (a
+    /// read of the unshipped log: start-up only).
+    pub fn open(store: &Store, log: &std::sync::Arc<LogShared>) -> Result<Self, StoreError> {
+        let shipped = store.meta_u64(SHIPPED_THROUGH)?;
+        let durable = log.durable_through();
+        let mut reader = LogReader::at(log.clone(), shipped + 1);
+        let mut depth = 0u64;
+        let mut oldest = 0;
+        while let Some(record) = reader
+            .next_record()
+            .map_err(|e| StoreError::Sled(format!("log: {e}")))?
+        {
+            let count = record.ops().filter(is_entry).count() as u64;
+            if count > 0 && oldest == 0 {
+                oldest = record.at;
+            }
+            depth += count;
         }
-        let first = store.outbox_first()?;
-        let depth = store.outbox_len()?;
         let outbox = Outbox {
-            next_seq: AtomicU64::new(next),
-            applied_through: AtomicU64::new(next - 1),
-            shipped_through: AtomicU64::new(first.map_or(next - 1, |(seq, _)| seq - 1)),
+            applied_through: AtomicU64::new(durable),
+            shipped_through: AtomicU64::new(shipped.min(durable)),
             waiters: Mutex::new(Vec::new()),
             wake: Notify::new(),
-            newest_state: DashMap::new(),
-            shipped_ahead: DashMap::new(),
             stats: OutboxStats::default(),
         };
-        outbox.stats.depth.store(depth as u64, Ordering::Relaxed);
-        if let Some((_, at)) = first {
-            outbox
-                .stats
-                .oldest_enqueued_at_ms
-                .store(at, Ordering::Relaxed);
-        }
+        outbox.stats.depth.store(depth, Ordering::Relaxed);
+        outbox
+            .stats
+            .oldest_enqueued_at_ms
+            .store(oldest, Ordering::Relaxed);
         Ok(outbox)
     }
 
-    /// Takes the next sequence number (the flusher alone appends).
-    pub(crate) fn next_seq(&self) -> u64 {
-        self.next_seq.fetch_add(1, Ordering::Relaxed)
+    /// Every record numbered up to this is committed to PostgreSQL.
+    pub(crate) fn shipped_through(&self) -> u64 {
+        self.shipped_through.load(Ordering::Acquire)
     }
 
-    /// The flusher appended entry `seq`, a state of the session stored
-    /// under `key`.
-    pub(crate) fn session_state_appended(&self, key: &[u8], seq: u64) {
-        self.newest_state.insert(key.into(), seq);
-    }
-
-    /// What to ship for entry `seq`, a state of the session with row id
-    /// `row` stored under `key`.
-    pub(crate) fn plan_state(&self, key: &[u8], row: Uuid, seq: u64) -> StatePlan {
-        if let Some(ahead) = self.shipped_ahead.get(key) {
-            // The same session (not a later one re-using its id).
-            if ahead.0 == row && seq <= ahead.1 {
-                return StatePlan::Skip;
-            }
-        }
-        match self.newest_state.get(key) {
-            Some(newest) if *newest > seq => StatePlan::Newest(*newest),
-            _ => StatePlan::This,
-        }
-    }
-
-    /// Entry `seq` (a state of the session under `key`) was skipped,
-    /// shipped, or shipped as the newer entry `shipped_as`.
-    pub(crate) fn state_done(&self, key: &[u8], row: Uuid, seq: u64, shipped_as: u64) {
-        if shipped_as > seq {
-            self.shipped_ahead
-                .entry(key.into())
-                .and_modify(|ahead| *ahead = (row, ahead.1.max(shipped_as)))
-                .or_insert((row, shipped_as));
-        } else {
-            self.shipped_ahead.remove_if(key, |_, ahead| ahead.1 <= seq);
-            self.newest_state.remove_if(key, |_, newest| *newest <= seq);
-        }
-    }
-
-    /// Every entry numbered up to this is in sled (or will never be).
+    /// Every record numbered up to this is in the log.
     pub(crate) fn applied_through(&self) -> u64 {
         self.applied_through.load(Ordering::Acquire)
     }
 
-    /// The flusher finished a batch whose entries are numbered up to
-    /// `upto`; `count` of them were applied (none when the batch failed).
+    /// The flusher appended record `upto`, holding `count` entries.
     pub(crate) fn applied(&self, upto: u64, count: usize, at: Millis) {
         self.applied_through.fetch_max(upto, Ordering::AcqRel);
         if count == 0 {
@@ -340,7 +317,7 @@ impl Outbox {
         self.settle_waiters(None);
     }
 
-    /// The shipper committed every entry up to `seq` (`count` of them).
+    /// The shipper committed every record up to `seq` (`count` entries).
     pub(crate) fn committed(&self, seq: u64, count: usize, oldest_left: Millis) {
         self.shipped_through.fetch_max(seq, Ordering::AcqRel);
         self.stats.depth.fetch_sub(

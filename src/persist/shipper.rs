@@ -1,11 +1,14 @@
-//! The shipper: drains the sled outbox into PostgreSQL in batches.
+//! The shipper: drains the outbox (the log) into PostgreSQL in batches.
 //!
 //! It runs on its own thread with its own single-threaded runtime, so
 //! PostgreSQL never sits on a request's path and a slow server slows only
-//! this thread. Each round reads up to `batch_size` entries (oldest first),
-//! commits them in one transaction ([`Postgres::ship`]) and then deletes them
-//! from the outbox. A crash between the commit and the delete replays the
-//! batch, which PostgreSQL absorbs (see [`super::outbox`]).
+//! this thread. Each round reads whole log records, oldest first, until it
+//! holds at least `batch_size` entries, commits them ([`Postgres::ship`])
+//! and then records the last record shipped (`shipped-through` in sled,
+//! made durable by the next checkpoint). A crash before that replays the
+//! round, which PostgreSQL absorbs (see [`super::outbox`]). Within a round
+//! only the newest state of each session is sent, at the place of its
+//! first state (its row exists before its executions' rows).
 //!
 //! When PostgreSQL is down or failing, the shipper retries with capped
 //! exponential backoff and jitter, and logs the outbox depth and the age of
@@ -20,9 +23,10 @@ use rand::Rng;
 use tokio::sync::watch;
 
 use super::keys;
-use super::outbox::{self, Entry, Outbox, StatePlan};
+use super::log::{LogReader, LogShared, Record};
+use super::outbox::{self, Entry, Outbox};
 use super::postgres::{PgError, Postgres};
-use super::sled::{Store, StoreError};
+use super::sled::{Store, StoreError, SHIPPED_THROUGH};
 use crate::model::time::now_ms;
 
 /// First retry delay after a failure.
@@ -70,6 +74,7 @@ impl ShipperHandle {
 /// Starts the shipper thread.
 pub fn start(
     store: Store,
+    log: Arc<LogShared>,
     outbox: Arc<Outbox>,
     postgres: Postgres,
     config: ShipperConfig,
@@ -77,6 +82,7 @@ pub fn start(
     let (stop, stopping) = watch::channel(false);
     let shipper = Shipper {
         store,
+        log,
         outbox,
         postgres,
         config,
@@ -107,6 +113,7 @@ pub fn start(
 
 struct Shipper {
     store: Store,
+    log: Arc<LogShared>,
     outbox: Arc<Outbox>,
     postgres: Postgres,
     config: ShipperConfig,
@@ -171,6 +178,7 @@ impl Shipper {
             last_log: None,
         };
         let mut drain_deadline: Option<Instant> = None;
+        let mut reader = LogReader::at(self.log.clone(), self.outbox.shipped_through() + 1);
         loop {
             let stop = *stopping.borrow() || stopping.has_changed().is_err();
             if stop && drain_deadline.is_none() {
@@ -181,7 +189,7 @@ impl Shipper {
             // one entry), so a round too big for the statement timeout gets
             // through; a success restores it.
             let size = (self.config.batch_size >> backoff.failures.min(16)).max(1);
-            let batch = match self.store.outbox_batch(size) {
+            let batch = match self.read_round(&mut reader, size) {
                 Ok(batch) => batch,
                 Err(e) => {
                     // Nothing is known to be shipped: waiters keep waiting.
@@ -209,17 +217,9 @@ impl Shipper {
                 break;
             }
             match self.ship(&batch, backoff.failures).await {
-                Ok(()) => {
-                    if backoff.failures > 0 {
-                        tracing::info!(
-                            after_failures = backoff.failures,
-                            "postgres: reachable again, outbox shipping resumed"
-                        );
-                    }
-                    backoff.failures = 0;
-                    backoff.last_log = None;
-                }
                 Err(e) => {
+                    // Read the round again (smaller) at the next try.
+                    reader.seek(self.outbox.shipped_through() + 1);
                     backoff.failures += 1;
                     self.outbox
                         .stats()
@@ -248,56 +248,76 @@ impl Shipper {
                         self.pause(delay, &mut stopping).await;
                     }
                 }
+                Ok(()) => {
+                    if backoff.failures > 0 {
+                        tracing::info!(
+                            after_failures = backoff.failures,
+                            "postgres: reachable again, outbox shipping resumed"
+                        );
+                    }
+                    backoff.failures = 0;
+                    backoff.last_log = None;
+                }
             }
         }
         self.outbox.fail_waiters();
     }
 
-    /// Ships one batch; on success deletes it from the outbox.
-    async fn ship(&self, batch: &[(u64, sled::IVec)], failures: u32) -> Result<(), String> {
-        let mut entries = Vec::with_capacity(batch.len());
-        // The entry number of each of `entries`.
-        let mut numbers = Vec::with_capacity(batch.len());
-        // (session key, row id, entry number, number of the state shipped)
-        let mut states = Vec::new();
-        for (seq, value) in batch {
-            match outbox::decode(value) {
-                Ok((_, Entry::Session(session))) => {
-                    let key = keys::session(session.tenant_id, &session.session_id);
-                    let row = session.id;
-                    match self.outbox.plan_state(&key, row, *seq) {
-                        StatePlan::Skip => states.push((key, row, *seq, *seq)),
-                        StatePlan::This => {
-                            entries.push(Entry::Session(session));
-                            numbers.push(*seq);
-                            states.push((key, row, *seq, *seq));
-                        }
-                        StatePlan::Newest(newest) => match self.newest_state(newest) {
-                            // Only a newer state of this very session (a
-                            // later session may re-use the id).
-                            Some(newer) if newer.id == row => {
-                                entries.push(Entry::Session(newer));
-                                numbers.push(*seq);
-                                states.push((key, row, *seq, newest));
-                            }
-                            _ => {
-                                entries.push(Entry::Session(session));
-                                numbers.push(*seq);
-                                states.push((key, row, *seq, *seq));
-                            }
-                        },
-                    }
+    /// Reads whole log records until they hold at least `size` entries.
+    fn read_round(&self, reader: &mut LogReader, size: usize) -> Result<Vec<Record>, String> {
+        let mut round = Vec::new();
+        let mut entries = 0;
+        while entries < size {
+            match reader
+                .next_record()
+                .map_err(|e| format!("reading the log: {e}"))?
+            {
+                Some(record) => {
+                    entries += record.ops().filter(outbox::is_entry).count();
+                    round.push(record);
                 }
-                Ok((_, entry)) => {
-                    entries.push(entry);
-                    numbers.push(*seq);
-                }
-                // A corrupt entry would block the outbox forever; it is
-                // logged and dropped with the batch.
-                Err(e) => tracing::error!(seq, error = %e, "outbox: unreadable entry dropped"),
+                None => break,
             }
         }
-        // After a failure the batch goes as one transaction: should two
+        Ok(round)
+    }
+
+    /// Ships one round; on success records how far shipping got.
+    async fn ship(&self, round: &[Record], failures: u32) -> Result<(), String> {
+        let mut entries: Vec<Entry> = Vec::new();
+        // Where each session's state sits in `entries`, by (key, row id).
+        let mut states: std::collections::HashMap<(Vec<u8>, uuid::Uuid), usize> =
+            std::collections::HashMap::new();
+        let mut count = 0;
+        for record in round {
+            for entry in outbox::entries(record) {
+                count += 1;
+                match entry {
+                    Ok(Entry::Session(session)) => {
+                        let key = (
+                            keys::session(session.tenant_id, &session.session_id),
+                            session.id,
+                        );
+                        match states.get(&key) {
+                            // A newer state of a session already in the
+                            // round replaces it there.
+                            Some(&at) => entries[at] = Entry::Session(session),
+                            None => {
+                                states.insert(key, entries.len());
+                                entries.push(Entry::Session(session));
+                            }
+                        }
+                    }
+                    Ok(entry) => entries.push(entry),
+                    // A corrupt entry would block the outbox forever; it
+                    // is logged and dropped with the round.
+                    Err(e) => {
+                        tracing::error!(record = record.seq, error = %e, "outbox: unreadable entry dropped")
+                    }
+                }
+            }
+        }
+        // After a failure the round goes as one transaction: should two
         // parts ever conflict (a session id re-used by a new session while
         // the old one still waits here), the retry cannot.
         let parts = if failures > 0 {
@@ -307,72 +327,41 @@ impl Shipper {
         };
         match self.postgres.ship(&entries, parts).await {
             Ok(_) => {}
-            Err(e) if e.is_data() => self.isolate(&entries, &numbers, batch, &e).await?,
+            Err(e) if e.is_data() => self.isolate(&entries, round[0].seq, &e).await?,
             Err(e) => return Err(e.to_string()),
         }
-        for (key, row, seq, shipped_as) in states {
-            self.outbox.state_done(&key, row, seq, shipped_as);
-        }
-        let last = batch.last().map_or(0, |(seq, _)| *seq);
+        let last = round.last().map_or(0, |record| record.seq);
         self.store
-            .remove_outbox(batch.iter().map(|(seq, _)| *seq))
+            .put_meta(SHIPPED_THROUGH, &last.to_be_bytes())
             .map_err(|e| e.to_string())?;
-        let oldest_left = self
-            .store
-            .outbox_first()
-            .ok()
-            .flatten()
-            .map_or(0, |(_, at)| at);
-        self.outbox.committed(last, batch.len(), oldest_left);
+        self.outbox.committed(last, count, 0);
         Ok(())
     }
 
-    /// PostgreSQL refused some rows of a batch (it would refuse them
+    /// PostgreSQL refused some rows of a round (it would refuse them
     /// forever): ships the entries one by one, in order, and moves each one
     /// it refuses to the dead-letter records (kept in sled, logged), so the
-    /// outbox moves on.
-    async fn isolate(
-        &self,
-        entries: &[Entry],
-        numbers: &[u64],
-        batch: &[(u64, sled::IVec)],
-        cause: &PgError,
-    ) -> Result<(), String> {
+    /// outbox moves on. `first` numbers the dead letters.
+    async fn isolate(&self, entries: &[Entry], first: u64, cause: &PgError) -> Result<(), String> {
         tracing::warn!(error = %cause, entries = entries.len(), "postgres refused rows of a batch; shipping it entry by entry");
-        for (entry, seq) in entries.iter().zip(numbers) {
+        for (i, entry) in entries.iter().enumerate() {
             match self.postgres.ship(std::slice::from_ref(entry), 1).await {
                 Ok(_) => {}
                 Err(e) if e.is_data() => {
-                    // What was refused: for a session, possibly the newer
-                    // state shipped in place of the queued one.
-                    let raw = match entry {
-                        Entry::Session(_) => outbox::encode(entry, now_ms()),
-                        _ => batch
-                            .iter()
-                            .find(|(n, _)| n == seq)
-                            .map_or_else(Vec::new, |(_, value)| value.to_vec()),
-                    };
+                    let seq = (first << 20) + i as u64;
                     self.store
-                        .put_dead_letter(now_ms(), *seq, &raw)
+                        .put_dead_letter(now_ms(), seq, &outbox::encode(entry, now_ms()))
                         .map_err(|e| e.to_string())?;
                     self.outbox
                         .stats()
                         .dead_letters
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    tracing::error!(seq, error = %e, "postgres refused an outbox entry; kept in sled as a dead letter");
+                    tracing::error!(record = first, error = %e, "postgres refused an outbox entry; kept in sled as a dead letter");
                 }
                 Err(e) => return Err(e.to_string()),
             }
         }
         Ok(())
-    }
-
-    /// The session state queued as entry `seq`, if it is in sled already.
-    fn newest_state(&self, seq: u64) -> Option<Box<crate::model::Session>> {
-        match outbox::decode(&self.store.outbox_entry(seq).ok()??) {
-            Ok((_, Entry::Session(session))) => Some(session),
-            _ => None,
-        }
     }
 
     /// Waits for new entries or waiters, at most [`IDLE_WAIT`].

@@ -2,8 +2,9 @@
 //!
 //! Producers (session actors, supervisors) push [`WriteOp`]s through a
 //! channel and go on. One flusher thread gathers what is queued into a single
-//! sled batch, applies it and fsyncs once, then wakes every waiter of that
-//! batch. A batch closes when it is full, when someone waits on it (a sync
+//! [log](super::log) record, appends it and fsyncs once, adds its changes to
+//! the store's overlay (so reads see them), then wakes every waiter of that
+//! batch. Sled is written later by the [checkpointer](super::checkpoint). A batch closes when it is full, when someone waits on it (a sync
 //! acknowledgement or a barrier: waiting longer would only add latency, and
 //! whatever arrives during the fsync forms the next batch), or when
 //! `flush_interval` has passed since its first change (heartbeats and async
@@ -18,7 +19,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
+use super::checkpoint::{Nudger, OVERLAY_SOFT_LIMIT};
 use super::keys;
+use super::log::{LogWriter, RecordBuilder};
 use super::outbox::{self, Outbox};
 use super::record;
 use super::sled::{Store, StoreError};
@@ -158,19 +161,13 @@ pub struct WriteBehind {
 }
 
 impl WriteBehind {
-    /// Starts the flusher thread over `store`, without a Postgres tier.
+    /// Starts the flusher thread: it appends to `log` and adds what it wrote
+    /// to `store`'s overlay; with `shipping`, the PostgreSQL waiters are
+    /// told what is in the log (see [`Shipping`]).
     pub fn start(
         store: Store,
-        flush_interval: Duration,
-        max_batch: usize,
-    ) -> (Self, JoinHandle<()>) {
-        Self::start_with_outbox(store, flush_interval, max_batch, None)
-    }
-
-    /// Starts the flusher thread over `store`; with `shipping`, records are
-    /// also appended to its outbox (see [`Shipping`]).
-    pub fn start_with_outbox(
-        store: Store,
+        log: LogWriter,
+        checkpoints: Nudger,
         flush_interval: Duration,
         max_batch: usize,
         shipping: Option<Shipping>,
@@ -179,6 +176,8 @@ impl WriteBehind {
         let stats = Arc::new(WriteBehindStats::default());
         let flusher = Flusher {
             store,
+            log,
+            checkpoints,
             rx,
             flush_interval,
             max_batch,
@@ -277,7 +276,7 @@ pub struct Shipping {
     /// The outbox shared with the shipper.
     pub outbox: Arc<Outbox>,
     /// `durability = "postgres"`: acknowledgements wait for the Postgres
-    /// commit of their entries, not only for sled.
+    /// commit of their entries, not only for the log.
     pub ack_after_commit: bool,
     /// Longest such a wait before the caller gets an error.
     pub commit_timeout: Duration,
@@ -285,6 +284,8 @@ pub struct Shipping {
 
 struct Flusher {
     store: Store,
+    log: LogWriter,
+    checkpoints: Nudger,
     rx: mpsc::Receiver<Command>,
     flush_interval: Duration,
     max_batch: usize,
@@ -292,29 +293,21 @@ struct Flusher {
     shipping: Option<Shipping>,
 }
 
-/// Most changes per `apply_batch` call. A group commit may hold thousands of
-/// changes; sled keeps every node version a batch replaces until the batch
-/// ends, so one huge `apply_batch` inflates memory (measured: ~1 KiB per
-/// record at 1000 per batch against ~300 B at 256). The group is applied in
-/// chunks of this size, each command's changes kept together, then synced
-/// once.
-const APPLY_CHUNK: usize = 256;
-
 type Ack = oneshot::Sender<Result<(), StoreError>>;
 
 /// One batch being gathered.
 #[derive(Default)]
 struct Pending {
-    chunks: Vec<sled::Batch>,
-    chunk_writes: usize,
+    record: RecordBuilder,
+    /// The record's local changes, for the overlay once it is on disk.
+    changes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
     writes: usize,
     /// Resolved once the batch is on disk.
     acks: Vec<Ack>,
     /// Resolved once the batch's outbox entries are committed to PostgreSQL.
     commit_acks: Vec<Ack>,
-    /// Outbox entries appended, and the number of the last one.
+    /// Outbox entries in the record.
     entries: usize,
-    last_entry: u64,
     stop: bool,
 }
 
@@ -323,42 +316,29 @@ impl Pending {
         let after_commit = shipping.is_some_and(|s| s.ack_after_commit);
         match command {
             Command::Write { ops, ack, local } => {
-                if self.chunks.is_empty() || self.chunk_writes >= APPLY_CHUNK {
-                    self.chunks.push(sled::Batch::default());
-                    self.chunk_writes = 0;
-                }
-                // The chunk was pushed just above when there was none.
-                let chunk = self.chunks.last_mut().expect("a chunk exists");
                 for op in ops {
-                    // The outbox entry goes into the same chunk as its
-                    // record: one atomic apply holds both or neither.
-                    let entry = match (&op, shipping) {
-                        (WriteOp::Put { key, value }, Some(_)) => {
-                            outbox::entry_for_record(key, value, now)
-                        }
-                        (WriteOp::Audit(audit), Some(_)) => {
-                            Some(outbox::entry_for_audit(audit, now))
-                        }
-                        _ => None,
-                    };
-                    if let (Some(entry), Some(shipping)) = (entry, shipping) {
-                        self.last_entry = shipping.outbox.next_seq();
-                        if let WriteOp::Put { key, .. } = &op {
-                            if keys::is_session(key) {
-                                shipping.outbox.session_state_appended(key, self.last_entry);
-                            }
-                        }
-                        chunk.insert(&keys::outbox(self.last_entry), entry);
-                        self.entries += 1;
-                        self.chunk_writes += 1;
-                        self.writes += 1;
-                    }
                     match op {
-                        WriteOp::Put { key, value } => chunk.insert(key, value),
-                        WriteOp::Remove { key } => chunk.remove(key),
-                        WriteOp::Audit(_) => continue,
+                        WriteOp::Put { key, value } => {
+                            if shipping.is_some()
+                                && (keys::is_session(&key) || keys::is_execution(&key))
+                            {
+                                self.entries += 1;
+                            }
+                            self.record.put(&key, &value);
+                            self.changes.push((key, Some(value)));
+                        }
+                        WriteOp::Remove { key } => {
+                            self.record.remove(&key);
+                            self.changes.push((key, None));
+                        }
+                        WriteOp::Audit(audit) => {
+                            if shipping.is_none() {
+                                continue;
+                            }
+                            self.record.entry(&outbox::entry_for_audit(&audit, now));
+                            self.entries += 1;
+                        }
                     }
-                    self.chunk_writes += 1;
                     self.writes += 1;
                 }
                 if after_commit && !local {
@@ -384,7 +364,7 @@ impl Pending {
 }
 
 impl Flusher {
-    fn run(self) {
+    fn run(mut self) {
         while let Ok(first) = self.rx.recv() {
             let deadline = Instant::now() + self.flush_interval;
             let mut pending = Pending::default();
@@ -418,19 +398,36 @@ impl Flusher {
         pending.add(command, self.shipping.as_ref(), now_ms());
     }
 
-    fn write(&self, pending: Pending) {
+    fn write(&mut self, mut pending: Pending) {
         let started = Instant::now();
-        let result = if pending.writes > 0 {
-            pending
-                .chunks
-                .into_iter()
-                .try_for_each(|chunk| self.store.apply(chunk))
-                .and_then(|()| self.store.sync())
+        let now = now_ms();
+        let result = if pending.record.is_empty() {
+            Ok(None)
         } else {
-            Ok(())
+            self.log
+                .append(&mut pending.record, now)
+                .map(Some)
+                .map_err(|e| StoreError::Sled(format!("log: {e}")))
         };
-        match &result {
-            Ok(()) => {
+        let result = match result {
+            Ok(written) => {
+                if let Some(seq) = written {
+                    // Visible to readers only now that it is on disk.
+                    let overlay = self.store.overlay();
+                    overlay.apply(
+                        seq,
+                        pending
+                            .changes
+                            .iter()
+                            .map(|(key, value)| (key.as_slice(), value.as_deref())),
+                    );
+                    if overlay.active_bytes() > OVERLAY_SOFT_LIMIT {
+                        self.checkpoints.nudge();
+                    }
+                    if let Some(shipping) = &self.shipping {
+                        shipping.outbox.applied(seq, pending.entries, now);
+                    }
+                }
                 metrics::histogram!(telemetry::WRITE_BEHIND_BATCH).record(pending.writes as f64);
                 metrics::histogram!(telemetry::WRITE_BEHIND_FLUSH)
                     .record(started.elapsed().as_secs_f64());
@@ -444,19 +441,15 @@ impl Flusher {
                 self.stats
                     .last_flush_micros
                     .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                Ok(())
             }
             Err(e) => {
-                tracing::error!(error = %e, writes = pending.writes, "write-behind batch failed")
+                tracing::error!(error = %e, writes = pending.writes, "write-behind batch failed");
+                Err(e)
             }
-        }
+        };
         if let Some(shipping) = &self.shipping {
             let outbox = &shipping.outbox;
-            let applied = if result.is_ok() { pending.entries } else { 0 };
-            outbox.applied(
-                pending.last_entry.max(outbox.applied_through()),
-                applied,
-                now_ms(),
-            );
             let deadline = Instant::now() + shipping.commit_timeout;
             for ack in pending.commit_acks {
                 match &result {
@@ -502,12 +495,32 @@ pub fn purge_ops(store: &Store, session: &Session) -> Result<Vec<WriteOp>, Store
 mod tests {
     use super::*;
     use crate::model::session::tests::session_at;
+    use crate::persist::checkpoint::Checkpointer;
+
+    fn start(
+        dir: &std::path::Path,
+        flush_interval: Duration,
+        max_batch: usize,
+    ) -> (Store, Checkpointer, WriteBehind, JoinHandle<()>) {
+        let opened = Store::open(dir, 16 << 20, false).unwrap();
+        let checkpointer =
+            Checkpointer::start(opened.store.clone(), opened.log.shared().clone(), false);
+        let (queue, thread) = WriteBehind::start(
+            opened.store.clone(),
+            opened.log,
+            checkpointer.nudger(),
+            flush_interval,
+            max_batch,
+            None,
+        );
+        (opened.store, checkpointer, queue, thread)
+    }
 
     #[tokio::test]
     async fn a_barrier_makes_earlier_writes_readable_and_durable() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), 16 << 20).unwrap();
-        let (queue, thread) = WriteBehind::start(store.clone(), Duration::from_millis(50), 1024);
+        let (store, mut checkpointer, queue, thread) =
+            start(dir.path(), Duration::from_millis(50), 1024);
         let session = session_at(1_000, 60, 60);
         assert!(queue
             .submit(vec![WriteOp::put_session(&session)], false)
@@ -516,17 +529,33 @@ mod tests {
         let back = store
             .session(session.tenant_id, &session.session_id)
             .unwrap();
-        assert_eq!(back, Some(session));
+        assert_eq!(back, Some(session.clone()));
         assert!(queue.stats().batches.load(Ordering::Relaxed) >= 1);
         queue.shutdown().await.unwrap().unwrap();
         thread.join().unwrap();
+        checkpointer.stop();
+        assert!(
+            store.overlay().is_empty(),
+            "the last checkpoint folded everything into sled"
+        );
+        drop(store);
+        // Reopened: the same state, from sled alone.
+        let opened = Store::open(dir.path(), 16 << 20, false).unwrap();
+        assert!(opened.store.overlay().is_empty());
+        assert_eq!(
+            opened
+                .store
+                .session(session.tenant_id, &session.session_id)
+                .unwrap(),
+            Some(session)
+        );
     }
 
     #[tokio::test]
     async fn concurrent_waiters_share_batches() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), 16 << 20).unwrap();
-        let (queue, thread) = WriteBehind::start(store.clone(), Duration::from_millis(5), 4096);
+        let (store, mut checkpointer, queue, thread) =
+            start(dir.path(), Duration::from_millis(5), 4096);
         let mut waiters = Vec::new();
         for i in 0..500 {
             let mut session = session_at(1_000, 60, 60);
@@ -548,9 +577,46 @@ mod tests {
         assert_eq!(store.all_sessions().count(), 500);
         queue.shutdown().await.unwrap().unwrap();
         thread.join().unwrap();
+        checkpointer.stop();
         assert!(
             queue.barrier().await.is_err(),
             "a stopped queue drops waiters"
         );
+        drop(store);
+        // Without the last checkpoint the log alone brings them back.
+        let dir2 = tempfile::tempdir().unwrap();
+        let (store, _checkpointer, queue, _thread) =
+            start(dir2.path(), Duration::from_millis(5), 4096);
+        let session = session_at(1_000, 60, 60);
+        queue
+            .submit_durable(vec![WriteOp::put_session(&session)])
+            .await
+            .unwrap()
+            .unwrap();
+        let copy = tempfile::tempdir().unwrap();
+        copy_dir(dir2.path(), copy.path());
+        drop(store);
+        let opened = Store::open(copy.path(), 16 << 20, false).unwrap();
+        assert_eq!(
+            opened
+                .store
+                .session(session.tenant_id, &session.session_id)
+                .unwrap(),
+            Some(session)
+        );
+    }
+
+    /// Copies a data dir as a crash would leave it (files as they are).
+    fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                std::fs::create_dir_all(&target).unwrap();
+                copy_dir(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), target).unwrap();
+            }
+        }
     }
 }

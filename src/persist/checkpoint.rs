@@ -1,0 +1,174 @@
+//! The checkpointer: folds the log into sled, off the acknowledgement path.
+//!
+//! Every [`CHECKPOINT_INTERVAL`] (sooner when the overlay grows past
+//! [`OVERLAY_SOFT_LIMIT`]) it freezes the overlay's active layer, writes it
+//! into sled in chunks with the number of the last log record it covers,
+//! fsyncs sled once, and only then lets readers go to sled for those keys
+//! and deletes the log segments nothing needs any more (checkpointed and,
+//! with the PostgreSQL tier, shipped). Many changes of one key between two
+//! checkpoints cost sled one write: a session's heartbeats, counters and
+//! status changes fold into its latest record.
+//!
+//! A failed checkpoint (sled cannot write) keeps the frozen layer in memory
+//! and the log on disk, and is retried at the next tick; nothing is lost
+//! and reads are unaffected.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::log::LogShared;
+use super::sled::{Store, SHIPPED_THROUGH};
+
+/// Longest time between two checkpoints while there are changes.
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+/// Overlay size that triggers a checkpoint before the interval is up.
+pub const OVERLAY_SOFT_LIMIT: usize = 64 << 20;
+
+/// Live figures of the checkpointer.
+#[derive(Debug, Default)]
+pub struct CheckpointStats {
+    /// Checkpoints written since start.
+    pub checkpoints: AtomicU64,
+    /// Failed checkpoint attempts since start.
+    pub failures: AtomicU64,
+    /// The last log record sled holds.
+    pub through: AtomicU64,
+    /// Duration of the last checkpoint, in microseconds.
+    pub last_micros: AtomicU64,
+}
+
+enum Command {
+    /// Checkpoint now (the overlay grew).
+    Nudge,
+    /// Checkpoint everything now and stop.
+    Stop(mpsc::Sender<()>),
+}
+
+/// Handle to the checkpointer thread.
+pub struct Checkpointer {
+    tx: mpsc::SyncSender<Command>,
+    thread: Option<JoinHandle<()>>,
+    stats: Arc<CheckpointStats>,
+}
+
+impl Checkpointer {
+    /// Starts the thread. `shipping`: the PostgreSQL tier is on, so log
+    /// segments stay until they are shipped too.
+    pub fn start(store: Store, log: Arc<LogShared>, shipping: bool) -> Self {
+        // A nudge that finds the queue full is redundant: one is pending.
+        let (tx, rx) = mpsc::sync_channel(1);
+        let stats = Arc::new(CheckpointStats::default());
+        let worker = Worker {
+            store,
+            log,
+            shipping,
+            stats: stats.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("checkpoint".into())
+            .spawn(move || worker.run(rx))
+            // Failing to spawn a thread at start-up means the OS is out of
+            // resources; there is nothing sensible to continue with.
+            .expect("spawning the checkpoint thread");
+        Checkpointer {
+            tx,
+            thread: Some(thread),
+            stats,
+        }
+    }
+
+    /// A handle that asks for early checkpoints.
+    pub fn nudger(&self) -> Nudger {
+        Nudger(self.tx.clone())
+    }
+
+    /// The live figures.
+    pub fn stats(&self) -> &CheckpointStats {
+        &self.stats
+    }
+
+    /// Writes a last checkpoint and stops the thread (call after the
+    /// flusher and the shipper have stopped).
+    pub fn stop(&mut self) {
+        let (done, wait) = mpsc::channel();
+        if self.tx.send(Command::Stop(done)).is_ok() {
+            let _ = wait.recv();
+        }
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::error!("the checkpoint thread panicked");
+            }
+        }
+    }
+}
+
+/// Asks the checkpointer for an early checkpoint; for the flusher.
+#[derive(Clone)]
+pub struct Nudger(mpsc::SyncSender<Command>);
+
+impl Nudger {
+    /// Asks for a checkpoint before the interval is up.
+    pub fn nudge(&self) {
+        let _ = self.0.try_send(Command::Nudge);
+    }
+}
+
+struct Worker {
+    store: Store,
+    log: Arc<LogShared>,
+    shipping: bool,
+    stats: Arc<CheckpointStats>,
+}
+
+impl Worker {
+    fn run(self, rx: mpsc::Receiver<Command>) {
+        loop {
+            match rx.recv_timeout(CHECKPOINT_INTERVAL) {
+                Ok(Command::Nudge) | Err(RecvTimeoutError::Timeout) => {
+                    self.checkpoint();
+                }
+                Ok(Command::Stop(done)) => {
+                    // Twice: a frozen layer left by a failure, then the rest.
+                    self.checkpoint();
+                    self.checkpoint();
+                    let _ = done.send(());
+                    return;
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.checkpoint();
+                    return;
+                }
+            }
+        }
+    }
+
+    fn checkpoint(&self) {
+        let started = Instant::now();
+        // Read before sled's fsync, so the value used below is durable.
+        let shipped = if self.shipping {
+            self.store.meta_u64(SHIPPED_THROUGH).unwrap_or(0)
+        } else {
+            u64::MAX
+        };
+        match self.store.checkpoint(0) {
+            Ok(None) => {}
+            Ok(Some(through)) => {
+                self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
+                self.stats.through.store(through, Ordering::Relaxed);
+                self.stats
+                    .last_micros
+                    .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                if let Err(e) = self.log.delete_through(through.min(shipped)) {
+                    tracing::warn!(error = %e, "log: cannot delete checkpointed segments; retried at the next checkpoint");
+                }
+            }
+            Err(e) => {
+                self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "checkpoint into sled failed; the log keeps every change, retrying");
+            }
+        }
+    }
+}
