@@ -98,6 +98,8 @@ pub struct StorageSettings {
     pub max_batch: usize,
     /// sled's page cache in MiB (records beyond it are read from disk).
     pub cache_capacity_mb: u64,
+    /// Longest time between two checkpoints of the log into sled.
+    pub checkpoint_interval_ms: u64,
     /// `serve --salvage`: start from what can be read of a damaged store.
     /// A command-line flag, never a config key.
     #[serde(skip)]
@@ -316,6 +318,9 @@ impl Settings {
         let fail = |key: &str, why: &str| Err(ConfigError(format!("{key}: {why}")));
         if self.storage.flush_interval_ms == 0 {
             return fail("storage.flush_interval_ms", "must be at least 1");
+        }
+        if !(1..=60_000).contains(&self.storage.checkpoint_interval_ms) {
+            return fail("storage.checkpoint_interval_ms", "must be 1 to 60000");
         }
         if self.storage.cache_capacity_mb == 0 {
             return fail("storage.cache_capacity_mb", "must be at least 1");

@@ -93,6 +93,8 @@ pub struct EngineConfig {
     pub max_batch: usize,
     /// sled's page cache size.
     pub cache_capacity_bytes: u64,
+    /// Longest time between two checkpoints of the log into sled.
+    pub checkpoint_interval: Duration,
     /// `active -> idle` threshold.
     pub idle_after: Duration,
     /// Lead time of the WebSocket `session.expiring` notice.
@@ -157,6 +159,7 @@ impl EngineConfig {
             flush_interval: Duration::from_millis(settings.storage.flush_interval_ms),
             max_batch: settings.storage.max_batch,
             cache_capacity_bytes: settings.storage.cache_capacity_mb << 20,
+            checkpoint_interval: Duration::from_millis(settings.storage.checkpoint_interval_ms),
             idle_after: Duration::from_secs(s.idle_after_seconds.into()),
             expiring_notice: Duration::from_secs(s.expiring_notice_seconds.into()),
             retention: Duration::from_secs(s.retention_seconds.into()),
@@ -332,8 +335,12 @@ impl Engine {
                 .map_or(Duration::ZERO, |tier| tier.commit_timeout),
         });
         let log_shared = log.shared().clone();
-        let checkpointer =
-            Checkpointer::start(store.clone(), log_shared.clone(), config.postgres.is_some());
+        let checkpointer = Checkpointer::start(
+            store.clone(),
+            log_shared.clone(),
+            config.postgres.is_some(),
+            config.checkpoint_interval,
+        );
         let (write_behind, flusher) = WriteBehind::start(
             store.clone(),
             log,
@@ -1012,6 +1019,7 @@ mod tests {
             flush_interval: Duration::from_millis(5),
             max_batch: 1024,
             cache_capacity_bytes: 16 << 20,
+            checkpoint_interval: Duration::from_secs(1),
             idle_after: Duration::from_secs(300),
             expiring_notice: Duration::from_secs(60),
             retention: Duration::from_secs(3600),

@@ -1,6 +1,6 @@
 //! The checkpointer: folds the log into sled, off the acknowledgement path.
 //!
-//! Every [`CHECKPOINT_INTERVAL`] (sooner when the overlay grows past
+//! Every `storage.checkpoint_interval_ms` (sooner when the overlay grows past
 //! [`OVERLAY_SOFT_LIMIT`]) it freezes the overlay's active layer, writes it
 //! into sled in chunks with the number of the last log record it covers,
 //! fsyncs sled once, and only then lets readers go to sled for those keys
@@ -22,8 +22,6 @@ use std::time::{Duration, Instant};
 use super::log::LogShared;
 use super::sled::{Store, SHIPPED_THROUGH};
 
-/// Longest time between two checkpoints while there are changes.
-pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 /// Overlay size that triggers a checkpoint before the interval is up.
 pub const OVERLAY_SOFT_LIMIT: usize = 64 << 20;
 
@@ -57,7 +55,7 @@ pub struct Checkpointer {
 impl Checkpointer {
     /// Starts the thread. `shipping`: the PostgreSQL tier is on, so log
     /// segments stay until they are shipped too.
-    pub fn start(store: Store, log: Arc<LogShared>, shipping: bool) -> Self {
+    pub fn start(store: Store, log: Arc<LogShared>, shipping: bool, interval: Duration) -> Self {
         // A nudge that finds the queue full is redundant: one is pending.
         let (tx, rx) = mpsc::sync_channel(1);
         let stats = Arc::new(CheckpointStats::default());
@@ -65,6 +63,7 @@ impl Checkpointer {
             store,
             log,
             shipping,
+            interval,
             stats: stats.clone(),
         };
         let thread = std::thread::Builder::new()
@@ -120,13 +119,14 @@ struct Worker {
     store: Store,
     log: Arc<LogShared>,
     shipping: bool,
+    interval: Duration,
     stats: Arc<CheckpointStats>,
 }
 
 impl Worker {
     fn run(self, rx: mpsc::Receiver<Command>) {
         loop {
-            match rx.recv_timeout(CHECKPOINT_INTERVAL) {
+            match rx.recv_timeout(self.interval) {
                 Ok(Command::Nudge) | Err(RecvTimeoutError::Timeout) => {
                     self.checkpoint();
                 }

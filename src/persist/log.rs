@@ -225,6 +225,9 @@ pub enum LogDamage {
         /// Where the damage starts.
         offset: u64,
     },
+    /// sled lost changes it had checkpointed.
+    #[error("{0}")]
+    Sled(String),
     /// Records are missing between two points.
     #[error("log records {from} to {to} are missing{where_}")]
     Gap {
@@ -248,6 +251,8 @@ pub struct Replay {
     pub damage: Vec<LogDamage>,
     /// Ops in records that could not be read (salvage only).
     pub lost_ops: usize,
+    /// The first record number the log has a segment for.
+    pub first_seq: Option<u64>,
 }
 
 /// Segments and the durable position, shared by the writer, the reader
@@ -387,11 +392,12 @@ impl LogWriter {
     }
 }
 
-/// Opens the log in `dir`, checks it against `after` (the last record sled
-/// holds) and reads every record after it. Damage is an error unless
-/// `salvage`, in which case what can be read is returned with the damage
-/// listed. A torn last record is cut off.
-pub fn open(dir: &Path, after: u64, salvage: bool) -> io::Result<(LogWriter, Replay)> {
+/// Opens the log in `dir`, checks it against `after` (the last record
+/// checkpointed, when known) and reads every record after it. Damage is an
+/// error unless `salvage`, in which case what can be read is returned with
+/// the damage listed. Nothing is written before the whole log has been
+/// checked; then a torn last record is cut off.
+pub fn open(dir: &Path, after: Option<u64>, salvage: bool) -> io::Result<(LogWriter, Replay)> {
     fs::create_dir_all(dir)?;
     let mut firsts: Vec<u64> = fs::read_dir(dir)?
         .filter_map(|entry| {
@@ -410,6 +416,9 @@ pub fn open(dir: &Path, after: u64, salvage: bool) -> io::Result<(LogWriter, Rep
             Err(io::Error::new(io::ErrorKind::InvalidData, damage))
         }
     };
+    let known = after.is_some();
+    let after = after.unwrap_or(0);
+    replay.first_seq = firsts.first().copied();
     let mut expected = after + 1;
     // The highest record number seen anywhere, damaged parts included.
     let mut highest = after;
@@ -417,9 +426,12 @@ pub fn open(dir: &Path, after: u64, salvage: bool) -> io::Result<(LogWriter, Rep
     let mut tail = 0;
     for (i, &first) in firsts.iter().enumerate() {
         let path = segment_path(dir, first);
-        if first > expected {
+        if first > expected && i == 0 && !known {
+            // Where the checkpoint is is not known yet: the caller checks.
+            expected = first;
+        } else if first > expected {
             let where_ = if i == 0 {
-                " between the checkpoint in sled and the log".to_owned()
+                " between the last checkpoint and the log".to_owned()
             } else {
                 format!(" before segment {}", path.display())
             };
@@ -646,7 +658,7 @@ mod tests {
     #[test]
     fn records_come_back_in_order_after_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut writer, replay) = open(dir.path(), 0, false).unwrap();
+        let (mut writer, replay) = open(dir.path(), Some(0), false).unwrap();
         assert!(replay.records.is_empty());
         for i in 0..5u8 {
             let mut r = record(&[(&[i], b"v")]);
@@ -655,7 +667,7 @@ mod tests {
             assert_eq!(writer.append(&mut r, 7).unwrap(), i as u64 + 1);
         }
         drop(writer);
-        let (writer, replay) = open(dir.path(), 2, false).unwrap();
+        let (writer, replay) = open(dir.path(), Some(2), false).unwrap();
         assert_eq!(writer.next_seq(), 6);
         let seqs: Vec<u64> = replay.records.iter().map(|r| r.seq).collect();
         assert_eq!(seqs, [3, 4, 5]);
@@ -673,7 +685,7 @@ mod tests {
     #[test]
     fn a_torn_tail_is_cut_but_damage_in_the_middle_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut writer, _) = open(dir.path(), 0, false).unwrap();
+        let (mut writer, _) = open(dir.path(), Some(0), false).unwrap();
         for i in 0..4u8 {
             writer.append(&mut record(&[(&[i], &[9; 100])]), 0).unwrap();
         }
@@ -683,16 +695,16 @@ mod tests {
         // A torn last write: its last bytes never made it.
         let file = OpenOptions::new().write(true).open(&path).unwrap();
         file.set_len(len - 10).unwrap();
-        let (writer, replay) = open(dir.path(), 0, false).unwrap();
+        let (writer, replay) = open(dir.path(), Some(0), false).unwrap();
         assert_eq!(replay.records.len(), 3);
         assert_eq!(writer.next_seq(), 4);
         drop(writer);
         // A flipped byte in the first record, with good ones after it.
         let file = OpenOptions::new().write(true).open(&path).unwrap();
         file.write_all_at(&[0xff], 40).unwrap();
-        let error = open(dir.path(), 0, false).unwrap_err();
+        let error = open(dir.path(), Some(0), false).unwrap_err();
         assert!(error.to_string().contains("damaged record"), "{error}");
-        let (_, replay) = open(dir.path(), 0, true).unwrap();
+        let (_, replay) = open(dir.path(), Some(0), true).unwrap();
         assert!(replay.records.is_empty());
         assert_eq!(replay.damage.len(), 1);
         assert_eq!(replay.lost_ops, 2);
@@ -702,14 +714,14 @@ mod tests {
     fn a_log_that_starts_after_the_checkpoint_is_a_gap() {
         let dir = tempfile::tempdir().unwrap();
         drop(open_segment(&segment_path(dir.path(), 50)).unwrap());
-        let error = open(dir.path(), 10, false).unwrap_err();
+        let error = open(dir.path(), Some(10), false).unwrap_err();
         assert!(error.to_string().contains("11 to 49"), "{error}");
     }
 
     #[test]
     fn the_reader_follows_durable_records_across_segments() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut writer, _) = open(dir.path(), 0, false).unwrap();
+        let (mut writer, _) = open(dir.path(), Some(0), false).unwrap();
         let mut reader = LogReader::new(writer.shared().clone());
         assert!(reader.next_record().unwrap().is_none());
         writer.append(&mut record(&[(b"a", b"1")]), 0).unwrap();

@@ -69,6 +69,8 @@ pub struct Store {
     db: sled::Db,
     tree: sled::Tree,
     overlay: Arc<Overlay>,
+    /// The data dir (where the checkpoint mark lives).
+    dir: std::path::PathBuf,
 }
 
 /// A store just opened, with its log.
@@ -110,6 +112,18 @@ impl Store {
     /// records sled does not hold yet. Damage (see [`super::log`]) is an
     /// error unless `salvage`.
     pub fn open(dir: &Path, cache_bytes: u64, salvage: bool) -> Result<Opened, StoreError> {
+        let damaged = |e: std::io::Error| {
+            if e.kind() == std::io::ErrorKind::InvalidData {
+                StoreError::Damaged(e.to_string())
+            } else {
+                StoreError::Sled(format!("log: {e}"))
+            }
+        };
+        // The log is checked before sled is opened (sled's own recovery may
+        // rewrite its files): damage found there leaves every file as it was.
+        let marked = read_checkpoint_mark(dir)?;
+        let (mut log, mut replay) =
+            log::open(&dir.join("wal"), marked, salvage).map_err(damaged)?;
         let db = sled::Config::new()
             .path(dir.join("sled"))
             .cache_capacity(cache_bytes)
@@ -122,17 +136,32 @@ impl Store {
             db,
             tree,
             overlay: Arc::new(Overlay::default()),
+            dir: dir.to_owned(),
         };
+        // sled drops everything after the first record of its own log that
+        // fails its checksum; the mark outside it tells.
         let through = store.meta_u64(WAL_THROUGH)?;
-        let (mut log, replay) = log::open(&dir.join("wal"), through, salvage).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::InvalidData {
-                StoreError::Damaged(e.to_string())
-            } else {
-                StoreError::Sled(format!("log: {e}"))
+        let mut sled_damage = None;
+        if marked.is_some_and(|marked| through < marked) {
+            sled_damage = Some(format!(
+                "sled holds changes through log record {through} but was checkpointed through {}",
+                marked.unwrap_or(0)
+            ));
+        } else if replay.first_seq.is_some_and(|first| first > through + 1) {
+            sled_damage = Some(format!(
+                "log records {} to {} are missing between sled and the log",
+                through + 1,
+                replay.first_seq.unwrap_or(0) - 1
+            ));
+        }
+        if let Some(damage) = sled_damage {
+            if !salvage {
+                return Err(StoreError::Damaged(damage));
             }
-        })?;
+            replay.damage.push(log::LogDamage::Sled(damage));
+        }
         let mut salvaged = None;
-        for record in &replay.records {
+        for record in replay.records.iter().filter(|r| r.seq > through) {
             store.overlay.apply(
                 record.seq,
                 record.ops().filter_map(|op| match op {
@@ -468,6 +497,7 @@ impl Store {
             if at_least > self.meta_u64(WAL_THROUGH)? {
                 self.put_meta(WAL_THROUGH, &at_least.to_be_bytes())?;
                 self.sync()?;
+                write_checkpoint_mark(&self.dir, at_least)?;
                 return Ok(Some(at_least));
             }
             return Ok(None);
@@ -492,6 +522,7 @@ impl Store {
         batch.insert(keys::meta(WAL_THROUGH), &through.to_be_bytes());
         self.apply(batch)?;
         self.sync()?;
+        write_checkpoint_mark(&self.dir, through)?;
         self.overlay.release_frozen();
         Ok(Some(through))
     }
@@ -513,6 +544,59 @@ impl Store {
         self.db.flush()?;
         Ok(())
     }
+}
+
+/// Name of the checkpoint mark: the last log record sled holds, kept
+/// outside sled (8 bytes BE, crc32 of them LE), written after sled's fsync.
+/// Sled loses its newest writes silently when its files are damaged; this
+/// is how recovery knows.
+const CHECKPOINT_MARK: &str = "checkpoint";
+
+/// The checkpoint mark, if the store has one (a store of the previous
+/// format, or one that never checkpointed, has none).
+fn read_checkpoint_mark(dir: &Path) -> Result<Option<u64>, StoreError> {
+    let bytes = match std::fs::read(dir.join(CHECKPOINT_MARK)) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(StoreError::Sled(format!(
+                "reading the checkpoint mark: {e}"
+            )))
+        }
+    };
+    if bytes.len() != 12 || crc32fast::hash(&bytes[..8]).to_le_bytes() != bytes[8..] {
+        return Err(StoreError::Damaged(format!(
+            "the checkpoint mark {} fails its checksum",
+            dir.join(CHECKPOINT_MARK).display()
+        )));
+    }
+    Ok(Some(u64::from_be_bytes(
+        bytes[..8].try_into().expect("8 bytes"),
+    )))
+}
+
+/// Replaces the checkpoint mark atomically (write, fsync, rename, fsync
+/// the dir), with mode 0600.
+fn write_checkpoint_mark(dir: &Path, through: u64) -> Result<(), StoreError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let fail = |e: std::io::Error| StoreError::Sled(format!("writing the checkpoint mark: {e}"));
+    let mut bytes = through.to_be_bytes().to_vec();
+    bytes.extend_from_slice(&crc32fast::hash(&bytes).to_le_bytes());
+    let temporary = dir.join(format!("{CHECKPOINT_MARK}.tmp"));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&temporary)
+        .map_err(fail)?;
+    file.write_all(&bytes).map_err(fail)?;
+    file.sync_all().map_err(fail)?;
+    std::fs::rename(&temporary, dir.join(CHECKPOINT_MARK)).map_err(fail)?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(fail)
 }
 
 /// Most changes per `apply_batch` call: sled keeps every node version a

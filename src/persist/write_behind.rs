@@ -503,8 +503,12 @@ mod tests {
         max_batch: usize,
     ) -> (Store, Checkpointer, WriteBehind, JoinHandle<()>) {
         let opened = Store::open(dir, 16 << 20, false).unwrap();
-        let checkpointer =
-            Checkpointer::start(opened.store.clone(), opened.log.shared().clone(), false);
+        let checkpointer = Checkpointer::start(
+            opened.store.clone(),
+            opened.log.shared().clone(),
+            false,
+            Duration::from_secs(1),
+        );
         let (queue, thread) = WriteBehind::start(
             opened.store.clone(),
             opened.log,
