@@ -38,6 +38,7 @@ fn start_placed(dir: &std::path::Path, durability: Durability, placement: Placem
         flush_interval: Duration::from_millis(5),
         max_batch: 8192,
         cache_capacity_bytes: 16 << 20,
+        checkpoint_interval: Duration::from_secs(1),
         idle_after: Duration::from_secs(300),
         expiring_notice: Duration::from_secs(60),
         retention: Duration::from_secs(86_400),
@@ -58,6 +59,7 @@ fn start_placed(dir: &std::path::Path, durability: Durability, placement: Placem
         clock: Clock::system(),
         postgres: None,
         vault: std::sync::Arc::new(edge_sessions::crypto::Vault::ephemeral()),
+        salvage: false,
     };
     Engine::start(config).expect("engine starts")
 }

@@ -63,6 +63,7 @@ fn start(dir: &std::path::Path, url: &str) -> Engine {
         flush_interval: Duration::from_millis(5),
         max_batch: 8192,
         cache_capacity_bytes: 64 << 20,
+        checkpoint_interval: Duration::from_secs(1),
         idle_after: Duration::from_secs(300),
         expiring_notice: Duration::from_secs(60),
         retention: Duration::from_secs(86_400),
@@ -96,6 +97,7 @@ fn start(dir: &std::path::Path, url: &str) -> Engine {
             rebuild_wait: Duration::from_secs(30),
         }),
         vault: std::sync::Arc::new(edge_sessions::crypto::Vault::ephemeral()),
+        salvage: false,
     };
     Engine::start(config).unwrap()
 }

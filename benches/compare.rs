@@ -1,0 +1,1343 @@
+//! Side-by-side load comparison on one machine, in one run: edge-sessions
+//! against the peers that bound what it could reach.
+//!
+//! What it measures (every target on 127.0.0.1, every client on the same
+//! cores as its server, so these are whole-loop figures of this machine):
+//!
+//! * **A, edge-sessions**: the real release binary (`target/release/edge-sessions`)
+//!   as a child process, with a temporary data dir and a generated config
+//!   (one tenant, one API key given as its sha256 hex, every rate limit 0 =
+//!   unlimited, `storage.durability = "sync"`). Driven by `wrk` (2 threads,
+//!   64 connections, a Lua script written at run time):
+//!   - `create`: `POST /api/v1/sessions`, a ~600-byte body with metadata and
+//!     a fresh session id per request (run prefix, wrk thread, counter);
+//!   - `tool exec`: `POST /api/v1/sessions/{id}/tools/execute` over
+//!     pre-created sessions;
+//!   - `get`: `GET /api/v1/sessions/{id}` over the same sessions.
+//! * **B, the HTTP ceiling**: an axum server in this process, on its own
+//!   tokio runtime: `POST /echo` parses a ~266-byte JSON body into a
+//!   `serde_json::Value` and answers 201 with it. Same wrk set-up.
+//! * **C, Redis**: `redis-server` as a child with `--appendonly yes
+//!   --appendfsync always` (every write on disk before the reply, as
+//!   `durability = "sync"`), driven by `redis-benchmark -c 64`: `SETEX` of a
+//!   600-byte value on random keys, and `HINCRBY` on random hashes.
+//!   redis-benchmark runs a request count, not a duration: the warm-up's
+//!   rate sizes the count so a round lasts about `COMPARE_SECONDS`.
+//! * **D, WebSocket** (skip with `COMPARE_WS_SOCKETS=0`): edge-sessions'
+//!   JSON-RPC `tool.executed` over `GET /api/v1/sessions/{id}/ws`, against an
+//!   axum WebSocket echo in this process; the same tokio-tungstenite client,
+//!   N sockets with one request in flight each.
+//!
+//! Rounds alternate A, B, C, D (each repeated `COMPARE_ROUNDS` times) so a
+//! drift of the machine hits every target alike; one short warm-up pass
+//! precedes them. The servers live for the whole run, so the edge-sessions
+//! and Redis data sets grow from round to round. The table shows every
+//! round's ops/s and p99, the medians, and the ratios of the medians:
+//! create / Redis SETEX, tool exec / Redis HINCRBY, get / axum echo,
+//! WS tool.executed / WS echo.
+//!
+//! Run: `cargo bench --bench compare` (builds the release binary too).
+//! Needs `wrk` (apt package `wrk`) and `redis-server` / `redis-benchmark`
+//! (apt package `redis-server`, which pulls in `redis-tools`).
+//!
+//! Environment knobs:
+//! * `COMPARE_SECONDS` (default 5): length of one measured round of a phase;
+//! * `COMPARE_ROUNDS` (default 3): measured rounds per phase;
+//! * `COMPARE_CONNECTIONS` (default 64): wrk and redis-benchmark connections;
+//! * `COMPARE_SESSIONS` (default 1000): pre-created sessions for tool exec,
+//!   get and WebSocket;
+//! * `COMPARE_WS_SOCKETS` (default 100; 0 skips the WebSocket phase).
+//!
+//! Every child process (server, Redis, wrk, redis-benchmark) is held by a
+//! guard that kills it when dropped, so an error or a panic leaves nothing
+//! running; SIGINT / SIGTERM kill them too (and remove the temp dir); every
+//! run of a load tool has a deadline.
+
+use std::collections::VecDeque;
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Read, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{Message as AxumMessage, WebSocketUpgrade};
+use axum::http::StatusCode;
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use futures::{SinkExt as _, StreamExt as _};
+use hdrhistogram::Histogram;
+use serde_json::Value;
+use sha2::Digest as _;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+// The in-process echo servers get the allocator the edge-sessions binary
+// uses, so the ceiling is not lowered by glibc malloc.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// The tenant's API key; the config holds only its sha256 hex.
+const API_KEY: &str = "compare-bench-key";
+const TENANT_ID: &str = "6f1c0d3e-8a4b-4c6e-9f10-2b3c4d5e6f70";
+/// wrk threads: one per core of the 2-core machine this was written for.
+const WRK_THREADS: usize = 2;
+/// Size of the create body and of the Redis value.
+const CREATE_BODY_BYTES: usize = 600;
+/// Size of the echo body.
+const ECHO_BODY_BYTES: usize = 266;
+/// A tool execution, for REST and as the WebSocket `params`.
+const TOOL_BODY: &str = r#"{"tool_name":"grep","tool_id":"call-1","duration_ms":12,"tokens_used":42,"arguments":{"pattern":"fn main","path":"src/"},"result":{"matches":3}}"#;
+/// Length of a warm-up pass, seconds.
+const WARM_UP_SECONDS: u64 = 1;
+
+// ---------------------------------------------------------------------------
+// Settings and small helpers
+
+/// The environment knobs (see the module doc).
+struct Knobs {
+    seconds: u64,
+    rounds: usize,
+    connections: usize,
+    sessions: usize,
+    ws_sockets: usize,
+}
+
+impl Knobs {
+    fn from_env() -> Result<Self, String> {
+        let knobs = Knobs {
+            seconds: env_or("COMPARE_SECONDS", 5)?,
+            rounds: env_or("COMPARE_ROUNDS", 3)?,
+            connections: env_or("COMPARE_CONNECTIONS", 64)?,
+            sessions: env_or("COMPARE_SESSIONS", 1000)?,
+            ws_sockets: env_or("COMPARE_WS_SOCKETS", 100)?,
+        };
+        if knobs.seconds == 0 || knobs.rounds == 0 || knobs.connections == 0 {
+            return Err(
+                "COMPARE_SECONDS, COMPARE_ROUNDS and COMPARE_CONNECTIONS must be > 0".into(),
+            );
+        }
+        if knobs.sessions < knobs.ws_sockets.max(1) {
+            return Err("COMPARE_SESSIONS must be at least COMPARE_WS_SOCKETS (and 1)".into());
+        }
+        Ok(knobs)
+    }
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T, String> {
+    match std::env::var(name) {
+        Ok(text) if !text.trim().is_empty() => text
+            .trim()
+            .parse()
+            .map_err(|_| format!("{name}={text:?} is not a valid number")),
+        _ => Ok(default),
+    }
+}
+
+/// The full path of `tool` on `PATH`, if there.
+fn find_on_path(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(tool))
+        .find(|candidate| candidate.is_file())
+}
+
+/// A free TCP port on 127.0.0.1 (bound, read, released; the child binds it
+/// a moment later, which is race-free enough on a bench machine).
+fn free_port() -> Result<u16, String> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
+    Ok(listener.local_addr().map_err(|e| e.to_string())?.port())
+}
+
+/// A JSON `template` with `PAD` replaced by as many `x` as make it `target`
+/// bytes long (when `extra` more bytes are added at run time, e.g. an id).
+fn padded(template: &str, target: usize, extra: usize) -> String {
+    let without = template.len() - "PAD".len() + extra;
+    template.replace("PAD", &"x".repeat(target.saturating_sub(without)))
+}
+
+/// The median (mean of the middle two for an even count).
+fn median(values: &[f64]) -> Option<f64> {
+    let mut sorted: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
+    if sorted.is_empty() {
+        return None;
+    }
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    Some(if sorted.len() % 2 == 0 {
+        (sorted[mid - 1] + sorted[mid]) / 2.0
+    } else {
+        sorted[mid]
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Child processes
+
+/// What a SIGINT / SIGTERM handler must clean up (it cannot reach the
+/// guards): the ids of the live children and the temp dir.
+static CLEANUP: Mutex<(Vec<u32>, Option<PathBuf>)> = Mutex::new((Vec::new(), None));
+
+/// On SIGINT or SIGTERM (the guards do not run then): kills every live
+/// child, removes the temp dir and exits 130.
+fn clean_up_on_signal(runtime: &tokio::runtime::Runtime) {
+    runtime.spawn(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut int), Ok(mut term)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        let (pids, dir) = std::mem::take(&mut *CLEANUP.lock().unwrap_or_else(|e| e.into_inner()));
+        for pid in pids {
+            let _ = Command::new("kill")
+                .arg("-KILL")
+                .arg(pid.to_string())
+                .status();
+        }
+        if let Some(dir) = dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        eprintln!("compare: interrupted; children killed");
+        std::process::exit(130);
+    });
+}
+
+/// Owns a child process and kills it when dropped: on normal exit, on an
+/// early return and on a panic (unwinding runs this).
+struct ChildGuard {
+    name: String,
+    child: Child,
+}
+
+impl ChildGuard {
+    fn spawn(name: &str, command: &mut Command) -> Result<Self, String> {
+        let child = command
+            .spawn()
+            .map_err(|e| format!("cannot start {name}: {e}"))?;
+        if let Ok(mut cleanup) = CLEANUP.lock() {
+            cleanup.0.push(child.id());
+        }
+        Ok(ChildGuard {
+            name: name.to_owned(),
+            child,
+        })
+    }
+
+    /// Fails when the child has already exited.
+    fn check_alive(&mut self) -> Result<(), String> {
+        match self.child.try_wait() {
+            Ok(None) => Ok(()),
+            Ok(Some(status)) => Err(format!("{} exited unexpectedly: {status}", self.name)),
+            Err(e) => Err(format!("{}: {e}", self.name)),
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+        if let Ok(mut cleanup) = CLEANUP.lock() {
+            let id = self.child.id();
+            cleanup.0.retain(|pid| *pid != id);
+        }
+    }
+}
+
+/// Runs a load tool to its end with a deadline; answers its stdout and
+/// stderr. Past the deadline the tool is killed (by its guard).
+fn run_bounded(name: &str, command: &mut Command, limit: Duration) -> Result<String, String> {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut guard = ChildGuard::spawn(name, command)?;
+    // Both pipes are drained on threads, so the tool never blocks on a full one.
+    let mut stdout = guard.child.stdout.take().expect("piped stdout");
+    let mut stderr = guard.child.stderr.take().expect("piped stderr");
+    let out = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stdout.read_to_string(&mut text);
+        text
+    });
+    let err = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        match guard.child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() > deadline => {
+                drop(guard); // kills it; the pipes close, the readers end
+                return Err(format!("{name} did not finish within {limit:?}; killed"));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => return Err(format!("{name}: {e}")),
+        }
+    };
+    let (out, err) = (
+        out.join().unwrap_or_default(),
+        err.join().unwrap_or_default(),
+    );
+    if !status.success() {
+        return Err(format!("{name} failed ({status}):\n{out}\n{err}"));
+    }
+    Ok(format!("{out}\n{err}"))
+}
+
+// ---------------------------------------------------------------------------
+// Results
+
+/// One measured round of one phase.
+#[derive(Clone, Copy)]
+struct Sample {
+    ops_per_second: f64,
+    p99_ms: Option<f64>,
+    /// Non-2xx/3xx answers, socket errors and failed RPCs.
+    errors: u64,
+}
+
+/// The phases, in table order.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Phase {
+    EdgeCreate,
+    EdgeTool,
+    EdgeGet,
+    Echo,
+    RedisSetex,
+    RedisHincrby,
+    EdgeWs,
+    WsEcho,
+}
+
+impl Phase {
+    const ALL: [Phase; 8] = [
+        Phase::EdgeCreate,
+        Phase::EdgeTool,
+        Phase::EdgeGet,
+        Phase::Echo,
+        Phase::RedisSetex,
+        Phase::RedisHincrby,
+        Phase::EdgeWs,
+        Phase::WsEcho,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Phase::EdgeCreate => "A edge create (POST /sessions)",
+            Phase::EdgeTool => "A edge tool exec (POST .../tools/execute)",
+            Phase::EdgeGet => "A edge get (GET /sessions/{id})",
+            Phase::Echo => "B axum JSON echo (POST /echo)",
+            Phase::RedisSetex => "C redis SETEX 600 B (fsync always)",
+            Phase::RedisHincrby => "C redis HINCRBY (fsync always)",
+            Phase::EdgeWs => "D edge WS tool.executed",
+            Phase::WsEcho => "D axum WS echo",
+        }
+    }
+
+    fn index(self) -> usize {
+        Phase::ALL.iter().position(|p| *p == self).expect("listed")
+    }
+}
+
+/// The comparisons the table ends with: (edge-sessions phase, peer, what).
+const RATIOS: [(Phase, Phase, &str); 4] = [
+    (Phase::EdgeCreate, Phase::RedisSetex, "create / Redis SETEX"),
+    (
+        Phase::EdgeTool,
+        Phase::RedisHincrby,
+        "tool exec / Redis HINCRBY",
+    ),
+    (Phase::EdgeGet, Phase::Echo, "get / axum echo"),
+    (Phase::EdgeWs, Phase::WsEcho, "WS tool.executed / WS echo"),
+];
+
+// ---------------------------------------------------------------------------
+// wrk
+
+/// The `done` hook every script ends with: one parseable line (latency in µs).
+const WRK_DONE: &str = r#"
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "COMPARE_RESULT requests=%d duration_us=%d p99_us=%d non2xx=%d connect=%d read=%d write=%d timeout=%d\n",
+    summary.requests, summary.duration, math.floor(latency:percentile(99)),
+    e.status, e.connect, e.read, e.write, e.timeout))
+end
+"#;
+
+/// Gives every wrk thread its number (`tid`), for unique ids per thread.
+const WRK_SETUP: &str = r#"
+local next_tid = 0
+function setup(thread)
+  thread:set("tid", next_tid)
+  next_tid = next_tid + 1
+end
+"#;
+
+/// A Lua string literal (long brackets: no escaping needed for JSON).
+fn lua_str(text: &str) -> String {
+    assert!(!text.contains("]==]"), "not representable as a long string");
+    format!("[==[{text}]==]")
+}
+
+/// The headers table every edge-sessions script sends.
+fn lua_edge_headers() -> String {
+    format!(
+        "local headers = {{ [\"Content-Type\"] = \"application/json\", [\"X-API-Key\"] = {} }}\n",
+        lua_str(API_KEY)
+    )
+}
+
+/// Creates with unique ids: `prefix-tid-counter` (the prefix is new per run
+/// and round, so ids never repeat within a server's life).
+fn lua_create(prefix: &str) -> String {
+    // Sized for an id of typical length, e.g. "c1234r1-1-123456".
+    let template = r#"{"session_id":"ID","edge_mcp_id":"edge-bench-01","client_name":"compare-bench","client_type":"claude-code","client_version":"1.2.3","metadata":{"project":"edge-sessions","branch":"main","host":"bench-host-01.internal","region":"local","workspace":"/home/dev/src/edge-sessions","tags":["bench","compare","wrk"],"notes":"PAD"}}"#;
+    let body = padded(template, CREATE_BODY_BYTES, prefix.len() + 9 - "ID".len());
+    let (head, tail) = body.split_once("ID").expect("placeholder");
+    format!(
+        "{WRK_SETUP}{headers}local head = {head}\nlocal tail = {tail}\nlocal prefix = {prefix}\nlocal n = 0\n\
+         function request()\n  n = n + 1\n  return wrk.format(\"POST\", \"/api/v1/sessions\", headers, head .. prefix .. \"-\" .. tid .. \"-\" .. n .. tail)\nend\n{WRK_DONE}",
+        headers = lua_edge_headers(),
+        head = lua_str(head),
+        tail = lua_str(tail),
+        prefix = lua_str(prefix),
+    )
+}
+
+/// Requests spread over the pre-created sessions `pre-0 .. pre-(sessions-1)`:
+/// `method` on `/api/v1/sessions/{id}{suffix}` with `body` (or none).
+fn lua_over_sessions(method: &str, suffix: &str, body: Option<&str>, sessions: usize) -> String {
+    format!(
+        "{WRK_SETUP}{headers}local body = {body}\nlocal n = 0\n\
+         function request()\n  n = n + 1\n  local i = (n * 7 + tid * 3001) % {sessions}\n  \
+         return wrk.format({method}, \"/api/v1/sessions/pre-\" .. i .. {suffix}, headers, body)\nend\n{WRK_DONE}",
+        headers = lua_edge_headers(),
+        body = body.map_or("nil".to_owned(), lua_str),
+        method = lua_str(method),
+        suffix = lua_str(suffix),
+    )
+}
+
+/// The echo request; built once per thread, still returned through
+/// `request()` so wrk does the same per-request Lua call as for the others.
+fn lua_echo(body: &str) -> String {
+    format!(
+        "{WRK_SETUP}local body = {body}\nlocal req = nil\n\
+         function request()\n  if req == nil then\n    req = wrk.format(\"POST\", \"/echo\", {{ [\"Content-Type\"] = \"application/json\" }}, body)\n  end\n  return req\nend\n{WRK_DONE}",
+        body = lua_str(body),
+    )
+}
+
+/// A latency as wrk prints it ("812.00us", "3.41ms", "1.02s", "1.5m") in ms.
+fn parse_wrk_duration(text: &str) -> Option<f64> {
+    let text = text.trim();
+    let split = text.find(|c: char| c.is_ascii_alphabetic())?;
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number.parse().ok()?;
+    Some(match unit {
+        "us" => value / 1000.0,
+        "ms" => value,
+        "s" => value * 1000.0,
+        "m" => value * 60_000.0,
+        "h" => value * 3_600_000.0,
+        _ => return None,
+    })
+}
+
+/// Parses wrk's report: `Requests/sec:`, the `done` line (p99 and error
+/// counts), and as fallbacks the `--latency` 99% line and the error lines.
+fn parse_wrk(output: &str) -> Result<Sample, String> {
+    let mut ops = None;
+    let mut p99_ms = None;
+    let mut p99_fallback = None;
+    let mut errors = None;
+    let mut non2xx_line = 0u64;
+    let mut socket_line = 0u64;
+    for line in output.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("Requests/sec:") {
+            ops = rest.trim().parse::<f64>().ok();
+        } else if let Some(rest) = line.strip_prefix("99%") {
+            p99_fallback = parse_wrk_duration(rest);
+        } else if let Some(rest) = line.strip_prefix("Non-2xx or 3xx responses:") {
+            non2xx_line = rest.trim().parse().unwrap_or(0);
+        } else if let Some(rest) = line.strip_prefix("Socket errors:") {
+            // "connect 0, read 0, write 0, timeout 12"
+            socket_line = rest
+                .split(',')
+                .filter_map(|part| part.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum();
+        } else if let Some(rest) = line.strip_prefix("COMPARE_RESULT") {
+            let field = |name: &str| -> Option<u64> {
+                rest.split_whitespace()
+                    .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+            };
+            p99_ms = field("p99_us").map(|us| us as f64 / 1000.0);
+            errors = Some(
+                ["non2xx", "connect", "read", "write", "timeout"]
+                    .iter()
+                    .filter_map(|name| field(name))
+                    .sum::<u64>(),
+            );
+        }
+    }
+    let ops = ops.ok_or_else(|| format!("no Requests/sec in wrk's output:\n{output}"))?;
+    Ok(Sample {
+        ops_per_second: ops,
+        p99_ms: p99_ms.or(p99_fallback),
+        errors: errors.unwrap_or(non2xx_line + socket_line),
+    })
+}
+
+/// One wrk run of `seconds` against `addr` with the Lua `script`.
+fn run_wrk(
+    name: &str,
+    dir: &Path,
+    addr: SocketAddr,
+    script: &str,
+    seconds: u64,
+    connections: usize,
+) -> Result<Sample, String> {
+    let path = dir.join(format!(
+        "{}.lua",
+        name.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+    ));
+    std::fs::write(&path, script).map_err(|e| format!("{}: {e}", path.display()))?;
+    let output = run_bounded(
+        "wrk",
+        Command::new("wrk")
+            .arg(format!("-t{WRK_THREADS}"))
+            .arg(format!("-c{connections}"))
+            .arg(format!("-d{seconds}s"))
+            .args(["--timeout", "10s", "--latency", "-s"])
+            .arg(&path)
+            .arg(format!("http://{addr}")),
+        Duration::from_secs(seconds + 30),
+    )?;
+    let sample = parse_wrk(&output)?;
+    if sample.errors > 0 {
+        // Print wrk's own report, which names the kind of error.
+        println!(
+            "  !! {name}: {} non-2xx/3xx or socket errors; wrk said:",
+            sample.errors
+        );
+        for line in output.lines().filter(|l| !l.trim().is_empty()) {
+            println!("     {line}");
+        }
+    }
+    Ok(sample)
+}
+
+// ---------------------------------------------------------------------------
+// edge-sessions as a child process
+
+/// The release binary, its address and its last log lines.
+struct EdgeServer {
+    guard: ChildGuard,
+    addr: SocketAddr,
+    /// The last log lines (stderr), for an error report.
+    logs: Arc<Mutex<VecDeque<String>>>,
+    /// How many warn/error lines it logged.
+    warnings: Arc<Mutex<u64>>,
+}
+
+impl EdgeServer {
+    fn start(dir: &Path) -> Result<Self, String> {
+        let binary = PathBuf::from(env!("CARGO_BIN_EXE_edge-sessions"));
+        if !binary.is_file() {
+            return Err(format!(
+                "{} is missing: run `cargo build --release` (cargo bench builds it)",
+                binary.display()
+            ));
+        }
+        // The keyring: tenants are configured, so the server needs one.
+        let key_file = dir.join("master.key");
+        let key: [u8; 32] = rand::random();
+        std::fs::write(
+            &key_file,
+            format!(
+                "{}\n",
+                base64::engine::general_purpose::STANDARD.encode(key)
+            ),
+        )
+        .map_err(|e| format!("{}: {e}", key_file.display()))?;
+        let port = free_port()?;
+        let config = format!(
+            r#"# Generated by benches/compare.rs
+[server]
+listen = "127.0.0.1:{port}"
+
+[storage]
+data_dir = {data_dir:?}
+durability = "sync"
+
+[security]
+master_key_file = {key_file:?}
+
+[rate_limits]
+# 0 = unlimited: this measures the server, not a budget.
+create_per_second = 0
+read_per_second = 0
+write_per_second = 0
+admin_per_second = 0
+
+[log]
+format = "json"
+level = "warn"
+
+[[tenants]]
+id = "{TENANT_ID}"
+name = "bench"
+max_active_sessions = 100000000
+  [[tenants.api_keys]]
+  sha256 = "{sha}"
+  scopes = ["sessions"]
+"#,
+            data_dir = dir.join("data").display().to_string(),
+            key_file = key_file.display().to_string(),
+            sha = hex::encode(sha2::Sha256::digest(API_KEY.as_bytes())),
+        );
+        let config_path = dir.join("edge-sessions.toml");
+        std::fs::write(&config_path, config).map_err(|e| e.to_string())?;
+        let mut guard = ChildGuard::spawn(
+            "edge-sessions",
+            Command::new(&binary)
+                .arg("serve")
+                .arg("--config")
+                .arg(&config_path)
+                .env_remove("RUST_LOG")
+                .env_remove("EDGE_SESSIONS_MASTER_KEY")
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+        )?;
+        // Drain both pipes for the server's whole life.
+        let stdout = guard.child.stdout.take().expect("piped stdout");
+        std::thread::spawn(move || for _ in BufReader::new(stdout).lines() {});
+        let stderr = guard.child.stderr.take().expect("piped stderr");
+        let logs = Arc::new(Mutex::new(VecDeque::new()));
+        let warnings = Arc::new(Mutex::new(0u64));
+        let (log_sink, warn_sink) = (logs.clone(), warnings.clone());
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("\"WARN\"") || line.contains("\"ERROR\"") {
+                    *warn_sink.lock().unwrap() += 1;
+                }
+                let mut logs = log_sink.lock().unwrap();
+                if logs.len() == 200 {
+                    logs.pop_front();
+                }
+                logs.push_back(line);
+            }
+        });
+        let mut server = EdgeServer {
+            guard,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            logs,
+            warnings,
+        };
+        server.wait_ready()?;
+        Ok(server)
+    }
+
+    /// Polls `/readyz` until 200 (recovery done), for at most 60 s.
+    fn wait_ready(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            self.check_alive()?;
+            if let Ok((200, _)) = http_call(self.addr, "GET", "/readyz", None) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(format!(
+            "edge-sessions not ready within 60 s{}",
+            self.log_tail()
+        ))
+    }
+
+    fn check_alive(&mut self) -> Result<(), String> {
+        self.guard
+            .check_alive()
+            .map_err(|e| format!("{e}{}", self.log_tail()))
+    }
+
+    fn log_tail(&self) -> String {
+        let logs = self.logs.lock().unwrap();
+        let mut out = String::from("\nlast log lines:\n");
+        for line in logs.iter().rev().take(20).rev() {
+            let _ = writeln!(out, "  {line}");
+        }
+        out
+    }
+
+    /// Creates `pre-0 .. pre-(count-1)`, a few connections in parallel.
+    fn pre_create(&self, count: usize) -> Result<(), String> {
+        let workers = 8.min(count);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..workers)
+                .map(|w| {
+                    scope.spawn(move || -> Result<(), String> {
+                        for i in (w..count).step_by(workers) {
+                            let body = format!(
+                                r#"{{"session_id":"pre-{i}","edge_mcp_id":"edge-bench-01","client_type":"claude-code","metadata":{{"purpose":"compare bench"}}}}"#
+                            );
+                            let (status, answer) =
+                                http_call(self.addr, "POST", "/api/v1/sessions", Some(&body))?;
+                            if status != 201 {
+                                return Err(format!("create pre-{i}: {status} {answer}"));
+                            }
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            handles.into_iter().try_for_each(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("pre-create panicked".into()))
+            })
+        })
+    }
+}
+
+/// A one-shot HTTP/1.1 request with the API key (Connection: close):
+/// answers the status and the body. Only for set-up, not for load.
+fn http_call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Result<(u16, String), String> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    let body = body.unwrap_or("");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nX-API-Key: {API_KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| format!("send: {e}"))?;
+    let mut answer = String::new();
+    stream
+        .read_to_string(&mut answer)
+        .map_err(|e| format!("read: {e}"))?;
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("not an HTTP answer: {answer:?}"))?;
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+// ---------------------------------------------------------------------------
+// Redis
+
+/// `redis-server` as a child, persisting every write before replying.
+struct Redis {
+    _guard: ChildGuard,
+    port: u16,
+}
+
+impl Redis {
+    fn start(dir: &Path) -> Result<Self, String> {
+        let port = free_port()?;
+        let mut guard = ChildGuard::spawn(
+            "redis-server",
+            Command::new("redis-server")
+                .args(["--port", &port.to_string()])
+                .args(["--bind", "127.0.0.1"])
+                .args(["--appendonly", "yes", "--appendfsync", "always"])
+                .args(["--save", ""])
+                .arg("--dir")
+                .arg(dir)
+                .args(["--daemonize", "no", "--logfile", ""])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            guard.check_alive()?;
+            if redis_ping(port) {
+                return Ok(Redis {
+                    _guard: guard,
+                    port,
+                });
+            }
+            if Instant::now() > deadline {
+                return Err("redis-server did not answer PING within 20 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// One redis-benchmark run of `requests` `command`s; answers rps and p99.
+    fn bench(
+        &self,
+        command: &[&str],
+        requests: u64,
+        connections: usize,
+        limit: Duration,
+    ) -> Result<Sample, String> {
+        let output = run_bounded(
+            "redis-benchmark",
+            Command::new("redis-benchmark")
+                .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+                .args(["-c", &connections.to_string(), "-n", &requests.to_string()])
+                .args(["-r", "1000000", "-d", &CREATE_BODY_BYTES.to_string()])
+                .args(["-q", "--csv"])
+                .args(command),
+            limit,
+        )?;
+        parse_redis_csv(&output)
+    }
+}
+
+fn redis_ping(port: u16) -> bool {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut answer = [0u8; 64];
+    stream.write_all(b"PING\r\n").is_ok()
+        && stream
+            .read(&mut answer)
+            .is_ok_and(|n| answer[..n].starts_with(b"+PONG"))
+}
+
+/// redis-benchmark `--csv`: a header, then
+/// `"test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"`
+/// (Redis 7; older versions print only `"test","rps"`).
+fn parse_redis_csv(output: &str) -> Result<Sample, String> {
+    let line = output
+        .lines()
+        .map(str::trim)
+        .rfind(|l| l.starts_with('"') && !l.starts_with("\"test\""))
+        .ok_or_else(|| format!("no CSV result in redis-benchmark's output:\n{output}"))?;
+    let fields: Vec<&str> = line.trim_matches('"').split("\",\"").collect();
+    let number = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+    let (ops, p99) = if fields.len() >= 8 {
+        let n = fields.len();
+        (number(n - 7), number(n - 2))
+    } else {
+        (fields.last().and_then(|f| f.parse().ok()), None)
+    };
+    Ok(Sample {
+        ops_per_second: ops.ok_or_else(|| format!("bad CSV line: {line}"))?,
+        p99_ms: p99,
+        // redis-benchmark reports no errors here; an error reply to the
+        // command would show as a different line and fail the parse above.
+        errors: 0,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// The in-process axum peers (HTTP JSON echo and WebSocket echo)
+
+async fn echo(Json(value): Json<Value>) -> (StatusCode, Json<Value>) {
+    (StatusCode::CREATED, Json(value))
+}
+
+async fn ws_echo(ws: WebSocketUpgrade) -> Response {
+    ws.on_upgrade(|mut socket| async move {
+        // Pings are answered by the library; text and binary go back as sent.
+        while let Some(Ok(message)) = socket.recv().await {
+            let echoed = matches!(message, AxumMessage::Text(_) | AxumMessage::Binary(_));
+            if matches!(message, AxumMessage::Close(_))
+                || (echoed && socket.send(message).await.is_err())
+            {
+                break;
+            }
+        }
+    })
+}
+
+/// Starts both echo routes on `runtime`; answers the address.
+fn start_echo(runtime: &tokio::runtime::Runtime) -> Result<SocketAddr, String> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let app = Router::new()
+        .route("/echo", post(echo))
+        .route("/ws", get(ws_echo));
+    runtime.spawn(async move {
+        let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+        axum::serve(listener, app).await.expect("echo server");
+    });
+    Ok(addr)
+}
+
+// ---------------------------------------------------------------------------
+// WebSocket load: N sockets, one JSON-RPC request in flight each
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Connects to every url (with the API key header), then runs each socket
+/// in a loop for `seconds`: send `tool.executed`, wait for the reply with the
+/// same id and no `error`. The edge server answers the JSON-RPC result, the
+/// echo answers the request itself; both pass the same check.
+async fn ws_load(urls: Vec<String>, seconds: u64) -> Result<Sample, String> {
+    let mut sockets = Vec::with_capacity(urls.len());
+    for url in &urls {
+        let mut request = url
+            .as_str()
+            .into_client_request()
+            .map_err(|e| format!("{url}: {e}"))?;
+        request
+            .headers_mut()
+            .insert("x-api-key", API_KEY.parse().expect("header value"));
+        let (socket, _) = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio_tungstenite::connect_async(request),
+        )
+        .await
+        .map_err(|_| format!("{url}: no upgrade within 10 s"))?
+        .map_err(|e| format!("{url}: {e}"))?;
+        sockets.push(socket);
+    }
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(seconds);
+    let tasks: Vec<_> = sockets
+        .into_iter()
+        .map(|socket| tokio::spawn(ws_socket_loop(socket, deadline)))
+        .collect();
+    let mut latency = Histogram::<u64>::new(3).expect("histogram");
+    let (mut done, mut errors) = (0u64, 0u64);
+    for task in tasks {
+        let (hist, ok, failed) = task.await.map_err(|e| format!("socket task: {e}"))?;
+        latency.add(&hist).map_err(|e| e.to_string())?;
+        done += ok;
+        errors += failed;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    Ok(Sample {
+        ops_per_second: done as f64 / elapsed,
+        p99_ms: (!latency.is_empty()).then(|| latency.value_at_quantile(0.99) as f64 / 1000.0),
+        errors,
+    })
+}
+
+/// One socket's loop; answers its latencies (µs), successes and failures.
+async fn ws_socket_loop(mut socket: Socket, deadline: Instant) -> (Histogram<u64>, u64, u64) {
+    let mut latency = Histogram::<u64>::new(3).expect("histogram");
+    let (mut ok, mut failed) = (0u64, 0u64);
+    let mut id = 0u64;
+    'requests: while Instant::now() < deadline {
+        id += 1;
+        let frame = format!(
+            r#"{{"jsonrpc":"2.0","id":{id},"method":"tool.executed","params":{TOOL_BODY}}}"#
+        );
+        let sent = Instant::now();
+        if socket.send(WsMessage::Text(frame.into())).await.is_err() {
+            failed += 1;
+            break;
+        }
+        loop {
+            let next = tokio::time::timeout(Duration::from_secs(10), socket.next()).await;
+            match next {
+                Ok(Some(Ok(WsMessage::Text(text)))) => {
+                    let reply: Value = serde_json::from_str(text.as_str()).unwrap_or(Value::Null);
+                    if reply["id"] == id && reply.get("error").is_none() {
+                        ok += 1;
+                        let _ = latency.record((sent.elapsed().as_micros() as u64).max(1));
+                    } else {
+                        failed += 1;
+                        if failed == 1 {
+                            println!("  !! WS reply not a success: {text}");
+                        }
+                    }
+                    continue 'requests;
+                }
+                Ok(Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_)))) => {}
+                // Closed, broken or silent: this socket is done.
+                _ => {
+                    failed += 1;
+                    break 'requests;
+                }
+            }
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), socket.close(None)).await;
+    (latency, ok, failed)
+}
+
+// ---------------------------------------------------------------------------
+// The run
+
+/// Everything a phase needs; the servers live as long as this.
+struct Bench {
+    knobs: Knobs,
+    dir: PathBuf,
+    edge: EdgeServer,
+    echo_addr: SocketAddr,
+    redis: Redis,
+    /// redis-benchmark request counts (SETEX, HINCRBY) sized from the warm-up
+    /// so a run lasts about `COMPARE_SECONDS`.
+    redis_requests: [u64; 2],
+    client: tokio::runtime::Runtime,
+    run_id: String,
+    echo_body: String,
+}
+
+impl Bench {
+    fn redis_command(phase: Phase) -> Vec<&'static str> {
+        // A 600-byte value, given explicitly (-d applies to the built-in tests only).
+        static VALUE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        let value = VALUE.get_or_init(|| "v".repeat(CREATE_BODY_BYTES));
+        match phase {
+            Phase::RedisSetex => vec!["SETEX", "key:__rand_int__", "600", value.as_str()],
+            _ => vec!["HINCRBY", "h:__rand_int__", "f", "1"],
+        }
+    }
+
+    /// Runs one phase for `seconds`; `round` 0 is the warm-up.
+    fn run(&mut self, phase: Phase, round: usize, seconds: u64) -> Result<Sample, String> {
+        let (conns, sessions) = (self.knobs.connections, self.knobs.sessions);
+        let sample = match phase {
+            Phase::EdgeCreate => {
+                let prefix = format!("{}r{round}", self.run_id);
+                run_wrk(
+                    "edge-create",
+                    &self.dir,
+                    self.edge.addr,
+                    &lua_create(&prefix),
+                    seconds,
+                    conns,
+                )?
+            }
+            Phase::EdgeTool => {
+                let script = lua_over_sessions("POST", "/tools/execute", Some(TOOL_BODY), sessions);
+                run_wrk(
+                    "edge-tool",
+                    &self.dir,
+                    self.edge.addr,
+                    &script,
+                    seconds,
+                    conns,
+                )?
+            }
+            Phase::EdgeGet => {
+                let script = lua_over_sessions("GET", "", None, sessions);
+                run_wrk(
+                    "edge-get",
+                    &self.dir,
+                    self.edge.addr,
+                    &script,
+                    seconds,
+                    conns,
+                )?
+            }
+            Phase::Echo => run_wrk(
+                "echo",
+                &self.dir,
+                self.echo_addr,
+                &lua_echo(&self.echo_body),
+                seconds,
+                conns,
+            )?,
+            Phase::RedisSetex | Phase::RedisHincrby => {
+                let slot = usize::from(phase == Phase::RedisHincrby);
+                let requests = if round == 0 {
+                    20_000
+                } else {
+                    self.redis_requests[slot]
+                };
+                let limit = Duration::from_secs(seconds * 6 + 60);
+                let sample =
+                    self.redis
+                        .bench(&Self::redis_command(phase), requests, conns, limit)?;
+                if round == 0 {
+                    self.redis_requests[slot] =
+                        ((sample.ops_per_second * seconds as f64) as u64).clamp(10_000, 20_000_000);
+                }
+                sample
+            }
+            Phase::EdgeWs => {
+                let urls = (0..self.knobs.ws_sockets)
+                    .map(|i| format!("ws://{}/api/v1/sessions/pre-{i}/ws", self.edge.addr))
+                    .collect();
+                self.client.block_on(ws_load(urls, seconds))?
+            }
+            Phase::WsEcho => {
+                let urls = (0..self.knobs.ws_sockets)
+                    .map(|_| format!("ws://{}/ws", self.echo_addr))
+                    .collect();
+                self.client.block_on(ws_load(urls, seconds))?
+            }
+        };
+        if matches!(
+            phase,
+            Phase::EdgeCreate | Phase::EdgeTool | Phase::EdgeGet | Phase::EdgeWs
+        ) {
+            self.edge.check_alive()?;
+        }
+        Ok(sample)
+    }
+}
+
+fn fmt_ops(ops: f64) -> String {
+    if ops >= 10_000.0 {
+        format!("{:.1}k", ops / 1000.0)
+    } else {
+        format!("{ops:.0}")
+    }
+}
+
+fn fmt_ms(ms: Option<f64>) -> String {
+    ms.map_or_else(|| "-".to_owned(), |ms| format!("{ms:.2}ms"))
+}
+
+fn print_table(knobs: &Knobs, phases: &[Phase], results: &[Vec<Sample>]) {
+    println!();
+    println!(
+        "Results: {} s per round, {} rounds, {} connections ({} wrk threads), {} WS sockets; ops/s and p99 per round",
+        knobs.seconds, knobs.rounds, knobs.connections, WRK_THREADS, knobs.ws_sockets
+    );
+    let mut header = format!("{:<42}", "phase");
+    for r in 1..=knobs.rounds {
+        let _ = write!(header, " {:>18}", format!("round {r}"));
+    }
+    let _ = write!(header, " {:>12} {:>11}", "median ops/s", "median p99");
+    println!("{header}");
+    println!("{}", "-".repeat(header.len()));
+    for &phase in phases {
+        let samples = &results[phase.index()];
+        let mut line = format!("{:<42}", phase.label());
+        for s in samples {
+            let flag = if s.errors > 0 { "!" } else { "" };
+            let _ = write!(
+                line,
+                " {:>18}",
+                format!("{} / {}{flag}", fmt_ops(s.ops_per_second), fmt_ms(s.p99_ms))
+            );
+        }
+        let ops = median(&samples.iter().map(|s| s.ops_per_second).collect::<Vec<_>>());
+        let p99 = median(&samples.iter().filter_map(|s| s.p99_ms).collect::<Vec<_>>());
+        let _ = write!(
+            line,
+            " {:>12} {:>11}",
+            ops.map_or("-".into(), |o| format!("{o:.0}")),
+            fmt_ms(p99)
+        );
+        println!("{line}");
+    }
+    println!();
+    println!("edge-sessions / peer, medians (ops/s ratio; p99 ratio, above 1 = edge slower):");
+    for (edge, peer, what) in RATIOS {
+        if !phases.contains(&edge) || !phases.contains(&peer) {
+            continue;
+        }
+        let med = |phase: Phase, f: &dyn Fn(&Sample) -> Option<f64>| {
+            median(
+                &results[phase.index()]
+                    .iter()
+                    .filter_map(f)
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let ops = |s: &Sample| Some(s.ops_per_second);
+        let p99 = |s: &Sample| s.p99_ms;
+        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+            _ => "-".to_owned(),
+        };
+        println!(
+            "  {:<30} ops/s {:>7}   p99 {:>7}",
+            what,
+            ratio(med(edge, &ops), med(peer, &ops)),
+            ratio(med(edge, &p99), med(peer, &p99)),
+        );
+    }
+    let flagged: Vec<_> = phases
+        .iter()
+        .filter(|p| results[p.index()].iter().any(|s| s.errors > 0))
+        .map(|p| p.label())
+        .collect();
+    if !flagged.is_empty() {
+        println!("\n!! errors (non-2xx/3xx, socket errors or failed RPCs) in: {flagged:?}");
+    }
+}
+
+/// Checks the external tools; names the apt package of a missing one.
+fn check_tools() -> Result<(), String> {
+    let tools = [
+        ("wrk", "wrk"),
+        ("redis-server", "redis-server"),
+        ("redis-benchmark", "redis-tools"),
+    ];
+    let missing: Vec<String> = tools
+        .iter()
+        .filter(|(tool, _)| find_on_path(tool).is_none())
+        .map(|(tool, package)| {
+            format!("  `{tool}` not found: install it with `apt-get install -y {package}`")
+        })
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("missing tools:\n{}", missing.join("\n")))
+    }
+}
+
+fn run() -> Result<(), String> {
+    check_tools()?;
+    let knobs = Knobs::from_env()?;
+    // Dropped last (declared first): the children are killed before their
+    // directories go.
+    let temp = tempfile::Builder::new()
+        .prefix("compare-bench-")
+        .tempdir()
+        .map_err(|e| format!("temp dir: {e}"))?;
+    let (edge_dir, redis_dir, lua_dir) = (
+        temp.path().join("edge"),
+        temp.path().join("redis"),
+        temp.path().join("lua"),
+    );
+    for d in [&edge_dir, &redis_dir, &lua_dir] {
+        std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+    }
+    println!("compare: temp dir {}", temp.path().display());
+    if let Ok(mut cleanup) = CLEANUP.lock() {
+        cleanup.1 = Some(temp.path().to_owned());
+    }
+
+    // B: the echo servers on their own runtime, and a separate runtime for
+    // the WebSocket client, so the two never share worker threads.
+    let echo_runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("echo-server")
+        .build()
+        .map_err(|e| e.to_string())?;
+    let client = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("ws-client")
+        .build()
+        .map_err(|e| e.to_string())?;
+    clean_up_on_signal(&client);
+    let echo_addr = start_echo(&echo_runtime)?;
+    println!("compare: axum echo on {echo_addr}");
+
+    let edge = EdgeServer::start(&edge_dir)?;
+    println!(
+        "compare: edge-sessions on {} (data in {})",
+        edge.addr,
+        edge_dir.display()
+    );
+    let t = Instant::now();
+    edge.pre_create(knobs.sessions)?;
+    println!(
+        "compare: {} sessions pre-created in {:.1} s",
+        knobs.sessions,
+        t.elapsed().as_secs_f64()
+    );
+
+    let redis = Redis::start(&redis_dir)?;
+    println!(
+        "compare: redis-server on 127.0.0.1:{} (appendfsync always)",
+        redis.port
+    );
+
+    let echo_body = padded(
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"grep","arguments":{"pattern":"fn main","path":"src/","include":"*.rs","max_results":50},"_meta":{"client":"claude-code","version":"1.2.3","note":"PAD"}}}"#,
+        ECHO_BODY_BYTES,
+        0,
+    );
+    let mut bench = Bench {
+        run_id: format!(
+            "c{}t{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() % 100_000)
+        ),
+        knobs,
+        dir: lua_dir,
+        edge,
+        echo_addr,
+        redis,
+        redis_requests: [0; 2],
+        client,
+        echo_body,
+    };
+
+    // The order inside a round: A (edge HTTP), B (echo), C (Redis), D (WS).
+    let phases: Vec<Phase> = Phase::ALL
+        .into_iter()
+        .filter(|p| bench.knobs.ws_sockets > 0 || !matches!(p, Phase::EdgeWs | Phase::WsEcho))
+        .collect();
+
+    println!("compare: warm-up, {WARM_UP_SECONDS} s per phase (Redis: 20,000 requests, sizing the rounds)");
+    for &phase in &phases {
+        bench.run(phase, 0, WARM_UP_SECONDS)?;
+    }
+    println!(
+        "compare: redis-benchmark requests per round: SETEX {}, HINCRBY {}",
+        bench.redis_requests[0], bench.redis_requests[1]
+    );
+
+    let mut results: Vec<Vec<Sample>> = vec![Vec::new(); Phase::ALL.len()];
+    for round in 1..=bench.knobs.rounds {
+        for &phase in &phases {
+            let sample = bench.run(phase, round, bench.knobs.seconds)?;
+            println!(
+                "  round {round}  {:<42} {:>10.0} ops/s   p99 {:>9}{}",
+                phase.label(),
+                sample.ops_per_second,
+                fmt_ms(sample.p99_ms),
+                if sample.errors > 0 {
+                    format!("   errors {}", sample.errors)
+                } else {
+                    String::new()
+                }
+            );
+            results[phase.index()].push(sample);
+            // Let the last run's sockets and write-behind settle.
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+    print_table(&bench.knobs, &phases, &results);
+    let warnings = *bench.edge.warnings.lock().unwrap();
+    if warnings > 0 {
+        println!(
+            "\nedge-sessions logged {warnings} WARN/ERROR lines;{}",
+            bench.edge.log_tail()
+        );
+    }
+    // `bench` (servers, runtimes) drops here, before `temp`.
+    drop(bench);
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("compare: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
