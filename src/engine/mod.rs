@@ -74,6 +74,9 @@ use crate::telemetry::metrics as telemetry;
 /// A tenant's live sessions by id: one hop from a request to its actor.
 pub type Directory = DashMap<Arc<str>, Addr<SessionActor>>;
 
+/// How long a roll-back waits for the supervisor's restart, in 5 ms polls.
+const ROLL_BACK_POLLS: usize = 400;
+
 /// How many actors are asked at once by whole-engine operations (cleanup,
 /// lists, shutdown), so a million sessions do not mean a million futures.
 const FAN_OUT: usize = 1024;
@@ -433,6 +436,51 @@ impl Engine {
         }
     }
 
+    /// Refuses a change at once while the disk refuses writes (the
+    /// contract's "A full or failing disk"): nothing of it happens.
+    fn ensure_writable(&self) -> Result<(), SessionError> {
+        if self
+            .shared
+            .write_behind
+            .stats()
+            .failing
+            .load(Ordering::Acquire)
+        {
+            Err(SessionError::StorageUnavailable)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Whether the disk takes writes (the last write to the log succeeded).
+    pub fn is_writable(&self) -> bool {
+        self.ensure_writable().is_ok()
+    }
+
+    /// A change of a live session was not written: the session goes back
+    /// to its durable state (a create that never reached the disk is gone)
+    /// before the caller is answered, so nothing of the change is visible.
+    async fn roll_back(&self, tenant: Uuid, session_id: &str) {
+        let directory = self.shared.directory(tenant);
+        let Some(addr) = directory.get(session_id).map(|a| a.clone()) else {
+            return;
+        };
+        let _ = addr.send(session::RollBack).await;
+        // The supervisor restarts it from disk (or drops it) once it has
+        // stopped: wait for that, briefly.
+        for _ in 0..ROLL_BACK_POLLS {
+            match directory.get(session_id).map(|a| a.clone()) {
+                Some(current) if current == addr && !addr.connected() => {}
+                Some(current) if current == addr => {
+                    // Still running: it was final, nothing to roll back.
+                    return;
+                }
+                _ => return,
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     fn tenant(&self, tenant: Uuid) -> Result<&TenantHandle, SessionError> {
         // Callers pass tenants resolved from configured keys; an unknown one
         // is treated like a session that does not exist.
@@ -558,6 +606,7 @@ impl Engine {
         mut request: NewSession,
     ) -> Result<(SessionView, SessionTokens), SessionError> {
         self.ensure_ready()?;
+        self.ensure_writable()?;
         let handle = self.tenant(tenant)?;
         let client_chosen_id = request.session_id.is_some();
         let now = self.shared.clock.now();
@@ -589,12 +638,8 @@ impl Engine {
             .map_err(|_| SessionError::Unavailable)??;
         if let Err(e) = settle(durable).await {
             // The client is told the create failed, so the session must not
-            // live on: end it, which also frees its slot.
-            if let Some(addr) = self.shared.directory(tenant).get(view.session_id.as_str()) {
-                addr.do_send(session::Terminate {
-                    reason: Some("storage_failure".into()),
-                });
-            }
+            // live on, nor leave a final record behind: it is undone.
+            self.roll_back(tenant, &view.session_id).await;
             return Err(e);
         }
         metrics::counter!(
@@ -749,6 +794,7 @@ impl Engine {
         update: SessionUpdate,
         if_match: Option<u64>,
     ) -> Result<SessionView, SessionError> {
+        self.ensure_writable()?;
         let msg = session::Update { update, if_match };
         let ack = self.ask(tenant, session_id, msg).await?;
         self.settled(tenant, session_id, ack).await
@@ -763,6 +809,7 @@ impl Engine {
         session_id: &str,
         refresh_token: Option<&Secret>,
     ) -> Result<(SessionView, Option<SessionTokens>), SessionError> {
+        self.ensure_writable()?;
         let fresh = refresh_token.map(|_| SessionTokens::generate(tenant));
         let rotate = refresh_token
             .zip(fresh.as_ref())
@@ -781,6 +828,7 @@ impl Engine {
         session_id: &str,
         execution: ToolExecution,
     ) -> Result<u64, SessionError> {
+        self.ensure_writable()?;
         let ack = self
             .ask(tenant, session_id, session::RecordTool(execution))
             .await?;
@@ -796,10 +844,14 @@ impl Engine {
         match ack {
             None => Err(self.not_live(tenant, session_id)),
             Some(Err(e)) => Err(e),
-            Some(Ok(ack)) => {
-                settle(ack.durable).await?;
-                Ok(ack.value)
-            }
+            Some(Ok(ack)) => match settle(ack.durable).await {
+                Ok(()) => Ok(ack.value),
+                Err(SessionError::StorageUnavailable) => {
+                    self.roll_back(tenant, session_id).await;
+                    Err(SessionError::StorageUnavailable)
+                }
+                Err(e) => Err(e),
+            },
         }
     }
 
@@ -823,6 +875,7 @@ impl Engine {
 
     /// A heartbeat.
     pub async fn touch(&self, tenant: Uuid, session_id: &str) -> Result<(), SessionError> {
+        self.ensure_writable()?;
         self.ask_live(tenant, session_id, session::Touch).await
     }
 
@@ -857,6 +910,7 @@ impl Engine {
                 "reason must not be one the engine uses (refresh_token_reuse, idle_timeout, ttl_expired)",
             ));
         }
+        self.ensure_writable()?;
         match self
             .ask(tenant, session_id, session::Terminate { reason })
             .await?
@@ -1004,6 +1058,7 @@ fn durable_outcome(
             Err(SessionError::Unavailable)
         }
         Ok(Err(StoreError::Closed)) | Err(_) => Err(SessionError::Unavailable),
+        Ok(Err(StoreError::Unwritable(_))) => Err(SessionError::StorageUnavailable),
         Ok(Err(e)) => Err(storage(e)),
     }
 }

@@ -61,6 +61,8 @@ pub struct SessionActor {
     counted_idle: bool,
     /// The session is being revoked (refresh-token reuse).
     revoking: bool,
+    /// Stopping to be restarted from disk: a change of it was not written.
+    rolling_back: bool,
 }
 
 /// What a session pushes to its open WebSockets.
@@ -109,6 +111,7 @@ impl SessionActor {
             noticed_for: None,
             counted_idle: false,
             revoking: false,
+            rolling_back: false,
         }
     }
 
@@ -398,6 +401,7 @@ impl Actor for SessionActor {
             // supervisor has restarted the session or given it up.
             self.supervisor.do_send(ActorStopped {
                 session_id: self.session.session_id.clone(),
+                rolled_back: self.rolling_back,
             });
         }
     }
@@ -718,6 +722,27 @@ impl Handler<ExpireIfDue> for SessionActor {
         match self.session.due(now, self.shared.idle_after_ms) {
             Transition::None => false,
             Transition::BecomeIdle | Transition::Expire(_) => self.on_deadline(now, ctx),
+        }
+    }
+}
+
+/// A change of this session could not be written (the disk refused it):
+/// the actor stops, and its supervisor starts it again from what is on
+/// disk, so nothing of the change stays visible. A session that never
+/// reached the disk (a failed create) is gone with it.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RollBack;
+
+impl Handler<RollBack> for SessionActor {
+    type Result = ();
+
+    fn handle(&mut self, _: RollBack, ctx: &mut Context<Self>) {
+        // A final session's end is kept and written again later (see
+        // `retry_final_write`): only live state is rolled back.
+        if !self.session.status.is_final() {
+            self.rolling_back = true;
+            ctx.stop();
         }
     }
 }

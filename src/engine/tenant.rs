@@ -148,6 +148,8 @@ impl Handler<Restore> for TenantSupervisor {
 pub struct ActorStopped {
     /// The session's id.
     pub session_id: Arc<str>,
+    /// It stopped on purpose, to be rolled back to its durable state.
+    pub rolled_back: bool,
 }
 
 impl Handler<ActorStopped> for TenantSupervisor {
@@ -159,16 +161,14 @@ impl Handler<ActorStopped> for TenantSupervisor {
         // or the restarted actor would reuse an acknowledged execution's
         // number. Admissions wait meanwhile (a few milliseconds, rarely).
         let barrier = self.shared.write_behind.barrier();
-        ctx.wait(
-            barrier
-                .into_actor(self)
-                .map(move |_, supervisor, ctx| supervisor.restart(&msg.session_id, ctx)),
-        );
+        ctx.wait(barrier.into_actor(self).map(move |_, supervisor, ctx| {
+            supervisor.restart(&msg.session_id, msg.rolled_back, ctx)
+        }));
     }
 }
 
 impl TenantSupervisor {
-    fn restart(&mut self, session_id: &Arc<str>, ctx: &mut Context<Self>) {
+    fn restart(&mut self, session_id: &Arc<str>, rolled_back: bool, ctx: &mut Context<Self>) {
         if self
             .shared
             .shutting_down
@@ -184,6 +184,20 @@ impl TenantSupervisor {
             return;
         }
         match self.shared.store.session(self.limits.id, session_id) {
+            Ok(Some(session)) if !session.status.is_final() && rolled_back => {
+                tracing::warn!(
+                    %session_id,
+                    tenant = %self.limits.id,
+                    version = session.version,
+                    "a change was not written; the session is back at its last durable state"
+                );
+                self.spawn(session, ctx);
+            }
+            Ok(None) if rolled_back => {
+                tracing::warn!(%session_id, tenant = %self.limits.id, "a create was not written; the session does not exist");
+                directory.remove_if(&**session_id, |_, addr| !addr.connected());
+                self.live = self.live.saturating_sub(1);
+            }
             Ok(Some(session)) if !session.status.is_final() => {
                 tracing::error!(
                     %session_id,

@@ -158,6 +158,11 @@ impl ApiError {
                         "service_unavailable",
                         json!({}),
                     ),
+                    SessionError::StorageUnavailable => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "storage_unavailable",
+                        json!({}),
+                    ),
                     SessionError::Storage(cause) => {
                         return (
                             StatusCode::INTERNAL_SERVER_ERROR,

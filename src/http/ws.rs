@@ -432,7 +432,9 @@ fn rpc(e: SessionError) -> (i64, String) {
         | SessionError::PassthroughNotFound
         | SessionError::AlreadyExists
         | SessionError::TenantLimit { .. } => INVALID_PARAMS,
-        SessionError::Unavailable | SessionError::Storage(_) => INTERNAL,
+        SessionError::Unavailable | SessionError::StorageUnavailable | SessionError::Storage(_) => {
+            INTERNAL
+        }
     };
     let message = match &e {
         SessionError::Storage(_) => "internal error".to_owned(),

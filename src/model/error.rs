@@ -56,6 +56,10 @@ pub enum SessionError {
     /// The engine is recovering or shutting down; retrying later will work.
     #[error("service unavailable, retry shortly")]
     Unavailable,
+    /// The disk does not take writes (full or failing): nothing was changed;
+    /// retrying once it does will work.
+    #[error("storage unavailable, nothing was changed; retry shortly")]
+    StorageUnavailable,
     /// The durable store failed; the cause is logged, never sent to clients.
     #[error("storage failure: {0}")]
     Storage(String),

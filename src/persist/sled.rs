@@ -31,6 +31,10 @@ pub enum StoreError {
         /// Why it did not decode.
         reason: String,
     },
+    /// The log does not take writes (a full or failing disk); nothing of
+    /// the change was kept.
+    #[error("log: {0}")]
+    Unwritable(String),
     /// The write-behind queue is closed (shutting down).
     #[error("write-behind queue closed")]
     Closed,

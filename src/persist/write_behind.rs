@@ -137,7 +137,15 @@ pub struct WriteBehindStats {
     pub last_flush_at_ms: AtomicI64,
     /// Duration of the last apply + fsync, in microseconds.
     pub last_flush_micros: AtomicU64,
+    /// The last write to the log failed (a full or failing disk): batches
+    /// fail at once until a write, tried every [`PROBE_INTERVAL`],
+    /// succeeds again.
+    pub failing: std::sync::atomic::AtomicBool,
 }
+
+/// While the log does not take writes, how often a write is tried again,
+/// so the engine resumes by itself once the disk does.
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
 impl WriteBehindStats {
     /// How far behind the flusher is, in ms: with changes queued, the time
@@ -177,6 +185,7 @@ impl WriteBehind {
         let flusher = Flusher {
             store,
             log,
+            last_attempt: None,
             checkpoints,
             rx,
             flush_interval,
@@ -285,6 +294,8 @@ pub struct Shipping {
 struct Flusher {
     store: Store,
     log: LogWriter,
+    /// When the log was last tried after a failure.
+    last_attempt: Option<Instant>,
     checkpoints: Nudger,
     rx: mpsc::Receiver<Command>,
     flush_interval: Duration,
@@ -365,7 +376,23 @@ impl Pending {
 
 impl Flusher {
     fn run(mut self) {
-        while let Ok(first) = self.rx.recv() {
+        loop {
+            let first = if self.stats.failing.load(Ordering::Acquire) {
+                match self.rx.recv_timeout(PROBE_INTERVAL) {
+                    Ok(command) => command,
+                    Err(RecvTimeoutError::Timeout) => {
+                        // Nothing to write: try an empty record.
+                        self.write(Pending::default());
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            } else {
+                match self.rx.recv() {
+                    Ok(command) => command,
+                    Err(_) => return,
+                }
+            };
             let deadline = Instant::now() + self.flush_interval;
             let mut pending = Pending::default();
             self.take(&mut pending, first);
@@ -401,13 +428,36 @@ impl Flusher {
     fn write(&mut self, mut pending: Pending) {
         let started = Instant::now();
         let now = now_ms();
-        let result = if pending.record.is_empty() {
+        let failing = self.stats.failing.load(Ordering::Acquire);
+        let result = if pending.record.is_empty() && !failing {
             Ok(None)
+        } else if failing
+            && self
+                .last_attempt
+                .is_some_and(|at| at.elapsed() < PROBE_INTERVAL)
+        {
+            // Fail at once rather than pile up behind a disk that refuses.
+            Err(StoreError::Unwritable(
+                "the disk refused the last write".into(),
+            ))
         } else {
-            self.log
-                .append(&mut pending.record, now)
-                .map(Some)
-                .map_err(|e| StoreError::Sled(format!("log: {e}")))
+            self.last_attempt = Some(Instant::now());
+            match self.log.append(&mut pending.record, now) {
+                Ok(seq) => {
+                    if failing {
+                        self.stats.failing.store(false, Ordering::Release);
+                        tracing::info!("the log takes writes again; changes are accepted");
+                    }
+                    Ok(Some(seq))
+                }
+                Err(e) => {
+                    if !failing {
+                        self.stats.failing.store(true, Ordering::Release);
+                        tracing::error!(error = %e, "the log does not take writes (disk full or failing); changes answer 503 storage_unavailable until it does");
+                    }
+                    Err(StoreError::Unwritable(e.to_string()))
+                }
+            }
         };
         let result = match result {
             Ok(written) => {
@@ -444,7 +494,7 @@ impl Flusher {
                 Ok(())
             }
             Err(e) => {
-                tracing::error!(error = %e, writes = pending.writes, "write-behind batch failed");
+                tracing::debug!(error = %e, writes = pending.writes, "write-behind batch failed");
                 Err(e)
             }
         };
