@@ -184,7 +184,7 @@ fn serve(config: Option<PathBuf>, salvage: bool) -> ExitCode {
     };
     settings.storage.salvage = salvage;
     let data_dir = settings.storage.data_dir.clone();
-    telemetry::init(&settings.log);
+    let log_writer = telemetry::init(&settings.log);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -203,6 +203,14 @@ fn serve(config: Option<PathBuf>, salvage: bool) -> ExitCode {
             })?;
         service::run(settings, listener, service::shutdown_signal()).await
     });
+    if let Err(e) = &result {
+        tracing::error!(
+            error = format!("{e:#}"),
+            "edge-sessions stopped with an error"
+        );
+    }
+    // Every log line is out before the one-line summary below.
+    drop(log_writer);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -217,10 +225,6 @@ fn serve(config: Option<PathBuf>, salvage: bool) -> ExitCode {
                 );
                 return ExitCode::from(2);
             }
-            tracing::error!(
-                error = format!("{e:#}"),
-                "edge-sessions stopped with an error"
-            );
             eprintln!("edge-sessions: {e:#}");
             ExitCode::FAILURE
         }
