@@ -46,7 +46,9 @@
 //! * `COMPARE_CONNECTIONS` (default 64): wrk and redis-benchmark connections;
 //! * `COMPARE_SESSIONS` (default 1000): pre-created sessions for tool exec,
 //!   get and WebSocket;
-//! * `COMPARE_WS_SOCKETS` (default 100; 0 skips the WebSocket phase).
+//! * `COMPARE_WS_SOCKETS` (default 100; 0 skips the WebSocket phase);
+//! * `COMPARE_BINARY`: another edge-sessions binary to measure instead of
+//!   this build's (a before/after against an older release).
 //!
 //! Every child process (server, Redis, wrk, redis-benchmark) is held by a
 //! guard that kills it when dropped, so an error or a panic leaves nothing
@@ -557,7 +559,11 @@ struct EdgeServer {
 
 impl EdgeServer {
     fn start(dir: &Path) -> Result<Self, String> {
-        let binary = PathBuf::from(env!("CARGO_BIN_EXE_edge-sessions"));
+        // Another build (e.g. the previous release, for a before/after).
+        let binary = std::env::var_os("COMPARE_BINARY").map_or_else(
+            || PathBuf::from(env!("CARGO_BIN_EXE_edge-sessions")),
+            PathBuf::from,
+        );
         if !binary.is_file() {
             return Err(format!(
                 "{} is missing: run `cargo build --release` (cargo bench builds it)",
