@@ -26,7 +26,7 @@ use tokio::sync::{oneshot, Notify};
 use uuid::Uuid;
 
 use super::keys;
-use super::log::{LogOp, LogReader, LogShared, Record};
+use super::log::{LogOp, LogReader, LogShared, LogWriter, Record, RecordBuilder};
 use super::record::{self, RecordError};
 use super::sled::{Store, StoreError, SHIPPED_THROUGH};
 use crate::model::{AuditEntry, Millis, Session, ToolExecution};
@@ -74,6 +74,35 @@ pub fn entry_for_record(key: &[u8], value: &[u8], now: Millis) -> Option<Vec<u8>
     out.extend_from_slice(prefix);
     out.extend_from_slice(value);
     Some(out)
+}
+
+/// Appends every stored session and execution record to the log as
+/// outbox entries (the PostgreSQL tier was just switched on). Start-up
+/// only, before the flusher owns the log.
+pub(crate) fn seed(
+    store: &Store,
+    log: &mut LogWriter,
+    now: Millis,
+) -> Result<usize, StoreError> {
+    let mut record = RecordBuilder::default();
+    let mut seeded = 0;
+    for prefix in [
+        keys::all_sessions(),
+        [keys::executions_prefix(Uuid::nil())[0]],
+    ] {
+        for item in store.scan_prefix(&prefix, false) {
+            let (key, value) = item?;
+            if let Some(entry) = entry_for_record(&key, &value, now) {
+                record.entry(&entry);
+                seeded += 1;
+                if seeded % 1024 == 0 {
+                    store.append(log, &mut record)?;
+                }
+            }
+        }
+    }
+    store.append(log, &mut record)?;
+    Ok(seeded)
 }
 
 /// The outbox value of an audit entry.

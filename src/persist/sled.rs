@@ -276,7 +276,7 @@ impl Store {
     }
 
     /// Every key starting with `prefix`, overlay included.
-    fn scan_prefix(
+    pub(crate) fn scan_prefix(
         &self,
         prefix: &[u8],
         reverse: bool,
@@ -426,35 +426,6 @@ impl Store {
     pub fn put_dead_letter(&self, at: Millis, seq: u64, value: &[u8]) -> Result<(), StoreError> {
         self.tree.insert(keys::dead_letter(at, seq), value)?;
         Ok(())
-    }
-
-    /// Appends every stored session and execution record to the log as
-    /// outbox entries (the PostgreSQL tier was just switched on). Start-up
-    /// only, before the flusher owns the log.
-    pub(crate) fn seed_outbox(
-        &self,
-        log: &mut LogWriter,
-        now: Millis,
-    ) -> Result<usize, StoreError> {
-        let mut record = RecordBuilder::default();
-        let mut seeded = 0;
-        for prefix in [
-            keys::all_sessions(),
-            [keys::executions_prefix(Uuid::nil())[0]],
-        ] {
-            for item in self.scan_prefix(&prefix, false) {
-                let (key, value) = item?;
-                if let Some(entry) = super::outbox::entry_for_record(&key, &value, now) {
-                    record.entry(&entry);
-                    seeded += 1;
-                    if seeded % 1024 == 0 {
-                        self.append(log, &mut record)?;
-                    }
-                }
-            }
-        }
-        self.append(log, &mut record)?;
-        Ok(seeded)
     }
 
     /// Writes a session rebuilt from PostgreSQL, with its index entry and
