@@ -314,7 +314,8 @@ impl Engine {
             }
             // The tier was just switched on: what is stored already ships.
             Some(_) if store.meta(crate::persist::outbox::SEEDED)?.is_none() => {
-                let seeded = crate::persist::outbox::seed(&store, &mut log, crate::model::time::now_ms())?;
+                let seeded =
+                    crate::persist::outbox::seed(&store, &mut log, crate::model::time::now_ms())?;
                 store.put_meta(crate::persist::outbox::SEEDED, b"1")?;
                 store.sync()?;
                 tracing::info!(

@@ -79,11 +79,7 @@ pub fn entry_for_record(key: &[u8], value: &[u8], now: Millis) -> Option<Vec<u8>
 /// Appends every stored session and execution record to the log as
 /// outbox entries (the PostgreSQL tier was just switched on). Start-up
 /// only, before the flusher owns the log.
-pub(crate) fn seed(
-    store: &Store,
-    log: &mut LogWriter,
-    now: Millis,
-) -> Result<usize, StoreError> {
+pub(crate) fn seed(store: &Store, log: &mut LogWriter, now: Millis) -> Result<usize, StoreError> {
     let mut record = RecordBuilder::default();
     let mut seeded = 0;
     for prefix in [
