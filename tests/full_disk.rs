@@ -185,6 +185,14 @@ async fn a_full_disk_refuses_changes_cleanly_and_recovers_by_itself() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(ready, "/readyz is 200 again");
+    // sled was never written on the nearly full disk (it cannot recover
+    // from a failed write without a restart): the log kept everything.
+    let (_, readyz) = call(&client, &base, Method::GET, "/readyz", "", None).await;
+    assert_eq!(readyz["checkpoint"]["failing"], false, "{readyz}");
+    assert!(
+        readyz["checkpoint"]["deferred_for_space"].as_u64() > Some(0),
+        "{readyz}"
+    );
 
     // Nothing acknowledged was lost.
     assert_eq!(server.terminate().code(), Some(0));

@@ -60,7 +60,7 @@ use crate::crypto::{Secret, SessionTokens, TokenHash, Vault};
 use crate::model::session::{SessionMetrics, SessionUpdate};
 use crate::model::time::Clock;
 use crate::model::{Millis, Session, SessionError, SessionView, ToolExecution};
-use crate::persist::checkpoint::Checkpointer;
+use crate::persist::checkpoint::{CheckpointStats, Checkpointer};
 use crate::persist::outbox::{Outbox, OutboxStats};
 use crate::persist::postgres::Postgres;
 use crate::persist::shipper::{self, ShipperConfig, ShipperHandle};
@@ -276,6 +276,7 @@ pub struct Engine {
     outbox: Option<Arc<Outbox>>,
     shipper: Arc<Mutex<Option<ShipperHandle>>>,
     checkpointer: Arc<Mutex<Option<Checkpointer>>>,
+    checkpoints: Arc<CheckpointStats>,
 }
 
 impl Engine {
@@ -420,6 +421,7 @@ impl Engine {
             vault: config.vault,
             outbox,
             shipper: Arc::new(Mutex::new(shipper)),
+            checkpoints: checkpointer.stats(),
             checkpointer: Arc::new(Mutex::new(Some(checkpointer))),
         })
     }
@@ -466,16 +468,15 @@ impl Engine {
         let Some(addr) = directory.get(session_id).map(|a| a.clone()) else {
             return;
         };
-        let _ = addr.send(session::RollBack).await;
+        if !matches!(addr.send(session::RollBack).await, Ok(true)) {
+            // Final already: its end is kept (and written again later).
+            return;
+        }
         // The supervisor restarts it from disk (or drops it) once it has
-        // stopped: wait for that, briefly.
+        // stopped: wait until the entry is another actor's or gone.
         for _ in 0..ROLL_BACK_POLLS {
             match directory.get(session_id).map(|a| a.clone()) {
-                Some(current) if current == addr && !addr.connected() => {}
-                Some(current) if current == addr => {
-                    // Still running: it was final, nothing to roll back.
-                    return;
-                }
+                Some(current) if current == addr => {}
                 _ => return,
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -491,6 +492,11 @@ impl Engine {
     /// The write-behind queue's live figures.
     pub fn write_behind_stats(&self) -> &WriteBehindStats {
         self.shared.write_behind.stats()
+    }
+
+    /// The checkpointer's live figures.
+    pub fn checkpoint_stats(&self) -> &CheckpointStats {
+        &self.checkpoints
     }
 
     /// The outbox's live figures, when the PostgreSQL tier is on.
@@ -511,6 +517,10 @@ impl Engine {
     /// Writes and fsyncs a small probe record: proves the store accepts
     /// writes now (readiness), not only that nothing failed so far.
     pub async fn check_writable(&self) -> Result<(), SessionError> {
+        // sled failing to take a checkpoint is not fixed by waiting: say so.
+        if self.checkpoints.failing.load(Ordering::Relaxed) {
+            return Err(SessionError::StorageUnavailable);
+        }
         let probe = WriteOp::Put {
             key: crate::persist::keys::meta("readyz"),
             value: self.shared.clock.now().to_be_bytes().to_vec(),
@@ -638,9 +648,13 @@ impl Engine {
             .await
             .map_err(|_| SessionError::Unavailable)??;
         if let Err(e) = settle(durable).await {
-            // The client is told the create failed, so the session must not
-            // live on, nor leave a final record behind: it is undone.
-            self.roll_back(tenant, &view.session_id).await;
+            // Not written: the client is told the create failed, so the
+            // session must not live on, nor leave a final record behind.
+            // (A create that is in the log but waits for PostgreSQL stays:
+            // it will be committed, and a retry answers 409.)
+            if e == SessionError::StorageUnavailable {
+                self.roll_back(tenant, &view.session_id).await;
+            }
             return Err(e);
         }
         metrics::counter!(

@@ -730,20 +730,23 @@ impl Handler<ExpireIfDue> for SessionActor {
 /// the actor stops, and its supervisor starts it again from what is on
 /// disk, so nothing of the change stays visible. A session that never
 /// reached the disk (a failed create) is gone with it.
+/// Answers whether the actor is stopping for it.
 #[derive(Message)]
-#[rtype(result = "()")]
+#[rtype(result = "bool")]
 pub struct RollBack;
 
 impl Handler<RollBack> for SessionActor {
-    type Result = ();
+    type Result = bool;
 
-    fn handle(&mut self, _: RollBack, ctx: &mut Context<Self>) {
+    fn handle(&mut self, _: RollBack, ctx: &mut Context<Self>) -> bool {
         // A final session's end is kept and written again later (see
         // `retry_final_write`): only live state is rolled back.
-        if !self.session.status.is_final() {
-            self.rolling_back = true;
-            ctx.stop();
+        if self.session.status.is_final() {
+            return false;
         }
+        self.rolling_back = true;
+        ctx.stop();
+        true
     }
 }
 

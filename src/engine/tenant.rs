@@ -160,7 +160,9 @@ impl Handler<ActorStopped> for TenantSupervisor {
         // write-behind queue: read the store only once they are on disk,
         // or the restarted actor would reuse an acknowledged execution's
         // number. Admissions wait meanwhile (a few milliseconds, rarely).
-        let barrier = self.shared.write_behind.barrier();
+        // Local: under durability = "postgres" a PostgreSQL outage must not
+        // hold every admission of the tenant for the commit timeout.
+        let barrier = self.shared.write_behind.local_barrier();
         ctx.wait(barrier.into_actor(self).map(move |_, supervisor, ctx| {
             supervisor.restart(&msg.session_id, msg.rolled_back, ctx)
         }));

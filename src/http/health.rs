@@ -55,6 +55,12 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<V
             json!({ "status": "store not writable" }),
         ),
     };
+    let checkpoints = state.engine.checkpoint_stats();
+    body["checkpoint"] = json!({
+        "through_record": checkpoints.through.load(Ordering::Relaxed),
+        "failing": checkpoints.failing.load(Ordering::Relaxed),
+        "deferred_for_space": checkpoints.deferred.load(Ordering::Relaxed),
+    });
     // The PostgreSQL backlog: readiness does not depend on it (sled holds
     // every change), but this is where an operator looks first.
     if let Some(outbox) = state.engine.outbox_stats() {

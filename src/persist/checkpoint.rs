@@ -24,6 +24,12 @@ use super::sled::{Store, SHIPPED_THROUGH};
 
 /// Overlay size that triggers a checkpoint before the interval is up.
 pub const OVERLAY_SOFT_LIMIT: usize = 64 << 20;
+/// Least free space on the data dir's file system for a checkpoint to run
+/// (and at least four times the changes it writes). sled 0.34 fails for
+/// good after a write error (every later write fails until a restart), so
+/// it is never written where it could run out of space; the log, whose
+/// failures are recovered from, takes the disk's last bytes instead.
+pub const CHECKPOINT_FREE_MIN: u64 = 64 << 20;
 
 /// Live figures of the checkpointer.
 #[derive(Debug, Default)]
@@ -36,6 +42,10 @@ pub struct CheckpointStats {
     pub through: AtomicU64,
     /// Duration of the last checkpoint, in microseconds.
     pub last_micros: AtomicU64,
+    /// The last checkpoint failed (sled did not write).
+    pub failing: std::sync::atomic::AtomicBool,
+    /// Checkpoints put off for lack of free space, since start.
+    pub deferred: AtomicU64,
 }
 
 enum Command {
@@ -87,9 +97,9 @@ impl Checkpointer {
         Nudger(self.tx.clone())
     }
 
-    /// The live figures.
-    pub fn stats(&self) -> &CheckpointStats {
-        &self.stats
+    /// The live figures, shared.
+    pub fn stats(&self) -> Arc<CheckpointStats> {
+        self.stats.clone()
     }
 
     /// Writes a last checkpoint and stops the thread (call after the
@@ -169,6 +179,20 @@ impl Worker {
 
     fn checkpoint(&self) {
         let started = Instant::now();
+        let wanted = CHECKPOINT_FREE_MIN.max(4 * self.store.overlay().active_bytes() as u64);
+        match self.store.free_bytes() {
+            Ok(free) if free < wanted => {
+                if self.stats.deferred.fetch_add(1, Ordering::Relaxed) % 60 == 0 {
+                    tracing::warn!(
+                        free_bytes = free,
+                        wanted_bytes = wanted,
+                        "checkpoint put off: the disk is nearly full; the log keeps every change"
+                    );
+                }
+                return;
+            }
+            _ => {}
+        }
         // Read before sled's fsync, so the value used below is durable.
         let shipped = if self.shipping {
             self.store.meta_u64(SHIPPED_THROUGH).unwrap_or(0)
@@ -178,6 +202,7 @@ impl Worker {
         match self.store.checkpoint(0) {
             Ok(None) => {}
             Ok(Some(through)) => {
+                self.stats.failing.store(false, Ordering::Relaxed);
                 self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
                 self.stats.through.store(through, Ordering::Relaxed);
                 self.stats
@@ -188,6 +213,7 @@ impl Worker {
                 }
             }
             Err(e) => {
+                self.stats.failing.store(true, Ordering::Relaxed);
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %e, "checkpoint into sled failed; the log keeps every change, retrying");
             }

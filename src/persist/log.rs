@@ -361,7 +361,12 @@ impl LogWriter {
             .write_all_at(&record.buf, self.offset)
             .and_then(|()| self.file.sync_data());
         if let Err(e) = written {
-            let _ = self.file.set_len(self.offset);
+            // Best effort, and synced: a refused record must not turn up
+            // after a crash.
+            let _ = self
+                .file
+                .set_len(self.offset)
+                .and_then(|()| self.file.sync_all());
             return Err(e);
         }
         self.offset += record.buf.len() as u64;
@@ -464,7 +469,7 @@ pub fn open(dir: &Path, after: Option<u64>, salvage: bool) -> io::Result<(LogWri
         // Anything after the last valid record must be a torn write: no
         // valid record may follow it.
         if offset < len {
-            let after_bad = valid_records_after(&file, offset, len)?;
+            let after_bad = valid_records_after(&file, offset, len, seq)?;
             if after_bad.records > 0 {
                 replay.lost_ops += after_bad.ops;
                 highest = highest.max(after_bad.highest);
@@ -526,9 +531,15 @@ struct Found {
     highest: u64,
 }
 
+/// How far past the bad record's number a later record may be numbered and
+/// still count as one the log wrote (damage may span several records).
+const LATER_RECORDS: u64 = 1 << 16;
+
 /// Counts the valid records anywhere after `offset` (scanning for the
-/// magic).
-fn valid_records_after(file: &File, offset: u64, len: u64) -> io::Result<Found> {
+/// magic) that continue the log's numbering from `seq`, the number the bad
+/// record would have had. Only those: a tool argument that happens to hold
+/// a well-formed record inside a torn write must not pass for one.
+fn valid_records_after(file: &File, offset: u64, len: u64, seq: u64) -> io::Result<Found> {
     let mut bytes = vec![0u8; (len - offset) as usize];
     file.read_exact_at(&mut bytes, offset)?;
     let mut found = Found::default();
@@ -536,6 +547,10 @@ fn valid_records_after(file: &File, offset: u64, len: u64) -> io::Result<Found> 
     while at + HEADER <= bytes.len() {
         if &bytes[at..at + 4] == MAGIC {
             if let ReadAt::Record(record) = read_at(file, offset + at as u64, len)? {
+                if !(seq..seq + LATER_RECORDS).contains(&record.seq) {
+                    at += 1;
+                    continue;
+                }
                 found.records += 1;
                 found.ops += record.ops().count();
                 found.highest = found.highest.max(record.seq);
@@ -576,6 +591,11 @@ impl LogReader {
         }
     }
 
+    /// The number of the next record it reads.
+    pub fn position(&self) -> u64 {
+        self.next
+    }
+
     /// Goes back (or forward) to record `next`.
     pub fn seek(&mut self, next: u64) {
         self.segment = None;
@@ -599,23 +619,25 @@ impl LogReader {
                 else {
                     return Ok(None);
                 };
+                // Opened and positioned before it is kept: an error on the
+                // way leaves no half-positioned segment behind.
                 let file = File::open(self.shared.path(first))?;
-                self.segment = Some((first, file));
-                self.offset = 0;
-                self.next = self.next.max(first);
+                let next = self.next.max(first);
+                let len = file.metadata()?.len();
                 // Skip to `next` within the segment.
-                let mut seq = first;
-                while seq < self.next {
-                    let (_, file) = self.segment.as_ref().expect("opened above");
-                    let len = file.metadata()?.len();
-                    match read_at(file, self.offset, len)? {
+                let (mut seq, mut offset) = (first, 0);
+                while seq < next {
+                    match read_at(&file, offset, len)? {
                         ReadAt::Record(record) => {
-                            self.offset += record.len();
+                            offset += record.len();
                             seq = record.seq + 1;
                         }
                         ReadAt::Invalid => break,
                     }
                 }
+                self.segment = Some((first, file));
+                self.offset = offset;
+                self.next = next;
             }
             let (first, file) = self.segment.as_ref().expect("opened above");
             let len = file.metadata()?.len();

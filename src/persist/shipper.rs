@@ -192,8 +192,10 @@ impl Shipper {
             let batch = match self.read_round(&mut reader, size) {
                 Ok(batch) => batch,
                 Err(e) => {
-                    // Nothing is known to be shipped: waiters keep waiting.
-                    tracing::error!(error = %e, "outbox: cannot read from sled");
+                    // Nothing is known to be shipped: waiters keep waiting,
+                    // and the round is read again from what is committed.
+                    reader.seek(self.outbox.shipped_through() + 1);
+                    tracing::error!(error = %e, "outbox: cannot read the log");
                     backoff.failures += 1;
                     if self.pause(backoff.delay(), &mut stopping).await {
                         break;
@@ -201,6 +203,18 @@ impl Shipper {
                     continue;
                 }
             };
+            if batch.is_empty() && reader.position() <= applied {
+                // The reader stopped short of what the log holds (a segment
+                // it could not follow): never report that as shipped.
+                tracing::warn!(
+                    at = reader.position(),
+                    applied,
+                    "outbox: the log reader stopped early; reading again"
+                );
+                reader.seek(self.outbox.shipped_through() + 1);
+                self.idle(&mut stopping).await;
+                continue;
+            }
             if batch.is_empty() {
                 self.outbox.drained(applied);
                 if drain_deadline.is_some() {

@@ -499,6 +499,23 @@ impl Store {
         Ok(Some(through))
     }
 
+    /// Bytes free for this process on the data dir's file system.
+    pub(crate) fn free_bytes(&self) -> std::io::Result<u64> {
+        use std::os::unix::ffi::OsStrExt as _;
+        let path = std::ffi::CString::new(self.dir.as_os_str().as_bytes())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        let mut stats = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+        // SAFETY: `path` is a valid C string and `stats` is written by
+        // statvfs before it is read, only on success.
+        let stats = unsafe {
+            if libc::statvfs(path.as_ptr(), stats.as_mut_ptr()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            stats.assume_init()
+        };
+        Ok(stats.f_bavail as u64 * stats.f_frsize as u64)
+    }
+
     /// Applies one batch atomically (one tree, one `apply_batch`).
     pub(crate) fn apply(&self, batch: sled::Batch) -> Result<(), StoreError> {
         Ok(self.tree.apply_batch(batch)?)

@@ -247,6 +247,12 @@ impl WriteBehind {
         rx
     }
 
+    /// Resolves when everything submitted before it is in the log, even
+    /// under `durability = "postgres"`.
+    pub fn local_barrier(&self) -> Durable {
+        self.submit_local(Vec::new())
+    }
+
     /// Resolves when everything submitted before it is committed to
     /// PostgreSQL (or, without the tier, on disk).
     pub fn shipped_barrier(&self) -> Durable {
