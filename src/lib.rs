@@ -7,9 +7,10 @@
 //!   domain error; pure.
 //! - [`crypto`]: the passthrough vault (AES-256-GCM under HKDF per-tenant
 //!   keys from a rotatable master keyring), session tokens, `Secret`.
-//! - [`persist`]: the sled store, its key layout and record format, the
-//!   write-behind queue with its group-commit flusher thread, and the
-//!   PostgreSQL tier (outbox in sled, shipper thread, schema migrations).
+//! - [`persist`]: the write-ahead log and its group-commit flusher, the
+//!   overlay of logged changes, the checkpointer that folds them into sled
+//!   (key layout, record format), and the PostgreSQL tier (the log as
+//!   outbox, shipper thread, schema migrations).
 //! - [`engine`]: the actors. One [`engine::session::SessionActor`] per live
 //!   session, one [`engine::tenant::TenantSupervisor`] per tenant, spread
 //!   over one actix arbiter per core; start-up recovery and the sweep.
@@ -21,6 +22,22 @@
 //! - [`settings`]: layered configuration; [`telemetry`]: logging and
 //!   Prometheus metric names;
 //!   [`service`]: wires it all and shuts it down in order.
+//!
+//! # Threads
+//!
+//! On two cores every thread that wakes per request costs, so they are few:
+//! - the tokio runtime's workers (one per core): HTTP, WebSockets, handlers;
+//! - one actix arbiter per core (`engine::shards`): the session actors and
+//!   tenant supervisors;
+//! - `write-behind`: appends each group commit to the log and fsyncs; wakes
+//!   per batch, not per change;
+//! - `checkpoint`: folds the log into sled about once a second, at a lower
+//!   priority; idle when nothing changed;
+//! - `outbox-shipper` (PostgreSQL tier only), on its own current-thread
+//!   runtime;
+//! - `log-writer`: writes log lines, so no request makes a `write` syscall
+//!   for its access log line;
+//! - sled's own I/O threads, busy only during checkpoints.
 //!
 //! # How a request flows
 //!
