@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use actix::prelude::*;
 
-use super::tenant::{ActorStopped, Release, TenantSupervisor};
 use super::{durable_outcome, Shared};
 use crate::crypto::TokenHash;
 use crate::model::session::{
@@ -46,7 +45,7 @@ const FINAL_WRITE_RETRY: Duration = Duration::from_secs(1);
 pub struct SessionActor {
     session: Session,
     shared: Arc<Shared>,
-    supervisor: Arc<Addr<TenantSupervisor>>,
+    supervisor: Arc<SupervisorLink>,
     /// The armed timer and the deadline it is armed for.
     timer: Option<(SpawnHandle, Millis)>,
     /// A coalesced write of the session record is scheduled.
@@ -63,6 +62,34 @@ pub struct SessionActor {
     revoking: bool,
     /// Stopping to be restarted from disk: a change of it was not written.
     rolling_back: bool,
+}
+
+/// How a session reaches its tenant's supervisor (which handles both
+/// messages); the session knows nothing else of it.
+pub struct SupervisorLink {
+    /// Where [`Release`] goes.
+    pub released: Recipient<Release>,
+    /// Where [`ActorStopped`] goes.
+    pub stopped: Recipient<ActorStopped>,
+}
+
+/// A session of this tenant became final: its slot is free.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Release;
+
+/// A session's actor stopped while its session was still live: it
+/// panicked (actix stops an actor whose handler panicked), or the shards
+/// are shutting down. Sent once, by the actor itself, from `stopped`.
+/// The supervisor restarts it from its last durable state, so a panic costs
+/// at most the changes that were not yet durable and never the session.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ActorStopped {
+    /// The session's id.
+    pub session_id: Arc<str>,
+    /// It stopped on purpose, to be rolled back to its durable state.
+    pub rolled_back: bool,
 }
 
 /// What a session pushes to its open WebSockets.
@@ -98,7 +125,7 @@ impl SessionActor {
     pub(crate) fn new(
         session: Session,
         shared: Arc<Shared>,
-        supervisor: Arc<Addr<TenantSupervisor>>,
+        supervisor: Arc<SupervisorLink>,
     ) -> Self {
         SessionActor {
             session,
@@ -322,7 +349,7 @@ impl SessionActor {
             "status" => status.as_str()
         )
         .increment(1);
-        self.supervisor.do_send(Release);
+        self.supervisor.released.do_send(Release);
         self.write_final()
     }
 
@@ -399,7 +426,7 @@ impl Actor for SessionActor {
             // stopping, which the supervisor ignores). The entry stays, now
             // disconnected, so the id cannot be taken by a create until the
             // supervisor has restarted the session or given it up.
-            self.supervisor.do_send(ActorStopped {
+            self.supervisor.stopped.do_send(ActorStopped {
                 session_id: self.session.session_id.clone(),
                 rolled_back: self.rolling_back,
             });

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 
 use super::admission::TenantLimits;
-use super::session::SessionActor;
+use super::session::{ActorStopped, Release, SessionActor, SupervisorLink};
 use super::{storage, Shared};
 use crate::model::{Session, SessionError};
 use crate::persist::write_behind::purge_ops;
@@ -23,9 +23,10 @@ pub struct TenantSupervisor {
     shared: Arc<Shared>,
     /// Live (non-final) sessions counted against the limit.
     live: usize,
-    /// This supervisor's address, shared by all its actors: an `Addr` clone
-    /// allocates, an `Arc` clone does not (a saving per live session).
-    me: Option<Arc<Addr<TenantSupervisor>>>,
+    /// How its actors reach this supervisor, shared by all of them: an
+    /// `Addr` or `Recipient` clone allocates, an `Arc` clone does not (a
+    /// saving per live session).
+    me: Option<Arc<SupervisorLink>>,
 }
 
 impl TenantSupervisor {
@@ -43,7 +44,13 @@ impl TenantSupervisor {
     fn spawn(&mut self, session: Session, ctx: &mut Context<Self>) -> Addr<SessionActor> {
         let me = self
             .me
-            .get_or_insert_with(|| Arc::new(ctx.address()))
+            .get_or_insert_with(|| {
+                let address = ctx.address();
+                Arc::new(SupervisorLink {
+                    released: address.clone().recipient(),
+                    stopped: address.recipient(),
+                })
+            })
             .clone();
         let shard = self.shared.shard_of(self.limits.id, &session.session_id);
         let id = session.session_id.clone();
@@ -110,11 +117,6 @@ impl Handler<Admit> for TenantSupervisor {
     }
 }
 
-/// A session of this tenant became final: its slot is free.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Release;
-
 impl Handler<Release> for TenantSupervisor {
     type Result = ();
 
@@ -136,20 +138,6 @@ impl Handler<Restore> for TenantSupervisor {
         self.live += 1;
         self.spawn(session, ctx);
     }
-}
-
-/// A session's actor stopped while its session was still live: it
-/// panicked (actix stops an actor whose handler panicked), or the shards
-/// are shutting down. Sent once, by the actor itself, from `stopped`.
-/// The supervisor restarts it from its last durable state, so a panic costs
-/// at most the changes that were not yet durable and never the session.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct ActorStopped {
-    /// The session's id.
-    pub session_id: Arc<str>,
-    /// It stopped on purpose, to be rolled back to its durable state.
-    pub rolled_back: bool,
 }
 
 impl Handler<ActorStopped> for TenantSupervisor {
