@@ -56,15 +56,30 @@ pub struct ErrorBody {
     pub cause: Option<String>,
 }
 
+/// The contract's error body as sent: the one definition of its shape,
+/// for the wire and for the OpenAPI document.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorResponse {
+    /// A lowercase human sentence.
+    pub error: String,
+    /// A stable machine code (snake_case), e.g. `session_not_found`.
+    pub code: String,
+    /// The request's id, as in `X-Request-Id` and the server's logs.
+    pub request_id: String,
+    /// Details, e.g. `{"field": "ttl"}` for a validation error.
+    #[schema(value_type = Object)]
+    pub details: serde_json::Value,
+}
+
 impl ErrorBody {
-    /// Renders the contract's JSON body.
-    pub fn to_json(&self, request_id: &str) -> Value {
-        json!({
-            "error": self.message,
-            "code": self.code,
-            "request_id": request_id,
-            "details": self.details,
-        })
+    /// The contract's body for the request `request_id`.
+    pub fn render(&self, request_id: &str) -> ErrorResponse {
+        ErrorResponse {
+            error: self.message.clone(),
+            code: self.code.to_owned(),
+            request_id: request_id.to_owned(),
+            details: self.details.clone(),
+        }
     }
 
     /// The body for a bare status from the framework (405, 404 …).

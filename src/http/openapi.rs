@@ -14,19 +14,7 @@ use utoipa::{Modify, OpenApi, ToSchema};
 
 use super::AppState;
 
-/// The contract's error body.
-#[derive(Serialize, ToSchema)]
-pub struct ErrorResponse {
-    /// A lowercase human sentence.
-    pub error: String,
-    /// A stable machine code (snake_case), e.g. `session_not_found`.
-    pub code: String,
-    /// The request's id, as in `X-Request-Id` and the server's logs.
-    pub request_id: String,
-    /// Details, e.g. `{"field": "ttl"}` for a validation error.
-    #[schema(value_type = Object)]
-    pub details: serde_json::Value,
-}
+pub use super::error::ErrorResponse;
 
 /// A created session: the resource and its tokens, shown this once.
 #[derive(Serialize, ToSchema)]

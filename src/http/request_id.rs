@@ -102,7 +102,7 @@ pub async fn track(mut request: Request, next: Next) -> Response {
         if let Some(cause) = &error.cause {
             span.in_scope(|| tracing::error!(%status, cause = %cause, "request failed"));
         }
-        let mut rendered = axum::Json(error.to_json(&id)).into_response();
+        let mut rendered = axum::Json(error.render(&id)).into_response();
         *rendered.status_mut() = status;
         for (name, value) in response.headers() {
             if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
