@@ -455,11 +455,6 @@ impl Engine {
         }
     }
 
-    /// Whether the disk takes writes (the last write to the log succeeded).
-    pub fn is_writable(&self) -> bool {
-        self.ensure_writable().is_ok()
-    }
-
     /// A change of a live session was not written: the session goes back
     /// to its durable state (a create that never reached the disk is gone)
     /// before the caller is answered, so nothing of the change is visible.

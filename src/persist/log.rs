@@ -308,15 +308,6 @@ impl LogShared {
         }
         Ok(doomed.len())
     }
-
-    /// Bytes of log on disk.
-    pub fn disk_bytes(&self) -> u64 {
-        self.segments()
-            .iter()
-            .filter_map(|first| fs::metadata(self.path(*first)).ok())
-            .map(|m| m.len())
-            .sum()
-    }
 }
 
 fn segment_path(dir: &Path, first: u64) -> PathBuf {
@@ -575,11 +566,6 @@ pub struct LogReader {
 }
 
 impl LogReader {
-    /// A reader that starts at the oldest record still on disk.
-    pub fn new(shared: std::sync::Arc<LogShared>) -> Self {
-        Self::at(shared, 0)
-    }
-
     /// A reader that starts at record `next` (or the oldest one on disk,
     /// if that is later).
     pub fn at(shared: std::sync::Arc<LogShared>, next: u64) -> Self {
@@ -744,7 +730,7 @@ mod tests {
     fn the_reader_follows_durable_records_across_segments() {
         let dir = tempfile::tempdir().unwrap();
         let (mut writer, _) = open(dir.path(), Some(0), false).unwrap();
-        let mut reader = LogReader::new(writer.shared().clone());
+        let mut reader = LogReader::at(writer.shared().clone(), 0);
         assert!(reader.next_record().unwrap().is_none());
         writer.append(&mut record(&[(b"a", b"1")]), 0).unwrap();
         writer.offset = SEGMENT_BYTES; // force a new segment
