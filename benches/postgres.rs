@@ -86,7 +86,7 @@ fn start(dir: &std::path::Path, url: &str) -> Engine {
             postgres: postgres(url),
             shipper: ShipperConfig {
                 batch_size: 8000,
-                parallel: std::env::var("SHIP_CONNECTIONS")
+                lanes: std::env::var("SHIP_CONNECTIONS")
                     .ok()
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(2),

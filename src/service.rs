@@ -157,7 +157,7 @@ pub fn postgres_tier(settings: &Settings) -> anyhow::Result<Option<PostgresTier>
         postgres,
         shipper: ShipperConfig {
             batch_size: p.batch_size,
-            parallel: p.ship_connections,
+            lanes: p.ship_connections,
             migrate_on_start: p.migrate_on_start,
             drain_on_shutdown: Duration::from_millis(p.drain_on_shutdown_ms),
         },

@@ -141,9 +141,10 @@ pub struct PostgresSettings {
     pub statement_timeout_ms: u64,
     /// Longest wait for a connection, in ms.
     pub connect_timeout_ms: u64,
-    /// Most outbox entries shipped per round.
+    /// Most outbox entries one shipping transaction commits.
     pub batch_size: usize,
-    /// Connections (transactions) a round is split over, by session.
+    /// Shipping lanes, by session: each a connection with one transaction
+    /// in flight.
     pub ship_connections: usize,
     /// Under `durability = "postgres"`, longest an acknowledgement waits for
     /// its commit before the request answers 503, in ms.

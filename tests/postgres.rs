@@ -95,7 +95,21 @@ fn migrations_go_up_down_and_up_again() {
     assert_eq!(pg.scalar("SELECT count(*) FROM mcp.session_metrics"), 0);
     assert!(migrate(&pg.url, &["status"]).contains(": applied"));
 
-    // `down` without N undoes one step: the token columns go, the tables stay.
+    // The live-session index recovery reads is there, the per-activity
+    // ones are not (so a tool call's update can stay on its page).
+    let indexes = pg.psql("SELECT indexname FROM pg_indexes WHERE schemaname = 'mcp' ORDER BY 1");
+    assert!(indexes.contains("edge_mcp_sessions_live_idx"), "{indexes}");
+    assert!(!indexes.contains("last_activity"), "{indexes}");
+
+    // `down` without N undoes one step: the indexes come back.
+    migrate(&pg.url, &["down"]);
+    let indexes = pg.psql("SELECT indexname FROM pg_indexes WHERE schemaname = 'mcp' ORDER BY 1");
+    assert!(
+        indexes.contains("edge_mcp_sessions_live_expiry_idx"),
+        "{indexes}"
+    );
+    assert!(!indexes.contains("edge_mcp_sessions_live_idx"), "{indexes}");
+    // Once more: the token columns go, the tables stay.
     migrate(&pg.url, &["down"]);
     assert_eq!(
         pg.scalar("SELECT count(*) FROM information_schema.columns WHERE table_schema = 'mcp' AND column_name = 'session_token_sha256'"),
@@ -858,5 +872,63 @@ async fn rows_postgres_refuses_become_dead_letters_and_the_rest_ships() {
     );
     let (_, ready) = server.call(Method::GET, "/readyz", "", None).await;
     assert_eq!(ready["postgres"]["dead_letters"], 1, "{ready}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_id_reused_after_retention_takes_over_its_row() {
+    let pg = TempPostgres::start();
+    let server = TestServer::start_with(
+        1000,
+        &format!(
+            "[sessions]\nretention_seconds = 60\nsweep_interval_seconds = 1\n{}",
+            postgres_section(&pg.url, "")
+        ),
+    )
+    .await;
+    let client = &server.client;
+    let base = &server.base;
+    create(client, base, "again").await;
+    assert_eq!(
+        execute(client, base, "again", false).await,
+        StatusCode::NO_CONTENT
+    );
+    let (status, _) = server
+        .call(Method::DELETE, "/api/v1/sessions/again", KEY_A, None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(flush(client, base).await.0, StatusCode::OK);
+    let old = pg.psql("SELECT id FROM mcp.edge_mcp_sessions WHERE session_id = 'again'");
+    server.clock.advance(Duration::from_secs(61));
+    let mut purged = false;
+    for _ in 0..300 {
+        let (status, _) = server
+            .call(Method::GET, "/api/v1/sessions/again", KEY_A, None)
+            .await;
+        if status == StatusCode::NOT_FOUND {
+            purged = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(purged, "the final session was never purged");
+    create(client, base, "again").await;
+    let (status, body) = flush(client, base).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // One row for the id: the new session's, with none of the old one's
+    // executions.
+    let (_, view) = server
+        .call(Method::GET, "/api/v1/sessions/again", KEY_A, None)
+        .await;
+    assert_eq!(
+        pg.psql("SELECT id || '|' || status || '|' || tool_execution_count FROM mcp.edge_mcp_sessions WHERE session_id = 'again'")
+            .trim(),
+        format!("{}|active|0", view["id"].as_str().unwrap())
+    );
+    assert_ne!(old.trim(), view["id"].as_str().unwrap());
+    assert_eq!(
+        pg.scalar("SELECT count(*) FROM mcp.session_tool_executions"),
+        0
+    );
     server.stop().await;
 }

@@ -174,87 +174,48 @@ impl Postgres {
             .collect())
     }
 
-    /// Commits a batch of outbox entries split by session into `parts`
-    /// transactions that run at once on separate connections (PostgreSQL
-    /// uses a core per connection). A session's entries always land in the
-    /// same part, in order, so its row precedes its executions. When a part
-    /// fails the others may have committed; shipping the batch again is
-    /// harmless.
-    pub async fn ship(&self, entries: &[Entry], parts: usize) -> Result<(), PgError> {
-        let parts = parts.max(1);
-        if parts == 1 {
-            return self.ship_part(entries.iter().collect()).await;
-        }
-        let mut split: Vec<Vec<&Entry>> = vec![Vec::new(); parts];
-        for entry in entries {
-            let row = match entry {
-                Entry::Session(session) => session.id,
-                Entry::Execution { session_row, .. } => *session_row,
-                Entry::Audit(audit) => audit.session_row,
-            };
-            let part = (row.as_u128() % parts as u128) as usize;
-            split[part].push(entry);
-        }
-        let results = futures::future::join_all(
-            split
-                .into_iter()
-                .filter(|part| !part.is_empty())
-                .map(|part| self.ship_part(part)),
-        )
-        .await;
-        results.into_iter().collect()
-    }
-
     /// Commits entries in one transaction: session rows upserted (a row only
     /// moves forward in `version`), then executions and audit rows appended
     /// (a replayed one is skipped by its key).
-    async fn ship_part(&self, entries: Vec<&Entry>) -> Result<(), PgError> {
+    pub async fn ship(&self, entries: &[Entry]) -> Result<(), PgError> {
         let batch = Batch::gather(entries);
         let mut tx = self.pool.begin().await?;
         if !batch.sessions.is_empty() {
-            let s = SessionColumns::from(&batch.sessions);
-            // A client-chosen id re-used after the old session's retention:
-            // the new session takes over the (tenant, id) row.
-            sqlx::query(
-                "DELETE FROM mcp.edge_mcp_sessions s
-                 USING UNNEST($1::uuid[], $2::uuid[], $3::text[]) AS i(id, tenant_id, session_id)
-                 WHERE s.tenant_id = i.tenant_id AND s.session_id = i.session_id AND s.id <> i.id",
-            )
-            .bind(&s.id)
-            .bind(&s.tenant_id)
-            .bind(&s.session_id)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(UPSERT_SESSIONS)
-                .bind(&s.id)
-                .bind(&s.session_id)
-                .bind(&s.tenant_id)
-                .bind(&s.user_id)
-                .bind(&s.edge_mcp_id)
-                .bind(&s.client_name)
-                .bind(&s.client_type)
-                .bind(&s.client_version)
-                .bind(&s.status)
-                .bind(&s.initialized)
-                .bind(&s.connection_metadata)
-                .bind(&s.providers)
-                .bind(&s.tool_execution_count)
-                .bind(&s.tool_error_count)
-                .bind(&s.total_tokens_used)
-                .bind(&s.created_at)
-                .bind(&s.lifetime_start)
-                .bind(&s.last_activity_at)
-                .bind(&s.expires_at)
-                .bind(&s.idle_timeout_seconds)
-                .bind(&s.ttl_seconds)
-                .bind(&s.terminated_at)
-                .bind(&s.termination_reason)
-                .bind(&s.version)
-                .bind(&s.passthrough)
-                .bind(&s.session_token)
-                .bind(&s.refresh_token)
+            let written = upsert_sessions(&mut tx, &batch.sessions).await?;
+            // A new session whose row was not written: its (tenant, session
+            // id) row belongs to an older session with a client-chosen id
+            // that was re-used after the old one's retention, so the new
+            // session takes the row over. (A replayed create lands here too,
+            // and changes nothing.) Rare, so only here is the row looked up
+            // by (tenant, session id), planned for the arrays at hand.
+            let taken: Vec<&Session> = batch
+                .created
+                .iter()
+                .filter(|s| !written.contains(&s.id))
+                .copied()
+                .collect();
+            if !taken.is_empty() {
+                sqlx::query("SET LOCAL plan_cache_mode = force_custom_plan")
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(
+                    "DELETE FROM mcp.edge_mcp_sessions s
+                     USING UNNEST($1::uuid[], $2::uuid[], $3::text[]) AS i(id, tenant_id, session_id)
+                     WHERE s.tenant_id = i.tenant_id AND s.session_id = i.session_id AND s.id <> i.id",
+                )
+                .bind(taken.iter().map(|s| s.id).collect::<Vec<_>>())
+                .bind(taken.iter().map(|s| s.tenant_id).collect::<Vec<_>>())
+                .bind(taken.iter().map(|s| &*s.session_id).collect::<Vec<_>>())
                 .execute(&mut *tx)
                 .await?;
+                let newest: Vec<&Session> = batch
+                    .sessions
+                    .iter()
+                    .filter(|s| taken.iter().any(|t| t.id == s.id))
+                    .copied()
+                    .collect();
+                upsert_sessions(&mut tx, &newest).await?;
+            }
         }
         if !batch.executions.is_empty() {
             let e = ExecutionColumns::from(&batch.executions);
@@ -450,25 +411,72 @@ fn session_from_row(row: &sqlx::postgres::PgRow) -> Result<Session, PgError> {
     })
 }
 
+/// Upserts session rows (a row only moves forward in `version`, and only
+/// the session that owns it writes it); answers the row ids written.
+async fn upsert_sessions(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    sessions: &Vec<&Session>,
+) -> Result<std::collections::HashSet<Uuid>, PgError> {
+    let s = SessionColumns::from(sessions);
+    let written: Vec<Uuid> = sqlx::query_scalar(UPSERT_SESSIONS)
+        .bind(&s.id)
+        .bind(&s.session_id)
+        .bind(&s.tenant_id)
+        .bind(&s.user_id)
+        .bind(&s.edge_mcp_id)
+        .bind(&s.client_name)
+        .bind(&s.client_type)
+        .bind(&s.client_version)
+        .bind(&s.status)
+        .bind(&s.initialized)
+        .bind(&s.connection_metadata)
+        .bind(&s.providers)
+        .bind(&s.tool_execution_count)
+        .bind(&s.tool_error_count)
+        .bind(&s.total_tokens_used)
+        .bind(&s.created_at)
+        .bind(&s.lifetime_start)
+        .bind(&s.last_activity_at)
+        .bind(&s.expires_at)
+        .bind(&s.idle_timeout_seconds)
+        .bind(&s.ttl_seconds)
+        .bind(&s.terminated_at)
+        .bind(&s.termination_reason)
+        .bind(&s.version)
+        .bind(&s.passthrough)
+        .bind(&s.session_token)
+        .bind(&s.refresh_token)
+        .fetch_all(&mut **tx)
+        .await?;
+    Ok(written.into_iter().collect())
+}
+
 /// A batch's entries sorted by table, sessions reduced to their newest state.
 struct Batch<'a> {
     sessions: Vec<&'a Session>,
+    /// Sessions of the batch seen at their first version (new rows, unless
+    /// replayed).
+    created: Vec<&'a Session>,
     executions: Vec<(Uuid, u64, &'a ToolExecution)>,
     audits: Vec<&'a AuditEntry>,
 }
 
 impl<'a> Batch<'a> {
-    fn gather(entries: Vec<&'a Entry>) -> Self {
+    fn gather(entries: &'a [Entry]) -> Self {
         // One row per (tenant, session id): a statement may not touch a row
         // twice, and only the newest state matters. The later entry wins
         // (entries are in append order).
         let mut newest: HashMap<(Uuid, &str), usize> = HashMap::new();
         let mut sessions: Vec<&Session> = Vec::new();
+        let mut created: Vec<&Session> = Vec::new();
         let mut executions = Vec::new();
         let mut audits = Vec::new();
         for entry in entries {
             match entry {
                 Entry::Session(session) => {
+                    if session.version == 1 && created.last().is_none_or(|c| c.id != session.id) {
+                        created.push(session);
+                    }
                     match newest.get(&(session.tenant_id, &*session.session_id)) {
                         Some(&i) => sessions[i] = session,
                         None => {
@@ -488,6 +496,7 @@ impl<'a> Batch<'a> {
         }
         Batch {
             sessions,
+            created,
             executions,
             audits,
         }
@@ -544,9 +553,11 @@ ON CONFLICT (tenant_id, session_id) DO UPDATE SET
     session_token_sha256 = EXCLUDED.session_token_sha256,
     refresh_token_sha256 = EXCLUDED.refresh_token_sha256,
     updated_at = now()
-WHERE mcp.edge_mcp_sessions.version < EXCLUDED.version
-   OR (mcp.edge_mcp_sessions.version = EXCLUDED.version
-       AND mcp.edge_mcp_sessions.last_activity_at < EXCLUDED.last_activity_at)";
+WHERE mcp.edge_mcp_sessions.id = EXCLUDED.id
+  AND (mcp.edge_mcp_sessions.version < EXCLUDED.version
+       OR (mcp.edge_mcp_sessions.version = EXCLUDED.version
+           AND mcp.edge_mcp_sessions.last_activity_at < EXCLUDED.last_activity_at))
+RETURNING id";
 
 const INSERT_EXECUTIONS: &str = "
 INSERT INTO mcp.session_tool_executions (

@@ -1,29 +1,40 @@
-//! The shipper: drains the outbox (the log) into PostgreSQL in batches.
+//! The shipper: drains the outbox (the log) into PostgreSQL, pipelined.
 //!
 //! It runs on its own thread with its own single-threaded runtime, so
 //! PostgreSQL never sits on a request's path and a slow server slows only
-//! this thread. Each round reads whole log records, oldest first, until it
-//! holds at least `batch_size` entries, commits them ([`Postgres::ship`])
-//! and then records the last record shipped (`shipped-through` in sled,
-//! made durable by the next checkpoint). A crash before that replays the
-//! round, which PostgreSQL absorbs (see [`super::outbox`]). Within a round
-//! only the newest state of each session is sent, at the place of its
-//! first state (its row exists before its executions' rows).
+//! this thread. It reads whole log records, oldest first, and deals their
+//! entries to `lanes` by session (a session's row, its executions and its
+//! audit rows always go to the same lane). Each lane owns one connection
+//! and has at most one transaction in flight: while it commits, its next
+//! batch forms from everything dealt to it meanwhile, so under load the
+//! batches grow and there is no idle gap between them. A lane keeps a
+//! session's entries in order, so its row is committed before (or with) its
+//! executions, whose foreign key needs it.
 //!
-//! When PostgreSQL is down or failing, the shipper retries with capped
-//! exponential backoff and jitter, and logs the outbox depth and the age of
+//! A record is shipped once every lane has committed its part of it; the
+//! highest record below which everything is shipped is `shipped-through`
+//! (kept in sled, made durable by the next checkpoint), and it releases the
+//! waiters of `durability = "postgres"` whose change it holds. A crash or
+//! a failed lane replays from there, which PostgreSQL absorbs (see
+//! [`super::outbox`]): a session's row only moves forward in `version`, and
+//! executions and audit rows are keyed.
+//!
+//! When PostgreSQL is down or failing, the shipper waits for the lanes in
+//! flight, retries with capped exponential backoff and jitter over one lane
+//! with batches halved per failure, and logs the outbox depth and the age of
 //! its oldest entry (at most every few seconds) so an operator sees the
 //! backlog grow and drain.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use futures::stream::{FuturesUnordered, StreamExt};
 use rand::Rng;
 use tokio::sync::watch;
 
-use super::keys;
-use super::log::{LogReader, LogShared, Record};
+use super::log::{LogReader, LogShared};
 use super::outbox::{self, Entry, Outbox};
 use super::postgres::{PgError, Postgres};
 use super::sled::{Store, StoreError, SHIPPED_THROUGH};
@@ -41,10 +52,11 @@ const IDLE_WAIT: Duration = Duration::from_millis(250);
 /// How the shipper runs.
 #[derive(Debug, Clone)]
 pub struct ShipperConfig {
-    /// Most outbox entries read per round.
+    /// Most outbox entries one lane commits in one transaction.
     pub batch_size: usize,
-    /// Transactions a round is split into, run at once (by session).
-    pub parallel: usize,
+    /// Lanes, each a connection with one transaction in flight; entries
+    /// are dealt to them by session.
+    pub lanes: usize,
     /// Apply migrations before the first batch.
     pub migrate_on_start: bool,
     /// How long shutdown keeps shipping what is left before leaving it in
@@ -145,6 +157,109 @@ impl Backoff {
     }
 }
 
+/// One lane: the entries of the sessions dealt to it, oldest first, and
+/// the first record of the batch it has in flight.
+#[derive(Default)]
+struct Lane {
+    queue: VecDeque<(u64, Entry)>,
+    in_flight_from: Option<u64>,
+}
+
+impl Lane {
+    /// The oldest record this lane has not committed its part of.
+    fn pending_from(&self) -> Option<u64> {
+        self.in_flight_from
+            .or_else(|| self.queue.front().map(|(record, _)| *record))
+    }
+}
+
+/// What a lane's transaction came back with.
+struct LaneDone {
+    lane: usize,
+    entries: usize,
+    result: Result<(), String>,
+}
+
+/// The shipper's position in the log: what it has read and dealt, and
+/// which of those records are not yet shipped by every lane.
+struct Dealt {
+    reader: LogReader,
+    lanes: Vec<Lane>,
+    /// Records read and dealt, not yet shipped: (record, appended at).
+    records: VecDeque<(u64, i64)>,
+    /// The last record read and dealt.
+    through: u64,
+    /// Entries dealt and not yet committed.
+    queued: usize,
+}
+
+impl Dealt {
+    fn new(log: Arc<LogShared>, shipped: u64, lanes: usize) -> Self {
+        Dealt {
+            reader: LogReader::at(log, shipped + 1),
+            lanes: (0..lanes.max(1)).map(|_| Lane::default()).collect(),
+            records: VecDeque::new(),
+            through: shipped,
+            queued: 0,
+        }
+    }
+
+    /// Every record up to this is committed by every lane.
+    fn shipped_through(&self) -> u64 {
+        self.lanes
+            .iter()
+            .filter_map(Lane::pending_from)
+            .min()
+            .map_or(self.through, |first| first - 1)
+    }
+
+    /// Reads records and deals their entries until `cap` entries are
+    /// queued or the log has no more.
+    fn read(&mut self, cap: usize) -> Result<(), String> {
+        while self.queued < cap {
+            let Some(record) = self
+                .reader
+                .next_record()
+                .map_err(|e| format!("reading the log: {e}"))?
+            else {
+                break;
+            };
+            for entry in outbox::entries(&record) {
+                match entry {
+                    Ok(entry) => {
+                        let lane = lane_of(&entry, self.lanes.len());
+                        self.lanes[lane].queue.push_back((record.seq, entry));
+                        self.queued += 1;
+                    }
+                    // A corrupt entry would block the outbox forever; it
+                    // is logged and dropped.
+                    Err(e) => {
+                        tracing::error!(record = record.seq, error = %e, "outbox: unreadable entry dropped")
+                    }
+                }
+            }
+            self.records.push_back((record.seq, record.at));
+            self.through = record.seq;
+        }
+        Ok(())
+    }
+
+    /// Whether nothing is queued or in flight.
+    fn idle(&self) -> bool {
+        self.lanes.iter().all(|lane| lane.pending_from().is_none())
+    }
+}
+
+/// The lane of an entry: by its session's row id.
+fn lane_of(entry: &Entry, lanes: usize) -> usize {
+    let row = match entry {
+        Entry::Session(session) => session.id,
+        Entry::Execution { session_row, .. } => *session_row,
+        Entry::Audit(audit) => audit.session_row,
+    };
+    (row.as_u128() % lanes as u128) as usize
+}
+
 impl Shipper {
     async fn run(self, mut stopping: watch::Receiver<bool>) {
         let mut backoff = Backoff {
@@ -178,63 +293,50 @@ impl Shipper {
             last_log: None,
         };
         let mut drain_deadline: Option<Instant> = None;
-        let mut reader = LogReader::at(self.log.clone(), self.outbox.shipped_through() + 1);
+        let mut dealt = Dealt::new(
+            self.log.clone(),
+            self.outbox.shipped_through(),
+            self.config.lanes,
+        );
+        let mut in_flight = FuturesUnordered::new();
+        // Why the lanes are being stopped (a failed lane, an unreadable log).
+        let mut failed: Option<String> = None;
         loop {
             let stop = *stopping.borrow() || stopping.has_changed().is_err();
             if stop && drain_deadline.is_none() {
                 drain_deadline = Some(Instant::now() + self.config.drain_on_shutdown);
             }
-            let applied = self.outbox.applied_through();
-            // After failures the round shrinks (halving each time, down to
-            // one entry), so a round too big for the statement timeout gets
-            // through; a success restores it.
+            let out_of_time = drain_deadline.is_some_and(|d| Instant::now() >= d);
+            // After failures batches shrink (halving each time, down to one
+            // entry) and go over one lane, so a batch too big for the
+            // statement timeout gets through, and no two transactions can
+            // conflict; a success restores both.
             let size = (self.config.batch_size >> backoff.failures.min(16)).max(1);
-            let batch = match self.read_round(&mut reader, size) {
-                Ok(batch) => batch,
-                Err(e) => {
-                    // Nothing is known to be shipped: waiters keep waiting,
-                    // and the round is read again from what is committed.
-                    reader.seek(self.outbox.shipped_through() + 1);
+            let applied = self.outbox.applied_through();
+            if failed.is_none() && !out_of_time {
+                if let Err(e) = dealt.read(size * dealt.lanes.len()) {
                     tracing::error!(error = %e, "outbox: cannot read the log");
-                    backoff.failures += 1;
-                    if self.pause(backoff.delay(), &mut stopping).await {
-                        break;
+                    failed = Some(e);
+                }
+            }
+            if failed.is_none() && !out_of_time {
+                for (lane, state) in dealt.lanes.iter_mut().enumerate() {
+                    if state.in_flight_from.is_some() || state.queue.is_empty() {
+                        continue;
                     }
-                    continue;
+                    let take = state.queue.len().min(size);
+                    let batch: Vec<(u64, Entry)> = state.queue.drain(..take).collect();
+                    state.in_flight_from = Some(batch[0].0);
+                    in_flight.push(self.ship_lane(lane, batch));
                 }
-            };
-            if batch.is_empty() && reader.position() <= applied {
-                // The reader stopped short of what the log holds (a segment
-                // it could not follow): never report that as shipped.
-                tracing::warn!(
-                    at = reader.position(),
-                    applied,
-                    "outbox: the log reader stopped early; reading again"
-                );
-                reader.seek(self.outbox.shipped_through() + 1);
-                self.idle(&mut stopping).await;
-                continue;
             }
-            if batch.is_empty() {
-                self.outbox.drained(applied);
-                if drain_deadline.is_some() {
-                    break;
-                }
-                self.idle(&mut stopping).await;
-                continue;
-            }
-            if drain_deadline.is_some_and(|d| Instant::now() >= d) {
-                tracing::warn!(
-                    left = self.outbox.stats().depth.load(std::sync::atomic::Ordering::Relaxed),
-                    "outbox: shutdown before PostgreSQL took everything; the rest ships at the next start"
-                );
-                break;
-            }
-            match self.ship(&batch, backoff.failures).await {
-                Err(e) => {
-                    // Read the round again (smaller) at the next try.
-                    reader.seek(self.outbox.shipped_through() + 1);
+            if in_flight.is_empty() {
+                if let Some(e) = failed.take() {
+                    // Start again from what every lane committed; what some
+                    // lane committed beyond it is shipped again, harmlessly.
+                    let shipped = dealt.shipped_through();
                     backoff.failures += 1;
+                    dealt = Dealt::new(self.log.clone(), shipped, 1);
                     self.outbox
                         .stats()
                         .failures
@@ -252,104 +354,136 @@ impl Shipper {
                     }
                     self.outbox
                         .settle_waiters(Some(&StoreError::Postgres(e.to_string())));
-                    if drain_deadline.is_some() {
+                    if let Some(deadline) = drain_deadline {
                         // Shutting down: one more try within the deadline at most.
-                        if drain_deadline.is_some_and(|d| Instant::now() + delay >= d) {
+                        if Instant::now() + delay >= deadline {
                             break;
                         }
                         tokio::time::sleep(delay).await;
                     } else {
                         self.pause(delay, &mut stopping).await;
                     }
+                    continue;
                 }
-                Ok(()) => {
-                    if backoff.failures > 0 {
-                        tracing::info!(
-                            after_failures = backoff.failures,
-                            "postgres: reachable again, outbox shipping resumed"
+                if out_of_time {
+                    if !dealt.idle() || dealt.reader.position() <= applied {
+                        tracing::warn!(
+                            left = self.outbox.stats().depth.load(std::sync::atomic::Ordering::Relaxed),
+                            "outbox: shutdown before PostgreSQL took everything; the rest ships at the next start"
                         );
                     }
-                    backoff.failures = 0;
-                    backoff.last_log = None;
+                    break;
                 }
+                if dealt.idle() {
+                    if dealt.reader.position() <= applied {
+                        // The reader stopped short of what the log holds (a
+                        // segment it could not follow): never report that
+                        // as shipped.
+                        tracing::warn!(
+                            at = dealt.reader.position(),
+                            applied,
+                            "outbox: the log reader stopped early; reading again"
+                        );
+                        dealt = Dealt::new(
+                            self.log.clone(),
+                            dealt.shipped_through(),
+                            dealt.lanes.len(),
+                        );
+                    } else {
+                        self.outbox.drained(applied);
+                        if drain_deadline.is_some() {
+                            break;
+                        }
+                    }
+                    self.idle(&mut stopping).await;
+                    continue;
+                }
+            }
+            // Wait for a lane to finish, or for new entries while a lane is
+            // free to take them.
+            let lane_free =
+                failed.is_none() && dealt.lanes.iter().any(|l| l.in_flight_from.is_none());
+            tokio::select! {
+                Some(done) = in_flight.next() => {
+                    let before = dealt.shipped_through();
+                    match done.result {
+                        Ok(()) => {
+                            dealt.lanes[done.lane].in_flight_from = None;
+                            dealt.queued -= done.entries.min(dealt.queued);
+                            if let Err(e) = self.advance(&mut dealt, before, done.entries) {
+                                failed.get_or_insert(e);
+                            } else if backoff.failures > 0 {
+                                tracing::info!(
+                                    after_failures = backoff.failures,
+                                    "postgres: reachable again, outbox shipping resumed"
+                                );
+                                backoff.failures = 0;
+                                backoff.last_log = None;
+                                // Back to every lane, from what is shipped.
+                                if in_flight.is_empty() {
+                                    dealt = Dealt::new(self.log.clone(), dealt.shipped_through(), self.config.lanes);
+                                }
+                            }
+                        }
+                        // The lane keeps its batch's first record as
+                        // pending, so nothing after it counts as shipped.
+                        Err(e) => {
+                            failed.get_or_insert(e);
+                        }
+                    }
+                }
+                () = self.outbox.wake.notified(), if lane_free => {}
+                _ = stopping.changed(), if drain_deadline.is_none() => {}
+                () = tokio::time::sleep(IDLE_WAIT) => self.outbox.settle_waiters(None),
+            }
+        }
+        // Leaving: the lanes still in flight finish (each bounded by the
+        // statement timeout), so nothing is committed behind our back.
+        while let Some(done) = in_flight.next().await {
+            let before = dealt.shipped_through();
+            if done.result.is_ok() {
+                dealt.lanes[done.lane].in_flight_from = None;
+                let _ = self.advance(&mut dealt, before, done.entries);
             }
         }
         self.outbox.fail_waiters();
     }
 
-    /// Reads whole log records until they hold at least `size` entries.
-    fn read_round(&self, reader: &mut LogReader, size: usize) -> Result<Vec<Record>, String> {
-        let mut round = Vec::new();
-        let mut entries = 0;
-        while entries < size {
-            match reader
-                .next_record()
-                .map_err(|e| format!("reading the log: {e}"))?
-            {
-                Some(record) => {
-                    entries += record.ops().filter(outbox::is_entry).count();
-                    round.push(record);
-                }
-                None => break,
-            }
+    /// A lane committed `entries` entries: records how far shipping got
+    /// (when it moved from `before`) and releases the waiters it satisfies.
+    fn advance(&self, dealt: &mut Dealt, before: u64, entries: usize) -> Result<(), String> {
+        let shipped = dealt.shipped_through();
+        if shipped > before {
+            self.store
+                .put_meta(SHIPPED_THROUGH, &shipped.to_be_bytes())
+                .map_err(|e| e.to_string())?;
         }
-        Ok(round)
+        while dealt
+            .records
+            .front()
+            .is_some_and(|(record, _)| *record <= shipped)
+        {
+            dealt.records.pop_front();
+        }
+        let oldest_left = dealt.records.front().map_or(0, |(_, at)| *at);
+        self.outbox.committed(shipped, entries, oldest_left);
+        Ok(())
     }
 
-    /// Ships one round; on success records how far shipping got.
-    async fn ship(&self, round: &[Record], failures: u32) -> Result<(), String> {
-        let mut entries: Vec<Entry> = Vec::new();
-        // Where each session's state sits in `entries`, by (key, row id).
-        let mut states: std::collections::HashMap<(Vec<u8>, uuid::Uuid), usize> =
-            std::collections::HashMap::new();
-        let mut count = 0;
-        for record in round {
-            for entry in outbox::entries(record) {
-                count += 1;
-                match entry {
-                    Ok(Entry::Session(session)) => {
-                        let key = (
-                            keys::session(session.tenant_id, &session.session_id),
-                            session.id,
-                        );
-                        match states.get(&key) {
-                            // A newer state of a session already in the
-                            // round replaces it there.
-                            Some(&at) => entries[at] = Entry::Session(session),
-                            None => {
-                                states.insert(key, entries.len());
-                                entries.push(Entry::Session(session));
-                            }
-                        }
-                    }
-                    Ok(entry) => entries.push(entry),
-                    // A corrupt entry would block the outbox forever; it
-                    // is logged and dropped with the round.
-                    Err(e) => {
-                        tracing::error!(record = record.seq, error = %e, "outbox: unreadable entry dropped")
-                    }
-                }
-            }
-        }
-        // After a failure the round goes as one transaction: should two
-        // parts ever conflict (a session id re-used by a new session while
-        // the old one still waits here), the retry cannot.
-        let parts = if failures > 0 {
-            1
-        } else {
-            self.config.parallel
+    /// Commits one lane's batch in one transaction.
+    async fn ship_lane(&self, lane: usize, batch: Vec<(u64, Entry)>) -> LaneDone {
+        let first = batch[0].0;
+        let entries: Vec<Entry> = batch.into_iter().map(|(_, entry)| entry).collect();
+        let result = match self.postgres.ship(&entries).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.is_data() => self.isolate(&entries, first, &e).await,
+            Err(e) => Err(e.to_string()),
         };
-        match self.postgres.ship(&entries, parts).await {
-            Ok(_) => {}
-            Err(e) if e.is_data() => self.isolate(&entries, round[0].seq, &e).await?,
-            Err(e) => return Err(e.to_string()),
+        LaneDone {
+            lane,
+            entries: entries.len(),
+            result,
         }
-        let last = round.last().map_or(0, |record| record.seq);
-        self.store
-            .put_meta(SHIPPED_THROUGH, &last.to_be_bytes())
-            .map_err(|e| e.to_string())?;
-        self.outbox.committed(last, count, 0);
-        Ok(())
     }
 
     /// PostgreSQL refused some rows of a round (it would refuse them
@@ -359,7 +493,7 @@ impl Shipper {
     async fn isolate(&self, entries: &[Entry], first: u64, cause: &PgError) -> Result<(), String> {
         tracing::warn!(error = %cause, entries = entries.len(), "postgres refused rows of a batch; shipping it entry by entry");
         for (i, entry) in entries.iter().enumerate() {
-            match self.postgres.ship(std::slice::from_ref(entry), 1).await {
+            match self.postgres.ship(std::slice::from_ref(entry)).await {
                 Ok(_) => {}
                 Err(e) if e.is_data() => {
                     let seq = (first << 20) + i as u64;
