@@ -14,7 +14,7 @@ use crate::auth::{master_key, Keyring};
 use crate::crypto::Vault;
 use crate::engine::{Engine, EngineConfig, PostgresTier};
 use crate::http::limits::{forget_idle_forever, RateLimits};
-use crate::http::{self, AppState};
+use crate::http::{self, AppState, Handles};
 use crate::model::time::Clock;
 use crate::persist::postgres::{Postgres, PostgresConfig};
 use crate::persist::shipper::ShipperConfig;
@@ -93,12 +93,12 @@ async fn serve_engine(
     // Installs the process-wide recorder before the first request.
     crate::telemetry::metrics::handle();
     let limits = Arc::new(RateLimits::new(&rate_limits));
-    let app = http::app(AppState {
+    let app = http::app(AppState::new(Handles {
         engine: engine.clone(),
         keys: Arc::new(keys),
         limits: limits.clone(),
         tickets: Arc::default(),
-    });
+    }));
     let rotator = tokio::spawn(engine.clone().rotate_stats_forever());
     let upkeep = tokio::spawn(crate::telemetry::metrics::upkeep_forever());
     let forgetter = tokio::spawn(forget_idle_forever(limits));

@@ -57,6 +57,7 @@ use shards::Shards;
 use tenant::{Admit, LiveCount, TenantSupervisor};
 
 use crate::crypto::{Secret, SessionTokens, TokenHash, Vault};
+use crate::model::session::ClientType;
 use crate::model::session::{SessionMetrics, SessionUpdate};
 use crate::model::time::Clock;
 use crate::model::{Millis, Session, SessionError, SessionView, ToolExecution};
@@ -69,7 +70,7 @@ use crate::persist::{
     Durable, Shipping, Store, StoreError, WriteBehind, WriteBehindStats, WriteOp,
 };
 use crate::settings::{Durability, Placement, Settings};
-use crate::telemetry::metrics as telemetry;
+use crate::telemetry::metrics::TenantHandles;
 
 /// A tenant's live sessions by id: one hop from a request to its actor.
 pub type Directory = DashMap<Arc<str>, Addr<SessionActor>>;
@@ -257,6 +258,7 @@ impl Shared {
 struct TenantHandle {
     limits: TenantLimits,
     supervisor: Addr<TenantSupervisor>,
+    metrics: TenantHandles,
 }
 
 /// Handle to the engine; cheap to clone.
@@ -399,11 +401,25 @@ impl Engine {
                 let shard = shared.shards.index_of(limits.id.as_bytes());
                 let supervisor_limits = limits.clone();
                 let supervisor_shared = shared.clone();
+                let client_types = ClientType::ALL.map(ClientType::as_str);
+                let metrics = TenantHandles::new(limits.id.to_string(), &client_types);
+                let supervisor_metrics = metrics.clone();
                 let supervisor =
                     TenantSupervisor::start_in_arbiter(shared.shards.arbiter(shard), move |_| {
-                        TenantSupervisor::new(supervisor_limits, supervisor_shared)
+                        TenantSupervisor::new(
+                            supervisor_limits,
+                            supervisor_shared,
+                            supervisor_metrics,
+                        )
                     });
-                (limits.id, TenantHandle { limits, supervisor })
+                (
+                    limits.id,
+                    TenantHandle {
+                        limits,
+                        supervisor,
+                        metrics,
+                    },
+                )
             })
             .collect();
         Ok(Engine {
@@ -652,12 +668,7 @@ impl Engine {
             }
             return Err(e);
         }
-        metrics::counter!(
-            telemetry::SESSIONS_CREATED,
-            "tenant_id" => tenant.to_string(),
-            "client_type" => client_type
-        )
-        .increment(1);
+        handle.metrics.created(client_type).increment(1);
         Ok((view, tokens))
     }
 

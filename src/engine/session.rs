@@ -25,7 +25,7 @@ use crate::model::session::{
 };
 use crate::model::{Millis, Session, SessionError, SessionView, Status, ToolExecution, Transition};
 use crate::persist::{Durable, WriteOp};
-use crate::telemetry::metrics as telemetry;
+use crate::telemetry::metrics::{self as telemetry, TenantHandles};
 
 /// A reply together with the durability of the change it made.
 #[derive(Debug)]
@@ -65,12 +65,15 @@ pub struct SessionActor {
 }
 
 /// How a session reaches its tenant's supervisor (which handles both
-/// messages); the session knows nothing else of it.
+/// messages); the session knows nothing else of it. With it, the tenant's
+/// metric handles, shared by its sessions.
 pub struct SupervisorLink {
     /// Where [`Release`] goes.
     pub released: Recipient<Release>,
     /// Where [`ActorStopped`] goes.
     pub stopped: Recipient<ActorStopped>,
+    /// The tenant's per-call metric handles.
+    pub metrics: TenantHandles,
 }
 
 /// A session of this tenant became final: its slot is free.
@@ -676,11 +679,10 @@ impl Handler<RecordTool> for SessionActor {
     ) -> Self::Result {
         let now = self.live(ctx)?;
         execution.recorded_at = now;
-        let tenant = self.session.tenant_id.to_string();
         if execution.error.is_some() {
-            metrics::counter!(telemetry::TOOL_ERRORS, "tenant_id" => tenant.clone()).increment(1);
+            self.supervisor.metrics.tool_errors.increment(1);
         }
-        metrics::counter!(telemetry::TOOL_EXECUTIONS, "tenant_id" => tenant).increment(1);
+        self.supervisor.metrics.tool_executions.increment(1);
         self.session.record_execution(&execution, now);
         self.arm(ctx);
         // Only the execution is written now (and waited for under sync); the

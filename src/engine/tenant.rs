@@ -16,6 +16,7 @@ use super::{storage, Shared};
 use crate::model::{Session, SessionError};
 use crate::persist::write_behind::purge_ops;
 use crate::persist::{Durable, WriteOp};
+use crate::telemetry::metrics::TenantHandles;
 
 /// The supervisor of one tenant's sessions.
 pub struct TenantSupervisor {
@@ -27,16 +28,19 @@ pub struct TenantSupervisor {
     /// `Addr` or `Recipient` clone allocates, an `Arc` clone does not (a
     /// saving per live session).
     me: Option<Arc<SupervisorLink>>,
+    /// The tenant's metric handles, which its sessions record to.
+    metrics: TenantHandles,
 }
 
 impl TenantSupervisor {
     /// A supervisor for the tenant with `limits`.
-    pub(crate) fn new(limits: TenantLimits, shared: Arc<Shared>) -> Self {
+    pub(crate) fn new(limits: TenantLimits, shared: Arc<Shared>, metrics: TenantHandles) -> Self {
         TenantSupervisor {
             limits,
             shared,
             live: 0,
             me: None,
+            metrics,
         }
     }
 
@@ -49,6 +53,7 @@ impl TenantSupervisor {
                 Arc::new(SupervisorLink {
                     released: address.clone().recipient(),
                     stopped: address.recipient(),
+                    metrics: self.metrics.clone(),
                 })
             })
             .clone();

@@ -27,9 +27,14 @@ use tower_http::catch_panic::CatchPanicLayer;
 use crate::auth::Keyring;
 use crate::engine::Engine;
 
-/// What every handler can reach: cheap handles only.
+/// What every handler can reach, behind one `Arc`: extractors and
+/// middleware clone the state per request, and one reference count is
+/// cheaper than one per handle.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Handles>);
+
+/// The handles inside [`AppState`].
+pub struct Handles {
     /// The session engine.
     pub engine: Engine,
     /// Configured keys.
@@ -38,6 +43,21 @@ pub struct AppState {
     pub limits: Arc<limits::RateLimits>,
     /// Single-use tickets for the stats WebSocket.
     pub tickets: Arc<stats::Tickets>,
+}
+
+impl AppState {
+    /// Wraps the handles.
+    pub fn new(handles: Handles) -> Self {
+        AppState(Arc::new(handles))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Handles;
+
+    fn deref(&self) -> &Handles {
+        &self.0
+    }
 }
 
 /// The whole application.

@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use tracing::Instrument as _;
 
 use super::error::ErrorBody;
-use crate::telemetry::metrics as telemetry;
+use crate::telemetry::metrics::RouteHandles;
 
 /// `X-Request-Id`, echoed on every response.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -61,6 +61,17 @@ fn method_label(method: &axum::http::Method) -> &'static str {
     }
 }
 
+thread_local! {
+    /// Each worker thread's metric handles by (method, route): a few dozen
+    /// routes, so a scan beats hashing; resolved once, not per request.
+    static ROUTES: std::cell::RefCell<Vec<(&'static str, Option<MatchedPath>, RouteHandles)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn route_of(matched: &Option<MatchedPath>) -> &str {
+    matched.as_ref().map_or("unmatched", MatchedPath::as_str)
+}
+
 /// The middleware: wraps every request of the app.
 pub async fn track(mut request: Request, next: Next) -> Response {
     let started = Instant::now();
@@ -69,10 +80,9 @@ pub async fn track(mut request: Request, next: Next) -> Response {
         .into();
     request.extensions_mut().insert(RequestId(id.clone()));
     let method = request.method().clone();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    // The router's own `Arc<str>`: no copy per request.
+    let matched = request.extensions().get::<MatchedPath>().cloned();
+    let route = route_of(&matched);
     let span = tracing::info_span!("request", request_id = %id);
     let mut response = if header_bytes(&request) > MAX_HEADER_BYTES {
         axum::http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE.into_response()
@@ -81,19 +91,28 @@ pub async fn track(mut request: Request, next: Next) -> Response {
     };
 
     let status = response.status();
-    metrics::counter!(
-        telemetry::HTTP_REQUESTS,
-        "method" => method_label(&method),
-        "route" => route.clone(),
-        "status" => status.as_str().to_owned()
-    )
-    .increment(1);
-    metrics::histogram!(
-        telemetry::HTTP_DURATION,
-        "method" => method_label(&method),
-        "route" => route.clone()
-    )
-    .record(started.elapsed().as_secs_f64());
+    ROUTES.with_borrow_mut(|routes| {
+        let method = method_label(&method);
+        // The route's text is the router's, so the same address: compare
+        // addresses first, and text only for a route not seen that way.
+        let at = routes
+            .iter()
+            .position(|r| r.0 == method && std::ptr::eq(route_of(&r.1), route))
+            .or_else(|| {
+                routes
+                    .iter()
+                    .position(|r| r.0 == method && route_of(&r.1) == route)
+            });
+        let handles = match at {
+            Some(at) => &mut routes[at].2,
+            None => {
+                routes.push((method, matched.clone(), RouteHandles::new(method, route)));
+                &mut routes.last_mut().expect("just pushed").2
+            }
+        };
+        handles.requests(status.as_u16()).increment(1);
+        handles.duration.record(started.elapsed().as_secs_f64());
+    });
     if status.is_client_error() || status.is_server_error() {
         let error = response
             .extensions_mut()

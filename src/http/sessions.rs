@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::de::IgnoredAny;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -459,14 +459,26 @@ pub(crate) async fn refresh(
 }
 
 /// The session resource, with a new token pair when there is one (shown
-/// this once).
-pub(crate) fn with_tokens(view: &SessionView, tokens: Option<&SessionTokens>) -> Value {
-    let mut body = json!(view);
-    if let (Some(tokens), Some(map)) = (tokens, body.as_object_mut()) {
-        map.insert("session_token".into(), tokens.session_token.expose().into());
-        map.insert("refresh_token".into(), tokens.refresh_token.expose().into());
+/// this once); serialised in one pass.
+#[derive(Serialize)]
+pub(crate) struct WithTokens<'a> {
+    #[serde(flatten)]
+    view: &'a SessionView,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    session_token: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    refresh_token: Option<&'a str>,
+}
+
+pub(crate) fn with_tokens<'a>(
+    view: &'a SessionView,
+    tokens: Option<&'a SessionTokens>,
+) -> WithTokens<'a> {
+    WithTokens {
+        view,
+        session_token: tokens.map(|t| t.session_token.expose()),
+        refresh_token: tokens.map(|t| t.refresh_token.expose()),
     }
-    body
 }
 
 /// `GET …/passthrough-auth`: the decrypted bundle, for keys with

@@ -376,7 +376,7 @@ impl Connection {
                     .refresh(tenant, id, presented.as_ref())
                     .await
                     .map_err(rpc)?;
-                Ok(with_tokens(&view, tokens.as_ref()))
+                Ok(json!(with_tokens(&view, tokens.as_ref())))
             }
             "tool.executed" => {
                 let body: ExecuteBody = params_as(params)?;

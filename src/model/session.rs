@@ -67,6 +67,14 @@ pub enum ClientType {
 }
 
 impl ClientType {
+    /// Every client type.
+    pub const ALL: [ClientType; 4] = [
+        ClientType::ClaudeCode,
+        ClientType::Ide,
+        ClientType::Agent,
+        ClientType::Cli,
+    ];
+
     /// Normalises a client's `client_type`: absent or empty is `cli`,
     /// editor names are `ide`, anything else unknown is `None`.
     pub fn normalise(text: Option<&str>) -> Option<Self> {

@@ -9,6 +9,7 @@
 
 use std::sync::OnceLock;
 
+use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// `sessions_created_total{tenant_id,client_type}`: sessions admitted.
@@ -59,6 +60,102 @@ const LATENCY_BUCKETS: [f64; 14] = [
 const BATCH_BUCKETS: [f64; 10] = [
     1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0,
 ];
+
+/// A tenant's per-call metric handles, resolved once per tenant: a
+/// recording through a label lookup builds and hashes the key and searches
+/// the registry, a handle is one atomic add.
+#[derive(Clone)]
+pub struct TenantHandles {
+    /// `tool_executions_total{tenant_id}`.
+    pub tool_executions: Counter,
+    /// `tool_execution_errors_total{tenant_id}`.
+    pub tool_errors: Counter,
+    tenant: String,
+    /// `sessions_created_total{tenant_id,client_type}` by client type.
+    created: Vec<(&'static str, Counter)>,
+}
+
+impl TenantHandles {
+    /// Resolves the handles of `tenant` for the given client types.
+    pub fn new(tenant: String, client_types: &[&'static str]) -> Self {
+        // A handle resolved before the recorder is installed records
+        // nowhere, for good.
+        handle();
+        TenantHandles {
+            tool_executions: metrics::counter!(TOOL_EXECUTIONS, "tenant_id" => tenant.clone()),
+            tool_errors: metrics::counter!(TOOL_ERRORS, "tenant_id" => tenant.clone()),
+            created: client_types
+                .iter()
+                .map(|&client_type| {
+                    let counter = metrics::counter!(
+                        SESSIONS_CREATED,
+                        "tenant_id" => tenant.clone(),
+                        "client_type" => client_type
+                    );
+                    (client_type, counter)
+                })
+                .collect(),
+            tenant,
+        }
+    }
+
+    /// `sessions_created_total` for `client_type`.
+    pub fn created(&self, client_type: &'static str) -> Counter {
+        match self.created.iter().find(|(c, _)| *c == client_type) {
+            Some((_, counter)) => counter.clone(),
+            None => metrics::counter!(
+                SESSIONS_CREATED,
+                "tenant_id" => self.tenant.clone(),
+                "client_type" => client_type
+            ),
+        }
+    }
+}
+
+/// The handles of `http_requests_total` and `http_request_duration_seconds`
+/// for one method and route, with a counter per status seen.
+pub struct RouteHandles {
+    method: &'static str,
+    route: String,
+    /// `http_request_duration_seconds{method,route}`.
+    pub duration: Histogram,
+    statuses: Vec<(u16, Counter)>,
+}
+
+impl RouteHandles {
+    /// Resolves the handles of `method` on `route`.
+    pub fn new(method: &'static str, route: &str) -> Self {
+        handle();
+        RouteHandles {
+            method,
+            route: route.to_owned(),
+            duration: metrics::histogram!(
+                HTTP_DURATION,
+                "method" => method,
+                "route" => route.to_owned()
+            ),
+            statuses: Vec::new(),
+        }
+    }
+
+    /// `http_requests_total{method,route,status}`, resolved at its first use.
+    pub fn requests(&mut self, status: u16) -> &Counter {
+        let at = match self.statuses.iter().position(|(s, _)| *s == status) {
+            Some(at) => at,
+            None => {
+                let counter = metrics::counter!(
+                    HTTP_REQUESTS,
+                    "method" => self.method,
+                    "route" => self.route.clone(),
+                    "status" => status.to_string()
+                );
+                self.statuses.push((status, counter));
+                self.statuses.len() - 1
+            }
+        };
+        &self.statuses[at].1
+    }
+}
 
 /// The process-wide recorder (installed once; later calls share it, so
 /// several servers in one test process all render the same registry).
