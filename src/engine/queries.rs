@@ -9,7 +9,10 @@ use futures::future::join_all;
 use serde::Serialize;
 use uuid::Uuid;
 
-use super::{session, storage, Engine, FAN_OUT};
+use super::handle::Engine;
+use super::outcome::storage;
+use super::session;
+use super::shared::FAN_OUT;
 use crate::model::{ClientType, Millis, Session, SessionError, SessionView, Status};
 use crate::persist::StoreError;
 

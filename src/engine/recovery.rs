@@ -18,8 +18,9 @@ use crate::model::{Session, SessionError, Status, Transition};
 use crate::persist::postgres::Postgres;
 use crate::persist::WriteOp;
 
+use super::handle::Engine;
+use super::outcome::storage;
 use super::tenant::{LiveCount, Restore};
-use super::{storage, Engine};
 
 /// What recovery found.
 #[derive(Debug, Default, Clone, Copy)]

@@ -18,7 +18,8 @@ use std::time::Duration;
 
 use actix::prelude::*;
 
-use super::{durable_outcome, Shared};
+use super::outcome::durable_outcome;
+use super::shared::Shared;
 use crate::crypto::TokenHash;
 use crate::model::session::{
     RefreshCheck, SessionUpdate, REASON_CLIENT_REQUEST, REASON_REFRESH_TOKEN_REUSE,

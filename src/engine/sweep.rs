@@ -8,9 +8,11 @@ use actix::prelude::*;
 use futures::future::join_all;
 use uuid::Uuid;
 
+use super::handle::Engine;
+use super::outcome::storage;
 use super::session::{self, SessionActor};
+use super::shared::FAN_OUT;
 use super::tenant::Purge;
-use super::{storage, Engine, FAN_OUT};
 use crate::model::SessionError;
 
 impl Engine {

@@ -11,8 +11,9 @@ use std::sync::Arc;
 use actix::prelude::*;
 
 use super::admission::TenantLimits;
+use super::outcome::storage;
 use super::session::{ActorStopped, Release, SessionActor, SupervisorLink};
-use super::{storage, Shared};
+use super::shared::Shared;
 use crate::model::{Session, SessionError};
 use crate::persist::write_behind::purge_ops;
 use crate::persist::{Durable, WriteOp};

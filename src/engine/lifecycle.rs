@@ -1,0 +1,281 @@
+//! Starting the engine (store, log, flusher, checkpointer, shipper,
+//! shards, supervisors) and shutting it down in order; the barriers.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix::prelude::*;
+use futures::future::join_all;
+
+use super::config::EngineConfig;
+use super::handle::{Engine, TenantHandle};
+use super::outcome::durable_outcome;
+use super::recovery;
+use super::session::{self};
+use super::shards::Shards;
+use super::shared::{Directory, Shared, FAN_OUT};
+use super::stats;
+use super::tenant::TenantSupervisor;
+use crate::model::session::ClientType;
+use crate::model::{Millis, SessionError};
+use crate::persist::checkpoint::Checkpointer;
+use crate::persist::outbox::Outbox;
+use crate::persist::shipper::{self};
+use crate::persist::sled::Opened;
+use crate::persist::{Shipping, Store, StoreError, WriteBehind, WriteOp};
+use crate::settings::Durability;
+use crate::telemetry::metrics::TenantHandles;
+
+impl Engine {
+    /// Opens the store, starts the flusher, the shards and one supervisor per
+    /// tenant. Call [`Engine::recover`] next; until it finishes the engine is
+    /// not ready.
+    pub fn start(config: EngineConfig) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+            StoreError::Sled(format!("creating {}: {e}", config.data_dir.display()))
+        })?;
+        set_private(&config.data_dir);
+        let Opened {
+            store,
+            mut log,
+            salvaged,
+        } = Store::open(
+            &config.data_dir,
+            config.cache_capacity_bytes,
+            config.salvage,
+        )?;
+        if let Some(salvaged) = salvaged {
+            tracing::error!(
+                data_dir = %config.data_dir.display(),
+                damage = salvaged.damage.join("; "),
+                lost_changes = salvaged.lost_changes,
+                "salvage: the store was damaged; started from what could be read"
+            );
+        }
+        match &config.postgres {
+            // A new or lost data dir: recovery rebuilds the live sessions
+            // from PostgreSQL. The marker survives a crash mid-rebuild.
+            Some(_) if store.is_empty() => {
+                store.put_meta(recovery::REBUILD_PENDING, b"1")?;
+                store.put_meta(crate::persist::outbox::SEEDED, b"1")?;
+                store.sync()?;
+            }
+            // The tier was just switched on: what is stored already ships.
+            Some(_) if store.meta(crate::persist::outbox::SEEDED)?.is_none() => {
+                let seeded =
+                    crate::persist::outbox::seed(&store, &mut log, crate::model::time::now_ms())?;
+                store.put_meta(crate::persist::outbox::SEEDED, b"1")?;
+                store.sync()?;
+                tracing::info!(
+                    records = seeded,
+                    "postgres: every stored record queued for PostgreSQL"
+                );
+            }
+            Some(_) => {}
+            None => store.remove_meta(crate::persist::outbox::SEEDED)?,
+        }
+        let outbox = match &config.postgres {
+            Some(_) => Some(Arc::new(Outbox::open(&store, log.shared())?)),
+            None => None,
+        };
+        let shipping = outbox.as_ref().map(|outbox| Shipping {
+            outbox: outbox.clone(),
+            ack_after_commit: config.durability == Durability::Postgres,
+            commit_timeout: config
+                .postgres
+                .as_ref()
+                .map_or(Duration::ZERO, |tier| tier.commit_timeout),
+        });
+        let log_shared = log.shared().clone();
+        let checkpointer = Checkpointer::start(
+            store.clone(),
+            log_shared.clone(),
+            config.postgres.is_some(),
+            config.checkpoint_interval,
+        );
+        let (write_behind, flusher) = WriteBehind::start(
+            store.clone(),
+            log,
+            checkpointer.nudger(),
+            half(config.flush_interval),
+            config.max_batch,
+            shipping,
+        );
+        let shipper = match (&config.postgres, &outbox) {
+            (Some(tier), Some(outbox)) => Some(shipper::start(
+                store.clone(),
+                log_shared,
+                outbox.clone(),
+                tier.postgres.clone(),
+                tier.shipper.clone(),
+            )),
+            _ => None,
+        };
+        let shards = Shards::start(config.shards);
+        let shard_count = shards.len();
+        let shared = Arc::new(Shared {
+            store,
+            write_behind,
+            shards,
+            placement: config.placement,
+            sync_acks: config.durability != Durability::Async,
+            idle_after_ms: config.idle_after.as_millis() as Millis,
+            expiring_notice_ms: config.expiring_notice.as_millis() as Millis,
+            next_subscriber: AtomicU64::new(1),
+            stats: stats::EngineStats::new(shard_count),
+            idle: config
+                .tenants
+                .iter()
+                .map(|t| (t.id, std::sync::atomic::AtomicI64::new(0)))
+                .collect(),
+            retention_ms: config.retention.as_millis() as Millis,
+            flush_interval: half(config.flush_interval),
+            clock: config.clock.clone(),
+            directories: config
+                .tenants
+                .iter()
+                .map(|t| (t.id, Directory::default()))
+                .collect(),
+            restarts: AtomicU64::new(0),
+            shutting_down: AtomicBool::new(false),
+        });
+        let tenants = config
+            .tenants
+            .into_iter()
+            .map(|limits| {
+                let shard = shared.shards.index_of(limits.id.as_bytes());
+                let supervisor_limits = limits.clone();
+                let supervisor_shared = shared.clone();
+                let client_types = ClientType::ALL.map(ClientType::as_str);
+                let metrics = TenantHandles::new(limits.id.to_string(), &client_types);
+                let supervisor_metrics = metrics.clone();
+                let supervisor =
+                    TenantSupervisor::start_in_arbiter(shared.shards.arbiter(shard), move |_| {
+                        TenantSupervisor::new(
+                            supervisor_limits,
+                            supervisor_shared,
+                            supervisor_metrics,
+                        )
+                    });
+                (
+                    limits.id,
+                    TenantHandle {
+                        limits,
+                        supervisor,
+                        metrics,
+                    },
+                )
+            })
+            .collect();
+        Ok(Engine {
+            shared,
+            tenants: Arc::new(tenants),
+            defaults: config.defaults,
+            sweep_interval: config.sweep_interval,
+            ready: Arc::new(AtomicBool::new(false)),
+            flusher: Arc::new(Mutex::new(Some(flusher))),
+            rebuild_wait: config
+                .postgres
+                .as_ref()
+                .map_or(Duration::ZERO, |tier| tier.rebuild_wait),
+            postgres: config.postgres.map(|tier| tier.postgres),
+            vault: config.vault,
+            outbox,
+            shipper: Arc::new(Mutex::new(shipper)),
+            checkpoints: checkpointer.stats(),
+            checkpointer: Arc::new(Mutex::new(Some(checkpointer))),
+        })
+    }
+
+    /// Writes pending activity, flushes the queue, stops the flusher and the
+    /// shards. Call once, after the HTTP server has stopped.
+    pub async fn shutdown(&self) {
+        self.ready.store(false, Ordering::Release);
+        self.shared.shutting_down.store(true, Ordering::Release);
+        for chunk in self.all_actors().chunks(FAN_OUT) {
+            join_all(chunk.iter().map(|a| a.send(session::FlushActivity))).await;
+        }
+        // Stop the actors first, so no timer writes after the last flush.
+        let shared = self.shared.clone();
+        // Joining threads blocks; keep it off the async workers.
+        let _ = tokio::task::spawn_blocking(move || shared.shards.stop()).await;
+        if let Err(e) = durable_outcome(self.shared.write_behind.shutdown().await) {
+            tracing::error!(error = %e, "final flush failed");
+        }
+        let flusher = self
+            .flusher
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(flusher) = flusher {
+            let _ = tokio::task::spawn_blocking(move || flusher.join()).await;
+        }
+        let shipper = self
+            .shipper
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(shipper) = shipper {
+            let _ = tokio::task::spawn_blocking(move || shipper.stop()).await;
+        }
+        // Last: the final checkpoint holds the shipper's position too.
+        let checkpointer = self
+            .checkpointer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(mut checkpointer) = checkpointer {
+            let _ = tokio::task::spawn_blocking(move || checkpointer.stop()).await;
+        }
+        if let Some(postgres) = &self.postgres {
+            postgres.pool().close().await;
+        }
+    }
+
+    /// Writes and fsyncs a small probe record: proves the store accepts
+    /// writes now (readiness), not only that nothing failed so far.
+    pub async fn check_writable(&self) -> Result<(), SessionError> {
+        // sled failing to take a checkpoint is not fixed by waiting: say so.
+        if self.checkpoints.failing.load(Ordering::Relaxed) {
+            return Err(SessionError::StorageUnavailable);
+        }
+        let probe = WriteOp::Put {
+            key: crate::persist::keys::meta("readyz"),
+            value: self.shared.clock.now().to_be_bytes().to_vec(),
+        };
+        durable_outcome(self.shared.write_behind.submit_local(vec![probe]).await)
+    }
+
+    /// Resolves when everything changed before this call is durable.
+    pub async fn flush(&self) -> Result<(), SessionError> {
+        durable_outcome(self.shared.write_behind.barrier().await)
+    }
+
+    /// Resolves when everything changed before this call is committed to
+    /// PostgreSQL (durable in sled when the tier is off), or fails after
+    /// the tier's commit timeout.
+    pub async fn flush_to_postgres(&self) -> Result<(), SessionError> {
+        // Coalesced state (a session's counters after its executions,
+        // heartbeat times) is queued first, so the barrier covers it.
+        for chunk in self.all_actors().chunks(FAN_OUT) {
+            join_all(chunk.iter().map(|a| a.send(session::FlushActivity))).await;
+        }
+        durable_outcome(self.shared.write_behind.shipped_barrier().await)
+    }
+}
+
+/// Makes the data dir readable by its owner only (tool arguments and
+/// results are in it). Best effort: a dir the process does not own keeps
+/// its mode, with a warning.
+fn set_private(dir: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Err(e) = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)) {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot make the data dir private (mode 0700)");
+    }
+}
+
+/// Half of `d`, at least a millisecond.
+fn half(d: Duration) -> Duration {
+    (d / 2).max(Duration::from_millis(1))
+}
