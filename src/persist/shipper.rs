@@ -206,11 +206,7 @@ impl Dealt {
 
     /// Every record up to this is committed by every lane.
     fn shipped_through(&self) -> u64 {
-        self.lanes
-            .iter()
-            .filter_map(Lane::pending_from)
-            .min()
-            .map_or(self.through, |first| first - 1)
+        shipped_through(&self.lanes, self.through)
     }
 
     /// Reads records and deals their entries until `cap` entries are
@@ -248,6 +244,17 @@ impl Dealt {
     fn idle(&self) -> bool {
         self.lanes.iter().all(|lane| lane.pending_from().is_none())
     }
+}
+
+/// Every record up to this is committed by every lane, when `through` is
+/// the last record dealt: just before the oldest record a lane still holds
+/// (queued, in flight, or failed), else `through`.
+fn shipped_through(lanes: &[Lane], through: u64) -> u64 {
+    lanes
+        .iter()
+        .filter_map(Lane::pending_from)
+        .min()
+        .map_or(through, |first| first - 1)
 }
 
 /// The lane of an entry: by its session's row id.
@@ -547,5 +554,64 @@ impl Shipper {
             }
             self.outbox.settle_waiters(None);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::audit::AuditEntry;
+
+    fn audit(row: uuid::Uuid) -> Entry {
+        let mut session = crate::model::session::tests::session_at(0, 60, 60);
+        session.id = row;
+        Entry::Audit(AuditEntry::created(&session))
+    }
+
+    #[test]
+    fn a_record_is_shipped_once_every_lane_committed_its_part() {
+        let mut lanes: Vec<Lane> = (0..2).map(|_| Lane::default()).collect();
+        // Nothing held: everything dealt is shipped.
+        assert_eq!(shipped_through(&lanes, 9), 9);
+        // Lane 0 commits records 3..=5, lane 1 still queues record 4.
+        lanes[0].in_flight_from = Some(3);
+        lanes[1].queue.push_back((4, audit(uuid::Uuid::now_v7())));
+        assert_eq!(shipped_through(&lanes, 9), 2);
+        // Lane 0 done: record 4 of lane 1 holds everything from 4 on.
+        lanes[0].in_flight_from = None;
+        assert_eq!(shipped_through(&lanes, 9), 3);
+        // A failed lane keeps its batch's first record pending, so nothing
+        // after it counts as shipped while the other lane moves on.
+        lanes[1].queue.clear();
+        lanes[1].in_flight_from = Some(4);
+        assert_eq!(shipped_through(&lanes, 9), 3);
+    }
+
+    #[test]
+    fn a_sessions_entries_all_go_to_one_lane() {
+        let row = uuid::Uuid::now_v7();
+        let lanes = 3;
+        let execution = Entry::Execution {
+            session_row: row,
+            seq: 1,
+            execution: crate::model::ToolExecution {
+                tool_name: "read".into(),
+                tool_id: None,
+                arguments: "{}".into(),
+                result: "{}".into(),
+                error: None,
+                duration_ms: 1,
+                tokens_used: 1,
+                executed_at: 0,
+                recorded_at: 0,
+            },
+        };
+        let mut session = crate::model::session::tests::session_at(0, 60, 60);
+        session.id = row;
+        let state = Entry::Session(Box::new(session));
+        let lane = lane_of(&state, lanes);
+        assert_eq!(lane_of(&execution, lanes), lane);
+        assert_eq!(lane_of(&audit(row), lanes), lane);
+        assert!(lane < lanes);
     }
 }
