@@ -35,6 +35,9 @@ pub struct ApiKey {
     pub tenant_id: Uuid,
     /// What it may do.
     pub scopes: Vec<Scope>,
+    /// Its rate bucket: the key's stored SHA-256, so a call that found the
+    /// key by its digest does not hash it again for its bucket.
+    pub bucket: [u8; 32],
 }
 
 impl ApiKey {
@@ -84,6 +87,7 @@ impl Keyring {
                     ApiKey {
                         tenant_id: tenant.id,
                         scopes,
+                        bucket: hash,
                     },
                 );
             }

@@ -1,6 +1,6 @@
 //! Extractors that answer in the contract's error body: JSON bodies (size,
 //! content type, syntax, unknown fields, field errors), session ids in the
-//! path, and the caller's key.
+//! path, and the caller's credential (by the rule in [`access`](super::access)).
 
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, FromRequestParts, Path, Request};
@@ -10,16 +10,14 @@ use bytes::BytesMut;
 use http_body_util::BodyExt;
 use serde::de::DeserializeOwned;
 
+use super::access::{self, auth_failure, Credential, Proof};
 use super::error::{invalid, ApiError};
 use super::limits;
 use super::AppState;
 use uuid::Uuid;
 
 use crate::auth::{ApiKey, Scope};
-use crate::crypto::tokens;
-use crate::crypto::{Secret, TokenHash};
 use crate::model::ids::is_valid_session_id;
-use crate::model::SessionError;
 
 /// Largest request body.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -232,38 +230,13 @@ impl<S: Send + Sync> FromRequestParts<S> for SessionId {
     }
 }
 
-/// The tenant API key a request presents: `X-API-Key`, else a bearer token
-/// that is not a session token.
-pub fn presented_api_key(headers: &HeaderMap) -> Option<&str> {
-    presented_key(headers, "x-api-key").filter(|k| !k.starts_with(tokens::SESSION_PREFIX))
-}
+// The credential helpers moved to `access`; still reachable here.
+pub use super::access::{bearer, presented_api_key, session_token};
 
-fn presented_key<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    match headers.get(name) {
-        Some(value) => value.to_str().ok(),
-        None if name == "x-api-key" => bearer(headers),
-        None => None,
-    }
-}
-
-/// The session token (`Bearer est_…`) of `Authorization`, if any.
-pub fn session_token(headers: &HeaderMap) -> Option<&str> {
-    bearer(headers).filter(|t| t.starts_with(tokens::SESSION_PREFIX))
-}
-
-/// The bearer token of `Authorization`, if any.
-pub fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let auth = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = auth.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then_some(token.trim())
-}
-
-/// A call on one session (the contract's (T) endpoints), authenticated by a
-/// tenant API key with scope `sessions` or by that session's own token
-/// (`Authorization: Bearer est_…`). Another session's token answers 404,
-/// as an unknown session does.
+/// A call on one session (the contract's (T) endpoints), authenticated as
+/// [`access`](super::access) says: that session's own token, else a tenant
+/// API key with scope `sessions`. Another session's token answers 404, as
+/// an unknown session does.
 pub struct SessionAccess {
     /// The session's tenant.
     pub tenant: Uuid,
@@ -301,54 +274,31 @@ async fn session_access(
     state: &AppState,
     allow_stale: bool,
 ) -> Result<SessionAccess, ApiError> {
-    let token = session_token(&parts.headers).map(|t| Secret::new(t.to_owned()));
-    let Some(token) = token else {
-        let Tenant(key) = Tenant::from_request_parts(parts, state).await?;
-        let SessionId(id) = SessionId::from_request_parts(parts, state).await?;
-        return Ok(SessionAccess {
-            tenant: key.tenant_id,
-            id,
-            stale_token: false,
-        });
-    };
-    let token = token.expose();
-    let Some(tenant) = tokens::tenant_of(token, tokens::SESSION_PREFIX) else {
-        auth_failure(parts, "malformed session token");
-        return Err(ApiError::Unauthorized);
-    };
+    // The credential first: a bad one is 401/403 whatever the path holds.
+    let credential = Credential::of_session_call(&parts.headers, None);
+    let checked = access::check(state, parts, credential, Scope::Sessions)?;
     let SessionId(id) = SessionId::from_request_parts(parts, state).await?;
-    let stale_token = match state
-        .engine
-        .verify_token(tenant, &id, &TokenHash::of(token))
-        .await
-    {
-        Ok(()) => false,
-        Err(SessionError::TokenMismatch) if allow_stale => true,
-        Err(e) => {
-            if matches!(e, SessionError::TokenMismatch | SessionError::NotFound) {
-                auth_failure(parts, "session token not valid for this session");
-            }
-            return Err(e.into());
-        }
-    };
-    // Authenticated: the session's own bucket (charged only now, so forged
-    // tokens can neither drain it nor grow the tables).
-    charge_session(parts, state, tenant, &id)?;
+    let caller = checked.on_session(state, parts, &id, allow_stale).await?;
+    if caller.proof != Proof::ApiKey {
+        // Verified: the session's own bucket (charged only now, so forged
+        // tokens can neither drain it nor grow the tables).
+        charge_session(parts, state, &caller.bucket)?;
+    }
     Ok(SessionAccess {
-        tenant,
+        tenant: caller.tenant,
         id,
-        stale_token,
+        stale_token: caller.proof == Proof::StaleSessionToken,
     })
 }
 
-/// Takes a token from the write/read bucket of session `id` of `tenant`.
-fn charge_session(parts: &Parts, state: &AppState, tenant: Uuid, id: &str) -> Result<(), ApiError> {
+/// Takes a token from the write/read bucket of a session, `who`.
+fn charge_session(parts: &Parts, state: &AppState, who: &[u8; 32]) -> Result<(), ApiError> {
     let Some(class) = limits::class_of(&parts.method, parts.uri.path())
         .filter(|class| state.limits.limits(*class))
     else {
         return Ok(());
     };
-    let decision = state.limits.check(class, &limits::session_key(tenant, id));
+    let decision = state.limits.check(class, who);
     if let (Some(decision), Some(slot)) = (decision, parts.extensions.get::<limits::RateSlot>()) {
         slot.put(decision);
     }
@@ -358,42 +308,18 @@ fn charge_session(parts: &Parts, state: &AppState, tenant: Uuid, id: &str) -> Re
     }
 }
 
-/// Logs an authentication failure: what and where, never key material.
-fn auth_failure(parts: &Parts, reason: &'static str) {
-    tracing::warn!(
-        event = "auth_failure",
-        reason,
-        method = %parts.method,
-        path = %parts.uri.path(),
-        "authentication failed"
-    );
-}
-
-/// A caller whose API key carries `passthrough:read` (session tokens do not
-/// qualify: 403).
+/// A caller whose API key carries `passthrough:read`. Not a (T) endpoint:
+/// a session token alone is 401 (an API key in `X-API-Key` decides when
+/// both are sent).
 pub struct CredentialReader(pub ApiKey);
 
 impl FromRequestParts<AppState> for CredentialReader {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        // Not a (T) endpoint: a session token alone is 401 (an API key in
-        // X-API-Key decides when both are sent).
-        if !parts.headers.contains_key("x-api-key") && session_token(&parts.headers).is_some() {
-            auth_failure(parts, "session token used to read credentials");
-            return Err(ApiError::Unauthorized);
-        }
-        match presented_key(&parts.headers, "x-api-key").and_then(|k| state.keys.tenant_key(k)) {
-            None => {
-                auth_failure(parts, "missing or unknown api key");
-                Err(ApiError::Unauthorized)
-            }
-            Some(key) if !key.allows(Scope::PassthroughRead) => {
-                auth_failure(parts, "api key lacks scope passthrough:read");
-                Err(ApiError::Forbidden)
-            }
-            Some(key) => Ok(CredentialReader(key.clone())),
-        }
+        let key = presented_api_key(&parts.headers);
+        let (_, key) = access::check_api_key(state, parts, key, Scope::PassthroughRead)?;
+        Ok(CredentialReader(key.clone()))
     }
 }
 
@@ -404,18 +330,9 @@ impl FromRequestParts<AppState> for Tenant {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let key = presented_key(&parts.headers, "x-api-key").and_then(|k| state.keys.tenant_key(k));
-        match key {
-            None => {
-                auth_failure(parts, "missing or unknown api key");
-                Err(ApiError::Unauthorized)
-            }
-            Some(key) if !key.allows(Scope::Sessions) => {
-                auth_failure(parts, "api key lacks scope sessions");
-                Err(ApiError::Forbidden)
-            }
-            Some(key) => Ok(Tenant(key.clone())),
-        }
+        let key = presented_api_key(&parts.headers);
+        let (_, key) = access::check_api_key(state, parts, key, Scope::Sessions)?;
+        Ok(Tenant(key.clone()))
     }
 }
 
@@ -426,7 +343,7 @@ impl FromRequestParts<AppState> for Admin {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        match presented_key(&parts.headers, "x-admin-key") {
+        match access::presented_admin_key(&parts.headers) {
             Some(key) if state.keys.is_admin(key) => Ok(Admin),
             _ => {
                 auth_failure(parts, "missing or unknown admin key");

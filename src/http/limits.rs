@@ -28,8 +28,8 @@ use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
 use sha2::{Digest, Sha256};
 
+use super::access::{self, Credential};
 use super::error::ApiError;
-use super::extract;
 use super::AppState;
 use crate::settings::RateLimitSettings;
 
@@ -191,42 +191,29 @@ enum Caller {
     /// A session token on a call of its session: charged by the extractor
     /// once the token is verified (see [`session_key`]).
     Session,
-    /// Nobody this middleware can charge (the call is refused with 401).
+    /// Nobody this middleware can charge: the call is refused with 401, or
+    /// is a WebSocket upgrade by `?token=`, which this does not read.
     Unknown,
 }
 
-/// Mirrors the extractors: on a session's own calls a `Bearer est_…` token
-/// is the credential; elsewhere the API key (`X-API-Key`, else a bearer
-/// that is not a session token) is.
+/// Whose bucket the call draws on, by the rule of [`access`]: an admin
+/// key on `/admin/…`; else the session token on a call of its session,
+/// else the API key.
 fn caller(state: &AppState, headers: &HeaderMap, class: Class, path: &str) -> Caller {
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     if class == Class::Admin {
-        return match header("x-admin-key") {
+        return match access::presented_admin_key(headers) {
             Some(key) if state.keys.is_admin(key) => Caller::Key(digest(b"admin", key.as_bytes())),
             _ => Caller::Unknown,
         };
     }
-    if extract::session_token(headers).is_some() && is_session_call(path) {
-        return Caller::Session;
+    match Credential::of_request(headers, path) {
+        Credential::SessionToken(_) => Caller::Session,
+        Credential::ApiKey(key) => match state.keys.tenant_key(key) {
+            Some(grants) => Caller::Key(grants.bucket),
+            None => Caller::Unknown,
+        },
+        Credential::Missing => Caller::Unknown,
     }
-    match extract::presented_api_key(headers) {
-        Some(key) if state.keys.tenant_key(key).is_some() => Caller::Key(key_bucket(key)),
-        _ => Caller::Unknown,
-    }
-}
-
-/// `/api/v1/sessions/{id}` and below, where a session token authenticates.
-fn is_session_call(path: &str) -> bool {
-    path.strip_prefix("/api/v1/sessions/").is_some_and(|rest| {
-        !rest.is_empty()
-            && !matches!(rest, "active" | "metrics")
-            && !rest.ends_with("/passthrough-auth")
-    })
-}
-
-/// The bucket of a tenant API key.
-pub fn key_bucket(key: &str) -> [u8; 32] {
-    digest(b"key", key.as_bytes())
 }
 
 /// The bucket of session `id` of `tenant` (calls made with its token).

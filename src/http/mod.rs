@@ -3,6 +3,7 @@
 //! Each module exports `router()`; [`app`] merges them and adds the
 //! per-request middleware, so tests serve exactly what the binary serves.
 
+pub mod access;
 pub mod admin;
 pub mod error;
 pub mod export;

@@ -29,15 +29,16 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
+use super::access::{self, Credential, SessionCaller};
 use super::error::ApiError;
-use super::extract::{decode, presented_api_key, session_token, SessionId};
-use super::limits::{self, Class, Decision};
+use super::extract::{decode, SessionId};
+use super::limits::{Class, Decision};
 use super::openapi::ErrorResponse;
 use super::sessions::{session_update, with_tokens, RefreshBody, TerminateBody, UpdateBody};
 use super::tools::{from_execute_body, ExecuteBody};
 use super::AppState;
 use crate::auth::Scope;
-use crate::crypto::{tokens, Secret, TokenHash};
+use crate::crypto::Secret;
 use crate::engine::session::Push;
 use crate::model::time::format_rfc3339;
 use crate::model::{SessionError, Status};
@@ -84,51 +85,19 @@ pub(crate) struct WsParams {
     token: Option<String>,
 }
 
-/// Who opened the connection, and whose write bucket its frames draw on.
-struct Caller {
-    tenant: Uuid,
-    bucket: [u8; 32],
-}
-
-/// Authenticates the upgrade request: a session token (header or query)
-/// for this very session, or an API key with scope `sessions`.
+/// Authenticates the upgrade request by the rule of [`access`]: a session
+/// token (header, else query) for this very session, else an API key with
+/// scope `sessions`. Whichever it was is whose write bucket frames draw on.
 async fn authenticate(
     state: &AppState,
     parts: &Parts,
     id: &str,
     query_token: Option<&str>,
-) -> Result<Caller, ApiError> {
-    let header_token = session_token(&parts.headers);
-    if let Some(token) = header_token.or(query_token.filter(|t| !t.is_empty())) {
-        let token = Secret::new(token.to_owned());
-        let tenant = tokens::tenant_of(token.expose(), tokens::SESSION_PREFIX)
-            .ok_or(ApiError::Unauthorized)?;
-        state
-            .engine
-            .verify_token(tenant, id, &TokenHash::of(token.expose()))
-            .await?;
-        return Ok(Caller {
-            tenant,
-            bucket: limits::session_key(tenant, id),
-        });
-    }
-    let key = presented_api_key(&parts.headers)
-        .and_then(|k| state.keys.tenant_key(k).map(|grant| (k, grant)));
-    match key {
-        Some((_, grant)) if !grant.allows(Scope::Sessions) => Err(ApiError::Forbidden),
-        Some((raw, grant)) => Ok(Caller {
-            tenant: grant.tenant_id,
-            bucket: limits::key_bucket(raw),
-        }),
-        None => {
-            tracing::warn!(
-                event = "auth_failure",
-                reason = "websocket without a valid token or key",
-                "authentication failed"
-            );
-            Err(ApiError::Unauthorized)
-        }
-    }
+) -> Result<SessionCaller, ApiError> {
+    let credential = Credential::of_session_call(&parts.headers, query_token);
+    access::check(state, parts, credential, Scope::Sessions)?
+        .on_session(state, parts, id, false)
+        .await
 }
 
 /// Opens the channel (101), or refuses with the contract's error body.
