@@ -337,6 +337,40 @@ async fn other_tenants_sessions_answer_exactly_like_unknown_ones() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_creates_of_one_id_admit_exactly_one() {
+    // A limit of five: a refused create that kept its slot would make a
+    // later round answer 429.
+    let server = TestServer::start_with(5, "").await;
+    for round in 0..5 {
+        let id = format!("race-{round}");
+        let creates = (0..20).map(|_| {
+            let body = json!({"session_id": id, "edge_mcp_id": "edge"});
+            server.call(Method::POST, "/api/v1/sessions", KEY_A, Some(body))
+        });
+        let results = join_all(creates).await;
+        let statuses: Vec<StatusCode> = results.iter().map(|(s, _)| *s).collect();
+        assert_eq!(
+            statuses
+                .iter()
+                .filter(|s| **s == StatusCode::CREATED)
+                .count(),
+            1,
+            "{statuses:?}"
+        );
+        assert!(results
+            .iter()
+            .filter(|(s, _)| *s != StatusCode::CREATED)
+            .all(|(s, b)| *s == StatusCode::CONFLICT && b["code"] == "session_exists"));
+    }
+    // The refused ones left no slot taken: the count is exactly the five.
+    let (_, metrics) = server
+        .call(Method::GET, "/api/v1/sessions/metrics", KEY_A, None)
+        .await;
+    assert_eq!(metrics["active_sessions"], 5, "{metrics}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenant_limit_is_never_over_admitted() {
     let server = TestServer::start_with(50, "").await;
     let creates = (0..150).map(|i| {

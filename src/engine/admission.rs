@@ -1,5 +1,5 @@
 //! Turning a create request into a session: field rules, tenant caps and
-//! defaults. The tenant supervisor then decides whether it fits.
+//! defaults. [`super::tenant::admit`] then decides whether it fits.
 
 use uuid::Uuid;
 

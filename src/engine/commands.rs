@@ -9,7 +9,7 @@ use super::admission::{self, NewSession};
 use super::handle::Engine;
 use super::outcome::settle;
 use super::session::{self};
-use super::tenant::Admit;
+use super::tenant;
 use crate::crypto::{Secret, SessionTokens, TokenHash};
 use crate::model::session::SessionUpdate;
 use crate::model::{SessionError, SessionView, ToolExecution};
@@ -45,14 +45,13 @@ impl Engine {
         });
         let view = session.view(now);
         let client_type = session.client_type.as_str();
-        let durable = handle
-            .supervisor
-            .send(Admit {
-                session,
-                client_chosen_id,
-            })
-            .await
-            .map_err(|_| SessionError::Unavailable)??;
+        let durable = tenant::admit(
+            &self.shared,
+            &handle.limits,
+            &handle.link,
+            session,
+            client_chosen_id,
+        )?;
         if let Err(e) = settle(durable).await {
             // Not written: the client is told the create failed, so the
             // session must not live on, nor leave a final record behind.

@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use super::admission::{SessionDefaults, TenantLimits};
 use super::outcome::{settle, storage};
-use super::session::{self, Ack, SessionActor};
+use super::session::{self, Ack, SessionActor, SupervisorLink};
 use super::shared::Shared;
 use super::tenant::TenantSupervisor;
 use crate::crypto::Vault;
@@ -32,6 +32,8 @@ pub(super) struct TenantHandle {
     pub(super) limits: TenantLimits,
     pub(super) supervisor: Addr<TenantSupervisor>,
     pub(super) metrics: TenantHandles,
+    /// What the sessions this front door admits share with their tenant.
+    pub(super) link: Arc<SupervisorLink>,
 }
 
 /// Handle to the engine; cheap to clone.

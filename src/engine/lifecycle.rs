@@ -12,7 +12,7 @@ use super::config::EngineConfig;
 use super::handle::{Engine, TenantHandle};
 use super::outcome::durable_outcome;
 use super::recovery;
-use super::session::{self};
+use super::session::{self, SupervisorLink};
 use super::shards::Shards;
 use super::shared::{Directory, Shared, FAN_OUT};
 use super::stats;
@@ -149,21 +149,31 @@ impl Engine {
                 let supervisor_shared = shared.clone();
                 let client_types = ClientType::ALL.map(ClientType::as_str);
                 let metrics = TenantHandles::new(limits.id.to_string(), &client_types);
-                let supervisor_metrics = metrics.clone();
+                let live = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+                let (supervisor_metrics, supervisor_live) = (metrics.clone(), live.clone());
                 let supervisor =
                     TenantSupervisor::start_in_arbiter(shared.shards.arbiter(shard), move |_| {
                         TenantSupervisor::new(
                             supervisor_limits,
                             supervisor_shared,
+                            supervisor_live,
                             supervisor_metrics,
                         )
                     });
+                // How sessions admitted by the front door reach their
+                // supervisor (which builds its own for the ones it starts).
+                let link = Arc::new(SupervisorLink {
+                    live,
+                    stopped: supervisor.clone().recipient(),
+                    metrics: metrics.clone(),
+                });
                 (
                     limits.id,
                     TenantHandle {
                         limits,
                         supervisor,
                         metrics,
+                        link,
                     },
                 )
             })

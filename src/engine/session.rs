@@ -19,7 +19,7 @@ use std::time::Duration;
 use actix::prelude::*;
 
 use super::outcome::durable_outcome;
-use super::shared::Shared;
+use super::shared::{release_slot, Shared};
 use crate::crypto::TokenHash;
 use crate::model::session::{
     RefreshCheck, SessionUpdate, REASON_CLIENT_REQUEST, REASON_REFRESH_TOKEN_REUSE,
@@ -65,22 +65,18 @@ pub struct SessionActor {
     rolling_back: bool,
 }
 
-/// How a session reaches its tenant's supervisor (which handles both
-/// messages); the session knows nothing else of it. With it, the tenant's
-/// metric handles, shared by its sessions.
+/// What a session shares with its tenant: the live count it gives its slot
+/// back to, the supervisor that restarts it, and the tenant's metric
+/// handles; the session knows nothing else of them.
 pub struct SupervisorLink {
-    /// Where [`Release`] goes.
-    pub released: Recipient<Release>,
+    /// The tenant's live sessions counted against its limit; a session
+    /// that becomes final gives its slot back here.
+    pub live: Arc<std::sync::atomic::AtomicUsize>,
     /// Where [`ActorStopped`] goes.
     pub stopped: Recipient<ActorStopped>,
     /// The tenant's per-call metric handles.
     pub metrics: TenantHandles,
 }
-
-/// A session of this tenant became final: its slot is free.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Release;
 
 /// A session's actor stopped while its session was still live: it
 /// panicked (actix stops an actor whose handler panicked), or the shards
@@ -353,7 +349,7 @@ impl SessionActor {
             "status" => status.as_str()
         )
         .increment(1);
-        self.supervisor.released.do_send(Release);
+        release_slot(&self.supervisor.live);
         self.write_final()
     }
 

@@ -3,7 +3,7 @@
 //! sessions.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -93,4 +93,12 @@ impl Shared {
             .session(tenant, session_id)?
             .filter(|s| self.retained(s)))
     }
+}
+
+/// Gives a session's slot in its tenant's live count back (saturating:
+/// never below zero).
+pub(crate) fn release_slot(live: &std::sync::atomic::AtomicUsize) {
+    let _ = live.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+        Some(n.saturating_sub(1))
+    });
 }

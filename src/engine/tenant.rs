@@ -1,30 +1,107 @@
-//! The tenant supervisor: one actor per tenant that admits sessions against
-//! `max_active_sessions`, spawns their actors on the shards, registers them
-//! in the tenant's directory, and restarts one that died.
+//! A tenant's admission and its supervisor.
 //!
-//! Admission is serialised by the supervisor's mailbox, so concurrent
-//! creates can never over-admit: the count and the check happen in one
-//! handler, with no await in between.
+//! A create is admitted on the caller's thread, not through an actor: the
+//! tenant's live count is an atomic, reserved with a compare-and-swap
+//! before anything is spawned and given back if the create goes no
+//! further, so concurrent creates never over-admit and no create waits
+//! for another thread. Two creates of one id are ordered by the tenant's
+//! directory entry, held from the check to the registration.
+//!
+//! The supervisor (one actor per tenant) restarts a session whose actor
+//! died, restores sessions at start-up and purges final ones past their
+//! retention; a purge takes the same directory entry as a create, so an id
+//! re-created meanwhile is left alone.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use actix::prelude::*;
+use dashmap::mapref::entry::Entry;
 
 use super::admission::TenantLimits;
 use super::outcome::storage;
-use super::session::{ActorStopped, Release, SessionActor, SupervisorLink};
-use super::shared::Shared;
+use super::session::{ActorStopped, SessionActor, SupervisorLink};
+use super::shared::{release_slot, Shared};
 use crate::model::{Session, SessionError};
 use crate::persist::write_behind::purge_ops;
 use crate::persist::{Durable, WriteOp};
 use crate::telemetry::metrics::TenantHandles;
 
+/// Admits a new session of the tenant of `limits`, or refuses it with 409
+/// / 429; answers the durability of its first write. `client_chosen_id`:
+/// the id may collide with a stored session (generated ids cannot).
+pub(crate) fn admit(
+    shared: &Arc<Shared>,
+    limits: &TenantLimits,
+    link: &Arc<SupervisorLink>,
+    session: Session,
+    client_chosen_id: bool,
+) -> Result<Option<Durable>, SessionError> {
+    let directory = shared.directory(limits.id);
+    if directory.contains_key(&*session.session_id) {
+        return Err(SessionError::AlreadyExists);
+    }
+    let max = limits.max_active_sessions;
+    if link
+        .live
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .is_err()
+    {
+        return Err(SessionError::TenantLimit { limit: max });
+    }
+    let admitted = (|| {
+        let Entry::Vacant(slot) = directory.entry(session.session_id.clone()) else {
+            return Err(SessionError::AlreadyExists);
+        };
+        let mut ops = Vec::new();
+        if client_chosen_id {
+            if let Some(old) = shared
+                .store
+                .session(limits.id, &session.session_id)
+                .map_err(storage)?
+            {
+                // A final session keeps its id for its retention; past it,
+                // the old record goes (with its executions) in the same batch.
+                if shared.retained(&old) {
+                    return Err(SessionError::AlreadyExists);
+                }
+                ops = purge_ops(&shared.store, &old).map_err(storage)?;
+            }
+        }
+        ops.extend(WriteOp::new_session(&session));
+        let durable = shared.write_behind.submit(ops, shared.sync_acks);
+        slot.insert(start(shared, limits.id, link, session));
+        Ok(durable)
+    })();
+    if admitted.is_err() {
+        release_slot(&link.live);
+    }
+    admitted
+}
+
+/// Starts an actor for `session` on its shard (the caller registers it).
+fn start(
+    shared: &Arc<Shared>,
+    tenant: uuid::Uuid,
+    link: &Arc<SupervisorLink>,
+    session: Session,
+) -> Addr<SessionActor> {
+    let arbiter = shared
+        .shards
+        .arbiter(shared.shard_of(tenant, &session.session_id));
+    let (shared, link) = (shared.clone(), link.clone());
+    SessionActor::start_in_arbiter(arbiter, move |_| SessionActor::new(session, shared, link))
+}
+
 /// The supervisor of one tenant's sessions.
 pub struct TenantSupervisor {
     limits: TenantLimits,
     shared: Arc<Shared>,
-    /// Live (non-final) sessions counted against the limit.
-    live: usize,
+    /// Live (non-final) sessions counted against the limit, shared with
+    /// admission and the sessions.
+    live: Arc<AtomicUsize>,
     /// How its actors reach this supervisor, shared by all of them: an
     /// `Addr` or `Recipient` clone allocates, an `Arc` clone does not (a
     /// saving per live session).
@@ -34,12 +111,18 @@ pub struct TenantSupervisor {
 }
 
 impl TenantSupervisor {
-    /// A supervisor for the tenant with `limits`.
-    pub(crate) fn new(limits: TenantLimits, shared: Arc<Shared>, metrics: TenantHandles) -> Self {
+    /// A supervisor for the tenant with `limits`, counting its live
+    /// sessions in `live`.
+    pub(crate) fn new(
+        limits: TenantLimits,
+        shared: Arc<Shared>,
+        live: Arc<AtomicUsize>,
+        metrics: TenantHandles,
+    ) -> Self {
         TenantSupervisor {
             limits,
             shared,
-            live: 0,
+            live,
             me: None,
             metrics,
         }
@@ -50,20 +133,15 @@ impl TenantSupervisor {
         let me = self
             .me
             .get_or_insert_with(|| {
-                let address = ctx.address();
                 Arc::new(SupervisorLink {
-                    released: address.clone().recipient(),
-                    stopped: address.recipient(),
+                    live: self.live.clone(),
+                    stopped: ctx.address().recipient(),
                     metrics: self.metrics.clone(),
                 })
             })
             .clone();
-        let shard = self.shared.shard_of(self.limits.id, &session.session_id);
         let id = session.session_id.clone();
-        let shared = self.shared.clone();
-        let addr = SessionActor::start_in_arbiter(self.shared.shards.arbiter(shard), move |_| {
-            SessionActor::new(session, shared, me)
-        });
+        let addr = start(&self.shared, self.limits.id, &me, session);
         self.shared
             .directory(self.limits.id)
             .insert(id, addr.clone());
@@ -73,62 +151,6 @@ impl TenantSupervisor {
 
 impl Actor for TenantSupervisor {
     type Context = Context<Self>;
-}
-
-/// Admits a new session, or refuses it with 409 / 429.
-#[derive(Message)]
-#[rtype(result = "Result<Option<Durable>, SessionError>")]
-pub struct Admit {
-    /// The validated new session.
-    pub session: Session,
-    /// The id was chosen by the client (so it may collide with a stored one).
-    pub client_chosen_id: bool,
-}
-
-impl Handler<Admit> for TenantSupervisor {
-    type Result = Result<Option<Durable>, SessionError>;
-
-    fn handle(&mut self, msg: Admit, ctx: &mut Context<Self>) -> Self::Result {
-        let session = msg.session;
-        let directory = self.shared.directory(self.limits.id);
-        if directory.contains_key(&*session.session_id) {
-            return Err(SessionError::AlreadyExists);
-        }
-        if self.live >= self.limits.max_active_sessions {
-            return Err(SessionError::TenantLimit {
-                limit: self.limits.max_active_sessions,
-            });
-        }
-        let mut ops = Vec::new();
-        if msg.client_chosen_id {
-            if let Some(old) = self
-                .shared
-                .store
-                .session(self.limits.id, &session.session_id)
-                .map_err(storage)?
-            {
-                // A final session keeps its id for its retention; past it,
-                // the old record goes (with its executions) in the same batch.
-                if self.shared.retained(&old) {
-                    return Err(SessionError::AlreadyExists);
-                }
-                ops = purge_ops(&self.shared.store, &old).map_err(storage)?;
-            }
-        }
-        self.live += 1;
-        ops.extend(WriteOp::new_session(&session));
-        let durable = self.shared.write_behind.submit(ops, self.shared.sync_acks);
-        self.spawn(session, ctx);
-        Ok(durable)
-    }
-}
-
-impl Handler<Release> for TenantSupervisor {
-    type Result = ();
-
-    fn handle(&mut self, _: Release, _: &mut Context<Self>) {
-        self.live = self.live.saturating_sub(1);
-    }
 }
 
 /// Brings back a live session read from disk (recovery). It counts against
@@ -141,7 +163,7 @@ impl Handler<Restore> for TenantSupervisor {
     type Result = ();
 
     fn handle(&mut self, Restore(session): Restore, ctx: &mut Context<Self>) {
-        self.live += 1;
+        self.live.fetch_add(1, Ordering::AcqRel);
         self.spawn(session, ctx);
     }
 }
@@ -192,7 +214,7 @@ impl TenantSupervisor {
             Ok(None) if rolled_back => {
                 tracing::warn!(%session_id, tenant = %self.limits.id, "a create was not written; the session does not exist");
                 directory.remove_if(&**session_id, |_, addr| !addr.connected());
-                self.live = self.live.saturating_sub(1);
+                release_slot(&self.live);
             }
             Ok(Some(session)) if !session.status.is_final() => {
                 tracing::error!(
@@ -216,15 +238,16 @@ impl TenantSupervisor {
                     "session actor stopped unexpectedly before its first durable write; the session is lost"
                 );
                 directory.remove_if(&**session_id, |_, addr| !addr.connected());
-                self.live = self.live.saturating_sub(1);
+                release_slot(&self.live);
             }
         }
     }
 }
 
 /// Deletes final sessions past their retention, with their index entries
-/// and executions. Runs in the supervisor so it is ordered with admissions:
-/// an id re-created meanwhile is live and left alone.
+/// and executions. Each id's directory entry is held from the check to the
+/// queued purge, as a create holds it: an id re-created meanwhile is live
+/// and left alone.
 #[derive(Message)]
 #[rtype(result = "usize")]
 pub struct Purge {
@@ -239,9 +262,12 @@ impl Handler<Purge> for TenantSupervisor {
         let directory = self.shared.directory(self.limits.id);
         let mut purged = 0;
         for id in msg.session_ids {
-            if directory.contains_key(id.as_str()) {
+            // Held until the purge is queued: a create of the same id waits
+            // for it (and then purges nothing the purge left), or went first
+            // and is live here.
+            let Entry::Vacant(_slot) = directory.entry(Arc::from(id.as_str())) else {
                 continue;
-            }
+            };
             let ops = match self.shared.store.session(self.limits.id, &id) {
                 Ok(Some(old)) if old.status.is_final() && !self.shared.retained(&old) => {
                     purge_ops(&self.shared.store, &old)
@@ -272,6 +298,6 @@ impl Handler<LiveCount> for TenantSupervisor {
     type Result = usize;
 
     fn handle(&mut self, _: LiveCount, _: &mut Context<Self>) -> usize {
-        self.live
+        self.live.load(Ordering::Acquire)
     }
 }
