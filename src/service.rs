@@ -122,7 +122,7 @@ async fn serve_engine(
             Ok(()) = failed => {}
         }
     };
-    let served = http::serve(listener, app, stop).await;
+    let served = http::serve(listener, app, stop, &engine.arbiters()).await;
     sweeper.abort();
     let _ = sweeper.await;
     forgetter.abort();

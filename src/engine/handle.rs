@@ -57,6 +57,11 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// The arbiters, for serving HTTP on them.
+    pub fn arbiters(&self) -> Vec<actix_rt::ArbiterHandle> {
+        self.shared.shards.arbiters().to_vec()
+    }
+
     /// Whether recovery has finished.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
@@ -130,8 +135,9 @@ impl Engine {
         let Some(addr) = self.actor(tenant, session_id)? else {
             return Ok(None);
         };
+        // Counted for the arbiter serving the call (where its time goes).
         let _call = self.shared.stats.call(
-            self.shared.shard_of(tenant, session_id),
+            self.shared.shard_of(tenant, session_id, true),
             std::any::type_name::<M>(),
         );
         match addr.send(msg).await {

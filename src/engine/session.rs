@@ -396,11 +396,12 @@ impl Actor for SessionActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        // Counted on the arbiter it runs on.
         let shard = self
             .shared
-            .shard_of(self.session.tenant_id, &self.session.session_id);
+            .shard_of(self.session.tenant_id, &self.session.session_id, true);
         self.shared.shards.count_actor(shard, 1);
-        // Registration in the directory happens in the supervisor before the
+        // Registration in the directory happens at admission, before the
         // create is answered, so a GET right after a 201 finds the session.
         self.arm(ctx);
     }
@@ -414,7 +415,7 @@ impl Actor for SessionActor {
         }
         let shard = self
             .shared
-            .shard_of(self.session.tenant_id, &self.session.session_id);
+            .shard_of(self.session.tenant_id, &self.session.session_id, true);
         self.shared.shards.count_actor(shard, -1);
         if self.session.status.is_final() {
             let me = ctx.address();

@@ -1,13 +1,26 @@
 //! One actix arbiter (a thread with its own single-threaded runtime) per core.
 //!
-//! The engine's actors live here; the HTTP server runs on its own tokio
-//! runtime and reaches them through their addresses.
+//! The engine's actors live here, and so do the HTTP connections
+//! (`http::serve` hands each accepted connection to an arbiter): a call
+//! reaches an actor on its own arbiter without crossing threads. Each
+//! arbiter knows its index ([`current`]), so a create can place its
+//! session where the request arrived.
 
 use std::sync::{mpsc, Mutex};
 use std::thread::JoinHandle;
 
 use actix::prelude::*;
 use actix_rt::{Arbiter, ArbiterHandle};
+
+thread_local! {
+    /// The index of the arbiter running on this thread, if any.
+    static CURRENT: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// The index of the arbiter this thread runs, when it is one.
+pub fn current() -> Option<usize> {
+    CURRENT.get()
+}
 
 /// The arbiters and the actix system that owns them.
 pub struct Shards {
@@ -45,6 +58,10 @@ impl Shards {
                 let arbiters: Vec<Arbiter> =
                     runner.block_on(async { (0..count).map(|_| Arbiter::new()).collect() });
                 let handles = arbiters.iter().map(Arbiter::handle).collect::<Vec<_>>();
+                // Runs before anything else sent to each arbiter.
+                for (index, handle) in handles.iter().enumerate() {
+                    handle.spawn_fn(move || CURRENT.set(Some(index)));
+                }
                 // The receiver waits right below; it only goes away if the
                 // starting thread panicked, and then nobody needs the handles.
                 let _ = tx.send((System::current(), handles));
@@ -78,6 +95,11 @@ impl Shards {
     /// Whether there are no shards (never: at least one is started).
     pub fn is_empty(&self) -> bool {
         self.handles.is_empty()
+    }
+
+    /// Every arbiter, in index order.
+    pub fn arbiters(&self) -> &[ArbiterHandle] {
+        &self.handles
     }
 
     /// The arbiter for shard `index`.

@@ -65,10 +65,16 @@ impl Shared {
             .expect("sessions exist only for configured tenants")
     }
 
-    /// The arbiter a session's actor runs on.
-    pub(crate) fn shard_of(&self, tenant: Uuid, session_id: &str) -> usize {
+    /// The arbiter a session's actor runs on. `here`: the session is
+    /// created by a request served on an arbiter, which is then its home
+    /// under `session` placement (its client's next calls on the same
+    /// connection reach it without crossing threads).
+    pub(crate) fn shard_of(&self, tenant: Uuid, session_id: &str, here: bool) -> usize {
         match self.placement {
-            Placement::Session => self.shards.index_of(session_id.as_bytes()),
+            Placement::Session => here
+                .then(super::shards::current)
+                .flatten()
+                .unwrap_or_else(|| self.shards.index_of(session_id.as_bytes())),
             Placement::Tenant => self.shards.index_of(tenant.as_bytes()),
         }
     }

@@ -72,7 +72,7 @@ pub(crate) fn admit(
         }
         ops.extend(WriteOp::new_session(&session));
         let durable = shared.write_behind.submit(ops, shared.sync_acks);
-        slot.insert(start(shared, limits.id, link, session));
+        slot.insert(start(shared, limits.id, link, session, true));
         Ok(durable)
     })();
     if admitted.is_err() {
@@ -81,16 +81,18 @@ pub(crate) fn admit(
     admitted
 }
 
-/// Starts an actor for `session` on its shard (the caller registers it).
+/// Starts an actor for `session` on its shard (the caller registers it);
+/// `here`: on this thread's arbiter, if it is one (see [`Shared::shard_of`]).
 fn start(
     shared: &Arc<Shared>,
     tenant: uuid::Uuid,
     link: &Arc<SupervisorLink>,
     session: Session,
+    here: bool,
 ) -> Addr<SessionActor> {
     let arbiter = shared
         .shards
-        .arbiter(shared.shard_of(tenant, &session.session_id));
+        .arbiter(shared.shard_of(tenant, &session.session_id, here));
     let (shared, link) = (shared.clone(), link.clone());
     SessionActor::start_in_arbiter(arbiter, move |_| SessionActor::new(session, shared, link))
 }
@@ -141,7 +143,9 @@ impl TenantSupervisor {
             })
             .clone();
         let id = session.session_id.clone();
-        let addr = start(&self.shared, self.limits.id, &me, session);
+        // Restarts and restores spread by id: this is the supervisor's
+        // thread, not where the session's client is.
+        let addr = start(&self.shared, self.limits.id, &me, session, false);
         self.shared
             .directory(self.limits.id)
             .insert(id, addr.clone());

@@ -13,16 +13,15 @@ pub mod limits;
 pub mod metrics;
 pub mod openapi;
 pub mod request_id;
+pub mod serve;
 pub mod sessions;
 pub mod stats;
 pub mod tools;
 pub mod ws;
 
-use std::future::Future;
 use std::sync::Arc;
 
 use axum::Router;
-use tokio::net::TcpListener;
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::auth::Keyring;
@@ -85,14 +84,4 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Serves `app` on `listener` until `shutdown` resolves, then lets
-/// in-flight requests finish.
-pub async fn serve(
-    listener: TcpListener,
-    app: Router,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-}
+pub use serve::serve;
