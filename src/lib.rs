@@ -26,9 +26,11 @@
 //! # Threads
 //!
 //! On two cores every thread that wakes per request costs, so they are few:
-//! - the tokio runtime's workers (one per core): HTTP, WebSockets, handlers;
-//! - one actix arbiter per core (`engine::shards`): the session actors and
-//!   tenant supervisors;
+//! - one actix arbiter per core (`engine::shards`): HTTP connections and
+//!   WebSockets (each served on one arbiter for its lifetime, see
+//!   [`http::serve`]), the session actors and the tenant supervisors;
+//! - the tokio runtime's workers: the accept loop that hands connections to
+//!   the arbiters, and background tasks (recovery, sweep, metric upkeep);
 //! - `write-behind`: appends each group commit to the log and fsyncs; wakes
 //!   per batch, not per change;
 //! - `checkpoint`: folds the log into sled about once a second, at a lower
@@ -42,14 +44,16 @@
 //! # How a request flows
 //!
 //! `http` authenticates the key (tenant), decodes and validates the body,
-//! then calls [`engine::Engine`]. The engine finds the session's actor in
-//! the tenant's `DashMap` directory and sends it one message. The actor
-//! changes its state in memory, hands the new record to the write-behind
-//! queue and replies with a durability receiver; under `durability = "sync"`
-//! the handler awaits it, i.e. the batch's fsync, before answering.
-//! Creates go through the tenant supervisor, which admits against the
-//! tenant's limit and spawns the actor. Layers point one way:
-//! `http -> engine -> persist -> model`, with `crypto` beside `model`.
+//! then calls [`engine::Engine`] on the arbiter serving the connection. The
+//! engine finds the session's actor in the tenant's `DashMap` directory and
+//! sends it one message (no thread crossed when the session lives on this
+//! arbiter, which is where its create arrived). The actor changes its
+//! state in memory, hands the new record to the write-behind queue and
+//! replies with a durability receiver; under `durability = "sync"` the
+//! handler awaits it, i.e. the batch's fsync, before answering. A create is
+//! admitted against the tenant's atomic live count and its actor started on
+//! this arbiter. Layers point one way: `http -> engine -> persist ->
+//! model`, with `crypto` beside `model`.
 
 pub mod auth;
 pub mod crypto;

@@ -185,7 +185,11 @@ fn serve(config: Option<PathBuf>, salvage: bool) -> ExitCode {
     settings.storage.salvage = salvage;
     let data_dir = settings.storage.data_dir.clone();
     let log_writer = telemetry::init(&settings.log);
+    // Requests are served on the engine's arbiters (one per core); this
+    // runtime only accepts connections and runs background tasks, so one
+    // worker is enough and no idle worker competes for the cores.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
     {
