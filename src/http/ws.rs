@@ -54,8 +54,15 @@ const SEND_QUEUE: usize = 64;
 const PUSH_QUEUE: usize = 16;
 /// Longest a single send to the client may take.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest inbound message (the REST body limit).
+/// Largest inbound message (the REST body limit), and frame: a frame
+/// declaring more is refused from its header, before anything is reserved
+/// for it.
 const MAX_MESSAGE: usize = 64 * 1024;
+/// What each socket keeps for reading. tungstenite's default (128 KiB,
+/// zero-filled on the first read) made every open socket cost 138 KiB of
+/// RSS; messages here are a few hundred bytes, and the rare large one
+/// grows the buffer for as long as it needs.
+const READ_BUFFER: usize = 4 * 1024;
 
 /// Close codes of the contract.
 const CLOSE_TERMINATED: u16 = 4000;
@@ -140,6 +147,8 @@ pub(crate) async fn upgrade(
     tracing::info!(session_id = %id, tenant = %caller.tenant, "websocket opened");
     Ok(ws
         .max_message_size(MAX_MESSAGE)
+        .max_frame_size(MAX_MESSAGE)
+        .read_buffer_size(READ_BUFFER)
         .on_upgrade(move |socket| async move {
             metrics::gauge!(names::WS_OPEN).increment(1.0);
             let connection = Connection {
