@@ -424,3 +424,44 @@ async fn a_client_cannot_fake_a_revocation() {
     assert_eq!(close_code(&mut ws).await, 4000);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_declared_over_64_kib_is_refused_from_its_header_with_1009() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = TestServer::start().await;
+    let created = create(&server, "big", json!({})).await;
+    let token = created["session_token"].as_str().unwrap();
+    let addr = server.base.trim_start_matches("http://").to_owned();
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let handshake = format!(
+        "GET /api/v1/sessions/big/ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nAuthorization: Bearer {token}\r\n\r\n"
+    );
+    tcp.write_all(handshake.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        tcp.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    assert!(
+        String::from_utf8_lossy(&head).starts_with("HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    // A masked binary frame declaring 16 MiB, and none of its payload: the
+    // server must answer from the header alone.
+    let mut frame = vec![0x82, 0xFF];
+    frame.extend_from_slice(&(16u64 << 20).to_be_bytes());
+    frame.extend_from_slice(&[1, 2, 3, 4]);
+    tcp.write_all(&frame).await.unwrap();
+    let mut reply = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut reply))
+        .await
+        .expect("answered without waiting for the payload")
+        .unwrap();
+    assert_eq!(reply[0], 0x88, "a close frame: {reply:?}");
+    assert_eq!(u16::from_be_bytes([reply[2], reply[3]]), 1009);
+    server.stop().await;
+}

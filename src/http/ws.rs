@@ -68,8 +68,18 @@ const READ_BUFFER: usize = 4 * 1024;
 const CLOSE_TERMINATED: u16 = 4000;
 const CLOSE_EXPIRED: u16 = 4001;
 const CLOSE_REVOKED: u16 = 4002;
+/// A frame or message over [`MAX_MESSAGE`] (RFC 6455: message too big).
+const CLOSE_TOO_BIG: u16 = 1009;
 /// Ours: the client did not keep up with its send queue.
 const CLOSE_TOO_SLOW: u16 = 4008;
+
+/// Whether a read failed because a frame or message was over the limit
+/// (tungstenite refuses it from the frame's header).
+fn too_large(error: &axum::Error) -> bool {
+    std::error::Error::source(error)
+        .and_then(|e| e.downcast_ref::<tungstenite::Error>())
+        .is_some_and(|e| matches!(e, tungstenite::Error::Capacity(_)))
+}
 
 /// JSON-RPC error codes of the contract.
 const PARSE_ERROR: i64 = -32700;
@@ -214,6 +224,9 @@ impl Connection {
                     None => break End::Close(1001, "session channel closed, reconnect"),
                 },
                 frame = stream.next() => match frame {
+                    Some(Err(e)) if too_large(&e) => {
+                        break End::Close(CLOSE_TOO_BIG, "frame larger than 64 KiB")
+                    }
                     None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break End::Gone,
                     Some(Ok(frame)) => {
                         last_heard = Instant::now();
