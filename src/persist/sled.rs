@@ -312,8 +312,11 @@ impl Store {
     ) -> Result<(Session, u64), StoreError> {
         let mut session = record::decode_session(bytes).map_err(|e| corrupt(key, e))?;
         let recorded = session.tool_execution_count;
-        if !session.status.is_final() {
-            let start = keys::execution(session.id, session.tool_execution_count + 1);
+        // Executions are numbered without gaps, so one point lookup of the
+        // next number says whether the record is behind; only then is the
+        // range read (recovery does this for every live session).
+        let start = keys::execution(session.id, session.tool_execution_count + 1);
+        if !session.status.is_final() && self.get(&start)?.is_some() {
             let end = prefix_end(&keys::executions_prefix(session.id));
             for item in self.range(&start, end.as_deref(), false) {
                 let (key, bytes) = item?;
