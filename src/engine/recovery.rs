@@ -20,7 +20,7 @@ use crate::persist::WriteOp;
 
 use super::handle::Engine;
 use super::outcome::storage;
-use super::tenant::{LiveCount, Restore};
+use super::tenant::{self, LiveCount};
 
 /// What recovery found.
 #[derive(Debug, Default, Clone, Copy)]
@@ -114,8 +114,8 @@ impl Engine {
                             .write_behind
                             .submit(vec![WriteOp::put_session(&session)], false);
                     }
-                    if let Some(supervisor) = self.supervisor(session.tenant_id) {
-                        supervisor.do_send(Restore(session));
+                    if let Some(handle) = self.tenants.get(&session.tenant_id) {
+                        tenant::restore(&self.shared, handle.limits.id, &handle.link, session);
                     }
                 }
                 Found::Expired(session) => {
@@ -131,7 +131,8 @@ impl Engine {
         }
         scan.await
             .map_err(|e| SessionError::Storage(e.to_string()))?;
-        // Each supervisor answers after handling every Restore sent before.
+        // Each supervisor answers after handling everything sent to it
+        // before (restarts of actors that died meanwhile).
         for tenant in self.tenants.values() {
             let _ = tenant.supervisor.send(LiveCount).await;
         }
@@ -283,8 +284,8 @@ impl Engine {
                     if transition == Transition::BecomeIdle {
                         session.become_idle();
                     }
-                    if let Some(supervisor) = self.supervisor(session.tenant_id) {
-                        supervisor.do_send(Restore(session));
+                    if let Some(handle) = self.tenants.get(&session.tenant_id) {
+                        tenant::restore(&self.shared, handle.limits.id, &handle.link, session);
                     }
                 }
             }

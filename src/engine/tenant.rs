@@ -7,8 +7,9 @@
 //! for another thread. Two creates of one id are ordered by the tenant's
 //! directory entry, held from the check to the registration.
 //!
-//! The supervisor (one actor per tenant) restarts a session whose actor
-//! died, restores sessions at start-up and purges final ones past their
+//! Sessions read from disk at start-up are restored the same way, from the
+//! recovery loop ([`restore`]). The supervisor (one actor per tenant)
+//! restarts a session whose actor died and purges final ones past their
 //! retention; a purge takes the same directory entry as a create, so an id
 //! re-created meanwhile is left alone.
 
@@ -81,6 +82,22 @@ pub(crate) fn admit(
     admitted
 }
 
+/// Brings back a live session read from disk (recovery): counted against
+/// the limit but never refused (it was admitted before the restart), and
+/// started on the arbiter its id hashes to. Called from the recovery loop
+/// directly, so a million restores are not queued behind one supervisor.
+pub(crate) fn restore(
+    shared: &Arc<Shared>,
+    tenant: uuid::Uuid,
+    link: &Arc<SupervisorLink>,
+    session: Session,
+) {
+    link.live.fetch_add(1, Ordering::AcqRel);
+    let id = session.session_id.clone();
+    let addr = start(shared, tenant, link, session, false);
+    shared.directory(tenant).insert(id, addr);
+}
+
 /// Starts an actor for `session` on its shard (the caller registers it);
 /// `here`: on this thread's arbiter, if it is one (see [`Shared::shard_of`]).
 fn start(
@@ -143,7 +160,7 @@ impl TenantSupervisor {
             })
             .clone();
         let id = session.session_id.clone();
-        // Restarts and restores spread by id: this is the supervisor's
+        // Restarts spread by id: this is the supervisor's
         // thread, not where the session's client is.
         let addr = start(&self.shared, self.limits.id, &me, session, false);
         self.shared
@@ -155,21 +172,6 @@ impl TenantSupervisor {
 
 impl Actor for TenantSupervisor {
     type Context = Context<Self>;
-}
-
-/// Brings back a live session read from disk (recovery). It counts against
-/// the limit but is never refused: it was admitted before the restart.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Restore(pub Session);
-
-impl Handler<Restore> for TenantSupervisor {
-    type Result = ();
-
-    fn handle(&mut self, Restore(session): Restore, ctx: &mut Context<Self>) {
-        self.live.fetch_add(1, Ordering::AcqRel);
-        self.spawn(session, ctx);
-    }
 }
 
 impl Handler<ActorStopped> for TenantSupervisor {
