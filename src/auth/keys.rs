@@ -116,6 +116,12 @@ impl Keyring {
         self.tenant_keys.get(&hash_key(presented))
     }
 
+    /// The tenant key whose SHA-256 is `digest` (already computed for this
+    /// request by the rate limiter).
+    pub fn tenant_key_by_digest(&self, digest: &[u8; 32]) -> Option<&ApiKey> {
+        self.tenant_keys.get(digest)
+    }
+
     /// Whether `presented` is an admin key. Compares against every admin key
     /// without stopping early.
     pub fn is_admin(&self, presented: &str) -> bool {

@@ -162,6 +162,11 @@ pub fn check(
     })
 }
 
+/// The SHA-256 of the tenant API key a request presents, put in the
+/// request's extensions by the rate limiter once it has found the key by it.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyDigest(pub [u8; 32]);
+
 /// The `presented` key and its grants if it is known (else 401) and
 /// carries `scope` (else 403). Logs each refusal.
 pub fn check_api_key<'s, 'k>(
@@ -170,7 +175,14 @@ pub fn check_api_key<'s, 'k>(
     presented: Option<&'k str>,
     scope: Scope,
 ) -> Result<(&'k str, &'s ApiKey), ApiError> {
-    let Some((key, grants)) = presented.and_then(|k| Some((k, state.keys.tenant_key(k)?))) else {
+    // The rate limiter hashed this request's key already when its class is
+    // limited: look the key up by that digest instead of hashing it again.
+    let known = parts.extensions.get::<KeyDigest>();
+    let lookup = |k| match known {
+        Some(digest) => state.keys.tenant_key_by_digest(&digest.0),
+        None => state.keys.tenant_key(k),
+    };
+    let Some((key, grants)) = presented.and_then(|k| Some((k, lookup(k)?))) else {
         let reason = if presented.is_none() && session_token(&parts.headers).is_some() {
             "session token on a call that takes only an api key"
         } else {

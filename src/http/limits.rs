@@ -267,13 +267,18 @@ pub async fn limit_rate(
     request.extensions_mut().insert(slot.clone());
     // An unlimited class costs nothing (no key digests).
     let limited = class_of(request.method(), &path).filter(|class| state.limits.limits(*class));
-    let decision =
-        limited.and_then(
-            |class| match caller(&state, request.headers(), class, &path) {
-                Caller::Key(who) => state.limits.check(class, &who),
-                Caller::Session | Caller::Unknown => None,
-            },
-        );
+    let caller = limited.map(|class| (class, caller(&state, request.headers(), class, &path)));
+    let decision = match caller {
+        Some((class, Caller::Key(who))) => {
+            // A tenant key's bucket is its digest: the extractor looks the
+            // key up by it instead of hashing it again.
+            if class != Class::Admin {
+                request.extensions_mut().insert(access::KeyDigest(who));
+            }
+            state.limits.check(class, &who)
+        }
+        _ => None,
+    };
     let mut response = match decision {
         Some(Decision::Refused { .. }) => ApiError::RateLimited.into_response(),
         _ => next.run(request).await,
