@@ -55,12 +55,15 @@
 //! running; SIGINT / SIGTERM kill them too (and remove the temp dir); every
 //! run of a load tool has a deadline.
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -83,6 +86,10 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// The tenant's API key; the config holds only its sha256 hex.
+use support::{
+    clean_up_on_signal, find_on_path, free_port, http_call, lua_str, ChildGuard, CLEANUP,
+};
+
 const API_KEY: &str = "compare-bench-key";
 const TENANT_ID: &str = "6f1c0d3e-8a4b-4c6e-9f10-2b3c4d5e6f70";
 /// wrk threads: one per core of the 2-core machine this was written for.
@@ -139,21 +146,6 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T, String> {
     }
 }
 
-/// The full path of `tool` on `PATH`, if there.
-fn find_on_path(tool: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(tool))
-        .find(|candidate| candidate.is_file())
-}
-
-/// A free TCP port on 127.0.0.1 (bound, read, released; the child binds it
-/// a moment later, which is race-free enough on a bench machine).
-fn free_port() -> Result<u16, String> {
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
-    Ok(listener.local_addr().map_err(|e| e.to_string())?.port())
-}
-
 /// A JSON `template` with `PAD` replaced by as many `x` as make it `target`
 /// bytes long (when `extra` more bytes are added at run time, e.g. an id).
 fn padded(template: &str, target: usize, extra: usize) -> String {
@@ -178,84 +170,6 @@ fn median(values: &[f64]) -> Option<f64> {
 
 // ---------------------------------------------------------------------------
 // Child processes
-
-/// What a SIGINT / SIGTERM handler must clean up (it cannot reach the
-/// guards): the ids of the live children and the temp dir.
-static CLEANUP: Mutex<(Vec<u32>, Option<PathBuf>)> = Mutex::new((Vec::new(), None));
-
-/// On SIGINT or SIGTERM (the guards do not run then): kills every live
-/// child, removes the temp dir and exits 130.
-fn clean_up_on_signal(runtime: &tokio::runtime::Runtime) {
-    runtime.spawn(async {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut int), Ok(mut term)) = (
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::terminate()),
-        ) else {
-            return;
-        };
-        tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
-        }
-        let (pids, dir) = std::mem::take(&mut *CLEANUP.lock().unwrap_or_else(|e| e.into_inner()));
-        for pid in pids {
-            let _ = Command::new("kill")
-                .arg("-KILL")
-                .arg(pid.to_string())
-                .status();
-        }
-        if let Some(dir) = dir {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-        eprintln!("compare: interrupted; children killed");
-        std::process::exit(130);
-    });
-}
-
-/// Owns a child process and kills it when dropped: on normal exit, on an
-/// early return and on a panic (unwinding runs this).
-struct ChildGuard {
-    name: String,
-    child: Child,
-}
-
-impl ChildGuard {
-    fn spawn(name: &str, command: &mut Command) -> Result<Self, String> {
-        let child = command
-            .spawn()
-            .map_err(|e| format!("cannot start {name}: {e}"))?;
-        if let Ok(mut cleanup) = CLEANUP.lock() {
-            cleanup.0.push(child.id());
-        }
-        Ok(ChildGuard {
-            name: name.to_owned(),
-            child,
-        })
-    }
-
-    /// Fails when the child has already exited.
-    fn check_alive(&mut self) -> Result<(), String> {
-        match self.child.try_wait() {
-            Ok(None) => Ok(()),
-            Ok(Some(status)) => Err(format!("{} exited unexpectedly: {status}", self.name)),
-            Err(e) => Err(format!("{}: {e}", self.name)),
-        }
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-        if let Ok(mut cleanup) = CLEANUP.lock() {
-            let id = self.child.id();
-            cleanup.0.retain(|pid| *pid != id);
-        }
-    }
-}
 
 /// Runs a load tool to its end with a deadline; answers its stdout and
 /// stderr. Past the deadline the tool is killed (by its guard).
@@ -389,12 +303,6 @@ function setup(thread)
   next_tid = next_tid + 1
 end
 "#;
-
-/// A Lua string literal (long brackets: no escaping needed for JSON).
-fn lua_str(text: &str) -> String {
-    assert!(!text.contains("]==]"), "not representable as a long string");
-    format!("[==[{text}]==]")
-}
 
 /// The headers table every edge-sessions script sends.
 fn lua_edge_headers() -> String {
@@ -665,7 +573,14 @@ max_active_sessions = 100000000
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
             self.check_alive()?;
-            if let Ok((200, _)) = http_call(self.addr, "GET", "/readyz", None) {
+            if let Ok((200, _)) = http_call(
+                API_KEY,
+                self.addr,
+                "GET",
+                "/readyz",
+                None,
+                Duration::from_secs(10),
+            ) {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -703,7 +618,13 @@ max_active_sessions = 100000000
                                 r#"{{"session_id":"pre-{i}","edge_mcp_id":"edge-bench-01","client_type":"claude-code","metadata":{{"purpose":"compare bench"}}}}"#
                             );
                             let (status, answer) =
-                                http_call(self.addr, "POST", "/api/v1/sessions", Some(&body))?;
+                                http_call(
+API_KEY, self.addr,
+                                    "POST",
+                                    "/api/v1/sessions",
+                                    Some(&body),
+                                    Duration::from_secs(10),
+                                )?;
                             if status != 201 {
                                 return Err(format!("create pre-{i}: {status} {answer}"));
                             }
@@ -718,44 +639,6 @@ max_active_sessions = 100000000
             })
         })
     }
-}
-
-/// A one-shot HTTP/1.1 request with the API key (Connection: close):
-/// answers the status and the body. Only for set-up, not for load.
-fn http_call(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    body: Option<&str>,
-) -> Result<(u16, String), String> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-        .map_err(|e| format!("connect {addr}: {e}"))?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| e.to_string())?;
-    let body = body.unwrap_or("");
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nX-API-Key: {API_KEY}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream
-        .write_all(request.as_bytes())
-        .map_err(|e| format!("send: {e}"))?;
-    let mut answer = String::new();
-    stream
-        .read_to_string(&mut answer)
-        .map_err(|e| format!("read: {e}"))?;
-    let status = answer
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("not an HTTP answer: {answer:?}"))?;
-    let body = answer
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
 }
 
 // ---------------------------------------------------------------------------
@@ -1243,7 +1126,7 @@ fn run() -> Result<(), String> {
         .thread_name("ws-client")
         .build()
         .map_err(|e| e.to_string())?;
-    clean_up_on_signal(&client);
+    clean_up_on_signal(&client, "compare");
     let echo_addr = start_echo(&echo_runtime)?;
     println!("compare: axum echo on {echo_addr}");
 

@@ -61,12 +61,15 @@
 //! SIGINT / SIGTERM kill them too and remove the temp dir; every phase has a
 //! deadline.
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::collections::VecDeque;
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Read, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
+use std::process::{Command, ExitCode, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -78,6 +81,10 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 /// The tenant's API key; the config holds only its sha256 hex.
+use support::{
+    clean_up_on_signal, find_on_path, free_port, http_call, lua_str, ChildGuard, CLEANUP,
+};
+
 const API_KEY: &str = "scale-bench-key";
 const TENANT_ID: &str = "5a0e2b7c-3d4f-4e6a-8b9c-0d1e2f3a4b5c";
 /// wrk threads: one per core of the 2-core machine this was written for.
@@ -133,21 +140,6 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T, String> {
             .map_err(|_| format!("{name}={text:?} is not a valid number")),
         _ => Ok(default),
     }
-}
-
-/// The full path of `tool` on `PATH`, if there.
-fn find_on_path(tool: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(tool))
-        .find(|candidate| candidate.is_file())
-}
-
-/// A free TCP port on 127.0.0.1 (bound, read, released; the child binds it
-/// a moment later, which is race-free enough on a bench machine).
-fn free_port() -> Result<u16, String> {
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
-    Ok(listener.local_addr().map_err(|e| e.to_string())?.port())
 }
 
 /// `1234567` as `1,234,567`.
@@ -234,101 +226,6 @@ fn raise_open_files(needed: libc::rlim_t) -> Result<String, String> {
 
 // ---------------------------------------------------------------------------
 // Child processes
-
-/// What a SIGINT / SIGTERM handler must clean up (it cannot reach the
-/// guards): the ids of the live children and the temp dir.
-static CLEANUP: Mutex<(Vec<u32>, Option<PathBuf>)> = Mutex::new((Vec::new(), None));
-
-/// On SIGINT or SIGTERM (the guards do not run then): kills every live
-/// child, removes the temp dir and exits 130.
-fn clean_up_on_signal(runtime: &tokio::runtime::Runtime) {
-    runtime.spawn(async {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut int), Ok(mut term)) = (
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::terminate()),
-        ) else {
-            return;
-        };
-        tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
-        }
-        let (pids, dir) = std::mem::take(&mut *CLEANUP.lock().unwrap_or_else(|e| e.into_inner()));
-        for pid in pids {
-            let _ = Command::new("kill")
-                .arg("-KILL")
-                .arg(pid.to_string())
-                .status();
-        }
-        if let Some(dir) = dir {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-        eprintln!("scale: interrupted; children killed");
-        std::process::exit(130);
-    });
-}
-
-/// Owns a child process and kills it when dropped: on normal exit, on an
-/// early return and on a panic (unwinding runs this).
-struct ChildGuard {
-    name: String,
-    child: Child,
-}
-
-impl ChildGuard {
-    fn spawn(name: &str, command: &mut Command) -> Result<Self, String> {
-        let child = command
-            .spawn()
-            .map_err(|e| format!("cannot start {name}: {e}"))?;
-        if let Ok(mut cleanup) = CLEANUP.lock() {
-            cleanup.0.push(child.id());
-        }
-        Ok(ChildGuard {
-            name: name.to_owned(),
-            child,
-        })
-    }
-
-    /// Fails when the child has already exited.
-    fn check_alive(&mut self) -> Result<(), String> {
-        match self.child.try_wait() {
-            Ok(None) => Ok(()),
-            Ok(Some(status)) => Err(format!("{} exited unexpectedly: {status}", self.name)),
-            Err(e) => Err(format!("{}: {e}", self.name)),
-        }
-    }
-
-    /// Sends `signal` to the child (when it still runs).
-    fn signal(&mut self, signal: libc::c_int) -> Result<(), String> {
-        if !matches!(self.child.try_wait(), Ok(None)) {
-            return Err(format!("{} is not running", self.name));
-        }
-        let pid = libc::pid_t::try_from(self.child.id()).map_err(|e| e.to_string())?;
-        // SAFETY: kill(2) on our own, not yet reaped child.
-        if unsafe { libc::kill(pid, signal) } != 0 {
-            return Err(format!(
-                "kill {}: {}",
-                self.name,
-                std::io::Error::last_os_error()
-            ));
-        }
-        Ok(())
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-        if let Ok(mut cleanup) = CLEANUP.lock() {
-            let id = self.child.id();
-            cleanup.0.retain(|pid| *pid != id);
-        }
-    }
-}
 
 // ---------------------------------------------------------------------------
 // edge-sessions as a child process
@@ -458,9 +355,14 @@ max_idle_timeout_seconds = {SESSION_SECONDS}
         let deadline = spawned + ready_limit;
         loop {
             server.check_alive()?;
-            if let Ok((200, _)) =
-                http_call(server.addr, "GET", "/readyz", None, Duration::from_secs(5))
-            {
+            if let Ok((200, _)) = http_call(
+                API_KEY,
+                server.addr,
+                "GET",
+                "/readyz",
+                None,
+                Duration::from_secs(5),
+            ) {
                 return Ok((server, spawned.elapsed()));
             }
             if Instant::now() > deadline {
@@ -534,7 +436,14 @@ max_idle_timeout_seconds = {SESSION_SECONDS}
 
     /// The value of the sample `name` (with its labels) in `/metrics`.
     fn gauge(&self, name: &str) -> Result<Option<f64>, String> {
-        let (status, text) = http_call(self.addr, "GET", "/metrics", None, Duration::from_secs(5))?;
+        let (status, text) = http_call(
+            API_KEY,
+            self.addr,
+            "GET",
+            "/metrics",
+            None,
+            Duration::from_secs(5),
+        )?;
         if status != 200 {
             return Err(format!("GET /metrics: {status} {text}"));
         }
@@ -548,7 +457,14 @@ max_idle_timeout_seconds = {SESSION_SECONDS}
     /// every session of the tenant: answers them and how long they took.
     fn tenant_metrics(&self, limit: Duration) -> Result<(Value, Duration), String> {
         let started = Instant::now();
-        let (status, body) = http_call(self.addr, "GET", "/api/v1/sessions/metrics", None, limit)?;
+        let (status, body) = http_call(
+            API_KEY,
+            self.addr,
+            "GET",
+            "/api/v1/sessions/metrics",
+            None,
+            limit,
+        )?;
         if status != 200 {
             return Err(format!("GET /api/v1/sessions/metrics: {status} {body}"));
         }
@@ -556,45 +472,6 @@ max_idle_timeout_seconds = {SESSION_SECONDS}
             .map_err(|e| format!("GET /api/v1/sessions/metrics: {e}: {body}"))?;
         Ok((value, started.elapsed()))
     }
-}
-
-/// A one-shot HTTP/1.1 request with the API key (Connection: close):
-/// answers the status and the body. Only for control calls, not for load.
-fn http_call(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    body: Option<&str>,
-    timeout: Duration,
-) -> Result<(u16, String), String> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-        .map_err(|e| format!("connect {addr}: {e}"))?;
-    stream
-        .set_read_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
-    let body = body.unwrap_or("");
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nX-API-Key: {API_KEY}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream
-        .write_all(request.as_bytes())
-        .map_err(|e| format!("send {method} {path}: {e}"))?;
-    let mut answer = String::new();
-    stream
-        .read_to_string(&mut answer)
-        .map_err(|e| format!("read {method} {path} (limit {timeout:?}): {e}"))?;
-    let status = answer
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("not an HTTP answer: {answer:?}"))?;
-    let body = answer
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
 }
 
 /// A create body for session `id`: what an edge-mcp sends (≈ 280 bytes).
@@ -606,12 +483,6 @@ fn create_body(id: &str) -> String {
 
 // ---------------------------------------------------------------------------
 // Phase 1: creates with wrk
-
-/// A Lua string literal (long brackets: no escaping needed for JSON).
-fn lua_str(text: &str) -> String {
-    assert!(!text.contains("]==]"), "not representable as a long string");
-    format!("[==[{text}]==]")
-}
 
 /// The round's script: thread `t` sends at most `budgets[t]` creates with
 /// ids `prefix-t-n`, then stops itself. wrk calls `request()` once in
@@ -1463,7 +1334,7 @@ fn run() -> Result<(), String> {
         .thread_name("scale-client")
         .build()
         .map_err(|e| e.to_string())?;
-    clean_up_on_signal(&client);
+    clean_up_on_signal(&client, "scale");
 
     let sessions = session_phases(&knobs, &edge_dir, &lua_dir)?;
     // Phase 1–3's data is no longer needed: give the disk back before phase 4.
