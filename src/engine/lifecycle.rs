@@ -213,28 +213,16 @@ impl Engine {
         if let Err(e) = durable_outcome(self.shared.write_behind.shutdown().await) {
             tracing::error!(error = %e, "final flush failed");
         }
-        let flusher = self
-            .flusher
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let flusher = take(&self.flusher);
         if let Some(flusher) = flusher {
             let _ = tokio::task::spawn_blocking(move || flusher.join()).await;
         }
-        let shipper = self
-            .shipper
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let shipper = take(&self.shipper);
         if let Some(shipper) = shipper {
             let _ = tokio::task::spawn_blocking(move || shipper.stop()).await;
         }
         // Last: the final checkpoint holds the shipper's position too.
-        let checkpointer = self
-            .checkpointer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let checkpointer = take(&self.checkpointer);
         if let Some(mut checkpointer) = checkpointer {
             let _ = tokio::task::spawn_blocking(move || checkpointer.stop()).await;
         }
@@ -283,6 +271,11 @@ fn set_private(dir: &std::path::Path) {
     if let Err(e) = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)) {
         tracing::warn!(dir = %dir.display(), error = %e, "cannot make the data dir private (mode 0700)");
     }
+}
+
+/// The handle in `slot`, once (a poisoned lock still holds a valid one).
+fn take<T>(slot: &Mutex<Option<T>>) -> Option<T> {
+    slot.lock().unwrap_or_else(|p| p.into_inner()).take()
 }
 
 /// Half of `d`, at least a millisecond.
