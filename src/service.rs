@@ -72,6 +72,7 @@ pub async fn run_with_clock(
         engine.clone(),
         keys,
         settings.rate_limits.clone(),
+        settings.websocket.max_connections_per_session,
         listener,
         shutdown,
     )
@@ -86,6 +87,7 @@ async fn serve_engine(
     engine: Engine,
     keys: Keyring,
     rate_limits: RateLimitSettings,
+    max_sockets_per_session: usize,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
@@ -98,6 +100,7 @@ async fn serve_engine(
         keys: Arc::new(keys),
         limits: limits.clone(),
         tickets: Arc::default(),
+        max_sockets_per_session,
     }));
     let rotator = tokio::spawn(engine.clone().rotate_stats_forever());
     let upkeep = tokio::spawn(crate::telemetry::metrics::upkeep_forever());

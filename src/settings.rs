@@ -41,6 +41,17 @@ pub struct Settings {
     pub log: LogSettings,
     /// `[engine]`
     pub engine: EngineSettings,
+    /// `[websocket]`
+    pub websocket: WebSocketSettings,
+}
+
+/// `[websocket]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebSocketSettings {
+    /// Open sockets one session may have; one more answers 429
+    /// `too_many_connections` before the upgrade.
+    pub max_connections_per_session: usize,
 }
 
 /// Where a session's actor runs.
@@ -325,6 +336,12 @@ impl Settings {
         }
         if self.storage.cache_capacity_mb == 0 {
             return fail("storage.cache_capacity_mb", "must be at least 1");
+        }
+        if self.websocket.max_connections_per_session == 0 {
+            return fail(
+                "websocket.max_connections_per_session",
+                "must be at least 1",
+            );
         }
         if self.storage.max_batch == 0 {
             return fail("storage.max_batch", "must be at least 1");

@@ -124,14 +124,19 @@ async fn a_session_token_works_on_its_own_session_and_nowhere_else() {
         let (status, body) = with_token(c, b, method.clone(), path, token, body).await;
         assert_eq!(status, expected, "{method} {path}: {body}");
     }
-    // Another session of the same tenant: as unknown.
-    let (status, body) = with_token(c, b, Method::GET, "/api/v1/sessions/tok-2", token, None).await;
-    assert_eq!(
-        (status, body["code"].as_str()),
-        (StatusCode::NOT_FOUND, Some("session_not_found"))
-    );
-    let (status, _) = with_token(c, b, Method::DELETE, "/api/v1/sessions/tok-2", token, None).await;
-    assert_eq!(status, StatusCode::NOT_FOUND);
+    // Another session of the same tenant, or none: the token does not
+    // authenticate (401), whether the session exists or not.
+    for id in ["tok-2", "no-such-session"] {
+        let path = format!("/api/v1/sessions/{id}");
+        let (status, body) = with_token(c, b, Method::GET, &path, token, None).await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (StatusCode::UNAUTHORIZED, Some("unauthorized")),
+            "{id}"
+        );
+        let (status, _) = with_token(c, b, Method::DELETE, &path, token, None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{id}");
+    }
     // Not a (T) endpoint: 401.
     for (method, path) in [
         (Method::GET, "/api/v1/sessions"),
@@ -183,10 +188,7 @@ async fn a_session_token_works_on_its_own_session_and_nowhere_else() {
         &token.replace("est_", "ert_"),
     ] {
         let (status, _) = with_token(c, b, Method::GET, "/api/v1/sessions/tok-1", bad, None).await;
-        assert!(
-            status == StatusCode::UNAUTHORIZED || status == StatusCode::NOT_FOUND,
-            "{bad}: {status}"
-        );
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{bad}");
     }
     // A final session's own token still authenticates it: reads work, live
     // calls answer 410.
@@ -260,7 +262,7 @@ async fn refresh_rotates_both_tokens_and_a_reused_refresh_token_revokes() {
         None,
     )
     .await;
-    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
     let (status, _) =
         with_token(c, b, Method::GET, "/api/v1/sessions/rot-1", new_token, None).await;
     assert_eq!(status, StatusCode::OK);
@@ -894,7 +896,7 @@ async fn a_thief_who_rotated_first_is_caught_when_the_client_refreshes_with_its_
         None,
     )
     .await;
-    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
     server.stop().await;
 }
 
@@ -953,7 +955,7 @@ async fn limits_follow_the_credential_that_authenticated() {
             None,
         )
         .await;
-        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
     }
     let response = c
         .post(format!("{b}/api/v1/sessions/lim-s/activity"))
@@ -1038,5 +1040,64 @@ async fn credentials_never_come_back_in_errors_and_an_empty_bundle_is_none() {
         "no-store",
         "answers with tokens are not cached"
     );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_made_up_token_on_refresh_learns_nothing_and_drains_nothing() {
+    let server = TestServer::start_with(
+        1000,
+        "[rate_limits]\nwrite_per_second = 1\nwrite_burst = 2\n",
+    )
+    .await;
+    let (c, b) = (&server.client, server.base.as_str());
+    let live = create(&server, "probe-live").await;
+    let token = live["session_token"].as_str().unwrap().to_owned();
+    create(&server, "probe-gone").await;
+    let (status, _) = server
+        .call(Method::DELETE, "/api/v1/sessions/probe-gone", KEY_A, None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let forged = forged_token(TENANT_A);
+    let forged_refresh = forged.replacen("est_", "ert_", 1);
+    // Live, terminated or unknown, with or without a refresh token in the
+    // body: the same 401, so the answer tells nothing about the session.
+    let mut answers = Vec::new();
+    for id in ["probe-live", "probe-gone", "probe-never"] {
+        for body in [
+            Some(json!({"refresh_token": forged_refresh})),
+            Some(json!({"refresh_token": "ert_not_even_well_formed"})),
+            None,
+        ] {
+            let path = format!("/api/v1/sessions/{id}/refresh");
+            let (status, answer) = with_token(c, b, Method::POST, &path, &forged, body).await;
+            answers.push((status, answer["code"].clone()));
+        }
+    }
+    assert!(
+        answers
+            .iter()
+            .all(|a| *a == (StatusCode::UNAUTHORIZED, json!("unauthorized"))),
+        "{answers:?}"
+    );
+    // None of it touched the live session's write bucket (burst 2) or its
+    // state.
+    for _ in 0..2 {
+        let (status, _) = with_token(
+            c,
+            b,
+            Method::POST,
+            "/api/v1/sessions/probe-live/activity",
+            &token,
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::NO_CONTENT, "the bucket was untouched");
+    }
+    let (_, view) = server
+        .call(Method::GET, "/api/v1/sessions/probe-live", KEY_A, None)
+        .await;
+    assert_eq!(view["status"], "active");
+    assert_eq!(view["version"], live["version"], "{view}");
     server.stop().await;
 }

@@ -203,7 +203,7 @@ async fn every_method_both_auth_forms_and_bad_frames() {
         connect(&ws_url(&server, "ws-1", &format!("?token={token}")), None)
             .await
             .err(),
-        Some(404),
+        Some(401),
         "rotated away"
     );
     create(&server, "ws-other", json!({})).await;
@@ -214,7 +214,8 @@ async fn every_method_both_auth_forms_and_bad_frames() {
         )
         .await
         .err(),
-        Some(404)
+        Some(401),
+        "another session's token"
     );
     assert_eq!(
         connect(&ws_url(&server, "ws-1", ""), Some(("x-api-key", KEY_B)))
@@ -305,8 +306,9 @@ async fn rest_termination_revocation_and_expiry_reach_open_sockets() {
     assert_eq!(close_code(&mut c).await, 4002);
 
     // Expiring then expired: connecting inside the notice window hears
-    // session.expiring at once; then expiry closes with 4001.
-    create(&server, "push-3", json!({"idle_timeout": 3})).await;
+    // session.expiring at once; then expiry (of the ttl: an open socket
+    // holds off the idle timeout) closes with 4001.
+    create(&server, "push-3", json!({"ttl": 3})).await;
     let mut d = connect(&ws_url(&server, "push-3", ""), Some(("x-api-key", KEY_A)))
         .await
         .unwrap();
@@ -463,5 +465,241 @@ async fn a_frame_declared_over_64_kib_is_refused_from_its_header_with_1009() {
         .unwrap();
     assert_eq!(reply[0], 0x88, "a close frame: {reply:?}");
     assert_eq!(u16::from_be_bytes([reply[2], reply[3]]), 1009);
+    server.stop().await;
+}
+
+/// What the server answers an upgrade request it refuses: status and body.
+async fn refused_upgrade(url: &str, header: Option<(&str, &str)>) -> (StatusCode, Value) {
+    let mut request = client()
+        .get(url.replacen("ws", "http", 1))
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==");
+    if let Some((name, value)) = header {
+        request = request.header(name, value);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status();
+    let body = response.json().await.unwrap_or(Value::Null);
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockets_per_session_are_capped_before_the_upgrade() {
+    let server =
+        TestServer::start_with(1000, "[websocket]\nmax_connections_per_session = 2\n").await;
+    create(&server, "cap", json!({})).await;
+    create(&server, "cap-other", json!({})).await;
+    let key = Some(("x-api-key", KEY_A));
+    let url = ws_url(&server, "cap", "");
+    let mut first = connect(&url, key).await.unwrap();
+    let mut second = connect(&url, key).await.unwrap();
+    let (status, body) = refused_upgrade(&url, key).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::TOO_MANY_REQUESTS, Some("too_many_connections")),
+        "{body}"
+    );
+    assert_eq!(body["details"]["max_connections_per_session"], 2);
+    // Per session: another session of the tenant still opens.
+    let mut other = connect(&ws_url(&server, "cap-other", ""), key)
+        .await
+        .unwrap();
+    assert_eq!(
+        request(&mut other, 1, "session.get", Value::Null).await["result"]["session_id"],
+        "cap-other"
+    );
+    // The two open ones still work; closing one frees its place.
+    assert_eq!(
+        request(&mut second, 1, "session.get", Value::Null).await["result"]["session_id"],
+        "cap"
+    );
+    first.close(None).await.unwrap();
+    drop(first);
+    let mut reopened = None;
+    for _ in 0..50 {
+        match connect(&url, key).await {
+            Ok(socket) => {
+                reopened = Some(socket);
+                break;
+            }
+            Err(429) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(other) => panic!("upgrade answered {other}"),
+        }
+    }
+    let mut reopened = reopened.expect("a place came free within 5 s");
+    assert_eq!(
+        request(&mut reopened, 1, "session.get", Value::Null).await["result"]["session_id"],
+        "cap"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_upgrade_is_charged_to_the_read_bucket_of_its_credential() {
+    let server = TestServer::start_with(
+        1000,
+        "[rate_limits]\nread_per_second = 1\nread_burst = 3\n[websocket]\nmax_connections_per_session = 8\n",
+    )
+    .await;
+    let created = create(&server, "charged", json!({})).await;
+    let token = created["session_token"].as_str().unwrap().to_owned();
+    let mut statuses = Vec::new();
+    let mut open = Vec::new();
+    for i in 0..5 {
+        // Both token forms draw on the same (the session's) bucket.
+        let answer = if i % 2 == 0 {
+            connect(
+                &ws_url(&server, "charged", &format!("?token={token}")),
+                None,
+            )
+            .await
+        } else {
+            connect(
+                &ws_url(&server, "charged", ""),
+                Some(("authorization", &format!("Bearer {token}"))),
+            )
+            .await
+        };
+        statuses.push(answer.as_ref().map_or_else(|s| *s, |_| 101));
+        if let Ok(socket) = answer {
+            open.push(socket);
+        }
+    }
+    assert_eq!(statuses, [101, 101, 101, 429, 429], "a read burst of 3");
+    let (status, body) = refused_upgrade(
+        &ws_url(&server, "charged", &format!("?token={token}")),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::TOO_MANY_REQUESTS, Some("rate_limited"))
+    );
+    // A token that does not authenticate is 401 and takes nothing.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for _ in 0..3 {
+        assert_eq!(
+            connect(&ws_url(&server, "charged", "?token=est_made_up"), None)
+                .await
+                .err(),
+            Some(401)
+        );
+    }
+    assert!(
+        connect(
+            &ws_url(&server, "charged", &format!("?token={token}")),
+            None
+        )
+        .await
+        .is_ok(),
+        "the refilled token was still there"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_closes_the_sockets_opened_with_the_old_token() {
+    let server = TestServer::start().await;
+    let created = create(&server, "rot", json!({})).await;
+    let token = created["session_token"].as_str().unwrap().to_owned();
+    let refresh = created["refresh_token"].as_str().unwrap().to_owned();
+    let url = ws_url(&server, "rot", "");
+    let bearer = format!("Bearer {token}");
+    let mut by_header = connect(&url, Some(("authorization", &bearer)))
+        .await
+        .unwrap();
+    let mut by_query = connect(&ws_url(&server, "rot", &format!("?token={token}")), None)
+        .await
+        .unwrap();
+    let mut by_key = connect(&url, Some(("x-api-key", KEY_A))).await.unwrap();
+    // A socket that rotates by its own session.refresh stays open and
+    // keeps working on the new pair.
+    let mut rotator = connect(&url, Some(("authorization", &bearer)))
+        .await
+        .unwrap();
+    let reply = request(
+        &mut rotator,
+        1,
+        "session.refresh",
+        json!({"refresh_token": refresh}),
+    )
+    .await;
+    let new_token = reply["result"]["session_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let new_refresh = reply["result"]["refresh_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(close_code(&mut by_header).await, 4003);
+    assert_eq!(close_code(&mut by_query).await, 4003);
+    assert_eq!(
+        request(&mut by_key, 1, "session.get", Value::Null).await["result"]["status"],
+        "active",
+        "a key's socket stays, and the session is live"
+    );
+    assert_eq!(
+        request(&mut rotator, 2, "session.get", Value::Null).await["result"]["session_id"],
+        "rot"
+    );
+    // A rotation over REST closes the sockets of the token it replaced,
+    // the rotating socket's included now that it holds that token.
+    let new_bearer = format!("Bearer {new_token}");
+    let mut by_new = connect(&url, Some(("authorization", &new_bearer)))
+        .await
+        .unwrap();
+    let (status, _) = server
+        .call(
+            Method::POST,
+            "/api/v1/sessions/rot/refresh",
+            KEY_A,
+            Some(json!({"refresh_token": new_refresh})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(close_code(&mut by_new).await, 4003);
+    assert_eq!(close_code(&mut rotator).await, 4003);
+    assert_eq!(
+        request(&mut by_key, 2, "session.get", Value::Null).await["result"]["status"],
+        "active"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_socket_keeps_a_silent_session_from_idling_out() {
+    let server = TestServer::start().await;
+    create(&server, "quiet", json!({"idle_timeout": 2})).await;
+    create(&server, "quiet-ttl", json!({"idle_timeout": 2, "ttl": 3})).await;
+    create(&server, "unwatched", json!({"idle_timeout": 2})).await;
+    let key = Some(("x-api-key", KEY_A));
+    // The client sends nothing at all (the server's pings come every 30 s).
+    let _quiet = connect(&ws_url(&server, "quiet", ""), key).await.unwrap();
+    let mut quiet_ttl = connect(&ws_url(&server, "quiet-ttl", ""), key)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    let status = |view: Value| view["status"].as_str().unwrap_or_default().to_owned();
+    let (_, quiet) = server
+        .call(Method::GET, "/api/v1/sessions/quiet", KEY_A, None)
+        .await;
+    assert_eq!(status(quiet), "active", "held by its open socket");
+    let (_, unwatched) = server
+        .call(Method::GET, "/api/v1/sessions/unwatched", KEY_A, None)
+        .await;
+    assert_eq!(status(unwatched.clone()), "expired", "{unwatched}");
+    // The absolute ttl still ends a watched session.
+    let (_, ended) = server
+        .call(Method::GET, "/api/v1/sessions/quiet-ttl", KEY_A, None)
+        .await;
+    assert_eq!(
+        (status(ended.clone()), ended["termination_reason"].as_str()),
+        ("expired".to_owned(), Some("ttl_expired")),
+        "{ended}"
+    );
+    assert_eq!(close_code(&mut quiet_ttl).await, 4001);
     server.stop().await;
 }

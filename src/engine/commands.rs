@@ -66,21 +66,24 @@ impl Engine {
         Ok((view, tokens))
     }
 
-    /// Opens a push channel from a live session's actor (a WebSocket):
-    /// answers the session, the subscription's id, and the receiver of
-    /// pushes, of at most `capacity` pending (a subscriber that falls
-    /// further behind is dropped, which closes its receiver).
+    /// Opens a push channel from a live session's actor (a WebSocket opened
+    /// with session token `token`, or with an API key when none): answers
+    /// the session, the subscription's id, and the receiver of pushes, of
+    /// at most `capacity` pending (a subscriber that falls further behind is
+    /// dropped, which closes its receiver). A session with `max` open
+    /// channels already refuses another (`TooManyConnections`).
     pub async fn subscribe(
         &self,
         tenant: Uuid,
         session_id: &str,
         capacity: usize,
+        token: Option<TokenHash>,
+        max: usize,
     ) -> Result<(SessionView, u64, tokio::sync::mpsc::Receiver<session::Push>), SessionError> {
         let id = self.shared.next_subscriber.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = tokio::sync::mpsc::channel(capacity.max(1));
-        let view = self
-            .ask_live(tenant, session_id, session::Subscribe { id, tx })
-            .await?;
+        let subscribe = session::Subscribe { id, tx, token, max };
+        let view = self.ask_live(tenant, session_id, subscribe).await?;
         Ok((view, id, rx))
     }
 
@@ -105,12 +108,15 @@ impl Engine {
 
     /// Restarts a session's lifetime.
     /// With `refresh_token`, also rotates the token pair (answered once) or,
-    /// for a token rotated away before, revokes the session.
+    /// for a token rotated away before, revokes the session. A rotation
+    /// closes the WebSockets opened with the old session token, except
+    /// subscription `by` (the socket that asks, if one does).
     pub async fn refresh(
         &self,
         tenant: Uuid,
         session_id: &str,
         refresh_token: Option<&Secret>,
+        by: Option<u64>,
     ) -> Result<(SessionView, Option<SessionTokens>), SessionError> {
         self.ensure_writable()?;
         let fresh = refresh_token.map(|_| SessionTokens::generate(tenant));
@@ -118,7 +124,7 @@ impl Engine {
             .zip(fresh.as_ref())
             .map(|(presented, fresh)| (TokenHash::of(presented.expose()), fresh.hashes()));
         let ack = self
-            .ask(tenant, session_id, session::Refresh { rotate })
+            .ask(tenant, session_id, session::Refresh { rotate, by })
             .await?;
         let view = self.settled(tenant, session_id, ack).await?;
         Ok((view, fresh))

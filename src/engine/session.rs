@@ -22,7 +22,8 @@ use super::outcome::durable_outcome;
 use super::shared::{release_slot, Shared};
 use crate::crypto::TokenHash;
 use crate::model::session::{
-    RefreshCheck, SessionUpdate, REASON_CLIENT_REQUEST, REASON_REFRESH_TOKEN_REUSE,
+    RefreshCheck, SessionUpdate, REASON_CLIENT_REQUEST, REASON_IDLE_TIMEOUT,
+    REASON_REFRESH_TOKEN_REUSE,
 };
 use crate::model::{Millis, Session, SessionError, SessionView, Status, ToolExecution, Transition};
 use crate::persist::{Durable, WriteOp};
@@ -112,12 +113,18 @@ pub enum Push {
         /// choice of reason).
         revoked: bool,
     },
+    /// The session token this socket was opened with was rotated away; the
+    /// session stays live. The last push the socket gets.
+    TokenRotated,
 }
 
 /// One open WebSocket: where its pushes go.
 struct Subscriber {
     id: u64,
     tx: tokio::sync::mpsc::Sender<Push>,
+    /// The session token it was opened with (none: an API key); a rotation
+    /// away from it closes the socket.
+    token: Option<TokenHash>,
 }
 
 impl SessionActor {
@@ -174,13 +181,40 @@ impl SessionActor {
             });
     }
 
+    /// After a rotation away from `old`: every socket opened with it hears
+    /// [`Push::TokenRotated`] and is let go, except `kept` (the socket whose
+    /// own `session.refresh` rotated: it proved the refresh token and holds
+    /// the new pair), which is counted as opened with `new` from now on.
+    fn close_rotated(&mut self, old: &TokenHash, new: TokenHash, kept: Option<u64>) {
+        self.subscribers.retain_mut(|s| {
+            if !s.token.is_some_and(|t| t.matches(old)) {
+                return true;
+            }
+            if Some(s.id) == kept {
+                s.token = Some(new);
+                return true;
+            }
+            let _ = s.tx.try_send(Push::TokenRotated);
+            false
+        });
+    }
+
+    /// Whether a WebSocket of this session is open (one whose connection
+    /// ended is forgotten here).
+    fn socket_open(&mut self) -> bool {
+        self.subscribers.retain(|s| !s.tx.is_closed());
+        !self.subscribers.is_empty()
+    }
+
     /// Arms the `session.expiring` notice for the current expiry, when a
-    /// WebSocket listens and none was pushed for it yet.
+    /// WebSocket listens and none was pushed for it yet. With a socket open
+    /// the session cannot idle out (see [`Self::on_deadline`]), so the
+    /// expiry it is warned of is its absolute ttl.
     fn arm_notice(&mut self, ctx: &mut Context<Self>) {
         if self.subscribers.is_empty() || self.session.status.is_final() {
             return;
         }
-        let expires_at = self.session.expires_at();
+        let expires_at = self.session.ttl_deadline();
         if self.noticed_for == Some(expires_at) {
             return;
         }
@@ -238,8 +272,20 @@ impl SessionActor {
     }
 
     /// Applies whatever is due at `now`; returns whether the session expired.
+    /// An open WebSocket is activity: while one is open the session neither
+    /// becomes idle nor idles out, even when its client sends nothing (the
+    /// absolute ttl still ends it).
     fn on_deadline(&mut self, now: Millis, ctx: &mut Context<Self>) -> bool {
-        match self.session.due(now, self.shared.idle_after_ms) {
+        let due = self.session.due(now, self.shared.idle_after_ms);
+        let idling = matches!(
+            due,
+            Transition::BecomeIdle | Transition::Expire(REASON_IDLE_TIMEOUT)
+        );
+        if idling && self.socket_open() {
+            self.note_activity(now, ctx);
+            return false;
+        }
+        match due {
             Transition::Expire(reason) => {
                 let at = self.session.expires_at();
                 let durable = self.finish(Status::Expired, reason, at);
@@ -532,6 +578,9 @@ impl Handler<Update> for SessionActor {
 pub struct Refresh {
     /// The presented refresh token's hash, and the new pair's hashes.
     pub rotate: Option<(TokenHash, (TokenHash, TokenHash))>,
+    /// The WebSocket subscription that asks, if one does: it stays open
+    /// through the rotation.
+    pub by: Option<u64>,
 }
 
 impl Handler<Refresh> for SessionActor {
@@ -542,10 +591,13 @@ impl Handler<Refresh> for SessionActor {
         let rotating = msg.rotate.is_some();
         if let Some((presented, (session_token, refresh_token))) = msg.rotate {
             match self.session.credentials.check_refresh(&presented) {
-                RefreshCheck::Current => self
-                    .session
-                    .credentials
-                    .rotate(session_token, refresh_token),
+                RefreshCheck::Current => {
+                    let old = self.session.credentials.session_token;
+                    self.session
+                        .credentials
+                        .rotate(session_token, refresh_token);
+                    self.close_rotated(&old, session_token, msg.by);
+                }
                 RefreshCheck::Reused => {
                     // The pair leaked: whoever holds it loses the session.
                     self.revoking = true;
@@ -577,6 +629,10 @@ pub struct Subscribe {
     pub id: u64,
     /// Where pushes go.
     pub tx: tokio::sync::mpsc::Sender<Push>,
+    /// The session token the socket was opened with (none: an API key).
+    pub token: Option<TokenHash>,
+    /// Open sockets the session may have, this one included.
+    pub max: usize,
 }
 
 impl Handler<Subscribe> for SessionActor {
@@ -584,8 +640,13 @@ impl Handler<Subscribe> for SessionActor {
 
     fn handle(&mut self, msg: Subscribe, ctx: &mut Context<Self>) -> Self::Result {
         let now = self.live(ctx)?;
-        // A client connecting inside the notice window hears it at once.
-        let expires_at = self.session.expires_at();
+        self.socket_open();
+        if self.subscribers.len() >= msg.max {
+            return Err(SessionError::TooManyConnections { limit: msg.max });
+        }
+        // A client connecting inside the notice window hears it at once
+        // (its socket holds off idling: the ttl is what ends the session).
+        let expires_at = self.session.ttl_deadline();
         if expires_at - self.shared.expiring_notice_ms <= now {
             let _ = msg.tx.try_send(Push::Expiring {
                 expires_at,
@@ -598,6 +659,7 @@ impl Handler<Subscribe> for SessionActor {
         self.subscribers.push(Subscriber {
             id: msg.id,
             tx: msg.tx,
+            token: msg.token,
         });
         self.arm_notice(ctx);
         Ok(self.session.view(now))

@@ -11,11 +11,15 @@
 //!
 //! - No credential, an unknown key or a malformed session token: 401
 //!   `unauthorized`. A known key without the scope: 403 `forbidden`.
-//! - A well-formed session token that is not this session's answers as an
-//!   unknown session does (404), so a token reveals nothing about other
-//!   sessions. The one exception is refresh: a token rotated away passes,
-//!   marked stale, so the refresh token in the body decides (rotate, 401,
-//!   or revoke on reuse).
+//! - A session token that does not authenticate (made up, another
+//!   session's, rotated away, or naming no session at all) is 401
+//!   `unauthorized` whatever the session's state, so a token reveals
+//!   nothing about which sessions exist or how they stand. The one
+//!   exception is refresh: such a token passes, marked stale, and the
+//!   refresh token in the body must then prove the caller (the current one
+//!   rotates; one rotated away revokes the session, 401
+//!   `refresh_token_reused`: the stolen-pair case); anything else is 401
+//!   `unauthorized` as well.
 //! - The credential that authenticated is whose rate bucket the call draws
 //!   on: the session's own for a session token, the key's otherwise. The
 //!   middleware charges keys before the handler runs; a session token is
@@ -211,8 +215,8 @@ pub enum Proof {
     ApiKey,
     /// The session's own token.
     SessionToken,
-    /// A token that named this session's tenant but is not (or no longer)
-    /// the session's: only refresh lets it through.
+    /// A well-formed token that is not (or no longer) the session's: only
+    /// refresh lets it through, for the refresh token to decide.
     StaleSessionToken,
 }
 
@@ -225,13 +229,15 @@ pub struct SessionCaller {
     pub bucket: [u8; 32],
     /// What authenticated it.
     pub proof: Proof,
+    /// The session token's hash, when one authenticated it.
+    pub token: Option<TokenHash>,
 }
 
 impl Checked {
     /// Finishes authenticating a call on session `id`: a key needs nothing
-    /// more; a session token must be that session's, else the call answers
-    /// as for an unknown session, unless `allow_stale` (refresh) lets one of
-    /// the session's tenant through as [`Proof::StaleSessionToken`].
+    /// more; a session token must be that session's, else the call is 401,
+    /// unless `allow_stale` (refresh) lets it through as
+    /// [`Proof::StaleSessionToken`] for the refresh token to decide.
     pub async fn on_session(
         self,
         state: &AppState,
@@ -245,24 +251,27 @@ impl Checked {
                     tenant,
                     bucket,
                     proof: Proof::ApiKey,
+                    token: None,
                 })
             }
             Checked::SessionToken { tenant, hash } => (tenant, hash),
         };
         let proof = match state.engine.verify_token(tenant, id, &hash).await {
             Ok(()) => Proof::SessionToken,
-            Err(SessionError::TokenMismatch) if allow_stale => Proof::StaleSessionToken,
-            Err(e) => {
-                if matches!(e, SessionError::TokenMismatch | SessionError::NotFound) {
-                    auth_failure(parts, "session token not valid for this session");
-                }
-                return Err(e.into());
+            Err(SessionError::TokenMismatch | SessionError::NotFound) if allow_stale => {
+                Proof::StaleSessionToken
             }
+            Err(SessionError::TokenMismatch | SessionError::NotFound) => {
+                auth_failure(parts, "session token not valid for this session");
+                return Err(ApiError::Unauthorized);
+            }
+            Err(e) => return Err(e.into()),
         };
         Ok(SessionCaller {
             tenant,
             bucket: limits::session_key(tenant, id),
             proof,
+            token: Some(hash),
         })
     }
 }

@@ -150,8 +150,13 @@ impl ApiError {
                         json!({ "field": "refresh_token" }),
                     ),
                     SessionError::TokenMismatch => {
-                        (StatusCode::NOT_FOUND, "session_not_found", json!({}))
+                        (StatusCode::UNAUTHORIZED, "unauthorized", json!({}))
                     }
+                    SessionError::TooManyConnections { limit } => (
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "too_many_connections",
+                        json!({ "max_connections_per_session": limit }),
+                    ),
                     SessionError::PassthroughNotFound => (
                         StatusCode::NOT_FOUND,
                         "passthrough_auth_not_found",

@@ -235,15 +235,15 @@ pub use super::access::{bearer, presented_api_key, session_token};
 
 /// A call on one session (the contract's (T) endpoints), authenticated as
 /// [`access`](super::access) says: that session's own token, else a tenant
-/// API key with scope `sessions`. Another session's token answers 404, as
-/// an unknown session does.
+/// API key with scope `sessions`. A session token that is not this
+/// session's is 401.
 pub struct SessionAccess {
     /// The session's tenant.
     pub tenant: Uuid,
     /// The session id from the path.
     pub id: String,
-    /// A session token that named this session's tenant but is not (or no
-    /// longer) the session's: only [`RefreshAccess`] lets it through.
+    /// A session token that is not (or no longer) the session's: only
+    /// [`RefreshAccess`] lets it through.
     pub stale_token: bool,
 }
 
@@ -255,10 +255,12 @@ impl FromRequestParts<AppState> for SessionAccess {
     }
 }
 
-/// `POST …/refresh`: as [`SessionAccess`], but a session token rotated away
-/// is let through when the body carries a refresh token, which then decides
-/// (rotate, revoke on reuse, or 401). Without that, a thief who rotated
-/// first would leave the real client unable to ever present the old pair.
+/// `POST …/refresh`: as [`SessionAccess`], but a session token that does
+/// not authenticate is let through (uncharged, marked stale) for the
+/// refresh token in the body to decide: the current one rotates, one
+/// rotated away revokes (401 `refresh_token_reused`), anything else is 401
+/// `unauthorized`. Without that, a thief who rotated first would leave the
+/// real client unable to ever present the old pair.
 pub struct RefreshAccess(pub SessionAccess);
 
 impl FromRequestParts<AppState> for RefreshAccess {
@@ -279,9 +281,9 @@ async fn session_access(
     let checked = access::check(state, parts, credential, Scope::Sessions)?;
     let SessionId(id) = SessionId::from_request_parts(parts, state).await?;
     let caller = checked.on_session(state, parts, &id, allow_stale).await?;
-    if caller.proof != Proof::ApiKey {
+    if caller.proof == Proof::SessionToken {
         // Verified: the session's own bucket (charged only now, so forged
-        // tokens can neither drain it nor grow the tables).
+        // or stale tokens can neither drain it nor grow the tables).
         charge_session(parts, state, &caller.bucket)?;
     }
     Ok(SessionAccess {
@@ -292,7 +294,11 @@ async fn session_access(
 }
 
 /// Takes a token from the write/read bucket of a session, `who`.
-fn charge_session(parts: &Parts, state: &AppState, who: &[u8; 32]) -> Result<(), ApiError> {
+pub(super) fn charge_session(
+    parts: &Parts,
+    state: &AppState,
+    who: &[u8; 32],
+) -> Result<(), ApiError> {
     let Some(class) = limits::class_of(&parts.method, parts.uri.path())
         .filter(|class| state.limits.limits(*class))
     else {

@@ -43,6 +43,8 @@ pub struct Handles {
     pub limits: Arc<limits::RateLimits>,
     /// Single-use tickets for the stats WebSocket.
     pub tickets: Arc<stats::Tickets>,
+    /// Open WebSockets one session may have.
+    pub max_sockets_per_session: usize,
 }
 
 impl AppState {

@@ -432,12 +432,14 @@ pub(crate) async fn refresh(
 ) -> Result<Response, ApiError> {
     let presented = body.and_then(|b| b.refresh_token).map(Secret::new);
     if access.stale_token && presented.is_none() {
-        // A session token rotated away, and no refresh token to decide.
-        return Err(SessionError::TokenMismatch.into());
+        // A session token that does not authenticate, and no refresh token
+        // to prove the caller.
+        tracing::warn!(event = "auth_failure", reason = "session token not valid for this session", session_id = %access.id, "refresh refused");
+        return Err(ApiError::Unauthorized);
     }
     let result = state
         .engine
-        .refresh(access.tenant, &access.id, presented.as_ref())
+        .refresh(access.tenant, &access.id, presented.as_ref(), None)
         .await;
     let (view, tokens) = match result {
         Ok(answer) => answer,
@@ -447,6 +449,19 @@ pub(crate) async fn refresh(
                 SessionError::InvalidRefreshToken | SessionError::RefreshTokenReused
             ) {
                 tracing::warn!(event = "auth_failure", reason = %e, session_id = %access.id, "refresh token refused");
+            }
+            // With a stale session token only the refresh token speaks for
+            // the caller: unless it was this session's (current: rotated;
+            // rotated away: revoked), the answer says nothing of the
+            // session, whether it exists or how it stands.
+            let says_nothing = matches!(
+                e,
+                SessionError::RefreshTokenReused
+                    | SessionError::Unavailable
+                    | SessionError::StorageUnavailable
+            );
+            if access.stale_token && !says_nothing {
+                return Err(ApiError::Unauthorized);
             }
             return Err(e.into());
         }

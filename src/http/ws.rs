@@ -6,7 +6,17 @@
 //! session's actor, which pushes `session.expiring` before expiry and
 //! `session.terminated` / `session.expired` when the session ends, however it
 //! ended (REST, admin, expiry, revocation); the socket then closes with 4000
-//! (terminated), 4001 (expired) or 4002 (revoked).
+//! (terminated), 4001 (expired) or 4002 (revoked). A refresh that rotates
+//! the tokens closes every socket opened with the old session token with
+//! 4003 (the session goes on), except the socket whose own
+//! `session.refresh` rotated them.
+//!
+//! At most `websocket.max_connections_per_session` sockets per session (one
+//! more: 429 `too_many_connections` before the upgrade); every upgrade is
+//! charged to the read bucket of the credential that opened it. While a
+//! socket is open its session does not idle out (the session's actor
+//! counts an open socket as activity), even if the client only answers
+//! pings.
 //!
 //! Every inbound frame counts as activity, pings included. The server pings
 //! every 30 s and closes a connection silent for 90 s. Outbound messages go
@@ -29,9 +39,9 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use super::access::{self, Credential, SessionCaller};
+use super::access::{self, Credential, Proof, SessionCaller};
 use super::error::ApiError;
-use super::extract::{decode, SessionId};
+use super::extract::{charge_session, decode, SessionId};
 use super::limits::{Class, Decision};
 use super::openapi::ErrorResponse;
 use super::sessions::{session_update, with_tokens, RefreshBody, TerminateBody, UpdateBody};
@@ -68,6 +78,7 @@ const READ_BUFFER: usize = 4 * 1024;
 const CLOSE_TERMINATED: u16 = 4000;
 const CLOSE_EXPIRED: u16 = 4001;
 const CLOSE_REVOKED: u16 = 4002;
+const CLOSE_ROTATED: u16 = 4003;
 /// A frame or message over [`MAX_MESSAGE`] (RFC 6455: message too big).
 const CLOSE_TOO_BIG: u16 = 1009;
 /// Ours: the client did not keep up with its send queue.
@@ -104,7 +115,9 @@ pub(crate) struct WsParams {
 
 /// Authenticates the upgrade request by the rule of [`access`]: a session
 /// token (header, else query) for this very session, else an API key with
-/// scope `sessions`. Whichever it was is whose write bucket frames draw on.
+/// scope `sessions`. Whichever it was is whose write bucket frames draw on;
+/// the upgrade itself is charged to its read bucket (the middleware charged
+/// a key already; a session token is charged here, once verified).
 async fn authenticate(
     state: &AppState,
     parts: &Parts,
@@ -112,9 +125,13 @@ async fn authenticate(
     query_token: Option<&str>,
 ) -> Result<SessionCaller, ApiError> {
     let credential = Credential::of_session_call(&parts.headers, query_token);
-    access::check(state, parts, credential, Scope::Sessions)?
+    let caller = access::check(state, parts, credential, Scope::Sessions)?
         .on_session(state, parts, id, false)
-        .await
+        .await?;
+    if caller.proof == Proof::SessionToken {
+        charge_session(parts, state, &caller.bucket)?;
+    }
+    Ok(caller)
 }
 
 /// Opens the channel (101), or refuses with the contract's error body.
@@ -127,11 +144,11 @@ async fn authenticate(
     responses(
         (status = 101, description = "Switching to the WebSocket protocol"),
         (status = 400, description = "validation_failed, or not a WebSocket upgrade", body = ErrorResponse),
-        (status = 401, description = "unauthorized", body = ErrorResponse),
+        (status = 401, description = "unauthorized (a session token that is not this session's included)", body = ErrorResponse),
         (status = 403, description = "forbidden", body = ErrorResponse),
         (status = 404, description = "session_not_found", body = ErrorResponse),
         (status = 410, description = "session_expired or session_terminated", body = ErrorResponse),
-        (status = 429, description = "rate_limited", body = ErrorResponse),
+        (status = 429, description = "rate_limited (the upgrade draws on the read bucket), or too_many_connections (websocket.max_connections_per_session sockets are open)", body = ErrorResponse),
         (status = 503, description = "service_unavailable", body = ErrorResponse)
     ),
     security(("api_key" = []), ("session_token" = []))
@@ -152,7 +169,13 @@ pub(crate) async fn upgrade(
     })?;
     let (_, subscription, pushes) = state
         .engine
-        .subscribe(caller.tenant, &id, PUSH_QUEUE)
+        .subscribe(
+            caller.tenant,
+            &id,
+            PUSH_QUEUE,
+            caller.token,
+            state.max_sockets_per_session,
+        )
         .await?;
     tracing::info!(session_id = %id, tenant = %caller.tenant, "websocket opened");
     Ok(ws
@@ -166,6 +189,7 @@ pub(crate) async fn upgrade(
                 tenant: caller.tenant,
                 id: id.clone(),
                 bucket: caller.bucket,
+                subscription,
             };
             connection.run(socket, pushes).await;
             state
@@ -182,6 +206,8 @@ struct Connection {
     tenant: Uuid,
     id: String,
     bucket: [u8; 32],
+    /// Its subscription to the session's actor.
+    subscription: u64,
 }
 
 /// Why the loop ended, and how to close.
@@ -300,6 +326,8 @@ impl Connection {
                 };
                 (note, Some(End::Close(end.0, end.1)))
             }
+            // No notification: the session itself goes on.
+            Push::TokenRotated => return Some(End::Close(CLOSE_ROTATED, "token rotated")),
         };
         if out
             .try_send(Message::Text(Utf8Bytes::from(note.to_string())))
@@ -364,7 +392,7 @@ impl Connection {
                 let body: Option<RefreshBody> = optional_params(params)?;
                 let presented = body.and_then(|b| b.refresh_token).map(Secret::new);
                 let (view, tokens) = engine
-                    .refresh(tenant, id, presented.as_ref())
+                    .refresh(tenant, id, presented.as_ref(), Some(self.subscription))
                     .await
                     .map_err(rpc)?;
                 Ok(json!(with_tokens(&view, tokens.as_ref())))
@@ -423,6 +451,7 @@ fn rpc(e: SessionError) -> (i64, String) {
         | SessionError::PassthroughNotFound
         | SessionError::AlreadyExists
         | SessionError::TenantLimit { .. } => INVALID_PARAMS,
+        SessionError::TooManyConnections { .. } => RATE_LIMITED,
         SessionError::Unavailable | SessionError::StorageUnavailable | SessionError::Storage(_) => {
             INTERNAL
         }

@@ -46,10 +46,16 @@ pub enum SessionError {
     /// A refresh token that is not this session's.
     #[error("invalid refresh token")]
     InvalidRefreshToken,
-    /// The session token does not belong to this session (answered as an
-    /// unknown session, like another tenant's).
-    #[error("session not found")]
+    /// The session token does not belong to this session (rotated away,
+    /// made up, another session's): it authenticates nothing.
+    #[error("missing or invalid credentials")]
     TokenMismatch,
+    /// The session has as many open WebSockets as it may.
+    #[error("the session has {limit} open websockets, the most it may have")]
+    TooManyConnections {
+        /// `websocket.max_connections_per_session`.
+        limit: usize,
+    },
     /// The live session has no passthrough credentials.
     #[error("the session has no passthrough credentials")]
     PassthroughNotFound,

@@ -267,7 +267,8 @@ impl Session {
         self.last_activity_at + secs(self.idle_timeout_seconds)
     }
 
-    fn ttl_deadline(&self) -> Millis {
+    /// When the absolute ttl ends the session, activity or not.
+    pub fn ttl_deadline(&self) -> Millis {
         self.lifetime_start + secs(self.ttl_seconds)
     }
 
