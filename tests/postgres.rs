@@ -194,6 +194,18 @@ async fn what_is_done_over_http_arrives_as_rows() {
     )
     .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // Ended by an operator through the admin API (audit: actor admin).
+    create(client, base, "h-admin").await;
+    let (status, _) = call(
+        client,
+        base,
+        Method::DELETE,
+        &format!("/admin/tenants/{TENANT_A}/sessions/h-admin"),
+        ADMIN_KEY,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
     let (status, body) = flush(client, base).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["outbox_depth"], 0);
@@ -202,8 +214,12 @@ async fn what_is_done_over_http_arrives_as_rows() {
         pg.psql("SELECT action || ':' || actor || ':' || reason FROM mcp.session_audit_log a JOIN mcp.edge_mcp_sessions s ON s.id = a.session_id WHERE s.session_id = 'h-leak' AND action <> 'created'").trim(),
         "revoked:engine:refresh_token_reuse"
     );
+    assert_eq!(
+        pg.psql("SELECT action || ':' || actor || ':' || reason FROM mcp.session_audit_log a JOIN mcp.edge_mcp_sessions s ON s.id = a.session_id WHERE s.session_id = 'h-admin' AND action <> 'created'").trim(),
+        "terminated:admin:admin_request"
+    );
     // Out of the way of the counts below.
-    pg.psql("WITH s AS (DELETE FROM mcp.edge_mcp_sessions WHERE session_id = 'h-leak' RETURNING id) DELETE FROM mcp.session_audit_log WHERE session_id IN (SELECT id FROM s)");
+    pg.psql("WITH s AS (DELETE FROM mcp.edge_mcp_sessions WHERE session_id IN ('h-leak', 'h-admin') RETURNING id) DELETE FROM mcp.session_audit_log WHERE session_id IN (SELECT id FROM s)");
     assert_eq!(pg.scalar("SELECT count(*) FROM mcp.edge_mcp_sessions"), 5);
     assert_eq!(
         pg.scalar("SELECT count(*) FROM mcp.session_tool_executions"),

@@ -12,7 +12,7 @@ use super::session::{self};
 use super::tenant;
 use crate::crypto::{Secret, SessionTokens, TokenHash};
 use crate::model::session::SessionUpdate;
-use crate::model::{SessionError, SessionView, ToolExecution};
+use crate::model::{Requester, SessionError, SessionView, ToolExecution};
 
 impl Engine {
     /// Creates a session (201), or refuses it (400, 409, 429). Answers its
@@ -150,12 +150,14 @@ impl Engine {
         self.ask_live(tenant, session_id, session::Touch).await
     }
 
-    /// Ends a session; a final one is left as it is.
+    /// Ends a session at the request of `requester` (whose audit row it
+    /// is); a final one is left as it is.
     pub async fn terminate(
         &self,
         tenant: Uuid,
         session_id: &str,
         reason: Option<String>,
+        requester: Requester,
     ) -> Result<(), SessionError> {
         // The engine's own reasons are not a client's to give: they mean
         // something to audits and to the WebSocket's close codes.
@@ -174,7 +176,7 @@ impl Engine {
         }
         self.ensure_writable()?;
         match self
-            .ask(tenant, session_id, session::Terminate { reason })
+            .ask(tenant, session_id, session::Terminate { reason, requester })
             .await?
         {
             Some(result) => result,

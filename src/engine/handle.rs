@@ -91,6 +91,11 @@ impl Engine {
         }
     }
 
+    /// The configured tenants' ids.
+    pub(super) fn tenant_ids(&self) -> impl Iterator<Item = Uuid> + '_ {
+        self.tenants.keys().copied()
+    }
+
     pub(super) fn tenant(&self, tenant: Uuid) -> Result<&TenantHandle, SessionError> {
         // Callers pass tenants resolved from configured keys; an unknown one
         // is treated like a session that does not exist.

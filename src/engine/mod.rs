@@ -35,7 +35,8 @@
 //! - [`Engine`] and the plumbing every call goes through (`handle`); what it
 //!   starts from ([`config`]); starting and stopping it (`lifecycle`);
 //!   the calls that change a session (`commands`) and those that read one
-//!   (`reads`, [`queries`] for lists and tenant figures); live figures
+//!   (`reads`, [`queries`] for lists and tenant figures); what operators
+//!   do across tenants ([`operator`]); live figures
 //!   (`figures`, [`stats`]);
 //! - what actors and the front door share (`shared`), and what a
 //!   durability outcome means for a caller (`outcome`);
@@ -53,6 +54,7 @@ mod reads;
 pub(crate) mod shared;
 
 pub mod admission;
+pub mod operator;
 pub mod queries;
 pub mod recovery;
 pub mod session;
@@ -67,5 +69,6 @@ mod tests;
 pub use admission::{NewSession, SessionDefaults, TenantLimits};
 pub use config::{EngineConfig, PostgresTier};
 pub use handle::Engine;
+pub use operator::Selection;
 pub use queries::{ListQuery, Page, TenantMetrics};
 pub use shared::Directory;

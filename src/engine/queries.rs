@@ -34,6 +34,8 @@ pub struct ListQuery {
     pub client_type: Option<ClientType>,
     /// Only this edge-mcp id.
     pub edge_mcp_id: Option<String>,
+    /// Only this user.
+    pub user_id: Option<Uuid>,
     /// Page size (1–1000, checked by the caller).
     pub limit: usize,
     /// Continue after this cursor.
@@ -180,7 +182,7 @@ impl Engine {
     /// Hands a tenant's sessions (live state from actors, final ones from
     /// sled) to `visit`, newest first and after `before` when given, reading
     /// `chunk` ids at a time, until `visit` breaks or they run out.
-    async fn walk_newest_first(
+    pub(super) async fn walk_newest_first(
         &self,
         tenant: Uuid,
         mut before: Option<(Millis, String)>,
@@ -215,8 +217,10 @@ impl Engine {
     }
 }
 
-fn matches(session: &Session, query: &ListQuery) -> bool {
+/// Whether `session` passes the filters of `query`.
+pub(super) fn matches(session: &Session, query: &ListQuery) -> bool {
     query.status.is_none_or(|s| s == session.status)
+        && query.user_id.is_none_or(|u| Some(u) == session.user_id)
         && query.client_type.is_none_or(|c| c == session.client_type)
         && query
             .edge_mcp_id

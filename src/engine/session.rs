@@ -22,10 +22,12 @@ use super::outcome::durable_outcome;
 use super::shared::{release_slot, Shared};
 use crate::crypto::TokenHash;
 use crate::model::session::{
-    RefreshCheck, SessionUpdate, REASON_CLIENT_REQUEST, REASON_IDLE_TIMEOUT,
+    RefreshCheck, SessionUpdate, REASON_ADMIN_REQUEST, REASON_CLIENT_REQUEST, REASON_IDLE_TIMEOUT,
     REASON_REFRESH_TOKEN_REUSE,
 };
-use crate::model::{Millis, Session, SessionError, SessionView, Status, ToolExecution, Transition};
+use crate::model::{
+    Millis, Requester, Session, SessionError, SessionView, Status, ToolExecution, Transition,
+};
 use crate::persist::{Durable, WriteOp};
 use crate::telemetry::metrics::{self as telemetry, TenantHandles};
 
@@ -64,6 +66,8 @@ pub struct SessionActor {
     revoking: bool,
     /// Stopping to be restarted from disk: a change of it was not written.
     rolling_back: bool,
+    /// Who asked for its termination (whose audit row it is).
+    requester: Requester,
 }
 
 /// What a session shares with its tenant: the live count it gives its slot
@@ -146,6 +150,7 @@ impl SessionActor {
             counted_idle: false,
             revoking: false,
             rolling_back: false,
+            requester: Requester::Client,
         }
     }
 
@@ -402,7 +407,7 @@ impl SessionActor {
     fn write_final(&self) -> Durable {
         self.shared
             .write_behind
-            .submit_durable(WriteOp::final_session(&self.session))
+            .submit_durable(WriteOp::final_session_by(&self.session, self.requester))
     }
 
     fn cancel_timer(&mut self, ctx: &mut Context<Self>) {
@@ -765,8 +770,10 @@ impl Handler<RecordTool> for SessionActor {
 #[derive(Message)]
 #[rtype(result = "Result<(), SessionError>")]
 pub struct Terminate {
-    /// Why; `client_request` when `None`.
+    /// Why; `client_request` (`admin_request` for an operator) when `None`.
     pub reason: Option<String>,
+    /// Who asks.
+    pub requester: Requester,
 }
 
 impl Handler<Terminate> for SessionActor {
@@ -780,9 +787,17 @@ impl Handler<Terminate> for SessionActor {
         if self.session.status.is_final() {
             return Box::pin(actix::fut::ready(Ok(())));
         }
-        let reason = msg.reason.as_deref().unwrap_or(REASON_CLIENT_REQUEST);
+        let reason = msg.reason.as_deref().unwrap_or(match msg.requester {
+            Requester::Client => REASON_CLIENT_REQUEST,
+            Requester::Admin => REASON_ADMIN_REQUEST,
+        });
+        self.requester = msg.requester;
         let durable = self.finish(Status::Terminated, reason, now);
-        tracing::info!(session_id = %self.session.session_id, tenant = %self.session.tenant_id, reason, "session terminated");
+        let by = match msg.requester {
+            Requester::Client => "client",
+            Requester::Admin => "admin",
+        };
+        tracing::info!(session_id = %self.session.session_id, tenant = %self.session.tenant_id, reason, by, "session terminated");
         self.cancel_timer(ctx);
         Box::pin(durable.into_actor(self).map(|written, actor, ctx| {
             let outcome = durable_outcome(written);

@@ -77,7 +77,10 @@ async fn a_purge_never_removes_a_session_recreated_under_the_same_id() {
         let id = format!("reused-{round}");
         engine.create(tenant, request(&id)).await.unwrap();
         engine.record_tool(tenant, &id, execution()).await.unwrap();
-        engine.terminate(tenant, &id, None).await.unwrap();
+        engine
+            .terminate(tenant, &id, None, crate::model::Requester::Client)
+            .await
+            .unwrap();
         clock.advance(Duration::from_secs(3601));
         assert_eq!(
             engine.get(tenant, &id).await.unwrap_err(),
@@ -111,7 +114,10 @@ async fn a_purge_never_removes_a_session_recreated_under_the_same_id() {
         );
         assert_eq!(engine.executions(tenant, &id, 10).await.unwrap().len(), 1);
         // Free the slot for the next round (the test tenant allows 10).
-        engine.terminate(tenant, &id, None).await.unwrap();
+        engine
+            .terminate(tenant, &id, None, crate::model::Requester::Client)
+            .await
+            .unwrap();
     }
     engine.shutdown().await;
 }

@@ -1,19 +1,280 @@
-//! `/admin`: operations behind the admin key.
+//! `/admin`: operations behind the admin key. Besides the flush barrier and
+//! the cleanup, an operator's view of sessions across tenants (API.md,
+//! "Admin: sessions across tenants"): search with filters and keyset
+//! pagination, inspect one, end one, or end every session of a user or an
+//! edge-mcp. A termination here is audited with actor `admin` and reaches
+//! the session's open WebSockets like a tenant's DELETE.
 
-use axum::extract::State;
-use axum::routing::post;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
 use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::Value;
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
 
-use super::error::ApiError;
-use super::extract::Admin;
-use super::openapi::{Cleanup, ErrorResponse, Flush};
+use super::error::{invalid, ApiError};
+use super::extract::{parse_limit, Admin, OptionalJsonBody};
+use super::openapi::{BulkTerminated, Cleanup, ErrorResponse, Flush, SessionList};
+use super::sessions::{filter, DEFAULT_LIST_LIMIT};
 use super::AppState;
+use crate::engine::admission::check_text;
+use crate::engine::{ListQuery, Selection};
+use crate::model::ids::is_valid_session_id;
+use crate::model::{ClientType, SessionView, Status};
 
 /// The routes of this module.
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/admin/sessions/cleanup", post(cleanup))
         .route("/admin/flush", post(flush))
+        .route("/admin/sessions", get(list))
+        .route("/admin/sessions/terminate", post(terminate_matching))
+        .route(
+            "/admin/tenants/{tenant_id}/sessions/{session_id}",
+            get(read).delete(terminate),
+        )
+}
+
+/// Admin list parameters, all as text so errors name the parameter.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct AdminListParams {
+    /// Only this tenant (every tenant when absent).
+    #[param(value_type = Option<String>, format = "uuid")]
+    tenant_id: Option<String>,
+    /// Only this user.
+    #[param(value_type = Option<String>, format = "uuid")]
+    user_id: Option<String>,
+    edge_mcp_id: Option<String>,
+    #[param(pattern = "^(active|idle|expired|terminated|)$")]
+    status: Option<String>,
+    #[param(pattern = "^(claude-code|ide|agent|cli|)$")]
+    client_type: Option<String>,
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
+    limit: Option<String>,
+    cursor: Option<String>,
+}
+
+/// An optional UUID parameter; empty counts as absent.
+fn uuid_param(field: &str, raw: Option<&str>) -> Result<Option<Uuid>, ApiError> {
+    filter(field, raw, |t| Uuid::parse_str(t).ok(), "a UUID")
+}
+
+#[utoipa::path(
+    get,
+    path = "/admin/sessions",
+    tag = "admin",
+    params(AdminListParams),
+    responses(
+        (status = 200, description = "Sessions of every tenant (or of tenant_id), newest first", body = SessionList),
+        (status = 400, description = "validation_failed", body = ErrorResponse),
+        (status = 401, description = "unauthorized", body = ErrorResponse),
+        (status = 429, description = "rate_limited (with Retry-After)", body = ErrorResponse),
+        (status = 503, description = "service_unavailable: recovering or shutting down", body = ErrorResponse)
+    ),
+    security(("admin_key" = []))
+)]
+pub(crate) async fn list(
+    State(state): State<AppState>,
+    _: Admin,
+    params: Result<Query<AdminListParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<SessionList>, ApiError> {
+    let Query(params) = params.map_err(|_| invalid("query", "query string is not valid"))?;
+    let selection = Selection {
+        tenant: uuid_param("tenant_id", params.tenant_id.as_deref())?,
+        query: ListQuery {
+            status: filter(
+                "status",
+                params.status.as_deref(),
+                Status::parse,
+                "active, idle, expired, terminated",
+            )?,
+            client_type: filter(
+                "client_type",
+                params.client_type.as_deref(),
+                ClientType::parse,
+                "claude-code, ide, agent, cli",
+            )?,
+            edge_mcp_id: params.edge_mcp_id.filter(|e| !e.is_empty()),
+            user_id: uuid_param("user_id", params.user_id.as_deref())?,
+            limit: parse_limit(params.limit.as_deref(), DEFAULT_LIST_LIMIT)?,
+            cursor: params.cursor.filter(|c| !c.is_empty()),
+            offset: 0,
+        },
+    };
+    let page = state.engine.list_all(&selection).await?;
+    Ok(Json(SessionList {
+        count: page.sessions.len(),
+        sessions: page.sessions,
+        next_cursor: page.next_cursor,
+    }))
+}
+
+/// The tenant and session of an admin path, checked.
+fn session_path(tenant_id: &str, session_id: &str) -> Result<(Uuid, String), ApiError> {
+    let tenant =
+        Uuid::parse_str(tenant_id).map_err(|_| invalid("tenant_id", "tenant_id must be a UUID"))?;
+    if !is_valid_session_id(session_id) {
+        return Err(invalid(
+            "session_id",
+            "session_id must be 1 to 255 characters from A-Z a-z 0-9 . _ : @ ~ -",
+        ));
+    }
+    Ok((tenant, session_id.to_owned()))
+}
+
+#[utoipa::path(
+    get,
+    path = "/admin/tenants/{tenant_id}/sessions/{session_id}",
+    tag = "admin",
+    params(
+        ("tenant_id" = String, Path, format = "uuid", description = "The session's tenant"),
+        ("session_id" = String, Path, description = "The session id")
+    ),
+    responses(
+        (status = 200, description = "The session resource", body = SessionView),
+        (status = 400, description = "validation_failed", body = ErrorResponse),
+        (status = 401, description = "unauthorized", body = ErrorResponse),
+        (status = 404, description = "session_not_found (or no such tenant)", body = ErrorResponse),
+        (status = 429, description = "rate_limited (with Retry-After)", body = ErrorResponse),
+        (status = 503, description = "service_unavailable: recovering or shutting down", body = ErrorResponse)
+    ),
+    security(("admin_key" = []))
+)]
+pub(crate) async fn read(
+    State(state): State<AppState>,
+    _: Admin,
+    Path((tenant_id, session_id)): Path<(String, String)>,
+) -> Result<Json<SessionView>, ApiError> {
+    let (tenant, id) = session_path(&tenant_id, &session_id)?;
+    Ok(Json(state.engine.get(tenant, &id).await?))
+}
+
+/// An optional admin termination body.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AdminTerminateBody {
+    /// Why; `admin_request` when absent.
+    #[schema(min_length = 1, max_length = 255)]
+    reason: Option<String>,
+}
+
+#[utoipa::path(
+    delete,
+    path = "/admin/tenants/{tenant_id}/sessions/{session_id}",
+    tag = "admin",
+    request_body = Option<AdminTerminateBody>,
+    params(
+        ("tenant_id" = String, Path, format = "uuid", description = "The session's tenant"),
+        ("session_id" = String, Path, description = "The session id")
+    ),
+    responses(
+        (status = 204, description = "Terminated (audited with actor admin), or already final (nothing changes)"),
+        (status = 400, description = "invalid_json, validation_failed or unknown_field", body = ErrorResponse),
+        (status = 401, description = "unauthorized", body = ErrorResponse),
+        (status = 404, description = "session_not_found (or no such tenant)", body = ErrorResponse),
+        (status = 413, description = "payload_too_large", body = ErrorResponse),
+        (status = 415, description = "unsupported_media_type", body = ErrorResponse),
+        (status = 429, description = "rate_limited (with Retry-After)", body = ErrorResponse),
+        (status = 503, description = "service_unavailable or storage_unavailable", body = ErrorResponse)
+    ),
+    security(("admin_key" = []))
+)]
+pub(crate) async fn terminate(
+    State(state): State<AppState>,
+    _: Admin,
+    Path((tenant_id, session_id)): Path<(String, String)>,
+    OptionalJsonBody(body): OptionalJsonBody<AdminTerminateBody>,
+) -> Result<StatusCode, ApiError> {
+    let (tenant, id) = session_path(&tenant_id, &session_id)?;
+    let reason = body.and_then(|b| b.reason);
+    if let Some(reason) = &reason {
+        check_text("reason", reason, 1)?;
+    }
+    state.engine.admin_terminate(tenant, &id, reason).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Which live sessions a bulk termination ends: every one matching all the
+/// given fields; `user_id` or `edge_mcp_id` is required.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BulkTerminateBody {
+    /// Only this tenant's (every tenant's when absent).
+    #[schema(value_type = Option<String>, format = "uuid")]
+    tenant_id: Option<Value>,
+    /// Every session of this user.
+    #[schema(value_type = Option<String>, format = "uuid")]
+    user_id: Option<Value>,
+    /// Every session of this edge-mcp.
+    edge_mcp_id: Option<String>,
+    /// Why; `admin_request` when absent.
+    #[schema(min_length = 1, max_length = 255)]
+    reason: Option<String>,
+}
+
+/// A UUID field of a JSON body: a string holding a UUID, or absent/null.
+fn uuid_field(field: &str, value: Option<&Value>) -> Result<Option<Uuid>, ApiError> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(text)) => Uuid::parse_str(text)
+            .map(Some)
+            .map_err(|_| invalid(field, format!("{field} must be a UUID"))),
+        Some(_) => Err(invalid(field, format!("{field} must be a UUID string"))),
+    }
+}
+
+#[utoipa::path(
+    post,
+    path = "/admin/sessions/terminate",
+    tag = "admin",
+    request_body = BulkTerminateBody,
+    responses(
+        (status = 200, description = "Every matching live session ended (audited with actor admin)", body = BulkTerminated),
+        (status = 400, description = "invalid_json, validation_failed (neither user_id nor edge_mcp_id) or unknown_field", body = ErrorResponse),
+        (status = 401, description = "unauthorized", body = ErrorResponse),
+        (status = 413, description = "payload_too_large", body = ErrorResponse),
+        (status = 415, description = "unsupported_media_type", body = ErrorResponse),
+        (status = 429, description = "rate_limited (with Retry-After)", body = ErrorResponse),
+        (status = 503, description = "service_unavailable or storage_unavailable", body = ErrorResponse)
+    ),
+    security(("admin_key" = []))
+)]
+pub(crate) async fn terminate_matching(
+    State(state): State<AppState>,
+    _: Admin,
+    OptionalJsonBody(body): OptionalJsonBody<BulkTerminateBody>,
+) -> Result<Json<BulkTerminated>, ApiError> {
+    let Some(body) = body else {
+        return Err(invalid("user_id", "user_id or edge_mcp_id is required"));
+    };
+    let tenant = uuid_field("tenant_id", body.tenant_id.as_ref())?;
+    let user_id = uuid_field("user_id", body.user_id.as_ref())?;
+    let edge_mcp_id = body.edge_mcp_id.filter(|e| !e.is_empty());
+    if let Some(edge) = &edge_mcp_id {
+        check_text("edge_mcp_id", edge, 1)?;
+    }
+    if user_id.is_none() && edge_mcp_id.is_none() {
+        return Err(invalid("user_id", "user_id or edge_mcp_id is required"));
+    }
+    if let Some(reason) = &body.reason {
+        check_text("reason", reason, 1)?;
+    }
+    let selection = Selection {
+        tenant,
+        query: ListQuery {
+            user_id,
+            edge_mcp_id,
+            ..ListQuery::default()
+        },
+    };
+    let terminated = state
+        .engine
+        .admin_terminate_matching(&selection, body.reason)
+        .await?;
+    Ok(Json(BulkTerminated { terminated }))
 }
 
 /// Waits until every change acknowledged before the call is durable: in

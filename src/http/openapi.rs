@@ -60,6 +60,13 @@ pub struct Validation {
     pub session: crate::model::SessionView,
 }
 
+/// `POST /admin/sessions/terminate`.
+#[derive(Serialize, ToSchema)]
+pub struct BulkTerminated {
+    /// Live sessions this call ended.
+    pub terminated: usize,
+}
+
 /// `POST /admin/sessions/cleanup`.
 #[derive(Serialize, ToSchema)]
 pub struct Cleanup {
@@ -153,6 +160,10 @@ impl Modify for Security {
         super::ws::upgrade,
         super::admin::cleanup,
         super::admin::flush,
+        super::admin::list,
+        super::admin::read,
+        super::admin::terminate,
+        super::admin::terminate_matching,
         super::export::export,
         super::stats::stats,
         super::stats::ticket,

@@ -30,11 +30,11 @@ use crate::model::session::SessionUpdate;
 use crate::model::time::parse_rfc3339;
 #[allow(unused_imports)]
 use crate::model::SessionView as Session;
-use crate::model::{ClientType, SessionError, SessionView, Status};
+use crate::model::{ClientType, Requester, SessionError, SessionView, Status};
 use utoipa::{IntoParams, ToSchema};
 
 /// Default page size of lists.
-const DEFAULT_LIST_LIMIT: usize = 50;
+pub(super) const DEFAULT_LIST_LIMIT: usize = 50;
 
 /// The routes of this module.
 pub fn router() -> Router<AppState> {
@@ -362,7 +362,7 @@ pub(crate) async fn terminate(
     }
     state
         .engine
-        .terminate(access.tenant, &access.id, reason)
+        .terminate(access.tenant, &access.id, reason, Requester::Client)
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -582,7 +582,7 @@ pub(crate) struct ListParams {
 }
 
 /// Parses an optional filter; empty counts as absent.
-fn filter<T>(
+pub(super) fn filter<T>(
     field: &str,
     raw: Option<&str>,
     parse: fn(&str) -> Option<T>,
@@ -619,6 +619,7 @@ fn list_query(params: ListParams) -> Result<ListQuery, ApiError> {
         status,
         client_type,
         edge_mcp_id: params.edge_mcp_id.filter(|e| !e.is_empty()),
+        user_id: None,
         limit: parse_limit(params.limit.as_deref(), DEFAULT_LIST_LIMIT)?,
         cursor: params.cursor.filter(|c| !c.is_empty()),
         offset,

@@ -51,7 +51,7 @@ use crate::auth::Scope;
 use crate::crypto::Secret;
 use crate::engine::session::Push;
 use crate::model::time::format_rfc3339;
-use crate::model::{SessionError, Status};
+use crate::model::{Requester, SessionError, Status};
 use crate::telemetry::metrics as names;
 
 /// Server ping period.
@@ -415,7 +415,10 @@ impl Connection {
                 // The actor's push waits in this connection's channel until
                 // the answer `{}` is queued, so `session.terminated` and the
                 // close follow it.
-                engine.terminate(tenant, id, reason).await.map_err(rpc)?;
+                engine
+                    .terminate(tenant, id, reason, Requester::Client)
+                    .await
+                    .map_err(rpc)?;
                 Ok(json!({}))
             }
             _ => Err((METHOD_NOT_FOUND, format!("method not found: {method}"))),

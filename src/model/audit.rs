@@ -19,6 +19,18 @@ pub enum AuditAction {
     Expired,
     /// Ended by the engine because a rotated-away refresh token was presented.
     Revoked,
+    /// Ended by an operator through the admin API.
+    TerminatedByAdmin,
+}
+
+/// Who asked for a termination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Requester {
+    /// The session's client: its tenant's key or its own token.
+    #[default]
+    Client,
+    /// An operator, through the admin API.
+    Admin,
 }
 
 impl AuditAction {
@@ -26,16 +38,18 @@ impl AuditAction {
     pub fn as_str(self) -> &'static str {
         match self {
             AuditAction::Created => "created",
-            AuditAction::Terminated => "terminated",
+            AuditAction::Terminated | AuditAction::TerminatedByAdmin => "terminated",
             AuditAction::Expired => "expired",
             AuditAction::Revoked => "revoked",
         }
     }
 
-    /// Who acts: clients create and terminate, the engine expires and revokes.
+    /// Who acts: clients create and terminate, operators terminate, the
+    /// engine expires and revokes.
     pub fn actor(self) -> &'static str {
         match self {
             AuditAction::Created | AuditAction::Terminated => "client",
+            AuditAction::TerminatedByAdmin => "admin",
             AuditAction::Expired | AuditAction::Revoked => "engine",
         }
     }
@@ -88,8 +102,9 @@ impl AuditEntry {
         Self::new(session, AuditAction::Created, None, session.created_at)
     }
 
-    /// The session reached its final state; `None` while it is live.
-    pub fn ended(session: &Session) -> Option<Self> {
+    /// The session reached its final state (a termination asked for by
+    /// `requester`); `None` while it is live.
+    pub fn ended(session: &Session, requester: Requester) -> Option<Self> {
         let action = match session.status {
             Status::Active | Status::Idle => return None,
             Status::Expired => AuditAction::Expired,
@@ -98,7 +113,10 @@ impl AuditEntry {
             {
                 AuditAction::Revoked
             }
-            Status::Terminated => AuditAction::Terminated,
+            Status::Terminated => match requester {
+                Requester::Client => AuditAction::Terminated,
+                Requester::Admin => AuditAction::TerminatedByAdmin,
+            },
         };
         Some(Self::new(
             session,
@@ -119,9 +137,9 @@ mod tests {
         let mut session = session_at(1_000, 60, 60);
         let created = AuditEntry::created(&session);
         assert_eq!(created.id, AuditEntry::created(&session).id);
-        assert!(AuditEntry::ended(&session).is_none());
+        assert!(AuditEntry::ended(&session, Requester::Client).is_none());
         session.finish(Status::Terminated, "client_request", 2_000);
-        let ended = AuditEntry::ended(&session).unwrap();
+        let ended = AuditEntry::ended(&session, Requester::Client).unwrap();
         assert_eq!(ended.action, AuditAction::Terminated);
         assert_eq!(ended.reason.as_deref(), Some("client_request"));
         assert_eq!(ended.at, 2_000);
@@ -132,8 +150,25 @@ mod tests {
     fn refresh_token_reuse_is_a_revocation_by_the_engine() {
         let mut session = session_at(1_000, 60, 60);
         session.finish(Status::Terminated, REASON_REFRESH_TOKEN_REUSE, 2_000);
-        let ended = AuditEntry::ended(&session).unwrap();
+        let ended = AuditEntry::ended(&session, Requester::Client).unwrap();
         assert_eq!(ended.action, AuditAction::Revoked);
         assert_eq!(ended.action.actor(), "engine");
+    }
+
+    #[test]
+    fn a_termination_by_an_operator_is_audited_as_the_admin_s() {
+        let mut session = session_at(1_000, 60, 60);
+        session.finish(Status::Terminated, "admin_request", 2_000);
+        let by_admin = AuditEntry::ended(&session, Requester::Admin).unwrap();
+        assert_eq!(
+            (by_admin.action.as_str(), by_admin.action.actor()),
+            ("terminated", "admin")
+        );
+        let by_client = AuditEntry::ended(&session, Requester::Client).unwrap();
+        assert_eq!(by_client.action.actor(), "client");
+        // Expiry and revocation stay the engine's whoever asked last.
+        session.status = Status::Expired;
+        let expired = AuditEntry::ended(&session, Requester::Admin).unwrap();
+        assert_eq!(expired.action.actor(), "engine");
     }
 }

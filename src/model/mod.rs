@@ -11,7 +11,7 @@ pub mod session;
 pub mod time;
 pub mod tool;
 
-pub use audit::{AuditAction, AuditEntry};
+pub use audit::{AuditAction, AuditEntry, Requester};
 pub use error::SessionError;
 pub use session::{ClientType, Session, SessionView, Status, Transition};
 pub use time::Millis;

@@ -126,6 +126,8 @@ pub const REASON_IDLE_TIMEOUT: &str = "idle_timeout";
 pub const REASON_TTL_EXPIRED: &str = "ttl_expired";
 /// Termination reason when a DELETE gives none.
 pub const REASON_CLIENT_REQUEST: &str = "client_request";
+/// Termination reason when an operator gives none (the admin API).
+pub const REASON_ADMIN_REQUEST: &str = "admin_request";
 /// Termination reason of a session revoked for refresh-token reuse.
 pub const REASON_REFRESH_TOKEN_REUSE: &str = "refresh_token_reuse";
 

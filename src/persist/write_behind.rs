@@ -26,7 +26,7 @@ use super::outbox::{self, Outbox};
 use super::record;
 use super::sled::{Store, StoreError};
 use crate::model::time::now_ms;
-use crate::model::{AuditEntry, Session, ToolExecution};
+use crate::model::{AuditEntry, Requester, Session, ToolExecution};
 use crate::telemetry::metrics as telemetry;
 
 /// Resolves once the change it was handed out for is on disk.
@@ -82,11 +82,16 @@ impl WriteOp {
     /// A final session's record together with its by-end-time index entry
     /// (which the retention purge reads) and its audit row.
     pub fn final_session(session: &Session) -> Vec<Self> {
+        Self::final_session_by(session, Requester::Client)
+    }
+
+    /// As [`WriteOp::final_session`], for a termination `requester` asked for.
+    pub fn final_session_by(session: &Session, requester: Requester) -> Vec<Self> {
         let mut ops = vec![
             WriteOp::put_session(session),
             WriteOp::index_finished(session),
         ];
-        ops.extend(AuditEntry::ended(session).map(WriteOp::Audit));
+        ops.extend(AuditEntry::ended(session, requester).map(WriteOp::Audit));
         ops
     }
 
