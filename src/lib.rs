@@ -22,6 +22,8 @@
 //! - [`settings`]: layered configuration; [`telemetry`]: logging and
 //!   Prometheus metric names;
 //!   [`service`]: wires it all and shuts it down in order.
+//! - [`cli`]: the operator's commands beyond `serve` (restore, and the
+//!   commands that drive a running server's admin API).
 //!
 //! # Threads
 //!
@@ -56,6 +58,7 @@
 //! model`, with `crypto` beside `model`.
 
 pub mod auth;
+pub mod cli;
 pub mod crypto;
 pub mod engine;
 pub mod http;

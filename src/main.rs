@@ -49,6 +49,16 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Load a backup (from `GET /admin/backup` or `edge-sessions backup`)
+    /// into an empty data dir, with no server running on it.
+    Restore {
+        /// The backup file.
+        file: PathBuf,
+        /// A TOML file layered over the built-in defaults (its
+        /// `storage.data_dir` is where the backup goes).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Apply, revert or list the PostgreSQL migrations (schema `mcp`).
     Migrate {
         #[command(subcommand)]
@@ -86,6 +96,33 @@ fn main() -> ExitCode {
         Command::Serve { config, salvage } => serve(config, salvage),
         Command::Migrate { action, config } => migrate(action, config),
         Command::RotateKey { config } => rotate_key(config),
+        Command::Restore { file, config } => restore(&file, config),
+    }
+}
+
+fn restore(file: &std::path::Path, config: Option<PathBuf>) -> ExitCode {
+    let settings = match load(config.as_deref()) {
+        Ok(settings) => settings,
+        Err(code) => return code,
+    };
+    match edge_sessions::cli::restore::run(&settings, file) {
+        Ok(counts) => {
+            println!(
+                "restored {} sessions and {} executions into {}",
+                counts.sessions,
+                counts.executions,
+                settings.storage.data_dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("edge-sessions: restore: {e}");
+            if e.is_refusal() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
     }
 }
 

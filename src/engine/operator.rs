@@ -6,10 +6,14 @@
 //! count it.
 
 use std::cmp::Ordering;
+use std::io;
 use std::ops::ControlFlow;
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use bytes::Bytes;
 use futures::future::join_all;
+use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use super::handle::Engine;
@@ -17,6 +21,7 @@ use super::queries::{self, ListQuery, Page};
 use super::session;
 use super::shared::FAN_OUT;
 use crate::model::{Millis, Requester, Session, SessionError};
+use crate::persist::backup;
 
 /// Which sessions an operator means: `tenant` (every tenant when `None`)
 /// and the filters of `query` (its `offset` is not used).
@@ -159,6 +164,103 @@ impl Engine {
             "sessions terminated in bulk by an operator"
         );
         Ok(ended)
+    }
+}
+
+impl Engine {
+    /// A backup ([`backup`] format) of every stored session and its
+    /// executions, as a stream of chunks. Everything acknowledged before
+    /// the call is in it: each live session's coalesced state is queued
+    /// and a flush barrier taken first; then a blocking thread reads the
+    /// store while the server keeps serving, logging its progress every
+    /// few seconds. A read error ends the stream with an error (the
+    /// backup lacks its trailer, so a restore refuses it); a client that
+    /// goes away stops the thread.
+    pub async fn backup(&self) -> Result<mpsc::Receiver<io::Result<Bytes>>, SessionError> {
+        self.ensure_ready()?;
+        for chunk in self.all_actors().chunks(FAN_OUT) {
+            join_all(chunk.iter().map(|a| a.send(session::FlushActivity))).await;
+        }
+        self.flush().await?;
+        let (tx, rx) = mpsc::channel(8);
+        let store = self.shared.store.clone();
+        let taken_at = self.shared.clock.now();
+        tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let mut logged = Instant::now();
+            let mut out = ChunkWriter::new(tx.clone());
+            let result = backup::snapshot(&store, &mut out, taken_at, |counts| {
+                if logged.elapsed() >= PROGRESS_EVERY {
+                    logged = Instant::now();
+                    tracing::info!(
+                        sessions = counts.sessions,
+                        executions = counts.executions,
+                        "backup: in progress"
+                    );
+                }
+            });
+            match result {
+                Ok(counts) => tracing::info!(
+                    sessions = counts.sessions,
+                    executions = counts.executions,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "backup: taken"
+                ),
+                Err(e) => {
+                    tracing::error!(error = %e, "backup: stopped; the stream ends without its trailer");
+                    let _ = tx.blocking_send(Err(io::Error::other(e.to_string())));
+                }
+            }
+        });
+        Ok(rx)
+    }
+}
+
+/// How often a running backup logs how far it is.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// Buffers a blocking writer's bytes into chunks for an async receiver; a
+/// receiver that went away fails the next write.
+struct ChunkWriter {
+    tx: mpsc::Sender<io::Result<Bytes>>,
+    buf: Vec<u8>,
+}
+
+impl ChunkWriter {
+    const CHUNK: usize = 64 * 1024;
+
+    fn new(tx: mpsc::Sender<io::Result<Bytes>>) -> Self {
+        ChunkWriter {
+            tx,
+            buf: Vec::with_capacity(Self::CHUNK),
+        }
+    }
+
+    fn send(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = Bytes::from(std::mem::replace(
+            &mut self.buf,
+            Vec::with_capacity(Self::CHUNK),
+        ));
+        self.tx
+            .blocking_send(Ok(chunk))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the client went away"))
+    }
+}
+
+impl io::Write for ChunkWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= Self::CHUNK {
+            self.send()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.send()
     }
 }
 

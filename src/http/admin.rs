@@ -5,12 +5,15 @@
 //! edge-mcp. A termination here is audited with actor `admin` and reaches
 //! the session's open WebSockets like a tenant's DELETE.
 
+use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse as _, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::Value;
+use tokio_stream::wrappers::ReceiverStream;
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
@@ -31,6 +34,7 @@ pub fn router() -> Router<AppState> {
         .route("/admin/flush", post(flush))
         .route("/admin/sessions", get(list))
         .route("/admin/sessions/terminate", post(terminate_matching))
+        .route("/admin/backup", get(backup))
         .route(
             "/admin/tenants/{tenant_id}/sessions/{session_id}",
             get(read).delete(terminate),
@@ -275,6 +279,39 @@ pub(crate) async fn terminate_matching(
         .admin_terminate_matching(&selection, body.reason)
         .await?;
     Ok(Json(BulkTerminated { terminated }))
+}
+
+/// Streams a backup of every session and its executions (credentials stay
+/// sealed, tokens stay hashes), as of a flush barrier taken when the call
+/// starts; the server keeps serving meanwhile. `edge-sessions restore FILE`
+/// loads it into an empty data dir.
+#[utoipa::path(
+    get,
+    path = "/admin/backup",
+    tag = "admin",
+    responses(
+        (status = 200, description = "The backup, streamed (format: README, Backup and restore)", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 401, description = "unauthorized", body = ErrorResponse),
+        (status = 429, description = "rate_limited (with Retry-After)", body = ErrorResponse),
+        (status = 503, description = "service_unavailable: recovering, shutting down, or the store did not commit", body = ErrorResponse)
+    ),
+    security(("admin_key" = []))
+)]
+pub(crate) async fn backup(State(state): State<AppState>, _: Admin) -> Result<Response, ApiError> {
+    let chunks = state.engine.backup().await?;
+    let name = format!(
+        "attachment; filename=\"edge-sessions-{}.esbk\"",
+        chrono::Utc::now().format("%Y%m%dT%H%M%SZ")
+    );
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+            (header::CONTENT_DISPOSITION, name),
+            (header::CACHE_CONTROL, "no-store".to_owned()),
+        ],
+        Body::from_stream(ReceiverStream::new(chunks)),
+    )
+        .into_response())
 }
 
 /// Waits until every change acknowledged before the call is durable: in

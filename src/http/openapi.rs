@@ -164,6 +164,7 @@ impl Modify for Security {
         super::admin::read,
         super::admin::terminate,
         super::admin::terminate_matching,
+        super::admin::backup,
         super::export::export,
         super::stats::stats,
         super::stats::ticket,

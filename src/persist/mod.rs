@@ -21,6 +21,7 @@
 //!   runtime, so PostgreSQL never sits on a request's path.
 //! - sled's own background threads (its flusher is off: we fsync).
 
+pub mod backup;
 pub mod checkpoint;
 pub mod keys;
 pub mod log;

@@ -466,6 +466,42 @@ impl Store {
         Ok(true)
     }
 
+    /// Writes a session loaded from a backup, with its index entries and
+    /// executions, straight to sled (the data dir was empty; the caller
+    /// syncs once at the end).
+    pub fn put_restored(
+        &self,
+        session: &Session,
+        executions: &[(u64, ToolExecution)],
+    ) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        batch.insert(
+            keys::session(session.tenant_id, &session.session_id),
+            record::encode(session),
+        );
+        batch.insert(
+            keys::created(session.tenant_id, session.created_at, &session.session_id),
+            Vec::new(),
+        );
+        if session.status.is_final() {
+            batch.insert(
+                keys::finished(
+                    session.terminated_at.unwrap_or_default(),
+                    session.tenant_id,
+                    &session.session_id,
+                ),
+                Vec::new(),
+            );
+        }
+        for (seq, execution) in executions {
+            batch.insert(
+                &keys::execution(session.id, *seq),
+                record::encode(execution),
+            );
+        }
+        self.apply(batch)
+    }
+
     /// Writes the overlay's frozen layer (freezing the active one first
     /// when none is frozen) into sled with `wal_through`, fsyncs, and lets
     /// readers go to sled for it. Answers the last log record sled now
