@@ -59,6 +59,14 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Find, inspect and end sessions across tenants (admin API).
+    Sessions(edge_sessions::cli::sessions::SessionsArgs),
+    /// A live view of the engine's figures, refreshed every second.
+    Stats(edge_sessions::cli::stats::StatsArgs),
+    /// Save a backup of every session to FILE (admin API).
+    Backup(edge_sessions::cli::transfer::BackupArgs),
+    /// Export sessions as CSV or NDJSON (admin API).
+    Export(edge_sessions::cli::transfer::ExportArgs),
     /// Apply, revert or list the PostgreSQL migrations (schema `mcp`).
     Migrate {
         #[command(subcommand)]
@@ -97,6 +105,33 @@ fn main() -> ExitCode {
         Command::Migrate { action, config } => migrate(action, config),
         Command::RotateKey { config } => rotate_key(config),
         Command::Restore { file, config } => restore(&file, config),
+        Command::Sessions(args) => remote(args.run()),
+        Command::Stats(args) => remote(args.run()),
+        Command::Backup(args) => remote(args.run()),
+        Command::Export(args) => remote(args.run()),
+    }
+}
+
+/// Runs a command that drives a server through its admin API.
+fn remote(
+    command: impl std::future::Future<Output = Result<(), edge_sessions::cli::remote::CliError>>,
+) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("edge-sessions: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("edge-sessions: {e}");
+            ExitCode::from(e.exit_code())
+        }
     }
 }
 

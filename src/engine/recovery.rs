@@ -96,7 +96,23 @@ impl Engine {
             rebuilt,
             ..RecoveryReport::default()
         };
+        // How far it is, every few seconds (a million sessions take a few).
+        let mut logged = std::time::Instant::now();
+        let mut read = 0u64;
         while let Some(found) = rx.recv().await {
+            read += 1;
+            if read % 1024 == 0 && logged.elapsed() >= PROGRESS_EVERY {
+                logged = std::time::Instant::now();
+                let elapsed = started.elapsed().as_secs_f64();
+                tracing::info!(
+                    sessions_read = read,
+                    restored = report.restored,
+                    expired = report.expired,
+                    per_second = (read as f64 / elapsed.max(0.001)) as u64,
+                    elapsed_ms = (elapsed * 1000.0) as u64,
+                    "recovery: in progress"
+                );
+            }
             let found = match found {
                 Ok(found) => found,
                 Err(e) => {
@@ -156,6 +172,9 @@ impl Engine {
         Ok(report)
     }
 }
+
+/// How often recovery logs how far it is.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Meta key present while live sessions are still to be rebuilt from
 /// PostgreSQL (set when the engine starts on a new or lost data dir).
