@@ -37,8 +37,9 @@ enum Command {
     },
     /// Print the sha256 hex of KEY, for a config file.
     HashKey {
-        /// The key to hash.
-        key: String,
+        /// The key to hash; read from stdin when absent (keeps it out of
+        /// shell history and `ps`).
+        key: Option<String>,
     },
     /// Put a fresh master key in front of the keyring file (the configured
     /// `security.master_key_file`, or the development one in `data_dir`).
@@ -97,10 +98,7 @@ fn main() -> ExitCode {
         config: None,
         salvage: false,
     }) {
-        Command::HashKey { key } => {
-            println!("{}", auth::hash_key_hex(&key));
-            ExitCode::SUCCESS
-        }
+        Command::HashKey { key } => hash_key(key),
         Command::Serve { config, salvage } => serve(config, salvage),
         Command::Migrate { action, config } => migrate(action, config),
         Command::RotateKey { config } => rotate_key(config),
@@ -159,6 +157,26 @@ fn restore(file: &std::path::Path, config: Option<PathBuf>) -> ExitCode {
             }
         }
     }
+}
+
+fn hash_key(key: Option<String>) -> ExitCode {
+    let key = match key {
+        Some(key) => key,
+        None => {
+            let mut line = String::new();
+            if let Err(e) = std::io::stdin().read_line(&mut line) {
+                eprintln!("edge-sessions: hash-key: reading the key from stdin: {e}");
+                return ExitCode::FAILURE;
+            }
+            line.trim_end_matches(['\r', '\n']).to_owned()
+        }
+    };
+    if key.is_empty() {
+        eprintln!("edge-sessions: hash-key: the key is empty (give it as an argument or on stdin)");
+        return ExitCode::from(2);
+    }
+    println!("{}", auth::hash_key_hex(&key));
+    ExitCode::SUCCESS
 }
 
 fn rotate_key(config: Option<PathBuf>) -> ExitCode {
