@@ -86,9 +86,24 @@ async fn the_metrics_page_has_the_contract_metrics_and_passes_promtool() {
         "write_behind_flush_lag_seconds",
         "session_actors{",
         "sessions_ended_total{",
+        // What deploy/prometheus/alerts.yaml reads, and the process.
+        "ready ",
+        "tenant_max_active_sessions{",
+        "build_info{",
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
     ] {
         assert!(has(name), "{name} missing");
     }
+    assert!(
+        text.contains(&format!(
+            "build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "build_info carries the version"
+    );
+    assert!(text.lines().any(|l| l == "ready 1"), "ready while serving");
     assert!(text.contains("status=\"404\""), "requests by status");
     assert!(
         text.contains("route=\"/api/v1/sessions/{session_id}\""),
@@ -155,4 +170,32 @@ async fn json_logs_carry_the_request_id_in_the_request_span() {
     assert_eq!(line["method"], "GET");
     assert!(line["latency_us"].is_u64());
     assert_eq!(server.terminate().code(), Some(0));
+}
+
+/// The shipped alert rules and scrape config pass promtool (syntax, and the
+/// rules' unit tests in deploy/prometheus/alerts.test.yaml).
+#[test]
+fn the_alert_rules_pass_promtool() {
+    if Command::new("promtool").arg("--version").output().is_err() {
+        eprintln!("promtool is not installed (Debian package prometheus): skipped here; .ci/run installs it");
+        return;
+    }
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/prometheus");
+    for args in [
+        vec!["check", "rules", "alerts.yaml"],
+        vec!["test", "rules", "alerts.test.yaml"],
+        vec!["check", "config", "--syntax-only", "prometheus.yml"],
+    ] {
+        let out = Command::new("promtool")
+            .args(&args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "promtool {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }

@@ -48,6 +48,14 @@ impl Engine {
             .collect()
     }
 
+    /// Each configured tenant's `max_active_sessions`.
+    pub fn tenant_limits(&self) -> Vec<(Uuid, usize)> {
+        self.tenants
+            .values()
+            .map(|t| (t.limits.id, t.limits.max_active_sessions))
+            .collect()
+    }
+
     /// Live session actors per shard.
     pub fn actors_per_shard(&self) -> Vec<i64> {
         self.shared.shards.actor_counts()

@@ -27,6 +27,11 @@ async fn render(State(state): State<AppState>) -> Response {
     for (shard, actors) in engine.actors_per_shard().into_iter().enumerate() {
         metrics::gauge!(names::SESSION_ACTORS, "shard" => shard.to_string()).set(actors as f64);
     }
+    for (tenant, limit) in engine.tenant_limits() {
+        metrics::gauge!(names::TENANT_LIMIT, "tenant_id" => tenant.to_string()).set(limit as f64);
+    }
+    let ready = engine.is_ready() && engine.check_writable().await.is_ok();
+    metrics::gauge!(names::READY).set(if ready { 1.0 } else { 0.0 });
     metrics::counter!(names::ACTOR_RESTARTS).absolute(engine.restarts());
     let wb = engine.write_behind_stats();
     metrics::gauge!(names::WRITE_BEHIND_DEPTH).set(wb.queue_depth.load(Ordering::Relaxed) as f64);
@@ -36,6 +41,7 @@ async fn render(State(state): State<AppState>) -> Response {
         metrics::gauge!(names::OUTBOX_AGE).set(outbox.oldest_age_ms() as f64 / 1000.0);
         metrics::counter!(names::OUTBOX_SHIPPED).absolute(outbox.shipped.load(Ordering::Relaxed));
     }
+    names::process_collector().collect();
     let mut response = names::handle().render().into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -49,6 +49,12 @@ pub const SESSION_ACTORS: &str = "session_actors";
 pub const WS_OPEN: &str = "websocket_connections_open";
 /// `session_actor_restarts_total`: actors restarted after a panic.
 pub const ACTOR_RESTARTS: &str = "session_actor_restarts_total";
+/// 1 while `/readyz` would answer 200, else 0.
+pub const READY: &str = "ready";
+/// A tenant's `max_active_sessions`, for alerts on `sessions_active`.
+pub const TENANT_LIMIT: &str = "tenant_max_active_sessions";
+/// Always 1, labelled with the running version.
+pub const BUILD_INFO: &str = "build_info";
 
 /// `session_duration_seconds` buckets: 60·2^k s, k = 0..9 (the contract).
 pub const DURATION_BUCKETS: [f64; 10] = [
@@ -181,8 +187,16 @@ pub fn handle() -> &'static PrometheusHandle {
             tracing::warn!("a metrics recorder was already installed; /metrics shows this one's");
         }
         describe();
+        metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+        process_collector().describe();
         handle
     })
+}
+
+/// The collector of the standard `process_*` metrics, read at each scrape.
+pub fn process_collector() -> &'static metrics_process::Collector {
+    static COLLECTOR: OnceLock<metrics_process::Collector> = OnceLock::new();
+    COLLECTOR.get_or_init(metrics_process::Collector::default)
 }
 
 /// Drains the histograms' sample buffers into their buckets every few
@@ -200,6 +214,15 @@ pub async fn upkeep_forever() {
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(SESSIONS_CREATED, "Sessions admitted");
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; the version label says which release runs"
+    );
+    describe_gauge!(
+        READY,
+        "1 while /readyz answers 200 (recovered, the store takes writes), else 0"
+    );
+    describe_gauge!(TENANT_LIMIT, "The tenant's max_active_sessions");
     describe_gauge!(SESSIONS_ACTIVE, "Live sessions (active or idle)");
     describe_histogram!(
         SESSION_DURATION,
