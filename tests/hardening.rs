@@ -70,3 +70,144 @@ async fn csv_cells_that_start_like_formulas_are_quoted() {
     assert_eq!(line["edge_mcp_id"], formula, "NDJSON is unchanged");
     assert_eq!(line["client_name"], "@SUM(A1)");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_reasons_and_durations_are_refused_without_a_change() {
+    let server = TestServer::start().await;
+    for id in ["reason-1", "reason-ws"] {
+        let (status, _) = server
+            .call(
+                Method::POST,
+                "/api/v1/sessions",
+                KEY_A,
+                Some(json!({"session_id": id, "edge_mcp_id": "e"})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    let too_long = "x".repeat(256);
+    let bad = [
+        "",
+        too_long.as_str(),
+        "line\nbreak",
+        "\u{1b}[31mred",
+        "zero\u{200b}width",
+        "right-to-left \u{202e}override",
+        "idle_timeout",
+        "ttl_expired",
+        "refresh_token_reuse",
+        "admin_request",
+    ];
+    for reason in bad {
+        let (status, body) = server
+            .call(
+                Method::DELETE,
+                "/api/v1/sessions/reason-1",
+                KEY_A,
+                Some(json!({ "reason": reason })),
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{reason:?}: {body}");
+        assert_eq!(body["code"], "validation_failed", "{reason:?}: {body}");
+        assert_eq!(body["details"]["field"], "reason", "{body}");
+    }
+    // The socket's session.terminate follows the same rule.
+    let mut request = format!(
+        "{}/api/v1/sessions/reason-ws/ws",
+        server.base.replacen("http", "ws", 1)
+    )
+    .into_client_request()
+    .unwrap();
+    request
+        .headers_mut()
+        .insert("x-api-key", KEY_A.parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    for (id, reason) in bad.iter().enumerate() {
+        ws.send(Message::Text(
+            json!({"jsonrpc": "2.0", "id": id, "method": "session.terminate", "params": {"reason": reason}})
+                .to_string()
+                .into(),
+        ))
+        .await
+        .unwrap();
+        let reply = loop {
+            match tokio::time::timeout(Duration::from_secs(5), ws.next())
+                .await
+                .unwrap()
+            {
+                Some(Ok(Message::Text(text))) => {
+                    break serde_json::from_str::<Value>(&text).unwrap()
+                }
+                Some(Ok(_)) => continue,
+                other => panic!("the socket closed: {other:?}"),
+            }
+        };
+        assert_eq!(reply["error"]["code"], -32602, "{reason:?}: {reply}");
+    }
+    for id in ["reason-1", "reason-ws"] {
+        let (_, session) = server
+            .call(Method::GET, &format!("/api/v1/sessions/{id}"), KEY_A, None)
+            .await;
+        assert_eq!(session["status"], "active", "no state change: {session}");
+    }
+
+    // Durations: at most 24 h, over REST, the batch endpoint and the socket.
+    let execute = |duration: Value| {
+        let server = &server;
+        async move {
+            server
+                .call(
+                    Method::POST,
+                    "/api/v1/sessions/reason-1/tools/execute",
+                    KEY_A,
+                    Some(json!({"tool_name": "t", "duration_ms": duration})),
+                )
+                .await
+        }
+    };
+    for too_long in [json!(86_400_001), json!(86_400_000.6), json!(1e300)] {
+        let (status, body) = execute(too_long.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{too_long}: {body}");
+        assert_eq!(body["code"], "validation_failed");
+        assert_eq!(body["details"]["field"], "duration_ms", "{body}");
+    }
+    ws.send(Message::Text(
+        json!({"jsonrpc": "2.0", "id": 99, "method": "tool.executed", "params": {"tool_name": "t", "duration_ms": 86_400_001}})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
+    let reply = loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .unwrap()
+        {
+            Some(Ok(Message::Text(text))) => break serde_json::from_str::<Value>(&text).unwrap(),
+            Some(Ok(_)) => continue,
+            other => panic!("the socket closed: {other:?}"),
+        }
+    };
+    assert_eq!(reply["error"]["code"], -32602, "{reply}");
+    let (_, session) = server
+        .call(Method::GET, "/api/v1/sessions/reason-1", KEY_A, None)
+        .await;
+    assert_eq!(session["tool_execution_count"], 0, "{session}");
+    let (status, _) = execute(json!(86_400_000)).await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "24 h exactly is fine");
+
+    // The DELETE default may be given explicitly.
+    let (status, body) = server
+        .call(
+            Method::DELETE,
+            "/api/v1/sessions/reason-1",
+            KEY_A,
+            Some(json!({"reason": "client_request"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    let (_, session) = server
+        .call(Method::GET, "/api/v1/sessions/reason-1", KEY_A, None)
+        .await;
+    assert_eq!(session["termination_reason"], "client_request");
+}

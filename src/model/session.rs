@@ -128,6 +128,16 @@ pub const REASON_TTL_EXPIRED: &str = "ttl_expired";
 pub const REASON_CLIENT_REQUEST: &str = "client_request";
 /// Termination reason of a session revoked for refresh-token reuse.
 pub const REASON_REFRESH_TOKEN_REUSE: &str = "refresh_token_reuse";
+/// Termination reason of an admin's termination given without a reason.
+pub const REASON_ADMIN_REQUEST: &str = "admin_request";
+/// The reasons only the engine gives: they mean something to audits and to
+/// the WebSocket's close codes, so a client may not give them.
+pub const ENGINE_REASONS: [&str; 4] = [
+    REASON_IDLE_TIMEOUT,
+    REASON_TTL_EXPIRED,
+    REASON_REFRESH_TOKEN_REUSE,
+    REASON_ADMIN_REQUEST,
+];
 
 /// Fraction of the lifetime (the ttl, counted from creation or the last
 /// refresh) after which `should_refresh` turns true.
