@@ -18,6 +18,65 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
+/// Every directory under `dir` (itself included) is 0700, every file 0600.
+fn assert_private(dir: &Path) {
+    let mode = std::fs::metadata(dir).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "{}: {mode:o}", dir.display());
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        let kind = entry.file_type().unwrap();
+        if kind.is_dir() {
+            assert_private(&entry.path());
+        } else if kind.is_file() {
+            let mode = entry.metadata().unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}: {mode:o}", entry.path().display());
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_data_dir_and_every_file_in_it_are_private() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, config_toml(&data, 100, "")).unwrap();
+    let child = ChildServer::start(&config).await;
+    let client = client();
+    let (status, _) = call(
+        &client,
+        &child.base,
+        Method::POST,
+        "/api/v1/sessions",
+        KEY_A,
+        Some(json!({"session_id": "private-1", "edge_mcp_id": "e", "metadata": {"k": "v"}})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, _) = call(
+        &client,
+        &child.base,
+        Method::POST,
+        "/api/v1/sessions/private-1/tools/execute",
+        KEY_A,
+        Some(json!({"tool_name": "grep", "arguments": {"q": "secret"}})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = call(
+        &client,
+        &child.base,
+        Method::POST,
+        "/admin/flush",
+        ADMIN_KEY,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(child.terminate().success());
+    assert!(std::fs::read_dir(data.join("sled")).unwrap().count() > 0);
+    assert_private(&data);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn csv_cells_that_start_like_formulas_are_quoted() {
     let server = TestServer::start().await;
@@ -210,4 +269,46 @@ async fn bad_reasons_and_durations_are_refused_without_a_change() {
         .call(Method::GET, "/api/v1/sessions/reason-1", KEY_A, None)
         .await;
     assert_eq!(session["termination_reason"], "client_request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_server_on_the_same_data_dir_says_so_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, config_toml(&data, 100, "")).unwrap();
+    let first = ChildServer::start(&config).await;
+    let second = tokio::task::spawn_blocking({
+        let config = config.clone();
+        move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_edge-sessions"))
+                .args(["serve", "--config"])
+                .arg(&config)
+                .env("EDGE_SESSIONS__SERVER__LISTEN", "127.0.0.1:0")
+                .env("RUST_LOG", "off")
+                .output()
+                .unwrap()
+        }
+    });
+    let output = tokio::time::timeout(Duration::from_secs(30), second)
+        .await
+        .expect("the second server exits")
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line: {stderr}");
+    assert!(
+        lines[0].contains("another process holds the data dir")
+            && lines[0].contains(&data.display().to_string()),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("Os {") && !stderr.contains("WouldBlock"),
+        "{stderr}"
+    );
+    // The first one is unaffected.
+    let (status, _) = call(&client(), &first.base, Method::GET, "/readyz", "", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(first.terminate().success());
 }
