@@ -272,6 +272,79 @@ async fn bad_reasons_and_durations_are_refused_without_a_change() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_logs_hold_no_refresh_token_and_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, config_toml(&dir.path().join("data"), 100, "")).unwrap();
+    let child = ChildServer::start_with_env(
+        &config,
+        true,
+        &[
+            ("EDGE_SESSIONS__LOG__FORMAT", "text"),
+            ("RUST_LOG", "trace"),
+        ],
+    )
+    .await;
+    let client = client();
+    let (status, created) = call(
+        &client,
+        &child.base,
+        Method::POST,
+        "/api/v1/sessions",
+        KEY_A,
+        Some(json!({"session_id": "logs-1", "edge_mcp_id": "e"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let refresh = created["refresh_token"].as_str().unwrap().to_owned();
+    let mut request = format!(
+        "{}/api/v1/sessions/logs-1/ws",
+        child.base.replacen("http", "ws", 1)
+    )
+    .into_client_request()
+    .unwrap();
+    request
+        .headers_mut()
+        .insert("x-api-key", KEY_A.parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    ws.send(Message::Text(
+        json!({"jsonrpc": "2.0", "id": 1, "method": "session.refresh", "params": {"refresh_token": refresh}})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
+    let reply = loop {
+        match ws.next().await.unwrap().unwrap() {
+            Message::Text(text) => break serde_json::from_str::<Value>(&text).unwrap(),
+            _ => continue,
+        }
+    };
+    let rotated = reply["result"]["refresh_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(rotated.starts_with("ert_"), "{reply}");
+    ws.close(None).await.unwrap();
+    let logs = child.logs.clone();
+    assert!(child.terminate().success());
+    let logs = logs.lock().unwrap().join("\n");
+    assert!(
+        logs.contains("TRACE"),
+        "trace is on for the server's own lines"
+    );
+    for token in [&refresh, &rotated] {
+        let hex: String = token.bytes().map(|b| format!("{b:02x}")).collect();
+        assert!(
+            !logs.contains(token.as_str()),
+            "a refresh token in the logs"
+        );
+        assert!(!logs.contains(&hex), "a refresh token (hex) in the logs");
+    }
+    assert!(!logs.contains("\u{1b}["), "colour codes in piped logs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_server_on_the_same_data_dir_says_so_in_one_line() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
