@@ -345,6 +345,94 @@ async fn trace_logs_hold_no_refresh_token_and_no_colour_codes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_and_tickets_carry_their_headers() {
+    let server = TestServer::start().await;
+    let page = server
+        .client
+        .get(format!("{}/admin/dashboard", server.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    let csp = page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(csp.contains("default-src 'none'"), "{csp}");
+    assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+    assert!(
+        !csp.contains("unsafe-inline") && !csp.contains('*') && !csp.contains("http"),
+        "{csp}"
+    );
+    assert_eq!(page.headers()["x-frame-options"], "DENY");
+    let html = page.text().await.unwrap();
+    assert!(!html.contains("<style") && !html.contains("style=") && !html.contains("<script>"));
+    for file in ["/admin/dashboard.js", "/admin/dashboard.css"] {
+        let response = server
+            .client
+            .get(format!("{}{file}", server.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{file}");
+    }
+
+    let ticket = server
+        .client
+        .post(format!("{}/admin/tickets", server.base))
+        .header("X-Admin-Key", ADMIN_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ticket.status(), StatusCode::OK);
+    assert_eq!(ticket.headers()["cache-control"], "no-store");
+    let ticket: Value = ticket.json().await.unwrap();
+    let ticket = ticket["ticket"].as_str().unwrap();
+
+    // The stats socket refuses another site's page before the upgrade and
+    // before the ticket is used up.
+    let url = format!(
+        "{}/admin/stats/ws?ticket={ticket}",
+        server.base.replacen("http", "ws", 1)
+    );
+    let mut request = url.as_str().into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("origin", "http://evil.example".parse().unwrap());
+    match tokio_tungstenite::connect_async(request).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status().as_u16(), 403);
+            let body: Value = serde_json::from_slice(response.body().as_deref().unwrap()).unwrap();
+            assert_eq!(body["code"], "forbidden", "{body}");
+        }
+        other => panic!("expected 403, got {other:?}"),
+    }
+    let mut request = url.as_str().into_client_request().unwrap();
+    let own = server.base.clone();
+    request.headers_mut().insert("origin", own.parse().unwrap());
+    let (mut socket, _) = tokio_tungstenite::connect_async(request)
+        .await
+        .expect("the page's own origin, with the same ticket");
+    let frame = tokio::time::timeout(Duration::from_secs(5), socket.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(matches!(frame, Message::Text(_)));
+    // A ticket is still needed.
+    let mut request = format!("{}/admin/stats/ws", server.base.replacen("http", "ws", 1))
+        .into_client_request()
+        .unwrap();
+    request.headers_mut().insert("origin", own.parse().unwrap());
+    match tokio_tungstenite::connect_async(request).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status().as_u16(), 401)
+        }
+        other => panic!("expected 401, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_server_on_the_same_data_dir_says_so_in_one_line() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");

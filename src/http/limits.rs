@@ -170,7 +170,11 @@ fn seconds(d: Duration) -> u64 {
 pub fn class_of(method: &Method, path: &str) -> Option<Class> {
     if path.starts_with("/admin/") {
         // The dashboard page itself is static and holds no data.
-        return (path != "/admin/dashboard").then_some(Class::Admin);
+        return (!matches!(
+            path,
+            "/admin/dashboard" | "/admin/dashboard.js" | "/admin/dashboard.css"
+        ))
+        .then_some(Class::Admin);
     }
     if !path.starts_with("/api/v1/") || path == "/api/v1/openapi.json" {
         return None;
