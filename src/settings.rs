@@ -70,6 +70,15 @@ pub struct EngineSettings {
 pub struct ServerSettings {
     /// Address for every HTTP surface.
     pub listen: SocketAddr,
+    /// A connection that has not sent a whole request head this long after
+    /// its first byte is closed (10 s in the contract).
+    pub header_read_timeout_ms: u64,
+    /// A request whose declared body has not arrived this long after its
+    /// head fails (4xx) and its connection is closed (30 s in the contract).
+    pub body_read_timeout_ms: u64,
+    /// A keep-alive connection idle this long between requests is closed
+    /// (60 s in the contract).
+    pub idle_timeout_ms: u64,
 }
 
 /// How a state change is acknowledged.
@@ -319,6 +328,21 @@ impl Settings {
         let fail = |key: &str, why: &str| Err(ConfigError(format!("{key}: {why}")));
         if self.storage.flush_interval_ms == 0 {
             return fail("storage.flush_interval_ms", "must be at least 1");
+        }
+        for (key, value) in [
+            (
+                "server.header_read_timeout_ms",
+                self.server.header_read_timeout_ms,
+            ),
+            (
+                "server.body_read_timeout_ms",
+                self.server.body_read_timeout_ms,
+            ),
+            ("server.idle_timeout_ms", self.server.idle_timeout_ms),
+        ] {
+            if value == 0 {
+                return fail(key, "must be at least 1");
+            }
         }
         if !(1..=60_000).contains(&self.storage.checkpoint_interval_ms) {
             return fail("storage.checkpoint_interval_ms", "must be 1 to 60000");

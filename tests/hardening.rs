@@ -18,6 +18,207 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
+/// Slow-client limits short enough for a test (the contract's 10/30/60 s
+/// are the defaults, checked in `the_contract_timeouts_are_the_defaults`).
+const HEAD: Duration = Duration::from_millis(1000);
+const BODY: Duration = Duration::from_millis(2000);
+const IDLE: Duration = Duration::from_millis(3000);
+
+async fn start_with_short_timeouts() -> TestServer {
+    TestServer::start_customized(1000, "", "", |settings| {
+        settings.server.header_read_timeout_ms = HEAD.as_millis() as u64;
+        settings.server.body_read_timeout_ms = BODY.as_millis() as u64;
+        settings.server.idle_timeout_ms = IDLE.as_millis() as u64;
+    })
+    .await
+}
+
+fn addr(server: &TestServer) -> String {
+    server.base.trim_start_matches("http://").to_owned()
+}
+
+/// Reads until the server closes the connection (EOF or reset), within
+/// `limit`; answers what was read and when it closed.
+async fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> (String, Duration) {
+    let start = Instant::now();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at(
+            tokio::time::Instant::from_std(start + limit),
+            stream.read(&mut buf),
+        )
+        .await
+        {
+            Err(_) => panic!(
+                "still open after {limit:?}; read: {}",
+                String::from_utf8_lossy(&seen)
+            ),
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                return (String::from_utf8_lossy(&seen).into_owned(), start.elapsed())
+            }
+            Ok(Ok(n)) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+#[test]
+fn the_contract_timeouts_are_the_defaults() {
+    let settings = edge_sessions::settings::Settings::from_toml("").unwrap();
+    assert_eq!(settings.server.header_read_timeout_ms, 10_000);
+    assert_eq!(settings.server.body_read_timeout_ms, 30_000);
+    assert_eq!(settings.server.idle_timeout_ms, 60_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trickled_request_heads_are_closed_after_the_head_timeout() {
+    let server = start_with_short_timeouts().await;
+    let addr = addr(&server);
+    // Many connections, each sending a header line every 300 ms: a limit
+    // between reads would never fire; the head's own clock does.
+    let mut clients = Vec::new();
+    for i in 0..20 {
+        let addr = addr.clone();
+        clients.push(tokio::spawn(async move {
+            let mut stream = TcpStream::connect(&addr).await.unwrap();
+            let start = Instant::now();
+            stream
+                .write_all(format!("GET /readyz HTTP/1.1\r\nHost: {addr}\r\n").as_bytes())
+                .await
+                .unwrap();
+            let mut buf = [0u8; 1024];
+            loop {
+                tokio::select! {
+                    read = stream.read(&mut buf) => match read {
+                        Ok(0) | Err(_) => return start.elapsed(),
+                        Ok(n) => panic!("an answer to an unfinished head: {:?}", String::from_utf8_lossy(&buf[..n])),
+                    },
+                    () = tokio::time::sleep(Duration::from_millis(300)) => {
+                        let line = format!("X-Trickle-{i}: still here\r\n");
+                        if stream.write_all(line.as_bytes()).await.is_err() {
+                            return start.elapsed();
+                        }
+                    }
+                }
+                assert!(start.elapsed() < HEAD * 5, "still open after {:?}", start.elapsed());
+            }
+        }));
+    }
+    for client in clients {
+        let closed_after = client.await.unwrap();
+        assert!(
+            closed_after >= HEAD - Duration::from_millis(100) && closed_after < HEAD * 3,
+            "closed after {closed_after:?}"
+        );
+    }
+    // The server still serves.
+    let (status, _) = server.call(Method::GET, "/readyz", "", None).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declared_body_that_does_not_arrive_is_answered_and_closed() {
+    let server = start_with_short_timeouts().await;
+    let addr = addr(&server);
+    // Within the body limit, and far beyond it (the finding: no answer ever).
+    for (length, status) in [("1000", "400"), ("99999999999", "413")] {
+        let mut stream = TcpStream::connect(&addr).await.unwrap();
+        stream
+            .write_all(
+                format!(
+                    "POST /api/v1/sessions HTTP/1.1\r\nHost: {addr}\r\nX-API-Key: {KEY_A}\r\n\
+                     Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n{{\""
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+        let (answer, closed_after) = read_until_closed(&mut stream, BODY * 4).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{length}: {answer}"
+        );
+        assert!(
+            answer.contains("\"request_id\""),
+            "the error body: {answer}"
+        );
+        assert!(
+            closed_after >= BODY - Duration::from_millis(100),
+            "{length}: closed after {closed_after:?}"
+        );
+    }
+    let (status, list) = server
+        .call(Method::GET, "/api/v1/sessions", KEY_A, None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(list["count"], 0, "no state change: {list}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
+    let server = start_with_short_timeouts().await;
+    let addr = addr(&server);
+    let mut stream = TcpStream::connect(&addr).await.unwrap();
+    stream
+        .write_all(format!("GET /readyz HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&answer).contains("\r\n\r\n{") {
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before answering");
+        answer.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+    // Idle: neither the head limit (1 s) nor anything but the idle limit
+    // (3 s) closes it.
+    let (_, closed_after) = read_until_closed(&mut stream, IDLE * 3).await;
+    assert!(
+        closed_after >= IDLE - Duration::from_millis(300) && closed_after < IDLE * 2,
+        "closed after {closed_after:?}"
+    );
+    // A WebSocket outlives the connection limits: its own pings keep it.
+    let (status, created) = server
+        .call(
+            Method::POST,
+            "/api/v1/sessions",
+            KEY_A,
+            Some(json!({"session_id": "slow-ws", "edge_mcp_id": "e"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let mut request = format!(
+        "{}/api/v1/sessions/slow-ws/ws",
+        server.base.replacen("http", "ws", 1)
+    )
+    .into_client_request()
+    .unwrap();
+    request
+        .headers_mut()
+        .insert("x-api-key", KEY_A.parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    tokio::time::sleep(IDLE + HEAD).await;
+    ws.send(Message::Text(
+        json!({"jsonrpc": "2.0", "id": 1, "method": "session.get"})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
+    let reply = loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .unwrap()
+        {
+            Some(Ok(Message::Text(text))) => break serde_json::from_str::<Value>(&text).unwrap(),
+            Some(Ok(_)) => continue,
+            other => panic!("the socket closed: {other:?}"),
+        }
+    };
+    assert_eq!(reply["result"]["session_id"], "slow-ws");
+}
+
 /// Every directory under `dir` (itself included) is 0700, every file 0600.
 fn assert_private(dir: &Path) {
     let mode = std::fs::metadata(dir).unwrap().permissions().mode() & 0o777;

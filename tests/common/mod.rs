@@ -122,14 +122,27 @@ impl TestServer {
 
     /// A server with `storage` lines added to `[storage]`.
     pub async fn start_with_storage(limit_a: usize, storage: &str, extra: &str) -> Self {
+        Self::start_customized(limit_a, storage, extra, |_| {}).await
+    }
+
+    /// As [`TestServer::start_with_storage`], with the parsed settings
+    /// changed by `customize` (keys of sections the config already has,
+    /// such as `[server]`).
+    pub async fn start_customized(
+        limit_a: usize,
+        storage: &str,
+        extra: &str,
+        customize: impl FnOnce(&mut Settings),
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let settings = Settings::from_toml(&config_toml_with_storage(
+        let mut settings = Settings::from_toml(&config_toml_with_storage(
             &dir.path().join("data"),
             limit_a,
             storage,
             extra,
         ))
         .unwrap();
+        customize(&mut settings);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
