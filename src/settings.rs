@@ -260,6 +260,10 @@ pub struct RateLimitSettings {
     pub write_burst: u32,
     pub admin_per_second: u32,
     pub admin_burst: u32,
+    /// Failed authentications per client address (IP): refill per second.
+    pub failed_auth_per_second: u32,
+    /// Failed authentications per client address (IP): burst.
+    pub failed_auth_burst: u32,
 }
 
 /// `[log]`

@@ -634,6 +634,75 @@ async fn the_dashboard_and_tickets_carry_their_headers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_authentication_is_limited_per_address() {
+    let defaults = edge_sessions::settings::Settings::from_toml("").unwrap();
+    assert_eq!(defaults.rate_limits.failed_auth_burst, 20);
+    assert_eq!(defaults.rate_limits.failed_auth_per_second, 1);
+    // The per-key classes off: the failed-authentication bucket stands alone.
+    let server = TestServer::start_customized(1000, "", "", |settings| {
+        let r = &mut settings.rate_limits;
+        r.create_per_second = 0;
+        r.read_per_second = 0;
+        r.write_per_second = 0;
+        r.admin_per_second = 0;
+    })
+    .await;
+    let mut statuses = Vec::new();
+    for i in 0..30 {
+        let (path, key) = if i % 2 == 0 {
+            ("/api/v1/sessions", format!("wrong-key-{i}"))
+        } else {
+            ("/admin/stats", format!("wrong-admin-key-{i}"))
+        };
+        let mut request = server.client.get(format!("{}{path}", server.base));
+        request = if path.starts_with("/admin") {
+            request.header("X-Admin-Key", key)
+        } else {
+            request.header("X-API-Key", key)
+        };
+        let response = request.send().await.unwrap();
+        let status = response.status();
+        let retry_after = response.headers().get("retry-after").cloned();
+        let body: Value = response.json().await.unwrap();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            assert_eq!(body["code"], "rate_limited", "{body}");
+            assert!(body["request_id"].is_string(), "{body}");
+            let seconds: u64 = retry_after.unwrap().to_str().unwrap().parse().unwrap();
+            assert!((1..=2).contains(&seconds), "{seconds}");
+        } else {
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+        }
+        statuses.push(status);
+    }
+    let refused = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::TOO_MANY_REQUESTS)
+        .count();
+    assert!(
+        statuses[..20]
+            .iter()
+            .all(|s| *s == StatusCode::UNAUTHORIZED),
+        "the burst of 20: {statuses:?}"
+    );
+    assert!(refused >= 9, "the later ones are refused: {statuses:?}");
+    // No key at all counts as a failed attempt too.
+    let (status, _) = server.call(Method::GET, "/api/v1/sessions", "", None).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    // A client holding a real key from the same address is not locked out.
+    let (status, _) = server
+        .call(Method::GET, "/api/v1/sessions", KEY_A, None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = server
+        .call(Method::GET, "/admin/stats", ADMIN_KEY, None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    // Health and metrics are not behind it.
+    let (status, _) = server.call(Method::GET, "/readyz", "", None).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_server_on_the_same_data_dir_says_so_in_one_line() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
