@@ -191,6 +191,10 @@ impl Engine {
                 .postgres
                 .as_ref()
                 .map_or(Duration::ZERO, |tier| tier.rebuild_wait),
+            migrate_before_rebuild: config
+                .postgres
+                .as_ref()
+                .is_some_and(|tier| tier.shipper.migrate_on_start),
             postgres: config.postgres.map(|tier| tier.postgres),
             vault: config.vault,
             outbox,
