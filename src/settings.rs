@@ -71,7 +71,8 @@ pub struct ServerSettings {
     /// Address for every HTTP surface.
     pub listen: SocketAddr,
     /// A connection that has not sent a whole request head this long after
-    /// its first byte is closed (10 s in the contract).
+    /// its first byte (of its accept, for the first request) is closed (10 s
+    /// in the contract).
     pub header_read_timeout_ms: u64,
     /// A request whose declared body has not arrived this long after its
     /// head fails (4xx) and its connection is closed (30 s in the contract).

@@ -104,6 +104,14 @@ async fn trickled_request_heads_are_closed_after_the_head_timeout() {
             }
         }));
     }
+    // A connection that sends nothing at all owes its head as well.
+    clients.push(tokio::spawn({
+        let addr = addr.clone();
+        async move {
+            let mut stream = TcpStream::connect(&addr).await.unwrap();
+            read_until_closed(&mut stream, HEAD * 5).await.1
+        }
+    }));
     for client in clients {
         let closed_after = client.await.unwrap();
         assert!(

@@ -16,7 +16,9 @@
 //!
 //! **Slow clients** ([`ConnectionTimeouts`], `[server]` in the config): a
 //! connection that has not sent a whole request head within
-//! `header_read_timeout` of its first byte is closed; a request body that
+//! `header_read_timeout` of its first byte (for its first request: of its
+//! accept, so a connection that sends nothing is not kept either) is
+//! closed; a request body that
 //! has not arrived within `body_read_timeout` of its head fails (the
 //! handler answers 4xx; hyper then closes the connection, as the body was
 //! not read to its end); a keep-alive connection idle for `idle_timeout`
@@ -74,8 +76,9 @@ struct ConnectionClock {
     born: Instant,
     /// The last read or write of a byte.
     last_activity: AtomicU64,
-    /// When the first byte of a request head not yet complete was read,
-    /// plus one (0: none pending).
+    /// When the first byte of a request head not yet complete was read
+    /// (for the first request, when the connection was accepted), plus one
+    /// (0: none pending).
     head_started: AtomicU64,
     /// A request is being served (from its head to the end of its answer).
     in_flight: AtomicBool,
@@ -86,7 +89,8 @@ impl ConnectionClock {
         ConnectionClock {
             born: Instant::now(),
             last_activity: AtomicU64::new(0),
-            head_started: AtomicU64::new(0),
+            // A new connection owes its first head from the start.
+            head_started: AtomicU64::new(1),
             in_flight: AtomicBool::new(false),
         }
     }
@@ -513,7 +517,16 @@ mod tests {
     fn deadlines_follow_the_connection_state() {
         let t = ConnectionTimeouts::CONTRACT;
         let clock = ConnectionClock::new();
-        assert_eq!(clock.check_at(0, &t), Ok(60_000), "idle from the start");
+        assert_eq!(
+            clock.check_at(0, &t),
+            Ok(10_000),
+            "a new connection owes its first head"
+        );
+        clock.read_bytes_at(3_000);
+        assert_eq!(clock.check_at(3_000, &t), Ok(10_000), "from the accept");
+        clock.request_started();
+        clock.request_finished_at(4_000);
+        assert_eq!(clock.check_at(4_000, &t), Ok(64_000), "then idle");
         clock.read_bytes_at(5_000);
         clock.read_bytes_at(8_000);
         assert_eq!(
