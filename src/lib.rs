@@ -16,9 +16,11 @@
 //!   over one actix arbiter per core; start-up recovery and the sweep.
 //! - [`auth`]: API keys and admin keys (hashes only, scopes), where the
 //!   master keyring comes from, development credentials.
-//! - [`http`]: the axum routes, extractors (keys, session tokens), the one
-//!   error mapping, rate limits, the OpenAPI document, the JSON-RPC
-//!   WebSocket, live stats with the dashboard, `/metrics` and the export.
+//! - [`http`]: the connection loop (slow-client timeouts, peer addresses),
+//!   the axum routes, extractors (keys, session tokens), the one error
+//!   mapping, rate limits (failed authentications per address too), the
+//!   OpenAPI document, the JSON-RPC WebSocket, live stats with the
+//!   dashboard, `/metrics` and the export.
 //! - [`settings`]: layered configuration; [`telemetry`]: logging and
 //!   Prometheus metric names;
 //!   [`service`]: wires it all and shuts it down in order.

@@ -274,6 +274,10 @@ fn serve(config: Option<PathBuf>, salvage: bool) -> ExitCode {
     };
     settings.storage.salvage = salvage;
     let data_dir = settings.storage.data_dir.clone();
+    // Everything the server creates (the data dir, the log, sled's own
+    // files, development keys) is its owner's only: 0700 dirs, 0600 files.
+    // SAFETY: umask only sets the process's file mode mask; it cannot fail.
+    unsafe { libc::umask(0o077) };
     let log_writer = telemetry::init(&settings.log);
     // Requests are served on the engine's arbiters (one per core); this
     // runtime only accepts connections and runs background tasks, so one
@@ -312,6 +316,13 @@ fn serve(config: Option<PathBuf>, salvage: bool) -> ExitCode {
                 Some(StoreError::Damaged(damage)) => Some(damage.clone()),
                 _ => None,
             });
+            if let Some(in_use) = e.chain().find_map(|cause| match cause.downcast_ref() {
+                Some(in_use @ StoreError::InUse(_)) => Some(in_use.to_string()),
+                _ => None,
+            }) {
+                eprintln!("edge-sessions: {in_use}");
+                return ExitCode::FAILURE;
+            }
             if let Some(damage) = damage {
                 eprintln!(
                     "edge-sessions: the store in {} is damaged ({damage}); nothing was changed; `edge-sessions serve --salvage` starts from what can be read",

@@ -14,6 +14,7 @@ use crate::auth::{master_key, Keyring};
 use crate::crypto::Vault;
 use crate::engine::{Engine, EngineConfig, PostgresTier};
 use crate::http::limits::{forget_idle_forever, RateLimits};
+use crate::http::serve::ConnectionTimeouts;
 use crate::http::{self, AppState, Handles};
 use crate::model::time::Clock;
 use crate::persist::postgres::{Postgres, PostgresConfig};
@@ -68,11 +69,17 @@ pub async fn run_with_clock(
             settings.storage.data_dir.display()
         )
     })?;
+    let timeouts = ConnectionTimeouts {
+        header_read: Duration::from_millis(settings.server.header_read_timeout_ms),
+        body_read: Duration::from_millis(settings.server.body_read_timeout_ms),
+        idle: Duration::from_millis(settings.server.idle_timeout_ms),
+    };
     let result = serve_engine(
         engine.clone(),
         keys,
         settings.rate_limits.clone(),
         settings.websocket.max_connections_per_session,
+        timeouts,
         listener,
         shutdown,
     )
@@ -88,6 +95,7 @@ async fn serve_engine(
     keys: Keyring,
     rate_limits: RateLimitSettings,
     max_sockets_per_session: usize,
+    timeouts: ConnectionTimeouts,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
@@ -125,7 +133,7 @@ async fn serve_engine(
             Ok(()) = failed => {}
         }
     };
-    let served = http::serve(listener, app, stop, &engine.arbiters()).await;
+    let served = http::serve(listener, app, timeouts, stop, &engine.arbiters()).await;
     sweeper.abort();
     let _ = sweeper.await;
     forgetter.abort();

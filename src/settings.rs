@@ -81,6 +81,16 @@ pub struct EngineSettings {
 pub struct ServerSettings {
     /// Address for every HTTP surface.
     pub listen: SocketAddr,
+    /// A connection that has not sent a whole request head this long after
+    /// its first byte (of its accept, for the first request) is closed (10 s
+    /// in the contract).
+    pub header_read_timeout_ms: u64,
+    /// A request whose declared body has not arrived this long after its
+    /// head fails (4xx) and its connection is closed (30 s in the contract).
+    pub body_read_timeout_ms: u64,
+    /// A keep-alive connection idle this long between requests is closed
+    /// (60 s in the contract).
+    pub idle_timeout_ms: u64,
 }
 
 /// How a state change is acknowledged.
@@ -262,6 +272,10 @@ pub struct RateLimitSettings {
     pub write_burst: u32,
     pub admin_per_second: u32,
     pub admin_burst: u32,
+    /// Failed authentications per client address (IP): refill per second.
+    pub failed_auth_per_second: u32,
+    /// Failed authentications per client address (IP): burst.
+    pub failed_auth_burst: u32,
 }
 
 /// `[log]`
@@ -330,6 +344,21 @@ impl Settings {
         let fail = |key: &str, why: &str| Err(ConfigError(format!("{key}: {why}")));
         if self.storage.flush_interval_ms == 0 {
             return fail("storage.flush_interval_ms", "must be at least 1");
+        }
+        for (key, value) in [
+            (
+                "server.header_read_timeout_ms",
+                self.server.header_read_timeout_ms,
+            ),
+            (
+                "server.body_read_timeout_ms",
+                self.server.body_read_timeout_ms,
+            ),
+            ("server.idle_timeout_ms", self.server.idle_timeout_ms),
+        ] {
+            if value == 0 {
+                return fail(key, "must be at least 1");
+            }
         }
         if !(1..=60_000).contains(&self.storage.checkpoint_interval_ms) {
             return fail("storage.checkpoint_interval_ms", "must be 1 to 60000");

@@ -245,6 +245,8 @@ async fn an_operator_ends_one_session_and_its_socket_hears_it() {
     for body in [
         json!({"reason": ""}),
         json!({"reason": "refresh_token_reuse"}),
+        json!({"reason": "admin_request"}),
+        json!({"reason": "refresh_token_reuse\u{200b}"}),
         json!({"reason": "x".repeat(256)}),
         json!({"why": "typo"}),
     ] {

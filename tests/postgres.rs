@@ -948,3 +948,40 @@ async fn a_client_id_reused_after_retention_takes_over_its_row() {
     );
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_start_on_an_empty_database_logs_no_error() {
+    let pg = TempPostgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "data", "", &postgres_section(&pg.url, ""));
+    let server = ChildServer::start(&config).await;
+    // Ready means recovery (the rebuild from PostgreSQL included) is done;
+    // then a change is shipped, so the shipper is past its migrations too.
+    let client = client();
+    create(&client, &server.base, "first-start").await;
+    let (status, _) = call(
+        &client,
+        &server.base,
+        Method::POST,
+        "/admin/flush",
+        ADMIN_KEY,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let logs = server.logs.clone();
+    assert!(server.terminate().success());
+    let logs = logs.lock().unwrap();
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("live sessions rebuilt from PostgreSQL")),
+        "the rebuild ran: {logs:#?}"
+    );
+    let errors: Vec<&String> = logs
+        .iter()
+        .filter(|l| {
+            serde_json::from_str::<Value>(l).map_or(l.contains("ERROR"), |v| v["level"] == "ERROR")
+        })
+        .collect();
+    assert!(errors.is_empty(), "a healthy first start: {errors:#?}");
+}

@@ -4,7 +4,7 @@
 use uuid::Uuid;
 
 use crate::model::ids::{generate_session_id, is_valid_session_id};
-use crate::model::session::SessionCredentials;
+use crate::model::session::{SessionCredentials, ENGINE_REASONS};
 use crate::model::{ClientType, Millis, Session, SessionError, Status};
 
 /// Longest free-text field (names, versions, edge_mcp_id, tool names).
@@ -72,6 +72,38 @@ pub fn check_text(field: &str, value: &str, min: usize) -> Result<(), SessionErr
         return Err(SessionError::validation(
             field,
             format!("{field} must be {min} to {MAX_TEXT_LEN} characters"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a termination reason a caller gave (DELETE, `session.terminate`,
+/// admin calls): 1 to [`MAX_TEXT_LEN`] characters, none of them a control
+/// or format character (Unicode general categories Cc and Cf: line breaks,
+/// escapes, zero-width and bidi marks, which would forge or hide text in
+/// audits and logs), and not one of the engine's own reasons
+/// ([`ENGINE_REASONS`]). `client_request`, the DELETE default, may be given.
+pub fn check_reason(reason: &str) -> Result<(), SessionError> {
+    use unicode_properties::{GeneralCategory, UnicodeGeneralCategory as _};
+    check_text("reason", reason, 1)?;
+    if reason.chars().any(|c| {
+        matches!(
+            c.general_category(),
+            GeneralCategory::Control | GeneralCategory::Format
+        )
+    }) {
+        return Err(SessionError::validation(
+            "reason",
+            "reason must not contain control or format characters",
+        ));
+    }
+    if ENGINE_REASONS.contains(&reason) {
+        return Err(SessionError::validation(
+            "reason",
+            format!(
+                "reason must not be one the engine uses ({})",
+                ENGINE_REASONS.join(", ")
+            ),
         ));
     }
     Ok(())
@@ -255,5 +287,39 @@ mod tests {
         let mut r = request();
         r.client_name = Some("x".repeat(256));
         assert!(build(r, &tenant(), DEFAULTS, 0).is_err());
+    }
+
+    #[test]
+    fn reasons_follow_the_contract() {
+        for good in [
+            "done",
+            "client_request",
+            "user closed the laptop",
+            "日本語",
+            "a",
+        ] {
+            assert!(check_reason(good).is_ok(), "{good:?}");
+        }
+        let long = "x".repeat(MAX_TEXT_LEN + 1);
+        for bad in [
+            "",
+            long.as_str(),
+            "line\nbreak",
+            "tab\tinside",
+            "esc\u{1b}[31m",
+            "zero\u{200b}width",
+            "bidi\u{202e}override",
+            "bom\u{feff}",
+            "idle_timeout",
+            "ttl_expired",
+            "refresh_token_reuse",
+            "admin_request",
+        ] {
+            let e = check_reason(bad).unwrap_err();
+            assert!(
+                matches!(e, SessionError::Validation { .. }),
+                "{bad:?}: {e:?}"
+            );
+        }
     }
 }

@@ -151,7 +151,8 @@ impl Engine {
     }
 
     /// Ends a session at the request of `requester` (whose audit row it
-    /// is); a final one is left as it is.
+    /// is); a final one is left as it is. A given `reason` must pass
+    /// [`super::admission::check_reason`] (400 `validation_failed`).
     pub async fn terminate(
         &self,
         tenant: Uuid,
@@ -159,20 +160,11 @@ impl Engine {
         reason: Option<String>,
         requester: Requester,
     ) -> Result<(), SessionError> {
-        // The engine's own reasons are not a client's to give: they mean
-        // something to audits and to the WebSocket's close codes.
-        if reason.as_deref().is_some_and(|r| {
-            [
-                crate::model::session::REASON_REFRESH_TOKEN_REUSE,
-                crate::model::session::REASON_IDLE_TIMEOUT,
-                crate::model::session::REASON_TTL_EXPIRED,
-            ]
-            .contains(&r)
-        }) {
-            return Err(SessionError::validation(
-                "reason",
-                "reason must not be one the engine uses (refresh_token_reuse, idle_timeout, ttl_expired)",
-            ));
+        // The one reason rule (length, no control or format characters,
+        // not one of the engine's own reasons) for every caller: REST,
+        // WebSocket and admin calls all end up here.
+        if let Some(reason) = &reason {
+            super::admission::check_reason(reason)?;
         }
         self.ensure_writable()?;
         match self

@@ -49,6 +49,9 @@ pub struct Engine {
     pub(super) postgres: Option<Postgres>,
     /// See [`PostgresTier::rebuild_wait`].
     pub(super) rebuild_wait: Duration,
+    /// Apply the migrations before a rebuild reads PostgreSQL
+    /// (`postgres.migrate_on_start`).
+    pub(super) migrate_before_rebuild: bool,
     pub(super) vault: Arc<Vault>,
     pub(super) outbox: Option<Arc<Outbox>>,
     pub(super) shipper: Arc<Mutex<Option<ShipperHandle>>>,

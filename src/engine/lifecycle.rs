@@ -32,9 +32,11 @@ impl Engine {
     /// tenant. Call [`Engine::recover`] next; until it finishes the engine is
     /// not ready.
     pub fn start(config: EngineConfig) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(&config.data_dir).map_err(|e| {
-            StoreError::Sled(format!("creating {}: {e}", config.data_dir.display()))
-        })?;
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+            .create(&config.data_dir)
+            .map_err(|e| {
+                StoreError::Sled(format!("creating {}: {e}", config.data_dir.display()))
+            })?;
         set_private(&config.data_dir);
         let Opened {
             store,
@@ -189,6 +191,10 @@ impl Engine {
                 .postgres
                 .as_ref()
                 .map_or(Duration::ZERO, |tier| tier.rebuild_wait),
+            migrate_before_rebuild: config
+                .postgres
+                .as_ref()
+                .is_some_and(|tier| tier.shipper.migrate_on_start),
             postgres: config.postgres.map(|tier| tier.postgres),
             vault: config.vault,
             outbox,
@@ -263,13 +269,36 @@ impl Engine {
     }
 }
 
-/// Makes the data dir readable by its owner only (tool arguments and
-/// results are in it). Best effort: a dir the process does not own keeps
-/// its mode, with a warning.
+/// Makes the data dir and everything already in it its owner's only
+/// (0700 dirs, 0600 files): tool arguments and results are in it. Files
+/// created later are private through the process umask (`main`). A data
+/// dir of an older version, written with the default umask, is fixed here.
+/// Best effort: what the process does not own keeps its mode, with a
+/// warning.
 fn set_private(dir: &std::path::Path) {
     use std::os::unix::fs::PermissionsExt;
-    if let Err(e) = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)) {
-        tracing::warn!(dir = %dir.display(), error = %e, "cannot make the data dir private (mode 0700)");
+    let mode = |path: &std::path::Path, mode: u32| {
+        if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)) {
+            tracing::warn!(path = %path.display(), error = %e, mode = format!("{mode:o}"), "cannot make a data dir entry private");
+        }
+    };
+    mode(dir, 0o700);
+    let mut dirs = vec![dir.to_owned()];
+    while let Some(dir) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            // Not following symbolic links: only what lives in the data dir.
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => {
+                    mode(&entry.path(), 0o700);
+                    dirs.push(entry.path());
+                }
+                Ok(t) if t.is_file() => mode(&entry.path(), 0o600),
+                _ => {}
+            }
+        }
     }
 }
 

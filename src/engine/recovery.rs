@@ -225,6 +225,11 @@ impl Engine {
     /// Writes PostgreSQL's live sessions of the configured tenants into the
     /// store (those not stored already), retrying until PostgreSQL answers
     /// or `deadline` passes (`None`). Clears the pending marker when done.
+    /// With `migrate_on_start`, the migrations are applied first (the
+    /// shipper applies them too, concurrently: sqlx's migration lock
+    /// serialises the two, and the second finds nothing pending), so a first
+    /// start on an empty database does not query tables that do not exist
+    /// yet.
     async fn rebuild_from_postgres(
         &self,
         postgres: &Postgres,
@@ -234,8 +239,18 @@ impl Engine {
         let mut delay = Duration::from_millis(200);
         let mut written = Vec::new();
         let mut after = Uuid::nil();
+        let mut migrated = !self.migrate_before_rebuild;
         loop {
-            match postgres.live_sessions(&tenants, after, REBUILD_PAGE).await {
+            let ready = if migrated {
+                Ok(())
+            } else {
+                postgres.migrate_up().await.map(|()| migrated = true)
+            };
+            let page = match ready {
+                Ok(()) => postgres.live_sessions(&tenants, after, REBUILD_PAGE).await,
+                Err(e) => Err(e),
+            };
+            match page {
                 Ok(page) => {
                     let last = page.last().map(|(s, _)| s.id);
                     let store = self.shared.store.clone();

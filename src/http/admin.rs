@@ -22,7 +22,7 @@ use super::extract::{parse_limit, Admin, OptionalJsonBody};
 use super::openapi::{BulkTerminated, Cleanup, ErrorResponse, Flush, SessionList};
 use super::sessions::{filter, DEFAULT_LIST_LIMIT};
 use super::AppState;
-use crate::engine::admission::check_text;
+use crate::engine::admission::{check_reason, check_text};
 use crate::engine::{ListQuery, Selection};
 use crate::model::ids::is_valid_session_id;
 use crate::model::{ClientType, SessionView, Status};
@@ -195,7 +195,7 @@ pub(crate) async fn terminate(
     let (tenant, id) = session_path(&tenant_id, &session_id)?;
     let reason = body.and_then(|b| b.reason);
     if let Some(reason) = &reason {
-        check_text("reason", reason, 1)?;
+        check_reason(reason)?;
     }
     state.engine.admin_terminate(tenant, &id, reason).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -263,8 +263,9 @@ pub(crate) async fn terminate_matching(
     if user_id.is_none() && edge_mcp_id.is_none() {
         return Err(invalid("user_id", "user_id or edge_mcp_id is required"));
     }
+    // Checked before anything ends, not per session.
     if let Some(reason) = &body.reason {
-        check_text("reason", reason, 1)?;
+        check_reason(reason)?;
     }
     let selection = Selection {
         tenant,

@@ -29,6 +29,9 @@ pub enum ApiError {
     Unauthorized,
     /// The key lacks the scope.
     Forbidden,
+    /// A browser request from another site's page (`Origin` is not the
+    /// request's own `Host`).
+    ForeignOrigin,
     /// No such route.
     RouteNotFound,
     /// The caller's token bucket for this class is empty.
@@ -227,6 +230,14 @@ impl ApiError {
                 StatusCode::FORBIDDEN,
                 body(
                     "the key lacks the scope for this call",
+                    "forbidden",
+                    json!({}),
+                ),
+            ),
+            ApiError::ForeignOrigin => (
+                StatusCode::FORBIDDEN,
+                body(
+                    "the request's origin is not this server",
                     "forbidden",
                     json!({}),
                 ),

@@ -4,6 +4,11 @@
 //! read from the store one at a time and written as they come, with a
 //! bounded channel between the two. Credentials and tokens are never part
 //! of a session's resource, so they cannot be exported.
+//!
+//! A CSV cell that a spreadsheet would read as a formula (it starts with
+//! `=`, `+`, `-`, `@`, a tab or a carriage return) is written with a
+//! leading `'` ([`defuse_formula`]): client-chosen fields such as
+//! `edge_mcp_id` end up in the files operators open. NDJSON is unchanged.
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Query, State};
@@ -152,9 +157,24 @@ fn csv_row<S: AsRef<[u8]>>(fields: &[S]) -> Vec<u8> {
     writer.into_inner().unwrap_or_default()
 }
 
+/// The characters that make a spreadsheet read a cell as a formula (OWASP
+/// "CSV injection").
+const FORMULA_STARTS: [char; 6] = ['=', '+', '-', '@', '\t', '\r'];
+
+/// `cell` with a leading `'` when it starts like a formula, else as it is.
+fn defuse_formula(cell: String) -> String {
+    if cell.starts_with(FORMULA_STARTS) {
+        format!("'{cell}")
+    } else {
+        cell
+    }
+}
+
 fn csv_session(v: &SessionView) -> Vec<u8> {
     let opt = |s: &Option<String>| s.clone().unwrap_or_default();
-    csv_row(&[
+    // Every cell, not only the client's text: a number never starts like a
+    // formula, and a rule per column would miss the next text column.
+    let cells = [
         v.session_id.clone(),
         v.tenant_id.to_string(),
         v.edge_mcp_id.clone(),
@@ -174,5 +194,21 @@ fn csv_session(v: &SessionView) -> Vec<u8> {
         v.initialized.to_string(),
         v.version.to_string(),
         v.id.to_string(),
-    ])
+    ];
+    csv_row(&cells.map(defuse_formula))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formula_cells_get_a_leading_quote() {
+        for cell in ["=1+1", "+1", "-1", "@SUM(A1)", "\tx", "\rx"] {
+            assert_eq!(defuse_formula(cell.to_owned()), format!("'{cell}"));
+        }
+        for cell in ["", "laptop-1", "1", "'=x", " =x"] {
+            assert_eq!(defuse_formula(cell.to_owned()), cell);
+        }
+    }
 }

@@ -13,16 +13,34 @@
 //! Every limited answer carries `RateLimit-Limit` (the burst),
 //! `RateLimit-Remaining` and `RateLimit-Reset` (seconds until a token is
 //! back); a refused one is 429 `rate_limited` with `Retry-After`.
+//!
+//! **Failed authentication.** Apart from the classes (and on even when
+//! they are off), each client address has a bucket of failed
+//! authentications (`failed_auth_per_second`, `failed_auth_burst`; by
+//! default 20 at once, then one a second), so a key cannot be guessed at
+//! line rate. The address is the connection's peer IP (an IPv6 address
+//! counts by its /64, which one client usually holds whole); behind a
+//! proxy that is the proxy's. A call under `/api/v1` or `/admin` that
+//! presents no known key (none, or an unknown one) takes a token before it
+//! runs, and is refused with 429 `rate_limited` and `Retry-After` when the
+//! bucket is empty; a call with a session token or a `?token=`/`?ticket=`
+//! (checked later, by its handler) is never refused here but takes a token
+//! when it is answered 401 or 403. A call with a known API or admin key is
+//! neither refused nor charged: an attacker guessing from the same address
+//! does not lock out the clients that hold keys. The table is bounded like
+//! the others: full buckets are dropped every minute.
 
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderValue, Method};
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use governor::clock::{Clock, DefaultClock};
+use governor::middleware::NoOpMiddleware;
 use governor::middleware::StateInformationMiddleware;
 use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
@@ -39,6 +57,10 @@ type Bucket = RateLimiter<
     DefaultClock,
     StateInformationMiddleware,
 >;
+
+/// Failed authentications per client address.
+type FailedAuthBucket =
+    RateLimiter<IpAddr, DefaultKeyedStateStore<IpAddr>, DefaultClock, NoOpMiddleware>;
 
 /// An endpoint class.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +89,8 @@ pub struct RateLimits {
     read: Option<Limit>,
     write: Option<Limit>,
     admin: Option<Limit>,
+    /// Failed authentications per client address (`None`: off).
+    failed_auth: Option<FailedAuthBucket>,
     clock: DefaultClock,
 }
 
@@ -110,8 +134,29 @@ impl RateLimits {
             read: limit(settings.read_per_second, settings.read_burst),
             write: limit(settings.write_per_second, settings.write_burst),
             admin: limit(settings.admin_per_second, settings.admin_burst),
+            failed_auth: NonZeroU32::new(settings.failed_auth_per_second).map(|rate| {
+                let burst = NonZeroU32::new(settings.failed_auth_burst).unwrap_or(rate);
+                RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
+            }),
             clock: DefaultClock::default(),
         }
+    }
+
+    /// Whether failed authentications are limited per client address.
+    pub fn guards_failed_auth(&self) -> bool {
+        self.failed_auth.is_some()
+    }
+
+    /// Takes a token from `client`'s failed-authentication bucket: `Err`
+    /// with the seconds until one is back when it is empty (and when the
+    /// bucket is off, always `Ok`).
+    pub fn charge_failed_auth(&self, client: IpAddr) -> Result<(), u64> {
+        let Some(buckets) = &self.failed_auth else {
+            return Ok(());
+        };
+        buckets
+            .check_key(&client_key(client))
+            .map_err(|not_until| seconds(not_until.wait_time_from(self.clock.now())).max(1))
     }
 
     fn class(&self, class: Class) -> Option<&Limit> {
@@ -158,7 +203,29 @@ impl RateLimits {
             limit.buckets.retain_recent();
             limit.buckets.shrink_to_fit();
         }
+        if let Some(buckets) = &self.failed_auth {
+            buckets.retain_recent();
+            buckets.shrink_to_fit();
+        }
     }
+}
+
+/// The failed-authentication bucket an address draws on: an IPv4 address
+/// (also written as IPv6) itself, an IPv6 address by its /64.
+fn client_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(v6.to_bits() & !u128::from(u64::MAX))),
+        v4 => v4,
+    }
+}
+
+/// Whether the query string carries a credential a handler checks (the
+/// session WebSocket's `?token=`, the stats WebSocket's `?ticket=`).
+fn query_credential(query: Option<&str>) -> bool {
+    query.is_some_and(|q| {
+        q.split('&')
+            .any(|pair| pair.starts_with("token=") || pair.starts_with("ticket="))
+    })
 }
 
 /// Whole seconds, rounded up.
@@ -170,7 +237,11 @@ fn seconds(d: Duration) -> u64 {
 pub fn class_of(method: &Method, path: &str) -> Option<Class> {
     if path.starts_with("/admin/") {
         // The dashboard page itself is static and holds no data.
-        return (path != "/admin/dashboard").then_some(Class::Admin);
+        return (!matches!(
+            path,
+            "/admin/dashboard" | "/admin/dashboard.js" | "/admin/dashboard.css"
+        ))
+        .then_some(Class::Admin);
     }
     if !path.starts_with("/api/v1/") || path == "/api/v1/openapi.json" {
         return None;
@@ -265,9 +336,36 @@ pub async fn limit_rate(
     let path = request.uri().path().to_owned();
     let slot = RateSlot::default();
     request.extensions_mut().insert(slot.clone());
-    // An unlimited class costs nothing (no key digests).
-    let limited = class_of(request.method(), &path).filter(|class| state.limits.limits(*class));
-    let caller = limited.map(|class| (class, caller(&state, request.headers(), class, &path)));
+    let class = class_of(request.method(), &path);
+    // The failed-authentication bucket of the caller's address, when on;
+    // an app served without addresses (`ConnectInfo`) has none.
+    let client = class
+        .filter(|_| state.limits.guards_failed_auth())
+        .and_then(|_| request.extensions().get::<ConnectInfo<SocketAddr>>())
+        .map(|ConnectInfo(peer)| peer.ip());
+    // An unlimited class costs nothing (no key digests), unless the
+    // failed-authentication bucket needs to know the caller.
+    let caller = class
+        .filter(|class| state.limits.limits(*class) || client.is_some())
+        .map(|class| (class, caller(&state, request.headers(), class, &path)));
+    // Who the failed-authentication bucket charges after the answer.
+    let mut charge_on_failure = None;
+    if let (Some(ip), Some((_, who))) = (client, &caller) {
+        match who {
+            Caller::Key(_) => {}
+            Caller::Unknown if !query_credential(request.uri().query()) => {
+                if let Err(retry_after) = state.limits.charge_failed_auth(ip) {
+                    tracing::info!(event = "rate_limited", path = %path, client = %ip, retry_after, "failed-authentication limit reached");
+                    let mut response = ApiError::RateLimited.into_response();
+                    response
+                        .headers_mut()
+                        .insert("retry-after", HeaderValue::from(retry_after));
+                    return response;
+                }
+            }
+            Caller::Session | Caller::Unknown => charge_on_failure = Some(ip),
+        }
+    }
     let decision = match caller {
         Some((class, Caller::Key(who))) => {
             // A tenant key's bucket is its digest: the extractor looks the
@@ -283,6 +381,14 @@ pub async fn limit_rate(
         Some(Decision::Refused { .. }) => ApiError::RateLimited.into_response(),
         _ => next.run(request).await,
     };
+    if let Some(ip) = charge_on_failure {
+        if matches!(
+            response.status(),
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
+        ) {
+            let _ = state.limits.charge_failed_auth(ip);
+        }
+    }
     if let Some(decision) = decision.or_else(|| slot.take()) {
         let headers = response.headers_mut();
         match decision {
@@ -348,6 +454,47 @@ mod tests {
         );
         assert_eq!(class_of(&Method::GET, "/api/v1/openapi.json"), None);
         assert_eq!(class_of(&Method::GET, "/readyz"), None);
+        assert_eq!(class_of(&Method::GET, "/admin/dashboard.js"), None);
+    }
+
+    #[test]
+    fn failed_auth_counts_per_address_and_ipv6_prefix() {
+        let limits = RateLimits::new(&RateLimitSettings {
+            create_per_second: 0,
+            create_burst: 0,
+            read_per_second: 0,
+            read_burst: 0,
+            write_per_second: 0,
+            write_burst: 0,
+            admin_per_second: 0,
+            admin_burst: 0,
+            failed_auth_per_second: 1,
+            failed_auth_burst: 2,
+        });
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        assert!(limits.charge_failed_auth(a).is_ok());
+        assert!(limits.charge_failed_auth(a).is_ok());
+        assert_eq!(limits.charge_failed_auth(a), Err(1));
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        assert!(
+            limits.charge_failed_auth(mapped).is_err(),
+            "the same address"
+        );
+        assert!(limits
+            .charge_failed_auth("192.0.2.2".parse().unwrap())
+            .is_ok());
+        let v6: IpAddr = "2001:db8::1".parse().unwrap();
+        let same_64: IpAddr = "2001:db8::ffff:1".parse().unwrap();
+        assert!(limits.charge_failed_auth(v6).is_ok());
+        assert!(limits.charge_failed_auth(same_64).is_ok());
+        assert!(
+            limits.charge_failed_auth(v6).is_err(),
+            "one /64, one bucket"
+        );
+        assert!(query_credential(Some("ticket=etk_x")));
+        assert!(query_credential(Some("a=1&token=est_x")));
+        assert!(!query_credential(Some("mytoken=x")));
+        assert!(!query_credential(None));
     }
 
     #[test]
@@ -361,6 +508,8 @@ mod tests {
             write_burst: 0,
             admin_per_second: 1,
             admin_burst: 1,
+            failed_auth_per_second: 0,
+            failed_auth_burst: 0,
         });
         let who = [7u8; 32];
         for left in [2, 1, 0] {

@@ -2,14 +2,22 @@
 //! once a second over `GET /admin/stats/ws`, and `POST /admin/tickets`,
 //! which trades the admin key for a single-use 60 s ticket so the dashboard
 //! page can open that WebSocket (browsers cannot set headers on one).
+//!
+//! Browser hardening: the dashboard page, its script and its style are
+//! separate same-origin files, so the page's `Content-Security-Policy`
+//! allows nothing inline and no other origin ([`DASHBOARD_CSP`]), and no
+//! page may frame it (`X-Frame-Options: DENY`). A ticket is answered with
+//! `Cache-Control: no-store`. The stats WebSocket refuses an upgrade whose
+//! `Origin` is not the request's own `Host` (403 `forbidden`), so another
+//! site's page cannot open it with a ticket it got hold of.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
-use axum::http::HeaderMap;
-use axum::response::Response;
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
@@ -37,12 +45,40 @@ pub fn router() -> Router<AppState> {
         .route("/admin/stats/ws", get(stats_ws))
         .route("/admin/tickets", post(ticket))
         .route("/admin/dashboard", get(dashboard))
+        .route("/admin/dashboard.js", get(dashboard_script))
+        .route("/admin/dashboard.css", get(dashboard_style))
 }
 
 /// The dashboard page: static, self-contained (no CDN), holding no data and
 /// no key; it asks for the admin key, trades it for a ticket and shows the
 /// stats WebSocket live.
 const DASHBOARD: &str = include_str!("assets/dashboard.html");
+/// The dashboard's script (a file, not inline: see [`DASHBOARD_CSP`]).
+const DASHBOARD_JS: &str = include_str!("assets/dashboard.js");
+/// The dashboard's style.
+const DASHBOARD_CSS: &str = include_str!("assets/dashboard.css");
+
+/// The dashboard's policy: its own script, style and WebSocket, nothing
+/// inline, no other origin, no framing, no form posting anywhere.
+pub const DASHBOARD_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+     connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; \
+     frame-ancestors 'none'";
+
+/// Headers of the dashboard's files: its policy, no framing, no sniffing.
+fn dashboard_headers(content_type: &'static str) -> [(HeaderName, HeaderValue); 4] {
+    [
+        (header::CONTENT_TYPE, HeaderValue::from_static(content_type)),
+        (
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(DASHBOARD_CSP),
+        ),
+        (header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY")),
+        (
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ),
+    ]
+}
 
 /// The live dashboard page (no key: it holds no data).
 #[utoipa::path(
@@ -51,8 +87,21 @@ const DASHBOARD: &str = include_str!("assets/dashboard.html");
     tag = "admin",
     responses((status = 200, description = "An HTML page", content_type = "text/html", body = String))
 )]
-pub(crate) async fn dashboard() -> axum::response::Html<&'static str> {
-    axum::response::Html(DASHBOARD)
+pub(crate) async fn dashboard() -> impl IntoResponse {
+    (dashboard_headers("text/html; charset=utf-8"), DASHBOARD)
+}
+
+/// The dashboard's script.
+async fn dashboard_script() -> impl IntoResponse {
+    (
+        dashboard_headers("text/javascript; charset=utf-8"),
+        DASHBOARD_JS,
+    )
+}
+
+/// The dashboard's style.
+async fn dashboard_style() -> impl IntoResponse {
+    (dashboard_headers("text/css; charset=utf-8"), DASHBOARD_CSS)
 }
 
 /// Single-use tickets, kept as hashes until redeemed or expired.
@@ -209,11 +258,31 @@ pub struct Ticket {
     ),
     security(("admin_key" = []))
 )]
-pub(crate) async fn ticket(State(state): State<AppState>, _: Admin) -> Json<Ticket> {
-    Json(Ticket {
-        ticket: state.tickets.issue(),
-        expires_at: format_rfc3339(now_ms() + TICKET_TTL.as_millis() as i64),
-    })
+pub(crate) async fn ticket(State(state): State<AppState>, _: Admin) -> impl IntoResponse {
+    (
+        // A ticket is a credential for a minute: no cache keeps it.
+        [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))],
+        Json(Ticket {
+            ticket: state.tickets.issue(),
+            expires_at: format_rfc3339(now_ms() + TICKET_TTL.as_millis() as i64),
+        }),
+    )
+}
+
+/// Whether a request's `Origin` (when a browser sent one) is the server
+/// the request was sent to: scheme-less `host[:port]` equal to `Host`.
+/// Without `Origin` (a non-browser client) there is nothing to check.
+fn same_origin(headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    let origin_host = origin
+        .to_str()
+        .ok()
+        .and_then(|o| o.split_once("://"))
+        .map(|(_, rest)| rest.trim_end_matches('/'));
+    matches!((origin_host, host), (Some(o), Some(h)) if o.eq_ignore_ascii_case(h))
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
@@ -232,7 +301,8 @@ pub(crate) struct StatsWsParams {
     responses(
         (status = 101, description = "Switching to the WebSocket protocol; a Stats JSON text frame every second"),
         (status = 400, description = "not a WebSocket upgrade", body = ErrorResponse),
-        (status = 401, description = "no valid ticket or admin key", body = ErrorResponse)
+        (status = 401, description = "no valid ticket or admin key", body = ErrorResponse),
+        (status = 403, description = "forbidden: the Origin is another site's", body = ErrorResponse)
     ),
     security(("admin_key" = []))
 )]
@@ -242,6 +312,16 @@ pub(crate) async fn stats_ws(
     params: Result<Query<StatsWsParams>, axum::extract::rejection::QueryRejection>,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
+    // Before the ticket is redeemed: a foreign page does not use it up.
+    if !same_origin(&headers) {
+        tracing::warn!(
+            event = "auth_failure",
+            reason = "stats websocket from a foreign origin",
+            origin = ?headers.get(header::ORIGIN),
+            "authentication failed"
+        );
+        return Err(ApiError::ForeignOrigin);
+    }
     let by_key = headers
         .get("x-admin-key")
         .and_then(|v| v.to_str().ok())
@@ -297,5 +377,31 @@ mod tests {
         assert!(tickets.redeem(&t));
         assert!(!tickets.redeem(&t), "used up");
         assert!(!tickets.redeem("etk_made_up"));
+    }
+
+    #[test]
+    fn only_the_own_origin_passes() {
+        let headers = |pairs: &[(&'static str, &'static str)]| {
+            let mut map = HeaderMap::new();
+            for (k, v) in pairs {
+                map.insert(*k, HeaderValue::from_static(v));
+            }
+            map
+        };
+        assert!(same_origin(&headers(&[("host", "127.0.0.1:8081")])));
+        assert!(same_origin(&headers(&[
+            ("host", "127.0.0.1:8081"),
+            ("origin", "http://127.0.0.1:8081")
+        ])));
+        assert!(same_origin(&headers(&[
+            ("host", "Sessions.example:443"),
+            ("origin", "https://sessions.example:443")
+        ])));
+        for origin in ["http://evil.example", "http://127.0.0.1:8082", "null", ""] {
+            assert!(
+                !same_origin(&headers(&[("host", "127.0.0.1:8081"), ("origin", origin)])),
+                "{origin}"
+            );
+        }
     }
 }

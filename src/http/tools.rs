@@ -18,6 +18,7 @@ use crate::engine::admission::check_text;
 use crate::model::ids::is_valid_session_id;
 use crate::model::session::SessionMetrics;
 use crate::model::time::{format_rfc3339, now_ms, parse_rfc3339, Millis};
+use crate::model::tool::MAX_DURATION_MS;
 use crate::model::ToolExecution;
 use utoipa::{IntoParams, ToSchema};
 
@@ -49,7 +50,7 @@ pub(crate) struct ExecuteBody {
     arguments: Option<Value>,
     result: Option<Value>,
     error: Option<Value>,
-    #[schema(minimum = 0)]
+    #[schema(minimum = 0, maximum = 86400000)]
     duration_ms: Option<f64>,
     #[schema(maximum = 9223372036854775807_u64)]
     tokens_used: Option<u64>,
@@ -85,13 +86,18 @@ fn error_text(value: Option<Value>) -> Result<Option<String>, ApiError> {
     }
 }
 
+/// `duration_ms`: a non-negative number of milliseconds (rounded), at most
+/// [`MAX_DURATION_MS`] (24 h); REST, the batch endpoint and the WebSocket
+/// all come through here.
 fn duration(value: Option<f64>) -> Result<u64, ApiError> {
     match value {
         None => Ok(0),
-        Some(ms) if ms.is_finite() && ms >= 0.0 => Ok(ms.round() as u64),
+        Some(ms) if ms.is_finite() && ms >= 0.0 && ms.round() <= MAX_DURATION_MS as f64 => {
+            Ok(ms.round() as u64)
+        }
         Some(_) => Err(invalid(
             "duration_ms",
-            "duration_ms must be a non-negative number",
+            format!("duration_ms must be a number from 0 to {MAX_DURATION_MS} (24 hours)"),
         )),
     }
 }
@@ -216,7 +222,7 @@ pub(crate) struct RecordBody {
     arguments: Option<Value>,
     result: Option<Value>,
     error: Option<Value>,
-    #[schema(minimum = 0)]
+    #[schema(minimum = 0, maximum = 86400000)]
     duration_ms: Option<f64>,
     #[schema(maximum = 9223372036854775807_u64)]
     tokens_used: Option<u64>,

@@ -130,6 +130,14 @@ pub const REASON_CLIENT_REQUEST: &str = "client_request";
 pub const REASON_ADMIN_REQUEST: &str = "admin_request";
 /// Termination reason of a session revoked for refresh-token reuse.
 pub const REASON_REFRESH_TOKEN_REUSE: &str = "refresh_token_reuse";
+/// The reasons only the engine gives: they mean something to audits and to
+/// the WebSocket's close codes, so a client may not give them.
+pub const ENGINE_REASONS: [&str; 4] = [
+    REASON_IDLE_TIMEOUT,
+    REASON_TTL_EXPIRED,
+    REASON_REFRESH_TOKEN_REUSE,
+    REASON_ADMIN_REQUEST,
+];
 
 /// Fraction of the lifetime (the ttl, counted from creation or the last
 /// refresh) after which `should_refresh` turns true.

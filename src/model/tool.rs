@@ -4,6 +4,11 @@ use serde::{Deserialize, Serialize};
 
 use super::time::Millis;
 
+/// Longest `duration_ms` a tool execution may report: 24 hours. A longer
+/// one is a client bug (or an attempt to skew the averages), refused with
+/// 400 `validation_failed`.
+pub const MAX_DURATION_MS: u64 = 24 * 60 * 60 * 1000;
+
 /// One recorded tool call, as stored and as listed by `tools/executions`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ToolExecution {
@@ -17,7 +22,7 @@ pub struct ToolExecution {
     pub result: String,
     /// The error, when the call failed.
     pub error: Option<String>,
-    /// How long the call took.
+    /// How long the call took, at most [`MAX_DURATION_MS`].
     pub duration_ms: u64,
     /// Tokens the call used.
     pub tokens_used: u64,

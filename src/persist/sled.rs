@@ -45,6 +45,9 @@ pub enum StoreError {
     /// read back.
     #[error("{0}")]
     Damaged(String),
+    /// Another process has the data dir open (its lock file is held).
+    #[error("another process holds the data dir {0} (another edge-sessions serve?); stop it or give this one another storage.data_dir")]
+    InUse(String),
 }
 
 impl From<sled::Error> for StoreError {
@@ -75,6 +78,8 @@ pub struct Store {
     overlay: Arc<Overlay>,
     /// The data dir (where the checkpoint mark lives).
     dir: std::path::PathBuf,
+    /// The data dir's lock, held while any handle lives (see [`lock_data_dir`]).
+    _lock: Arc<std::fs::File>,
 }
 
 /// A store just opened, with its log.
@@ -110,12 +115,45 @@ fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
+/// The lock file in the data dir: one process at a time.
+pub const LOCK_FILE: &str = "lock";
+
+/// Takes the data dir's lock (an exclusive `flock` on [`LOCK_FILE`]), before
+/// anything in it is read or written: a second process must not touch the
+/// log the first one appends to (opening it cuts a torn last record, which
+/// may be the first process's write in progress). The lock goes with the
+/// file handle, also when the process dies.
+fn lock_data_dir(dir: &Path) -> Result<std::fs::File, StoreError> {
+    use std::os::fd::AsRawFd as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| StoreError::Sled(format!("opening {}: {e}", path.display())))?;
+    // SAFETY: flock on a descriptor this function owns; no memory involved.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(if e.kind() == std::io::ErrorKind::WouldBlock {
+            StoreError::InUse(dir.display().to_string())
+        } else {
+            StoreError::Sled(format!("locking {}: {e}", path.display()))
+        });
+    }
+    Ok(file)
+}
+
 impl Store {
     /// Opens (or creates) the store in `dir`, with at most about
     /// `cache_bytes` of sled's page cache in memory, and replays the log
     /// records sled does not hold yet. Damage (see [`super::log`]) is an
     /// error unless `salvage`.
     pub fn open(dir: &Path, cache_bytes: u64, salvage: bool) -> Result<Opened, StoreError> {
+        let lock = Arc::new(lock_data_dir(dir)?);
         let damaged = |e: std::io::Error| {
             if e.kind() == std::io::ErrorKind::InvalidData {
                 StoreError::Damaged(e.to_string())
@@ -141,6 +179,7 @@ impl Store {
             tree,
             overlay: Arc::new(Overlay::default()),
             dir: dir.to_owned(),
+            _lock: lock,
         };
         // sled drops everything after the first record of its own log that
         // fails its checksum; the mark outside it tells.

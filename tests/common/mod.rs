@@ -122,14 +122,27 @@ impl TestServer {
 
     /// A server with `storage` lines added to `[storage]`.
     pub async fn start_with_storage(limit_a: usize, storage: &str, extra: &str) -> Self {
+        Self::start_customized(limit_a, storage, extra, |_| {}).await
+    }
+
+    /// As [`TestServer::start_with_storage`], with the parsed settings
+    /// changed by `customize` (keys of sections the config already has,
+    /// such as `[server]`).
+    pub async fn start_customized(
+        limit_a: usize,
+        storage: &str,
+        extra: &str,
+        customize: impl FnOnce(&mut Settings),
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let settings = Settings::from_toml(&config_toml_with_storage(
+        let mut settings = Settings::from_toml(&config_toml_with_storage(
             &dir.path().join("data"),
             limit_a,
             storage,
             extra,
         ))
         .unwrap();
+        customize(&mut settings);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -249,6 +262,27 @@ impl Drop for ChildServer {
     }
 }
 
+/// The address of a text log line `… listening addr=127.0.0.1:…`, with
+/// or without colour codes.
+fn text_listening_addr(line: &str) -> Option<SocketAddr> {
+    let mut plain = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            // An SGR sequence: ESC [ … m.
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    let (_, rest) = plain.split_once(" listening addr=")?;
+    rest.split_whitespace().next()?.parse().ok()
+}
+
 impl ChildServer {
     /// Starts the binary with `config` and waits until it listens and is
     /// ready. Both output streams are read to the end, so the child never
@@ -260,12 +294,23 @@ impl ChildServer {
     /// As [`ChildServer::start`]; with `ready` false it returns once the
     /// binary listens, without waiting for `/readyz`.
     pub async fn start_waiting(config: &Path, ready: bool) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_edge-sessions"))
+        Self::start_with_env(config, ready, &[]).await
+    }
+
+    /// As [`ChildServer::start_waiting`], with environment variables set
+    /// over the defaults (JSON logs at `info`); text logs work too.
+    pub async fn start_with_env(config: &Path, ready: bool, env: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_edge-sessions"));
+        command
             .arg("serve")
             .arg("--config")
             .arg(config)
             .env("EDGE_SESSIONS__LOG__FORMAT", "json")
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", "info");
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -290,6 +335,8 @@ impl ChildServer {
                         let addr: SocketAddr = v["addr"].as_str().unwrap().parse().unwrap();
                         let _ = tx.send(addr);
                     }
+                } else if let Some(addr) = text_listening_addr(&line) {
+                    let _ = tx.send(addr);
                 }
             }
         });
