@@ -50,8 +50,14 @@ async fn read_body(request: Request) -> Result<Bytes, ApiError> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     let mut body = request.into_body();
-    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
-        drain(&mut body, 0).await;
+    if let Some(declared) = declared.filter(|n| *n > MAX_BODY_BYTES as u64) {
+        // A body small enough to read to its end keeps the connection
+        // usable; a larger one is answered at once (the connection then
+        // closes, its body unread) instead of waiting for bytes that may
+        // never come.
+        if declared <= MAX_DRAIN_BYTES as u64 {
+            drain(&mut body, 0).await;
+        }
         return Err(ApiError::PayloadTooLarge);
     }
     let mut bytes = BytesMut::new();
