@@ -56,6 +56,30 @@ pub async fn run_with_clock(
             listener.local_addr()?,
         );
     }
+    // What the listeners need is checked before the store is opened: a bad
+    // certificate or a taken admin port stops the start with nothing done.
+    let listeners =
+        Listeners {
+            public: listener,
+            operator: match settings.server.admin_listen {
+                Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+                    anyhow::anyhow!("server.admin_listen: cannot bind {addr}: {e}")
+                })?),
+                None => None,
+            },
+            tls: match (
+                &settings.server.tls_cert_file,
+                &settings.server.tls_key_file,
+            ) {
+                (Some(cert), Some(key)) => Some(http::tls::acceptor(cert, key)?),
+                _ => None,
+            },
+            timeouts: ConnectionTimeouts {
+                header_read: Duration::from_millis(settings.server.header_read_timeout_ms),
+                body_read: Duration::from_millis(settings.server.body_read_timeout_ms),
+                idle: Duration::from_millis(settings.server.idle_timeout_ms),
+            },
+        };
     let (keys, tenants) = Keyring::from_settings(&settings);
     let config = EngineConfig {
         clock,
@@ -69,18 +93,12 @@ pub async fn run_with_clock(
             settings.storage.data_dir.display()
         )
     })?;
-    let timeouts = ConnectionTimeouts {
-        header_read: Duration::from_millis(settings.server.header_read_timeout_ms),
-        body_read: Duration::from_millis(settings.server.body_read_timeout_ms),
-        idle: Duration::from_millis(settings.server.idle_timeout_ms),
-    };
     let result = serve_engine(
         engine.clone(),
         keys,
         settings.rate_limits.clone(),
         settings.websocket.max_connections_per_session,
-        timeouts,
-        listener,
+        listeners,
         shutdown,
     )
     .await;
@@ -90,26 +108,40 @@ pub async fn run_with_clock(
     result
 }
 
+/// Where and how HTTP is served.
+struct Listeners {
+    /// `server.listen`.
+    public: TcpListener,
+    /// `server.admin_listen`, when set.
+    operator: Option<TcpListener>,
+    /// TLS on both, when configured.
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    timeouts: ConnectionTimeouts,
+}
+
 async fn serve_engine(
     engine: Engine,
     keys: Keyring,
     rate_limits: RateLimitSettings,
     max_sockets_per_session: usize,
-    timeouts: ConnectionTimeouts,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let addr = listener.local_addr()?;
+    let addr = listeners.public.local_addr()?;
+    let admin_addr = match &listeners.operator {
+        Some(operator) => Some(operator.local_addr()?),
+        None => None,
+    };
     // Installs the process-wide recorder before the first request.
     crate::telemetry::metrics::handle();
     let limits = Arc::new(RateLimits::new(&rate_limits));
-    let app = http::app(AppState::new(Handles {
+    let state = AppState::new(Handles {
         engine: engine.clone(),
         keys: Arc::new(keys),
         limits: limits.clone(),
         tickets: Arc::default(),
         max_sockets_per_session,
-    }));
+    });
     let rotator = tokio::spawn(engine.clone().rotate_stats_forever());
     let upkeep = tokio::spawn(crate::telemetry::metrics::upkeep_forever());
     let forgetter = tokio::spawn(forget_idle_forever(limits));
@@ -126,14 +158,60 @@ async fn serve_engine(
         })
     };
     let sweeper = tokio::spawn(engine.clone().sweep_forever());
-    tracing::info!(%addr, "listening");
-    let stop = async move {
+    tracing::info!(
+        %addr,
+        admin_addr = admin_addr.map(|a| a.to_string()),
+        tls = listeners.tls.is_some(),
+        "listening"
+    );
+    // One stop for both listeners.
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
         tokio::select! {
             () = shutdown => {}
             Ok(()) = failed => {}
         }
+        let _ = stop.send(true);
+    });
+    let stop_when = |mut stopping: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stopping.wait_for(|stop| *stop).await;
     };
-    let served = http::serve(listener, app, timeouts, stop, &engine.arbiters()).await;
+    let arbiters = engine.arbiters();
+    let Listeners {
+        public,
+        operator,
+        tls,
+        timeouts,
+    } = listeners;
+    let served = match operator {
+        None => {
+            let app = http::app(state);
+            http::serve(public, app, timeouts, tls, stop_when(stopping), &arbiters).await
+        }
+        Some(operator) => {
+            let public_app = http::app_for(state.clone(), http::Surface::Public);
+            let operator_app = http::app_for(state, http::Surface::Operator);
+            let (public, operator) = tokio::join!(
+                http::serve(
+                    public,
+                    public_app,
+                    timeouts,
+                    tls.clone(),
+                    stop_when(stopping.clone()),
+                    &arbiters
+                ),
+                http::serve(
+                    operator,
+                    operator_app,
+                    timeouts,
+                    tls,
+                    stop_when(stopping),
+                    &arbiters
+                ),
+            );
+            public.and(operator)
+        }
+    };
     sweeper.abort();
     let _ = sweeper.await;
     forgetter.abort();

@@ -91,6 +91,17 @@ pub struct ServerSettings {
     /// A keep-alive connection idle this long between requests is closed
     /// (60 s in the contract).
     pub idle_timeout_ms: u64,
+    /// A second address that serves `/admin/…` and `/metrics` (and the
+    /// health probes); the public `listen` then answers 404 for them.
+    #[serde(default)]
+    pub admin_listen: Option<SocketAddr>,
+    /// PEM certificate chain: with `tls_key_file`, both listeners speak
+    /// TLS (HTTPS, WSS) only.
+    #[serde(default)]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_cert_file`.
+    #[serde(default)]
+    pub tls_key_file: Option<PathBuf>,
 }
 
 /// How a state change is acknowledged.
@@ -342,6 +353,18 @@ impl Settings {
     /// Checks what types alone cannot.
     fn validate(&self) -> Result<(), ConfigError> {
         let fail = |key: &str, why: &str| Err(ConfigError(format!("{key}: {why}")));
+        match (&self.server.tls_cert_file, &self.server.tls_key_file) {
+            (Some(_), None) => return fail("server.tls_key_file", "is needed with tls_cert_file"),
+            (None, Some(_)) => return fail("server.tls_cert_file", "is needed with tls_key_file"),
+            _ => {}
+        }
+        if self
+            .server
+            .admin_listen
+            .is_some_and(|a| a == self.server.listen && a.port() != 0)
+        {
+            return fail("server.admin_listen", "must differ from server.listen");
+        }
         if self.storage.flush_interval_ms == 0 {
             return fail("storage.flush_interval_ms", "must be at least 1");
         }

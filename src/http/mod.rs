@@ -16,6 +16,7 @@ pub mod request_id;
 pub mod serve;
 pub mod sessions;
 pub mod stats;
+pub mod tls;
 pub mod tools;
 pub mod ws;
 
@@ -62,18 +63,43 @@ impl std::ops::Deref for AppState {
     }
 }
 
+/// Which routes a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    /// Everything (one listener).
+    All,
+    /// The tenants' API, the WebSocket and the OpenAPI document: with
+    /// `server.admin_listen` set, `/admin/…` and `/metrics` answer 404 here.
+    Public,
+    /// `/admin/…` and `/metrics`, on `server.admin_listen`.
+    Operator,
+}
+
 /// The whole application.
 pub fn app(state: AppState) -> Router {
-    Router::new()
-        .merge(sessions::router())
-        .merge(tools::router())
-        .merge(ws::router())
-        .merge(admin::router())
-        .merge(export::router())
-        .merge(stats::router())
-        .merge(health::router())
-        .merge(metrics::router())
-        .merge(openapi::router())
+    app_for(state, Surface::All)
+}
+
+/// The routes of `surface` (the health probes are on every surface, for
+/// load balancers and orchestrators alike), with the middleware every
+/// surface shares.
+pub fn app_for(state: AppState, surface: Surface) -> Router {
+    let mut router = Router::new().merge(health::router());
+    if surface != Surface::Operator {
+        router = router
+            .merge(sessions::router())
+            .merge(tools::router())
+            .merge(ws::router())
+            .merge(openapi::router());
+    }
+    if surface != Surface::Public {
+        router = router
+            .merge(admin::router())
+            .merge(export::router())
+            .merge(stats::router())
+            .merge(metrics::router());
+    }
+    router
         .fallback(|| async { error::ApiError::RouteNotFound })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -49,6 +49,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, Sleep};
+use tokio_rustls::TlsAcceptor;
 
 /// How long a client may take, per connection (see the module docs).
 #[derive(Debug, Clone, Copy)]
@@ -317,13 +318,38 @@ async fn serve_connection(
     peer: SocketAddr,
     app: Router,
     timeouts: ConnectionTimeouts,
-    mut stop: watch::Receiver<bool>,
+    tls: Option<TlsAcceptor>,
+    stop: watch::Receiver<bool>,
 ) {
     let clock = Arc::new(ConnectionClock::new());
-    let io = TokioIo::new(Watched {
+    let watched = Watched {
         stream,
         clock: clock.clone(),
-    });
+    };
+    let Some(tls) = tls else {
+        return serve_http(watched, clock, peer, app, timeouts, stop).await;
+    };
+    // The handshake is held to the head timeout: the clock counts it as
+    // the first request head owed.
+    match tokio::time::timeout(timeouts.header_read, tls.accept(watched)).await {
+        Ok(Ok(stream)) => serve_http(stream, clock, peer, app, timeouts, stop).await,
+        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+        Err(_) => tracing::debug!(%peer, "TLS handshake not finished in time"),
+    }
+}
+
+/// Serves HTTP/1.1 over `io` (a watched TCP stream, or TLS over one).
+async fn serve_http<I>(
+    io: I,
+    clock: Arc<ConnectionClock>,
+    peer: SocketAddr,
+    app: Router,
+    timeouts: ConnectionTimeouts,
+    mut stop: watch::Receiver<bool>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TokioIo::new(io);
     let service = {
         let clock = clock.clone();
         hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
@@ -389,6 +415,7 @@ async fn serve_lane(
     mut connections: mpsc::Receiver<(std::net::TcpStream, SocketAddr)>,
     app: Router,
     timeouts: ConnectionTimeouts,
+    tls: Option<TlsAcceptor>,
     stop: watch::Receiver<bool>,
 ) {
     // Each connection task holds a clone; when all are gone, all are done.
@@ -407,8 +434,9 @@ async fn serve_lane(
                     }
                 };
                 let (app, stop, open) = (app.clone(), stop.clone(), open.clone());
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    serve_connection(stream, peer, app, timeouts, stop).await;
+                    serve_connection(stream, peer, app, timeouts, tls, stop).await;
                     drop(open);
                 });
             }
@@ -420,12 +448,13 @@ async fn serve_lane(
 }
 
 /// Serves `app` with the connections of `listener` spread over
-/// `arbiters` (on this runtime when there are none) until `shutdown`
-/// resolves, then lets in-flight requests finish.
+/// `arbiters` (on this runtime when there are none), over TLS when `tls`
+/// is given, until `shutdown` resolves, then lets in-flight requests finish.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     timeouts: ConnectionTimeouts,
+    tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()> + Send + 'static,
     arbiters: &[ArbiterHandle],
 ) -> io::Result<()> {
@@ -435,7 +464,13 @@ pub async fn serve(
     let mut start_lane = |spawn: &dyn Fn(Pin<Box<dyn Future<Output = ()> + Send>>) -> bool| {
         let (lane, connections) = mpsc::channel(1024);
         let (done, finished_rx) = oneshot::channel();
-        let server = serve_lane(connections, app.clone(), timeouts, stopping.clone());
+        let server = serve_lane(
+            connections,
+            app.clone(),
+            timeouts,
+            tls.clone(),
+            stopping.clone(),
+        );
         let spawned = spawn(Box::pin(async move {
             server.await;
             let _ = done.send(());
