@@ -141,7 +141,9 @@ async fn serve_engine(
         limits: limits.clone(),
         tickets: Arc::default(),
         max_sockets_per_session,
+        history: Arc::default(),
     });
+    let sampler = tokio::spawn(http::history::sample_forever(state.clone()));
     let rotator = tokio::spawn(engine.clone().rotate_stats_forever());
     let upkeep = tokio::spawn(crate::telemetry::metrics::upkeep_forever());
     let forgetter = tokio::spawn(forget_idle_forever(limits));
@@ -217,6 +219,7 @@ async fn serve_engine(
     forgetter.abort();
     rotator.abort();
     upkeep.abort();
+    sampler.abort();
     // Recovery may still wait for PostgreSQL (an empty data dir): a
     // shutdown does not wait for it.
     if !recovery.is_finished() {

@@ -197,7 +197,7 @@ async fn the_dashboard_shows_live_sessions_in_a_real_browser() {
             "document.getElementById('live-sessions').textContent"
         )
         .await,
-        "–"
+        "—"
     );
 
     cdp.eval(
@@ -258,6 +258,50 @@ async fn the_dashboard_shows_live_sessions_in_a_real_browser() {
         .await;
     assert!(shards.as_u64().unwrap() >= 1);
 
+    // Load for a few seconds (bounded, to 127.0.0.1): the charts, the rates
+    // and the top tools follow it.
+    let load_until = Instant::now() + Duration::from_secs(4);
+    let workers: Vec<_> = (0..8)
+        .map(|w| {
+            let (client, base) = (server.client.clone(), server.base.clone());
+            tokio::spawn(async move {
+                let mut i = 0u64;
+                while Instant::now() < load_until {
+                    let id = format!("d-{}", (w + i) % 5);
+                    let (path, body) = if i % 3 == 0 {
+                        (format!("/api/v1/sessions/{id}/tools/execute"), Some(json!({"tool_name": if i % 2 == 0 { "grep" } else { "bash" }, "duration_ms": 5})))
+                    } else {
+                        (format!("/api/v1/sessions/{id}"), None)
+                    };
+                    let method = if body.is_some() { Method::POST } else { Method::GET };
+                    call(&client, &base, method, &path, KEY_A, body).await;
+                    if i % 50 == 0 {
+                        call(&client, &base, Method::GET, "/api/v1/sessions/nope", KEY_A, None).await;
+                    }
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    let top_tool = cdp
+        .wait_for(
+            &session,
+            "['grep', 'bash'].includes(document.querySelector('#top-tools tr td')?.textContent)",
+            &json!(true),
+        )
+        .await;
+    assert_eq!(top_tool, true, "the top tools table");
+    let charted = cdp
+        .eval(
+            &session,
+            "samples.some((s) => s.ops_per_second > 0 && s.tool_executions_per_second > 0 && s.client_errors_per_second > 0 && s.p99_ms !== null)",
+        )
+        .await;
+    assert_eq!(charted, true, "the samples hold the load");
+
     let shot = cdp
         .call(
             Some(&session),
@@ -274,6 +318,95 @@ async fn the_dashboard_shows_live_sessions_in_a_real_browser() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("dashboard.png"), png).unwrap();
+
+    // With no traffic, p99 shows a dash, not the last figure.
+    let quiet = cdp
+        .wait_for(
+            &session,
+            "document.getElementById('p99').textContent",
+            &json!("—"),
+        )
+        .await;
+    assert_eq!(quiet, "—");
+
+    // The history is the server's: a reloaded page draws it at once.
+    let kept = cdp.eval(&session, "samples.length").await.as_u64().unwrap();
+    assert!(kept >= 4, "{kept} samples");
+    cdp.eval(&session, "location.reload(); true").await;
+    cdp.wait_for(
+        &session,
+        "document.readyState === 'complete' && typeof samples !== 'undefined' && samples.length === 0",
+        &json!(true),
+    )
+    .await;
+    cdp.eval(
+        &session,
+        &format!("document.getElementById('admin-key').value = {ADMIN_KEY:?}; document.getElementById('login').requestSubmit(); true"),
+    )
+    .await;
+    let restored = cdp
+        .wait_for(&session, &format!("samples.length >= {kept}"), &json!(true))
+        .await;
+    assert_eq!(restored, true, "the history came back from the server");
+
+    // The session browser: search, inspect, terminate with a confirmation.
+    cdp.eval(
+        &session,
+        "document.getElementById('q-id').value = 'd-'; document.getElementById('q-status').value = 'active'; document.getElementById('search').requestSubmit(); true",
+    )
+    .await;
+    let found = cdp
+        .wait_for(
+            &session,
+            "document.getElementById('search-status').textContent",
+            &json!("6 session(s)"),
+        )
+        .await;
+    assert_eq!(found, "6 session(s)");
+    cdp.eval(
+        &session,
+        "[...document.querySelectorAll('#sessions tr')].find((r) => r.cells[0].textContent === 'd-1').querySelector('button').click(); true",
+    )
+    .await;
+    let inspected = cdp
+        .wait_for(
+            &session,
+            "document.getElementById('inspect').textContent.includes('\"session_id\": \"d-1\"')",
+            &json!(true),
+        )
+        .await;
+    assert_eq!(inspected, true);
+    // Declining the confirmation changes nothing; accepting terminates.
+    cdp.eval(
+        &session,
+        "window.confirm = () => false; [...document.querySelectorAll('#sessions tr')].find((r) => r.cells[0].textContent === 'd-1').querySelector('button.danger').click(); true",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, d1) = server
+        .call(Method::GET, "/api/v1/sessions/d-1", KEY_A, None)
+        .await;
+    assert_eq!(d1["status"], "active", "declined: nothing changed");
+    cdp.eval(
+        &session,
+        "window.confirm = () => true; [...document.querySelectorAll('#sessions tr')].find((r) => r.cells[0].textContent === 'd-1').querySelector('button.danger').click(); true",
+    )
+    .await;
+    let after = cdp
+        .wait_for(
+            &session,
+            "document.getElementById('search-status').textContent",
+            &json!("5 session(s)"),
+        )
+        .await;
+    assert_eq!(after, "5 session(s)", "the list is searched again");
+    let (_, d1) = server
+        .call(Method::GET, "/api/v1/sessions/d-1", KEY_A, None)
+        .await;
+    assert_eq!(
+        (d1["status"].as_str(), d1["termination_reason"].as_str()),
+        (Some("terminated"), Some("admin_request"))
+    );
 
     // A wrong key is refused, and a ticket works once.
     let bad = cdp.eval(&session, "fetch('/admin/tickets', {method: 'POST', headers: {'X-Admin-Key': 'nope'}}).then(r => r.status)").await;

@@ -748,6 +748,7 @@ impl Handler<RecordTool> for SessionActor {
             self.supervisor.metrics.tool_errors.increment(1);
         }
         self.supervisor.metrics.tool_executions.increment(1);
+        crate::telemetry::live::tool_executed(&execution.tool_name);
         self.session.record_execution(&execution, now);
         self.arm(ctx);
         // Only the execution is written now (and waited for under sync); the

@@ -9,6 +9,7 @@ pub mod error;
 pub mod export;
 pub mod extract;
 pub mod health;
+pub mod history;
 pub mod limits;
 pub mod metrics;
 pub mod openapi;
@@ -46,6 +47,8 @@ pub struct Handles {
     pub tickets: Arc<stats::Tickets>,
     /// Open WebSockets one session may have.
     pub max_sockets_per_session: usize,
+    /// The dashboard's last 15 minutes.
+    pub history: Arc<history::History>,
 }
 
 impl AppState {

@@ -91,6 +91,7 @@ pub async fn track(mut request: Request, next: Next) -> Response {
     };
 
     let status = response.status();
+    crate::telemetry::live::answered(status.as_u16());
     ROUTES.with_borrow_mut(|routes| {
         let method = method_label(&method);
         // The route's text is the router's, so the same address: compare

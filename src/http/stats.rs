@@ -28,6 +28,7 @@ use sha2::{Digest, Sha256};
 
 use super::error::ApiError;
 use super::extract::Admin;
+use super::history::Sample;
 use super::openapi::ErrorResponse;
 use super::AppState;
 use crate::engine::stats::ShardSnapshot;
@@ -156,7 +157,19 @@ pub struct Stats {
     /// The process.
     #[schema(value_type = Object)]
     pub process: serde_json::Value,
+    /// The newest one-second sample (null before the first).
+    pub recent: Option<Sample>,
+    /// The tools with the most executions since the start, most first.
+    #[schema(value_type = Vec<Object>)]
+    pub top_tools: Vec<serde_json::Value>,
+    /// The last 15 minutes, one sample a second, oldest first: in the
+    /// stats WebSocket's first message only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub history: Option<Vec<Sample>>,
 }
+
+/// Tools listed in `top_tools`.
+const TOP_TOOLS: usize = 10;
 
 /// The stats right now.
 pub fn collect(state: &AppState) -> Stats {
@@ -205,6 +218,12 @@ pub fn collect(state: &AppState) -> Stats {
             })
         }),
         process: serde_json::json!({ "rss_bytes": rss_bytes() }),
+        recent: state.history.latest(),
+        top_tools: crate::telemetry::live::top_tools(TOP_TOOLS)
+            .into_iter()
+            .map(|(name, executions)| serde_json::json!({ "tool_name": name, "executions": executions }))
+            .collect(),
+        history: None,
     }
 }
 
@@ -346,10 +365,14 @@ pub(crate) async fn stats_ws(
 
 async fn push_stats(mut socket: WebSocket, state: AppState) {
     let mut ticker = tokio::time::interval(PUSH_EVERY);
+    // The first message carries the history, so a (re)loaded page draws
+    // the last 15 minutes at once.
+    let mut history = Some(state.history.all());
     loop {
         tokio::select! {
             _ = ticker.tick() => {
-                let text = serde_json::to_string(&collect(&state)).unwrap_or_default();
+                let stats = Stats { history: history.take(), ..collect(&state) };
+                let text = serde_json::to_string(&stats).unwrap_or_default();
                 let send = socket.send(Message::Text(Utf8Bytes::from(text)));
                 match tokio::time::timeout(Duration::from_secs(5), send).await {
                     Ok(Ok(())) => {}

@@ -184,6 +184,7 @@ pub(crate) async fn upgrade(
         .read_buffer_size(READ_BUFFER)
         .on_upgrade(move |socket| async move {
             metrics::gauge!(names::WS_OPEN).increment(1.0);
+            crate::telemetry::live::websockets(1);
             let connection = Connection {
                 state: state.clone(),
                 tenant: caller.tenant,
@@ -197,6 +198,7 @@ pub(crate) async fn upgrade(
                 .unsubscribe(caller.tenant, &id, subscription)
                 .await;
             metrics::gauge!(names::WS_OPEN).decrement(1.0);
+            crate::telemetry::live::websockets(-1);
             tracing::info!(session_id = %id, "websocket closed");
         }))
 }

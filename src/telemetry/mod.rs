@@ -11,6 +11,7 @@
 //! - Text lines carry ANSI colours only when stderr is a terminal, so files
 //!   and journald get plain text.
 
+pub mod live;
 pub mod metrics;
 
 use std::io::IsTerminal as _;
