@@ -168,13 +168,17 @@ async fn serve_engine(
     );
     // One stop for both listeners.
     let (stop, stopping) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        tokio::select! {
-            () = shutdown => {}
-            Ok(()) = failed => {}
-        }
-        let _ = stop.send(true);
-    });
+    let stop = Arc::new(stop);
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = shutdown => {}
+                Ok(()) = failed => {}
+            }
+            let _ = stop.send(true);
+        });
+    }
     let stop_when = |mut stopping: tokio::sync::watch::Receiver<bool>| async move {
         let _ = stopping.wait_for(|stop| *stop).await;
     };
@@ -193,24 +197,33 @@ async fn serve_engine(
         Some(operator) => {
             let public_app = http::app_for(state.clone(), http::Surface::Public);
             let operator_app = http::app_for(state, http::Surface::Operator);
-            let (public, operator) = tokio::join!(
-                http::serve(
-                    public,
-                    public_app,
-                    timeouts,
-                    tls.clone(),
-                    stop_when(stopping.clone()),
-                    &arbiters
-                ),
-                http::serve(
-                    operator,
-                    operator_app,
-                    timeouts,
-                    tls,
-                    stop_when(stopping),
-                    &arbiters
-                ),
+            // A listener that fails stops the other: the process never runs
+            // on half of its surfaces.
+            let stop_on_error = |served: std::io::Result<()>| {
+                if served.is_err() {
+                    let _ = stop.send(true);
+                }
+                served
+            };
+            let public = http::serve(
+                public,
+                public_app,
+                timeouts,
+                tls.clone(),
+                stop_when(stopping.clone()),
+                &arbiters,
             );
+            let operator = http::serve(
+                operator,
+                operator_app,
+                timeouts,
+                tls,
+                stop_when(stopping),
+                &arbiters,
+            );
+            let (public, operator) = tokio::join!(async { stop_on_error(public.await) }, async {
+                stop_on_error(operator.await)
+            },);
             public.and(operator)
         }
     };

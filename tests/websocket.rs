@@ -703,3 +703,30 @@ async fn an_open_socket_keeps_a_silent_session_from_idling_out() {
     assert_eq!(close_code(&mut quiet_ttl).await, 4001);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_by_query_token_is_charged_to_the_session_not_a_key_beside_it() {
+    let server =
+        TestServer::start_with(1000, "[rate_limits]\nread_per_second = 1\nread_burst = 3\n").await;
+    let created = create(&server, "beside", json!({})).await;
+    let token = created["session_token"].as_str().unwrap().to_owned();
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        open.push(
+            connect(
+                &ws_url(&server, "beside", &format!("?token={token}")),
+                Some(("x-api-key", KEY_A)),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    // The key's own read bucket (burst 3) was not touched.
+    for _ in 0..3 {
+        let (status, _) = server
+            .call(Method::GET, "/api/v1/sessions/beside", KEY_A, None)
+            .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    server.stop().await;
+}

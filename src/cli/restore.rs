@@ -69,9 +69,41 @@ pub fn run(settings: &Settings, file: &Path) -> Result<Counts, RestoreError> {
     let expected = read_with_progress("restore: checking", file, size, |input, tick| {
         backup::verify(input, tick).map_err(as_backup)
     })?;
-    // Pass two: load.
-    let loaded = load(settings, file, size).inspect_err(|_| {
-        // Nothing half-restored stays behind.
+    // Pass two: load, into the store opened (and locked) here; a store
+    // another process opened meanwhile is refused by its lock and left as
+    // it is.
+    create_private_dir(data_dir).map_err(|e| io(data_dir, e))?;
+    let opened = match Store::open(data_dir, settings.storage.cache_capacity_mb << 20, false) {
+        Ok(opened) => opened,
+        Err(e) => {
+            if !existed {
+                // Only the empty dir made just now.
+                let _ = std::fs::remove_dir(data_dir);
+            }
+            return Err(RestoreError::Io(format!(
+                "opening the store in {}: {e}",
+                data_dir.display()
+            )));
+        }
+    };
+    if !opened.store.is_empty() {
+        // A server used the dir between the check above and the lock.
+        return Err(RestoreError::NotEmpty(data_dir.clone()));
+    }
+    let loaded = load(&opened.store, data_dir, file, size).and_then(|loaded| {
+        if loaded == expected {
+            Ok(loaded)
+        } else {
+            Err(RestoreError::Io(format!(
+                "{} changed while it was restored",
+                file.display()
+            )))
+        }
+    });
+    drop(opened);
+    if loaded.is_err() {
+        // Nothing half-restored stays behind (this run made everything in
+        // the dir: it was empty and stayed locked).
         let cleaned = if existed {
             std::fs::read_dir(data_dir).and_then(|entries| {
                 entries.flatten().try_for_each(|entry| {
@@ -92,25 +124,13 @@ pub fn run(settings: &Settings, file: &Path) -> Result<Counts, RestoreError> {
                 data_dir.display()
             );
         }
-    })?;
-    if loaded != expected {
-        return Err(RestoreError::Io(format!(
-            "{} changed while it was restored",
-            file.display()
-        )));
     }
-    Ok(loaded)
+    loaded
 }
 
-fn load(settings: &Settings, file: &Path, size: u64) -> Result<Counts, RestoreError> {
-    let data_dir = &settings.storage.data_dir;
-    create_private_dir(data_dir).map_err(|e| io(data_dir, e))?;
-    let opened =
-        Store::open(data_dir, settings.storage.cache_capacity_mb << 20, false).map_err(|e| {
-            RestoreError::Io(format!("opening the store in {}: {e}", data_dir.display()))
-        })?;
+fn load(store: &Store, data_dir: &Path, file: &Path, size: u64) -> Result<Counts, RestoreError> {
     read_with_progress("restore", file, size, |input, tick| {
-        backup::restore(&opened.store, input, tick).map_err(|source| match source {
+        backup::restore(store, input, tick).map_err(|source| match source {
             BackupError::Invalid(_) => RestoreError::Backup {
                 path: file.to_owned(),
                 source,

@@ -127,14 +127,19 @@ impl Engine {
                 .map(|entry| entry.key().to_string())
                 .collect();
             for ids in ids.chunks(FAN_OUT) {
+                let now = self.shared.clock.now();
                 let snapshots =
                     join_all(ids.iter().map(|id| self.ask(tenant, id, session::Snapshot))).await;
                 let live: Vec<&String> = ids
                     .iter()
                     .zip(snapshots)
                     .filter_map(|(id, snapshot)| match snapshot {
+                        // An overdue session ends by expiry on its next
+                        // call, not by this termination: not counted.
                         Ok(Some(s))
-                            if !s.status.is_final() && queries::matches(&s, &selection.query) =>
+                            if !s.status.is_final()
+                                && s.expires_at() > now
+                                && queries::matches(&s, &selection.query) =>
                         {
                             Some(id)
                         }
@@ -276,7 +281,7 @@ fn order_key(session: &Session) -> (Millis, Uuid, &str) {
 fn resume_point(tenant: Uuid, at: Millis, last_tenant: Uuid, id: &str) -> (Millis, String) {
     match tenant.cmp(&last_tenant) {
         Ordering::Equal => (at, id.to_owned()),
-        Ordering::Less => (at + 1, String::new()),
+        Ordering::Less => (at.saturating_add(1), String::new()),
         Ordering::Greater => (at, String::new()),
     }
 }

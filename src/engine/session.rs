@@ -286,7 +286,7 @@ impl SessionActor {
             due,
             Transition::BecomeIdle | Transition::Expire(REASON_IDLE_TIMEOUT)
         );
-        if idling && self.socket_open() {
+        if idling && self.session.ttl_deadline() > now && self.socket_open() {
             self.note_activity(now, ctx);
             return false;
         }
@@ -645,6 +645,15 @@ impl Handler<Subscribe> for SessionActor {
 
     fn handle(&mut self, msg: Subscribe, ctx: &mut Context<Self>) -> Self::Result {
         let now = self.live(ctx)?;
+        // The token was checked before this message; a rotation may have
+        // come in between, and a socket of a rotated-away token is not
+        // opened (it would never hear the rotation).
+        if msg
+            .token
+            .is_some_and(|t| !self.session.credentials.session_token.matches(&t))
+        {
+            return Err(SessionError::TokenMismatch);
+        }
         self.socket_open();
         if self.subscribers.len() >= msg.max {
             return Err(SessionError::TooManyConnections { limit: msg.max });

@@ -6,6 +6,7 @@
 //! the session's open WebSockets like a tenant's DELETE.
 
 use axum::body::Body;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse as _, Response};
@@ -117,7 +118,12 @@ pub(crate) async fn list(
 }
 
 /// The tenant and session of an admin path, checked.
-fn session_path(tenant_id: &str, session_id: &str) -> Result<(Uuid, String), ApiError> {
+fn session_path(
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<(Uuid, String), ApiError> {
+    let Path((tenant_id, session_id)) =
+        path.map_err(|_| invalid("session_id", "the path is not valid UTF-8"))?;
+    let (tenant_id, session_id) = (tenant_id.as_str(), session_id.as_str());
     let tenant =
         Uuid::parse_str(tenant_id).map_err(|_| invalid("tenant_id", "tenant_id must be a UUID"))?;
     if !is_valid_session_id(session_id) {
@@ -150,9 +156,9 @@ fn session_path(tenant_id: &str, session_id: &str) -> Result<(Uuid, String), Api
 pub(crate) async fn read(
     State(state): State<AppState>,
     _: Admin,
-    Path((tenant_id, session_id)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<Json<SessionView>, ApiError> {
-    let (tenant, id) = session_path(&tenant_id, &session_id)?;
+    let (tenant, id) = session_path(path)?;
     Ok(Json(state.engine.get(tenant, &id).await?))
 }
 
@@ -189,10 +195,10 @@ pub(crate) struct AdminTerminateBody {
 pub(crate) async fn terminate(
     State(state): State<AppState>,
     _: Admin,
-    Path((tenant_id, session_id)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
     OptionalJsonBody(body): OptionalJsonBody<AdminTerminateBody>,
 ) -> Result<StatusCode, ApiError> {
-    let (tenant, id) = session_path(&tenant_id, &session_id)?;
+    let (tenant, id) = session_path(path)?;
     let reason = body.and_then(|b| b.reason);
     if let Some(reason) = &reason {
         check_reason(reason)?;

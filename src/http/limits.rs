@@ -270,12 +270,28 @@ enum Caller {
 /// Whose bucket the call draws on, by the rule of [`access`]: an admin
 /// key on `/admin/…`; else the session token on a call of its session,
 /// else the API key.
-fn caller(state: &AppState, headers: &HeaderMap, class: Class, path: &str) -> Caller {
+fn caller(
+    state: &AppState,
+    headers: &HeaderMap,
+    query: Option<&str>,
+    class: Class,
+    path: &str,
+) -> Caller {
     if class == Class::Admin {
         return match access::presented_admin_key(headers) {
             Some(key) if state.keys.is_admin(key) => Caller::Key(digest(b"admin", key.as_bytes())),
             _ => Caller::Unknown,
         };
+    }
+    // A WebSocket upgrade by `?token=` is the session's to pay for (its
+    // handler charges it once the token is verified), even with a key
+    // beside it: the token is what authenticates it.
+    let query_token = query.is_some_and(|q| {
+        q.split('&')
+            .any(|pair| pair.strip_prefix("token=").is_some_and(|t| !t.is_empty()))
+    });
+    if query_token && access::is_session_call(path) && path.ends_with("/ws") {
+        return Caller::Session;
     }
     match Credential::of_request(headers, path) {
         Credential::SessionToken(_) => Caller::Session,
@@ -347,7 +363,13 @@ pub async fn limit_rate(
     // failed-authentication bucket needs to know the caller.
     let caller = class
         .filter(|class| state.limits.limits(*class) || client.is_some())
-        .map(|class| (class, caller(&state, request.headers(), class, &path)));
+        .map(|class| {
+            let query = request.uri().query();
+            (
+                class,
+                caller(&state, request.headers(), query, class, &path),
+            )
+        });
     // Who the failed-authentication bucket charges after the answer.
     let mut charge_on_failure = None;
     if let (Some(ip), Some((_, who))) = (client, &caller) {

@@ -22,7 +22,10 @@
 //! has not arrived within `body_read_timeout` of its head fails (the
 //! handler answers 4xx; hyper then closes the connection, as the body was
 //! not read to its end); a keep-alive connection idle for `idle_timeout`
-//! between requests is closed. hyper's own `header_read_timeout` is not
+//! between requests is closed, and so is one whose client has not taken
+//! any of an answer for `idle_timeout` (a stalled reader would otherwise
+//! hold the connection, and a graceful shutdown, for ever); a handler that
+//! works long without writing is not cut. hyper's own `header_read_timeout` is not
 //! used: its clock runs from the end of the previous response, so it
 //! would also close idle keep-alive connections after the head timeout.
 //! Instead each connection's reads and writes are watched ([`Watched`])
@@ -83,6 +86,9 @@ struct ConnectionClock {
     head_started: AtomicU64,
     /// A request is being served (from its head to the end of its answer).
     in_flight: AtomicBool,
+    /// Since when a write has been waiting for the client to read, plus
+    /// one (0: no write waiting).
+    write_blocked: AtomicU64,
 }
 
 impl ConnectionClock {
@@ -93,7 +99,19 @@ impl ConnectionClock {
             // A new connection owes its first head from the start.
             head_started: AtomicU64::new(1),
             in_flight: AtomicBool::new(false),
+            write_blocked: AtomicU64::new(0),
         }
+    }
+
+    /// A write could not go out: the client is not reading.
+    fn write_waits(&self) {
+        self.write_waits_at(self.now());
+    }
+
+    fn write_waits_at(&self, now: u64) {
+        let _ =
+            self.write_blocked
+                .compare_exchange(0, now + 1, Ordering::Relaxed, Ordering::Relaxed);
     }
 
     fn now(&self) -> u64 {
@@ -123,6 +141,7 @@ impl ConnectionClock {
 
     fn wrote_bytes(&self) {
         self.last_activity.store(self.now(), Ordering::Relaxed);
+        self.write_blocked.store(0, Ordering::Relaxed);
     }
 
     fn request_started(&self) {
@@ -146,9 +165,19 @@ impl ConnectionClock {
 
     /// [`ConnectionClock::check`] at `now`, in milliseconds since `born`.
     fn check_at(&self, now: u64, timeouts: &ConnectionTimeouts) -> Result<u64, &'static str> {
+        let blocked = self.write_blocked.load(Ordering::Relaxed);
+        if blocked > 0 {
+            // An answer the client does not take: closed after the idle
+            // time, so a stalled reader holds no connection (nor a
+            // shutdown) for ever.
+            let deadline = blocked - 1 + timeouts.idle.as_millis() as u64;
+            if now >= deadline {
+                return Err("answer not read in time");
+            }
+        }
         if self.in_flight.load(Ordering::Relaxed) {
-            // The body has its own deadline; look again later for the
-            // idle time after the answer.
+            // The body has its own deadline, and a handler may work for
+            // long without writing (a bulk termination); look again later.
             return Ok(now + timeouts.header_read.min(timeouts.idle).as_millis() as u64);
         }
         let head = self.head_started.load(Ordering::Relaxed);
@@ -199,8 +228,10 @@ impl AsyncWrite for Watched {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.stream).poll_write(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.clock.wrote_bytes();
+        match polled {
+            Poll::Ready(Ok(n)) if n > 0 => self.clock.wrote_bytes(),
+            Poll::Pending => self.clock.write_waits(),
+            _ => {}
         }
         polled
     }
@@ -211,8 +242,10 @@ impl AsyncWrite for Watched {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.clock.wrote_bytes();
+        match polled {
+            Poll::Ready(Ok(n)) if n > 0 => self.clock.wrote_bytes(),
+            Poll::Pending => self.clock.write_waits(),
+            _ => {}
         }
         polled
     }
@@ -578,6 +611,11 @@ mod tests {
             clock.check_at(115_000, &t).is_ok(),
             "a request in flight is not idle"
         );
+        // A write the client does not take closes it after the idle time.
+        clock.write_waits_at(116_000);
+        assert!(clock.check_at(175_999, &t).is_ok());
+        assert_eq!(clock.check_at(176_000, &t), Err("answer not read in time"));
+        clock.write_blocked.store(0, Ordering::Relaxed);
         clock.request_finished_at(115_000);
         assert_eq!(clock.check_at(115_000, &t), Ok(175_000));
         assert!(clock.check_at(174_999, &t).is_ok());
