@@ -16,13 +16,15 @@
 //!   over one actix arbiter per core; start-up recovery and the sweep.
 //! - [`auth`]: API keys and admin keys (hashes only, scopes), where the
 //!   master keyring comes from, development credentials.
-//! - [`http`]: the connection loop (slow-client timeouts, peer addresses),
-//!   the axum routes, extractors (keys, session tokens), the one error
-//!   mapping, rate limits (failed authentications per address too), the
-//!   OpenAPI document, the JSON-RPC WebSocket, live stats with the
-//!   dashboard, `/metrics` and the export.
-//! - [`settings`]: layered configuration; [`telemetry`]: logging and
-//!   Prometheus metric names;
+//! - [`http`]: the connection loop (slow-client timeouts, peer addresses,
+//!   TLS, the operators' listener), the axum routes, extractors (keys,
+//!   session tokens), the one error mapping, rate limits (failed
+//!   authentications per address too), the OpenAPI document, the JSON-RPC
+//!   WebSocket, live stats with the dashboard and its 15-minute history,
+//!   `/metrics`, the export and the admin API (sessions across tenants,
+//!   backup).
+//! - [`settings`]: layered configuration; [`telemetry`]: logging,
+//!   Prometheus metric names and the process-wide live counters;
 //!   [`service`]: wires it all and shuts it down in order.
 //! - [`cli`]: the operator's commands beyond `serve` (restore, and the
 //!   commands that drive a running server's admin API).
