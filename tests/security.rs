@@ -1101,3 +1101,44 @@ async fn a_made_up_token_on_refresh_learns_nothing_and_drains_nothing() {
     assert_eq!(view["version"], live["version"], "{view}");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refreshes_proven_by_the_refresh_token_alone_are_charged_to_the_session() {
+    let server = TestServer::start_with(
+        1000,
+        "[rate_limits]\nwrite_per_second = 1\nwrite_burst = 2\n",
+    )
+    .await;
+    let (c, b) = (&server.client, server.base.as_str());
+    let created = create(&server, "stale-loop").await;
+    // A session token that does not authenticate, with the session's
+    // current refresh token each time: rotations, charged like any write.
+    let stale = forged_token(TENANT_A);
+    let mut refresh = created["refresh_token"].as_str().unwrap().to_owned();
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        let (status, body) = with_token(
+            c,
+            b,
+            Method::POST,
+            "/api/v1/sessions/stale-loop/refresh",
+            &stale,
+            Some(json!({"refresh_token": refresh})),
+        )
+        .await;
+        statuses.push(status);
+        if let Some(next) = body["refresh_token"].as_str() {
+            refresh = next.to_owned();
+        }
+    }
+    assert_eq!(
+        statuses,
+        [
+            StatusCode::OK,
+            StatusCode::OK,
+            StatusCode::TOO_MANY_REQUESTS
+        ],
+        "a write burst of 2"
+    );
+    server.stop().await;
+}

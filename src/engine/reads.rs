@@ -12,6 +12,19 @@ use crate::model::session::SessionMetrics;
 use crate::model::{Session, SessionError, SessionView, ToolExecution};
 
 impl Engine {
+    /// What the refresh token `token` is to live session `session_id`
+    /// (current, rotated away, or not its), changing nothing.
+    pub async fn check_refresh(
+        &self,
+        tenant: Uuid,
+        session_id: &str,
+        token: &TokenHash,
+    ) -> Result<crate::model::session::RefreshCheck, SessionError> {
+        self.ask(tenant, session_id, session::CheckRefresh(*token))
+            .await?
+            .ok_or(SessionError::NotFound)
+    }
+
     /// Checks that `token` is the session token of this session (live or
     /// final within retention); another session's token is answered as an
     /// unknown session.

@@ -706,6 +706,19 @@ impl Handler<VerifyToken> for SessionActor {
     }
 }
 
+/// What a presented refresh token is to this session (nothing changes).
+#[derive(Message)]
+#[rtype(result = "RefreshCheck")]
+pub struct CheckRefresh(pub TokenHash);
+
+impl Handler<CheckRefresh> for SessionActor {
+    type Result = MessageResult<CheckRefresh>;
+
+    fn handle(&mut self, CheckRefresh(hash): CheckRefresh, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.session.credentials.check_refresh(&hash))
+    }
+}
+
 /// The sealed passthrough credentials of a live session, with its row id
 /// (part of what they are bound to).
 #[derive(Message)]

@@ -437,6 +437,26 @@ pub(crate) async fn refresh(
         tracing::warn!(event = "auth_failure", reason = "session token not valid for this session", session_id = %access.id, "refresh refused");
         return Err(ApiError::Unauthorized);
     }
+    if let (true, Some(refresh_token)) = (access.stale_token, &presented) {
+        // Only the refresh token speaks for this caller: when it is the
+        // session's current one, the call is charged to the session's
+        // write bucket like any other of its calls (a rotation is a durable
+        // write); anything else is decided below, uncharged.
+        let hash = crate::crypto::TokenHash::of(refresh_token.expose());
+        let check = state
+            .engine
+            .check_refresh(access.tenant, &access.id, &hash)
+            .await;
+        if matches!(check, Ok(crate::model::session::RefreshCheck::Current)) {
+            let bucket = super::limits::session_key(access.tenant, &access.id);
+            if matches!(
+                state.limits.check(super::limits::Class::Write, &bucket),
+                Some(super::limits::Decision::Refused { .. })
+            ) {
+                return Err(ApiError::RateLimited);
+            }
+        }
+    }
     let result = state
         .engine
         .refresh(access.tenant, &access.id, presented.as_ref(), None)
