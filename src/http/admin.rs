@@ -21,12 +21,12 @@ use uuid::Uuid;
 use super::error::{invalid, ApiError};
 use super::extract::{parse_limit, Admin, OptionalJsonBody};
 use super::openapi::{BulkTerminated, Cleanup, ErrorResponse, Flush, SessionList};
-use super::sessions::{filter, DEFAULT_LIST_LIMIT};
+use super::sessions::{filter, status_filters, DEFAULT_LIST_LIMIT};
 use super::AppState;
 use crate::engine::admission::{check_reason, check_text};
 use crate::engine::{ListQuery, Selection};
 use crate::model::ids::is_valid_session_id;
-use crate::model::{ClientType, SessionView, Status};
+use crate::model::SessionView;
 
 /// The routes of this module.
 pub fn router() -> Router<AppState> {
@@ -87,21 +87,13 @@ pub(crate) async fn list(
     params: Result<Query<AdminListParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<SessionList>, ApiError> {
     let Query(params) = params.map_err(|_| invalid("query", "query string is not valid"))?;
+    let (status, client_type) =
+        status_filters(params.status.as_deref(), params.client_type.as_deref())?;
     let selection = Selection {
         tenant: uuid_param("tenant_id", params.tenant_id.as_deref())?,
         query: ListQuery {
-            status: filter(
-                "status",
-                params.status.as_deref(),
-                Status::parse,
-                "active, idle, expired, terminated",
-            )?,
-            client_type: filter(
-                "client_type",
-                params.client_type.as_deref(),
-                ClientType::parse,
-                "claude-code, ide, agent, cli",
-            )?,
+            status,
+            client_type,
             edge_mcp_id: params.edge_mcp_id.filter(|e| !e.is_empty()),
             user_id: uuid_param("user_id", params.user_id.as_deref())?,
             limit: parse_limit(params.limit.as_deref(), DEFAULT_LIST_LIMIT)?,
@@ -199,10 +191,8 @@ pub(crate) async fn terminate(
     OptionalJsonBody(body): OptionalJsonBody<AdminTerminateBody>,
 ) -> Result<StatusCode, ApiError> {
     let (tenant, id) = session_path(path)?;
+    // The reason rule is the engine's, for every termination.
     let reason = body.and_then(|b| b.reason);
-    if let Some(reason) = &reason {
-        check_reason(reason)?;
-    }
     state.engine.admin_terminate(tenant, &id, reason).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -356,10 +356,8 @@ pub(crate) async fn terminate(
     access: SessionAccess,
     OptionalJsonBody(body): OptionalJsonBody<TerminateBody>,
 ) -> Result<StatusCode, ApiError> {
+    // The reason rule is the engine's, for every termination.
     let reason = body.and_then(|b| b.reason);
-    if let Some(reason) = &reason {
-        check_text("reason", reason, 1)?;
-    }
     state
         .engine
         .terminate(access.tenant, &access.id, reason, Requester::Client)
@@ -616,19 +614,31 @@ pub(super) fn filter<T>(
     }
 }
 
+/// The `status` and `client_type` filters of a list (the tenant's and the
+/// admin's), checked.
+pub(super) fn status_filters(
+    status: Option<&str>,
+    client_type: Option<&str>,
+) -> Result<(Option<Status>, Option<ClientType>), ApiError> {
+    Ok((
+        filter(
+            "status",
+            status,
+            Status::parse,
+            "active, idle, expired, terminated",
+        )?,
+        filter(
+            "client_type",
+            client_type,
+            ClientType::parse,
+            "claude-code, ide, agent, cli",
+        )?,
+    ))
+}
+
 fn list_query(params: ListParams) -> Result<ListQuery, ApiError> {
-    let status = filter(
-        "status",
-        params.status.as_deref(),
-        Status::parse,
-        "active, idle, expired, terminated",
-    )?;
-    let client_type = filter(
-        "client_type",
-        params.client_type.as_deref(),
-        ClientType::parse,
-        "claude-code, ide, agent, cli",
-    )?;
+    let (status, client_type) =
+        status_filters(params.status.as_deref(), params.client_type.as_deref())?;
     let offset = match params.offset.as_deref() {
         None => 0,
         Some(text) => text

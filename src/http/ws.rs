@@ -411,9 +411,6 @@ impl Connection {
             "session.terminate" => {
                 let body: Option<TerminateBody> = optional_params(params)?;
                 let reason = body.and_then(|b| b.reason);
-                if let Some(reason) = &reason {
-                    crate::engine::admission::check_text("reason", reason, 1).map_err(rpc)?;
-                }
                 // The actor's push waits in this connection's channel until
                 // the answer `{}` is queued, so `session.terminated` and the
                 // close follow it.
