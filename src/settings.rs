@@ -152,7 +152,7 @@ pub struct SessionSettings {
     pub retention_seconds: u32,
     /// WebSocket `session.expiring` lead time.
     pub expiring_notice_seconds: u32,
-    /// Period of the overdue/purge sweep.
+    /// Period of the purge sweep and of its wall-clock jump check.
     pub sweep_interval_seconds: u32,
 }
 

@@ -256,3 +256,51 @@ async fn final_sessions_are_purged_after_retention() {
     }
     panic!("the final session was never purged");
 }
+
+/// Live sessions of tenant A: the `sessions_active` gauge, which counts the
+/// actors and asks none of them anything (a session's own reads and its
+/// tenant's metrics check it for being overdue).
+async fn live_count(server: &TestServer) -> u64 {
+    let text = server
+        .client
+        .get(format!("{}/metrics", server.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let wanted = format!("sessions_active{{tenant_id=\"{TENANT_A}\"}} ");
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix(&wanted))
+        .unwrap_or_else(|| panic!("no {wanted} in {text}"));
+    line.trim().parse::<f64>().unwrap() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_wall_clock_jumps_the_sweep_expires_and_rearms_with_no_call() {
+    let server = TestServer::start_with(1000, "[sessions]\nsweep_interval_seconds = 1").await;
+    create(&server, "overdue", 60, 3600).await;
+    create(&server, "nearly", 120, 3600).await;
+    assert_eq!(live_count(&server).await, 2);
+    // "overdue" is past its idle timeout, "nearly" 2 s short of its own; both
+    // timers still count a minute or more of real time.
+    server.clock.advance(Duration::from_secs(118));
+    // Neither is called: the sweep notices the jump, expires "overdue" and
+    // re-arms the timer of "nearly", which then fires 2 s later.
+    let mut live = live_count(&server).await;
+    for _ in 0..300 {
+        if live == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        live = live_count(&server).await;
+    }
+    assert_eq!(live, 0, "both ended with no call");
+    let overdue = get(&server, "overdue").await;
+    assert_eq!(overdue["termination_reason"], "idle_timeout");
+    let nearly = get(&server, "nearly").await;
+    assert_eq!(nearly["termination_reason"], "idle_timeout");
+    server.stop().await;
+}

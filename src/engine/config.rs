@@ -35,7 +35,7 @@ pub struct EngineConfig {
     pub expiring_notice: Duration,
     /// How long final sessions stay readable.
     pub retention: Duration,
-    /// Period of the overdue / purge / dead-actor sweep.
+    /// Period of the purge sweep and of its wall-clock jump check.
     pub sweep_interval: Duration,
     /// Defaults for creates.
     pub defaults: SessionDefaults,

@@ -850,20 +850,36 @@ impl Handler<Terminate> for SessionActor {
     }
 }
 
-/// Expires the session if it is overdue (sweep and cleanup endpoint).
-/// Answers whether it expired now.
+/// Expires the session if it is overdue (cleanup endpoint, and the sweep
+/// after the wall clock jumped). Answers whether it expired now.
 #[derive(Message)]
 #[rtype(result = "bool")]
-pub struct ExpireIfDue;
+pub struct ExpireIfDue {
+    /// The wall clock jumped: timers armed before it fire at the wrong
+    /// time, so a session that is not due yet arms its timers again.
+    pub rearm: bool,
+}
 
 impl Handler<ExpireIfDue> for SessionActor {
     type Result = bool;
 
-    fn handle(&mut self, _: ExpireIfDue, ctx: &mut Context<Self>) -> bool {
-        // Nothing due is the common case: the timer stays as it is.
+    fn handle(&mut self, msg: ExpireIfDue, ctx: &mut Context<Self>) -> bool {
         let now = self.shared.clock.now();
         match self.session.due(now, self.shared.idle_after_ms) {
-            Transition::None => false,
+            // Nothing due is the common case: the timer stays as it is,
+            // unless the clock it was armed by moved.
+            Transition::None => {
+                if msg.rearm {
+                    for (handle, _) in [self.timer.take(), self.notice_timer.take()]
+                        .into_iter()
+                        .flatten()
+                    {
+                        ctx.cancel_future(handle);
+                    }
+                    self.arm(ctx);
+                }
+                false
+            }
             Transition::BecomeIdle | Transition::Expire(_) => self.on_deadline(now, ctx),
         }
     }

@@ -3,6 +3,7 @@
 //! retention.
 
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use futures::future::join_all;
@@ -14,6 +15,10 @@ use super::session::{self, SessionActor};
 use super::shared::FAN_OUT;
 use super::tenant::Purge;
 use crate::model::SessionError;
+
+/// A difference between the wall clock and the monotonic clock since the
+/// last check that counts as a jump (NTP slews far slower than this).
+const CLOCK_JUMP: Duration = Duration::from_secs(1);
 
 impl Engine {
     /// Every live actor's address.
@@ -28,15 +33,22 @@ impl Engine {
     /// Expires every overdue session now; answers how many expired.
     pub async fn cleanup(&self) -> Result<usize, SessionError> {
         self.ensure_ready()?;
+        Ok(self.ask_every_actor(false).await)
+    }
+
+    /// Sends every live actor [`session::ExpireIfDue`]; answers how many
+    /// expired.
+    async fn ask_every_actor(&self, rearm: bool) -> usize {
         let mut expired = 0;
         for chunk in self.all_actors().chunks(FAN_OUT) {
-            let answers = join_all(chunk.iter().map(|a| a.send(session::ExpireIfDue))).await;
+            let answers =
+                join_all(chunk.iter().map(|a| a.send(session::ExpireIfDue { rearm }))).await;
             expired += answers
                 .into_iter()
                 .filter(|a| matches!(a, Ok(true)))
                 .count();
         }
-        Ok(expired)
+        expired
     }
 
     /// Deletes final sessions older than the retention; answers how many.
@@ -70,16 +82,41 @@ impl Engine {
         Ok(purged)
     }
 
-    /// Runs the sweep forever: overdue sessions and retention.
+    /// Runs the sweep forever: retention, and overdue sessions after a jump
+    /// of the wall clock.
+    ///
+    /// Every actor has its own timer, so an overdue session needs no sweep
+    /// while the clock runs evenly. Timers count monotonic time, though, and
+    /// deadlines are wall-clock instants: after the wall clock jumps (an NTP
+    /// step, a resumed VM) timers fire at the wrong time. The sweep notices
+    /// the jump (the wall clock moved more or less than the monotonic one
+    /// since the last check, by at least [`CLOCK_JUMP`]) and only then asks
+    /// every actor to expire if due and to arm its timers again. Asking
+    /// every actor on every tick cost a million messages per tick with a
+    /// million sessions, which stalled calls for up to 170 ms.
     pub async fn sweep_forever(self) {
         let mut ticker = tokio::time::interval(self.sweep_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let clock = self.shared.clock.clone();
+        let mut since = (Instant::now(), clock.now());
         loop {
             ticker.tick().await;
             if !self.is_ready() {
+                since = (Instant::now(), clock.now());
                 continue;
             }
-            let expired = self.cleanup().await.unwrap_or(0);
+            let moved = clock.now() - since.1;
+            let elapsed = since.0.elapsed().as_millis() as i64;
+            let expired = if (moved - elapsed).abs() >= CLOCK_JUMP.as_millis() as i64 {
+                tracing::info!(
+                    jump_ms = moved - elapsed,
+                    "the wall clock jumped: re-checking every session's deadlines"
+                );
+                since = (Instant::now(), clock.now());
+                self.ask_every_actor(true).await
+            } else {
+                0
+            };
             let purged = self.purge().await.unwrap_or_else(|e| {
                 tracing::error!(error = %e, "retention purge failed");
                 0
