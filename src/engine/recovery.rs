@@ -99,6 +99,7 @@ impl Engine {
         // How far it is, every few seconds (a million sessions take a few).
         let mut logged = std::time::Instant::now();
         let mut read = 0u64;
+        let mut restorer = tenant::Restorer::new(&self.shared);
         while let Some(found) = rx.recv().await {
             read += 1;
             if read % 1024 == 0 && logged.elapsed() >= PROGRESS_EVERY {
@@ -131,7 +132,7 @@ impl Engine {
                             .submit(vec![WriteOp::put_session(&session)], false);
                     }
                     if let Some(handle) = self.tenants.get(&session.tenant_id) {
-                        tenant::restore(&self.shared, handle.limits.id, &handle.link, session);
+                        restorer.restore(handle.limits.id, &handle.link, session);
                     }
                 }
                 Found::Expired(session) => {
@@ -145,6 +146,7 @@ impl Engine {
                 Found::Orphan => report.orphaned += 1,
             }
         }
+        restorer.finish();
         scan.await
             .map_err(|e| SessionError::Storage(e.to_string()))?;
         // Each supervisor answers after handling everything sent to it
@@ -305,6 +307,7 @@ impl Engine {
     /// state, when they became overdue meanwhile).
     fn restore_rebuilt(&self, sessions: Vec<Session>) {
         let now = self.shared.clock.now();
+        let mut restorer = tenant::Restorer::new(&self.shared);
         for mut session in sessions {
             match session.due(now, self.shared.idle_after_ms) {
                 Transition::Expire(reason) => {
@@ -319,11 +322,12 @@ impl Engine {
                         session.become_idle();
                     }
                     if let Some(handle) = self.tenants.get(&session.tenant_id) {
-                        tenant::restore(&self.shared, handle.limits.id, &handle.link, session);
+                        restorer.restore(handle.limits.id, &handle.link, session);
                     }
                 }
             }
         }
+        restorer.finish();
     }
 }
 
