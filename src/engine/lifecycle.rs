@@ -14,7 +14,7 @@ use super::outcome::durable_outcome;
 use super::recovery;
 use super::session::{self, SupervisorLink};
 use super::shards::Shards;
-use super::shared::{Directory, Shared, FAN_OUT};
+use super::shared::{new_directory, Shared, FAN_OUT};
 use super::stats;
 use super::tenant::TenantSupervisor;
 use crate::model::session::ClientType;
@@ -137,7 +137,7 @@ impl Engine {
             directories: config
                 .tenants
                 .iter()
-                .map(|t| (t.id, Directory::default()))
+                .map(|t| (t.id, new_directory()))
                 .collect(),
             restarts: AtomicU64::new(0),
             shutting_down: AtomicBool::new(false),
