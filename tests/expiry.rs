@@ -304,3 +304,29 @@ async fn after_the_wall_clock_jumps_the_sweep_expires_and_rearms_with_no_call() 
     assert_eq!(nearly["termination_reason"], "idle_timeout");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_jump_a_session_that_turns_idle_rearms_for_its_idle_timeout() {
+    let server = TestServer::start_with(
+        1000,
+        "[sessions]\nsweep_interval_seconds = 1\nidle_after_seconds = 60",
+    )
+    .await;
+    create(&server, "dozing", 78, 3600).await;
+    // Past idle_after (its timer is armed for it, a minute of real time
+    // away), 2 s short of the idle timeout: the sweep turns it idle and must
+    // re-arm for the timeout, not keep the timer from before the jump.
+    server.clock.advance(Duration::from_secs(76));
+    let mut live = live_count(&server).await;
+    for _ in 0..300 {
+        if live == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        live = live_count(&server).await;
+    }
+    assert_eq!(live, 0, "it idled out with no call");
+    let ended = get(&server, "dozing").await;
+    assert_eq!(ended["termination_reason"], "idle_timeout");
+    server.stop().await;
+}

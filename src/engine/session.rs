@@ -366,8 +366,6 @@ impl SessionActor {
         }
     }
 
-    /// Writes the session record once within a flush interval, however many
-    /// changes arrive meanwhile.
     /// Writes the session record, coalesced, within `delay`: an earlier
     /// scheduled write stands, a later one is brought forward.
     fn schedule_state_write(&mut self, ctx: &mut Context<Self>, delay: Duration) {
@@ -864,18 +862,22 @@ impl Handler<ExpireIfDue> for SessionActor {
     type Result = bool;
 
     fn handle(&mut self, msg: ExpireIfDue, ctx: &mut Context<Self>) -> bool {
+        if msg.rearm {
+            // Whatever is due now, the timers armed before the jump go: every
+            // path below arms afresh (`arm` keeps an earlier timer).
+            for (handle, _) in [self.timer.take(), self.notice_timer.take()]
+                .into_iter()
+                .flatten()
+            {
+                ctx.cancel_future(handle);
+            }
+        }
         let now = self.shared.clock.now();
         match self.session.due(now, self.shared.idle_after_ms) {
             // Nothing due is the common case: the timer stays as it is,
             // unless the clock it was armed by moved.
             Transition::None => {
                 if msg.rearm {
-                    for (handle, _) in [self.timer.take(), self.notice_timer.take()]
-                        .into_iter()
-                        .flatten()
-                    {
-                        ctx.cancel_future(handle);
-                    }
                     self.arm(ctx);
                 }
                 false

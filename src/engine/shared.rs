@@ -26,9 +26,9 @@ pub type Directory = DashMap<Arc<str>, Addr<SessionActor>>;
 /// its write lock is held, which blocks every arbiter that needs that shard:
 /// with dashmap's default (8 shards on two cores) a million sessions meant
 /// eight rehashes of ~115,000 entries each at about 900,000 sessions, and
-/// the creates of that round had a p99 of 50-67 ms against about 20 ms in
-/// the others. With 64 shards each pause is an eighth as long. An empty
-/// shard costs a few dozen bytes.
+/// the creates of that round had a p99 of 44-67 ms against about 20 ms in
+/// the others. With 64 shards each pause is an eighth as long. A shard is
+/// padded to 128 bytes: 8 KiB per tenant.
 const DIRECTORY_SHARDS: usize = 64;
 
 /// An empty directory.

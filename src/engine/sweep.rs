@@ -90,8 +90,9 @@ impl Engine {
     /// deadlines are wall-clock instants: after the wall clock jumps (an NTP
     /// step, a resumed VM) timers fire at the wrong time. The sweep notices
     /// the jump (the wall clock moved more or less than the monotonic one
-    /// since the last check, by at least [`CLOCK_JUMP`]) and only then asks
-    /// every actor to expire if due and to arm its timers again. Asking
+    /// since the start or the last jump, by at least [`CLOCK_JUMP`]) and
+    /// only then asks every actor to drop its timers, to expire or turn idle
+    /// if due, and to arm them again. Asking
     /// every actor on every tick cost a million messages per tick with a
     /// million sessions, which stalled calls for up to 170 ms.
     pub async fn sweep_forever(self) {
@@ -102,7 +103,8 @@ impl Engine {
         loop {
             ticker.tick().await;
             if !self.is_ready() {
-                since = (Instant::now(), clock.now());
+                // Not reset: a jump during recovery moved the timers of the
+                // sessions restored before it.
                 continue;
             }
             let moved = clock.now() - since.1;

@@ -8,7 +8,7 @@
 //! directory entry, held from the check to the registration.
 //!
 //! Sessions read from disk at start-up are restored the same way, from the
-//! recovery loop ([`restore`]). The supervisor (one actor per tenant)
+//! recovery loop ([`Restorer`], in batches). The supervisor (one actor per tenant)
 //! restarts a session whose actor died and purges final ones past their
 //! retention; a purge takes the same directory entry as a create, so an id
 //! re-created meanwhile is left alone.

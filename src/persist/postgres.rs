@@ -332,7 +332,8 @@ impl Postgres {
 }
 
 /// Recomputes a rebuilt session's counters and per-tool statistics from its
-/// executions, keeping its status, activity time and version.
+/// executions, keeping its status, activity time and version (an idle row
+/// behind its executions turns active, as the first of them made it).
 fn rebuild_counters(session: &mut Session, executions: &[(u64, ToolExecution)]) {
     let (status, last_activity, version, recorded) = (
         session.status,
@@ -347,11 +348,16 @@ fn rebuild_counters(session: &mut Session, executions: &[(u64, ToolExecution)]) 
     for (_, execution) in executions {
         session.record_execution(execution, execution.recorded_at);
     }
+    let behind = session.tool_execution_count.saturating_sub(recorded);
     session.status = status;
     session.last_activity_at = last_activity.max(session.last_activity_at);
     // The row may lag its executions (it is written coalesced): each
-    // execution past the row's count is one more version.
-    session.version = version + session.tool_execution_count.saturating_sub(recorded);
+    // execution past the row's count is one more version, and the first
+    // of them brought an idle session back to active (one more).
+    session.version = version + behind;
+    if behind > 0 {
+        session.touch(session.last_activity_at);
+    }
 }
 
 /// A stored token digest; a missing or malformed one matches no token.
@@ -759,6 +765,49 @@ mod tests {
             r#"{"github","a \"b\" \\ c",""}"#
         );
         assert_eq!(text_array_literal(&[]), "{}");
+    }
+
+    #[test]
+    fn a_row_behind_its_executions_catches_up_and_an_idle_one_turns_active() {
+        let mut session = crate::model::session::tests::session_at(1_000, 600, 3600);
+        let call = |at| {
+            (
+                0,
+                ToolExecution {
+                    tool_name: "grep".into(),
+                    tool_id: None,
+                    arguments: "{}".into(),
+                    result: "{}".into(),
+                    error: None,
+                    duration_ms: 1,
+                    tokens_used: 1,
+                    executed_at: at,
+                    recorded_at: at,
+                },
+            )
+        };
+        // The row counted one execution, then went idle (written at once);
+        // two more came after it (the row not yet rewritten).
+        session.record_execution(&call(2_000).1, 2_000);
+        session.become_idle();
+        let version = session.version;
+        let executions = [call(2_000), call(9_000), call(9_500)];
+        rebuild_counters(&mut session, &executions);
+        assert_eq!(session.tool_execution_count, 3);
+        assert_eq!(session.status, crate::model::Status::Active);
+        assert_eq!(session.version, version + 2 + 1);
+        assert_eq!(session.last_activity_at, 9_500);
+
+        // A row that holds every execution keeps its status and version.
+        let mut idle = crate::model::session::tests::session_at(1_000, 600, 3600);
+        idle.record_execution(&call(2_000).1, 2_000);
+        idle.become_idle();
+        let version = idle.version;
+        rebuild_counters(&mut idle, &[call(2_000)]);
+        assert_eq!(
+            (idle.status, idle.version),
+            (crate::model::Status::Idle, version)
+        );
     }
 
     #[test]
