@@ -157,7 +157,16 @@ impl Restorer {
     }
 
     /// Starts every actor still queued.
-    pub(crate) fn finish(mut self) {
+    pub(crate) fn finish(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Restorer {
+    /// Every registered address gets its actor, also when recovery stops
+    /// midway (a shutdown aborts it): no directory entry is left without
+    /// one, and the live count matches the entries.
+    fn drop(&mut self) {
         for shard in 0..self.batches.len() {
             self.start(shard);
         }

@@ -818,6 +818,34 @@ mod tests {
     }
 
     #[test]
+    fn a_torn_record_before_the_zeros_is_cut_and_the_log_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = segment_path(dir.path(), 1);
+        let (mut writer, _) = open(dir.path(), Some(0), false).unwrap();
+        for i in 0..3u8 {
+            writer.append(&mut record(&[(&[i], &[9; 100])]), 0).unwrap();
+        }
+        let (start, end) = (writer.offset, {
+            writer.append(&mut record(&[(b"x", &[7; 100])]), 0).unwrap();
+            writer.offset
+        });
+        drop(writer);
+        // What a crash leaves: the last record's head reached the disk, its
+        // tail did not (zeros, as written ahead), and the zeros follow.
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(&[0; 40], end - 40).unwrap();
+        let (mut writer, replay) = open(dir.path(), Some(0), false).unwrap();
+        assert_eq!(replay.records.len(), 3, "the torn one is not replayed");
+        assert!(replay.damage.is_empty(), "a torn tail is not damage");
+        assert_eq!(fs::metadata(&path).unwrap().len(), start, "cut off");
+        assert_eq!(writer.append(&mut record(&[(b"y", b"1")]), 0).unwrap(), 4);
+        drop(writer);
+        let (_, replay) = open(dir.path(), Some(0), false).unwrap();
+        let seqs: Vec<u64> = replay.records.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, [1, 2, 3, 4]);
+    }
+
+    #[test]
     fn a_log_that_starts_after_the_checkpoint_is_a_gap() {
         let dir = tempfile::tempdir().unwrap();
         drop(open_segment(&segment_path(dir.path(), 50)).unwrap());
