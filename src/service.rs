@@ -168,17 +168,14 @@ async fn serve_engine(
     );
     // One stop for both listeners.
     let (stop, stopping) = tokio::sync::watch::channel(false);
-    let stop = Arc::new(stop);
-    {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                () = shutdown => {}
-                Ok(()) = failed => {}
-            }
-            let _ = stop.send(true);
-        });
-    }
+    let on_signal = stop.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            () = shutdown => {}
+            Ok(()) = failed => {}
+        }
+        let _ = on_signal.send(true);
+    });
     let stop_when = |mut stopping: tokio::sync::watch::Receiver<bool>| async move {
         let _ = stopping.wait_for(|stop| *stop).await;
     };

@@ -261,21 +261,26 @@ async fn final_sessions_are_purged_after_retention() {
 /// actors and asks none of them anything (a session's own reads and its
 /// tenant's metrics check it for being overdue).
 async fn live_count(server: &TestServer) -> u64 {
-    let text = server
-        .client
-        .get(format!("{}/metrics", server.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = server.metrics().await;
     let wanted = format!("sessions_active{{tenant_id=\"{TENANT_A}\"}} ");
     let line = text
         .lines()
         .find_map(|l| l.strip_prefix(&wanted))
         .unwrap_or_else(|| panic!("no {wanted} in {text}"));
     line.trim().parse::<f64>().unwrap() as u64
+}
+
+/// [`live_count`] once it is 0, or after about 6 s.
+async fn live_count_once_none_or_timeout(server: &TestServer) -> u64 {
+    let mut live = live_count(server).await;
+    for _ in 0..300 {
+        if live == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        live = live_count(server).await;
+    }
+    live
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -289,14 +294,7 @@ async fn after_the_wall_clock_jumps_the_sweep_expires_and_rearms_with_no_call() 
     server.clock.advance(Duration::from_secs(118));
     // Neither is called: the sweep notices the jump, expires "overdue" and
     // re-arms the timer of "nearly", which then fires 2 s later.
-    let mut live = live_count(&server).await;
-    for _ in 0..300 {
-        if live == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        live = live_count(&server).await;
-    }
+    let live = live_count_once_none_or_timeout(&server).await;
     assert_eq!(live, 0, "both ended with no call");
     let overdue = get(&server, "overdue").await;
     assert_eq!(overdue["termination_reason"], "idle_timeout");
@@ -317,14 +315,7 @@ async fn after_a_jump_a_session_that_turns_idle_rearms_for_its_idle_timeout() {
     // away), 2 s short of the idle timeout: the sweep turns it idle and must
     // re-arm for the timeout, not keep the timer from before the jump.
     server.clock.advance(Duration::from_secs(76));
-    let mut live = live_count(&server).await;
-    for _ in 0..300 {
-        if live == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        live = live_count(&server).await;
-    }
+    let live = live_count_once_none_or_timeout(&server).await;
     assert_eq!(live, 0, "it idled out with no call");
     let ended = get(&server, "dozing").await;
     assert_eq!(ended["termination_reason"], "idle_timeout");

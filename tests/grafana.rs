@@ -147,15 +147,7 @@ async fn every_metric_the_dashboard_queries_exists() {
     server
         .call(Method::POST, "/admin/flush", ADMIN_KEY, None)
         .await;
-    let text = server
-        .client
-        .get(format!("{}/metrics", server.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = server.metrics().await;
     let exposed: BTreeSet<&str> = text
         .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())

@@ -92,9 +92,9 @@ impl Engine {
     /// the jump (the wall clock moved more or less than the monotonic one
     /// since the start or the last jump, by at least [`CLOCK_JUMP`]) and
     /// only then asks every actor to drop its timers, to expire or turn idle
-    /// if due, and to arm them again. Asking
-    /// every actor on every tick cost a million messages per tick with a
-    /// million sessions, which stalled calls for up to 170 ms.
+    /// if due, and to arm them again. Asking every actor on every tick cost
+    /// a million messages per tick with a million sessions, which put the
+    /// p99 of creates at up to 167 ms in the rounds it fell in.
     pub async fn sweep_forever(self) {
         let mut ticker = tokio::time::interval(self.sweep_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -8,8 +8,8 @@
 //! directory entry, held from the check to the registration.
 //!
 //! Sessions read from disk at start-up are restored the same way, from the
-//! recovery loop ([`Restorer`], in batches). The supervisor (one actor per tenant)
-//! restarts a session whose actor died and purges final ones past their
+//! recovery loop ([`Restorer`], in batches). The supervisor (one actor per
+//! tenant) restarts a session whose actor died and purges final ones past their
 //! retention; a purge takes the same directory entry as a create, so an id
 //! re-created meanwhile is left alone.
 
@@ -96,7 +96,8 @@ const RESTORE_BATCH: usize = 512;
 /// Each session's address is made here and registered at once; the actors
 /// themselves are started in batches, one task per [`RESTORE_BATCH`] on each
 /// arbiter: starting each on its own woke the arbiter once per session (a
-/// `write` to its eventfd), which was a sixth of the recovery loop's time.
+/// `write` to its eventfd), which was about a quarter of the recovery
+/// loop's time.
 /// A call that reaches an actor before its batch ran waits in its mailbox.
 pub(crate) struct Restorer {
     shared: Arc<Shared>,

@@ -69,10 +69,11 @@ impl<'a> Credential<'a> {
     }
 
     /// What a request for `path` presents to the handler that will serve it
-    /// (for the middleware, which runs before the handler is known).
-    pub fn of_request(headers: &'a HeaderMap, path: &str) -> Self {
+    /// (for the middleware, which runs before the handler is known);
+    /// `query_token`: the `?token=` of a route that reads one.
+    pub fn of_request(headers: &'a HeaderMap, path: &str, query_token: Option<&'a str>) -> Self {
         if is_session_call(path) {
-            Self::of_session_call(headers, None)
+            Self::of_session_call(headers, query_token)
         } else {
             Self::of_tenant_call(headers)
         }
@@ -365,7 +366,7 @@ mod tests {
             "/api/v1/sessions/s-1/metrics",
         ] {
             assert_eq!(
-                Credential::of_request(&token, path),
+                Credential::of_request(&token, path, None),
                 Credential::SessionToken(TOKEN),
                 "{path}"
             );
@@ -379,7 +380,7 @@ mod tests {
             "/api/v1/executions",
         ] {
             assert_eq!(
-                Credential::of_request(&token, path),
+                Credential::of_request(&token, path, None),
                 Credential::Missing,
                 "{path}"
             );

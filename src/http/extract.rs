@@ -305,13 +305,27 @@ pub(super) fn charge_session(
     state: &AppState,
     who: &[u8; 32],
 ) -> Result<(), ApiError> {
-    let Some(class) = limits::class_of(&parts.method, parts.uri.path())
-        .filter(|class| state.limits.limits(*class))
-    else {
+    let Some(class) = limits::class_of(&parts.method, parts.uri.path()) else {
         return Ok(());
     };
+    charge(
+        state,
+        class,
+        who,
+        parts.extensions.get::<limits::RateSlot>(),
+    )
+}
+
+/// Takes a token from `who`'s bucket of `class` (none when the class is
+/// unlimited); the decision goes to `slot`, for the answer's headers.
+pub(super) fn charge(
+    state: &AppState,
+    class: limits::Class,
+    who: &[u8; 32],
+    slot: Option<&limits::RateSlot>,
+) -> Result<(), ApiError> {
     let decision = state.limits.check(class, who);
-    if let (Some(decision), Some(slot)) = (decision, parts.extensions.get::<limits::RateSlot>()) {
+    if let (Some(decision), Some(slot)) = (decision, slot) {
         slot.put(decision);
     }
     match decision {

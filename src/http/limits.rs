@@ -36,7 +36,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use axum::http::{HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use governor::clock::{Clock, DefaultClock};
@@ -262,21 +262,15 @@ enum Caller {
     /// A session token on a call of its session: charged by the extractor
     /// once the token is verified (see [`session_key`]).
     Session,
-    /// Nobody this middleware can charge: the call is refused with 401, or
-    /// is a WebSocket upgrade by `?token=`, which this does not read.
+    /// Nobody this middleware can charge: the call is refused with 401.
     Unknown,
 }
 
 /// Whose bucket the call draws on, by the rule of [`access`]: an admin
 /// key on `/admin/…`; else the session token on a call of its session,
 /// else the API key.
-fn caller(
-    state: &AppState,
-    headers: &HeaderMap,
-    query: Option<&str>,
-    class: Class,
-    path: &str,
-) -> Caller {
+fn caller(state: &AppState, request: &Request, class: Class, path: &str) -> Caller {
+    let headers = request.headers();
     if class == Class::Admin {
         return match access::presented_admin_key(headers) {
             Some(key) if state.keys.is_admin(key) => Caller::Key(digest(b"admin", key.as_bytes())),
@@ -286,14 +280,11 @@ fn caller(
     // A WebSocket upgrade by `?token=` is the session's to pay for (its
     // handler charges it once the token is verified), even with a key
     // beside it: the token is what authenticates it.
-    let query_token = query.is_some_and(|q| {
-        q.split('&')
-            .any(|pair| pair.strip_prefix("token=").is_some_and(|t| !t.is_empty()))
-    });
-    if query_token && access::is_session_call(path) && path.ends_with("/ws") {
-        return Caller::Session;
-    }
-    match Credential::of_request(headers, path) {
+    let query_token = path
+        .ends_with("/ws")
+        .then(|| super::ws::query_token(request.uri()))
+        .flatten();
+    match Credential::of_request(headers, path, query_token.as_deref()) {
         Credential::SessionToken(_) => Caller::Session,
         Credential::ApiKey(key) => match state.keys.tenant_key(key) {
             Some(grants) => Caller::Key(grants.bucket),
@@ -363,13 +354,7 @@ pub async fn limit_rate(
     // failed-authentication bucket needs to know the caller.
     let caller = class
         .filter(|class| state.limits.limits(*class) || client.is_some())
-        .map(|class| {
-            let query = request.uri().query();
-            (
-                class,
-                caller(&state, request.headers(), query, class, &path),
-            )
-        });
+        .map(|class| (class, caller(&state, &request, class, &path)));
     // Who the failed-authentication bucket charges after the answer.
     let mut charge_on_failure = None;
     if let (Some(ip), Some((_, who))) = (client, &caller) {

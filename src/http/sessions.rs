@@ -447,12 +447,7 @@ pub(crate) async fn refresh(
             .await;
         if matches!(check, Ok(crate::model::session::RefreshCheck::Current)) {
             let bucket = super::limits::session_key(access.tenant, &access.id);
-            if matches!(
-                state.limits.check(super::limits::Class::Write, &bucket),
-                Some(super::limits::Decision::Refused { .. })
-            ) {
-                return Err(ApiError::RateLimited);
-            }
+            super::extract::charge(&state, super::limits::Class::Write, &bucket, None)?;
         }
     }
     let result = state

@@ -113,6 +113,12 @@ pub(crate) struct WsParams {
     token: Option<String>,
 }
 
+/// The `?token=` of an upgrade request, read as its handler reads it (for
+/// the rate-limit middleware, which runs first).
+pub(crate) fn query_token(uri: &axum::http::Uri) -> Option<String> {
+    Query::<WsParams>::try_from_uri(uri).ok()?.0.token
+}
+
 /// Authenticates the upgrade request by the rule of [`access`]: a session
 /// token (header, else query) for this very session, else an API key with
 /// scope `sessions`. Whichever it was is whose write bucket frames draw on;

@@ -576,6 +576,21 @@ pub struct SessionView {
 pub(crate) mod tests {
     use super::*;
 
+    /// A successful `grep` call made and recorded at `at`.
+    pub(crate) fn execution_at(at: Millis) -> ToolExecution {
+        ToolExecution {
+            tool_name: "grep".into(),
+            tool_id: None,
+            arguments: "{}".into(),
+            result: "{}".into(),
+            error: None,
+            duration_ms: 1,
+            tokens_used: 2,
+            executed_at: at,
+            recorded_at: at,
+        }
+    }
+
     pub(crate) fn session_at(now: Millis, idle_timeout: u32, ttl: u32) -> Session {
         Session {
             id: Uuid::now_v7(),

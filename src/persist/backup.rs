@@ -320,22 +320,8 @@ pub fn restore(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::session::tests::session_at;
+    use crate::model::session::tests::{execution_at as execution, session_at};
     use crate::model::Status;
-
-    fn execution(at: Millis) -> ToolExecution {
-        ToolExecution {
-            tool_name: "grep".into(),
-            tool_id: None,
-            arguments: "{}".into(),
-            result: "{}".into(),
-            error: None,
-            duration_ms: 1,
-            tokens_used: 2,
-            executed_at: at,
-            recorded_at: at,
-        }
-    }
 
     fn backup_of(sessions: &[(Session, u64)]) -> Vec<u8> {
         let dir = tempfile::tempdir().unwrap();

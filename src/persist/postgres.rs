@@ -769,23 +769,9 @@ mod tests {
 
     #[test]
     fn a_row_behind_its_executions_catches_up_and_an_idle_one_turns_active() {
-        let mut session = crate::model::session::tests::session_at(1_000, 600, 3600);
-        let call = |at| {
-            (
-                0,
-                ToolExecution {
-                    tool_name: "grep".into(),
-                    tool_id: None,
-                    arguments: "{}".into(),
-                    result: "{}".into(),
-                    error: None,
-                    duration_ms: 1,
-                    tokens_used: 1,
-                    executed_at: at,
-                    recorded_at: at,
-                },
-            )
-        };
+        use crate::model::session::tests::{execution_at, session_at};
+        let mut session = session_at(1_000, 600, 3600);
+        let call = |at| (0, execution_at(at));
         // The row counted one execution, then went idle (written at once);
         // two more came after it (the row not yet rewritten).
         session.record_execution(&call(2_000).1, 2_000);
@@ -799,7 +785,7 @@ mod tests {
         assert_eq!(session.last_activity_at, 9_500);
 
         // A row that holds every execution keeps its status and version.
-        let mut idle = crate::model::session::tests::session_at(1_000, 600, 3600);
+        let mut idle = session_at(1_000, 600, 3600);
         idle.record_execution(&call(2_000).1, 2_000);
         idle.become_idle();
         let version = idle.version;

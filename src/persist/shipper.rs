@@ -594,17 +594,7 @@ mod tests {
         let execution = Entry::Execution {
             session_row: row,
             seq: 1,
-            execution: crate::model::ToolExecution {
-                tool_name: "read".into(),
-                tool_id: None,
-                arguments: "{}".into(),
-                result: "{}".into(),
-                error: None,
-                duration_ms: 1,
-                tokens_used: 1,
-                executed_at: 0,
-                recorded_at: 0,
-            },
+            execution: crate::model::session::tests::execution_at(0),
         };
         let mut session = crate::model::session::tests::session_at(0, 60, 60);
         session.id = row;

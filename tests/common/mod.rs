@@ -177,6 +177,18 @@ impl TestServer {
         call(&self.client, &self.base, method, path, key, body).await
     }
 
+    /// The text of `GET /metrics`.
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// Stops the server gracefully and waits until it has flushed.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
