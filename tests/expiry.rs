@@ -257,17 +257,22 @@ async fn final_sessions_are_purged_after_retention() {
     panic!("the final session was never purged");
 }
 
-/// Live sessions of tenant A: the `sessions_active` gauge, which counts the
-/// actors and asks none of them anything (a session's own reads and its
-/// tenant's metrics check it for being overdue).
+/// Live sessions of tenant A as `/admin/stats` counts them: the actors in
+/// its directory, asking none of them anything (a session's own reads and
+/// its tenant's metrics check it for being overdue). Not the
+/// `sessions_active` gauge: the metrics recorder is global to the process,
+/// and the other tests' servers set the same tenant's gauge.
 async fn live_count(server: &TestServer) -> u64 {
-    let text = server.metrics().await;
-    let wanted = format!("sessions_active{{tenant_id=\"{TENANT_A}\"}} ");
-    let line = text
-        .lines()
-        .find_map(|l| l.strip_prefix(&wanted))
-        .unwrap_or_else(|| panic!("no {wanted} in {text}"));
-    line.trim().parse::<f64>().unwrap() as u64
+    let (status, stats) = server
+        .call(Method::GET, "/admin/stats", ADMIN_KEY, None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{stats}");
+    stats["tenants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["tenant_id"] == TENANT_A)
+        .map_or(0, |t| t["live_sessions"].as_u64().unwrap())
 }
 
 /// [`live_count`] once it is 0, or after about 6 s.
