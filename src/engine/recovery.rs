@@ -9,12 +9,13 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 
 use std::time::Duration;
 
 use uuid::Uuid;
 
-use crate::model::{Session, SessionError, Status, Transition};
+use crate::model::{Millis, Session, SessionError, Status, Transition};
 use crate::persist::postgres::Postgres;
 use crate::persist::WriteOp;
 
@@ -56,42 +57,71 @@ impl Engine {
         let rebuilt = self.rebuild_if_pending().await?;
         let shared = self.shared.clone();
         let idle_after_ms = shared.idle_after_ms;
-        let known: HashSet<Uuid> = self.tenants.keys().copied().collect();
+        let known: Arc<HashSet<Uuid>> = Arc::new(self.tenants.keys().copied().collect());
         let now = shared.clock.now();
-        // The scan is blocking I/O; it streams sessions to this task so a
-        // million records are never all in memory at once.
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Found, SessionError>>(1024);
-        let scan = tokio::task::spawn_blocking(move || {
-            for item in shared.store.all_sessions_replayed() {
-                let found = item.map_err(storage).map(|(mut session, replayed)| {
-                    if !known.contains(&session.tenant_id) {
-                        Found::Orphan
-                    } else if session.status.is_final() {
-                        Found::Final
-                    } else {
-                        match session.due(now, idle_after_ms) {
-                            Transition::Expire(reason) => {
-                                let at = session.expires_at();
-                                session.finish(Status::Expired, reason, at);
-                                Found::Expired(session)
-                            }
-                            Transition::BecomeIdle => {
-                                session.become_idle();
-                                Found::Live(session, true)
-                            }
-                            // A record behind its executions (the process
-                            // died before the coalesced write) is written
-                            // again, so every copy (PostgreSQL included)
-                            // catches up.
-                            Transition::None => Found::Live(session, replayed > 0),
+        // Three stages on their own threads, streaming, so a million records
+        // are never all in memory at once: one walks the tree, DECODERS
+        // decode the records (a live one also looks up executions past it),
+        // and this task restores. On two cores the walk and the decoding on
+        // one thread were the longest chain (4.7 of 6.5 s for 1M sessions).
+        // Records travel in batches, so a thread wakes once per batch: one
+        // wake-up per session was a tenth of the time.
+        let (records_tx, records_rx) = std::sync::mpsc::sync_channel::<Vec<Record>>(2 * DECODERS);
+        let walk = {
+            let shared = shared.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut batch = Vec::with_capacity(BATCH);
+                for item in shared.store.session_records() {
+                    batch.push(item.map_err(storage));
+                    if batch.len() == BATCH {
+                        let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
+                        if records_tx.send(full).is_err() {
+                            return;
                         }
                     }
-                });
-                if tx.blocking_send(found).is_err() {
-                    return;
                 }
-            }
-        });
+                if !batch.is_empty() {
+                    let _ = records_tx.send(batch);
+                }
+            })
+        };
+        let records_rx = Arc::new(Mutex::new(records_rx));
+        let (tx, mut rx) =
+            tokio::sync::mpsc::channel::<Vec<Result<Found, SessionError>>>(2 * DECODERS);
+        let decoders: Vec<_> = (0..DECODERS)
+            .map(|_| {
+                let (shared, known, records_rx, tx) = (
+                    shared.clone(),
+                    known.clone(),
+                    records_rx.clone(),
+                    tx.clone(),
+                );
+                tokio::task::spawn_blocking(move || loop {
+                    let next = records_rx
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .recv();
+                    let Ok(batch) = next else {
+                        return;
+                    };
+                    let found = batch
+                        .into_iter()
+                        .map(|record| {
+                            let (key, bytes) = record?;
+                            let (session, replayed) = shared
+                                .store
+                                .decode_session_replayed(&key, &bytes)
+                                .map_err(storage)?;
+                            Ok(classify(session, replayed, &known, now, idle_after_ms))
+                        })
+                        .collect();
+                    if tx.blocking_send(found).is_err() {
+                        return;
+                    }
+                })
+            })
+            .collect();
+        drop(tx);
         let mut report = RecoveryReport {
             rebuilt,
             ..RecoveryReport::default()
@@ -100,55 +130,60 @@ impl Engine {
         let mut logged = std::time::Instant::now();
         let mut read = 0u64;
         let mut restorer = tenant::Restorer::new(&self.shared);
-        while let Some(found) = rx.recv().await {
-            read += 1;
-            if read % 1024 == 0 && logged.elapsed() >= PROGRESS_EVERY {
-                logged = std::time::Instant::now();
-                let elapsed = started.elapsed().as_secs_f64();
-                tracing::info!(
-                    sessions_read = read,
-                    restored = report.restored,
-                    expired = report.expired,
-                    per_second = (read as f64 / elapsed.max(0.001)) as u64,
-                    elapsed_ms = (elapsed * 1000.0) as u64,
-                    "recovery: in progress"
-                );
-            }
-            let found = match found {
-                Ok(found) => found,
-                Err(e) => {
-                    // One bad record must not keep every other session down.
-                    tracing::error!(error = %e, "a stored session could not be read; skipped");
-                    report.unreadable += 1;
-                    continue;
+        while let Some(batch) = rx.recv().await {
+            for found in batch {
+                read += 1;
+                if read % 1024 == 0 && logged.elapsed() >= PROGRESS_EVERY {
+                    logged = std::time::Instant::now();
+                    let elapsed = started.elapsed().as_secs_f64();
+                    tracing::info!(
+                        sessions_read = read,
+                        restored = report.restored,
+                        expired = report.expired,
+                        per_second = (read as f64 / elapsed.max(0.001)) as u64,
+                        elapsed_ms = (elapsed * 1000.0) as u64,
+                        "recovery: in progress"
+                    );
                 }
-            };
-            match found {
-                Found::Live(session, rewrite) => {
-                    report.restored += 1;
-                    if rewrite {
+                let found = match found {
+                    Ok(found) => found,
+                    Err(e) => {
+                        // One bad record must not keep every other session down.
+                        tracing::error!(error = %e, "a stored session could not be read; skipped");
+                        report.unreadable += 1;
+                        continue;
+                    }
+                };
+                match found {
+                    Found::Live(session, rewrite) => {
+                        report.restored += 1;
+                        if rewrite {
+                            self.shared
+                                .write_behind
+                                .submit(vec![WriteOp::put_session(&session)], false);
+                        }
+                        if let Some(handle) = self.tenants.get(&session.tenant_id) {
+                            restorer.restore(handle.limits.id, &handle.link, session);
+                        }
+                    }
+                    Found::Expired(session) => {
+                        report.expired += 1;
+                        tracing::info!(session_id = %session.session_id, tenant = %session.tenant_id, "session expired while the process was down");
                         self.shared
                             .write_behind
-                            .submit(vec![WriteOp::put_session(&session)], false);
+                            .submit(WriteOp::final_session(&session), false);
                     }
-                    if let Some(handle) = self.tenants.get(&session.tenant_id) {
-                        restorer.restore(handle.limits.id, &handle.link, session);
-                    }
+                    Found::Final => report.final_kept += 1,
+                    Found::Orphan => report.orphaned += 1,
                 }
-                Found::Expired(session) => {
-                    report.expired += 1;
-                    tracing::info!(session_id = %session.session_id, tenant = %session.tenant_id, "session expired while the process was down");
-                    self.shared
-                        .write_behind
-                        .submit(WriteOp::final_session(&session), false);
-                }
-                Found::Final => report.final_kept += 1,
-                Found::Orphan => report.orphaned += 1,
             }
         }
         restorer.finish();
-        scan.await
-            .map_err(|e| SessionError::Storage(e.to_string()))?;
+        for stage in std::iter::once(walk).chain(decoders) {
+            stage
+                .await
+                .map_err(|e| SessionError::Storage(e.to_string()))?;
+        }
         // Each supervisor answers after handling everything sent to it
         // before (restarts of actors that died meanwhile).
         for tenant in self.tenants.values() {
@@ -172,6 +207,46 @@ impl Engine {
             "recovery finished"
         );
         Ok(report)
+    }
+}
+
+/// Threads decoding stored records during recovery.
+const DECODERS: usize = 2;
+/// Records handed from one recovery stage to the next at a time.
+const BATCH: usize = 256;
+
+/// A stored session record, undecoded.
+type Record = Result<(sled::IVec, sled::IVec), SessionError>;
+
+/// What recovery does with a decoded session (`replayed`: executions past
+/// its record, which is then behind).
+fn classify(
+    mut session: Session,
+    replayed: u64,
+    known: &HashSet<Uuid>,
+    now: Millis,
+    idle_after_ms: Millis,
+) -> Found {
+    if !known.contains(&session.tenant_id) {
+        Found::Orphan
+    } else if session.status.is_final() {
+        Found::Final
+    } else {
+        match session.due(now, idle_after_ms) {
+            Transition::Expire(reason) => {
+                let at = session.expires_at();
+                session.finish(Status::Expired, reason, at);
+                Found::Expired(session)
+            }
+            Transition::BecomeIdle => {
+                session.become_idle();
+                Found::Live(session, true)
+            }
+            // A record behind its executions (the process died before the
+            // coalesced write) is written again, so every copy (PostgreSQL
+            // included) catches up.
+            Transition::None => Found::Live(session, replayed > 0),
+        }
     }
 }
 

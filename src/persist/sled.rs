@@ -343,8 +343,10 @@ impl Store {
             .map(|(session, _)| session)
     }
 
-    /// As [`Store::decode_session`], with the number of executions replayed.
-    fn decode_session_replayed(
+    /// As [`Store::decode_session`], with the number of executions replayed
+    /// (non-zero: the record on disk is behind); `key` and `bytes` are one
+    /// item of [`Store::session_records`].
+    pub fn decode_session_replayed(
         &self,
         key: &[u8],
         bytes: &[u8],
@@ -379,10 +381,16 @@ impl Store {
     pub fn all_sessions_replayed(
         &self,
     ) -> impl Iterator<Item = Result<(Session, u64), StoreError>> + '_ {
-        self.scan_prefix(&keys::all_sessions(), false).map(|item| {
+        self.session_records().map(|item| {
             let (key, bytes) = item?;
             self.decode_session_replayed(&key, &bytes)
         })
+    }
+
+    /// Every stored session record, undecoded (recovery decodes them on
+    /// other threads than the one that walks the tree).
+    pub fn session_records(&self) -> impl Iterator<Item = Result<(IVec, IVec), StoreError>> + '_ {
+        self.scan_prefix(&keys::all_sessions(), false)
     }
 
     /// A tenant's session ids, newest first, strictly before `before` when given.
