@@ -355,6 +355,59 @@ async fn pings_keep_an_idle_timeout_session_alive() {
     server.stop().await;
 }
 
+/// The session's `last_activity_at`, read over REST.
+async fn last_activity(server: &TestServer, id: &str) -> String {
+    let (status, body) = server
+        .call(Method::GET, &format!("/api/v1/sessions/{id}"), KEY_A, None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body["last_activity_at"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_frame_is_activity_a_failed_tool_call_and_a_bad_frame_too() {
+    let server = TestServer::start().await;
+    create(&server, "busy", json!({})).await;
+    let mut ws = connect(&ws_url(&server, "busy", ""), Some(("x-api-key", KEY_A)))
+        .await
+        .unwrap();
+    let mut seen = last_activity(&server, "busy").await;
+    let frames: [(&str, Value); 4] = [
+        (
+            "a recorded tool call",
+            json!({"jsonrpc": "2.0", "id": 1, "method": "tool.executed", "params": {"tool_name": "grep", "duration_ms": 5}}),
+        ),
+        (
+            "a tool call with bad params",
+            json!({"jsonrpc": "2.0", "id": 2, "method": "tool.executed", "params": {"duration_ms": 5}}),
+        ),
+        (
+            "a read",
+            json!({"jsonrpc": "2.0", "id": 3, "method": "session.get"}),
+        ),
+        (
+            "a frame that is not JSON-RPC",
+            json!(["not", "a", "request"]),
+        ),
+    ];
+    for (what, frame) in frames {
+        server.clock.advance(Duration::from_secs(10));
+        send(&mut ws, frame).await;
+        let reply = next_json(&mut ws).await;
+        let now = last_activity(&server, "busy").await;
+        assert!(
+            now > seen,
+            "{what} ({reply}) moved last_activity_at: {seen} -> {now}"
+        );
+        seen = now;
+    }
+    let (_, session) = server
+        .call(Method::GET, "/api/v1/sessions/busy", KEY_A, None)
+        .await;
+    assert_eq!(session["tool_execution_count"], 1, "{session}");
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frames_over_the_write_limit_get_an_error_and_the_socket_stays() {
     let server = TestServer::start_with(

@@ -264,17 +264,23 @@ impl Connection {
                     None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break End::Gone,
                     Some(Ok(frame)) => {
                         last_heard = Instant::now();
-                        // Every inbound frame is activity, pings included,
-                        // and draws on the write bucket.
-                        let _ = self.state.engine.touch(self.tenant, &self.id).await;
+                        // Every inbound frame is activity, pings included
+                        // (`handle` says how a text frame's is noted), and
+                        // draws on the write bucket.
                         let limited = matches!(
                             self.state.limits.check(Class::Write, &self.bucket),
                             Some(Decision::Refused { .. })
                         );
                         let reply = match frame {
                             Message::Text(text) => self.handle(text.as_str(), limited).await,
-                            Message::Binary(_) => Some(error(Value::Null, INVALID_REQUEST, "frames are JSON text")),
-                            _ => None,
+                            Message::Binary(_) => {
+                                self.touch().await;
+                                Some(error(Value::Null, INVALID_REQUEST, "frames are JSON text"))
+                            }
+                            _ => {
+                                self.touch().await;
+                                None
+                            }
                         };
                         if let Some(reply) = reply {
                             if out.try_send(Message::Text(Utf8Bytes::from(reply.to_string()))).is_err() {
@@ -346,33 +352,37 @@ impl Connection {
         end
     }
 
+    /// Notes the activity of a frame.
+    async fn touch(&self) {
+        let _ = self.state.engine.touch(self.tenant, &self.id).await;
+    }
+
     /// Handles one text frame; answers the reply, if any (requests get one,
     /// notifications none; a frame that is not JSON-RPC gets an error).
+    ///
+    /// The frame's activity is noted first, so that a heartbeat answers the
+    /// expiry it moved; `tool.executed` is activity of its own (the
+    /// session's actor notes it with the execution), and only one that was
+    /// not recorded is noted apart, afterwards: one message to the actor per
+    /// tool call instead of two.
     async fn handle(&self, text: &str, limited: bool) -> Option<Value> {
-        let Ok(frame) = serde_json::from_str::<Value>(text) else {
-            return Some(error(Value::Null, PARSE_ERROR, "parse error"));
-        };
-        let id = frame.get("id").cloned();
-        let valid_id = id
-            .as_ref()
-            .is_none_or(|i| i.is_string() || i.is_number() || i.is_null());
-        let reply_id = id.clone().filter(|_| valid_id).unwrap_or(Value::Null);
-        let Some(object) = frame.as_object() else {
-            return Some(error(Value::Null, INVALID_REQUEST, "invalid request"));
-        };
-        let method = object.get("method").and_then(Value::as_str);
-        let (Some(method), true, Some("2.0")) = (
-            method,
-            valid_id,
-            object.get("jsonrpc").and_then(Value::as_str),
-        ) else {
-            return Some(error(reply_id, INVALID_REQUEST, "invalid request"));
+        let request = parse_request(text);
+        let records =
+            matches!(&request, Ok((_, method, _)) if !limited && method == "tool.executed");
+        if !records {
+            self.touch().await;
+        }
+        let (id, method, params) = match request {
+            Ok(request) => request,
+            Err(reply) => return Some(reply),
         };
         if limited {
             return id.map(|id| error(id, RATE_LIMITED, "rate limited"));
         }
-        let params = object.get("params").cloned().unwrap_or(Value::Null);
-        let outcome = self.call(method, params).await;
+        let outcome = self.call(&method, params).await;
+        if records && outcome.is_err() {
+            self.touch().await;
+        }
         let id = id?;
         Some(match outcome {
             Ok(result) => json!({ "jsonrpc": "2.0", "id": id, "result": result }),
@@ -429,6 +439,35 @@ impl Connection {
             _ => Err((METHOD_NOT_FOUND, format!("method not found: {method}"))),
         }
     }
+}
+
+/// A text frame as a JSON-RPC request: its id (none for a notification),
+/// method and params; or the error reply for a frame that is not one.
+fn parse_request(text: &str) -> Result<(Option<Value>, String, Value), Value> {
+    let Ok(mut frame) = serde_json::from_str::<Value>(text) else {
+        return Err(error(Value::Null, PARSE_ERROR, "parse error"));
+    };
+    let Some(object) = frame.as_object_mut() else {
+        return Err(error(Value::Null, INVALID_REQUEST, "invalid request"));
+    };
+    let id = object.remove("id");
+    let valid_id = id
+        .as_ref()
+        .is_none_or(|i| i.is_string() || i.is_number() || i.is_null());
+    let reply_id = id.clone().filter(|_| valid_id).unwrap_or(Value::Null);
+    let method = match object.remove("method") {
+        Some(Value::String(method)) => Some(method),
+        _ => None,
+    };
+    let (Some(method), true, Some("2.0")) = (
+        method,
+        valid_id,
+        object.get("jsonrpc").and_then(Value::as_str),
+    ) else {
+        return Err(error(reply_id, INVALID_REQUEST, "invalid request"));
+    };
+    let params = object.remove("params").unwrap_or(Value::Null);
+    Ok((id, method, params))
 }
 
 fn params_as<T: serde::de::DeserializeOwned>(params: Value) -> Result<T, (i64, String)> {
