@@ -45,7 +45,10 @@
 //!   runtime;
 //! - `log-writer`: writes log lines, so no request makes a `write` syscall
 //!   for its access log line;
-//! - sled's own I/O threads, busy only during checkpoints.
+//! - sled's own I/O threads, busy only during checkpoints;
+//! - at start only, recovery's three threads from tokio's blocking pool: one
+//!   walks the stored session records, two decode them (see
+//!   [`engine::Engine::recover`]).
 //!
 //! # How a request flows
 //!
