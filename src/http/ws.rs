@@ -243,20 +243,10 @@ impl Connection {
         let mut ping = tokio::time::interval(PING_EVERY);
         ping.tick().await;
         let mut last_heard = Instant::now();
-        // One timer for the connection's life, not one per frame: when it
-        // fires, it is armed again for 90 s after the last frame, unless
-        // that has passed.
-        let silence = tokio::time::sleep_until((last_heard + SILENT_LIMIT).into());
-        tokio::pin!(silence);
         let end = loop {
+            let silence = tokio::time::sleep_until((last_heard + SILENT_LIMIT).into());
             tokio::select! {
-                () = &mut silence => {
-                    let deadline = last_heard + SILENT_LIMIT;
-                    if deadline <= Instant::now() {
-                        break End::Close(1001, "silent for 90 s");
-                    }
-                    silence.as_mut().reset(deadline.into());
-                }
+                () = silence => break End::Close(1001, "silent for 90 s"),
                 push = pushes.recv() => match push {
                     Some(push) => {
                         if let Some(end) = self.deliver(&out, push) {
