@@ -41,7 +41,7 @@ use uuid::Uuid;
 
 use super::access::{self, Credential, Proof, SessionCaller};
 use super::error::ApiError;
-use super::extract::{charge_session, decode, SessionId};
+use super::extract::{charge_session, decode_value, SessionId};
 use super::limits::{Class, Decision};
 use super::openapi::ErrorResponse;
 use super::sessions::{session_update, with_tokens, RefreshBody, TerminateBody, UpdateBody};
@@ -472,7 +472,7 @@ fn parse_request(text: &str) -> Result<(Option<Value>, String, Value), Value> {
 
 fn params_as<T: serde::de::DeserializeOwned>(params: Value) -> Result<T, (i64, String)> {
     let params = if params.is_null() { json!({}) } else { params };
-    decode(params.to_string().as_bytes()).map_err(api)
+    decode_value(&params).map_err(api)
 }
 
 fn optional_params<T: serde::de::DeserializeOwned>(
