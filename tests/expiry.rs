@@ -272,7 +272,9 @@ async fn live_count(server: &TestServer) -> u64 {
         .unwrap()
         .iter()
         .find(|t| t["tenant_id"] == TENANT_A)
-        .map_or(0, |t| t["live_sessions"].as_u64().unwrap())
+        .unwrap_or_else(|| panic!("tenant A is not in {stats}"))["live_sessions"]
+        .as_u64()
+        .unwrap()
 }
 
 /// [`live_count`] once it is 0, or after about 6 s.

@@ -401,6 +401,26 @@ async fn every_frame_is_activity_a_failed_tool_call_and_a_bad_frame_too() {
         );
         seen = now;
     }
+    // A notification (no id, so no reply) with bad params: the activity
+    // shows over REST once the socket has handled it.
+    server.clock.advance(Duration::from_secs(10));
+    send(
+        &mut ws,
+        json!({"jsonrpc": "2.0", "method": "tool.executed", "params": {"duration_ms": 5}}),
+    )
+    .await;
+    let mut now = last_activity(&server, "busy").await;
+    for _ in 0..100 {
+        if now > seen {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        now = last_activity(&server, "busy").await;
+    }
+    assert!(
+        now > seen,
+        "a failed tool.executed notification moved last_activity_at"
+    );
     let (_, session) = server
         .call(Method::GET, "/api/v1/sessions/busy", KEY_A, None)
         .await;

@@ -121,6 +121,9 @@ impl Engine {
                 })
             })
             .collect();
+        // Only the decoders hold these: when they are gone (a panic), the
+        // walk's next send fails and it ends, instead of waiting forever.
+        drop(records_rx);
         drop(tx);
         let mut report = RecoveryReport {
             rebuilt,
@@ -179,7 +182,8 @@ impl Engine {
             }
         }
         restorer.finish();
-        for stage in std::iter::once(walk).chain(decoders) {
+        // A decoder that panicked fails recovery: its batch was not read.
+        for stage in decoders.into_iter().chain(std::iter::once(walk)) {
             stage
                 .await
                 .map_err(|e| SessionError::Storage(e.to_string()))?;
