@@ -277,19 +277,6 @@ async fn live_count(server: &TestServer) -> u64 {
         .unwrap()
 }
 
-/// [`live_count`] once it is 0, or after about 6 s.
-async fn live_count_once_none_or_timeout(server: &TestServer) -> u64 {
-    let mut live = live_count(server).await;
-    for _ in 0..300 {
-        if live == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        live = live_count(server).await;
-    }
-    live
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_the_wall_clock_jumps_the_sweep_expires_and_rearms_with_no_call() {
     let server = TestServer::start_with(1000, "[sessions]\nsweep_interval_seconds = 1").await;
@@ -301,7 +288,7 @@ async fn after_the_wall_clock_jumps_the_sweep_expires_and_rearms_with_no_call() 
     server.clock.advance(Duration::from_secs(118));
     // Neither is called: the sweep notices the jump, expires "overdue" and
     // re-arms the timer of "nearly", which then fires 2 s later.
-    let live = live_count_once_none_or_timeout(&server).await;
+    let live = poll(async || live_count(&server).await, |n| *n == 0).await;
     assert_eq!(live, 0, "both ended with no call");
     let overdue = get(&server, "overdue").await;
     assert_eq!(overdue["termination_reason"], "idle_timeout");
@@ -322,7 +309,7 @@ async fn after_a_jump_a_session_that_turns_idle_rearms_for_its_idle_timeout() {
     // away), 2 s short of the idle timeout: the sweep turns it idle and must
     // re-arm for the timeout, not keep the timer from before the jump.
     server.clock.advance(Duration::from_secs(76));
-    let live = live_count_once_none_or_timeout(&server).await;
+    let live = poll(async || live_count(&server).await, |n| *n == 0).await;
     assert_eq!(live, 0, "it idled out with no call");
     let ended = get(&server, "dozing").await;
     assert_eq!(ended["termination_reason"], "idle_timeout");

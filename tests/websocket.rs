@@ -409,14 +409,11 @@ async fn every_frame_is_activity_a_failed_tool_call_and_a_bad_frame_too() {
         json!({"jsonrpc": "2.0", "method": "tool.executed", "params": {"duration_ms": 5}}),
     )
     .await;
-    let mut now = last_activity(&server, "busy").await;
-    for _ in 0..100 {
-        if now > seen {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        now = last_activity(&server, "busy").await;
-    }
+    let now = poll(
+        async || last_activity(&server, "busy").await,
+        |now| *now > seen,
+    )
+    .await;
     assert!(
         now > seen,
         "a failed tool.executed notification moved last_activity_at"

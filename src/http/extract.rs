@@ -105,8 +105,8 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 
 /// As [`decode`], for JSON already parsed (a WebSocket frame's params):
 /// the same depth rule and the same errors, without writing the value out
-/// as text to parse it again (that was a fifth of a WebSocket tool call's
-/// time on its arbiter).
+/// as text to parse it again (a fifth of the socket handler's time in a
+/// profile of WebSocket tool calls).
 pub fn decode_value<T: DeserializeOwned>(value: &Value) -> Result<T, ApiError> {
     if depth(value) > MAX_JSON_DEPTH {
         return Err(too_deep());

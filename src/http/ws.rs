@@ -41,8 +41,8 @@ use uuid::Uuid;
 
 use super::access::{self, Credential, Proof, SessionCaller};
 use super::error::ApiError;
-use super::extract::{charge_session, decode_value, SessionId};
-use super::limits::{Class, Decision};
+use super::extract::{charge, charge_session, decode_value, SessionId};
+use super::limits::Class;
 use super::openapi::ErrorResponse;
 use super::sessions::{session_update, with_tokens, RefreshBody, TerminateBody, UpdateBody};
 use super::tools::{from_execute_body, ExecuteBody};
@@ -267,10 +267,7 @@ impl Connection {
                         // Every inbound frame is activity, pings included
                         // (`handle` says how a text frame's is noted), and
                         // draws on the write bucket.
-                        let limited = matches!(
-                            self.state.limits.check(Class::Write, &self.bucket),
-                            Some(Decision::Refused { .. })
-                        );
+                        let limited = charge(&self.state, Class::Write, &self.bucket, None).is_err();
                         let reply = match frame {
                             Message::Text(text) => self.handle(text.as_str(), limited).await,
                             Message::Binary(_) => {

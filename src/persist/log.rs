@@ -18,12 +18,12 @@
 //! its last record. An append that grows a file makes `fdatasync` write the
 //! inode (the new size) as well as the data; into space already written it
 //! writes the data alone. Once per MiB the group commit that extends the
-//! zeros pays for writing them (each log byte is written twice). Measured on the development machine's ext4 (2,000
-//! appends of 4 KB, three runs): 179–256 µs and 45–63 µs of CPU per
-//! `fdatasync` against 288–395 µs and 74–87 µs. Zeros are no
-//! record (they fail the magic), so readers stop there as at the end of a
-//! file; a start leaves them to the writer (a torn record before them is
-//! cut off, zeros and all).
+//! zeros pays for writing them (each log byte is written twice). Measured
+//! on the development machine's ext4 (2,000 appends of 4 KB, three runs):
+//! 179–256 µs and 45–63 µs of CPU per `fdatasync` against 288–395 µs and
+//! 74–87 µs. Zeros are no record (they fail the magic), so readers stop
+//! there as at the end of a file; a start leaves them to the writer (a torn
+//! record before them is cut off, zeros and all).
 //!
 //! # Record
 //!

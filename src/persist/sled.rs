@@ -372,18 +372,9 @@ impl Store {
 
     /// Every stored session, for recovery and purging.
     pub fn all_sessions(&self) -> impl Iterator<Item = Result<Session, StoreError>> + '_ {
-        self.all_sessions_replayed()
-            .map(|item| item.map(|(session, _)| session))
-    }
-
-    /// Every stored session, with how many executions were replayed onto
-    /// its record (non-zero: the record on disk is behind).
-    pub fn all_sessions_replayed(
-        &self,
-    ) -> impl Iterator<Item = Result<(Session, u64), StoreError>> + '_ {
         self.session_records().map(|item| {
             let (key, bytes) = item?;
-            self.decode_session_replayed(&key, &bytes)
+            self.decode_session(&key, &bytes)
         })
     }
 

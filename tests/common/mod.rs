@@ -241,6 +241,20 @@ pub async fn call(
     (status, value)
 }
 
+/// Reads with `read` every 20 ms until `done` holds of what it answers, or
+/// about 6 s have passed; answers the last reading.
+pub async fn poll<T>(mut read: impl AsyncFnMut() -> T, done: impl Fn(&T) -> bool) -> T {
+    let mut value = read().await;
+    for _ in 0..300 {
+        if done(&value) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        value = read().await;
+    }
+    value
+}
+
 pub async fn wait_ready(client: &reqwest::Client, base: &str) {
     for _ in 0..500 {
         if let Ok(r) = client.get(format!("{base}/readyz")).send().await {
