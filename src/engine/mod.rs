@@ -42,10 +42,11 @@
 //!   durability outcome means for a caller (`outcome`);
 //! - the actors: [`session`] and [`tenant`], on the arbiters of [`shards`];
 //!   admission of a create ([`admission`]), start-up [`recovery`], the
-//!   [`sweep`].
+//!   [`sweep`]; the sessions' deadlines, kept per arbiter (`deadlines`).
 
 mod commands;
 pub mod config;
+mod deadlines;
 mod figures;
 mod handle;
 mod lifecycle;

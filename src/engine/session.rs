@@ -7,17 +7,22 @@
 //! actor never blocks on the disk and concurrent calls on one session share
 //! a group commit.
 //!
-//! Expiry uses one timer that is armed for the next deadline and re-armed
-//! lazily: activity only moves deadlines later, so a heartbeat changes a
-//! timestamp and the timer, when it fires early, re-arms for what is left.
-//! The only change that moves a deadline earlier (`idle -> active`, which
-//! brings back the idle-after deadline) re-arms at once.
+//! Expiry uses one deadline, on the arbiter's wheel ([`super::deadlines`]),
+//! armed for the next deadline and re-armed lazily: activity only moves
+//! deadlines later, so a heartbeat changes a timestamp and the deadline,
+//! when it comes early, is re-armed for what is left. The only change that
+//! moves a deadline earlier (`idle -> active`, which brings back the
+//! idle-after deadline) re-arms at once.
 
+use std::cell::RefCell;
+use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use actix::WeakAddr;
 
+use super::deadlines::{Wheel, TICK};
 use super::outcome::durable_outcome;
 use super::shared::{release_slot, Shared};
 use crate::crypto::TokenHash;
@@ -57,17 +62,16 @@ pub struct SessionActor {
     session: Session,
     shared: Arc<Shared>,
     supervisor: Arc<SupervisorLink>,
-    /// The armed timer and the deadline it is armed for.
-    timer: Option<(SpawnHandle, Millis)>,
+    /// The deadline armed on this arbiter's wheel (see [`super::deadlines`]).
+    timer: Option<Millis>,
     /// When the scheduled coalesced write of the session record is due
     /// (`None`: none is scheduled).
     state_write_due: Option<Instant>,
-    /// Open WebSockets of this session.
-    subscribers: Vec<Subscriber>,
-    /// The armed `session.expiring` timer and the expiry it is for.
-    notice_timer: Option<(SpawnHandle, Millis)>,
-    /// The expiry a `session.expiring` notice was already pushed for.
-    noticed_for: Option<Millis>,
+    /// What only a session that opened a WebSocket needs, boxed: most
+    /// sessions never do, and the 56 bytes it would take inline put the
+    /// actor's task over a 128-byte step of its allocation (see
+    /// [`Sockets`]).
+    sockets: Option<Box<Sockets>>,
     /// Whether this session is counted in its tenant's idle sessions.
     counted_idle: bool,
     /// The session is being revoked (refresh-token reuse).
@@ -130,6 +134,23 @@ pub enum Push {
     TokenRotated,
 }
 
+/// A session's WebSockets and its `session.expiring` notice.
+///
+/// Boxed apart from the actor. The actor is one tokio task whose cell tokio
+/// aligns to 128 bytes, so its size counts in 128-byte steps: with these
+/// fields inline the cell is 1,024 bytes, without them 896 (see
+/// docs/benchmarks.md, "Issue 9, fifth step"). Created by the first
+/// subscribe and kept: a client that reconnects finds its notice state.
+#[derive(Default)]
+struct Sockets {
+    /// Open WebSockets of this session.
+    subscribers: Vec<Subscriber>,
+    /// The armed `session.expiring` timer and the expiry it is for.
+    notice_timer: Option<(SpawnHandle, Millis)>,
+    /// The expiry a `session.expiring` notice was already pushed for.
+    noticed_for: Option<Millis>,
+}
+
 /// One open WebSocket: where its pushes go.
 struct Subscriber {
     id: u64,
@@ -152,9 +173,7 @@ impl SessionActor {
             supervisor,
             timer: None,
             state_write_due: None,
-            subscribers: Vec::new(),
-            notice_timer: None,
-            noticed_for: None,
+            sockets: None,
             counted_idle: false,
             revoking: false,
             rolling_back: false,
@@ -180,7 +199,11 @@ impl SessionActor {
     /// (its receiver closes and its WebSocket is closed with a reason):
     /// a slow client never makes the actor buffer without limit.
     fn push(&mut self, push: &Push) {
-        self.subscribers
+        let Some(sockets) = self.sockets.as_mut() else {
+            return;
+        };
+        sockets
+            .subscribers
             .retain(|s| match s.tx.try_send(push.clone()) {
                 Ok(()) => true,
                 Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
@@ -199,7 +222,10 @@ impl SessionActor {
     /// own `session.refresh` rotated: it proved the refresh token and holds
     /// the new pair), which is counted as opened with `new` from now on.
     fn close_rotated(&mut self, old: &TokenHash, new: TokenHash, kept: Option<u64>) {
-        self.subscribers.retain_mut(|s| {
+        let Some(sockets) = self.sockets.as_mut() else {
+            return;
+        };
+        sockets.subscribers.retain_mut(|s| {
             if !s.token.is_some_and(|t| t.matches(old)) {
                 return true;
             }
@@ -215,8 +241,11 @@ impl SessionActor {
     /// Whether a WebSocket of this session is open (one whose connection
     /// ended is forgotten here).
     fn socket_open(&mut self) -> bool {
-        self.subscribers.retain(|s| !s.tx.is_closed());
-        !self.subscribers.is_empty()
+        let Some(sockets) = self.sockets.as_mut() else {
+            return false;
+        };
+        sockets.subscribers.retain(|s| !s.tx.is_closed());
+        !sockets.subscribers.is_empty()
     }
 
     /// Arms the `session.expiring` notice for the current expiry, when a
@@ -224,24 +253,27 @@ impl SessionActor {
     /// the session cannot idle out (see [`Self::on_deadline`]), so the
     /// expiry it is warned of is its absolute ttl.
     fn arm_notice(&mut self, ctx: &mut Context<Self>) {
-        if self.subscribers.is_empty() || self.session.status.is_final() {
+        let Some(sockets) = self.sockets.as_mut() else {
+            return;
+        };
+        if sockets.subscribers.is_empty() || self.session.status.is_final() {
             return;
         }
         let expires_at = self.session.ttl_deadline();
-        if self.noticed_for == Some(expires_at) {
+        if sockets.noticed_for == Some(expires_at) {
             return;
         }
-        if let Some((handle, armed_for)) = self.notice_timer {
+        if let Some((handle, armed_for)) = sockets.notice_timer {
             if armed_for == expires_at {
                 return;
             }
             ctx.cancel_future(handle);
-            self.notice_timer = None;
+            sockets.notice_timer = None;
         }
         let now = self.shared.clock.now();
         let notice_at = expires_at - self.shared.expiring_notice_ms;
         if notice_at <= now {
-            self.noticed_for = Some(expires_at);
+            sockets.noticed_for = Some(expires_at);
             let seconds_left = ((expires_at - now).max(0) / 1000) as u64;
             self.push(&Push::Expiring {
                 expires_at,
@@ -252,11 +284,13 @@ impl SessionActor {
         let handle = ctx.run_later(
             Duration::from_millis((notice_at - now) as u64),
             |actor, ctx| {
-                actor.notice_timer = None;
+                if let Some(sockets) = actor.sockets.as_mut() {
+                    sockets.notice_timer = None;
+                }
                 actor.arm_notice(ctx);
             },
         );
-        self.notice_timer = Some((handle, expires_at));
+        sockets.notice_timer = Some((handle, expires_at));
     }
 
     /// Arms the timer for the next deadline unless it is armed for an
@@ -267,20 +301,15 @@ impl SessionActor {
             return;
         }
         let deadline = self.session.next_deadline(self.shared.idle_after_ms);
-        if let Some((handle, armed_for)) = self.timer {
-            if armed_for <= deadline {
-                return;
-            }
-            ctx.cancel_future(handle);
+        if self.timer.is_some_and(|armed_for| armed_for <= deadline) {
+            return;
         }
+        // A later entry already on the wheel stays there and is ignored
+        // when it comes (see `Handler<Deadline>`).
         let delay =
             Duration::from_millis((deadline - self.shared.clock.now()).max(0) as u64) + TIMER_SLACK;
-        let handle = ctx.run_later(delay, |actor, ctx| {
-            actor.timer = None;
-            let now = actor.shared.clock.now();
-            actor.on_deadline(now, ctx);
-        });
-        self.timer = Some((handle, deadline));
+        arm_deadline(ctx.address().downgrade(), Instant::now() + delay, deadline);
+        self.timer = Some(deadline);
         self.arm_notice(ctx);
     }
 
@@ -399,7 +428,9 @@ impl SessionActor {
             reason: reason.to_owned(),
             revoked: self.revoking,
         });
-        self.subscribers.clear();
+        if let Some(sockets) = self.sockets.as_mut() {
+            sockets.subscribers.clear();
+        }
         self.count_idle();
         let tenant = self.session.tenant_id.to_string();
         metrics::histogram!(
@@ -424,14 +455,8 @@ impl SessionActor {
             .submit_durable(WriteOp::final_session_by(&self.session, self.requester))
     }
 
-    fn cancel_timer(&mut self, ctx: &mut Context<Self>) {
-        if let Some((handle, _)) = self.timer.take() {
-            ctx.cancel_future(handle);
-        }
-    }
-
     fn stop_when_durable(&mut self, durable: Durable, ctx: &mut Context<Self>) {
-        self.cancel_timer(ctx);
+        self.timer = None;
         ctx.wait(durable.into_actor(self).map(|result, actor, ctx| {
             if matches!(result, Ok(Ok(()))) {
                 ctx.stop();
@@ -669,7 +694,8 @@ impl Handler<Subscribe> for SessionActor {
             return Err(SessionError::TokenMismatch);
         }
         self.socket_open();
-        if self.subscribers.len() >= msg.max {
+        let sockets = self.sockets.get_or_insert_with(Box::default);
+        if sockets.subscribers.len() >= msg.max {
             return Err(SessionError::TooManyConnections { limit: msg.max });
         }
         // A client connecting inside the notice window hears it at once
@@ -680,17 +706,80 @@ impl Handler<Subscribe> for SessionActor {
                 expires_at,
                 seconds_left: ((expires_at - now).max(0) / 1000) as u64,
             });
-            if self.subscribers.is_empty() {
-                self.noticed_for = Some(expires_at);
+            if sockets.subscribers.is_empty() {
+                sockets.noticed_for = Some(expires_at);
             }
         }
-        self.subscribers.push(Subscriber {
+        sockets.subscribers.push(Subscriber {
             id: msg.id,
             tx: msg.tx,
             token: msg.token,
         });
         self.arm_notice(ctx);
         Ok(self.session.view(now))
+    }
+}
+
+/// The deadline a session armed on its arbiter's wheel came (see
+/// [`super::deadlines`]); it carries the deadline it was armed for.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Deadline(Millis);
+
+impl Handler<Deadline> for SessionActor {
+    type Result = ();
+
+    fn handle(&mut self, Deadline(armed_for): Deadline, ctx: &mut Context<Self>) {
+        // An entry left behind by a re-arm for an earlier deadline, or by
+        // the wall clock's jump, is not the one armed now.
+        if self.timer != Some(armed_for) {
+            return;
+        }
+        self.timer = None;
+        let now = self.shared.clock.now();
+        self.on_deadline(now, ctx);
+    }
+}
+
+/// An arbiter's session deadlines: each session's weak address and the
+/// deadline it armed.
+type DeadlineWheel = RefCell<Wheel<(WeakAddr<SessionActor>, Millis)>>;
+
+thread_local! {
+    /// This arbiter's wheel of session deadlines, held by its ticker task
+    /// (the wheel goes with the runtime that ran the task; the next
+    /// deadline armed on the thread starts a new one).
+    static DEADLINES: RefCell<Weak<DeadlineWheel>> =
+        const { RefCell::new(Weak::new()) };
+}
+
+/// Puts a session's deadline on this arbiter's wheel, due at `at`.
+fn arm_deadline(session: WeakAddr<SessionActor>, at: Instant, armed_for: Millis) {
+    DEADLINES.with(|current| {
+        // Its own statement: the shared borrow ends before the one below.
+        let running = current.borrow().upgrade();
+        let wheel = running.unwrap_or_else(|| {
+            let wheel = Rc::new(RefCell::new(Wheel::new(Instant::now())));
+            *current.borrow_mut() = Rc::downgrade(&wheel);
+            actix::spawn(tick_deadlines(Rc::clone(&wheel)));
+            wheel
+        });
+        wheel.borrow_mut().insert(at, (session, armed_for));
+    });
+}
+
+/// Every [`TICK`], tells the sessions whose deadlines are due.
+async fn tick_deadlines(wheel: Rc<DeadlineWheel>) {
+    let mut ticks = tokio::time::interval(TICK);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let due: Vec<_> = wheel.borrow_mut().take_due(Instant::now()).collect();
+        for (session, armed_for) in due {
+            if let Some(session) = session.upgrade() {
+                session.do_send(Deadline(armed_for));
+            }
+        }
     }
 }
 
@@ -703,7 +792,9 @@ impl Handler<Unsubscribe> for SessionActor {
     type Result = ();
 
     fn handle(&mut self, Unsubscribe(id): Unsubscribe, _: &mut Context<Self>) {
-        self.subscribers.retain(|s| s.id != id);
+        if let Some(sockets) = self.sockets.as_mut() {
+            sockets.subscribers.retain(|s| s.id != id);
+        }
     }
 }
 
@@ -835,7 +926,7 @@ impl Handler<Terminate> for SessionActor {
             Requester::Admin => "admin",
         };
         tracing::info!(session_id = %self.session.session_id, tenant = %self.session.tenant_id, reason, by, "session terminated");
-        self.cancel_timer(ctx);
+        self.timer = None;
         Box::pin(durable.into_actor(self).map(|written, actor, ctx| {
             let outcome = durable_outcome(written);
             if outcome.is_ok() {
@@ -865,10 +956,8 @@ impl Handler<ExpireIfDue> for SessionActor {
         if msg.rearm {
             // Whatever is due now, the timers armed before the jump go: every
             // path below arms afresh (`arm` keeps an earlier timer).
-            for (handle, _) in [self.timer.take(), self.notice_timer.take()]
-                .into_iter()
-                .flatten()
-            {
+            self.timer = None;
+            if let Some((handle, _)) = self.sockets.as_mut().and_then(|s| s.notice_timer.take()) {
                 ctx.cancel_future(handle);
             }
         }

@@ -1,0 +1,119 @@
+//! Deadlines kept in buckets of [`TICK`] per arbiter, instead of one tokio
+//! timer per session.
+//!
+//! Every live session has one expiry deadline armed at all times. Armed
+//! through actix's `run_later`, each was a boxed future holding a tokio
+//! `Sleep`: about 128 bytes per session, for a deadline that is usually
+//! hours away and a precision nobody needs (a session that is overdue is
+//! already refused by every call; the timer only makes the expiry happen,
+//! with its audit row and push, when nobody calls). Here a deadline is one
+//! entry in a `Vec` of its tick's bucket: the session actor keeps this
+//! arbiter's [`Wheel`] of `(weak address, deadline)` pairs, 16 bytes each,
+//! and one task per arbiter takes the due buckets every tick and tells
+//! their sessions (see `session.rs`).
+//!
+//! Entries are never removed before they are due. A session re-armed for
+//! an earlier deadline leaves its later entry behind, and a session that
+//! ended leaves its entry too (its weak address no longer upgrades); the
+//! receiver ignores an entry that is not the deadline it is armed for.
+//! Deadlines only move earlier on `idle -> active` (see `session.rs`), so
+//! such leftovers are rare.
+//!
+//! Precision: an entry fires at the first tick at or after its instant, at
+//! most [`TICK`] late (plus the arbiter's queue), never early.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// Width of a bucket, and how often a wheel is looked at.
+pub const TICK: Duration = Duration::from_millis(50);
+
+/// Items due at instants, grouped by [`TICK`].
+#[derive(Debug)]
+pub struct Wheel<T> {
+    /// Tick 0 starts here.
+    origin: Instant,
+    /// Items by the tick they are due at (the first tick at or after their
+    /// instant).
+    buckets: BTreeMap<u64, Vec<T>>,
+}
+
+impl<T> Wheel<T> {
+    /// An empty wheel whose ticks count from `origin`.
+    pub fn new(origin: Instant) -> Self {
+        Wheel {
+            origin,
+            buckets: BTreeMap::new(),
+        }
+    }
+
+    /// Adds `item`, due at `at` (an instant before the origin is due at
+    /// once).
+    pub fn insert(&mut self, at: Instant, item: T) {
+        let since = at.saturating_duration_since(self.origin);
+        let tick = since.as_nanos().div_ceil(TICK.as_nanos());
+        let tick = u64::try_from(tick).unwrap_or(u64::MAX);
+        self.buckets.entry(tick).or_default().push(item);
+    }
+
+    /// Takes every item due at `now`, earliest bucket first.
+    pub fn take_due(&mut self, now: Instant) -> impl Iterator<Item = T> {
+        let since = now.saturating_duration_since(self.origin);
+        let current = u64::try_from(since.as_nanos() / TICK.as_nanos()).unwrap_or(u64::MAX);
+        let later = match current.checked_add(1) {
+            Some(next) => self.buckets.split_off(&next),
+            None => BTreeMap::new(),
+        };
+        std::mem::replace(&mut self.buckets, later)
+            .into_values()
+            .flatten()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn an_item_is_due_at_the_first_tick_at_or_after_it_never_before() {
+        let origin = Instant::now();
+        let mut wheel = Wheel::new(origin);
+        wheel.insert(origin + ms(120), "a"); // tick 3 (150 ms)
+        wheel.insert(origin + ms(100), "b"); // tick 2 exactly
+        wheel.insert(origin + ms(30), "c"); // tick 1
+
+        assert_eq!(wheel.take_due(origin + ms(49)).count(), 0);
+        assert_eq!(wheel.take_due(origin + ms(50)).collect::<Vec<_>>(), ["c"]);
+        assert_eq!(wheel.take_due(origin + ms(99)).count(), 0);
+        assert_eq!(wheel.take_due(origin + ms(100)).collect::<Vec<_>>(), ["b"]);
+        assert_eq!(wheel.take_due(origin + ms(149)).count(), 0);
+        assert_eq!(wheel.take_due(origin + ms(150)).collect::<Vec<_>>(), ["a"]);
+        assert_eq!(wheel.take_due(origin + ms(3_600_000)).count(), 0);
+    }
+
+    #[test]
+    fn a_late_look_takes_every_bucket_due_earliest_first() {
+        let origin = Instant::now();
+        let mut wheel = Wheel::new(origin);
+        for (i, at) in [900u64, 10, 400, 10_000].into_iter().enumerate() {
+            wheel.insert(origin + ms(at), i);
+        }
+        assert_eq!(
+            wheel.take_due(origin + ms(1_000)).collect::<Vec<_>>(),
+            [1, 2, 0]
+        );
+        assert_eq!(wheel.take_due(origin + ms(20_000)).collect::<Vec<_>>(), [3]);
+    }
+
+    #[test]
+    fn an_instant_before_the_origin_is_due_at_once() {
+        let origin = Instant::now() + ms(500);
+        let mut wheel = Wheel::new(origin);
+        wheel.insert(origin - ms(400), 7);
+        assert_eq!(wheel.take_due(origin).collect::<Vec<_>>(), [7]);
+    }
+}
