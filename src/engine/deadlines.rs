@@ -8,14 +8,14 @@
 //! already refused by every call; the timer only makes the expiry happen,
 //! with its audit row and push, when nobody calls). Here a deadline is one
 //! entry in a `Vec` of its tick's bucket: the session actor keeps this
-//! arbiter's [`Wheel`] of `(weak address, deadline)` pairs, 16 bytes each,
-//! and one task per arbiter takes the due buckets every tick and tells
-//! their sessions (see `session.rs`).
+//! arbiter's [`Wheel`] of weak addresses, 8 bytes each, and one task per
+//! arbiter takes the due buckets every tick and tells their sessions (see
+//! `session.rs`).
 //!
 //! Entries are never removed before they are due. A session re-armed for
 //! an earlier deadline leaves its later entry behind, and a session that
 //! ended leaves its entry too (its weak address no longer upgrades); the
-//! receiver ignores an entry that is not the deadline it is armed for.
+//! receiver ignores an entry when the deadline it is armed for is not due.
 //! Deadlines only move earlier on `idle -> active` (see `session.rs`), so
 //! such leftovers are rare.
 //!

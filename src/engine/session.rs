@@ -308,7 +308,7 @@ impl SessionActor {
         // when it comes (see `Handler<Deadline>`).
         let delay =
             Duration::from_millis((deadline - self.shared.clock.now()).max(0) as u64) + TIMER_SLACK;
-        arm_deadline(ctx.address().downgrade(), Instant::now() + delay, deadline);
+        arm_deadline(ctx.address().downgrade(), Instant::now() + delay);
         self.timer = Some(deadline);
         self.arm_notice(ctx);
     }
@@ -720,30 +720,36 @@ impl Handler<Subscribe> for SessionActor {
     }
 }
 
-/// The deadline a session armed on its arbiter's wheel came (see
-/// [`super::deadlines`]); it carries the deadline it was armed for.
+/// A deadline a session put on its arbiter's wheel came (see
+/// [`super::deadlines`]).
+///
+/// It does not say which: an entry is only the session's weak address (8
+/// bytes per session). The session acts when the deadline it is armed for
+/// is due within a tick; an entry left behind by a re-arm for an earlier
+/// deadline, or by the wall clock's jump, finds a deadline further off and
+/// is ignored, since that deadline has its own entry. A deadline acted on
+/// a little early (the wall clock and the monotonic one drift apart) finds
+/// nothing due and is armed again.
 #[derive(Message)]
 #[rtype(result = "()")]
-struct Deadline(Millis);
+struct Deadline;
 
 impl Handler<Deadline> for SessionActor {
     type Result = ();
 
-    fn handle(&mut self, Deadline(armed_for): Deadline, ctx: &mut Context<Self>) {
-        // An entry left behind by a re-arm for an earlier deadline, or by
-        // the wall clock's jump, is not the one armed now.
-        if self.timer != Some(armed_for) {
+    fn handle(&mut self, _: Deadline, ctx: &mut Context<Self>) {
+        let now = self.shared.clock.now();
+        let tick = TICK.as_millis() as Millis;
+        if !self.timer.is_some_and(|armed_for| armed_for <= now + tick) {
             return;
         }
         self.timer = None;
-        let now = self.shared.clock.now();
         self.on_deadline(now, ctx);
     }
 }
 
-/// An arbiter's session deadlines: each session's weak address and the
-/// deadline it armed.
-type DeadlineWheel = RefCell<Wheel<(WeakAddr<SessionActor>, Millis)>>;
+/// An arbiter's session deadlines: each session's weak address.
+type DeadlineWheel = RefCell<Wheel<WeakAddr<SessionActor>>>;
 
 thread_local! {
     /// This arbiter's wheel of session deadlines, held by its ticker task
@@ -754,7 +760,7 @@ thread_local! {
 }
 
 /// Puts a session's deadline on this arbiter's wheel, due at `at`.
-fn arm_deadline(session: WeakAddr<SessionActor>, at: Instant, armed_for: Millis) {
+fn arm_deadline(session: WeakAddr<SessionActor>, at: Instant) {
     DEADLINES.with(|current| {
         // Its own statement: the shared borrow ends before the one below.
         let running = current.borrow().upgrade();
@@ -764,7 +770,7 @@ fn arm_deadline(session: WeakAddr<SessionActor>, at: Instant, armed_for: Millis)
             actix::spawn(tick_deadlines(Rc::clone(&wheel)));
             wheel
         });
-        wheel.borrow_mut().insert(at, (session, armed_for));
+        wheel.borrow_mut().insert(at, session);
     });
 }
 
@@ -775,9 +781,9 @@ async fn tick_deadlines(wheel: Rc<DeadlineWheel>) {
     loop {
         ticks.tick().await;
         let due: Vec<_> = wheel.borrow_mut().take_due(Instant::now()).collect();
-        for (session, armed_for) in due {
+        for session in due {
             if let Some(session) = session.upgrade() {
-                session.do_send(Deadline(armed_for));
+                session.do_send(Deadline);
             }
         }
     }
