@@ -34,7 +34,9 @@
 //! On two cores every thread that wakes per request costs, so they are few:
 //! - one actix arbiter per core (`engine::shards`): HTTP connections and
 //!   WebSockets (each served on one arbiter for its lifetime, see
-//!   [`http::serve`]), the session actors and the tenant supervisors;
+//!   [`http::serve`]), the session actors and the tenant supervisors, and
+//!   a task per arbiter that tells its sessions of their due deadlines
+//!   every 50 ms (`engine::deadlines`);
 //! - the tokio runtime's workers: the accept loop that hands connections to
 //!   the arbiters, and background tasks (recovery, sweep, metric upkeep);
 //! - `write-behind`: appends each group commit to the log and fsyncs; wakes
