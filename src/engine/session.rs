@@ -7,7 +7,7 @@
 //! actor never blocks on the disk and concurrent calls on one session share
 //! a group commit.
 //!
-//! Expiry uses one deadline, on the arbiter's wheel ([`super::deadlines`]),
+//! Expiry uses one deadline, on the arbiter's wheel (`super::deadlines`),
 //! armed for the next deadline and re-armed lazily: activity only moves
 //! deadlines later, so a heartbeat changes a timestamp and the deadline,
 //! when it comes early, is re-armed for what is left. The only change that
@@ -62,7 +62,7 @@ pub struct SessionActor {
     session: Session,
     shared: Arc<Shared>,
     supervisor: Arc<SupervisorLink>,
-    /// The deadline armed on this arbiter's wheel (see [`super::deadlines`]).
+    /// The deadline armed on this arbiter's wheel (see `super::deadlines`).
     timer: Option<Millis>,
     /// When the scheduled coalesced write of the session record is due
     /// (`None`: none is scheduled).
@@ -721,7 +721,7 @@ impl Handler<Subscribe> for SessionActor {
 }
 
 /// A deadline a session put on its arbiter's wheel came (see
-/// [`super::deadlines`]).
+/// `super::deadlines`).
 ///
 /// It does not say which: an entry is only the session's weak address (8
 /// bytes per session). The session acts when the deadline it is armed for
