@@ -949,6 +949,97 @@ async fn a_client_id_reused_after_retention_takes_over_its_row() {
     server.stop().await;
 }
 
+/// As above, but the new session's create and its executions reach
+/// PostgreSQL in one batch (it was down while they were made): the batch's
+/// single statement cannot insert executions of a row it could not write
+/// (foreign key), so the batch is shipped again in a transaction that takes
+/// the row over first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_client_id_and_its_executions_in_one_batch_take_over_its_row() {
+    let pg = std::sync::Arc::new(TempPostgres::start_own());
+    let server = TestServer::start_with(
+        1000,
+        &format!(
+            "[sessions]\nretention_seconds = 60\nsweep_interval_seconds = 1\n{}",
+            postgres_section(&pg.url, "")
+        ),
+    )
+    .await;
+    let client = &server.client;
+    let base = &server.base;
+    create(client, base, "again").await;
+    assert_eq!(
+        execute(client, base, "again", false).await,
+        StatusCode::NO_CONTENT
+    );
+    let (status, _) = server
+        .call(Method::DELETE, "/api/v1/sessions/again", KEY_A, None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(flush(client, base).await.0, StatusCode::OK);
+    let old = pg.psql("SELECT id FROM mcp.edge_mcp_sessions WHERE session_id = 'again'");
+    server.clock.advance(Duration::from_secs(61));
+    let status = poll(
+        async || {
+            server
+                .call(Method::GET, "/api/v1/sessions/again", KEY_A, None)
+                .await
+                .0
+        },
+        |status| *status == StatusCode::NOT_FOUND,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "never purged");
+    tokio::task::spawn_blocking({
+        let pg = pg.clone();
+        move || pg.stop()
+    })
+    .await
+    .unwrap();
+    create(client, base, "again").await;
+    for failed in [false, true] {
+        assert_eq!(
+            execute(client, base, "again", failed).await,
+            StatusCode::NO_CONTENT
+        );
+    }
+    tokio::task::spawn_blocking({
+        let pg = pg.clone();
+        move || pg.restart()
+    })
+    .await
+    .unwrap();
+    let (status, body) = flush(client, base).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["outbox_depth"], 0, "{body}");
+    let (_, view) = server
+        .call(Method::GET, "/api/v1/sessions/again", KEY_A, None)
+        .await;
+    let new = view["id"].as_str().unwrap();
+    assert_ne!(old.trim(), new);
+    assert_eq!(
+        pg.psql("SELECT id || '|' || status || '|' || tool_execution_count || '|' || tool_error_count FROM mcp.edge_mcp_sessions WHERE session_id = 'again'")
+            .trim(),
+        format!("{new}|active|2|1")
+    );
+    // The old session's execution went with its row; the new one's two are
+    // there, and so is its created audit row.
+    assert_eq!(
+        pg.psql("SELECT session_id || ':' || seq FROM mcp.session_tool_executions ORDER BY seq")
+            .trim(),
+        format!("{new}:1\n{new}:2")
+    );
+    assert_eq!(
+        pg.scalar(&format!(
+            "SELECT count(*) FROM mcp.session_audit_log WHERE session_id = '{new}' AND action = 'created'"
+        )),
+        1
+    );
+    let (_, ready) = server.call(Method::GET, "/readyz", "", None).await;
+    assert_eq!(ready["postgres"]["dead_letters"], 0, "{ready}");
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_first_start_on_an_empty_database_logs_no_error() {
     let pg = TempPostgres::start();

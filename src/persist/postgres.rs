@@ -5,13 +5,13 @@
 //! batch; nothing is built from strings. Times travel as Unix milliseconds
 //! and are converted by PostgreSQL (`to_timestamp`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::migrate::{Migrate, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::Row;
+use sqlx::{Connection as _, Row};
 use uuid::Uuid;
 
 use super::outbox::Entry;
@@ -174,87 +174,49 @@ impl Postgres {
             .collect())
     }
 
-    /// Commits entries in one transaction: session rows upserted (a row only
-    /// moves forward in `version`), then executions and audit rows appended
-    /// (a replayed one is skipped by its key).
+    /// Commits a batch of entries: session rows upserted (a row only moves
+    /// forward in `version`, and only the session that owns it writes it),
+    /// executions and audit rows appended (a replayed one is skipped by its
+    /// key). Every part is idempotent, so a batch that failed half-way is
+    /// simply shipped again.
+    ///
+    /// The common batch is one statement in its own transaction
+    /// ([`SHIP_BATCH`]): one round trip to the server instead of four
+    /// (`BEGIN`, sessions, audit rows, `COMMIT`), which on two shared cores
+    /// is most of a batch's time outside the statements themselves. Two
+    /// rare cases take a transaction of their own afterwards or instead:
+    /// - a new session whose row was not written: its (tenant, session id)
+    ///   row belongs to an older session with a client-chosen id re-used
+    ///   after the old one's retention, and the new session takes the row
+    ///   over (a replayed create lands here too, and changes nothing);
+    /// - executions of such a session in the same batch, which the
+    ///   statement cannot insert before its row exists (foreign key): the
+    ///   statement fails as a whole, and the batch is shipped in one
+    ///   transaction that takes the rows over first.
     pub async fn ship(&self, entries: &[Entry]) -> Result<(), PgError> {
         let batch = Batch::gather(entries);
-        let mut tx = self.pool.begin().await?;
-        if !batch.sessions.is_empty() {
-            let written = upsert_sessions(&mut tx, &batch.sessions).await?;
-            // A new session whose row was not written: its (tenant, session
-            // id) row belongs to an older session with a client-chosen id
-            // that was re-used after the old one's retention, so the new
-            // session takes the row over. (A replayed create lands here too,
-            // and changes nothing.) Rare, so only here is the row looked up
-            // by (tenant, session id), planned for the arrays at hand.
-            let taken: Vec<&Session> = batch
-                .created
-                .iter()
-                .filter(|s| !written.contains(&s.id))
-                .copied()
-                .collect();
-            if !taken.is_empty() {
-                sqlx::query("SET LOCAL plan_cache_mode = force_custom_plan")
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query(
-                    "DELETE FROM mcp.edge_mcp_sessions s
-                     USING UNNEST($1::uuid[], $2::uuid[], $3::text[]) AS i(id, tenant_id, session_id)
-                     WHERE s.tenant_id = i.tenant_id AND s.session_id = i.session_id AND s.id <> i.id",
-                )
-                .bind(taken.iter().map(|s| s.id).collect::<Vec<_>>())
-                .bind(taken.iter().map(|s| s.tenant_id).collect::<Vec<_>>())
-                .bind(taken.iter().map(|s| &*s.session_id).collect::<Vec<_>>())
-                .execute(&mut *tx)
-                .await?;
-                let newest: Vec<&Session> = batch
-                    .sessions
-                    .iter()
-                    .filter(|s| taken.iter().any(|t| t.id == s.id))
-                    .copied()
-                    .collect();
-                upsert_sessions(&mut tx, &newest).await?;
+        let mut conn = self.pool.acquire().await?;
+        match ship_batch(&mut *conn, &batch).await {
+            Ok(written) => {
+                let taken = batch.taken(&written);
+                if !taken.is_empty() {
+                    let mut tx = conn.begin().await?;
+                    take_over(&mut tx, &batch, &taken).await?;
+                    tx.commit().await?;
+                }
+                Ok(())
             }
+            Err(e) if is_foreign_key_violation(&e) => {
+                let mut tx = conn.begin().await?;
+                let written = upsert_sessions(&mut tx, &batch.sessions).await?;
+                let taken = batch.taken(&written);
+                take_over(&mut tx, &batch, &taken).await?;
+                ship_batch(&mut *tx, &batch).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
         }
-        if !batch.executions.is_empty() {
-            let e = ExecutionColumns::from(&batch.executions);
-            sqlx::query(INSERT_EXECUTIONS)
-                .bind(&e.session_id)
-                .bind(&e.seq)
-                .bind(&e.tool_name)
-                .bind(&e.tool_id)
-                .bind(&e.arguments)
-                .bind(&e.result)
-                .bind(&e.error)
-                .bind(&e.duration_ms)
-                .bind(&e.tokens_used)
-                .bind(&e.executed_at)
-                .bind(&e.recorded_at)
-                .execute(&mut *tx)
-                .await?;
-        }
-        if !batch.audits.is_empty() {
-            let a = &batch.audits;
-            sqlx::query(
-                "INSERT INTO mcp.session_audit_log (id, session_id, tenant_id, action, actor, reason, at)
-                 SELECT id, session_id, tenant_id, action, actor, reason, to_timestamp(at_ms::float8 / 1000)
-                 FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::int8[])
-                      AS u(id, session_id, tenant_id, action, actor, reason, at_ms)
-                 ON CONFLICT (id) DO NOTHING",
-            )
-            .bind(a.iter().map(|a| a.id).collect::<Vec<_>>())
-            .bind(a.iter().map(|a| a.session_row).collect::<Vec<_>>())
-            .bind(a.iter().map(|a| a.tenant_id).collect::<Vec<_>>())
-            .bind(a.iter().map(|a| a.action.as_str()).collect::<Vec<_>>())
-            .bind(a.iter().map(|a| a.action.actor()).collect::<Vec<_>>())
-            .bind(a.iter().map(|a| a.reason.as_deref().map(pg_text)).collect::<Vec<_>>())
-            .bind(a.iter().map(|a| a.at).collect::<Vec<_>>())
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
     }
 
     /// Live sessions of `tenants` with their executions (oldest first), for
@@ -422,9 +384,98 @@ fn session_from_row(row: &sqlx::postgres::PgRow) -> Result<Session, PgError> {
 async fn upsert_sessions(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     sessions: &Vec<&Session>,
-) -> Result<std::collections::HashSet<Uuid>, PgError> {
+) -> Result<HashSet<Uuid>, PgError> {
     let s = SessionColumns::from(sessions);
-    let written: Vec<Uuid> = sqlx::query_scalar(UPSERT_SESSIONS)
+    let written: Vec<Uuid> = bind_sessions(sqlx::query_scalar(UPSERT_SESSIONS), &s)
+        .fetch_all(&mut **tx)
+        .await?;
+    Ok(written.into_iter().collect())
+}
+
+/// The whole batch in one statement ([`SHIP_BATCH`]); answers the session
+/// row ids written.
+async fn ship_batch<'c, E>(executor: E, batch: &Batch<'_>) -> Result<HashSet<Uuid>, sqlx::Error>
+where
+    E: sqlx::Executor<'c, Database = sqlx::Postgres>,
+{
+    let s = SessionColumns::from(&batch.sessions);
+    let e = ExecutionColumns::from(&batch.executions);
+    let a = &batch.audits;
+    let written: Vec<Uuid> = bind_sessions(sqlx::query_scalar(&SHIP_BATCH), &s)
+        .bind(&e.session_id)
+        .bind(&e.seq)
+        .bind(&e.tool_name)
+        .bind(&e.tool_id)
+        .bind(&e.arguments)
+        .bind(&e.result)
+        .bind(&e.error)
+        .bind(&e.duration_ms)
+        .bind(&e.tokens_used)
+        .bind(&e.executed_at)
+        .bind(&e.recorded_at)
+        .bind(a.iter().map(|a| a.id).collect::<Vec<_>>())
+        .bind(a.iter().map(|a| a.session_row).collect::<Vec<_>>())
+        .bind(a.iter().map(|a| a.tenant_id).collect::<Vec<_>>())
+        .bind(a.iter().map(|a| a.action.as_str()).collect::<Vec<_>>())
+        .bind(a.iter().map(|a| a.action.actor()).collect::<Vec<_>>())
+        .bind(
+            a.iter()
+                .map(|a| a.reason.as_deref().map(pg_text))
+                .collect::<Vec<_>>(),
+        )
+        .bind(a.iter().map(|a| a.at).collect::<Vec<_>>())
+        .fetch_all(executor)
+        .await?;
+    Ok(written.into_iter().collect())
+}
+
+/// The new sessions in `taken` take their (tenant, session id) rows over
+/// from the older sessions that hold them, inside `tx`: the old rows go,
+/// the new ones are written. The rows are looked up by (tenant, session
+/// id), planned for the arrays at hand (a generic plan made while the table
+/// was small was a sequential scan).
+async fn take_over(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    batch: &Batch<'_>,
+    taken: &[&Session],
+) -> Result<(), PgError> {
+    if taken.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("SET LOCAL plan_cache_mode = force_custom_plan")
+        .execute(&mut **tx)
+        .await?;
+    sqlx::query(
+        "DELETE FROM mcp.edge_mcp_sessions s
+         USING UNNEST($1::uuid[], $2::uuid[], $3::text[]) AS i(id, tenant_id, session_id)
+         WHERE s.tenant_id = i.tenant_id AND s.session_id = i.session_id AND s.id <> i.id",
+    )
+    .bind(taken.iter().map(|s| s.id).collect::<Vec<_>>())
+    .bind(taken.iter().map(|s| s.tenant_id).collect::<Vec<_>>())
+    .bind(taken.iter().map(|s| &*s.session_id).collect::<Vec<_>>())
+    .execute(&mut **tx)
+    .await?;
+    let newest: Vec<&Session> = batch
+        .sessions
+        .iter()
+        .filter(|s| taken.iter().any(|t| t.id == s.id))
+        .copied()
+        .collect();
+    upsert_sessions(tx, &newest).await?;
+    Ok(())
+}
+
+/// A foreign key refused a row (SQLSTATE 23503).
+fn is_foreign_key_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("23503"))
+}
+
+/// Binds the session columns as `$1` to `$27` of [`UPSERT_SESSIONS`].
+fn bind_sessions<'q, O>(
+    query: sqlx::query::QueryScalar<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    s: &'q SessionColumns,
+) -> sqlx::query::QueryScalar<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+    query
         .bind(&s.id)
         .bind(&s.session_id)
         .bind(&s.tenant_id)
@@ -452,9 +503,6 @@ async fn upsert_sessions(
         .bind(&s.passthrough)
         .bind(&s.session_token)
         .bind(&s.refresh_token)
-        .fetch_all(&mut **tx)
-        .await?;
-    Ok(written.into_iter().collect())
 }
 
 /// A batch's entries sorted by table, sessions reduced to their newest state.
@@ -506,6 +554,15 @@ impl<'a> Batch<'a> {
             executions,
             audits,
         }
+    }
+
+    /// New sessions of the batch whose rows were not `written`.
+    fn taken(&self, written: &HashSet<Uuid>) -> Vec<&'a Session> {
+        self.created
+            .iter()
+            .filter(|s| !written.contains(&s.id))
+            .copied()
+            .collect()
     }
 }
 
@@ -564,6 +621,46 @@ WHERE mcp.edge_mcp_sessions.id = EXCLUDED.id
        OR (mcp.edge_mcp_sessions.version = EXCLUDED.version
            AND mcp.edge_mcp_sessions.last_activity_at < EXCLUDED.last_activity_at))
 RETURNING id";
+
+const INSERT_AUDITS: &str = "
+INSERT INTO mcp.session_audit_log (id, session_id, tenant_id, action, actor, reason, at)
+SELECT id, session_id, tenant_id, action, actor, reason, to_timestamp(at_ms::float8 / 1000)
+FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::int8[])
+     AS u(id, session_id, tenant_id, action, actor, reason, at_ms)
+ON CONFLICT (id) DO NOTHING";
+
+/// A whole batch as one statement: the session upsert, the executions and
+/// the audit rows as data-modifying `WITH` parts, answering the session
+/// rows written. One statement is one transaction, and foreign keys are
+/// checked at its end, so an execution of a session created in the same
+/// batch finds its row. Parameters: the upsert's `$1`–`$27`, the
+/// executions' `$28`–`$38`, the audit rows' `$39`–`$45`; an empty array
+/// writes nothing of its part.
+static SHIP_BATCH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH s AS ({UPSERT_SESSIONS}), e AS ({}), a AS ({}) SELECT id FROM s",
+        shift_parameters(INSERT_EXECUTIONS, 27),
+        shift_parameters(INSERT_AUDITS, 38),
+    )
+});
+
+/// `sql` with every parameter `$n` renumbered `$(n + by)`.
+fn shift_parameters(sql: &str, by: usize) -> String {
+    let mut out = String::with_capacity(sql.len() + 16);
+    let mut rest = sql;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..=at]);
+        rest = &rest[at + 1..];
+        let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        let n: usize = rest[..digits]
+            .parse()
+            .expect("a parameter number follows `$`");
+        out.push_str(&(n + by).to_string());
+        rest = &rest[digits..];
+    }
+    out.push_str(rest);
+    out
+}
 
 const INSERT_EXECUTIONS: &str = "
 INSERT INTO mcp.session_tool_executions (
