@@ -949,13 +949,12 @@ async fn a_client_id_reused_after_retention_takes_over_its_row() {
     server.stop().await;
 }
 
-/// As above, but the new session's create and its executions reach
-/// PostgreSQL in one batch (it was down while they were made): the batch's
-/// single statement cannot insert executions of a row it could not write
-/// (foreign key), so the batch is shipped again in a transaction that takes
-/// the row over first.
+/// As above, with executions: the old session's create and execution ship
+/// together (a batch that executes a session it creates goes in a
+/// transaction), and the new session's create and executions are made
+/// while PostgreSQL is down, then shipped once it is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reused_client_id_and_its_executions_in_one_batch_take_over_its_row() {
+async fn a_reused_client_id_with_executions_takes_over_its_row_and_keeps_them() {
     let pg = std::sync::Arc::new(TempPostgres::start_own());
     let server = TestServer::start_with(
         1000,

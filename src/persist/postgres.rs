@@ -183,40 +183,36 @@ impl Postgres {
     /// The common batch is one statement in its own transaction
     /// ([`SHIP_BATCH`]): one round trip to the server instead of four
     /// (`BEGIN`, sessions, audit rows, `COMMIT`), which on two shared cores
-    /// is most of a batch's time outside the statements themselves. Two
-    /// rare cases take a transaction of their own afterwards or instead:
-    /// - a new session whose row was not written: its (tenant, session id)
-    ///   row belongs to an older session with a client-chosen id re-used
-    ///   after the old one's retention, and the new session takes the row
-    ///   over (a replayed create lands here too, and changes nothing);
-    /// - executions of such a session in the same batch, which the
-    ///   statement cannot insert before its row exists (foreign key): the
-    ///   statement fails as a whole, and the batch is shipped in one
-    ///   transaction that takes the rows over first.
+    /// is most of a batch's time outside the statements themselves.
+    ///
+    /// A new session whose row was not written had its (tenant, session
+    /// id) row held by an older session with a client-chosen id re-used
+    /// after the old one's retention: the new session takes the row over
+    /// (a replayed create lands here too, and changes nothing). Then its
+    /// executions can only be inserted after that, since their foreign key
+    /// needs its row; so a batch holding executions of a session it
+    /// creates is shipped in a transaction: the rows first, taken over
+    /// where needed, then the whole batch statement (whose upsert then
+    /// writes nothing new).
     pub async fn ship(&self, entries: &[Entry]) -> Result<(), PgError> {
         let batch = Batch::gather(entries);
         let mut conn = self.pool.acquire().await?;
-        match ship_batch(&mut *conn, &batch).await {
-            Ok(written) => {
-                let taken = batch.taken(&written);
-                if !taken.is_empty() {
-                    let mut tx = conn.begin().await?;
-                    take_over(&mut tx, &batch, &taken).await?;
-                    tx.commit().await?;
-                }
-                Ok(())
-            }
-            Err(e) if is_foreign_key_violation(&e) => {
-                let mut tx = conn.begin().await?;
-                let written = upsert_sessions(&mut tx, &batch.sessions).await?;
-                let taken = batch.taken(&written);
-                take_over(&mut tx, &batch, &taken).await?;
-                ship_batch(&mut *tx, &batch).await?;
-                tx.commit().await?;
-                Ok(())
-            }
-            Err(e) => Err(e.into()),
+        if batch.executes_a_created_session() {
+            let mut tx = conn.begin().await?;
+            let written = upsert_sessions(&mut tx, &batch.sessions).await?;
+            take_over(&mut tx, &batch, &batch.taken(&written)).await?;
+            ship_batch(&mut *tx, &batch).await?;
+            tx.commit().await?;
+            return Ok(());
         }
+        let written = ship_batch(&mut *conn, &batch).await?;
+        let taken = batch.taken(&written);
+        if !taken.is_empty() {
+            let mut tx = conn.begin().await?;
+            take_over(&mut tx, &batch, &taken).await?;
+            tx.commit().await?;
+        }
+        Ok(())
     }
 
     /// Live sessions of `tenants` with their executions (oldest first), for
@@ -465,11 +461,6 @@ async fn take_over(
     Ok(())
 }
 
-/// A foreign key refused a row (SQLSTATE 23503).
-fn is_foreign_key_violation(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("23503"))
-}
-
 /// Binds the session columns as `$1` to `$27` of [`UPSERT_SESSIONS`].
 fn bind_sessions<'q, O>(
     query: sqlx::query::QueryScalar<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
@@ -554,6 +545,17 @@ impl<'a> Batch<'a> {
             executions,
             audits,
         }
+    }
+
+    /// Whether the batch holds executions of a session it creates.
+    fn executes_a_created_session(&self) -> bool {
+        if self.created.is_empty() || self.executions.is_empty() {
+            return false;
+        }
+        let created: HashSet<Uuid> = self.created.iter().map(|s| s.id).collect();
+        self.executions
+            .iter()
+            .any(|(row, _, _)| created.contains(row))
     }
 
     /// New sessions of the batch whose rows were not `written`.
