@@ -740,7 +740,7 @@ impl Handler<Deadline> for SessionActor {
     fn handle(&mut self, _: Deadline, ctx: &mut Context<Self>) {
         let now = self.shared.clock.now();
         let tick = TICK.as_millis() as Millis;
-        if !self.timer.is_some_and(|armed_for| armed_for <= now + tick) {
+        if self.timer.is_none_or(|armed_for| armed_for > now + tick) {
             return;
         }
         self.timer = None;
