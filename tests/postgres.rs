@@ -891,19 +891,18 @@ async fn rows_postgres_refuses_become_dead_letters_and_the_rest_ships() {
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_id_reused_after_retention_takes_over_its_row() {
-    let pg = TempPostgres::start();
-    let server = TestServer::start_with(
-        1000,
-        &format!(
-            "[sessions]\nretention_seconds = 60\nsweep_interval_seconds = 1\n{}",
-            postgres_section(&pg.url, "")
-        ),
+/// A PostgreSQL tier whose final sessions are purged a minute after they end.
+fn retention_config(url: &str) -> String {
+    format!(
+        "[sessions]\nretention_seconds = 60\nsweep_interval_seconds = 1\n{}",
+        postgres_section(url, "")
     )
-    .await;
-    let client = &server.client;
-    let base = &server.base;
+}
+
+/// Session `again` created, executed once, deleted, shipped, and purged
+/// from the engine (its row stays in PostgreSQL); answers its row id.
+async fn end_and_purge_again(server: &TestServer, pg: &TempPostgres) -> String {
+    let (client, base) = (&server.client, &server.base);
     create(client, base, "again").await;
     assert_eq!(
         execute(client, base, "again", false).await,
@@ -916,18 +915,31 @@ async fn a_client_id_reused_after_retention_takes_over_its_row() {
     assert_eq!(flush(client, base).await.0, StatusCode::OK);
     let old = pg.psql("SELECT id FROM mcp.edge_mcp_sessions WHERE session_id = 'again'");
     server.clock.advance(Duration::from_secs(61));
-    let mut purged = false;
-    for _ in 0..300 {
-        let (status, _) = server
-            .call(Method::GET, "/api/v1/sessions/again", KEY_A, None)
-            .await;
-        if status == StatusCode::NOT_FOUND {
-            purged = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(purged, "the final session was never purged");
+    let status = poll(
+        async || {
+            server
+                .call(Method::GET, "/api/v1/sessions/again", KEY_A, None)
+                .await
+                .0
+        },
+        |status| *status == StatusCode::NOT_FOUND,
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "the final session was never purged"
+    );
+    old.trim().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_id_reused_after_retention_takes_over_its_row() {
+    let pg = TempPostgres::start();
+    let server = TestServer::start_with(1000, &retention_config(&pg.url)).await;
+    let client = &server.client;
+    let base = &server.base;
+    let old = end_and_purge_again(&server, &pg).await;
     create(client, base, "again").await;
     let (status, body) = flush(client, base).await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -956,39 +968,10 @@ async fn a_client_id_reused_after_retention_takes_over_its_row() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reused_client_id_with_executions_takes_over_its_row_and_keeps_them() {
     let pg = std::sync::Arc::new(TempPostgres::start_own());
-    let server = TestServer::start_with(
-        1000,
-        &format!(
-            "[sessions]\nretention_seconds = 60\nsweep_interval_seconds = 1\n{}",
-            postgres_section(&pg.url, "")
-        ),
-    )
-    .await;
+    let server = TestServer::start_with(1000, &retention_config(&pg.url)).await;
     let client = &server.client;
     let base = &server.base;
-    create(client, base, "again").await;
-    assert_eq!(
-        execute(client, base, "again", false).await,
-        StatusCode::NO_CONTENT
-    );
-    let (status, _) = server
-        .call(Method::DELETE, "/api/v1/sessions/again", KEY_A, None)
-        .await;
-    assert_eq!(status, StatusCode::NO_CONTENT);
-    assert_eq!(flush(client, base).await.0, StatusCode::OK);
-    let old = pg.psql("SELECT id FROM mcp.edge_mcp_sessions WHERE session_id = 'again'");
-    server.clock.advance(Duration::from_secs(61));
-    let status = poll(
-        async || {
-            server
-                .call(Method::GET, "/api/v1/sessions/again", KEY_A, None)
-                .await
-                .0
-        },
-        |status| *status == StatusCode::NOT_FOUND,
-    )
-    .await;
-    assert_eq!(status, StatusCode::NOT_FOUND, "never purged");
+    let old = end_and_purge_again(&server, &pg).await;
     tokio::task::spawn_blocking({
         let pg = pg.clone();
         move || pg.stop()
