@@ -16,8 +16,9 @@
 //! an earlier deadline leaves its later entry behind, and a session that
 //! ended leaves its entry too (its weak address no longer upgrades); the
 //! receiver ignores an entry when the deadline it is armed for is not due.
-//! Deadlines only move earlier on `idle -> active` (see `session.rs`), so
-//! such leftovers are rare.
+//! Deadlines only move earlier on `idle -> active` (see `session.rs`), and
+//! a session that cycles between the two re-arms for the same expiry each
+//! time: [`Wheel::insert_once`] keeps one entry of it.
 //!
 //! Precision: an entry fires at the first tick at or after its instant, at
 //! most [`TICK`] late (plus the arbiter's queue), never early.
@@ -47,13 +48,28 @@ impl<T> Wheel<T> {
         }
     }
 
-    /// Adds `item`, due at `at` (an instant before the origin is due at
-    /// once).
-    pub fn insert(&mut self, at: Instant, item: T) {
+    /// The first tick at or after `at`.
+    fn tick_of(&self, at: Instant) -> u64 {
         let since = at.saturating_duration_since(self.origin);
-        let tick = since.as_nanos().div_ceil(TICK.as_nanos());
-        let tick = u64::try_from(tick).unwrap_or(u64::MAX);
-        self.buckets.entry(tick).or_default().push(item);
+        u64::try_from(since.as_nanos().div_ceil(TICK.as_nanos())).unwrap_or(u64::MAX)
+    }
+
+    /// Adds `item`, due at `at` (an instant before the origin is due at
+    /// once), unless it is in that bucket already.
+    ///
+    /// A session that turns active and idle again and again re-arms for
+    /// the same expiry each time (its earlier, idle-after deadline came in
+    /// between), and would otherwise leave one entry per cycle there. The
+    /// bucket is scanned: arming is rare (a create, a status change), and a
+    /// bucket holds the deadlines of 50 ms of creates.
+    pub fn insert_once(&mut self, at: Instant, item: T)
+    where
+        T: PartialEq,
+    {
+        let bucket = self.buckets.entry(self.tick_of(at)).or_default();
+        if !bucket.contains(&item) {
+            bucket.push(item);
+        }
     }
 
     /// Takes every item due at `now`, earliest bucket first.
@@ -82,9 +98,9 @@ mod tests {
     fn an_item_is_due_at_the_first_tick_at_or_after_it_never_before() {
         let origin = Instant::now();
         let mut wheel = Wheel::new(origin);
-        wheel.insert(origin + ms(120), "a"); // tick 3 (150 ms)
-        wheel.insert(origin + ms(100), "b"); // tick 2 exactly
-        wheel.insert(origin + ms(30), "c"); // tick 1
+        wheel.insert_once(origin + ms(120), "a"); // tick 3 (150 ms)
+        wheel.insert_once(origin + ms(100), "b"); // tick 2 exactly
+        wheel.insert_once(origin + ms(30), "c"); // tick 1
 
         assert_eq!(wheel.take_due(origin + ms(49)).count(), 0);
         assert_eq!(wheel.take_due(origin + ms(50)).collect::<Vec<_>>(), ["c"]);
@@ -100,7 +116,7 @@ mod tests {
         let origin = Instant::now();
         let mut wheel = Wheel::new(origin);
         for (i, at) in [900u64, 10, 400, 10_000].into_iter().enumerate() {
-            wheel.insert(origin + ms(at), i);
+            wheel.insert_once(origin + ms(at), i);
         }
         assert_eq!(
             wheel.take_due(origin + ms(1_000)).collect::<Vec<_>>(),
@@ -110,10 +126,28 @@ mod tests {
     }
 
     #[test]
+    fn an_item_already_in_its_bucket_is_kept_once() {
+        let origin = Instant::now();
+        let mut wheel = Wheel::new(origin);
+        wheel.insert_once(origin + ms(1_010), 'a');
+        wheel.insert_once(origin + ms(1_020), 'a'); // the same bucket
+        wheel.insert_once(origin + ms(1_020), 'b');
+        wheel.insert_once(origin + ms(2_000), 'a'); // another bucket
+        assert_eq!(
+            wheel.take_due(origin + ms(1_050)).collect::<Vec<_>>(),
+            ['a', 'b']
+        );
+        assert_eq!(
+            wheel.take_due(origin + ms(2_000)).collect::<Vec<_>>(),
+            ['a']
+        );
+    }
+
+    #[test]
     fn an_instant_before_the_origin_is_due_at_once() {
         let origin = Instant::now() + ms(500);
         let mut wheel = Wheel::new(origin);
-        wheel.insert(origin - ms(400), 7);
+        wheel.insert_once(origin - ms(400), 7);
         assert_eq!(wheel.take_due(origin).collect::<Vec<_>>(), [7]);
     }
 }

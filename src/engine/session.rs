@@ -62,8 +62,9 @@ pub struct SessionActor {
     session: Session,
     shared: Arc<Shared>,
     supervisor: Arc<SupervisorLink>,
-    /// The deadline armed on this arbiter's wheel (see `super::deadlines`).
-    timer: Option<Millis>,
+    /// When the deadline armed on this arbiter's wheel is due, on the
+    /// monotonic clock the wheel runs on (see `super::deadlines`).
+    timer: Option<Instant>,
     /// When the scheduled coalesced write of the session record is due
     /// (`None`: none is scheduled).
     state_write_due: Option<Instant>,
@@ -301,15 +302,16 @@ impl SessionActor {
             return;
         }
         let deadline = self.session.next_deadline(self.shared.idle_after_ms);
-        if self.timer.is_some_and(|armed_for| armed_for <= deadline) {
+        let delay =
+            Duration::from_millis((deadline - self.shared.clock.now()).max(0) as u64) + TIMER_SLACK;
+        let due = Instant::now() + delay;
+        if self.timer.is_some_and(|armed| armed <= due) {
             return;
         }
         // A later entry already on the wheel stays there and is ignored
         // when it comes (see `Handler<Deadline>`).
-        let delay =
-            Duration::from_millis((deadline - self.shared.clock.now()).max(0) as u64) + TIMER_SLACK;
-        arm_deadline(ctx.address().downgrade(), Instant::now() + delay);
-        self.timer = Some(deadline);
+        arm_deadline(ctx.address().downgrade(), due);
+        self.timer = Some(due);
         self.arm_notice(ctx);
     }
 
@@ -725,11 +727,12 @@ impl Handler<Subscribe> for SessionActor {
 ///
 /// It does not say which: an entry is only the session's weak address (8
 /// bytes per session). The session acts when the deadline it is armed for
-/// is due within a tick; an entry left behind by a re-arm for an earlier
-/// deadline, or by the wall clock's jump, finds a deadline further off and
-/// is ignored, since that deadline has its own entry. A deadline acted on
-/// a little early (the wall clock and the monotonic one drift apart) finds
-/// nothing due and is armed again.
+/// is due within a tick on the monotonic clock the wheel runs on; an entry
+/// left behind by a re-arm for an earlier deadline finds a deadline further
+/// off and is ignored, since that deadline has its own entry. Acting means
+/// asking the wall clock what is due: a deadline that the wall clock does
+/// not see due yet (it was stepped back, or drifted) is armed again for
+/// what is left, so no step of the wall clock can lose a deadline.
 #[derive(Message)]
 #[rtype(result = "()")]
 struct Deadline;
@@ -738,12 +741,11 @@ impl Handler<Deadline> for SessionActor {
     type Result = ();
 
     fn handle(&mut self, _: Deadline, ctx: &mut Context<Self>) {
-        let now = self.shared.clock.now();
-        let tick = TICK.as_millis() as Millis;
-        if self.timer.is_none_or(|armed_for| armed_for > now + tick) {
+        if self.timer.is_none_or(|due| due > Instant::now() + TICK) {
             return;
         }
         self.timer = None;
+        let now = self.shared.clock.now();
         self.on_deadline(now, ctx);
     }
 }
@@ -770,7 +772,7 @@ fn arm_deadline(session: WeakAddr<SessionActor>, at: Instant) {
             actix::spawn(tick_deadlines(Rc::clone(&wheel)));
             wheel
         });
-        wheel.borrow_mut().insert(at, session);
+        wheel.borrow_mut().insert_once(at, session);
     });
 }
 
