@@ -961,10 +961,10 @@ async fn a_client_id_reused_after_retention_takes_over_its_row() {
     server.stop().await;
 }
 
-/// As above, with executions: the old session's create and execution ship
-/// together (a batch that executes a session it creates goes in a
-/// transaction), and the new session's create and executions are made
-/// while PostgreSQL is down, then shipped once it is back.
+/// As above, with executions: the new session's create and executions are
+/// made while PostgreSQL is down, then shipped once it is back. (Whether
+/// they share a batch is the shipper's choice; in the runs looked at, the
+/// create went first, alone.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reused_client_id_with_executions_takes_over_its_row_and_keeps_them() {
     let pg = std::sync::Arc::new(TempPostgres::start_own());

@@ -192,8 +192,7 @@ impl Postgres {
     /// executions can only be inserted after that, since their foreign key
     /// needs its row; so a batch holding executions of a session it
     /// creates is shipped in a transaction: the rows first, taken over
-    /// where needed, then the whole batch statement (whose upsert then
-    /// writes nothing new).
+    /// where needed, then the batch statement with the rest.
     pub async fn ship(&self, entries: &[Entry]) -> Result<(), PgError> {
         let batch = Batch::gather(entries);
         let mut conn = self.pool.acquire().await?;
@@ -201,7 +200,7 @@ impl Postgres {
             let mut tx = conn.begin().await?;
             let written = upsert_sessions(&mut tx, &batch.sessions).await?;
             take_over(&mut tx, &batch, &batch.taken(&written)).await?;
-            ship_batch(&mut *tx, &batch).await?;
+            ship_batch(&mut *tx, &batch.without_sessions()).await?;
             tx.commit().await?;
             return Ok(());
         }
@@ -544,6 +543,16 @@ impl<'a> Batch<'a> {
             created,
             executions,
             audits,
+        }
+    }
+
+    /// The batch's executions and audit rows alone (its rows are written).
+    fn without_sessions(&self) -> Batch<'a> {
+        Batch {
+            sessions: Vec::new(),
+            created: Vec::new(),
+            executions: self.executions.clone(),
+            audits: self.audits.clone(),
         }
     }
 
