@@ -5,7 +5,7 @@ use uuid::Uuid;
 
 use crate::model::ids::{generate_session_id, is_valid_session_id};
 use crate::model::session::{SessionCredentials, ENGINE_REASONS};
-use crate::model::{ClientType, Millis, Session, SessionError, Status};
+use crate::model::{ClientText, ClientType, Millis, Session, SessionError, Status};
 
 /// Longest free-text field (names, versions, edge_mcp_id, tool names).
 pub const MAX_TEXT_LEN: usize = 255;
@@ -197,13 +197,15 @@ pub fn build(
         session_id: session_id.into(),
         tenant_id: tenant.id,
         user_id: request.user_id,
-        edge_mcp_id: request.edge_mcp_id.into(),
-        client_name: request.client_name.map(Into::into),
+        client: ClientText::new(
+            &request.edge_mcp_id,
+            request.client_name.as_deref(),
+            request.client_version.as_deref(),
+            &metadata,
+        ),
         client_type,
-        client_version: request.client_version.map(Into::into),
         status: Status::Active,
         initialized: false,
-        connection_metadata: metadata.into(),
         passthrough_providers: request
             .passthrough_providers
             .into_iter()
@@ -217,10 +219,9 @@ pub fn build(
         last_activity_at: now,
         idle_timeout_seconds,
         ttl_seconds,
-        terminated_at: None,
-        termination_reason: None,
+        ending: None,
         version: 1,
-        tools: Vec::new(),
+        tools: Box::default(),
         credentials: SessionCredentials::default(),
     })
 }

@@ -24,10 +24,34 @@
 //! most [`TICK`] late (plus the arbiter's queue), never early.
 
 use std::collections::BTreeMap;
+use std::num::NonZeroU32;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// Width of a bucket, and how often a wheel is looked at.
 pub const TICK: Duration = Duration::from_millis(50);
+
+/// An instant on the monotonic clock in 4 bytes: whole [`TICK`]s since a
+/// process-wide origin, rounded up, so 6.8 years of ticks. What a session
+/// keeps of the deadlines it armed (16 bytes as an `Option<Instant>`): every
+/// byte of a session's actor counts (see the size test in `session.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Tick(NonZeroU32);
+
+impl Tick {
+    /// The first tick at or after `at` (instants before the origin, and
+    /// past 6.8 years of it, are clamped to the first and the last tick).
+    pub fn of(at: Instant) -> Tick {
+        static ORIGIN: OnceLock<Instant> = OnceLock::new();
+        let origin = *ORIGIN.get_or_init(Instant::now);
+        let ticks = at
+            .saturating_duration_since(origin)
+            .as_nanos()
+            .div_ceil(TICK.as_nanos())
+            .saturating_add(1);
+        Tick(NonZeroU32::new(u32::try_from(ticks).unwrap_or(u32::MAX)).unwrap_or(NonZeroU32::MIN))
+    }
+}
 
 /// Items due at instants, grouped by [`TICK`].
 #[derive(Debug)]
@@ -92,6 +116,22 @@ mod tests {
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    #[test]
+    fn ticks_round_up_and_keep_the_order() {
+        let now = Instant::now();
+        let tick = Tick::of(now);
+        assert!(Tick::of(now + ms(1)) >= tick);
+        assert!(Tick::of(now + TICK + ms(1)) > tick);
+        assert_eq!(
+            Tick::of(now + ms(1)),
+            Tick::of(now + TICK).min(Tick::of(now + ms(1)))
+        );
+        assert!(Tick::of(now + ms(120_000)) > Tick::of(now + ms(60_000)));
+        // Far instants are clamped, not wrapped.
+        let far = now + Duration::from_secs(20 * 365 * 24 * 3600);
+        assert!(Tick::of(far) >= Tick::of(now + ms(3_600_000)));
     }
 
     #[test]

@@ -165,6 +165,7 @@ impl Engine {
                 // How sessions admitted by the front door reach their
                 // supervisor (which builds its own for the ones it starts).
                 let link = Arc::new(SupervisorLink {
+                    shared: shared.clone(),
                     live,
                     stopped: supervisor.clone().recipient(),
                     metrics: metrics.clone(),

@@ -168,7 +168,7 @@ impl Engine {
                 Status::Expired | Status::Terminated => {}
             }
             duration_ms_sum = duration_ms_sum
-                .saturating_add(session.terminated_at.unwrap_or(now) - session.created_at);
+                .saturating_add(session.terminated_at().unwrap_or(now) - session.created_at);
             ControlFlow::Continue(())
         })
         .await?;
@@ -225,7 +225,7 @@ pub(super) fn matches(session: &Session, query: &ListQuery) -> bool {
         && query
             .edge_mcp_id
             .as_deref()
-            .is_none_or(|e| e == &*session.edge_mcp_id)
+            .is_none_or(|e| e == session.edge_mcp_id())
 }
 
 fn encode_cursor(created_at: Millis, session_id: &str) -> String {

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use actix::WeakAddr;
 
-use super::deadlines::{Wheel, TICK};
+use super::deadlines::{Tick, Wheel, TICK};
 use super::outcome::durable_outcome;
 use super::shared::{release_slot, Shared};
 use crate::crypto::TokenHash;
@@ -60,14 +60,14 @@ const IMPLIED_STATE_DELAY: Duration = Duration::from_secs(1);
 /// The actor owning one live session.
 pub struct SessionActor {
     session: Session,
-    shared: Arc<Shared>,
+    /// The engine's and the tenant's parts this session uses.
     supervisor: Arc<SupervisorLink>,
     /// When the deadline armed on this arbiter's wheel is due, on the
     /// monotonic clock the wheel runs on (see `super::deadlines`).
-    timer: Option<Instant>,
+    timer: Option<Tick>,
     /// When the scheduled coalesced write of the session record is due
     /// (`None`: none is scheduled).
-    state_write_due: Option<Instant>,
+    state_write_due: Option<Tick>,
     /// What only a session that opened a WebSocket needs, boxed: most
     /// sessions never do, and the 56 bytes it would take inline put the
     /// actor's task over a 128-byte step of its allocation (see
@@ -85,8 +85,11 @@ pub struct SessionActor {
 
 /// What a session shares with its tenant: the live count it gives its slot
 /// back to, the supervisor that restarts it, and the tenant's metric
-/// handles; the session knows nothing else of them.
+/// handles; the session knows nothing else of them. It also carries the
+/// engine's shared parts, so a session holds one pointer for both.
 pub struct SupervisorLink {
+    /// The engine's configuration, clock, store and directories.
+    pub(crate) shared: Arc<Shared>,
     /// The tenant's live sessions counted against its limit; a session
     /// that becomes final gives its slot back here.
     pub live: Arc<std::sync::atomic::AtomicUsize>,
@@ -163,14 +166,9 @@ struct Subscriber {
 
 impl SessionActor {
     /// A new actor for `session`.
-    pub(crate) fn new(
-        session: Session,
-        shared: Arc<Shared>,
-        supervisor: Arc<SupervisorLink>,
-    ) -> Self {
+    pub(crate) fn new(session: Session, supervisor: Arc<SupervisorLink>) -> Self {
         SessionActor {
             session,
-            shared,
             supervisor,
             timer: None,
             state_write_due: None,
@@ -182,11 +180,16 @@ impl SessionActor {
         }
     }
 
+    /// The engine's shared parts.
+    fn shared(&self) -> &Arc<Shared> {
+        &self.supervisor.shared
+    }
+
     /// Keeps the tenant's idle count in step with this session's status.
     fn count_idle(&mut self) {
         let idle = self.session.status == Status::Idle;
         if idle != self.counted_idle {
-            if let Some(count) = self.shared.idle.get(&self.session.tenant_id) {
+            if let Some(count) = self.shared().idle.get(&self.session.tenant_id) {
                 count.fetch_add(
                     if idle { 1 } else { -1 },
                     std::sync::atomic::Ordering::Relaxed,
@@ -271,8 +274,8 @@ impl SessionActor {
             ctx.cancel_future(handle);
             sockets.notice_timer = None;
         }
-        let now = self.shared.clock.now();
-        let notice_at = expires_at - self.shared.expiring_notice_ms;
+        let now = self.supervisor.shared.clock.now();
+        let notice_at = expires_at - self.supervisor.shared.expiring_notice_ms;
         if notice_at <= now {
             sockets.noticed_for = Some(expires_at);
             let seconds_left = ((expires_at - now).max(0) / 1000) as u64;
@@ -301,17 +304,17 @@ impl SessionActor {
         if self.session.status.is_final() {
             return;
         }
-        let deadline = self.session.next_deadline(self.shared.idle_after_ms);
-        let delay =
-            Duration::from_millis((deadline - self.shared.clock.now()).max(0) as u64) + TIMER_SLACK;
+        let deadline = self.session.next_deadline(self.shared().idle_after_ms);
+        let delay = Duration::from_millis((deadline - self.shared().clock.now()).max(0) as u64)
+            + TIMER_SLACK;
         let due = Instant::now() + delay;
-        if self.timer.is_some_and(|armed| armed <= due) {
+        if self.timer.is_some_and(|armed| armed <= Tick::of(due)) {
             return;
         }
         // A later entry already on the wheel stays there and is ignored
         // when it comes (see `Handler<Deadline>`).
         arm_deadline(ctx.address().downgrade(), due);
-        self.timer = Some(due);
+        self.timer = Some(Tick::of(due));
         self.arm_notice(ctx);
     }
 
@@ -320,7 +323,7 @@ impl SessionActor {
     /// becomes idle nor idles out, even when its client sends nothing (the
     /// absolute ttl still ends it).
     fn on_deadline(&mut self, now: Millis, ctx: &mut Context<Self>) -> bool {
-        let due = self.session.due(now, self.shared.idle_after_ms);
+        let due = self.session.due(now, self.shared().idle_after_ms);
         let idling = matches!(
             due,
             Transition::BecomeIdle | Transition::Expire(REASON_IDLE_TIMEOUT)
@@ -355,7 +358,7 @@ impl SessionActor {
     /// act on a session past its `expires_at`.
     fn expire_if_overdue(&mut self, now: Millis, ctx: &mut Context<Self>) {
         if matches!(
-            self.session.due(now, self.shared.idle_after_ms),
+            self.session.due(now, self.shared().idle_after_ms),
             Transition::Expire(_)
         ) {
             self.on_deadline(now, ctx);
@@ -364,7 +367,7 @@ impl SessionActor {
 
     /// The current time, or the 410 error when the session has ended.
     fn live(&mut self, ctx: &mut Context<Self>) -> Result<Millis, SessionError> {
-        let now = self.shared.clock.now();
+        let now = self.shared().clock.now();
         self.expire_if_overdue(now, ctx);
         self.session.ensure_live()?;
         Ok(now)
@@ -372,14 +375,14 @@ impl SessionActor {
 
     /// Queues the full state; returns a [`Durable`] when `wait` is set.
     fn persist(&self, wait: bool) -> Option<Durable> {
-        self.shared
+        self.shared()
             .write_behind
             .submit(vec![WriteOp::put_session(&self.session)], wait)
     }
 
     /// Whether callers wait for disk under the configured durability.
     fn sync(&self) -> bool {
-        self.shared.sync_acks
+        self.shared().sync_acks
     }
 
     /// Records activity; the timestamp reaches disk coalesced, within one
@@ -393,14 +396,14 @@ impl SessionActor {
             // written now rather than coalesced.
             self.persist(false);
         } else {
-            self.schedule_state_write(ctx, self.shared.flush_interval);
+            self.schedule_state_write(ctx, self.shared().flush_interval);
         }
     }
 
     /// Writes the session record, coalesced, within `delay`: an earlier
     /// scheduled write stands, a later one is brought forward.
     fn schedule_state_write(&mut self, ctx: &mut Context<Self>, delay: Duration) {
-        let due = Instant::now() + delay;
+        let due = Tick::of(Instant::now() + delay);
         if self
             .state_write_due
             .is_some_and(|scheduled| scheduled <= due)
@@ -452,7 +455,7 @@ impl SessionActor {
     }
 
     fn write_final(&self) -> Durable {
-        self.shared
+        self.shared()
             .write_behind
             .submit_durable(WriteOp::final_session_by(&self.session, self.requester))
     }
@@ -490,9 +493,9 @@ impl Actor for SessionActor {
     fn started(&mut self, ctx: &mut Context<Self>) {
         // Counted on the arbiter it runs on.
         let shard = self
-            .shared
+            .shared()
             .shard_of(self.session.tenant_id, &self.session.session_id, true);
-        self.shared.shards.count_actor(shard, 1);
+        self.shared().shards.count_actor(shard, 1);
         // Registration in the directory happens at admission, before the
         // create is answered, so a GET right after a 201 finds the session.
         self.arm(ctx);
@@ -500,18 +503,18 @@ impl Actor for SessionActor {
 
     fn stopped(&mut self, ctx: &mut Context<Self>) {
         if self.counted_idle {
-            if let Some(count) = self.shared.idle.get(&self.session.tenant_id) {
+            if let Some(count) = self.shared().idle.get(&self.session.tenant_id) {
                 count.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             }
             self.counted_idle = false;
         }
         let shard = self
-            .shared
+            .shared()
             .shard_of(self.session.tenant_id, &self.session.session_id, true);
-        self.shared.shards.count_actor(shard, -1);
+        self.shared().shards.count_actor(shard, -1);
         if self.session.status.is_final() {
             let me = ctx.address();
-            self.shared
+            self.shared()
                 .directory(self.session.tenant_id)
                 .remove_if(&*self.session.session_id, |_, addr| *addr == me);
         } else {
@@ -536,7 +539,7 @@ impl Handler<Get> for SessionActor {
     type Result = MessageResult<Get>;
 
     fn handle(&mut self, _: Get, ctx: &mut Context<Self>) -> Self::Result {
-        let now = self.shared.clock.now();
+        let now = self.shared().clock.now();
         self.expire_if_overdue(now, ctx);
         MessageResult(self.session.view(now))
     }
@@ -551,7 +554,7 @@ impl Handler<Snapshot> for SessionActor {
     type Result = MessageResult<Snapshot>;
 
     fn handle(&mut self, _: Snapshot, ctx: &mut Context<Self>) -> Self::Result {
-        let now = self.shared.clock.now();
+        let now = self.shared().clock.now();
         self.expire_if_overdue(now, ctx);
         MessageResult(self.session.clone())
     }
@@ -703,7 +706,7 @@ impl Handler<Subscribe> for SessionActor {
         // A client connecting inside the notice window hears it at once
         // (its socket holds off idling: the ttl is what ends the session).
         let expires_at = self.session.ttl_deadline();
-        if expires_at - self.shared.expiring_notice_ms <= now {
+        if expires_at - self.supervisor.shared.expiring_notice_ms <= now {
             let _ = msg.tx.try_send(Push::Expiring {
                 expires_at,
                 seconds_left: ((expires_at - now).max(0) / 1000) as u64,
@@ -741,11 +744,14 @@ impl Handler<Deadline> for SessionActor {
     type Result = ();
 
     fn handle(&mut self, _: Deadline, ctx: &mut Context<Self>) {
-        if self.timer.is_none_or(|due| due > Instant::now() + TICK) {
+        if self
+            .timer
+            .is_none_or(|due| due > Tick::of(Instant::now() + TICK))
+        {
             return;
         }
         self.timer = None;
-        let now = self.shared.clock.now();
+        let now = self.shared().clock.now();
         self.on_deadline(now, ctx);
     }
 }
@@ -892,7 +898,7 @@ impl Handler<RecordTool> for SessionActor {
         // count, so an acknowledged execution is never lost from the counts.
         let seq = self.session.tool_execution_count;
         let op = WriteOp::put_execution(self.session.id, seq, &execution);
-        let durable = self.shared.write_behind.submit(vec![op], self.sync());
+        let durable = self.shared().write_behind.submit(vec![op], self.sync());
         self.schedule_state_write(ctx, IMPLIED_STATE_DELAY);
         Ok(Ack {
             value: seq,
@@ -916,7 +922,7 @@ impl Handler<Terminate> for SessionActor {
     type Result = ResponseActFuture<Self, Result<(), SessionError>>;
 
     fn handle(&mut self, msg: Terminate, ctx: &mut Context<Self>) -> Self::Result {
-        let now = self.shared.clock.now();
+        let now = self.shared().clock.now();
         // An overdue session has already ended by expiry; DELETE on a final
         // session is a no-op.
         self.expire_if_overdue(now, ctx);
@@ -969,8 +975,8 @@ impl Handler<ExpireIfDue> for SessionActor {
                 ctx.cancel_future(handle);
             }
         }
-        let now = self.shared.clock.now();
-        match self.session.due(now, self.shared.idle_after_ms) {
+        let now = self.shared().clock.now();
+        match self.session.due(now, self.shared().idle_after_ms) {
             // Nothing due is the common case: the timer stays as it is,
             // unless the clock it was armed by moved.
             Transition::None => {
@@ -1021,4 +1027,20 @@ impl Handler<Crash> for SessionActor {
     fn handle(&mut self, _: Crash, _: &mut Context<Self>) {
         panic!("injected panic for a supervision test");
     }
+}
+/// A session's actor runs as one tokio task. Its cell is tokio's header
+/// (32 bytes), scheduler and task id (16), the future, and the trailer (48),
+/// aligned to 128 bytes (tokio 1.x, `runtime/task/core.rs`). With the actor's
+/// future at 672 bytes or less the cell takes 768 bytes; one byte more
+/// makes it 896, about 128 bytes more for every live session (see
+/// `docs/benchmarks.md`, issue 9's sixth step).
+#[cfg(test)]
+#[test]
+fn a_session_actor_task_fits_a_768_byte_cell() {
+    type Task = actix::dev::ContextFut<SessionActor, Context<SessionActor>>;
+    let size = std::mem::size_of::<Task>();
+    assert!(
+        size <= 672,
+        "the session actor's future is {size} bytes; over 672 its task cell grows by 128 bytes"
+    );
 }

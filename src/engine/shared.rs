@@ -97,7 +97,7 @@ impl Shared {
     /// its retention (the sweep deletes it some time after).
     pub(crate) fn retained(&self, session: &Session) -> bool {
         session
-            .terminated_at
+            .terminated_at()
             .is_none_or(|at| at + self.retention_ms > self.clock.now())
     }
 

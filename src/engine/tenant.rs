@@ -147,11 +147,10 @@ impl Restorer {
         if batch.is_empty() {
             return;
         }
-        let shared = self.shared.clone();
         self.shared.shards.arbiter(shard).spawn_fn(move || {
             for Restored { rx, session, link } in batch {
                 let context = Context::with_receiver(rx);
-                let actor = SessionActor::new(session, shared.clone(), link);
+                let actor = SessionActor::new(session, link);
                 actix::spawn(context.into_future(actor));
             }
         });
@@ -186,8 +185,8 @@ fn start(
     let arbiter = shared
         .shards
         .arbiter(shared.shard_of(tenant, &session.session_id, here));
-    let (shared, link) = (shared.clone(), link.clone());
-    SessionActor::start_in_arbiter(arbiter, move |_| SessionActor::new(session, shared, link))
+    let link = link.clone();
+    SessionActor::start_in_arbiter(arbiter, move |_| SessionActor::new(session, link))
 }
 
 /// The supervisor of one tenant's sessions.
@@ -229,6 +228,7 @@ impl TenantSupervisor {
             .me
             .get_or_insert_with(|| {
                 Arc::new(SupervisorLink {
+                    shared: self.shared.clone(),
                     live: self.live.clone(),
                     stopped: ctx.address().recipient(),
                     metrics: self.metrics.clone(),

@@ -109,7 +109,7 @@ impl AuditEntry {
             Status::Active | Status::Idle => return None,
             Status::Expired => AuditAction::Expired,
             Status::Terminated
-                if session.termination_reason.as_deref() == Some(REASON_REFRESH_TOKEN_REUSE) =>
+                if session.termination_reason() == Some(REASON_REFRESH_TOKEN_REUSE) =>
             {
                 AuditAction::Revoked
             }
@@ -121,8 +121,8 @@ impl AuditEntry {
         Some(Self::new(
             session,
             action,
-            session.termination_reason.as_deref().map(str::to_owned),
-            session.terminated_at.unwrap_or(session.last_activity_at),
+            session.termination_reason().map(str::to_owned),
+            session.terminated_at().unwrap_or(session.last_activity_at),
         ))
     }
 }

@@ -5,6 +5,7 @@
 //! without clocks.
 
 pub mod audit;
+pub mod client_text;
 pub mod error;
 pub mod ids;
 pub mod session;
@@ -12,6 +13,7 @@ pub mod time;
 pub mod tool;
 
 pub use audit::{AuditAction, AuditEntry, Requester};
+pub use client_text::ClientText;
 pub use error::SessionError;
 pub use session::{ClientType, Session, SessionView, Status, Transition};
 pub use time::Millis;

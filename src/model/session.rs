@@ -6,6 +6,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use super::client_text::ClientText;
 use super::error::SessionError;
 use super::time::{format_rfc3339, secs, Millis};
 use super::tool::{ToolExecution, ToolStats};
@@ -144,7 +145,11 @@ pub const ENGINE_REASONS: [&str; 4] = [
 const REFRESH_AFTER_FRACTION: f64 = 0.8;
 
 /// The whole state of one session: what the actor owns and what sled stores.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// Its stored form is that of a plain struct of the wire fields in their
+/// documented order (see `StoredSessionRef`); in memory, a few of them are
+/// kept more compactly, since a million of these live at once.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Session {
     /// Server-assigned row id (UUID v7).
     pub id: Uuid,
@@ -154,22 +159,17 @@ pub struct Session {
     pub tenant_id: Uuid,
     /// The user the session acts for, if any.
     pub user_id: Option<Uuid>,
-    /// The edge-mcp instance that opened it.
-    pub edge_mcp_id: Box<str>,
-    /// Client display name.
-    pub client_name: Option<Box<str>>,
+    /// The edge-mcp instance that opened it, the client's name and version,
+    /// and the client's metadata (a JSON object kept as compact JSON text).
+    pub client: ClientText,
     /// Normalised client kind.
     pub client_type: ClientType,
-    /// Client version string.
-    pub client_version: Option<Box<str>>,
     /// Lifecycle status.
     pub status: Status,
     /// Whether the client finished its MCP initialisation.
     pub initialized: bool,
-    /// Client metadata, a JSON object kept as compact JSON text.
-    pub connection_metadata: Box<str>,
     /// Names of the passthrough credential providers.
-    pub passthrough_providers: Vec<Box<str>>,
+    pub passthrough_providers: Box<[Box<str>]>,
     /// Executions recorded, failed ones included.
     pub tool_execution_count: u64,
     /// Executions with an error.
@@ -186,17 +186,162 @@ pub struct Session {
     pub idle_timeout_seconds: u32,
     /// Absolute lifetime in seconds.
     pub ttl_seconds: u32,
-    /// When it ended, for final sessions.
-    pub terminated_at: Option<Millis>,
-    /// Why it ended, for final sessions.
-    pub termination_reason: Option<Box<str>>,
+    /// When and why it ended, for final sessions only (boxed: the sessions
+    /// kept in memory are the live ones).
+    pub ending: Option<Box<Ending>>,
     /// Increases with every state change except activity timestamps.
     pub version: u64,
     /// Per-tool counters.
-    pub tools: Vec<ToolStats>,
+    pub tools: Box<[ToolStats]>,
     /// Sealed passthrough credentials and token hashes. Last, so records
     /// written before it existed still decode (see `persist::record`).
     pub credentials: SessionCredentials,
+}
+
+/// When and why a session ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ending {
+    /// When it ended.
+    pub at: Millis,
+    /// Why (`termination_reason`).
+    pub reason: Box<str>,
+}
+
+/// A session as it is stored (sled records, backups): the fields in their
+/// order of the first format, so records written by earlier releases and by
+/// this one are the same bytes. Serialising borrows from the [`Session`].
+#[derive(Serialize)]
+struct StoredSessionRef<'a> {
+    id: &'a Uuid,
+    session_id: &'a str,
+    tenant_id: &'a Uuid,
+    user_id: &'a Option<Uuid>,
+    edge_mcp_id: &'a str,
+    client_name: Option<&'a str>,
+    client_type: ClientType,
+    client_version: Option<&'a str>,
+    status: Status,
+    initialized: bool,
+    connection_metadata: &'a str,
+    passthrough_providers: &'a [Box<str>],
+    tool_execution_count: u64,
+    tool_error_count: u64,
+    total_tokens_used: u64,
+    created_at: Millis,
+    lifetime_start: Millis,
+    last_activity_at: Millis,
+    idle_timeout_seconds: u32,
+    ttl_seconds: u32,
+    terminated_at: Option<Millis>,
+    termination_reason: Option<&'a str>,
+    version: u64,
+    tools: &'a [ToolStats],
+    credentials: &'a SessionCredentials,
+}
+
+/// The owned counterpart of [`StoredSessionRef`], for decoding.
+#[derive(Deserialize)]
+struct StoredSession {
+    id: Uuid,
+    session_id: Arc<str>,
+    tenant_id: Uuid,
+    user_id: Option<Uuid>,
+    edge_mcp_id: Box<str>,
+    client_name: Option<Box<str>>,
+    client_type: ClientType,
+    client_version: Option<Box<str>>,
+    status: Status,
+    initialized: bool,
+    connection_metadata: Box<str>,
+    passthrough_providers: Box<[Box<str>]>,
+    tool_execution_count: u64,
+    tool_error_count: u64,
+    total_tokens_used: u64,
+    created_at: Millis,
+    lifetime_start: Millis,
+    last_activity_at: Millis,
+    idle_timeout_seconds: u32,
+    ttl_seconds: u32,
+    terminated_at: Option<Millis>,
+    termination_reason: Option<Box<str>>,
+    version: u64,
+    tools: Box<[ToolStats]>,
+    credentials: SessionCredentials,
+}
+
+impl Serialize for Session {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        StoredSessionRef {
+            id: &self.id,
+            session_id: &self.session_id,
+            tenant_id: &self.tenant_id,
+            user_id: &self.user_id,
+            edge_mcp_id: self.client.edge_mcp_id(),
+            client_name: self.client.client_name(),
+            client_type: self.client_type,
+            client_version: self.client.client_version(),
+            status: self.status,
+            initialized: self.initialized,
+            connection_metadata: self.client.metadata(),
+            passthrough_providers: &self.passthrough_providers,
+            tool_execution_count: self.tool_execution_count,
+            tool_error_count: self.tool_error_count,
+            total_tokens_used: self.total_tokens_used,
+            created_at: self.created_at,
+            lifetime_start: self.lifetime_start,
+            last_activity_at: self.last_activity_at,
+            idle_timeout_seconds: self.idle_timeout_seconds,
+            ttl_seconds: self.ttl_seconds,
+            terminated_at: self.terminated_at(),
+            termination_reason: self.termination_reason(),
+            version: self.version,
+            tools: &self.tools,
+            credentials: &self.credentials,
+        }
+        .serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Session {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let stored = StoredSession::deserialize(deserializer)?;
+        // A final record has both; one without the other was never written,
+        // and reads as ended at its time with no reason rather than failing.
+        let ending = stored.terminated_at.map(|at| {
+            Box::new(Ending {
+                at,
+                reason: stored.termination_reason.unwrap_or_default(),
+            })
+        });
+        Ok(Session {
+            id: stored.id,
+            session_id: stored.session_id,
+            tenant_id: stored.tenant_id,
+            user_id: stored.user_id,
+            client: ClientText::new(
+                &stored.edge_mcp_id,
+                stored.client_name.as_deref(),
+                stored.client_version.as_deref(),
+                &stored.connection_metadata,
+            ),
+            client_type: stored.client_type,
+            status: stored.status,
+            initialized: stored.initialized,
+            passthrough_providers: stored.passthrough_providers,
+            tool_execution_count: stored.tool_execution_count,
+            tool_error_count: stored.tool_error_count,
+            total_tokens_used: stored.total_tokens_used,
+            created_at: stored.created_at,
+            lifetime_start: stored.lifetime_start,
+            last_activity_at: stored.last_activity_at,
+            idle_timeout_seconds: stored.idle_timeout_seconds,
+            ttl_seconds: stored.ttl_seconds,
+            ending,
+            version: stored.version,
+            tools: stored.tools,
+            credentials: stored.credentials,
+        })
+    }
 }
 
 /// What a session keeps to authenticate its client and to hand its
@@ -211,7 +356,7 @@ pub struct SessionCredentials {
     pub refresh_token: TokenHash,
     /// Hashes of refresh tokens rotated away: presenting one revokes the
     /// session (the most recent [`RETIRED_REFRESH_KEPT`]).
-    pub retired_refresh: Vec<TokenHash>,
+    pub retired_refresh: Box<[TokenHash]>,
 }
 
 /// Rotated-away refresh tokens remembered per session.
@@ -243,10 +388,12 @@ impl SessionCredentials {
     /// Installs a new pair, retiring the current refresh token.
     pub fn rotate(&mut self, session_token: TokenHash, refresh_token: TokenHash) {
         let old = std::mem::replace(&mut self.refresh_token, refresh_token);
-        self.retired_refresh.push(old);
-        if self.retired_refresh.len() > RETIRED_REFRESH_KEPT {
-            self.retired_refresh.remove(0);
+        let mut retired = std::mem::take(&mut self.retired_refresh).into_vec();
+        retired.push(old);
+        if retired.len() > RETIRED_REFRESH_KEPT {
+            retired.remove(0);
         }
+        self.retired_refresh = retired.into_boxed_slice();
         self.session_token = session_token;
     }
 }
@@ -267,6 +414,26 @@ pub struct SessionUpdate {
 }
 
 impl Session {
+    /// When it ended, for final sessions.
+    pub fn terminated_at(&self) -> Option<Millis> {
+        self.ending.as_ref().map(|ending| ending.at)
+    }
+
+    /// Why it ended, for final sessions.
+    pub fn termination_reason(&self) -> Option<&str> {
+        self.ending.as_ref().map(|ending| &*ending.reason)
+    }
+
+    /// The edge-mcp instance that opened it.
+    pub fn edge_mcp_id(&self) -> &str {
+        self.client.edge_mcp_id()
+    }
+
+    /// The client's metadata, a JSON object as compact text.
+    pub fn connection_metadata(&self) -> &str {
+        self.client.metadata()
+    }
+
     /// The instant the session expires unless it sees activity:
     /// `min(last_activity + idle_timeout, lifetime_start + ttl)`.
     pub fn expires_at(&self) -> Millis {
@@ -345,8 +512,10 @@ impl Session {
     pub fn finish(&mut self, status: Status, reason: &str, at: Millis) {
         debug_assert!(status.is_final());
         self.status = status;
-        self.terminated_at = Some(at);
-        self.termination_reason = Some(reason.into());
+        self.ending = Some(Box::new(Ending {
+            at,
+            reason: reason.into(),
+        }));
         self.version += 1;
     }
 
@@ -358,17 +527,18 @@ impl Session {
             || update.initialized.is_some()
             || update.connection_metadata.is_some()
             || update.user_id.is_some();
-        if let Some(name) = update.client_name {
-            self.client_name = Some(name.into());
-        }
-        if let Some(version) = update.client_version {
-            self.client_version = Some(version.into());
+        if update.client_name.is_some()
+            || update.client_version.is_some()
+            || update.connection_metadata.is_some()
+        {
+            self.client = self.client.with(
+                update.client_name.as_deref(),
+                update.client_version.as_deref(),
+                update.connection_metadata.as_deref(),
+            );
         }
         if let Some(initialized) = update.initialized {
             self.initialized = initialized;
-        }
-        if let Some(metadata) = update.connection_metadata {
-            self.connection_metadata = metadata.into();
         }
         if let Some(user_id) = update.user_id {
             self.user_id = Some(user_id);
@@ -400,10 +570,15 @@ impl Session {
         {
             Some(index) => index,
             None => {
-                self.tools.push(ToolStats {
+                // A new tool name is rare against calls of known ones, so the
+                // list is a boxed slice (8 bytes less than a `Vec` in every
+                // session), rebuilt here.
+                let mut tools = std::mem::take(&mut self.tools).into_vec();
+                tools.push(ToolStats {
                     name: execution.tool_name.as_str().into(),
                     ..ToolStats::default()
                 });
+                self.tools = tools.into_boxed_slice();
                 self.tools.len() - 1
             }
         };
@@ -418,19 +593,19 @@ impl Session {
     /// The wire representation at `now`.
     pub fn view(&self, now: Millis) -> SessionView {
         let expires_at = self.expires_at();
-        let end = self.terminated_at.unwrap_or(now);
+        let end = self.terminated_at().unwrap_or(now);
         SessionView {
             id: self.id,
             session_id: self.session_id.to_string(),
             tenant_id: self.tenant_id,
             user_id: self.user_id,
-            edge_mcp_id: self.edge_mcp_id.to_string(),
-            client_name: self.client_name.as_deref().map(str::to_owned),
+            edge_mcp_id: self.client.edge_mcp_id().to_owned(),
+            client_name: self.client.client_name().map(str::to_owned),
             client_type: self.client_type.as_str(),
-            client_version: self.client_version.as_deref().map(str::to_owned),
+            client_version: self.client.client_version().map(str::to_owned),
             status: self.status.as_str(),
             initialized: self.initialized,
-            connection_metadata: metadata_json(&self.connection_metadata),
+            connection_metadata: metadata_json(self.client.metadata()),
             has_passthrough_auth: !self.passthrough_providers.is_empty(),
             passthrough_providers: self
                 .passthrough_providers
@@ -445,8 +620,8 @@ impl Session {
             expires_at: format_rfc3339(expires_at),
             idle_timeout_seconds: self.idle_timeout_seconds,
             ttl_seconds: self.ttl_seconds,
-            terminated_at: self.terminated_at.map(format_rfc3339),
-            termination_reason: self.termination_reason.as_deref().map(str::to_owned),
+            terminated_at: self.terminated_at().map(format_rfc3339),
+            termination_reason: self.termination_reason().map(str::to_owned),
             version: self.version,
             session_age_seconds: ((end - self.created_at).max(0) / 1000) as u64,
             idle_seconds: ((end - self.last_activity_at).max(0) / 1000) as u64,
@@ -597,14 +772,11 @@ pub(crate) mod tests {
             session_id: "s-1".into(),
             tenant_id: Uuid::nil(),
             user_id: None,
-            edge_mcp_id: "edge".into(),
-            client_name: None,
+            client: ClientText::new("edge", None, None, "{}"),
             client_type: ClientType::Cli,
-            client_version: None,
             status: Status::Active,
             initialized: false,
-            connection_metadata: "{}".into(),
-            passthrough_providers: Vec::new(),
+            passthrough_providers: Box::default(),
             tool_execution_count: 0,
             tool_error_count: 0,
             total_tokens_used: 0,
@@ -613,15 +785,91 @@ pub(crate) mod tests {
             last_activity_at: now,
             idle_timeout_seconds: idle_timeout,
             ttl_seconds: ttl,
-            terminated_at: None,
-            termination_reason: None,
+            ending: None,
             version: 1,
-            tools: Vec::new(),
+            tools: Box::default(),
             credentials: SessionCredentials::default(),
         }
     }
 
     const IDLE_AFTER: Millis = 300_000;
+
+    /// The record layout up to this release: the wire fields as plain
+    /// owned fields, in order. The compact in-memory form must store the
+    /// same bytes, or data dirs and backups of earlier releases misread.
+    #[derive(Serialize)]
+    struct PlainSession {
+        id: Uuid,
+        session_id: Arc<str>,
+        tenant_id: Uuid,
+        user_id: Option<Uuid>,
+        edge_mcp_id: Box<str>,
+        client_name: Option<Box<str>>,
+        client_type: ClientType,
+        client_version: Option<Box<str>>,
+        status: Status,
+        initialized: bool,
+        connection_metadata: Box<str>,
+        passthrough_providers: Vec<Box<str>>,
+        tool_execution_count: u64,
+        tool_error_count: u64,
+        total_tokens_used: u64,
+        created_at: Millis,
+        lifetime_start: Millis,
+        last_activity_at: Millis,
+        idle_timeout_seconds: u32,
+        ttl_seconds: u32,
+        terminated_at: Option<Millis>,
+        termination_reason: Option<Box<str>>,
+        version: u64,
+        tools: Vec<ToolStats>,
+        credentials: SessionCredentials,
+    }
+
+    #[test]
+    fn the_compact_session_stores_the_bytes_of_the_plain_layout() {
+        let mut s = session_at(1_700_000_000_000, 60, 3600);
+        s.user_id = Some(Uuid::now_v7());
+        s.client = ClientText::new("edge-7", Some("Claude Code"), None, r#"{"k":"v"}"#);
+        s.passthrough_providers = vec!["github".into(), "jira".into()].into();
+        s.record_execution(&execution_at(1_700_000_000_500), 1_700_000_000_500);
+        s.credentials.passthrough = Some(vec![9, 8, 7].into());
+        s.credentials.rotate(TokenHash([1; 32]), TokenHash([2; 32]));
+        s.finish(Status::Terminated, REASON_CLIENT_REQUEST, 1_700_000_001_000);
+        let plain = PlainSession {
+            id: s.id,
+            session_id: s.session_id.clone(),
+            tenant_id: s.tenant_id,
+            user_id: s.user_id,
+            edge_mcp_id: "edge-7".into(),
+            client_name: Some("Claude Code".into()),
+            client_type: s.client_type,
+            client_version: None,
+            status: s.status,
+            initialized: s.initialized,
+            connection_metadata: r#"{"k":"v"}"#.into(),
+            passthrough_providers: vec!["github".into(), "jira".into()],
+            tool_execution_count: s.tool_execution_count,
+            tool_error_count: s.tool_error_count,
+            total_tokens_used: s.total_tokens_used,
+            created_at: s.created_at,
+            lifetime_start: s.lifetime_start,
+            last_activity_at: s.last_activity_at,
+            idle_timeout_seconds: s.idle_timeout_seconds,
+            ttl_seconds: s.ttl_seconds,
+            terminated_at: Some(1_700_000_001_000),
+            termination_reason: Some(REASON_CLIENT_REQUEST.into()),
+            version: s.version,
+            tools: s.tools.to_vec(),
+            credentials: s.credentials.clone(),
+        };
+        let bytes = postcard::to_allocvec(&s).unwrap();
+        assert_eq!(bytes, postcard::to_allocvec(&plain).unwrap());
+        let back: Session = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(back, s);
+        assert_eq!(back.termination_reason(), Some(REASON_CLIENT_REQUEST));
+        assert_eq!(back.client.client_version(), None);
+    }
 
     #[test]
     fn expires_at_the_earlier_deadline() {

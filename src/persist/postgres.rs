@@ -17,7 +17,7 @@ use uuid::Uuid;
 use super::outbox::Entry;
 use crate::crypto::TokenHash;
 use crate::model::session::SessionCredentials;
-use crate::model::{AuditEntry, ClientType, Millis, Session, Status, ToolExecution};
+use crate::model::{AuditEntry, ClientText, ClientType, Millis, Session, Status, ToolExecution};
 
 /// The schema's migrations (`deploy/migrations`), embedded in the binary.
 pub static MIGRATOR: Migrator = sqlx::migrate!("deploy/migrations");
@@ -301,7 +301,7 @@ fn rebuild_counters(session: &mut Session, executions: &[(u64, ToolExecution)]) 
     session.tool_execution_count = 0;
     session.tool_error_count = 0;
     session.total_tokens_used = 0;
-    session.tools.clear();
+    session.tools = Box::default();
     for (_, execution) in executions {
         session.record_execution(execution, execution.recorded_at);
     }
@@ -341,15 +341,17 @@ fn session_from_row(row: &sqlx::postgres::PgRow) -> Result<Session, PgError> {
         session_id: text("session_id")?.into(),
         tenant_id: row.try_get("tenant_id")?,
         user_id: row.try_get("user_id")?,
-        edge_mcp_id: text("edge_mcp_id")?.into(),
-        client_name: optional("client_name")?,
+        client: ClientText::new(
+            &text("edge_mcp_id")?,
+            optional("client_name")?.as_deref(),
+            optional("client_version")?.as_deref(),
+            &text("connection_metadata")?,
+        ),
         client_type: ClientType::parse(&client_type)
             .ok_or_else(|| PgError::other(format!("unknown client_type {client_type:?}")))?,
-        client_version: optional("client_version")?,
         status: Status::parse(&status)
             .ok_or_else(|| PgError::other(format!("unknown status {status:?}")))?,
         initialized: row.try_get("initialized")?,
-        connection_metadata: text("connection_metadata")?.into(),
         passthrough_providers: providers.into_iter().map(Into::into).collect(),
         tool_execution_count: count("tool_execution_count")?,
         tool_error_count: count("tool_error_count")?,
@@ -359,17 +361,16 @@ fn session_from_row(row: &sqlx::postgres::PgRow) -> Result<Session, PgError> {
         last_activity_at: row.try_get::<i64, _>("activity_ms")?,
         idle_timeout_seconds: row.try_get::<i32, _>("idle_timeout_seconds")?.max(1) as u32,
         ttl_seconds: row.try_get::<i32, _>("ttl_seconds")?.max(1) as u32,
-        terminated_at: None,
-        termination_reason: None,
+        ending: None,
         version: count("version")?,
-        tools: Vec::new(),
+        tools: Box::default(),
         credentials: SessionCredentials {
             passthrough: row
                 .try_get::<Option<Vec<u8>>, _>("passthrough_auth_encrypted")?
                 .map(Vec::into_boxed_slice),
             session_token: token_hash(row.try_get("session_token_sha256")?),
             refresh_token: token_hash(row.try_get("refresh_token_sha256")?),
-            retired_refresh: Vec::new(),
+            retired_refresh: Box::default(),
         },
     })
 }
@@ -791,14 +792,14 @@ impl From<&Vec<&Session>> for SessionColumns {
             c.session_id.push(pg_text(&s.session_id));
             c.tenant_id.push(s.tenant_id);
             c.user_id.push(s.user_id);
-            c.edge_mcp_id.push(pg_text(&s.edge_mcp_id));
-            c.client_name.push(s.client_name.as_deref().map(pg_text));
+            c.edge_mcp_id.push(pg_text(s.client.edge_mcp_id()));
+            c.client_name.push(s.client.client_name().map(pg_text));
             c.client_type.push(s.client_type.as_str());
             c.client_version
-                .push(s.client_version.as_deref().map(pg_text));
+                .push(s.client.client_version().map(pg_text));
             c.status.push(s.status.as_str());
             c.initialized.push(s.initialized);
-            c.connection_metadata.push(pg_json(&s.connection_metadata));
+            c.connection_metadata.push(pg_json(s.client.metadata()));
             c.providers
                 .push(text_array_literal(&s.passthrough_providers));
             c.tool_execution_count.push(int(s.tool_execution_count));
@@ -812,9 +813,9 @@ impl From<&Vec<&Session>> for SessionColumns {
                 .push(i32::try_from(s.idle_timeout_seconds).unwrap_or(i32::MAX));
             c.ttl_seconds
                 .push(i32::try_from(s.ttl_seconds).unwrap_or(i32::MAX));
-            c.terminated_at.push(s.terminated_at);
+            c.terminated_at.push(s.terminated_at());
             c.termination_reason
-                .push(s.termination_reason.as_deref().map(pg_text));
+                .push(s.termination_reason().map(pg_text));
             c.version.push(int(s.version));
             c.passthrough
                 .push(s.credentials.passthrough.as_deref().map(<[u8]>::to_vec));

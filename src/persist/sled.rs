@@ -524,7 +524,7 @@ impl Store {
         if session.status.is_final() {
             batch.insert(
                 keys::finished(
-                    session.terminated_at.unwrap_or_default(),
+                    session.terminated_at().unwrap_or_default(),
                     session.tenant_id,
                     &session.session_id,
                 ),

@@ -98,7 +98,7 @@ impl WriteOp {
     fn index_finished(session: &Session) -> Self {
         WriteOp::Put {
             key: keys::finished(
-                session.terminated_at.unwrap_or_default(),
+                session.terminated_at().unwrap_or_default(),
                 session.tenant_id,
                 &session.session_id,
             ),
@@ -540,7 +540,7 @@ pub fn purge_ops(store: &Store, session: &Session) -> Result<Vec<WriteOp>, Store
         },
         WriteOp::Remove {
             key: keys::finished(
-                session.terminated_at.unwrap_or_default(),
+                session.terminated_at().unwrap_or_default(),
                 session.tenant_id,
                 &session.session_id,
             ),
