@@ -1,6 +1,7 @@
 //! A session's state and the rules of its lifecycle (expiry, idleness,
 //! versions), as pure functions of the state and the current time.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -239,20 +240,27 @@ struct StoredSessionRef<'a> {
     credentials: &'a SessionCredentials,
 }
 
-/// The owned counterpart of [`StoredSessionRef`], for decoding.
+/// The decoding counterpart of [`StoredSessionRef`]. Its texts borrow from
+/// the record where the decoder allows (postcard does), so decoding a
+/// session allocates its texts once, joined, rather than once each and
+/// again to join them (recovery decodes a million of these).
 #[derive(Deserialize)]
-struct StoredSession {
+struct StoredSession<'a> {
     id: Uuid,
     session_id: Arc<str>,
     tenant_id: Uuid,
     user_id: Option<Uuid>,
-    edge_mcp_id: Box<str>,
-    client_name: Option<Box<str>>,
+    #[serde(borrow)]
+    edge_mcp_id: Cow<'a, str>,
+    #[serde(borrow)]
+    client_name: Option<Cow<'a, str>>,
     client_type: ClientType,
-    client_version: Option<Box<str>>,
+    #[serde(borrow)]
+    client_version: Option<Cow<'a, str>>,
     status: Status,
     initialized: bool,
-    connection_metadata: Box<str>,
+    #[serde(borrow)]
+    connection_metadata: Cow<'a, str>,
     passthrough_providers: Box<[Box<str>]>,
     tool_execution_count: u64,
     tool_error_count: u64,
