@@ -39,11 +39,20 @@ pub const TICK: Duration = Duration::from_millis(50);
 pub struct Tick(NonZeroU32);
 
 impl Tick {
-    /// The first tick at or after `at` (instants before the origin, and
-    /// past 6.8 years of it, are clamped to the first and the last tick).
-    pub fn of(at: Instant) -> Tick {
+    /// Where ticks count from: the first use in this process. Every
+    /// arbiter's [`Wheel`] counts from here too, so a session's remembered
+    /// tick names the very bucket its entry went into.
+    pub fn origin() -> Instant {
         static ORIGIN: OnceLock<Instant> = OnceLock::new();
-        let origin = *ORIGIN.get_or_init(Instant::now);
+        *ORIGIN.get_or_init(Instant::now)
+    }
+
+    /// The first tick at or after `at` (instants before the origin, and
+    /// past 6.8 years of it, are clamped to the first and the last tick;
+    /// after 6.8 years of uptime every deadline fires at once and is armed
+    /// again, as the session finds it not due).
+    pub fn of(at: Instant) -> Tick {
+        let origin = Self::origin();
         let ticks = at
             .saturating_duration_since(origin)
             .as_nanos()

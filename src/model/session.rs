@@ -194,8 +194,7 @@ pub struct Session {
     pub version: u64,
     /// Per-tool counters.
     pub tools: Box<[ToolStats]>,
-    /// Sealed passthrough credentials and token hashes. Last, so records
-    /// written before it existed still decode (see `persist::record`).
+    /// Sealed passthrough credentials and token hashes.
     pub credentials: SessionCredentials,
 }
 
@@ -211,6 +210,8 @@ pub struct Ending {
 /// A session as it is stored (sled records, backups): the fields in their
 /// order of the first format, so records written by earlier releases and by
 /// this one are the same bytes. Serialising borrows from the [`Session`].
+/// `credentials` stays last, so records written before it existed still
+/// decode (see `persist::record`).
 #[derive(Serialize)]
 struct StoredSessionRef<'a> {
     id: &'a Uuid,
@@ -253,10 +254,10 @@ struct StoredSession<'a> {
     #[serde(borrow)]
     edge_mcp_id: Cow<'a, str>,
     #[serde(borrow)]
-    client_name: Option<Cow<'a, str>>,
+    client_name: Option<Text<'a>>,
     client_type: ClientType,
     #[serde(borrow)]
-    client_version: Option<Cow<'a, str>>,
+    client_version: Option<Text<'a>>,
     status: Status,
     initialized: bool,
     #[serde(borrow)]
@@ -276,6 +277,12 @@ struct StoredSession<'a> {
     tools: Box<[ToolStats]>,
     credentials: SessionCredentials,
 }
+
+/// A text that borrows from the record when it can. serde borrows only for
+/// a field that is itself a `Cow`, not for one inside an `Option`; a
+/// newtype is stored exactly as what it wraps.
+#[derive(Deserialize)]
+struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
 
 impl Serialize for Session {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
@@ -328,10 +335,11 @@ impl<'de> Deserialize<'de> for Session {
             user_id: stored.user_id,
             client: ClientText::new(
                 &stored.edge_mcp_id,
-                stored.client_name.as_deref(),
-                stored.client_version.as_deref(),
+                stored.client_name.as_ref().map(|t| &*t.0),
+                stored.client_version.as_ref().map(|t| &*t.0),
                 &stored.connection_metadata,
-            ),
+            )
+            .map_err(serde::de::Error::custom)?,
             client_type: stored.client_type,
             status: stored.status,
             initialized: stored.initialized,
@@ -528,8 +536,9 @@ impl Session {
     }
 
     /// Applies a PATCH at `now`. It counts as activity; the version moves
-    /// only when a field is given.
-    pub fn apply_update(&mut self, update: SessionUpdate, now: Millis) {
+    /// only when a field is given. A text too long to keep changes nothing
+    /// (the API refuses such texts before they get here).
+    pub fn apply_update(&mut self, update: SessionUpdate, now: Millis) -> Result<(), SessionError> {
         let changed = update.client_name.is_some()
             || update.client_version.is_some()
             || update.initialized.is_some()
@@ -539,11 +548,14 @@ impl Session {
             || update.client_version.is_some()
             || update.connection_metadata.is_some()
         {
-            self.client = self.client.with(
-                update.client_name.as_deref(),
-                update.client_version.as_deref(),
-                update.connection_metadata.as_deref(),
-            );
+            self.client = self
+                .client
+                .with(
+                    update.client_name.as_deref(),
+                    update.client_version.as_deref(),
+                    update.connection_metadata.as_deref(),
+                )
+                .map_err(|e| SessionError::validation(e.0, e.to_string()))?;
         }
         if let Some(initialized) = update.initialized {
             self.initialized = initialized;
@@ -555,6 +567,7 @@ impl Session {
         if changed {
             self.version += 1;
         }
+        Ok(())
     }
 
     /// Restarts the lifetime at `now` (refresh).
@@ -780,7 +793,7 @@ pub(crate) mod tests {
             session_id: "s-1".into(),
             tenant_id: Uuid::nil(),
             user_id: None,
-            client: ClientText::new("edge", None, None, "{}"),
+            client: ClientText::new("edge", None, None, "{}").unwrap(),
             client_type: ClientType::Cli,
             status: Status::Active,
             initialized: false,
@@ -838,7 +851,7 @@ pub(crate) mod tests {
     fn the_compact_session_stores_the_bytes_of_the_plain_layout() {
         let mut s = session_at(1_700_000_000_000, 60, 3600);
         s.user_id = Some(Uuid::now_v7());
-        s.client = ClientText::new("edge-7", Some("Claude Code"), None, r#"{"k":"v"}"#);
+        s.client = ClientText::new("edge-7", Some("Claude Code"), None, r#"{"k":"v"}"#).unwrap();
         s.passthrough_providers = vec!["github".into(), "jira".into()].into();
         s.record_execution(&execution_at(1_700_000_000_500), 1_700_000_000_500);
         s.credentials.passthrough = Some(vec![9, 8, 7].into());

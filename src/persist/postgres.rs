@@ -346,7 +346,8 @@ fn session_from_row(row: &sqlx::postgres::PgRow) -> Result<Session, PgError> {
             optional("client_name")?.as_deref(),
             optional("client_version")?.as_deref(),
             &text("connection_metadata")?,
-        ),
+        )
+        .map_err(|e| PgError::other(e.to_string()))?,
         client_type: ClientType::parse(&client_type)
             .ok_or_else(|| PgError::other(format!("unknown client_type {client_type:?}")))?,
         status: Status::parse(&status)
