@@ -445,11 +445,6 @@ impl Session {
         self.client.edge_mcp_id()
     }
 
-    /// The client's metadata, a JSON object as compact text.
-    pub fn connection_metadata(&self) -> &str {
-        self.client.metadata()
-    }
-
     /// The instant the session expires unless it sees activity:
     /// `min(last_activity + idle_timeout, lifetime_start + ttl)`.
     pub fn expires_at(&self) -> Millis {
@@ -890,6 +885,45 @@ pub(crate) mod tests {
         assert_eq!(back, s);
         assert_eq!(back.termination_reason(), Some(REASON_CLIENT_REQUEST));
         assert_eq!(back.client.client_version(), None);
+    }
+
+    #[test]
+    fn a_live_session_with_empty_names_stores_the_plain_bytes_too() {
+        let mut s = session_at(1_700_000_000_000, 60, 3600);
+        s.client = ClientText::new("e", Some(""), Some(""), "{}").unwrap();
+        let plain = PlainSession {
+            id: s.id,
+            session_id: s.session_id.clone(),
+            tenant_id: s.tenant_id,
+            user_id: None,
+            edge_mcp_id: "e".into(),
+            client_name: Some("".into()),
+            client_type: s.client_type,
+            client_version: Some("".into()),
+            status: s.status,
+            initialized: s.initialized,
+            connection_metadata: "{}".into(),
+            passthrough_providers: Vec::new(),
+            tool_execution_count: 0,
+            tool_error_count: 0,
+            total_tokens_used: 0,
+            created_at: s.created_at,
+            lifetime_start: s.lifetime_start,
+            last_activity_at: s.last_activity_at,
+            idle_timeout_seconds: s.idle_timeout_seconds,
+            ttl_seconds: s.ttl_seconds,
+            terminated_at: None,
+            termination_reason: None,
+            version: s.version,
+            tools: Vec::new(),
+            credentials: SessionCredentials::default(),
+        };
+        let bytes = postcard::to_allocvec(&s).unwrap();
+        assert_eq!(bytes, postcard::to_allocvec(&plain).unwrap());
+        let back: Session = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(back, s);
+        assert_eq!(back.client.client_name(), Some(""));
+        assert_eq!(back.terminated_at(), None);
     }
 
     #[test]
