@@ -205,15 +205,14 @@ impl Engine {
         })
     }
 
-    /// Writes pending activity, flushes the queue, stops the flusher and the
-    /// shards. Call once, after the HTTP server has stopped.
+    /// Stops the shards (each actor queues its pending activity as it
+    /// stops), flushes the queue, stops the flusher. Call once, after the
+    /// HTTP server has stopped.
     pub async fn shutdown(&self) {
         self.ready.store(false, Ordering::Release);
         self.shared.shutting_down.store(true, Ordering::Release);
-        for chunk in self.all_actors().chunks(FAN_OUT) {
-            join_all(chunk.iter().map(|a| a.send(session::FlushActivity))).await;
-        }
-        // Stop the actors first, so no timer writes after the last flush.
+        // Stop the actors first, so no timer writes after the last flush;
+        // each queues its pending record as it stops (`SessionActor::stopped`).
         let shared = self.shared.clone();
         // Joining threads blocks; keep it off the async workers.
         let _ = tokio::task::spawn_blocking(move || shared.shards.stop()).await;

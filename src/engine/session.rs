@@ -504,6 +504,19 @@ impl Actor for SessionActor {
     }
 
     fn stopped(&mut self, ctx: &mut Context<Self>) {
+        // The engine is stopping (its shards stop every actor): a pending
+        // coalesced record goes to the queue now, which the engine flushes
+        // once every actor has stopped. One write per actor that has one,
+        // instead of a message to every actor. Not for an actor stopped to
+        // roll back: its state holds a change that was not written.
+        if !self.rolling_back
+            && self
+                .shared()
+                .shutting_down
+                .load(std::sync::atomic::Ordering::Acquire)
+        {
+            self.write_state();
+        }
         if self.counted_idle {
             if let Some(count) = self.shared().idle.get(&self.session.tenant_id) {
                 count.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
