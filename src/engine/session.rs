@@ -590,7 +590,8 @@ impl Handler<Touch> for SessionActor {
     }
 }
 
-/// Writes a pending coalesced session record now (graceful shutdown).
+/// Writes a pending coalesced session record now (before a backup, or a
+/// barrier that must cover it; at shutdown `stopped` does it instead).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct FlushActivity;
