@@ -998,7 +998,7 @@ async fn a_reused_client_id_with_executions_takes_over_its_row_and_keeps_them() 
         .call(Method::GET, "/api/v1/sessions/again", KEY_A, None)
         .await;
     let new = view["id"].as_str().unwrap();
-    assert_ne!(old.trim(), new);
+    assert_ne!(old, new);
     assert_eq!(
         pg.psql("SELECT id || '|' || status || '|' || tool_execution_count || '|' || tool_error_count FROM mcp.edge_mcp_sessions WHERE session_id = 'again'")
             .trim(),

@@ -202,8 +202,7 @@ pub fn build(
             request.client_name.as_deref(),
             request.client_version.as_deref(),
             &metadata,
-        )
-        .map_err(|e| SessionError::validation(e.0, e.to_string()))?,
+        )?,
         client_type,
         status: Status::Active,
         initialized: false,

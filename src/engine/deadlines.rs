@@ -32,61 +32,62 @@ use std::time::{Duration, Instant};
 pub const TICK: Duration = Duration::from_millis(50);
 
 /// An instant on the monotonic clock in 4 bytes: whole [`TICK`]s since a
-/// process-wide origin, rounded up, so 6.8 years of ticks. What a session
-/// keeps of the deadlines it armed (16 bytes as an `Option<Instant>`): every
-/// byte of a session's actor counts (see the size test in `session.rs`).
+/// process-wide origin, so 6.8 years of ticks. A [`Wheel`]'s buckets are
+/// ticks, and a session remembers the tick of the bucket its deadline went
+/// into (16 bytes as an `Option<Instant>`: every byte of a session's actor
+/// counts, see the size test in `session.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Tick(NonZeroU32);
 
 impl Tick {
-    /// Where ticks count from: the first use in this process. Every
-    /// arbiter's [`Wheel`] counts from here too, so a session's remembered
-    /// tick names the very bucket its entry went into.
-    pub fn origin() -> Instant {
+    /// Where ticks count from: their first use in this process.
+    fn origin() -> Instant {
         static ORIGIN: OnceLock<Instant> = OnceLock::new();
         *ORIGIN.get_or_init(Instant::now)
     }
 
-    /// The first tick at or after `at` (instants before the origin, and
-    /// past 6.8 years of it, are clamped to the first and the last tick;
-    /// after 6.8 years of uptime every deadline fires at once and is armed
-    /// again, as the session finds it not due).
+    /// The first tick at or after `at`: the bucket of a deadline at `at`.
+    /// Instants before the origin, and past 6.8 years of it, are clamped to
+    /// the first and the last tick (after 6.8 years of uptime every
+    /// deadline comes at once and the session arms it again, not due).
     pub fn of(at: Instant) -> Tick {
-        let origin = Self::origin();
-        let ticks = at
-            .saturating_duration_since(origin)
-            .as_nanos()
-            .div_ceil(TICK.as_nanos())
-            .saturating_add(1);
-        Tick(NonZeroU32::new(u32::try_from(ticks).unwrap_or(u32::MAX)).unwrap_or(NonZeroU32::MIN))
+        Self::count(at, true)
+    }
+
+    /// The last tick at or before `now`: buckets up to it are due.
+    fn reached(now: Instant) -> Tick {
+        Self::count(now, false)
+    }
+
+    fn count(at: Instant, round_up: bool) -> Tick {
+        let since = at.saturating_duration_since(Self::origin()).as_nanos();
+        let ticks = if round_up {
+            since.div_ceil(TICK.as_nanos())
+        } else {
+            since / TICK.as_nanos()
+        };
+        // Counted from 1, so that `Option<Tick>` takes 4 bytes too.
+        let ticks = u32::try_from(ticks.saturating_add(1)).unwrap_or(u32::MAX);
+        Tick(NonZeroU32::new(ticks).unwrap_or(NonZeroU32::MIN))
     }
 }
 
-/// Items due at instants, grouped by [`TICK`].
+/// Items due at instants, in buckets of one [`Tick`].
 #[derive(Debug)]
 pub struct Wheel<T> {
-    /// Tick 0 starts here.
-    origin: Instant,
-    /// Items by the tick they are due at (the first tick at or after their
-    /// instant).
-    buckets: BTreeMap<u64, Vec<T>>,
+    /// Items by the tick they are due at.
+    buckets: BTreeMap<Tick, Vec<T>>,
 }
 
-impl<T> Wheel<T> {
-    /// An empty wheel whose ticks count from `origin`.
-    pub fn new(origin: Instant) -> Self {
+impl<T> Default for Wheel<T> {
+    fn default() -> Self {
         Wheel {
-            origin,
             buckets: BTreeMap::new(),
         }
     }
+}
 
-    /// The first tick at or after `at`.
-    fn tick_of(&self, at: Instant) -> u64 {
-        let since = at.saturating_duration_since(self.origin);
-        u64::try_from(since.as_nanos().div_ceil(TICK.as_nanos())).unwrap_or(u64::MAX)
-    }
-
+impl<T> Wheel<T> {
     /// Adds `item`, due at `at` (an instant before the origin is due at
     /// once), unless it is in that bucket already.
     ///
@@ -99,7 +100,7 @@ impl<T> Wheel<T> {
     where
         T: PartialEq,
     {
-        let bucket = self.buckets.entry(self.tick_of(at)).or_default();
+        let bucket = self.buckets.entry(Tick::of(at)).or_default();
         if !bucket.contains(&item) {
             bucket.push(item);
         }
@@ -107,10 +108,8 @@ impl<T> Wheel<T> {
 
     /// Takes every item due at `now`, earliest bucket first.
     pub fn take_due(&mut self, now: Instant) -> impl Iterator<Item = T> {
-        let since = now.saturating_duration_since(self.origin);
-        let current = u64::try_from(since.as_nanos() / TICK.as_nanos()).unwrap_or(u64::MAX);
-        let later = match current.checked_add(1) {
-            Some(next) => self.buckets.split_off(&next),
+        let later = match Tick::reached(now).0.checked_add(1) {
+            Some(next) => self.buckets.split_off(&Tick(next)),
             None => BTreeMap::new(),
         };
         std::mem::replace(&mut self.buckets, later)
@@ -129,24 +128,20 @@ mod tests {
 
     #[test]
     fn ticks_round_up_and_keep_the_order() {
-        let now = Instant::now();
-        let tick = Tick::of(now);
-        assert!(Tick::of(now + ms(1)) >= tick);
-        assert!(Tick::of(now + TICK + ms(1)) > tick);
-        assert_eq!(
-            Tick::of(now + ms(1)),
-            Tick::of(now + TICK).min(Tick::of(now + ms(1)))
-        );
-        assert!(Tick::of(now + ms(120_000)) > Tick::of(now + ms(60_000)));
+        let origin = Tick::origin();
+        assert_eq!(Tick::of(origin + ms(101)), Tick::of(origin + ms(150)));
+        assert!(Tick::of(origin + ms(151)) > Tick::of(origin + ms(150)));
+        assert!(Tick::of(origin + ms(100)) < Tick::of(origin + ms(101)));
+        assert!(Tick::of(origin + ms(120_000)) > Tick::of(origin + ms(60_000)));
         // Far instants are clamped, not wrapped.
-        let far = now + Duration::from_secs(20 * 365 * 24 * 3600);
-        assert!(Tick::of(far) >= Tick::of(now + ms(3_600_000)));
+        let far = origin + Duration::from_secs(20 * 365 * 24 * 3600);
+        assert!(Tick::of(far) > Tick::of(origin + ms(3_600_000)));
     }
 
     #[test]
     fn an_item_is_due_at_the_first_tick_at_or_after_it_never_before() {
-        let origin = Instant::now();
-        let mut wheel = Wheel::new(origin);
+        let origin = Tick::origin();
+        let mut wheel = Wheel::default();
         wheel.insert_once(origin + ms(120), "a"); // tick 3 (150 ms)
         wheel.insert_once(origin + ms(100), "b"); // tick 2 exactly
         wheel.insert_once(origin + ms(30), "c"); // tick 1
@@ -162,8 +157,8 @@ mod tests {
 
     #[test]
     fn a_late_look_takes_every_bucket_due_earliest_first() {
-        let origin = Instant::now();
-        let mut wheel = Wheel::new(origin);
+        let origin = Tick::origin();
+        let mut wheel = Wheel::default();
         for (i, at) in [900u64, 10, 400, 10_000].into_iter().enumerate() {
             wheel.insert_once(origin + ms(at), i);
         }
@@ -176,8 +171,8 @@ mod tests {
 
     #[test]
     fn an_item_already_in_its_bucket_is_kept_once() {
-        let origin = Instant::now();
-        let mut wheel = Wheel::new(origin);
+        let origin = Tick::origin();
+        let mut wheel = Wheel::default();
         wheel.insert_once(origin + ms(1_010), 'a');
         wheel.insert_once(origin + ms(1_020), 'a'); // the same bucket
         wheel.insert_once(origin + ms(1_020), 'b');
@@ -194,9 +189,12 @@ mod tests {
 
     #[test]
     fn an_instant_before_the_origin_is_due_at_once() {
-        let origin = Instant::now() + ms(500);
-        let mut wheel = Wheel::new(origin);
-        wheel.insert_once(origin - ms(400), 7);
+        let origin = Tick::origin();
+        let mut wheel = Wheel::default();
+        let before = origin
+            .checked_sub(ms(400))
+            .expect("the machine has been up for 400 ms");
+        wheel.insert_once(before, 7);
         assert_eq!(wheel.take_due(origin).collect::<Vec<_>>(), [7]);
     }
 }

@@ -225,7 +225,7 @@ pub(super) fn matches(session: &Session, query: &ListQuery) -> bool {
         && query
             .edge_mcp_id
             .as_deref()
-            .is_none_or(|e| e == session.edge_mcp_id())
+            .is_none_or(|e| e == session.client.edge_mcp_id())
 }
 
 fn encode_cursor(created_at: Millis, session_id: &str) -> String {

@@ -62,9 +62,8 @@ pub struct SessionActor {
     session: Session,
     /// The engine's and the tenant's parts this session uses.
     supervisor: Arc<SupervisorLink>,
-    /// The tick of the wheel bucket that holds the deadline this session
-    /// armed last (the wheel and [`Tick`] share their origin; see
-    /// `super::deadlines`).
+    /// The wheel bucket that holds the deadline this session armed last
+    /// (see `super::deadlines`).
     timer: Option<Tick>,
     /// When the scheduled coalesced write of the session record is due
     /// (`None`: none is scheduled).
@@ -310,13 +309,14 @@ impl SessionActor {
         let delay = Duration::from_millis((deadline - self.shared().clock.now()).max(0) as u64)
             + TIMER_SLACK;
         let due = Instant::now() + delay;
-        if self.timer.is_some_and(|armed| armed <= Tick::of(due)) {
+        let bucket = Tick::of(due);
+        if self.timer.is_some_and(|armed| armed <= bucket) {
             return;
         }
         // A later entry already on the wheel stays there and is ignored
         // when it comes (see `Handler<Deadline>`).
         arm_deadline(ctx.address().downgrade(), due);
-        self.timer = Some(Tick::of(due));
+        self.timer = Some(bucket);
         self.arm_notice(ctx);
     }
 
@@ -790,7 +790,7 @@ fn arm_deadline(session: WeakAddr<SessionActor>, at: Instant) {
         // Its own statement: the shared borrow ends before the one below.
         let running = current.borrow().upgrade();
         let wheel = running.unwrap_or_else(|| {
-            let wheel = Rc::new(RefCell::new(Wheel::new(Tick::origin())));
+            let wheel = Rc::new(RefCell::new(Wheel::default()));
             *current.borrow_mut() = Rc::downgrade(&wheel);
             actix::spawn(tick_deadlines(Rc::clone(&wheel)));
             wheel

@@ -71,6 +71,13 @@ pub enum SessionError {
     Storage(String),
 }
 
+impl From<super::client_text::TooLong> for SessionError {
+    /// A text the session cannot keep is the field's validation error.
+    fn from(e: super::client_text::TooLong) -> Self {
+        SessionError::validation(e.0, e.to_string())
+    }
+}
+
 impl SessionError {
     /// A validation error for `field`.
     pub fn validation(field: &str, message: impl Into<String>) -> Self {

@@ -440,11 +440,6 @@ impl Session {
         self.ending.as_ref().map(|ending| &*ending.reason)
     }
 
-    /// The edge-mcp instance that opened it.
-    pub fn edge_mcp_id(&self) -> &str {
-        self.client.edge_mcp_id()
-    }
-
     /// The instant the session expires unless it sees activity:
     /// `min(last_activity + idle_timeout, lifetime_start + ttl)`.
     pub fn expires_at(&self) -> Millis {
@@ -543,14 +538,11 @@ impl Session {
             || update.client_version.is_some()
             || update.connection_metadata.is_some()
         {
-            self.client = self
-                .client
-                .with(
-                    update.client_name.as_deref(),
-                    update.client_version.as_deref(),
-                    update.connection_metadata.as_deref(),
-                )
-                .map_err(|e| SessionError::validation(e.0, e.to_string()))?;
+            self.client = self.client.with(
+                update.client_name.as_deref(),
+                update.client_version.as_deref(),
+                update.connection_metadata.as_deref(),
+            )?;
         }
         if let Some(initialized) = update.initialized {
             self.initialized = initialized;
@@ -842,6 +834,56 @@ pub(crate) mod tests {
         credentials: SessionCredentials,
     }
 
+    /// The plain layout of `s`, with the parts it keeps compactly in
+    /// memory given as they were written: the four texts and the ending.
+    fn plain(
+        s: &Session,
+        (edge_mcp_id, client_name, client_version, metadata): (
+            &str,
+            Option<&str>,
+            Option<&str>,
+            &str,
+        ),
+        ending: Option<(Millis, &str)>,
+    ) -> PlainSession {
+        PlainSession {
+            id: s.id,
+            session_id: s.session_id.clone(),
+            tenant_id: s.tenant_id,
+            user_id: s.user_id,
+            edge_mcp_id: edge_mcp_id.into(),
+            client_name: client_name.map(Into::into),
+            client_type: s.client_type,
+            client_version: client_version.map(Into::into),
+            status: s.status,
+            initialized: s.initialized,
+            connection_metadata: metadata.into(),
+            passthrough_providers: s.passthrough_providers.to_vec(),
+            tool_execution_count: s.tool_execution_count,
+            tool_error_count: s.tool_error_count,
+            total_tokens_used: s.total_tokens_used,
+            created_at: s.created_at,
+            lifetime_start: s.lifetime_start,
+            last_activity_at: s.last_activity_at,
+            idle_timeout_seconds: s.idle_timeout_seconds,
+            ttl_seconds: s.ttl_seconds,
+            terminated_at: ending.map(|(at, _)| at),
+            termination_reason: ending.map(|(_, reason)| reason.into()),
+            version: s.version,
+            tools: s.tools.to_vec(),
+            credentials: s.credentials.clone(),
+        }
+    }
+
+    /// `s` stores the bytes of `plain`, and decodes back to itself.
+    fn assert_stores_as(s: &Session, plain: &PlainSession) -> Session {
+        let bytes = postcard::to_allocvec(s).unwrap();
+        assert_eq!(bytes, postcard::to_allocvec(plain).unwrap());
+        let back: Session = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(&back, s);
+        back
+    }
+
     #[test]
     fn the_compact_session_stores_the_bytes_of_the_plain_layout() {
         let mut s = session_at(1_700_000_000_000, 60, 3600);
@@ -852,37 +894,9 @@ pub(crate) mod tests {
         s.credentials.passthrough = Some(vec![9, 8, 7].into());
         s.credentials.rotate(TokenHash([1; 32]), TokenHash([2; 32]));
         s.finish(Status::Terminated, REASON_CLIENT_REQUEST, 1_700_000_001_000);
-        let plain = PlainSession {
-            id: s.id,
-            session_id: s.session_id.clone(),
-            tenant_id: s.tenant_id,
-            user_id: s.user_id,
-            edge_mcp_id: "edge-7".into(),
-            client_name: Some("Claude Code".into()),
-            client_type: s.client_type,
-            client_version: None,
-            status: s.status,
-            initialized: s.initialized,
-            connection_metadata: r#"{"k":"v"}"#.into(),
-            passthrough_providers: vec!["github".into(), "jira".into()],
-            tool_execution_count: s.tool_execution_count,
-            tool_error_count: s.tool_error_count,
-            total_tokens_used: s.total_tokens_used,
-            created_at: s.created_at,
-            lifetime_start: s.lifetime_start,
-            last_activity_at: s.last_activity_at,
-            idle_timeout_seconds: s.idle_timeout_seconds,
-            ttl_seconds: s.ttl_seconds,
-            terminated_at: Some(1_700_000_001_000),
-            termination_reason: Some(REASON_CLIENT_REQUEST.into()),
-            version: s.version,
-            tools: s.tools.to_vec(),
-            credentials: s.credentials.clone(),
-        };
-        let bytes = postcard::to_allocvec(&s).unwrap();
-        assert_eq!(bytes, postcard::to_allocvec(&plain).unwrap());
-        let back: Session = postcard::from_bytes(&bytes).unwrap();
-        assert_eq!(back, s);
+        let texts = ("edge-7", Some("Claude Code"), None, r#"{"k":"v"}"#);
+        let ending = Some((1_700_000_001_000, REASON_CLIENT_REQUEST));
+        let back = assert_stores_as(&s, &plain(&s, texts, ending));
         assert_eq!(back.termination_reason(), Some(REASON_CLIENT_REQUEST));
         assert_eq!(back.client.client_version(), None);
     }
@@ -891,37 +905,7 @@ pub(crate) mod tests {
     fn a_live_session_with_empty_names_stores_the_plain_bytes_too() {
         let mut s = session_at(1_700_000_000_000, 60, 3600);
         s.client = ClientText::new("e", Some(""), Some(""), "{}").unwrap();
-        let plain = PlainSession {
-            id: s.id,
-            session_id: s.session_id.clone(),
-            tenant_id: s.tenant_id,
-            user_id: None,
-            edge_mcp_id: "e".into(),
-            client_name: Some("".into()),
-            client_type: s.client_type,
-            client_version: Some("".into()),
-            status: s.status,
-            initialized: s.initialized,
-            connection_metadata: "{}".into(),
-            passthrough_providers: Vec::new(),
-            tool_execution_count: 0,
-            tool_error_count: 0,
-            total_tokens_used: 0,
-            created_at: s.created_at,
-            lifetime_start: s.lifetime_start,
-            last_activity_at: s.last_activity_at,
-            idle_timeout_seconds: s.idle_timeout_seconds,
-            ttl_seconds: s.ttl_seconds,
-            terminated_at: None,
-            termination_reason: None,
-            version: s.version,
-            tools: Vec::new(),
-            credentials: SessionCredentials::default(),
-        };
-        let bytes = postcard::to_allocvec(&s).unwrap();
-        assert_eq!(bytes, postcard::to_allocvec(&plain).unwrap());
-        let back: Session = postcard::from_bytes(&bytes).unwrap();
-        assert_eq!(back, s);
+        let back = assert_stores_as(&s, &plain(&s, ("e", Some(""), Some(""), "{}"), None));
         assert_eq!(back.client.client_name(), Some(""));
         assert_eq!(back.terminated_at(), None);
     }
