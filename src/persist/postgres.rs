@@ -635,10 +635,11 @@ WHERE mcp.edge_mcp_sessions.id = EXCLUDED.id
            AND mcp.edge_mcp_sessions.last_activity_at < EXCLUDED.last_activity_at))
 RETURNING id";
 
-const INSERT_AUDITS: &str = "
+/// The audit rows' part of [`SHIP_BATCH`]: parameters `$39`–`$45`.
+const BATCH_AUDITS: &str = "
 INSERT INTO mcp.session_audit_log (id, session_id, tenant_id, action, actor, reason, at)
 SELECT id, session_id, tenant_id, action, actor, reason, to_timestamp(at_ms::float8 / 1000)
-FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::int8[])
+FROM UNNEST($39::uuid[], $40::uuid[], $41::uuid[], $42::text[], $43::text[], $44::text[], $45::int8[])
      AS u(id, session_id, tenant_id, action, actor, reason, at_ms)
 ON CONFLICT (id) DO NOTHING";
 
@@ -651,38 +652,19 @@ ON CONFLICT (id) DO NOTHING";
 /// writes nothing of its part.
 static SHIP_BATCH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
-        "WITH s AS ({UPSERT_SESSIONS}), e AS ({}), a AS ({}) SELECT id FROM s",
-        shift_parameters(INSERT_EXECUTIONS, 27),
-        shift_parameters(INSERT_AUDITS, 38),
+        "WITH s AS ({UPSERT_SESSIONS}), e AS ({BATCH_EXECUTIONS}), a AS ({BATCH_AUDITS}) SELECT id FROM s"
     )
 });
 
-/// `sql` with every parameter `$n` renumbered `$(n + by)`.
-fn shift_parameters(sql: &str, by: usize) -> String {
-    let mut out = String::with_capacity(sql.len() + 16);
-    let mut rest = sql;
-    while let Some(at) = rest.find('$') {
-        out.push_str(&rest[..=at]);
-        rest = &rest[at + 1..];
-        let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
-        let n: usize = rest[..digits]
-            .parse()
-            .expect("a parameter number follows `$`");
-        out.push_str(&(n + by).to_string());
-        rest = &rest[digits..];
-    }
-    out.push_str(rest);
-    out
-}
-
-const INSERT_EXECUTIONS: &str = "
+/// The executions' part of [`SHIP_BATCH`]: parameters `$28`–`$38`.
+const BATCH_EXECUTIONS: &str = "
 INSERT INTO mcp.session_tool_executions (
     session_id, seq, tool_name, tool_id, arguments, result, error, duration_ms, tokens_used,
     executed_at, recorded_at)
 SELECT session_id, seq, tool_name, tool_id, arguments::jsonb, result::jsonb, error, duration_ms,
        tokens_used, to_timestamp(executed_ms::float8 / 1000), to_timestamp(recorded_ms::float8 / 1000)
-FROM UNNEST($1::uuid[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-            $8::int8[], $9::int8[], $10::int8[], $11::int8[])
+FROM UNNEST($28::uuid[], $29::int8[], $30::text[], $31::text[], $32::text[], $33::text[], $34::text[],
+            $35::int8[], $36::int8[], $37::int8[], $38::int8[])
      AS u(session_id, seq, tool_name, tool_id, arguments, result, error, duration_ms,
           tokens_used, executed_ms, recorded_ms)
 ON CONFLICT (session_id, seq) DO NOTHING";
