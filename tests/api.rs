@@ -357,10 +357,13 @@ async fn concurrent_creates_of_one_id_admit_exactly_one() {
             1,
             "{statuses:?}"
         );
-        assert!(results
-            .iter()
-            .filter(|(s, _)| *s != StatusCode::CREATED)
-            .all(|(s, b)| *s == StatusCode::CONFLICT && b["code"] == "session_exists"));
+        assert!(
+            results
+                .iter()
+                .filter(|(s, _)| *s != StatusCode::CREATED)
+                .all(|(s, b)| *s == StatusCode::CONFLICT && b["code"] == "session_exists"),
+            "round {round}: {results:?}"
+        );
     }
     // The refused ones left no slot taken: the count is exactly the five.
     let (_, metrics) = server

@@ -38,10 +38,13 @@ pub(crate) fn admit(
     session: Session,
     client_chosen_id: bool,
 ) -> Result<Option<Durable>, SessionError> {
+    // The id first, then the slot: a create of an id that is live answers
+    // 409 even when the tenant is at its limit, and concurrent creates of
+    // one id wait on the entry's lock for the first to be registered.
     let directory = shared.directory(limits.id);
-    if directory.contains_key(&*session.session_id) {
+    let Entry::Vacant(slot) = directory.entry(session.session_id.clone()) else {
         return Err(SessionError::AlreadyExists);
-    }
+    };
     let max = limits.max_active_sessions;
     if link
         .live
@@ -53,9 +56,6 @@ pub(crate) fn admit(
         return Err(SessionError::TenantLimit { limit: max });
     }
     let admitted = (|| {
-        let Entry::Vacant(slot) = directory.entry(session.session_id.clone()) else {
-            return Err(SessionError::AlreadyExists);
-        };
         let mut ops = Vec::new();
         if client_chosen_id {
             if let Some(old) = shared
