@@ -48,7 +48,10 @@
 //!   get and WebSocket;
 //! * `COMPARE_WS_SOCKETS` (default 100; 0 skips the WebSocket phase);
 //! * `COMPARE_BINARY`: another edge-sessions binary to measure instead of
-//!   this build's (a before/after against an older release).
+//!   this build's (a before/after against an older release);
+//! * `COMPARE_ONLY`: the comparisons to run, by name, comma-separated
+//!   (`create`, `tool`, `get`, `ws`; default all), each with its peer: for
+//!   short alternating before/after runs of one path.
 //!
 //! Every child process (server, Redis, wrk, redis-benchmark) is held by a
 //! guard that kills it when dropped, so an error or a panic leaves nothing
@@ -113,6 +116,8 @@ struct Knobs {
     connections: usize,
     sessions: usize,
     ws_sockets: usize,
+    /// The comparisons to run (names of [`RATIOS`]).
+    only: Vec<&'static str>,
 }
 
 impl Knobs {
@@ -123,6 +128,7 @@ impl Knobs {
             connections: env_or("COMPARE_CONNECTIONS", 64)?,
             sessions: env_or("COMPARE_SESSIONS", 1000)?,
             ws_sockets: env_or("COMPARE_WS_SOCKETS", 100)?,
+            only: comparisons_named(&std::env::var("COMPARE_ONLY").unwrap_or_default())?,
         };
         if knobs.seconds == 0 || knobs.rounds == 0 || knobs.connections == 0 {
             return Err(
@@ -134,6 +140,19 @@ impl Knobs {
         }
         Ok(knobs)
     }
+}
+
+/// The comparisons `list` names (comma-separated); all for an empty list.
+fn comparisons_named(list: &str) -> Result<Vec<&'static str>, String> {
+    let names: Vec<&'static str> = RATIOS.iter().map(|r| r.3).collect();
+    let mut chosen = Vec::new();
+    for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        match names.iter().find(|known| **known == name) {
+            Some(known) => chosen.push(*known),
+            None => return Err(format!("COMPARE_ONLY: {name:?} is not one of {names:?}")),
+        }
+    }
+    Ok(if chosen.is_empty() { names } else { chosen })
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T, String> {
@@ -269,16 +288,28 @@ impl Phase {
     }
 }
 
-/// The comparisons the table ends with: (edge-sessions phase, peer, what).
-const RATIOS: [(Phase, Phase, &str); 4] = [
-    (Phase::EdgeCreate, Phase::RedisSetex, "create / Redis SETEX"),
+/// The comparisons the table ends with: (edge-sessions phase, peer, what,
+/// the name `COMPARE_ONLY` knows it by).
+const RATIOS: [(Phase, Phase, &str, &str); 4] = [
+    (
+        Phase::EdgeCreate,
+        Phase::RedisSetex,
+        "create / Redis SETEX",
+        "create",
+    ),
     (
         Phase::EdgeTool,
         Phase::RedisHincrby,
         "tool exec / Redis HINCRBY",
+        "tool",
     ),
-    (Phase::EdgeGet, Phase::Echo, "get / axum echo"),
-    (Phase::EdgeWs, Phase::WsEcho, "WS tool.executed / WS echo"),
+    (Phase::EdgeGet, Phase::Echo, "get / axum echo", "get"),
+    (
+        Phase::EdgeWs,
+        Phase::WsEcho,
+        "WS tool.executed / WS echo",
+        "ws",
+    ),
 ];
 
 // ---------------------------------------------------------------------------
@@ -1036,7 +1067,7 @@ fn print_table(knobs: &Knobs, phases: &[Phase], results: &[Vec<Sample>]) {
     }
     println!();
     println!("edge-sessions / peer, medians (ops/s ratio; p99 ratio, above 1 = edge slower):");
-    for (edge, peer, what) in RATIOS {
+    for (edge, peer, what, _) in RATIOS {
         if !phases.contains(&edge) || !phases.contains(&peer) {
             continue;
         }
@@ -1174,9 +1205,15 @@ fn run() -> Result<(), String> {
     };
 
     // The order inside a round: A (edge HTTP), B (echo), C (Redis), D (WS).
+    let chosen = |p: &Phase| {
+        RATIOS
+            .iter()
+            .any(|r| (r.0 == *p || r.1 == *p) && bench.knobs.only.contains(&r.3))
+    };
     let phases: Vec<Phase> = Phase::ALL
         .into_iter()
         .filter(|p| bench.knobs.ws_sockets > 0 || !matches!(p, Phase::EdgeWs | Phase::WsEcho))
+        .filter(chosen)
         .collect();
 
     println!("compare: warm-up, {WARM_UP_SECONDS} s per phase (Redis: 20,000 requests, sizing the rounds)");

@@ -9,7 +9,6 @@ use axum::http::{header, HeaderMap};
 use bytes::BytesMut;
 use http_body_util::BodyExt;
 use serde::de::DeserializeOwned;
-use serde_json::Value;
 
 use super::access::{self, auth_failure, Credential, Proof};
 use super::error::{invalid, ApiError};
@@ -101,29 +100,6 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         .end()
         .map_err(|e| ApiError::InvalidJson(e.to_string()))?;
     Ok(value)
-}
-
-/// As [`decode`], for JSON already parsed (a WebSocket frame's params):
-/// the same depth rule and the same errors, without writing the value out
-/// as text to parse it again (a fifth of the socket handler's time in a
-/// profile of WebSocket tool calls).
-pub fn decode_value<T: DeserializeOwned>(value: &Value) -> Result<T, ApiError> {
-    if depth(value) > MAX_JSON_DEPTH {
-        return Err(too_deep());
-    }
-    if let Ok(decoded) = T::deserialize(value) {
-        return Ok(decoded);
-    }
-    serde_path_to_error::deserialize(value).map_err(classify)
-}
-
-/// How deeply `value` nests objects and arrays (a scalar: 0).
-fn depth(value: &Value) -> usize {
-    match value {
-        Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
-        Value::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
-        _ => 0,
-    }
 }
 
 fn too_deep() -> ApiError {
@@ -454,27 +430,6 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(decode::<Body>(b"{\"name\":\"a\"}").is_ok());
-    }
-
-    #[test]
-    fn parsed_json_decodes_with_the_errors_of_text() {
-        let deep = format!("{}1{}", "[".repeat(40), "]".repeat(40));
-        for text in [
-            r#"{"name":"a","n":3}"#.to_owned(),
-            r#"{"name":"a","zzz":1}"#.to_owned(),
-            r#"{"name":"a","n":-1}"#.to_owned(),
-            r#"{"name":7}"#.to_owned(),
-            r#"{}"#.to_owned(),
-            r#"[1,2]"#.to_owned(),
-            format!(r#"{{"name":"a","n":{deep}}}"#),
-        ] {
-            let value: Value = serde_json::from_str(&text).unwrap();
-            assert_eq!(
-                format!("{:?}", decode_value::<Body>(&value)),
-                format!("{:?}", decode::<Body>(text.as_bytes())),
-                "{text}"
-            );
-        }
     }
 
     #[test]

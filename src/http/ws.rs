@@ -19,12 +19,14 @@
 //! pings.
 //!
 //! Every inbound frame counts as activity, pings included. The server pings
-//! every 30 s and closes a connection silent for 90 s. Outbound messages go
-//! through a bounded queue; a client too slow to drain it is disconnected
-//! with a reason instead of being buffered for without limit. Frames draw on
+//! every 30 s and closes a connection silent for 90 s. A reply is written
+//! before the next frame is read, so nothing is buffered for a client
+//! beyond its socket: one that takes no message for 10 s is disconnected
+//! (4008 `client not reading`, if it still reads that). Frames draw on
 //! a write bucket: the session's own with a session token, the key's with an
 //! API key (over the limit: error -32029, the connection stays open).
 
+use std::borrow::Cow;
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
@@ -33,15 +35,16 @@ use axum::http::request::Parts;
 use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
-use futures::{SinkExt as _, StreamExt as _};
+use futures::{SinkExt, StreamExt as _};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use super::access::{self, Credential, Proof, SessionCaller};
 use super::error::ApiError;
-use super::extract::{charge, charge_session, decode_value, SessionId};
+use super::extract::{charge, charge_session, decode, SessionId};
 use super::limits::Class;
 use super::openapi::ErrorResponse;
 use super::sessions::{session_update, with_tokens, RefreshBody, TerminateBody, UpdateBody};
@@ -58,8 +61,6 @@ use crate::telemetry::metrics as names;
 const PING_EVERY: Duration = Duration::from_secs(30);
 /// A connection silent (no frame, no pong) this long is closed.
 const SILENT_LIMIT: Duration = Duration::from_secs(90);
-/// Outbound messages queued per connection before it counts as too slow.
-const SEND_QUEUE: usize = 64;
 /// Pushes queued in the session actor per connection.
 const PUSH_QUEUE: usize = 16;
 /// Longest a single send to the client may take.
@@ -81,7 +82,7 @@ const CLOSE_REVOKED: u16 = 4002;
 const CLOSE_ROTATED: u16 = 4003;
 /// A frame or message over [`MAX_MESSAGE`] (RFC 6455: message too big).
 const CLOSE_TOO_BIG: u16 = 1009;
-/// Ours: the client did not keep up with its send queue.
+/// Ours: the client did not take a message within [`SEND_TIMEOUT`].
 const CLOSE_TOO_SLOW: u16 = 4008;
 
 /// Whether a read failed because a frame or message was over the limit
@@ -225,31 +226,36 @@ enum End {
 }
 
 impl Connection {
-    async fn run(&self, socket: WebSocket, mut pushes: mpsc::Receiver<Push>) {
-        let (mut sink, mut stream) = socket.split();
-        let (out, mut outbox) = mpsc::channel::<Message>(SEND_QUEUE);
-        // The writer drains the bounded queue; a close frame ends it.
-        let writer = tokio::spawn(async move {
-            while let Some(message) = outbox.recv().await {
-                let closing = matches!(message, Message::Close(_));
-                // A client that does not read for this long is gone.
-                let sent = tokio::time::timeout(SEND_TIMEOUT, sink.send(message)).await;
-                if !matches!(sent, Ok(Ok(()))) || closing {
-                    break;
-                }
-            }
-            let _ = tokio::time::timeout(SEND_TIMEOUT, sink.close()).await;
-        });
+    /// The connection's loop. It owns the socket: a reply is written
+    /// before the next frame is read, so a client that sends without
+    /// reading is held back by TCP itself, and one that stops reading for
+    /// [`SEND_TIMEOUT`] is disconnected.
+    async fn run(&self, mut socket: WebSocket, mut pushes: mpsc::Receiver<Push>) {
         let mut ping = tokio::time::interval(PING_EVERY);
         ping.tick().await;
         let mut last_heard = Instant::now();
+        // One timer for the connection's life: a frame only moves
+        // `last_heard`, and the timer, when it fires, looks at it.
+        let silence = tokio::time::sleep(SILENT_LIMIT);
+        tokio::pin!(silence);
         let end = loop {
-            let silence = tokio::time::sleep_until((last_heard + SILENT_LIMIT).into());
             tokio::select! {
-                () = silence => break End::Close(1001, "silent for 90 s"),
+                () = &mut silence => {
+                    let deadline = last_heard + SILENT_LIMIT;
+                    if Instant::now() >= deadline {
+                        break End::Close(1001, "silent for 90 s");
+                    }
+                    silence.as_mut().reset(deadline.into());
+                }
                 push = pushes.recv() => match push {
                     Some(push) => {
-                        if let Some(end) = self.deliver(&out, push) {
+                        let (note, end) = notice(push);
+                        if let Some(note) = note {
+                            if let Err(end) = send(&mut socket, Message::Text(note.into())).await {
+                                break end;
+                            }
+                        }
+                        if let Some(end) = end {
                             break end;
                         }
                     }
@@ -257,7 +263,7 @@ impl Connection {
                     // engine is stopping, or this socket fell behind on pushes.
                     None => break End::Close(1001, "session channel closed, reconnect"),
                 },
-                frame = stream.next() => match frame {
+                frame = socket.next() => match frame {
                     Some(Err(e)) if too_large(&e) => {
                         break End::Close(CLOSE_TOO_BIG, "frame larger than 64 KiB")
                     }
@@ -272,7 +278,7 @@ impl Connection {
                             Message::Text(text) => self.handle(text.as_str(), limited).await,
                             Message::Binary(_) => {
                                 self.touch().await;
-                                Some(error(Value::Null, INVALID_REQUEST, "frames are JSON text"))
+                                Some(error_reply("null", INVALID_REQUEST, "frames are JSON text"))
                             }
                             _ => {
                                 self.touch().await;
@@ -280,73 +286,31 @@ impl Connection {
                             }
                         };
                         if let Some(reply) = reply {
-                            if out.try_send(Message::Text(Utf8Bytes::from(reply.to_string()))).is_err() {
-                                break End::Close(CLOSE_TOO_SLOW, "send queue overflow");
+                            if let Err(end) = send(&mut socket, Message::Text(reply.into())).await {
+                                break end;
                             }
                         }
                     }
                 },
                 _ = ping.tick() => {
-                    if out.try_send(Message::Ping(Vec::new().into())).is_err() {
-                        break End::Close(CLOSE_TOO_SLOW, "send queue overflow");
+                    if let Err(end) = send(&mut socket, Message::Ping(Vec::new().into())).await {
+                        break end;
                     }
                 }
             }
         };
         if let End::Close(code, reason) = end {
             tracing::info!(session_id = %self.id, code, reason, "closing websocket");
-            // Waits for room (a full queue is why some closes happen).
-            let _ =
-                tokio::time::timeout(Duration::from_secs(1), out.send(close(code, reason))).await;
+            // A client that is not reading gets a second to take it.
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                socket.send(close_frame(code, reason)),
+            )
+            .await;
         }
-        drop(out);
-        let abort = writer.abort_handle();
-        if tokio::time::timeout(SEND_TIMEOUT, writer).await.is_err() {
-            // A client that does not read: drop the connection.
-            abort.abort();
-        }
-    }
-
-    /// Sends a push; answers the end when it ends the connection.
-    fn deliver(&self, out: &mpsc::Sender<Message>, push: Push) -> Option<End> {
-        let (note, end) = match push {
-            Push::Expiring {
-                expires_at,
-                seconds_left,
-            } => (
-                notification(
-                    "session.expiring",
-                    json!({ "expires_at": format_rfc3339(expires_at), "seconds_left": seconds_left }),
-                ),
-                None,
-            ),
-            Push::Ended {
-                status,
-                reason,
-                revoked,
-            } => {
-                let end = match status {
-                    Status::Expired => (CLOSE_EXPIRED, "session expired"),
-                    _ if revoked => (CLOSE_REVOKED, "session revoked"),
-                    _ => (CLOSE_TERMINATED, "session terminated"),
-                };
-                let note = if status == Status::Expired {
-                    notification("session.expired", json!({}))
-                } else {
-                    notification("session.terminated", json!({ "reason": reason }))
-                };
-                (note, Some(End::Close(end.0, end.1)))
-            }
-            // No notification: the session itself goes on.
-            Push::TokenRotated => return Some(End::Close(CLOSE_ROTATED, "token rotated")),
-        };
-        if out
-            .try_send(Message::Text(Utf8Bytes::from(note.to_string())))
-            .is_err()
-        {
-            return Some(End::Close(CLOSE_TOO_SLOW, "send queue overflow"));
-        }
-        end
+        // Sends what is still buffered (the reply to a client's close
+        // included); a client that does not read is dropped.
+        let _ = tokio::time::timeout(SEND_TIMEOUT, SinkExt::close(&mut socket)).await;
     }
 
     /// Notes the activity of a frame.
@@ -362,46 +326,48 @@ impl Connection {
     /// session's actor notes it with the execution), and only one that was
     /// not recorded is noted apart, afterwards: one message to the actor per
     /// tool call instead of two.
-    async fn handle(&self, text: &str, limited: bool) -> Option<Value> {
+    async fn handle(&self, text: &str, limited: bool) -> Option<String> {
         let request = parse_request(text);
         let records =
-            matches!(&request, Ok((_, method, _)) if !limited && method == "tool.executed");
+            matches!(&request, Ok(request) if !limited && request.method == "tool.executed");
         if !records {
             self.touch().await;
         }
-        let (id, method, params) = match request {
+        let request = match request {
             Ok(request) => request,
             Err(reply) => return Some(reply),
         };
         if limited {
-            return id.map(|id| error(id, RATE_LIMITED, "rate limited"));
+            return request
+                .id
+                .map(|id| error_reply(&id, RATE_LIMITED, "rate limited"));
         }
-        let outcome = self.call(&method, params).await;
+        let outcome = self.call(&request.method, request.params.as_deref()).await;
         if records && outcome.is_err() {
             self.touch().await;
         }
-        let id = id?;
+        let id = request.id?;
         Some(match outcome {
-            Ok(result) => json!({ "jsonrpc": "2.0", "id": id, "result": result }),
-            Err((code, message)) => error(id, code, &message),
+            Ok(result) => format!(r#"{{"jsonrpc":"2.0","id":{id},"result":{result}}}"#),
+            Err((code, message)) => error_reply(&id, code, &message),
         })
     }
 
-    async fn call(&self, method: &str, params: Value) -> Result<Value, (i64, String)> {
+    /// Runs one method; answers its result as JSON text.
+    async fn call(&self, method: &str, params: Option<&str>) -> Result<String, (i64, String)> {
         let engine = &self.state.engine;
         let (tenant, id) = (self.tenant, self.id.as_str());
         match method {
             "session.heartbeat" => {
                 // The frame itself was the activity (see `run`).
                 let view = engine.validate(tenant, id).await.map_err(rpc)?;
-                Ok(json!({ "expires_at": view.expires_at }))
+                text(&json!({ "expires_at": view.expires_at }))
             }
-            "session.get" => Ok(json!(engine.get(tenant, id).await.map_err(rpc)?)),
+            "session.get" => text(&engine.get(tenant, id).await.map_err(rpc)?),
             "session.update" => {
                 let body: UpdateBody = params_as(params)?;
                 let update = session_update(body).map_err(api)?;
-                let view = engine.update(tenant, id, update, None).await.map_err(rpc)?;
-                Ok(json!(view))
+                text(&engine.update(tenant, id, update, None).await.map_err(rpc)?)
             }
             "session.refresh" => {
                 let body: Option<RefreshBody> = optional_params(params)?;
@@ -410,7 +376,7 @@ impl Connection {
                     .refresh(tenant, id, presented.as_ref(), Some(self.subscription))
                     .await
                     .map_err(rpc)?;
-                Ok(json!(with_tokens(&view, tokens.as_ref())))
+                text(&with_tokens(&view, tokens.as_ref()))
             }
             "tool.executed" => {
                 let body: ExecuteBody = params_as(params)?;
@@ -419,33 +385,132 @@ impl Connection {
                     .record_tool(tenant, id, execution)
                     .await
                     .map_err(rpc)?;
-                Ok(json!({ "tool_execution_count": count }))
+                Ok(format!(r#"{{"tool_execution_count":{count}}}"#))
             }
             "session.terminate" => {
                 let body: Option<TerminateBody> = optional_params(params)?;
                 let reason = body.and_then(|b| b.reason);
                 // The actor's push waits in this connection's channel until
-                // the answer `{}` is queued, so `session.terminated` and the
+                // the answer `{}` is sent, so `session.terminated` and the
                 // close follow it.
                 engine
                     .terminate(tenant, id, reason, Requester::Client)
                     .await
                     .map_err(rpc)?;
-                Ok(json!({}))
+                Ok("{}".to_owned())
             }
             _ => Err((METHOD_NOT_FOUND, format!("method not found: {method}"))),
         }
     }
 }
 
-/// A text frame as a JSON-RPC request: its id (none for a notification),
-/// method and params; or the error reply for a frame that is not one.
-fn parse_request(text: &str) -> Result<(Option<Value>, String, Value), Value> {
+/// Writes one message; a client that does not take it within
+/// [`SEND_TIMEOUT`] is too slow, one whose socket failed is gone.
+async fn send(socket: &mut WebSocket, message: Message) -> Result<(), End> {
+    match tokio::time::timeout(SEND_TIMEOUT, socket.send(message)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(End::Gone),
+        Err(_) => Err(End::Close(CLOSE_TOO_SLOW, "client not reading")),
+    }
+}
+
+/// A push as the notification it sends (none for a rotated token, which
+/// only closes), and the end it brings, if any.
+fn notice(push: Push) -> (Option<String>, Option<End>) {
+    match push {
+        Push::Expiring {
+            expires_at,
+            seconds_left,
+        } => (
+            Some(notification(
+                "session.expiring",
+                json!({ "expires_at": format_rfc3339(expires_at), "seconds_left": seconds_left }),
+            )),
+            None,
+        ),
+        Push::Ended {
+            status,
+            reason,
+            revoked,
+        } => {
+            let end = match status {
+                Status::Expired => (CLOSE_EXPIRED, "session expired"),
+                _ if revoked => (CLOSE_REVOKED, "session revoked"),
+                _ => (CLOSE_TERMINATED, "session terminated"),
+            };
+            let note = if status == Status::Expired {
+                notification("session.expired", json!({}))
+            } else {
+                notification("session.terminated", json!({ "reason": reason }))
+            };
+            (Some(note), Some(End::Close(end.0, end.1)))
+        }
+        // No notification: the session itself goes on.
+        Push::TokenRotated => (None, Some(End::Close(CLOSE_ROTATED, "token rotated"))),
+    }
+}
+
+/// A JSON-RPC request: the id's JSON text (none for a notification), the
+/// method, and the params' JSON text (none when absent or null).
+struct Request<'a> {
+    id: Option<Cow<'a, str>>,
+    method: Cow<'a, str>,
+    params: Option<Cow<'a, str>>,
+}
+
+/// A frame read as a JSON-RPC request without building a JSON tree: the
+/// id and params stay text, and the params are decoded once, into their
+/// method's body. Anything unusual (escapes in `jsonrpc` or `method`,
+/// a duplicate key, a wrong type) fails here and is read again by
+/// [`parse_request_tree`], which says what is wrong.
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    jsonrpc: Option<&'a str>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    id: Option<&'a RawValue>,
+    method: Option<&'a str>,
+    #[serde(borrow)]
+    params: Option<&'a RawValue>,
+}
+
+/// Tells an `"id": null` (a request, answered with id null) from no id (a
+/// notification): the field's deserializer only runs when the key is there.
+fn present<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(deserializer).map(Some)
+}
+
+/// Whether an id's JSON text is a string, a number or null (JSON-RPC).
+fn valid_id(id: &str) -> bool {
+    id == "null" || id.starts_with(|c: char| c == '"' || c == '-' || c.is_ascii_digit())
+}
+
+/// A text frame as a JSON-RPC request; or the error reply for a frame that
+/// is not one.
+fn parse_request(text: &str) -> Result<Request<'_>, String> {
+    if let Ok(frame) = serde_json::from_str::<Envelope<'_>>(text) {
+        if let (Some("2.0"), Some(method)) = (frame.jsonrpc, frame.method) {
+            if frame.id.is_none_or(|id| valid_id(id.get())) {
+                return Ok(Request {
+                    id: frame.id.map(|id| Cow::Borrowed(id.get())),
+                    method: Cow::Borrowed(method),
+                    params: frame.params.map(|params| Cow::Borrowed(params.get())),
+                });
+            }
+        }
+    }
+    parse_request_tree(text)
+}
+
+/// [`parse_request`] through a JSON tree, for the frames its fast reading
+/// does not take: the same requests, and the error reply for the others.
+fn parse_request_tree(text: &str) -> Result<Request<'static>, String> {
     let Ok(mut frame) = serde_json::from_str::<Value>(text) else {
-        return Err(error(Value::Null, PARSE_ERROR, "parse error"));
+        return Err(error_reply("null", PARSE_ERROR, "parse error"));
     };
     let Some(object) = frame.as_object_mut() else {
-        return Err(error(Value::Null, INVALID_REQUEST, "invalid request"));
+        return Err(error_reply("null", INVALID_REQUEST, "invalid request"));
     };
     let id = object.remove("id");
     let valid_id = id
@@ -461,24 +526,41 @@ fn parse_request(text: &str) -> Result<(Option<Value>, String, Value), Value> {
         valid_id,
         object.get("jsonrpc").and_then(Value::as_str),
     ) else {
-        return Err(error(reply_id, INVALID_REQUEST, "invalid request"));
+        return Err(error_reply(
+            &reply_id.to_string(),
+            INVALID_REQUEST,
+            "invalid request",
+        ));
     };
-    let params = object.remove("params").unwrap_or(Value::Null);
-    Ok((id, method, params))
+    let params = object
+        .remove("params")
+        .filter(|params| !params.is_null())
+        .map(|params| Cow::Owned(params.to_string()));
+    Ok(Request {
+        id: id.map(|id| Cow::Owned(id.to_string())),
+        method: Cow::Owned(method),
+        params,
+    })
 }
 
-fn params_as<T: serde::de::DeserializeOwned>(params: Value) -> Result<T, (i64, String)> {
-    let params = if params.is_null() { json!({}) } else { params };
-    decode_value(&params).map_err(api)
+/// Decodes a method's params (absent or null: `{}`) as a REST body is
+/// decoded: the same depth rule and the same errors.
+fn params_as<T: serde::de::DeserializeOwned>(params: Option<&str>) -> Result<T, (i64, String)> {
+    decode(params.unwrap_or("{}").as_bytes()).map_err(api)
 }
 
 fn optional_params<T: serde::de::DeserializeOwned>(
-    params: Value,
+    params: Option<&str>,
 ) -> Result<Option<T>, (i64, String)> {
-    if params.is_null() {
-        return Ok(None);
+    match params {
+        None => Ok(None),
+        Some(_) => params_as(params).map(Some),
     }
-    params_as(params).map(Some)
+}
+
+/// A result as JSON text.
+fn text(result: &impl serde::Serialize) -> Result<String, (i64, String)> {
+    serde_json::to_string(result).map_err(|_| (INTERNAL, "internal error".to_owned()))
 }
 
 /// A domain error as a JSON-RPC error.
@@ -518,17 +600,101 @@ fn api(e: ApiError) -> (i64, String) {
     }
 }
 
-fn error(id: Value, code: i64, message: &str) -> Value {
-    json!({ "jsonrpc": "2.0", "id": id, "error": { "code": code, "message": message } })
+/// An error reply to the request whose id is `id` (JSON text).
+fn error_reply(id: &str, code: i64, message: &str) -> String {
+    let error = json!({ "code": code, "message": message });
+    format!(r#"{{"jsonrpc":"2.0","id":{id},"error":{error}}}"#)
 }
 
-fn notification(method: &str, params: Value) -> Value {
-    json!({ "jsonrpc": "2.0", "method": method, "params": params })
+fn notification(method: &str, params: Value) -> String {
+    json!({ "jsonrpc": "2.0", "method": method, "params": params }).to_string()
 }
 
-fn close(code: u16, reason: &'static str) -> Message {
+fn close_frame(code: u16, reason: &'static str) -> Message {
     Message::Close(Some(CloseFrame {
         code,
         reason: Utf8Bytes::from_static(reason),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A request as JSON values, to compare two readings of one frame.
+    fn as_values(
+        request: Result<Request<'_>, String>,
+    ) -> Result<(Option<Value>, String, Value), Value> {
+        let json = |text: &str| serde_json::from_str::<Value>(text).unwrap();
+        match request {
+            Ok(r) => Ok((
+                r.id.as_deref().map(json),
+                r.method.into_owned(),
+                r.params.as_deref().map_or(Value::Null, json),
+            )),
+            Err(reply) => Err(json(&reply)),
+        }
+    }
+
+    #[test]
+    fn the_fast_reading_of_a_frame_agrees_with_the_tree() {
+        let frames = [
+            r#"{"jsonrpc":"2.0","id":7,"method":"tool.executed","params":{"tool_name":"grep","arguments":{"a":[1,{"b":null}]}}}"#,
+            r#"{"jsonrpc":"2.0","id":"abc","method":"session.get"}"#,
+            r#"{"jsonrpc":"2.0","id":null,"method":"session.get"}"#,
+            r#"{"jsonrpc":"2.0","method":"session.heartbeat"}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"session.get","params":null}"#,
+            r#"{"jsonrpc":"2.0","id":-1.5e3,"method":"session.get","params":[]}"#,
+            r#"{"params":{"x":1},"method":"session.update","id":2,"jsonrpc":"2.0","extra":true}"#,
+            r#" { "jsonrpc" : "2.0" , "id" : 3 , "method" : "session.get" } "#,
+            // Read by the tree only: escapes, a duplicate key.
+            r#"{"jsonrpc":"2.0","id":4,"method":"tool\u002eexecuted","params":{}}"#,
+            r#"{"jsonrpc":"2.0","id":5,"id":6,"method":"session.get"}"#,
+            // Errors.
+            r#"{"jsonrpc":"1.0","id":8,"method":"session.get"}"#,
+            r#"{"id":9,"method":"session.get"}"#,
+            r#"{"jsonrpc":"2.0","id":10,"method":7}"#,
+            r#"{"jsonrpc":"2.0","id":{"a":1},"method":"session.get"}"#,
+            r#"{"jsonrpc":"2.0","id":true,"method":"session.get"}"#,
+            r#"{"jsonrpc":"2.0","id":11}"#,
+            r#"[{"jsonrpc":"2.0","id":12,"method":"session.get"}]"#,
+            r#"{"jsonrpc":"2.0","id":13,"method":"session.get"} x"#,
+            r#"{"jsonrpc":"2.0","id":14,"method":"#,
+            "",
+        ];
+        for (i, frame) in frames.iter().enumerate() {
+            // The first eight are read without a tree.
+            if i < 8 {
+                let fast = parse_request(frame).unwrap();
+                assert!(matches!(fast.method, Cow::Borrowed(_)), "{frame}");
+            }
+            assert_eq!(
+                as_values(parse_request(frame)),
+                as_values(parse_request_tree(frame)),
+                "{frame}"
+            );
+        }
+        // The fast reading keeps a notification apart from `"id": null`.
+        assert!(parse_request(r#"{"jsonrpc":"2.0","method":"m"}"#)
+            .unwrap()
+            .id
+            .is_none());
+        assert_eq!(
+            parse_request(r#"{"jsonrpc":"2.0","id":null,"method":"m"}"#)
+                .unwrap()
+                .id
+                .as_deref(),
+            Some("null")
+        );
+    }
+
+    #[test]
+    fn replies_are_json_rpc() {
+        let reply: Value =
+            serde_json::from_str(&error_reply(r#""a\"b""#, -32602, "bad \"x\"")).unwrap();
+        assert_eq!(
+            reply,
+            json!({ "jsonrpc": "2.0", "id": "a\"b", "error": { "code": -32602, "message": "bad \"x\"" } })
+        );
+    }
 }
