@@ -36,6 +36,14 @@
 //! create / Redis SETEX, tool exec / Redis HINCRBY, get / axum echo,
 //! WS tool.executed / WS echo.
 //!
+//! Each run also reads the CPU time (user and system, from `/proc`) the
+//! serving side used over the run and a 300 ms settling pause after it:
+//! the edge-sessions process, the Redis process, or this process's
+//! `echo-server` threads. Divided by the operations done, that is what a
+//! call costs the server, a figure a busy shared machine moves far less
+//! than the rates (which also depend on what the clients and everything
+//! else on the cores take).
+//!
 //! Run: `cargo bench --bench compare` (builds the release binary too).
 //! Needs `wrk` (apt package `wrk`) and `redis-server` / `redis-benchmark`
 //! (apt package `redis-server`, which pulls in `redis-tools`).
@@ -243,6 +251,11 @@ struct Sample {
     p99_ms: Option<f64>,
     /// Non-2xx/3xx answers, socket errors and failed RPCs.
     errors: u64,
+    /// CPU time the serving side used per operation, in µs (user and
+    /// system, its background threads included, over the run and the
+    /// settling pause after it): what a call costs the server, which a
+    /// busy shared machine moves far less than it moves the rates.
+    server_cpu_us: Option<f64>,
 }
 
 /// The phases, in table order.
@@ -441,6 +454,7 @@ fn parse_wrk(output: &str) -> Result<Sample, String> {
         ops_per_second: ops,
         p99_ms: p99_ms.or(p99_fallback),
         errors: errors.unwrap_or(non2xx_line + socket_line),
+        server_cpu_us: None,
     })
 }
 
@@ -677,7 +691,7 @@ API_KEY, self.addr,
 
 /// `redis-server` as a child, persisting every write before replying.
 struct Redis {
-    _guard: ChildGuard,
+    guard: ChildGuard,
     port: u16,
 }
 
@@ -702,10 +716,7 @@ impl Redis {
         loop {
             guard.check_alive()?;
             if redis_ping(port) {
-                return Ok(Redis {
-                    _guard: guard,
-                    port,
-                });
+                return Ok(Redis { guard, port });
             }
             if Instant::now() > deadline {
                 return Err("redis-server did not answer PING within 20 s".into());
@@ -771,6 +782,7 @@ fn parse_redis_csv(output: &str) -> Result<Sample, String> {
         // redis-benchmark reports no errors here; an error reply to the
         // command would show as a different line and fail the parse above.
         errors: 0,
+        server_cpu_us: None,
     })
 }
 
@@ -858,6 +870,7 @@ async fn ws_load(urls: Vec<String>, seconds: u64) -> Result<Sample, String> {
         ops_per_second: done as f64 / elapsed,
         p99_ms: (!latency.is_empty()).then(|| latency.value_at_quantile(0.99) as f64 / 1000.0),
         errors,
+        server_cpu_us: None,
     })
 }
 
@@ -935,7 +948,35 @@ impl Bench {
     }
 
     /// Runs one phase for `seconds`; `round` 0 is the warm-up.
+    /// CPU time used so far by the side that serves `phase`.
+    fn server_cpu(&self, phase: Phase) -> Option<Duration> {
+        match phase {
+            Phase::EdgeCreate | Phase::EdgeTool | Phase::EdgeGet | Phase::EdgeWs => {
+                process_cpu(self.edge.guard.child.id())
+            }
+            Phase::Echo | Phase::WsEcho => threads_cpu(ECHO_THREADS),
+            Phase::RedisSetex | Phase::RedisHincrby => process_cpu(self.redis.guard.child.id()),
+        }
+    }
+
+    /// One run of `phase`, then a pause for the server to settle (its
+    /// sockets close, its write-behind and checkpoint catch up), which the
+    /// server's CPU figure includes.
     fn run(&mut self, phase: Phase, round: usize, seconds: u64) -> Result<Sample, String> {
+        let cpu_before = self.server_cpu(phase);
+        let started = Instant::now();
+        let mut sample = self.load(phase, round, seconds)?;
+        let ops = sample.ops_per_second * started.elapsed().as_secs_f64();
+        std::thread::sleep(SETTLE);
+        if let (Some(before), Some(after)) = (cpu_before, self.server_cpu(phase)) {
+            if ops >= 1.0 {
+                sample.server_cpu_us = Some((after - before).as_secs_f64() * 1e6 / ops);
+            }
+        }
+        Ok(sample)
+    }
+
+    fn load(&mut self, phase: Phase, round: usize, seconds: u64) -> Result<Sample, String> {
         let (conns, sessions) = (self.knobs.connections, self.knobs.sessions);
         let sample = match phase {
             Phase::EdgeCreate => {
@@ -1019,6 +1060,41 @@ impl Bench {
     }
 }
 
+/// The pause after each run (see [`Bench::run`]).
+const SETTLE: Duration = Duration::from_millis(300);
+
+/// Name of the in-process echo servers' threads.
+const ECHO_THREADS: &str = "echo-server";
+
+/// User and system CPU time from a `/proc/…/stat` file's text.
+fn stat_cpu(stat: &str) -> Option<Duration> {
+    // The fields after the command name, which is in parentheses and may
+    // hold spaces: utime and stime are the 14th and 15th fields.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let ticks: u64 = fields.next()?.parse::<u64>().ok()? + fields.next()?.parse::<u64>().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (per_second > 0).then(|| Duration::from_secs_f64(ticks as f64 / per_second as f64))
+}
+
+/// CPU time used by process `pid` (all its threads, living and ended).
+fn process_cpu(pid: u32) -> Option<Duration> {
+    stat_cpu(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// CPU time used by this process's threads named `name`.
+fn threads_cpu(name: &str) -> Option<Duration> {
+    let mut total = Duration::ZERO;
+    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() == name {
+            total += stat_cpu(&std::fs::read_to_string(task.path().join("stat")).ok()?)?;
+        }
+    }
+    Some(total)
+}
+
 fn fmt_ops(ops: f64) -> String {
     if ops >= 10_000.0 {
         format!("{:.1}k", ops / 1000.0)
@@ -1041,7 +1117,11 @@ fn print_table(knobs: &Knobs, phases: &[Phase], results: &[Vec<Sample>]) {
     for r in 1..=knobs.rounds {
         let _ = write!(header, " {:>18}", format!("round {r}"));
     }
-    let _ = write!(header, " {:>12} {:>11}", "median ops/s", "median p99");
+    let _ = write!(
+        header,
+        " {:>12} {:>11} {:>14}",
+        "median ops/s", "median p99", "server CPU/op"
+    );
     println!("{header}");
     println!("{}", "-".repeat(header.len()));
     for &phase in phases {
@@ -1057,16 +1137,23 @@ fn print_table(knobs: &Knobs, phases: &[Phase], results: &[Vec<Sample>]) {
         }
         let ops = median(&samples.iter().map(|s| s.ops_per_second).collect::<Vec<_>>());
         let p99 = median(&samples.iter().filter_map(|s| s.p99_ms).collect::<Vec<_>>());
+        let cpu = median(
+            &samples
+                .iter()
+                .filter_map(|s| s.server_cpu_us)
+                .collect::<Vec<_>>(),
+        );
         let _ = write!(
             line,
-            " {:>12} {:>11}",
+            " {:>12} {:>11} {:>14}",
             ops.map_or("-".into(), |o| format!("{o:.0}")),
-            fmt_ms(p99)
+            fmt_ms(p99),
+            cpu.map_or("-".into(), |c| format!("{c:.1} µs"))
         );
         println!("{line}");
     }
     println!();
-    println!("edge-sessions / peer, medians (ops/s ratio; p99 ratio, above 1 = edge slower):");
+    println!("edge-sessions / peer, medians (ops/s ratio; p99 ratio and server CPU per op ratio, above 1 = edge slower or dearer):");
     for (edge, peer, what, _) in RATIOS {
         if !phases.contains(&edge) || !phases.contains(&peer) {
             continue;
@@ -1081,15 +1168,17 @@ fn print_table(knobs: &Knobs, phases: &[Phase], results: &[Vec<Sample>]) {
         };
         let ops = |s: &Sample| Some(s.ops_per_second);
         let p99 = |s: &Sample| s.p99_ms;
+        let cpu = |s: &Sample| s.server_cpu_us;
         let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
             (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
             _ => "-".to_owned(),
         };
         println!(
-            "  {:<30} ops/s {:>7}   p99 {:>7}",
+            "  {:<30} ops/s {:>7}   p99 {:>7}   server CPU/op {:>7}",
             what,
             ratio(med(edge, &ops), med(peer, &ops)),
             ratio(med(edge, &p99), med(peer, &p99)),
+            ratio(med(edge, &cpu), med(peer, &cpu)),
         );
     }
     let flagged: Vec<_> = phases
@@ -1149,7 +1238,7 @@ fn run() -> Result<(), String> {
     // the WebSocket client, so the two never share worker threads.
     let echo_runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .thread_name("echo-server")
+        .thread_name(ECHO_THREADS)
         .build()
         .map_err(|e| e.to_string())?;
     let client = tokio::runtime::Builder::new_multi_thread()
@@ -1241,8 +1330,6 @@ fn run() -> Result<(), String> {
                 }
             );
             results[phase.index()].push(sample);
-            // Let the last run's sockets and write-behind settle.
-            std::thread::sleep(Duration::from_millis(300));
         }
     }
     print_table(&bench.knobs, &phases, &results);
