@@ -32,6 +32,7 @@ use std::path::Path;
 
 use uuid::Uuid;
 
+use super::executions::Unique;
 use super::keys;
 use super::record;
 use super::sled::{Store, StoreError};
@@ -93,11 +94,8 @@ pub fn snapshot(
         write_frame(out, KIND_SESSION, &[&record::encode(&session)])?;
         counts.sessions += 1;
         let prefix = keys::executions_prefix(session.id);
-        for item in store.scan_prefix(&prefix, false) {
-            let (key, value) = item?;
-            let Some((_, seq)) = keys::parse_execution(&key) else {
-                continue;
-            };
+        for item in Unique::new(store.scan_prefix(&prefix, false), false) {
+            let (_, seq, value) = item?;
             // Only what the record counts: the session and its executions
             // stay in step even while the server appends more.
             if seq > session.tool_execution_count {
@@ -335,6 +333,56 @@ mod tests {
         let mut out = Vec::new();
         snapshot(&store, &mut out, 42, |_| {}).unwrap();
         out
+    }
+
+    #[test]
+    fn executions_folded_into_chunks_are_backed_up_one_by_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20, false).unwrap().store;
+        let mut live = session_at(1_000, 60, 600);
+        live.tool_execution_count = 5;
+        let mut ops = vec![crate::persist::WriteOp::put_session(&live)];
+        for seq in 1..=6u64 {
+            let mut execution = crate::model::session::tests::execution_at(2_000);
+            execution.duration_ms = seq;
+            ops.push(crate::persist::WriteOp::put_execution(
+                live.id, seq, &execution,
+            ));
+        }
+        store.overlay().apply(
+            1,
+            ops.iter().filter_map(|op| match op {
+                crate::persist::WriteOp::Put { key, value } => Some((&key[..], Some(&value[..]))),
+                _ => None,
+            }),
+        );
+        store.checkpoint(1).unwrap();
+        let mut bytes = Vec::new();
+        snapshot(&store, &mut bytes, 42, |_| {}).unwrap();
+        // The record counts five; the sixth, stored after it, is replayed
+        // onto it and goes along.
+        assert_eq!(
+            verify(&bytes[..], |_| {}).unwrap(),
+            Counts {
+                sessions: 1,
+                executions: 6
+            }
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let restored = Store::open(dir.path(), 1 << 20, false).unwrap().store;
+        restore(&restored, &bytes[..], |_| {}).unwrap();
+        let durations: Vec<u64> = restored
+            .executions(live.id, 10)
+            .unwrap()
+            .iter()
+            .map(|e| e.duration_ms)
+            .collect();
+        assert_eq!(durations, [6, 5, 4, 3, 2, 1]);
+        let back = restored
+            .session(live.tenant_id, &live.session_id)
+            .unwrap()
+            .unwrap();
+        assert_eq!(back.tool_execution_count, 6);
     }
 
     #[test]

@@ -23,6 +23,7 @@
 
 pub mod backup;
 pub mod checkpoint;
+pub mod executions;
 pub mod keys;
 pub mod log;
 pub mod outbox;

@@ -22,9 +22,11 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
+use sled::IVec;
 use tokio::sync::{oneshot, Notify};
 use uuid::Uuid;
 
+use super::executions::Unique;
 use super::keys;
 use super::log::{LogOp, LogReader, LogShared, LogWriter, Record, RecordBuilder};
 use super::record::{self, RecordError};
@@ -82,18 +84,22 @@ pub fn entry_for_record(key: &[u8], value: &[u8], now: Millis) -> Option<Vec<u8>
 pub(crate) fn seed(store: &Store, log: &mut LogWriter, now: Millis) -> Result<usize, StoreError> {
     let mut record = RecordBuilder::default();
     let mut seeded = 0;
-    for prefix in [
-        keys::all_sessions(),
-        [keys::executions_prefix(Uuid::nil())[0]],
-    ] {
-        for item in store.scan_prefix(&prefix, false) {
-            let (key, value) = item?;
-            if let Some(entry) = entry_for_record(&key, &value, now) {
-                record.entry(&entry);
-                seeded += 1;
-                if seeded % 1024 == 0 {
-                    store.append(log, &mut record)?;
-                }
+    let sessions = store.scan_prefix(&keys::all_sessions(), false);
+    // Chunks of executions go one execution per entry.
+    let executions = Unique::new(
+        store.scan_prefix(&[keys::executions_prefix(Uuid::nil())[0]], false),
+        false,
+    )
+    .map(|item| {
+        item.map(|(row, seq, value)| (keys::execution(row, seq).to_vec().into(), value.into()))
+    });
+    for item in sessions.chain(executions) {
+        let (key, value): (IVec, IVec) = item?;
+        if let Some(entry) = entry_for_record(&key, &value, now) {
+            record.entry(&entry);
+            seeded += 1;
+            if seeded % 1024 == 0 {
+                store.append(log, &mut record)?;
             }
         }
     }
@@ -407,6 +413,44 @@ mod tests {
     use super::*;
     use crate::model::session::tests::session_at;
     use crate::model::AuditEntry;
+
+    #[test]
+    fn seeding_sends_executions_of_a_chunk_one_by_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let opened = Store::open(dir.path(), 1 << 20, false).unwrap();
+        let (store, mut log) = (opened.store, opened.log);
+        let session = session_at(1_000, 60, 600);
+        let mut ops = vec![crate::persist::WriteOp::put_session(&session)];
+        for seq in 1..=4u64 {
+            let execution = crate::model::session::tests::execution_at(2_000 + seq as Millis);
+            ops.push(crate::persist::WriteOp::put_execution(
+                session.id, seq, &execution,
+            ));
+        }
+        store.overlay().apply(
+            1,
+            ops.iter().filter_map(|op| match op {
+                crate::persist::WriteOp::Put { key, value } => Some((&key[..], Some(&value[..]))),
+                _ => None,
+            }),
+        );
+        store.checkpoint(1).unwrap();
+        assert_eq!(seed(&store, &mut log, 9).unwrap(), 5);
+        drop(log);
+        let (_, replay) = super::super::log::open(&dir.path().join("wal"), None, false).unwrap();
+        let seqs: Vec<u64> = replay
+            .records
+            .iter()
+            .flat_map(|record| entries(record).collect::<Vec<_>>())
+            .filter_map(|entry| match entry.unwrap() {
+                Entry::Execution {
+                    seq, session_row, ..
+                } if session_row == session.id => Some(seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(seqs, [1, 2, 3, 4]);
+    }
 
     #[test]
     fn entries_round_trip() {

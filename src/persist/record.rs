@@ -23,6 +23,9 @@ pub enum RecordError {
     /// The record was written by a newer or unknown format.
     #[error("unknown record format {0}")]
     UnknownFormat(u8),
+    /// A chunk of executions (see `persist::executions`) is cut short.
+    #[error("damaged chunk of executions")]
+    Chunk,
     /// The payload does not decode.
     #[error("corrupt record: {0}")]
     Corrupt(#[from] postcard::Error),

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use sled::IVec;
 use uuid::Uuid;
 
+use super::executions::{Chunk, Unique};
 use super::keys;
 use super::log::{self, LogOp, LogWriter, RecordBuilder};
 use super::overlay::{Lookup, Merge, Overlay};
@@ -56,7 +57,7 @@ impl From<sled::Error> for StoreError {
     }
 }
 
-fn corrupt(key: &[u8], e: RecordError) -> StoreError {
+pub(crate) fn corrupt(key: &[u8], e: RecordError) -> StoreError {
     StoreError::Record {
         key: String::from_utf8_lossy(key).into_owned(),
         reason: e.to_string(),
@@ -353,16 +354,20 @@ impl Store {
     ) -> Result<(Session, u64), StoreError> {
         let mut session = record::decode_session(bytes).map_err(|e| corrupt(key, e))?;
         let recorded = session.tool_execution_count;
-        // Executions are numbered without gaps, so one point lookup of the
-        // next number says whether the record is behind; only then is the
-        // range read (recovery does this for every live session).
-        let start = keys::execution(session.id, session.tool_execution_count + 1);
-        if !session.status.is_final() && self.get(&start)?.is_some() {
-            let end = prefix_end(&keys::executions_prefix(session.id));
-            for item in self.range(&start, end.as_deref(), false) {
-                let (key, bytes) = item?;
-                let execution: ToolExecution =
-                    record::decode(&bytes).map_err(|e| corrupt(&key, e))?;
+        // Executions are numbered without gaps: those past the count are
+        // read newest first, down to it. Nearly always there are none, and
+        // this is one look at the session's last key (recovery does it for
+        // every live session).
+        if !session.status.is_final() {
+            let newer = Unique::new(
+                self.scan_prefix(&keys::executions_prefix(session.id), true),
+                true,
+            )
+            .take_while(|item| item.as_ref().map_or(true, |(_, seq, _)| *seq > recorded))
+            .collect::<Result<Vec<_>, _>>()?;
+            for (_, seq, bytes) in newer.into_iter().rev() {
+                let execution: ToolExecution = record::decode(&bytes)
+                    .map_err(|e| corrupt(&keys::execution(session.id, seq), e))?;
                 session.record_execution(&execution, execution.recorded_at);
             }
         }
@@ -410,12 +415,16 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<ToolExecution>, StoreError> {
         let mut out = Vec::with_capacity(limit.min(128));
-        for item in self
-            .scan_prefix(&keys::executions_prefix(session_row), true)
-            .take(limit)
-        {
-            let (key, bytes) = item?;
-            out.push(record::decode(&bytes).map_err(|e| corrupt(&key, e))?);
+        let stored = Unique::new(
+            self.scan_prefix(&keys::executions_prefix(session_row), true),
+            true,
+        );
+        for item in stored.take(limit) {
+            let (_, seq, bytes) = item?;
+            out.push(
+                record::decode(&bytes)
+                    .map_err(|e| corrupt(&keys::execution(session_row, seq), e))?,
+            );
         }
         Ok(out)
     }
@@ -560,11 +569,19 @@ impl Store {
         // create reads it to check its id), and nothing here needs batch
         // atomicity: until the mark below is on disk, recovery replays the
         // log over whatever part of this checkpoint sled kept.
-        for (key, change) in layer.iter() {
+        let mut changes = layer.iter().peekable();
+        while let Some((key, change)) = changes.next() {
             match change {
-                Some(value) => self.tree.insert(key.clone(), value.clone())?,
-                None => self.tree.remove(key)?,
-            };
+                Some(value) if keys::is_execution(key) => {
+                    self.fold_executions(key, value, &mut changes)?
+                }
+                Some(value) => {
+                    self.tree.insert(key.clone(), value.clone())?;
+                }
+                None => {
+                    self.tree.remove(key)?;
+                }
+            }
         }
         // The mark goes last: sled holds it only if it holds everything
         // before it (its log is replayed in order up to the first damage).
@@ -574,6 +591,52 @@ impl Store {
         write_checkpoint_mark(&self.dir, through)?;
         self.overlay.release_frozen();
         Ok(Some(through))
+    }
+
+    /// Writes a session's run of consecutive executions, starting with
+    /// `key` and going on through `rest` while the numbers follow, as
+    /// chunks (see [`super::executions`]): the session's last chunk in sled
+    /// is extended while it has room.
+    fn fold_executions<'a>(
+        &self,
+        key: &IVec,
+        value: &IVec,
+        rest: &mut std::iter::Peekable<impl Iterator<Item = (&'a IVec, &'a Option<IVec>)>>,
+    ) -> Result<(), StoreError> {
+        let Some((row, first)) = keys::parse_execution(key) else {
+            self.tree.insert(key.clone(), value.clone())?;
+            return Ok(());
+        };
+        let before = self
+            .tree
+            .range(keys::execution(row, 0)..keys::execution(row, first))
+            .next_back()
+            .transpose()?;
+        let mut chunk = match before {
+            Some((at, stored)) => match keys::parse_execution(&at) {
+                Some((_, at_seq)) => Chunk::extending(at_seq, &stored, first)
+                    .map_err(|e| corrupt(&at, e))?
+                    .unwrap_or_else(|| Chunk::new(first)),
+                None => Chunk::new(first),
+            },
+            None => Chunk::new(first),
+        };
+        chunk.push(value);
+        while let Some(&(next_key, Some(next_value))) = rest.peek() {
+            let next = chunk.next();
+            if keys::parse_execution(next_key) != Some((row, next)) {
+                break;
+            }
+            if chunk.is_full() {
+                let (key, bytes) = std::mem::replace(&mut chunk, Chunk::new(next)).finish(row);
+                self.tree.insert(key, bytes)?;
+            }
+            chunk.push(next_value);
+            rest.next();
+        }
+        let (key, bytes) = chunk.finish(row);
+        self.tree.insert(key, bytes)?;
+        Ok(())
     }
 
     /// Bytes free for this process on the data dir's file system.
@@ -681,6 +744,107 @@ mod tests {
             }
         }
         store.apply(batch).unwrap();
+    }
+
+    /// Applies `ops` to the overlay as log record `seq` would.
+    fn through_overlay(store: &Store, seq: u64, ops: &[WriteOp]) {
+        store.overlay.apply(
+            seq,
+            ops.iter().filter_map(|op| match op {
+                WriteOp::Put { key, value } => Some((&key[..], Some(&value[..]))),
+                WriteOp::Remove { key } => Some((&key[..], None)),
+                WriteOp::Audit(_) => None,
+            }),
+        );
+    }
+
+    fn numbered(seq: u64) -> ToolExecution {
+        ToolExecution {
+            tool_name: "grep".into(),
+            tool_id: None,
+            arguments: "null".into(),
+            result: "null".into(),
+            error: None,
+            duration_ms: seq,
+            tokens_used: 1,
+            executed_at: 2_000,
+            recorded_at: 2_000 + seq as i64,
+        }
+    }
+
+    #[test]
+    fn checkpoints_fold_executions_into_chunks_that_read_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path(), 1 << 20, false).unwrap().store;
+        let a = session_at(1_000, 3600, 3600);
+        let b_row = Uuid::from_u128(0xb);
+        let mut log_seq = 0;
+        through_overlay(&store, 1, &[WriteOp::put_session(&a)]);
+        let mut next = 1u64;
+        // Rounds of different sizes, a checkpoint after each: chunks are
+        // started, extended, and split at CHUNK_MAX.
+        for round in [1u64, 2, 70, 5, 72] {
+            for _ in 0..round {
+                log_seq += 1;
+                through_overlay(
+                    &store,
+                    log_seq,
+                    &[
+                        WriteOp::put_execution(a.id, next, &numbered(next)),
+                        WriteOp::put_execution(b_row, next, &numbered(next)),
+                    ],
+                );
+                next += 1;
+            }
+            store.checkpoint(log_seq).unwrap();
+        }
+        // A last one still in the overlay.
+        through_overlay(
+            &store,
+            log_seq + 1,
+            &[WriteOp::put_execution(a.id, next, &numbered(next))],
+        );
+        for reopen in [false, true] {
+            if reopen {
+                store.checkpoint(log_seq + 1).unwrap();
+                drop(store);
+                store = Store::open(dir.path(), 1 << 20, false).unwrap().store;
+            }
+            let listed: Vec<u64> = store
+                .executions(a.id, 1_000)
+                .unwrap()
+                .iter()
+                .map(|e| e.duration_ms)
+                .collect();
+            assert_eq!(
+                listed,
+                (1..=next).rev().collect::<Vec<_>>(),
+                "reopened: {reopen}"
+            );
+            assert_eq!(store.executions(b_row, 1_000).unwrap().len(), 150);
+            assert_eq!(store.executions(a.id, 3).unwrap().len(), 3);
+            // The record counts none: every execution is replayed onto it.
+            let back = store.session(a.tenant_id, &a.session_id).unwrap().unwrap();
+            assert_eq!(back.tool_execution_count, next);
+        }
+        // Few values in sled, none over the limit.
+        let stored: Vec<(IVec, IVec)> = store
+            .tree
+            .scan_prefix(keys::executions_prefix(a.id))
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(
+            stored.len() <= 6,
+            "{} values for {next} executions",
+            stored.len()
+        );
+        for (key, value) in &stored {
+            let (_, first) = keys::parse_execution(key).unwrap();
+            let held = super::super::executions::records(first, value)
+                .unwrap()
+                .len();
+            assert!(held <= super::super::executions::CHUNK_MAX);
+        }
     }
 
     #[test]
