@@ -57,8 +57,8 @@ pub fn records(first: u64, value: &[u8]) -> Result<Vec<(u64, &[u8])>, RecordErro
     }
 }
 
-/// How many executions a stored value holds, without splitting it.
-fn count(value: &[u8]) -> Result<usize, RecordError> {
+/// How many executions a stored value holds.
+pub fn count(value: &[u8]) -> Result<usize, RecordError> {
     match value.first() {
         Some(&CHUNK) => records(0, value).map(|r| r.len()),
         Some(_) => Ok(1),
