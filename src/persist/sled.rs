@@ -650,32 +650,45 @@ impl Store {
             self.tree.insert(key.clone(), value.clone())?;
             return Ok(());
         };
-        let before = self
-            .tree
-            .range(keys::execution(row, 0)..keys::execution(row, first))
-            .next_back()
-            .transpose()?;
-        let mut chunk = match before {
-            Some((at, stored)) => match keys::parse_execution(&at) {
-                Some((_, at_seq)) => Chunk::extending(at_seq, &stored, first)
-                    .map_err(|e| corrupt(&at, e))?
-                    .unwrap_or_else(|| Chunk::new(first)),
-                None => Chunk::new(first),
-            },
-            None => Chunk::new(first),
-        };
-        chunk.push(value);
+        // This execution and those that follow it: same session, the next
+        // numbers.
+        let mut group: Vec<&[u8]> = vec![value];
         while let Some(&(next_key, Some(next_value))) = rest.peek() {
-            let next = chunk.next();
-            if keys::parse_execution(next_key) != Some((row, next)) {
+            if keys::parse_execution(next_key) != Some((row, first + group.len() as u64)) {
                 break;
             }
+            group.push(next_value);
+            rest.next();
+        }
+        // The session's chunk in sled at or before `first`, if any.
+        let before = self
+            .tree
+            .range(keys::execution(row, 0)..=keys::execution(row, first))
+            .next_back()
+            .transpose()?;
+        let (mut chunk, mut next) = (Chunk::new(first), first);
+        if let Some((at, stored)) = before {
+            if let Some((_, at_seq)) = keys::parse_execution(&at) {
+                // A checkpoint cut short by a crash may have stored some of
+                // these in that chunk already: they are not stored twice.
+                let end = at_seq + executions::count(&stored).map_err(|e| corrupt(&at, e))? as u64;
+                next = end.clamp(first, first + group.len() as u64);
+                chunk = Chunk::extending(at_seq, &stored, next)
+                    .map_err(|e| corrupt(&at, e))?
+                    .unwrap_or_else(|| Chunk::new(next));
+            }
+        }
+        let fresh = &group[(next - first) as usize..];
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        for record in fresh {
             if chunk.is_full() {
                 let (key, bytes) = std::mem::replace(&mut chunk, Chunk::new(next)).finish(row);
                 self.tree.insert(key, bytes)?;
             }
-            chunk.push(next_value);
-            rest.next();
+            chunk.push(record);
+            next += 1;
         }
         let (key, bytes) = chunk.finish(row);
         self.tree.insert(key, bytes)?;
@@ -813,6 +826,46 @@ mod tests {
             executed_at: 2_000,
             recorded_at: 2_000 + seq as i64,
         }
+    }
+
+    #[test]
+    fn executions_a_cut_short_checkpoint_stored_are_not_stored_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20, false).unwrap().store;
+        let row = Uuid::from_u128(0xc);
+        let put = |seqs: std::ops::RangeInclusive<u64>| -> Vec<WriteOp> {
+            seqs.map(|n| WriteOp::put_execution(row, n, &numbered(n)))
+                .collect()
+        };
+        through_overlay(&store, 1, &put(1..=5));
+        store.checkpoint(1).unwrap();
+        // The log replays 3 to 7 after a crash: 3 to 5 are in the chunk.
+        through_overlay(&store, 2, &put(3..=7));
+        let listed = |store: &Store| -> Vec<u64> {
+            store
+                .executions(row, 100)
+                .unwrap()
+                .iter()
+                .map(|e| e.duration_ms)
+                .collect()
+        };
+        assert_eq!(listed(&store), [7, 6, 5, 4, 3, 2, 1]);
+        store.checkpoint(2).unwrap();
+        assert_eq!(listed(&store), [7, 6, 5, 4, 3, 2, 1]);
+        let stored: Vec<(IVec, IVec)> = store
+            .tree
+            .scan_prefix(keys::executions_prefix(row))
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(stored.len(), 1, "one chunk");
+        assert_eq!(super::super::executions::count(&stored[0].1).unwrap(), 7);
+        // All of them already there, from the chunk's own first: nothing
+        // is written, and the chunk is not replaced by a shorter one.
+        through_overlay(&store, 3, &put(2..=4));
+        store.checkpoint(3).unwrap();
+        through_overlay(&store, 4, &put(1..=3));
+        store.checkpoint(4).unwrap();
+        assert_eq!(listed(&store), [7, 6, 5, 4, 3, 2, 1]);
     }
 
     #[test]
