@@ -114,7 +114,7 @@ pub const MAX_JSON_DEPTH: usize = 32;
 
 /// Refuses bodies nested deeper than [`MAX_JSON_DEPTH`] before parsing
 /// them: deep nesting costs stack and time, and no field needs it.
-fn check_depth(bytes: &[u8]) -> Result<(), ApiError> {
+pub(crate) fn check_depth(bytes: &[u8]) -> Result<(), ApiError> {
     let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
     for &b in bytes {
         if in_string {

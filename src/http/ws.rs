@@ -44,7 +44,7 @@ use uuid::Uuid;
 
 use super::access::{self, Credential, Proof, SessionCaller};
 use super::error::ApiError;
-use super::extract::{charge, charge_session, decode, SessionId};
+use super::extract::{charge, charge_session, check_depth, decode, SessionId};
 use super::limits::Class;
 use super::openapi::ErrorResponse;
 use super::sessions::{session_update, with_tokens, RefreshBody, TerminateBody, UpdateBody};
@@ -346,6 +346,15 @@ impl Connection {
         if records && outcome.is_err() {
             self.touch().await;
         }
+        // The fast reading checks params only for syntax: params the tree
+        // refuses (a lone surrogate, a number out of range) fail to decode,
+        // and the frame gets the tree's answer, a parse error.
+        if matches!(outcome, Err((INVALID_PARAMS, _))) && matches!(request.method, Cow::Borrowed(_))
+        {
+            if let Err(reply) = parse_request_tree(text) {
+                return Some(reply);
+            }
+        }
         let id = request.id?;
         Some(match outcome {
             Ok(result) => format!(r#"{{"jsonrpc":"2.0","id":{id},"result":{result}}}"#),
@@ -481,17 +490,31 @@ fn present<'de, D: serde::Deserializer<'de>>(
     <&RawValue>::deserialize(deserializer).map(Some)
 }
 
-/// Whether an id's JSON text is a string, a number or null (JSON-RPC).
-fn valid_id(id: &str) -> bool {
-    id == "null" || id.starts_with(|c: char| c == '"' || c == '-' || c.is_ascii_digit())
+/// Whether an id's JSON text is one the fast reading takes as it is: null,
+/// an integer, or a string without escapes. Others (a fraction, an
+/// exponent, an escape, or something that is not a valid id) are read
+/// through the tree, which checks what raw text does not (a lone
+/// surrogate, a number out of range).
+fn plain_id(id: &str) -> bool {
+    let digits = id.strip_prefix('-').unwrap_or(id);
+    id == "null"
+        || (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+        || (id.len() >= 2 && id.starts_with('"') && !id.contains('\\'))
 }
 
 /// A text frame as a JSON-RPC request; or the error reply for a frame that
 /// is not one.
 fn parse_request(text: &str) -> Result<Request<'_>, String> {
-    if let Ok(frame) = serde_json::from_str::<Envelope<'_>>(text) {
+    // An object (a struct also reads from an array, by position), nested no
+    // deeper than a body may be (the tree enforces its own limit on fields
+    // the fast reading skips).
+    let object = text.trim_start().starts_with('{') && check_depth(text.as_bytes()).is_ok();
+    if let Some(frame) = object
+        .then(|| serde_json::from_str::<Envelope<'_>>(text).ok())
+        .flatten()
+    {
         if let (Some("2.0"), Some(method)) = (frame.jsonrpc, frame.method) {
-            if frame.id.is_none_or(|id| valid_id(id.get())) {
+            if frame.id.is_none_or(|id| plain_id(id.get())) {
                 return Ok(Request {
                     id: frame.id.map(|id| Cow::Borrowed(id.get())),
                     method: Cow::Borrowed(method),
@@ -644,7 +667,7 @@ mod tests {
             r#"{"jsonrpc":"2.0","id":null,"method":"session.get"}"#,
             r#"{"jsonrpc":"2.0","method":"session.heartbeat"}"#,
             r#"{"jsonrpc":"2.0","id":1,"method":"session.get","params":null}"#,
-            r#"{"jsonrpc":"2.0","id":-1.5e3,"method":"session.get","params":[]}"#,
+            r#"{"jsonrpc":"2.0","id":-15,"method":"session.get","params":[]}"#,
             r#"{"params":{"x":1},"method":"session.update","id":2,"jsonrpc":"2.0","extra":true}"#,
             r#" { "jsonrpc" : "2.0" , "id" : 3 , "method" : "session.get" } "#,
             // Read by the tree only: escapes, a duplicate key.
@@ -661,6 +684,14 @@ mod tests {
             r#"{"jsonrpc":"2.0","id":13,"method":"session.get"} x"#,
             r#"{"jsonrpc":"2.0","id":14,"method":"#,
             "",
+            // A struct reads an array by position; the tree does not.
+            r#"["2.0",15,"tool.executed",{"tool_name":"grep"}]"#,
+            // Raw text the tree refuses: a lone surrogate, a number out of
+            // range; and ids the fast reading leaves to the tree.
+            r#"{"jsonrpc":"2.0","id":"\ud800","method":"session.get"}"#,
+            r#"{"jsonrpc":"2.0","id":1e400,"method":"session.get"}"#,
+            r#"{"jsonrpc":"2.0","id":1.5,"method":"session.get"}"#,
+            r#"{"jsonrpc":"2.0","id":"a\"b","method":"session.get"}"#,
         ];
         for (i, frame) in frames.iter().enumerate() {
             // The first eight are read without a tree.
@@ -674,6 +705,23 @@ mod tests {
                 "{frame}"
             );
         }
+        // Nested past serde_json's limit in a field the fast reading skips.
+        let deep = format!(
+            r#"{{"jsonrpc":"2.0","id":16,"method":"session.get","junk":{}1{}}}"#,
+            "[".repeat(130),
+            "]".repeat(130)
+        );
+        assert_eq!(
+            as_values(parse_request(&deep)),
+            as_values(parse_request_tree(&deep))
+        );
+        assert!(parse_request_tree(&deep).is_err());
+        // Params are raw text to the fast reading; `handle` answers the
+        // tree's parse error when such params fail to decode.
+        let surrogate =
+            r#"{"jsonrpc":"2.0","id":17,"method":"tool.executed","params":{"tool_name":"\ud800"}}"#;
+        assert!(parse_request(surrogate).is_ok());
+        assert!(parse_request_tree(surrogate).is_err());
         // The fast reading keeps a notification apart from `"id": null`.
         assert!(parse_request(r#"{"jsonrpc":"2.0","method":"m"}"#)
             .unwrap()

@@ -114,6 +114,11 @@ impl Chunk {
         self.count == 0
     }
 
+    /// The number of its first execution.
+    pub fn first(&self) -> u64 {
+        self.first
+    }
+
     /// The number the next execution must have.
     pub fn next(&self) -> u64 {
         self.first + self.count as u64

@@ -401,7 +401,8 @@ impl Store {
     }
 
     /// The number of the last stored execution of every session that has
-    /// one (chunks make these few values to read).
+    /// one (chunks make these few values to read); `u64::MAX` for a session
+    /// with a value that does not read.
     pub fn last_executions(&self) -> Result<HashMap<Uuid, u64>, StoreError> {
         let mut last = HashMap::new();
         for item in self.scan_prefix(&[keys::executions_prefix(Uuid::nil())[0]], false) {
@@ -409,8 +410,9 @@ impl Store {
             let Some((row, first)) = keys::parse_execution(&key) else {
                 continue;
             };
-            let held = executions::count(&value).map_err(|e| corrupt(&key, e))?;
-            let n = first + held as u64 - 1;
+            // A damaged value marks its session as behind: decoding that
+            // session then reads its executions and fails for it alone.
+            let n = executions::count(&value).map_or(u64::MAX, |held| first + held as u64 - 1);
             last.entry(row)
                 .and_modify(|seen: &mut u64| *seen = (*seen).max(n))
                 .or_insert(n);
@@ -668,13 +670,17 @@ impl Store {
             .transpose()?;
         let (mut chunk, mut next) = (Chunk::new(first), first);
         if let Some((at, stored)) = before {
-            if let Some((_, at_seq)) = keys::parse_execution(&at) {
+            // A damaged value is left to its readers (they report it); the
+            // run then starts a chunk of its own.
+            if let (Some((_, at_seq)), Ok(held)) =
+                (keys::parse_execution(&at), executions::count(&stored))
+            {
                 // A checkpoint cut short by a crash may have stored some of
                 // these in that chunk already: they are not stored twice.
-                let end = at_seq + executions::count(&stored).map_err(|e| corrupt(&at, e))? as u64;
-                next = end.clamp(first, first + group.len() as u64);
+                next = (at_seq + held as u64).clamp(first, first + group.len() as u64);
                 chunk = Chunk::extending(at_seq, &stored, next)
-                    .map_err(|e| corrupt(&at, e))?
+                    .ok()
+                    .flatten()
                     .unwrap_or_else(|| Chunk::new(next));
             }
         }
@@ -684,14 +690,27 @@ impl Store {
         }
         for record in fresh {
             if chunk.is_full() {
-                let (key, bytes) = std::mem::replace(&mut chunk, Chunk::new(next)).finish(row);
-                self.tree.insert(key, bytes)?;
+                let full = std::mem::replace(&mut chunk, Chunk::new(next));
+                self.store_chunk(row, full)?;
             }
             chunk.push(record);
             next += 1;
         }
+        self.store_chunk(row, chunk)
+    }
+
+    /// Inserts a chunk, and removes any other value inside its numbers: a
+    /// release before chunks, stopped by a crash in a checkpoint, can have
+    /// left some of them as single values, which readers would take for
+    /// the start of a later chunk.
+    fn store_chunk(&self, row: Uuid, chunk: Chunk) -> Result<(), StoreError> {
+        let inside = keys::execution(row, chunk.first() + 1)..keys::execution(row, chunk.next());
         let (key, bytes) = chunk.finish(row);
         self.tree.insert(key, bytes)?;
+        let strays: Vec<IVec> = self.tree.range(inside).keys().collect::<Result<_, _>>()?;
+        for stray in strays {
+            self.tree.remove(stray)?;
+        }
         Ok(())
     }
 
@@ -866,6 +885,56 @@ mod tests {
         through_overlay(&store, 4, &put(1..=3));
         store.checkpoint(4).unwrap();
         assert_eq!(listed(&store), [7, 6, 5, 4, 3, 2, 1]);
+    }
+
+    #[test]
+    fn singles_of_an_older_release_inside_a_new_chunk_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20, false).unwrap().store;
+        let row = Uuid::from_u128(0xd);
+        // A release before chunks stored 3 to 5 alone, and crashed before
+        // its checkpoint mark: the log replays 3 to 7.
+        for n in 3..=5u64 {
+            store
+                .tree
+                .insert(keys::execution(row, n), record::encode(&numbered(n)))
+                .unwrap();
+        }
+        let replayed: Vec<WriteOp> = (3..=7u64)
+            .map(|n| WriteOp::put_execution(row, n, &numbered(n)))
+            .collect();
+        through_overlay(&store, 1, &replayed);
+        store.checkpoint(1).unwrap();
+        let listed: Vec<u64> = store
+            .executions(row, 100)
+            .unwrap()
+            .iter()
+            .map(|e| e.duration_ms)
+            .collect();
+        assert_eq!(listed, [7, 6, 5, 4, 3]);
+        assert_eq!(
+            store.tree.scan_prefix(keys::executions_prefix(row)).count(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_damaged_execution_value_stops_neither_recovery_nor_checkpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20, false).unwrap().store;
+        let row = Uuid::from_u128(0xe);
+        store
+            .tree
+            .insert(
+                keys::execution(row, 1),
+                &[super::super::executions::CHUNK, 9, 0][..],
+            )
+            .unwrap();
+        assert_eq!(store.last_executions().unwrap()[&row], u64::MAX);
+        through_overlay(&store, 1, &[WriteOp::put_execution(row, 2, &numbered(2))]);
+        store.checkpoint(1).unwrap();
+        // Its reader still reports the damage.
+        assert!(store.executions(row, 10).is_err());
     }
 
     #[test]
