@@ -349,13 +349,7 @@ mod tests {
                 live.id, seq, &execution,
             ));
         }
-        store.overlay().apply(
-            1,
-            ops.iter().filter_map(|op| match op {
-                crate::persist::WriteOp::Put { key, value } => Some((&key[..], Some(&value[..]))),
-                _ => None,
-            }),
-        );
+        store.apply_through_overlay(1, &ops);
         store.checkpoint(1).unwrap();
         let mut bytes = Vec::new();
         snapshot(&store, &mut bytes, 42, |_| {}).unwrap();
@@ -371,13 +365,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let restored = Store::open(dir.path(), 1 << 20, false).unwrap().store;
         restore(&restored, &bytes[..], |_| {}).unwrap();
-        let durations: Vec<u64> = restored
-            .executions(live.id, 10)
-            .unwrap()
-            .iter()
-            .map(|e| e.duration_ms)
-            .collect();
-        assert_eq!(durations, [6, 5, 4, 3, 2, 1]);
+        assert_eq!(restored.execution_durations(live.id), [6, 5, 4, 3, 2, 1]);
         let back = restored
             .session(live.tenant_id, &live.session_id)
             .unwrap()

@@ -427,13 +427,7 @@ mod tests {
                 session.id, seq, &execution,
             ));
         }
-        store.overlay().apply(
-            1,
-            ops.iter().filter_map(|op| match op {
-                crate::persist::WriteOp::Put { key, value } => Some((&key[..], Some(&value[..]))),
-                _ => None,
-            }),
-        );
+        store.apply_through_overlay(1, &ops);
         store.checkpoint(1).unwrap();
         assert_eq!(seed(&store, &mut log, 9).unwrap(), 5);
         drop(log);

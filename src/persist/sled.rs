@@ -750,6 +750,32 @@ impl Store {
     }
 }
 
+#[cfg(test)]
+impl Store {
+    /// Applies `ops` to the overlay as log record `seq` would.
+    pub(crate) fn apply_through_overlay(&self, seq: u64, ops: &[super::WriteOp]) {
+        use super::WriteOp;
+        self.overlay.apply(
+            seq,
+            ops.iter().filter_map(|op| match op {
+                WriteOp::Put { key, value } => Some((&key[..], Some(&value[..]))),
+                WriteOp::Remove { key } => Some((&key[..], None)),
+                WriteOp::Audit(_) => None,
+            }),
+        );
+    }
+
+    /// The `duration_ms` of a session's stored executions, newest first
+    /// (tests number executions by it).
+    pub(crate) fn execution_durations(&self, session_row: Uuid) -> Vec<u64> {
+        self.executions(session_row, usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|e| e.duration_ms)
+            .collect()
+    }
+}
+
 /// Name of the checkpoint mark: the last log record sled holds, kept
 /// outside sled (8 bytes BE, crc32 of them LE), written after sled's fsync.
 /// Sled loses its newest writes silently when its files are damaged; this
@@ -821,18 +847,6 @@ mod tests {
         store.apply(batch).unwrap();
     }
 
-    /// Applies `ops` to the overlay as log record `seq` would.
-    fn through_overlay(store: &Store, seq: u64, ops: &[WriteOp]) {
-        store.overlay.apply(
-            seq,
-            ops.iter().filter_map(|op| match op {
-                WriteOp::Put { key, value } => Some((&key[..], Some(&value[..]))),
-                WriteOp::Remove { key } => Some((&key[..], None)),
-                WriteOp::Audit(_) => None,
-            }),
-        );
-    }
-
     fn numbered(seq: u64) -> ToolExecution {
         ToolExecution {
             tool_name: "grep".into(),
@@ -856,21 +870,13 @@ mod tests {
             seqs.map(|n| WriteOp::put_execution(row, n, &numbered(n)))
                 .collect()
         };
-        through_overlay(&store, 1, &put(1..=5));
+        store.apply_through_overlay(1, &put(1..=5));
         store.checkpoint(1).unwrap();
         // The log replays 3 to 7 after a crash: 3 to 5 are in the chunk.
-        through_overlay(&store, 2, &put(3..=7));
-        let listed = |store: &Store| -> Vec<u64> {
-            store
-                .executions(row, 100)
-                .unwrap()
-                .iter()
-                .map(|e| e.duration_ms)
-                .collect()
-        };
-        assert_eq!(listed(&store), [7, 6, 5, 4, 3, 2, 1]);
+        store.apply_through_overlay(2, &put(3..=7));
+        assert_eq!(store.execution_durations(row), [7, 6, 5, 4, 3, 2, 1]);
         store.checkpoint(2).unwrap();
-        assert_eq!(listed(&store), [7, 6, 5, 4, 3, 2, 1]);
+        assert_eq!(store.execution_durations(row), [7, 6, 5, 4, 3, 2, 1]);
         let stored: Vec<(IVec, IVec)> = store
             .tree
             .scan_prefix(keys::executions_prefix(row))
@@ -880,11 +886,11 @@ mod tests {
         assert_eq!(super::super::executions::count(&stored[0].1).unwrap(), 7);
         // All of them already there, from the chunk's own first: nothing
         // is written, and the chunk is not replaced by a shorter one.
-        through_overlay(&store, 3, &put(2..=4));
+        store.apply_through_overlay(3, &put(2..=4));
         store.checkpoint(3).unwrap();
-        through_overlay(&store, 4, &put(1..=3));
+        store.apply_through_overlay(4, &put(1..=3));
         store.checkpoint(4).unwrap();
-        assert_eq!(listed(&store), [7, 6, 5, 4, 3, 2, 1]);
+        assert_eq!(store.execution_durations(row), [7, 6, 5, 4, 3, 2, 1]);
     }
 
     #[test]
@@ -903,15 +909,9 @@ mod tests {
         let replayed: Vec<WriteOp> = (3..=7u64)
             .map(|n| WriteOp::put_execution(row, n, &numbered(n)))
             .collect();
-        through_overlay(&store, 1, &replayed);
+        store.apply_through_overlay(1, &replayed);
         store.checkpoint(1).unwrap();
-        let listed: Vec<u64> = store
-            .executions(row, 100)
-            .unwrap()
-            .iter()
-            .map(|e| e.duration_ms)
-            .collect();
-        assert_eq!(listed, [7, 6, 5, 4, 3]);
+        assert_eq!(store.execution_durations(row), [7, 6, 5, 4, 3]);
         assert_eq!(
             store.tree.scan_prefix(keys::executions_prefix(row)).count(),
             1
@@ -931,7 +931,7 @@ mod tests {
             )
             .unwrap();
         assert_eq!(store.last_executions().unwrap()[&row], u64::MAX);
-        through_overlay(&store, 1, &[WriteOp::put_execution(row, 2, &numbered(2))]);
+        store.apply_through_overlay(1, &[WriteOp::put_execution(row, 2, &numbered(2))]);
         store.checkpoint(1).unwrap();
         // Its reader still reports the damage.
         assert!(store.executions(row, 10).is_err());
@@ -944,15 +944,14 @@ mod tests {
         let a = session_at(1_000, 3600, 3600);
         let b_row = Uuid::from_u128(0xb);
         let mut log_seq = 0;
-        through_overlay(&store, 1, &[WriteOp::put_session(&a)]);
+        store.apply_through_overlay(1, &[WriteOp::put_session(&a)]);
         let mut next = 1u64;
         // Rounds of different sizes, a checkpoint after each: chunks are
         // started, extended, and split at CHUNK_MAX.
         for round in [1u64, 2, 70, 5, 72] {
             for _ in 0..round {
                 log_seq += 1;
-                through_overlay(
-                    &store,
+                store.apply_through_overlay(
                     log_seq,
                     &[
                         WriteOp::put_execution(a.id, next, &numbered(next)),
@@ -964,8 +963,7 @@ mod tests {
             store.checkpoint(log_seq).unwrap();
         }
         // A last one still in the overlay.
-        through_overlay(
-            &store,
+        store.apply_through_overlay(
             log_seq + 1,
             &[WriteOp::put_execution(a.id, next, &numbered(next))],
         );
@@ -975,14 +973,8 @@ mod tests {
                 drop(store);
                 store = Store::open(dir.path(), 1 << 20, false).unwrap().store;
             }
-            let listed: Vec<u64> = store
-                .executions(a.id, 1_000)
-                .unwrap()
-                .iter()
-                .map(|e| e.duration_ms)
-                .collect();
             assert_eq!(
-                listed,
+                store.execution_durations(a.id),
                 (1..=next).rev().collect::<Vec<_>>(),
                 "reopened: {reopen}"
             );
