@@ -59,13 +59,6 @@ impl Engine {
         let idle_after_ms = shared.idle_after_ms;
         let known: Arc<HashSet<Uuid>> = Arc::new(self.tenants.keys().copied().collect());
         let now = shared.clock.now();
-        // Three stages on their own threads, streaming, so a million records
-        // are never all in memory at once: one walks the tree, DECODERS
-        // decode the records (a live one also looks up executions past it),
-        // and this task restores. On two cores the walk and the decoding on
-        // one thread were the longest chain (4.7 of 6.5 s for 1M sessions).
-        // Records travel in batches, so a thread wakes once per batch: one
-        // wake-up per session was about 6 % of the samples.
         // Which sessions have executions, and up to which number: one read
         // of the execution keys, so that a record that is not behind (nearly
         // all) needs no look of its own.
@@ -78,6 +71,13 @@ impl Engine {
                     .map_err(storage)?,
             )
         };
+        // Three stages on their own threads, streaming, so a million records
+        // are never all in memory at once: one walks the tree, DECODERS
+        // decode the records (one that is behind also reads its executions
+        // past it), and this task restores. On two cores the walk and the decoding on
+        // one thread were the longest chain (4.7 of 6.5 s for 1M sessions).
+        // Records travel in batches, so a thread wakes once per batch: one
+        // wake-up per session was about 6 % of the samples.
         let (records_tx, records_rx) = std::sync::mpsc::sync_channel::<Vec<Record>>(2 * DECODERS);
         let walk = {
             let shared = shared.clone();
@@ -123,7 +123,7 @@ impl Engine {
                             let (key, bytes) = record?;
                             let (session, replayed) = shared
                                 .store
-                                .decode_session_known(&key, &bytes, &last_executions)
+                                .decode_session_replayed(&key, &bytes, Some(&last_executions))
                                 .map_err(storage)?;
                             Ok(classify(session, replayed, &known, now, idle_after_ms))
                         })

@@ -87,12 +87,12 @@ impl Chunk {
     /// The stored value under `first`'s key, to extend, when it ends right
     /// before `next` and has room; `None` when a new chunk must start.
     pub fn extending(first: u64, value: &[u8], next: u64) -> Result<Option<Self>, RecordError> {
-        let held = count(value)?;
-        if first + held as u64 != next || held >= CHUNK_MAX {
+        let held = records(first, value)?;
+        if first + held.len() as u64 != next || held.len() >= CHUNK_MAX {
             return Ok(None);
         }
         let mut chunk = Chunk::new(first);
-        for (_, record) in records(first, value)? {
+        for (_, record) in held {
             chunk.push(record);
         }
         Ok(Some(chunk))
@@ -108,15 +108,6 @@ impl Chunk {
 
     pub fn is_full(&self) -> bool {
         self.count >= CHUNK_MAX
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.count == 0
-    }
-
-    /// The number of its first execution.
-    pub fn first(&self) -> u64 {
-        self.first
     }
 
     /// The number the next execution must have.

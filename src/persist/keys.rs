@@ -114,6 +114,11 @@ pub fn all_sessions() -> [u8; 1] {
     [TAG_SESSION]
 }
 
+/// Prefix of every execution value (single or chunk).
+pub fn all_executions() -> [u8; 1] {
+    [TAG_EXECUTION]
+}
+
 /// Splits a session key into tenant and session id.
 pub fn parse_session(key: &[u8]) -> Option<(Uuid, &str)> {
     if key.len() < 17 || key[0] != TAG_SESSION {

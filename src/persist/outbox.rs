@@ -22,7 +22,6 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use sled::IVec;
 use tokio::sync::{oneshot, Notify};
 use uuid::Uuid;
 
@@ -84,24 +83,24 @@ pub fn entry_for_record(key: &[u8], value: &[u8], now: Millis) -> Option<Vec<u8>
 pub(crate) fn seed(store: &Store, log: &mut LogWriter, now: Millis) -> Result<usize, StoreError> {
     let mut record = RecordBuilder::default();
     let mut seeded = 0;
-    let sessions = store.scan_prefix(&keys::all_sessions(), false);
-    // Chunks of executions go one execution per entry.
-    let executions = Unique::new(
-        store.scan_prefix(&[keys::executions_prefix(Uuid::nil())[0]], false),
-        false,
-    )
-    .map(|item| {
-        item.map(|(row, seq, value)| (keys::execution(row, seq).to_vec().into(), value.into()))
-    });
-    for item in sessions.chain(executions) {
-        let (key, value): (IVec, IVec) = item?;
-        if let Some(entry) = entry_for_record(&key, &value, now) {
+    let mut add = |entry: Option<Vec<u8>>| -> Result<(), StoreError> {
+        if let Some(entry) = entry {
             record.entry(&entry);
             seeded += 1;
             if seeded % 1024 == 0 {
                 store.append(log, &mut record)?;
             }
         }
+        Ok(())
+    };
+    for item in store.scan_prefix(&keys::all_sessions(), false) {
+        let (key, value) = item?;
+        add(entry_for_record(&key, &value, now))?;
+    }
+    // A chunk of executions goes one execution per entry.
+    for item in Unique::new(store.scan_prefix(&keys::all_executions(), false), false) {
+        let (row, seq, value) = item?;
+        add(entry_for_record(&keys::execution(row, seq), &value, now))?;
     }
     store.append(log, &mut record)?;
     Ok(seeded)

@@ -341,36 +341,19 @@ impl Store {
     /// execution is written (and acknowledged) on its own; executions
     /// numbered past the record's count are replayed onto it here.
     fn decode_session(&self, key: &[u8], bytes: &[u8]) -> Result<Session, StoreError> {
-        self.decode_session_replayed(key, bytes)
+        self.decode_session_replayed(key, bytes, None)
             .map(|(session, _)| session)
     }
 
     /// As [`Store::decode_session`], with the number of executions replayed
     /// (non-zero: the record on disk is behind); `key` and `bytes` are one
     /// item of [`Store::session_records`].
+    ///
+    /// Given what [`Store::last_executions`] found (recovery), executions
+    /// are read only for a record that is behind, instead of looking at the
+    /// session's last key: for a million sessions, one scan of the
+    /// executions instead of a million looks, which cost a second.
     pub fn decode_session_replayed(
-        &self,
-        key: &[u8],
-        bytes: &[u8],
-    ) -> Result<(Session, u64), StoreError> {
-        self.decode_session_against(key, bytes, None)
-    }
-
-    /// As [`Store::decode_session_replayed`], given what
-    /// [`Store::last_executions`] found for the session: executions are
-    /// then read only for a record that is behind, instead of looking at
-    /// the session's last key (recovery, for a million sessions: one scan
-    /// of the executions instead of a million looks, which cost a second).
-    pub fn decode_session_known(
-        &self,
-        key: &[u8],
-        bytes: &[u8],
-        last_executions: &HashMap<Uuid, u64>,
-    ) -> Result<(Session, u64), StoreError> {
-        self.decode_session_against(key, bytes, Some(last_executions))
-    }
-
-    fn decode_session_against(
         &self,
         key: &[u8],
         bytes: &[u8],
@@ -378,12 +361,12 @@ impl Store {
     ) -> Result<(Session, u64), StoreError> {
         let mut session = record::decode_session(bytes).map_err(|e| corrupt(key, e))?;
         let recorded = session.tool_execution_count;
-        let behind =
-            last_executions.map(|last| last.get(&session.id).is_some_and(|n| *n > recorded));
+        let may_be_behind =
+            last_executions.is_none_or(|last| last.get(&session.id).is_some_and(|n| *n > recorded));
         // Executions are numbered without gaps: those past the count are
         // read newest first, down to it. Nearly always there are none, and
         // this is one look at the session's last key.
-        if !session.status.is_final() && behind != Some(false) {
+        if !session.status.is_final() && may_be_behind {
             let newer = Unique::new(
                 self.scan_prefix(&keys::executions_prefix(session.id), true),
                 true,
@@ -405,7 +388,7 @@ impl Store {
     /// with a value that does not read.
     pub fn last_executions(&self) -> Result<HashMap<Uuid, u64>, StoreError> {
         let mut last = HashMap::new();
-        for item in self.scan_prefix(&[keys::executions_prefix(Uuid::nil())[0]], false) {
+        for item in self.scan_prefix(&keys::all_executions(), false) {
             let (key, value) = item?;
             let Some((row, first)) = keys::parse_execution(&key) else {
                 continue;
@@ -662,12 +645,26 @@ impl Store {
             group.push(next_value);
             rest.next();
         }
-        // The session's chunk in sled at or before `first`, if any.
-        let before = self
-            .tree
-            .range(keys::execution(row, 0)..=keys::execution(row, first))
-            .next_back()
-            .transpose()?;
+        let last = first + group.len() as u64 - 1;
+        // The session's last value in sled up to the run's end: nearly
+        // always a chunk (or a single) before the run. One inside it, after
+        // its first number, can only be a single that a release before
+        // chunks stored when a crash cut its checkpoint short (the log
+        // replays all of those numbers): such values go, or readers would
+        // take one for the start of a later chunk.
+        let mut before = self.last_execution_up_to(row, last)?;
+        if before
+            .as_ref()
+            .and_then(|(at, _)| keys::parse_execution(at))
+            .is_some_and(|(_, at_seq)| at_seq > first)
+        {
+            let inside = keys::execution(row, first + 1)..=keys::execution(row, last);
+            let strays: Vec<IVec> = self.tree.range(inside).keys().collect::<Result<_, _>>()?;
+            for stray in strays {
+                self.tree.remove(stray)?;
+            }
+            before = self.last_execution_up_to(row, first)?;
+        }
         let (mut chunk, mut next) = (Chunk::new(first), first);
         if let Some((at, stored)) = before {
             // A damaged value is left to its readers (they report it); the
@@ -677,7 +674,7 @@ impl Store {
             {
                 // A checkpoint cut short by a crash may have stored some of
                 // these in that chunk already: they are not stored twice.
-                next = (at_seq + held as u64).clamp(first, first + group.len() as u64);
+                next = (at_seq + held as u64).clamp(first, last + 1);
                 chunk = Chunk::extending(at_seq, &stored, next)
                     .ok()
                     .flatten()
@@ -690,28 +687,29 @@ impl Store {
         }
         for record in fresh {
             if chunk.is_full() {
-                let full = std::mem::replace(&mut chunk, Chunk::new(next));
-                self.store_chunk(row, full)?;
+                let (key, bytes) = std::mem::replace(&mut chunk, Chunk::new(next)).finish(row);
+                self.tree.insert(key, bytes)?;
             }
             chunk.push(record);
             next += 1;
         }
-        self.store_chunk(row, chunk)
-    }
-
-    /// Inserts a chunk, and removes any other value inside its numbers: a
-    /// release before chunks, stopped by a crash in a checkpoint, can have
-    /// left some of them as single values, which readers would take for
-    /// the start of a later chunk.
-    fn store_chunk(&self, row: Uuid, chunk: Chunk) -> Result<(), StoreError> {
-        let inside = keys::execution(row, chunk.first() + 1)..keys::execution(row, chunk.next());
         let (key, bytes) = chunk.finish(row);
         self.tree.insert(key, bytes)?;
-        let strays: Vec<IVec> = self.tree.range(inside).keys().collect::<Result<_, _>>()?;
-        for stray in strays {
-            self.tree.remove(stray)?;
-        }
         Ok(())
+    }
+
+    /// The session's execution value in sled with the greatest key at or
+    /// before number `seq`.
+    fn last_execution_up_to(
+        &self,
+        row: Uuid,
+        seq: u64,
+    ) -> Result<Option<(IVec, IVec)>, StoreError> {
+        Ok(self
+            .tree
+            .range(keys::execution(row, 0)..=keys::execution(row, seq))
+            .next_back()
+            .transpose()?)
     }
 
     /// Bytes free for this process on the data dir's file system.
@@ -989,13 +987,17 @@ mod tests {
             assert_eq!((last[&a.id], last[&b_row]), (next, 150));
             let key = keys::session(a.tenant_id, &a.session_id);
             let bytes = store.get(&key).unwrap().unwrap();
-            let (known, replayed) = store.decode_session_known(&key, &bytes, &last).unwrap();
+            let (known, replayed) = store
+                .decode_session_replayed(&key, &bytes, Some(&last))
+                .unwrap();
             assert_eq!((known.tool_execution_count, replayed), (next, next));
             // A record that is not behind is not read against executions.
             let mut current = a.clone();
             current.tool_execution_count = next;
             let bytes = record::encode(&current);
-            let (_, replayed) = store.decode_session_known(&key, &bytes, &last).unwrap();
+            let (_, replayed) = store
+                .decode_session_replayed(&key, &bytes, Some(&last))
+                .unwrap();
             assert_eq!(replayed, 0);
         }
         // Few values in sled, none over the limit.
