@@ -39,7 +39,8 @@
 //! Each run also reads the CPU time (user and system, from `/proc`) the
 //! serving side used over the run and a 300 ms settling pause after it:
 //! the edge-sessions process, the Redis process, or this process's
-//! `echo-server` threads. Divided by the operations done, that is what a
+//! `echo-server` threads. Divided by the operations (the run's rate times
+//! its wall time, which includes the load tool's start), that is what a
 //! call costs the server, a figure a busy shared machine moves far less
 //! than the rates (which also depend on what the clients and everything
 //! else on the cores take).

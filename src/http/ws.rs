@@ -21,8 +21,9 @@
 //! Every inbound frame counts as activity, pings included. The server pings
 //! every 30 s and closes a connection silent for 90 s. A reply is written
 //! before the next frame is read, so nothing is buffered for a client
-//! beyond its socket: one that takes no message for 10 s is disconnected
-//! (4008 `client not reading`, if it still reads that). Frames draw on
+//! beyond its socket: a send that waits 10 s ends the connection (4008
+//! `client not reading` is offered for 1 s, then the socket gets 10 s to
+//! close before it is dropped). Frames draw on
 //! a write bucket: the session's own with a session token, the key's with an
 //! API key (over the limit: error -32029, the connection stays open).
 
@@ -348,9 +349,9 @@ impl Connection {
         }
         // The fast reading checks params only for syntax: params the tree
         // refuses (a lone surrogate, a number out of range) fail to decode,
-        // and the frame gets the tree's answer, a parse error.
-        if matches!(outcome, Err((INVALID_PARAMS, _))) && matches!(request.method, Cow::Borrowed(_))
-        {
+        // and the frame gets the tree's answer, a parse error. (A frame the
+        // tree read already passes again.)
+        if matches!(outcome, Err((INVALID_PARAMS, _))) {
             if let Err(reply) = parse_request_tree(text) {
                 return Some(reply);
             }
@@ -505,25 +506,26 @@ fn plain_id(id: &str) -> bool {
 /// A text frame as a JSON-RPC request; or the error reply for a frame that
 /// is not one.
 fn parse_request(text: &str) -> Result<Request<'_>, String> {
-    // An object (a struct also reads from an array, by position), nested no
-    // deeper than a body may be (the tree enforces its own limit on fields
-    // the fast reading skips).
-    let object = text.trim_start().starts_with('{') && check_depth(text.as_bytes()).is_ok();
-    if let Some(frame) = object
-        .then(|| serde_json::from_str::<Envelope<'_>>(text).ok())
-        .flatten()
-    {
-        if let (Some("2.0"), Some(method)) = (frame.jsonrpc, frame.method) {
-            if frame.id.is_none_or(|id| plain_id(id.get())) {
-                return Ok(Request {
-                    id: frame.id.map(|id| Cow::Borrowed(id.get())),
-                    method: Cow::Borrowed(method),
-                    params: frame.params.map(|params| Cow::Borrowed(params.get())),
-                });
-            }
-        }
+    parse_request_fast(text).map_or_else(|| parse_request_tree(text), Ok)
+}
+
+/// The request in `text` when it is read as it is: an object (a struct
+/// also reads from an array, by position), nested no deeper than a body may
+/// be (the tree enforces its own limit on fields this skips), with
+/// `"jsonrpc": "2.0"`, a method and a plain id.
+fn parse_request_fast(text: &str) -> Option<Request<'_>> {
+    if !text.trim_start().starts_with('{') || check_depth(text.as_bytes()).is_err() {
+        return None;
     }
-    parse_request_tree(text)
+    let frame = serde_json::from_str::<Envelope<'_>>(text).ok()?;
+    if frame.jsonrpc != Some("2.0") || !frame.id.is_none_or(|id| plain_id(id.get())) {
+        return None;
+    }
+    Some(Request {
+        id: frame.id.map(|id| Cow::Borrowed(id.get())),
+        method: Cow::Borrowed(frame.method?),
+        params: frame.params.map(|params| Cow::Borrowed(params.get())),
+    })
 }
 
 /// [`parse_request`] through a JSON tree, for the frames its fast reading
