@@ -13,7 +13,12 @@
 //!     a fresh session id per request (run prefix, wrk thread, counter);
 //!   - `tool exec`: `POST /api/v1/sessions/{id}/tools/execute` over
 //!     pre-created sessions;
-//!   - `get`: `GET /api/v1/sessions/{id}` over the same sessions.
+//!   - `get`: `GET /api/v1/sessions/{id}` over the same sessions;
+//!   - `create, open loop`: creates at half the rate `create` just reached,
+//!     sent on a fixed schedule by this process over the same number of
+//!     keep-alive connections, each timed from when it was due when its
+//!     connection was still busy (no coordinated omission): the p99 the
+//!     goal "p99 ≤ 5 ms at half of the maximum rate" names.
 //! * **B, the HTTP ceiling**: an axum server in this process, on its own
 //!   tokio runtime: `POST /echo` parses a ~266-byte JSON body into a
 //!   `serde_json::Value` and answers 201 with it. Same wrk set-up.
@@ -59,7 +64,8 @@
 //! * `COMPARE_BINARY`: another edge-sessions binary to measure instead of
 //!   this build's (a before/after against an older release);
 //! * `COMPARE_ONLY`: the comparisons to run, by name, comma-separated
-//!   (`create`, `tool`, `get`, `ws`; default all), each with its peer: for
+//!   (`create`, `tool`, `get`, `ws`; default all), each with its peer
+//!   (`create` with its open-loop run too): for
 //!   short alternating before/after runs of one path.
 //!
 //! Every child process (server, Redis, wrk, redis-benchmark) is held by a
@@ -263,6 +269,7 @@ struct Sample {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Phase {
     EdgeCreate,
+    EdgeCreateHalf,
     EdgeTool,
     EdgeGet,
     Echo,
@@ -273,8 +280,9 @@ enum Phase {
 }
 
 impl Phase {
-    const ALL: [Phase; 8] = [
+    const ALL: [Phase; 9] = [
         Phase::EdgeCreate,
+        Phase::EdgeCreateHalf,
         Phase::EdgeTool,
         Phase::EdgeGet,
         Phase::Echo,
@@ -287,6 +295,7 @@ impl Phase {
     fn label(self) -> &'static str {
         match self {
             Phase::EdgeCreate => "A edge create (POST /sessions)",
+            Phase::EdgeCreateHalf => "A edge create, open loop at half of A",
             Phase::EdgeTool => "A edge tool exec (POST .../tools/execute)",
             Phase::EdgeGet => "A edge get (GET /sessions/{id})",
             Phase::Echo => "B axum JSON echo (POST /echo)",
@@ -357,19 +366,26 @@ fn lua_edge_headers() -> String {
     )
 }
 
-/// Creates with unique ids: `prefix-tid-counter` (the prefix is new per run
-/// and round, so ids never repeat within a server's life).
-fn lua_create(prefix: &str) -> String {
+/// The create body around its id: `(head, tail)`, sized so a body with an
+/// id of `prefix` plus 9 more characters is [`CREATE_BODY_BYTES`] long.
+fn create_body_parts(prefix: &str) -> (String, String) {
     // Sized for an id of typical length, e.g. "c1234r1-1-123456".
     let template = r#"{"session_id":"ID","edge_mcp_id":"edge-bench-01","client_name":"compare-bench","client_type":"claude-code","client_version":"1.2.3","metadata":{"project":"edge-sessions","branch":"main","host":"bench-host-01.internal","region":"local","workspace":"/home/dev/src/edge-sessions","tags":["bench","compare","wrk"],"notes":"PAD"}}"#;
     let body = padded(template, CREATE_BODY_BYTES, prefix.len() + 9 - "ID".len());
     let (head, tail) = body.split_once("ID").expect("placeholder");
+    (head.to_owned(), tail.to_owned())
+}
+
+/// Creates with unique ids: `prefix-tid-counter` (the prefix is new per run
+/// and round, so ids never repeat within a server's life).
+fn lua_create(prefix: &str) -> String {
+    let (head, tail) = create_body_parts(prefix);
     format!(
         "{WRK_SETUP}{headers}local head = {head}\nlocal tail = {tail}\nlocal prefix = {prefix}\nlocal n = 0\n\
          function request()\n  n = n + 1\n  return wrk.format(\"POST\", \"/api/v1/sessions\", headers, head .. prefix .. \"-\" .. tid .. \"-\" .. n .. tail)\nend\n{WRK_DONE}",
         headers = lua_edge_headers(),
-        head = lua_str(head),
-        tail = lua_str(tail),
+        head = lua_str(&head),
+        tail = lua_str(&tail),
         prefix = lua_str(prefix),
     )
 }
@@ -920,6 +936,148 @@ async fn ws_socket_loop(mut socket: Socket, deadline: Instant) -> (Histogram<u64
 }
 
 // ---------------------------------------------------------------------------
+// Open-loop creates: a fixed rate, each request timed from when it was due
+
+/// Sends creates at `rate` per second for `seconds` over `connections`
+/// keep-alive connections. Request `i` is due at `start + i / rate`;
+/// connection `c` sends requests `c`, `c + connections`, … one at a time.
+/// A request that had to wait for its connection (the server answered the
+/// one before it late) is timed from when it was due, so a server falling
+/// behind shows in the latency instead of slowing the load down (no
+/// coordinated omission, as in wrk2); one sent on time is timed from its
+/// send, so the timer's millisecond granularity is not counted against the
+/// server.
+async fn open_loop_creates(
+    addr: SocketAddr,
+    prefix: &str,
+    rate: f64,
+    seconds: u64,
+    connections: usize,
+) -> Result<Sample, String> {
+    let (head, tail) = create_body_parts(prefix);
+    let (head, tail) = (Arc::new(head), Arc::new(tail));
+    let total = (rate * seconds as f64) as u64;
+    let mut streams = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        streams.push(stream);
+    }
+    let start = tokio::time::Instant::now() + Duration::from_millis(20);
+    let tasks: Vec<_> = streams
+        .into_iter()
+        .enumerate()
+        .map(|(c, mut stream)| {
+            let (head, tail) = (head.clone(), tail.clone());
+            let prefix = prefix.to_owned();
+            tokio::spawn(async move {
+                let mut latency = Histogram::<u64>::new(3).expect("histogram");
+                let (mut ok, mut failed) = (0u64, 0u64);
+                let mut answer = Vec::with_capacity(4096);
+                for i in (c as u64..total).step_by(connections) {
+                    let due = start + Duration::from_secs_f64(i as f64 / rate);
+                    let late = tokio::time::Instant::now() > due;
+                    tokio::time::sleep_until(due).await;
+                    let sent = tokio::time::Instant::now();
+                    let body = format!("{head}{prefix}-{c}-{i}{tail}");
+                    let request = format!(
+                        "POST /api/v1/sessions HTTP/1.1\r\nHost: {addr}\r\nX-API-Key: {API_KEY}\r\n\
+                         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let answered = tokio::time::timeout(
+                        Duration::from_secs(10),
+                        exchange(&mut stream, request.as_bytes(), &mut answer),
+                    )
+                    .await;
+                    match answered {
+                        Ok(Ok(201)) => {
+                            ok += 1;
+                            let from = if late { due } else { sent };
+                            let _ = latency.record((from.elapsed().as_micros() as u64).max(1));
+                        }
+                        Ok(Ok(status)) => {
+                            failed += 1;
+                            if failed == 1 {
+                                println!("  !! open-loop create answered {status}");
+                            }
+                        }
+                        // Broken or silent: this connection is done.
+                        Ok(Err(_)) | Err(_) => {
+                            failed += 1;
+                            break;
+                        }
+                    }
+                }
+                (latency, ok, failed)
+            })
+        })
+        .collect();
+    let mut latency = Histogram::<u64>::new(3).expect("histogram");
+    let (mut done, mut errors) = (0u64, 0u64);
+    for task in tasks {
+        let (hist, ok, failed) = task.await.map_err(|e| format!("connection task: {e}"))?;
+        latency.add(&hist).map_err(|e| e.to_string())?;
+        done += ok;
+        errors += failed;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    Ok(Sample {
+        ops_per_second: done as f64 / elapsed,
+        p99_ms: (!latency.is_empty()).then(|| latency.value_at_quantile(0.99) as f64 / 1000.0),
+        errors,
+        server_cpu_us: None,
+    })
+}
+
+/// Writes one HTTP/1.1 request and reads its whole answer (headers and a
+/// `Content-Length` body) into `answer`; answers the status.
+async fn exchange(
+    stream: &mut tokio::net::TcpStream,
+    request: &[u8],
+    answer: &mut Vec<u8>,
+) -> Result<u16, String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    stream.write_all(request).await.map_err(|e| e.to_string())?;
+    answer.clear();
+    let mut chunk = [0u8; 8192];
+    loop {
+        if let Some(end) = answer.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = std::str::from_utf8(&answer[..end]).map_err(|e| e.to_string())?;
+            let status = head
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| format!("not an HTTP answer: {head:?}"))?;
+            let length: usize = head
+                .lines()
+                .find_map(|line| {
+                    let (name, value) = line.split_once(':')?;
+                    name.trim()
+                        .eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse().ok())?
+                })
+                .ok_or("an answer without Content-Length")?;
+            while answer.len() < end + 4 + length {
+                let n = stream.read(&mut chunk).await.map_err(|e| e.to_string())?;
+                if n == 0 {
+                    return Err("closed mid-answer".into());
+                }
+                answer.extend_from_slice(&chunk[..n]);
+            }
+            return Ok(status);
+        }
+        let n = stream.read(&mut chunk).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("closed before an answer".into());
+        }
+        answer.extend_from_slice(&chunk[..n]);
+    }
+}
+
+// ---------------------------------------------------------------------------
 // The run
 
 /// Everything a phase needs; the servers live as long as this.
@@ -935,6 +1093,8 @@ struct Bench {
     client: tokio::runtime::Runtime,
     run_id: String,
     echo_body: String,
+    /// The last measured rate of A's creates, which the open-loop phase halves.
+    create_rate: f64,
 }
 
 impl Bench {
@@ -952,9 +1112,11 @@ impl Bench {
     /// CPU time used so far by the side that serves `phase`.
     fn server_cpu(&self, phase: Phase) -> Option<Duration> {
         match phase {
-            Phase::EdgeCreate | Phase::EdgeTool | Phase::EdgeGet | Phase::EdgeWs => {
-                process_cpu(self.edge.guard.child.id())
-            }
+            Phase::EdgeCreate
+            | Phase::EdgeCreateHalf
+            | Phase::EdgeTool
+            | Phase::EdgeGet
+            | Phase::EdgeWs => process_cpu(self.edge.guard.child.id()),
             Phase::Echo | Phase::WsEcho => threads_cpu(ECHO_THREADS),
             Phase::RedisSetex | Phase::RedisHincrby => process_cpu(self.redis.guard.child.id()),
         }
@@ -982,14 +1144,30 @@ impl Bench {
         let sample = match phase {
             Phase::EdgeCreate => {
                 let prefix = format!("{}r{round}", self.run_id);
-                run_wrk(
+                let sample = run_wrk(
                     "edge-create",
                     &self.dir,
                     self.edge.addr,
                     &lua_create(&prefix),
                     seconds,
                     conns,
-                )?
+                )?;
+                self.create_rate = sample.ops_per_second;
+                sample
+            }
+            Phase::EdgeCreateHalf => {
+                if self.create_rate < 2.0 {
+                    return Err("the open-loop creates need a create rate from A first".into());
+                }
+                // Same id length as the wrk creates ("h" for "r").
+                let prefix = format!("{}h{round}", self.run_id);
+                self.client.block_on(open_loop_creates(
+                    self.edge.addr,
+                    &prefix,
+                    self.create_rate / 2.0,
+                    seconds,
+                    conns,
+                ))?
             }
             Phase::EdgeTool => {
                 let script = lua_over_sessions("POST", "/tools/execute", Some(TOOL_BODY), sessions);
@@ -1053,7 +1231,11 @@ impl Bench {
         };
         if matches!(
             phase,
-            Phase::EdgeCreate | Phase::EdgeTool | Phase::EdgeGet | Phase::EdgeWs
+            Phase::EdgeCreate
+                | Phase::EdgeCreateHalf
+                | Phase::EdgeTool
+                | Phase::EdgeGet
+                | Phase::EdgeWs
         ) {
             self.edge.check_alive()?;
         }
@@ -1182,6 +1364,16 @@ fn print_table(knobs: &Knobs, phases: &[Phase], results: &[Vec<Sample>]) {
             ratio(med(edge, &cpu), med(peer, &cpu)),
         );
     }
+    if phases.contains(&Phase::EdgeCreateHalf) {
+        let samples = &results[Phase::EdgeCreateHalf.index()];
+        let ops = median(&samples.iter().map(|s| s.ops_per_second).collect::<Vec<_>>());
+        let p99 = median(&samples.iter().filter_map(|s| s.p99_ms).collect::<Vec<_>>());
+        println!(
+            "  create p99 at half of A's rate (open loop, {} creates/s): {} (the goal: at most 5 ms)",
+            ops.map_or("-".into(), |o| format!("{o:.0}")),
+            fmt_ms(p99)
+        );
+    }
     let flagged: Vec<_> = phases
         .iter()
         .filter(|p| results[p.index()].iter().any(|s| s.errors > 0))
@@ -1292,13 +1484,20 @@ fn run() -> Result<(), String> {
         redis_requests: [0; 2],
         client,
         echo_body,
+        create_rate: 0.0,
     };
 
     // The order inside a round: A (edge HTTP), B (echo), C (Redis), D (WS).
+    // The open-loop creates go with `create`, whose rate they halve.
     let chosen = |p: &Phase| {
+        let p = if *p == Phase::EdgeCreateHalf {
+            Phase::EdgeCreate
+        } else {
+            *p
+        };
         RATIOS
             .iter()
-            .any(|r| (r.0 == *p || r.1 == *p) && bench.knobs.only.contains(&r.3))
+            .any(|r| (r.0 == p || r.1 == p) && bench.knobs.only.contains(&r.3))
     };
     let phases: Vec<Phase> = Phase::ALL
         .into_iter()

@@ -37,8 +37,12 @@ fn unpack(dir: &Path, postgres: &str) -> PathBuf {
         .unwrap();
     assert!(status.success());
     let config = dir.join("edge-sessions.toml");
-    // Sessions live for decades and never turn idle, as when they were made.
-    let extra = format!("[sessions]\nidle_after_seconds = 2000000000\n{postgres}");
+    // Sessions live for decades and never turn idle, as when they were made,
+    // and the fixture's ended sessions stay readable however long ago it
+    // was made (the default retention, a day, would purge them).
+    let extra = format!(
+        "[sessions]\nidle_after_seconds = 2000000000\nretention_seconds = 2000000000\n{postgres}"
+    );
     std::fs::write(&config, config_toml(&dir.join("data"), 1000, &extra)).unwrap();
     config
 }

@@ -582,6 +582,16 @@ impl Store {
     /// readers go to sled for it. Answers the last log record sled now
     /// holds, or `None` when there was nothing to write.
     pub(crate) fn checkpoint(&self, at_least: u64) -> Result<Option<u64>, StoreError> {
+        self.checkpoint_with(at_least, || {})
+    }
+
+    /// [`Store::checkpoint`], calling `after_each` after each change it
+    /// writes into sled (the checkpointer paces itself there).
+    pub(crate) fn checkpoint_with(
+        &self,
+        at_least: u64,
+        mut after_each: impl FnMut(),
+    ) -> Result<Option<u64>, StoreError> {
         let Some((layer, through)) = self.overlay.freeze() else {
             if at_least > self.meta_u64(WAL_THROUGH)? {
                 self.put_meta(WAL_THROUGH, &at_least.to_be_bytes())?;
@@ -599,6 +609,7 @@ impl Store {
         // log over whatever part of this checkpoint sled kept.
         let mut changes = layer.iter().peekable();
         while let Some((key, change)) = changes.next() {
+            after_each();
             match change {
                 Some(value) if keys::is_execution(key) => {
                     self.fold_executions(key, value, &mut changes)?
