@@ -19,23 +19,23 @@
 //! spike at every checkpoint, even with this thread at `SCHED_IDLE` (sled's
 //! I/O threads and the disk are shared all the same). So a checkpoint on
 //! the timer writes in [`PACE_SLICE`]-change slices and sleeps
-//! [`PACE_RATIO`] times as long as each slice took: a quarter of a core at
-//! most, spread over the interval. Two things switch pacing off, so the
-//! checkpointer never falls behind: an overlay past [`PACE_UNTIL_BYTES`]
-//! (the load outruns a paced checkpoint; at the top rate checkpoints run
-//! unpaced, as before, and the overlay, which is memory and what a stop
-//! must write, stays small: with pacing up to half the 64 MiB soft limit,
-//! 1M sessions created at the top rate measured 1,442–1,494 bytes of RSS
-//! each against 1,335, and SIGTERM took twice as long), and a stop
-//! (shutdown does not wait). The interval is counted from the start of the
-//! previous checkpoint, so a paced one that took most of it is followed at
-//! once.
+//! [`PACE_RATIO`] times as long as each slice took (at most
+//! [`PACE_MAX_PAUSE`]): about a quarter of a core, spread over the
+//! interval. Two things switch pacing off, so the checkpointer never falls
+//! behind: an overlay past [`PACE_UNTIL_BYTES`] (the load outruns a paced
+//! checkpoint; at the top rate checkpoints run unpaced, as before, so the
+//! overlay, which is memory and what a stop must write, stays small), and a
+//! stop, which also ends the pauses of a checkpoint already running, so
+//! shutdown does not wait for them. The interval is counted from the start
+//! of the previous checkpoint, so a paced one that took most of it is
+//! followed at once. The figures behind these choices are in
+//! `docs/benchmarks.md` ("Issue 9, eighth step").
 //!
 //! A failed checkpoint (sled cannot write) keeps the frozen layer in memory
 //! and the log on disk, and is retried at the next tick; nothing is lost
 //! and reads are unaffected.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -46,7 +46,8 @@ use super::sled::{Store, SHIPPED_THROUGH};
 
 /// Overlay size that triggers a checkpoint before the interval is up.
 pub const OVERLAY_SOFT_LIMIT: usize = 64 << 20;
-/// Changes a paced checkpoint writes between two pauses (see the module
+/// Changes (a session's run of executions counts as one) a paced
+/// checkpoint writes between two pauses (see the module
 /// docs): about 2–3 ms of sled inserts.
 const PACE_SLICE: usize = 128;
 /// A paced checkpoint sleeps this many times as long as its last slice
@@ -60,6 +61,12 @@ const PACE_MAX_PAUSE: Duration = Duration::from_millis(20);
 /// before pacing, so the overlay (memory, and what a stop must write) stays
 /// small.
 const PACE_UNTIL_BYTES: usize = 8 << 20;
+/// Least free space on the data dir's file system for a checkpoint to run
+/// (and at least four times the changes it writes). sled 0.34 fails for
+/// good after a write error (every later write fails until a restart), so
+/// it is never written where it could run out of space; the log, whose
+/// failures are recovered from, takes the disk's last bytes instead.
+pub const CHECKPOINT_FREE_MIN: u64 = 64 << 20;
 
 /// How long a paced checkpoint pauses after a slice that took `worked`,
 /// with the overlay's active layer at `active_bytes`: not at all once the
@@ -70,12 +77,6 @@ fn pace_pause(worked: Duration, active_bytes: usize) -> Duration {
     }
     (worked * PACE_RATIO).min(PACE_MAX_PAUSE)
 }
-/// Least free space on the data dir's file system for a checkpoint to run
-/// (and at least four times the changes it writes). sled 0.34 fails for
-/// good after a write error (every later write fails until a restart), so
-/// it is never written where it could run out of space; the log, whose
-/// failures are recovered from, takes the disk's last bytes instead.
-pub const CHECKPOINT_FREE_MIN: u64 = 64 << 20;
 
 /// Live figures of the checkpointer.
 #[derive(Debug, Default)]
@@ -86,7 +87,8 @@ pub struct CheckpointStats {
     pub failures: AtomicU64,
     /// The last log record sled holds.
     pub through: AtomicU64,
-    /// Duration of the last checkpoint, in microseconds.
+    /// Duration of the last checkpoint, in microseconds (wall time, a paced
+    /// checkpoint's pauses included).
     pub last_micros: AtomicU64,
     /// The last checkpoint failed (sled did not write).
     pub failing: std::sync::atomic::AtomicBool,
@@ -106,6 +108,7 @@ pub struct Checkpointer {
     tx: mpsc::SyncSender<Command>,
     thread: Option<JoinHandle<()>>,
     stats: Arc<CheckpointStats>,
+    stopping: Arc<AtomicBool>,
 }
 
 impl Checkpointer {
@@ -115,12 +118,14 @@ impl Checkpointer {
         // A nudge that finds the queue full is redundant: one is pending.
         let (tx, rx) = mpsc::sync_channel(1);
         let stats = Arc::new(CheckpointStats::default());
+        let stopping = Arc::new(AtomicBool::new(false));
         let worker = Worker {
             store,
             log,
             shipping,
             interval,
             stats: stats.clone(),
+            stopping: stopping.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("checkpoint".into())
@@ -135,6 +140,7 @@ impl Checkpointer {
             tx,
             thread: Some(thread),
             stats,
+            stopping,
         }
     }
 
@@ -151,6 +157,7 @@ impl Checkpointer {
     /// Writes a last checkpoint and stops the thread (call after the
     /// flusher and the shipper have stopped).
     pub fn stop(&mut self) {
+        self.stopping.store(true, Ordering::Release);
         let (done, wait) = mpsc::channel();
         if self.tx.send(Command::Stop(done)).is_ok() {
             let _ = wait.recv();
@@ -199,6 +206,9 @@ struct Worker {
     shipping: bool,
     interval: Duration,
     stats: Arc<CheckpointStats>,
+    /// Set by [`Checkpointer::stop`]: no more pauses, not even in the
+    /// checkpoint already running.
+    stopping: Arc<AtomicBool>,
 }
 
 impl Worker {
@@ -255,7 +265,7 @@ impl Worker {
         let overlay = self.store.overlay();
         let (mut slice_started, mut in_slice) = (Instant::now(), 0);
         let pace = || {
-            if !paced {
+            if !paced || self.stopping.load(Ordering::Acquire) {
                 return;
             }
             in_slice += 1;

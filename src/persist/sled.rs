@@ -585,12 +585,13 @@ impl Store {
         self.checkpoint_with(at_least, || {})
     }
 
-    /// [`Store::checkpoint`], calling `after_each` after each change it
-    /// writes into sled (the checkpointer paces itself there).
+    /// [`Store::checkpoint`], calling `before_each` before it writes each
+    /// change (or each run of a session's executions) into sled: the
+    /// checkpointer paces itself there.
     pub(crate) fn checkpoint_with(
         &self,
         at_least: u64,
-        mut after_each: impl FnMut(),
+        mut before_each: impl FnMut(),
     ) -> Result<Option<u64>, StoreError> {
         let Some((layer, through)) = self.overlay.freeze() else {
             if at_least > self.meta_u64(WAL_THROUGH)? {
@@ -609,7 +610,7 @@ impl Store {
         // log over whatever part of this checkpoint sled kept.
         let mut changes = layer.iter().peekable();
         while let Some((key, change)) = changes.next() {
-            after_each();
+            before_each();
             match change {
                 Some(value) if keys::is_execution(key) => {
                     self.fold_executions(key, value, &mut changes)?
