@@ -877,25 +877,36 @@ async fn ws_load(urls: Vec<String>, seconds: u64) -> Result<Sample, String> {
         .into_iter()
         .map(|socket| tokio::spawn(ws_socket_loop(socket, deadline)))
         .collect();
+    gather(tasks, started).await
+}
+
+/// What a load task answers: its latencies (µs), successes and failures.
+type TaskResult = (Histogram<u64>, u64, u64);
+
+/// Waits for every load task and sums them up into a sample whose rate
+/// counts the successes since `since`.
+async fn gather(
+    tasks: Vec<tokio::task::JoinHandle<TaskResult>>,
+    since: Instant,
+) -> Result<Sample, String> {
     let mut latency = Histogram::<u64>::new(3).expect("histogram");
     let (mut done, mut errors) = (0u64, 0u64);
     for task in tasks {
-        let (hist, ok, failed) = task.await.map_err(|e| format!("socket task: {e}"))?;
+        let (hist, ok, failed) = task.await.map_err(|e| format!("load task: {e}"))?;
         latency.add(&hist).map_err(|e| e.to_string())?;
         done += ok;
         errors += failed;
     }
-    let elapsed = started.elapsed().as_secs_f64();
     Ok(Sample {
-        ops_per_second: done as f64 / elapsed,
+        ops_per_second: done as f64 / since.elapsed().as_secs_f64(),
         p99_ms: (!latency.is_empty()).then(|| latency.value_at_quantile(0.99) as f64 / 1000.0),
         errors,
         server_cpu_us: None,
     })
 }
 
-/// One socket's loop; answers its latencies (µs), successes and failures.
-async fn ws_socket_loop(mut socket: Socket, deadline: Instant) -> (Histogram<u64>, u64, u64) {
+/// One socket's loop.
+async fn ws_socket_loop(mut socket: Socket, deadline: Instant) -> TaskResult {
     let mut latency = Histogram::<u64>::new(3).expect("histogram");
     let (mut ok, mut failed) = (0u64, 0u64);
     let mut id = 0u64;
@@ -1038,21 +1049,7 @@ async fn open_loop_creates(
             })
         })
         .collect();
-    let mut latency = Histogram::<u64>::new(3).expect("histogram");
-    let (mut done, mut errors) = (0u64, 0u64);
-    for task in tasks {
-        let (hist, ok, failed) = task.await.map_err(|e| format!("connection task: {e}"))?;
-        latency.add(&hist).map_err(|e| e.to_string())?;
-        done += ok;
-        errors += failed;
-    }
-    let elapsed = counted_from.elapsed().as_secs_f64();
-    Ok(Sample {
-        ops_per_second: done as f64 / elapsed,
-        p99_ms: (!latency.is_empty()).then(|| latency.value_at_quantile(0.99) as f64 / 1000.0),
-        errors,
-        server_cpu_us: None,
-    })
+    gather(tasks, counted_from.into_std()).await
 }
 
 /// Writes one HTTP/1.1 request and reads its whole answer (headers and a

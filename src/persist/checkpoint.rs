@@ -11,12 +11,12 @@
 //!
 //! # Pacing
 //!
-//! A checkpoint's sled inserts come in a burst: a second of creates at half
-//! of this machine's top rate is about 10,000 inserts, a quarter of a
-//! second of CPU, with sled's I/O threads writing its buffers meanwhile.
-//! On two cores that burst queued requests behind it: creates at half of
-//! the top rate, sent on a fixed schedule, had a p99 of 28–31 ms with a
-//! spike at every checkpoint, even with this thread at `SCHED_IDLE` (sled's
+//! A checkpoint's sled inserts come in a burst: with creates at half of
+//! this machine's top rate (about 5,000/s, two inserts each) a checkpoint
+//! took 0.14–0.18 s of this thread's CPU within about 0.4 s, with sled's
+//! I/O threads writing its buffers meanwhile. On two cores that burst
+//! queued requests behind it: those creates, sent on a fixed schedule, had
+//! a p99 of 28–36 ms with a spike at every checkpoint, even with this thread at `SCHED_IDLE` (sled's
 //! I/O threads and the disk are shared all the same). So a checkpoint on
 //! the timer writes in [`PACE_SLICE`]-change slices and sleeps
 //! [`PACE_RATIO`] times as long as each slice took (at most
@@ -47,8 +47,9 @@ use super::sled::{Store, SHIPPED_THROUGH};
 /// Overlay size that triggers a checkpoint before the interval is up.
 pub const OVERLAY_SOFT_LIMIT: usize = 64 << 20;
 /// Changes (a session's run of executions counts as one) a paced
-/// checkpoint writes between two pauses (see the module
-/// docs): about 2–3 ms of sled inserts.
+/// checkpoint writes between two pauses (see the module docs): a
+/// millisecond or two at the 10 µs or so a sled insert took in the profile
+/// of creates.
 const PACE_SLICE: usize = 128;
 /// A paced checkpoint sleeps this many times as long as its last slice
 /// took.
@@ -56,10 +57,9 @@ const PACE_RATIO: u32 = 3;
 /// Longest pause between two slices.
 const PACE_MAX_PAUSE: Duration = Duration::from_millis(20);
 /// Pacing stops once the overlay's active layer holds more than this: the
-/// load outruns a paced checkpoint. About two seconds of creates at half of
-/// this machine's top rate; at the top rate a checkpoint runs unpaced, as
-/// before pacing, so the overlay (memory, and what a stop must write) stays
-/// small.
+/// load outruns a paced checkpoint. At the top rate a checkpoint then runs
+/// unpaced, as before pacing, so the overlay (memory, and what a stop must
+/// write) stays small.
 const PACE_UNTIL_BYTES: usize = 8 << 20;
 /// Least free space on the data dir's file system for a checkpoint to run
 /// (and at least four times the changes it writes). sled 0.34 fails for
@@ -268,7 +268,7 @@ impl Worker {
             if !paced || self.stopping.load(Ordering::Acquire) {
                 return;
             }
-            in_slice += 1;
+            // Called before each change: a full slice is written.
             if in_slice == PACE_SLICE {
                 let pause = pace_pause(slice_started.elapsed(), overlay.active_bytes());
                 if !pause.is_zero() {
@@ -276,6 +276,7 @@ impl Worker {
                 }
                 (slice_started, in_slice) = (Instant::now(), 0);
             }
+            in_slice += 1;
         };
         match self.store.checkpoint_with(0, pace) {
             Ok(None) => {}

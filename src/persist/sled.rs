@@ -1060,7 +1060,10 @@ mod tests {
             store.tenant_ids_newest_first(old.tenant_id, None).count(),
             0
         );
-        assert_eq!(store.checkpoint(0).unwrap(), Some(1));
+        // The pacing hook runs once before each change written.
+        let mut hooked = 0;
+        assert_eq!(store.checkpoint_with(0, || hooked += 1).unwrap(), Some(1));
+        assert_eq!(hooked, 2);
         assert!(store.overlay().is_empty());
         assert_eq!(read(&store).version, newer.version);
         assert_eq!(
