@@ -14,6 +14,11 @@
 //!   - `tool exec`: `POST /api/v1/sessions/{id}/tools/execute` over
 //!     pre-created sessions;
 //!   - `get`: `GET /api/v1/sessions/{id}` over the same sessions;
+//!   - `create, durability = postgres`: the same creates on a second
+//!     edge-sessions with `storage.durability = "postgres"`, whose answers
+//!     wait for the PostgreSQL commit, on a throwaway PostgreSQL (`initdb`
+//!     in the temp dir, fsync and `synchronous_commit` on) sharing the
+//!     cores; its server CPU per op counts PostgreSQL's processes too;
 //!   - `create, open loop`: creates at half the rate `create` just reached,
 //!     sent on a fixed schedule by this process over the same number of
 //!     keep-alive connections, each timed from when it was due when its
@@ -41,7 +46,7 @@
 //! and Redis data sets grow from round to round. The table shows every
 //! round's ops/s and p99, the medians, and the ratios of the medians:
 //! create / Redis SETEX, tool exec / Redis HINCRBY, get / axum echo,
-//! WS tool.executed / WS echo.
+//! create under `postgres` / axum echo, WS tool.executed / WS echo.
 //!
 //! Each run also reads the CPU time (user and system, from `/proc`) the
 //! serving side used over the run and a 300 ms settling pause after it:
@@ -53,8 +58,10 @@
 //! else on the cores take).
 //!
 //! Run: `cargo bench --bench compare` (builds the release binary too).
-//! Needs `wrk` (apt package `wrk`) and `redis-server` / `redis-benchmark`
-//! (apt package `redis-server`, which pulls in `redis-tools`).
+//! Needs `wrk` (apt package `wrk`), `redis-server` / `redis-benchmark`
+//! (apt package `redis-server`, which pulls in `redis-tools`) and, for the
+//! `postgres` comparison, PostgreSQL's server binaries (apt package
+//! `postgresql`).
 //!
 //! Environment knobs:
 //! * `COMPARE_SECONDS` (default 5): length of one measured round of a phase;
@@ -67,7 +74,7 @@
 //! * `COMPARE_BINARY`: another edge-sessions binary to measure instead of
 //!   this build's (a before/after against an older release);
 //! * `COMPARE_ONLY`: the comparisons to run, by name, comma-separated
-//!   (`create`, `tool`, `get`, `ws`; default all), each with its peer
+//!   (`create`, `tool`, `get`, `postgres`, `ws`; default all), each with its peer
 //!   (`create` with its open-loop run too): for
 //!   short alternating before/after runs of one path.
 //!
@@ -78,6 +85,10 @@
 
 #[path = "support/mod.rs"]
 mod support;
+
+#[path = "../tests/common/pg.rs"]
+#[allow(dead_code)]
+mod pg;
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
@@ -275,6 +286,7 @@ enum Phase {
     EdgeCreateHalf,
     EdgeTool,
     EdgeGet,
+    EdgeCreatePostgres,
     Echo,
     RedisSetex,
     RedisHincrby,
@@ -283,11 +295,12 @@ enum Phase {
 }
 
 impl Phase {
-    const ALL: [Phase; 9] = [
+    const ALL: [Phase; 10] = [
         Phase::EdgeCreate,
         Phase::EdgeCreateHalf,
         Phase::EdgeTool,
         Phase::EdgeGet,
+        Phase::EdgeCreatePostgres,
         Phase::Echo,
         Phase::RedisSetex,
         Phase::RedisHincrby,
@@ -301,6 +314,7 @@ impl Phase {
             Phase::EdgeCreateHalf => "A edge create, open loop at half of A",
             Phase::EdgeTool => "A edge tool exec (POST .../tools/execute)",
             Phase::EdgeGet => "A edge get (GET /sessions/{id})",
+            Phase::EdgeCreatePostgres => "A edge create, durability = postgres",
             Phase::Echo => "B axum JSON echo (POST /echo)",
             Phase::RedisSetex => "C redis SETEX 600 B (fsync always)",
             Phase::RedisHincrby => "C redis HINCRBY (fsync always)",
@@ -316,7 +330,7 @@ impl Phase {
 
 /// The comparisons the table ends with: (edge-sessions phase, peer, what,
 /// the name `COMPARE_ONLY` knows it by).
-const RATIOS: [(Phase, Phase, &str, &str); 4] = [
+const RATIOS: [(Phase, Phase, &str, &str); 5] = [
     (
         Phase::EdgeCreate,
         Phase::RedisSetex,
@@ -330,6 +344,12 @@ const RATIOS: [(Phase, Phase, &str, &str); 4] = [
         "tool",
     ),
     (Phase::EdgeGet, Phase::Echo, "get / axum echo", "get"),
+    (
+        Phase::EdgeCreatePostgres,
+        Phase::Echo,
+        "create (postgres) / axum echo",
+        "postgres",
+    ),
     (
         Phase::EdgeWs,
         Phase::WsEcho,
@@ -531,7 +551,9 @@ struct EdgeServer {
 }
 
 impl EdgeServer {
-    fn start(dir: &Path) -> Result<Self, String> {
+    /// Starts the binary on data dir `dir`: `durability = "sync"`, or
+    /// `"postgres"` on the server at `postgres_url` when given.
+    fn start(dir: &Path, postgres_url: Option<&str>) -> Result<Self, String> {
         // Another build (e.g. the previous release, for a before/after).
         let binary = std::env::var_os("COMPARE_BINARY").map_or_else(
             || PathBuf::from(env!("CARGO_BIN_EXE_edge-sessions")),
@@ -555,6 +577,10 @@ impl EdgeServer {
         )
         .map_err(|e| format!("{}: {e}", key_file.display()))?;
         let port = free_port()?;
+        let (durability, postgres) = match postgres_url {
+            Some(url) => ("postgres", format!("\n[postgres]\nurl = {url:?}\n")),
+            None => ("sync", String::new()),
+        };
         let config = format!(
             r#"# Generated by benches/compare.rs
 [server]
@@ -562,8 +588,8 @@ listen = "127.0.0.1:{port}"
 
 [storage]
 data_dir = {data_dir:?}
-durability = "sync"
-
+durability = "{durability}"
+{postgres}
 [security]
 master_key_file = {key_file:?}
 
@@ -1101,10 +1127,45 @@ async fn exchange(
 // The run
 
 /// Everything a phase needs; the servers live as long as this.
+/// A, under `durability = "postgres"`: a second edge-sessions on a
+/// throwaway PostgreSQL of its own, with durable commits (fsync and
+/// `synchronous_commit` on, as in production).
+struct PostgresTarget {
+    // Fields drop in order: edge-sessions stops before PostgreSQL.
+    edge: EdgeServer,
+    server: pg::TempPostgres,
+}
+
+impl PostgresTarget {
+    fn start(dir: &Path) -> Result<Self, String> {
+        let server = pg::TempPostgres::start_own_durable();
+        let edge = EdgeServer::start(dir, Some(&server.url))?;
+        Ok(PostgresTarget { edge, server })
+    }
+
+    /// CPU time used so far by both: the engine's process, and
+    /// PostgreSQL's (the postmaster, its living children, and those it
+    /// has reaped, e.g. a backend whose connection closed).
+    fn cpu(&self) -> Option<Duration> {
+        let mut total = process_cpu(self.edge.guard.child.id())?;
+        let pids = self.server.pids();
+        let (postmaster, children) = pids.split_first()?;
+        let stat = std::fs::read_to_string(format!("/proc/{postmaster}/stat")).ok()?;
+        total += stat_cpu(&stat)? + reaped_cpu(&stat)?;
+        for pid in children {
+            // A backend may end between the listing and the read.
+            total += process_cpu(*pid).unwrap_or_default();
+        }
+        Some(total)
+    }
+}
+
 struct Bench {
     knobs: Knobs,
     dir: PathBuf,
     edge: EdgeServer,
+    /// The `postgres` comparison's target, when chosen.
+    postgres: Option<PostgresTarget>,
     echo_addr: SocketAddr,
     redis: Redis,
     /// redis-benchmark request counts (SETEX, HINCRBY) sized from the warm-up
@@ -1137,6 +1198,7 @@ impl Bench {
             | Phase::EdgeTool
             | Phase::EdgeGet
             | Phase::EdgeWs => process_cpu(self.edge.guard.child.id()),
+            Phase::EdgeCreatePostgres => self.postgres.as_ref()?.cpu(),
             Phase::Echo | Phase::WsEcho => threads_cpu(ECHO_THREADS),
             Phase::RedisSetex | Phase::RedisHincrby => process_cpu(self.redis.guard.child.id()),
         }
@@ -1211,6 +1273,21 @@ impl Bench {
                     conns,
                 )?
             }
+            Phase::EdgeCreatePostgres => {
+                let target = self
+                    .postgres
+                    .as_ref()
+                    .ok_or("the postgres comparison has no server")?;
+                let prefix = format!("{}p{round}", self.run_id);
+                run_wrk(
+                    "edge-create-postgres",
+                    &self.dir,
+                    target.edge.addr,
+                    &lua_create(&prefix),
+                    seconds,
+                    conns,
+                )?
+            }
             Phase::Echo => run_wrk(
                 "echo",
                 &self.dir,
@@ -1259,6 +1336,9 @@ impl Bench {
         ) {
             self.edge.check_alive()?;
         }
+        if let (Phase::EdgeCreatePostgres, Some(target)) = (phase, &mut self.postgres) {
+            target.edge.check_alive()?;
+        }
         Ok(sample)
     }
 }
@@ -1275,6 +1355,17 @@ fn stat_cpu(stat: &str) -> Option<Duration> {
     // hold spaces: utime and stime are the 14th and 15th fields.
     let rest = &stat[stat.rfind(')')? + 1..];
     let mut fields = rest.split_whitespace().skip(11);
+    let ticks: u64 = fields.next()?.parse::<u64>().ok()? + fields.next()?.parse::<u64>().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (per_second > 0).then(|| Duration::from_secs_f64(ticks as f64 / per_second as f64))
+}
+
+/// The user and system CPU time of a process's reaped children (`cutime`
+/// and `cstime`, the 16th and 17th fields), from its `/proc/…/stat` text.
+fn reaped_cpu(stat: &str) -> Option<Duration> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(13);
     let ticks: u64 = fields.next()?.parse::<u64>().ok()? + fields.next()?.parse::<u64>().ok()?;
     // SAFETY: sysconf only reads a configuration value.
     let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
@@ -1406,7 +1497,14 @@ fn print_table(knobs: &Knobs, phases: &[Phase], results: &[Vec<Sample>]) {
 }
 
 /// Checks the external tools; names the apt package of a missing one.
-fn check_tools() -> Result<(), String> {
+fn check_tools(only: &[&str]) -> Result<(), String> {
+    if only.contains(&"postgres") && pg::find_bin_dir().is_none() {
+        return Err(
+            "PostgreSQL server binaries (initdb, pg_ctl) not found: install them with \
+             `apt-get install -y postgresql`, or leave the comparison out (COMPARE_ONLY)"
+                .into(),
+        );
+    }
     let tools = [
         ("wrk", "wrk"),
         ("redis-server", "redis-server"),
@@ -1427,20 +1525,21 @@ fn check_tools() -> Result<(), String> {
 }
 
 fn run() -> Result<(), String> {
-    check_tools()?;
     let knobs = Knobs::from_env()?;
+    check_tools(&knobs.only)?;
     // Dropped last (declared first): the children are killed before their
     // directories go.
     let temp = tempfile::Builder::new()
         .prefix("compare-bench-")
         .tempdir()
         .map_err(|e| format!("temp dir: {e}"))?;
-    let (edge_dir, redis_dir, lua_dir) = (
+    let (edge_dir, edge_pg_dir, redis_dir, lua_dir) = (
         temp.path().join("edge"),
+        temp.path().join("edge-postgres"),
         temp.path().join("redis"),
         temp.path().join("lua"),
     );
-    for d in [&edge_dir, &redis_dir, &lua_dir] {
+    for d in [&edge_dir, &edge_pg_dir, &redis_dir, &lua_dir] {
         std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
     }
     println!("compare: temp dir {}", temp.path().display());
@@ -1465,7 +1564,7 @@ fn run() -> Result<(), String> {
     let echo_addr = start_echo(&echo_runtime)?;
     println!("compare: axum echo on {echo_addr}");
 
-    let edge = EdgeServer::start(&edge_dir)?;
+    let edge = EdgeServer::start(&edge_dir, None)?;
     println!(
         "compare: edge-sessions on {} (data in {})",
         edge.addr,
@@ -1478,6 +1577,19 @@ fn run() -> Result<(), String> {
         knobs.sessions,
         t.elapsed().as_secs_f64()
     );
+
+    let postgres = if knobs.only.contains(&"postgres") {
+        let t = Instant::now();
+        let target = PostgresTarget::start(&edge_pg_dir)?;
+        println!(
+            "compare: edge-sessions (durability = postgres) on {}, PostgreSQL ready in {:.1} s",
+            target.edge.addr,
+            t.elapsed().as_secs_f64()
+        );
+        Some(target)
+    } else {
+        None
+    };
 
     let redis = Redis::start(&redis_dir)?;
     println!(
@@ -1501,6 +1613,7 @@ fn run() -> Result<(), String> {
         knobs,
         dir: lua_dir,
         edge,
+        postgres,
         echo_addr,
         redis,
         redis_requests: [0; 2],
@@ -1555,12 +1668,20 @@ fn run() -> Result<(), String> {
         }
     }
     print_table(&bench.knobs, &phases, &results);
-    let warnings = *bench.edge.warnings.lock().unwrap();
-    if warnings > 0 {
-        println!(
-            "\nedge-sessions logged {warnings} WARN/ERROR lines;{}",
-            bench.edge.log_tail()
-        );
+    let servers = std::iter::once(("", &bench.edge)).chain(
+        bench
+            .postgres
+            .iter()
+            .map(|t| (" (durability = postgres)", &t.edge)),
+    );
+    for (which, edge) in servers {
+        let warnings = *edge.warnings.lock().unwrap();
+        if warnings > 0 {
+            println!(
+                "\nedge-sessions{which} logged {warnings} WARN/ERROR lines;{}",
+                edge.log_tail()
+            );
+        }
     }
     // `bench` (servers, runtimes) drops here, before `temp`.
     drop(bench);

@@ -167,7 +167,8 @@ pub struct PostgresSettings {
     pub url: String,
     /// Apply migrations at start.
     pub migrate_on_start: bool,
-    /// Most pooled connections.
+    /// Most pooled connections (recovery, rebuilds, tools); the shipping
+    /// lanes keep connections of their own besides.
     pub max_connections: u32,
     /// Server-side limit per statement, in ms.
     pub statement_timeout_ms: u64,
@@ -175,8 +176,8 @@ pub struct PostgresSettings {
     pub connect_timeout_ms: u64,
     /// Most outbox entries one shipping transaction commits.
     pub batch_size: usize,
-    /// Shipping lanes, by session: each a connection with one transaction
-    /// in flight.
+    /// Shipping lanes, by session: each a connection of its own with one
+    /// transaction in flight.
     pub ship_connections: usize,
     /// Under `durability = "postgres"`, longest an acknowledgement waits for
     /// its commit before the request answers 503, in ms.

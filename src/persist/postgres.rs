@@ -10,7 +10,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::migrate::{Migrate, Migrator};
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{Connection as _, Row};
 use uuid::Uuid;
 
@@ -97,6 +97,56 @@ impl From<sqlx::migrate::MigrateError> for PgError {
 #[derive(Clone)]
 pub struct Postgres {
     pool: PgPool,
+    /// For the shipping lanes' own connections.
+    options: PgConnectOptions,
+    connect_timeout: Duration,
+}
+
+/// A shipping lane's own connection, kept from batch to batch.
+///
+/// A pooled connection costs two round trips per batch besides the
+/// batch's own: sqlx pings it when it is taken and again when it is given
+/// back. A lane has at most one batch in flight, so it needs no pool: it
+/// opens its connection at its first batch and keeps it. A failure that
+/// may have broken it (anything but rows PostgreSQL refused) drops it, and
+/// the next batch opens a new one. These connections are not counted in
+/// `postgres.max_connections`, which bounds the pool (recovery, rebuilds,
+/// tools).
+pub struct LaneConnection {
+    options: PgConnectOptions,
+    connect_timeout: Duration,
+    conn: Option<PgConnection>,
+}
+
+impl LaneConnection {
+    /// Closes the connection, telling the server (at shutdown).
+    pub async fn close(self) {
+        if let Some(conn) = self.conn {
+            let _ = conn.close().await;
+        }
+    }
+
+    /// Commits `entries` as one batch (how: see `ship_on`).
+    pub async fn ship(&mut self, entries: &[Entry]) -> Result<(), PgError> {
+        if self.conn.is_none() {
+            let connect = PgConnection::connect_with(&self.options);
+            let conn = tokio::time::timeout(self.connect_timeout, connect)
+                .await
+                .map_err(|_| {
+                    PgError::other(format!(
+                        "connecting to PostgreSQL took more than {} ms",
+                        self.connect_timeout.as_millis()
+                    ))
+                })??;
+            self.conn = Some(conn);
+        }
+        let conn = self.conn.as_mut().expect("opened above");
+        let result = ship_on(conn, entries).await;
+        if result.as_ref().is_err_and(|e| !e.is_data()) {
+            self.conn = None;
+        }
+        result
+    }
 }
 
 /// Checks a URL without connecting (config validation).
@@ -118,8 +168,21 @@ impl Postgres {
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections.max(1))
             .acquire_timeout(config.connect_timeout)
-            .connect_lazy_with(options);
-        Ok(Postgres { pool })
+            .connect_lazy_with(options.clone());
+        Ok(Postgres {
+            pool,
+            options,
+            connect_timeout: config.connect_timeout,
+        })
+    }
+
+    /// A connection for one shipping lane, opened by its first batch.
+    pub fn lane(&self) -> LaneConnection {
+        LaneConnection {
+            options: self.options.clone(),
+            connect_timeout: self.connect_timeout,
+            conn: None,
+        }
     }
 
     /// The pool, for tests and tools.
@@ -172,46 +235,6 @@ impl Postgres {
             .into_iter()
             .map(|m| m.version)
             .collect())
-    }
-
-    /// Commits a batch of entries: session rows upserted (a row only moves
-    /// forward in `version`, and only the session that owns it writes it),
-    /// executions and audit rows appended (a replayed one is skipped by its
-    /// key). Every part is idempotent, so a batch that failed half-way is
-    /// simply shipped again.
-    ///
-    /// The common batch is one statement in its own transaction
-    /// ([`SHIP_BATCH`]): one round trip to the server instead of four
-    /// (`BEGIN`, sessions, audit rows, `COMMIT`), which on two shared cores
-    /// is most of a batch's time outside the statements themselves.
-    ///
-    /// A new session whose row was not written had its (tenant, session
-    /// id) row held by an older session with a client-chosen id re-used
-    /// after the old one's retention: the new session takes the row over
-    /// (a replayed create lands here too, and changes nothing). Then its
-    /// executions can only be inserted after that, since their foreign key
-    /// needs its row; so a batch holding executions of a session it
-    /// creates is shipped in a transaction: the rows first, taken over
-    /// where needed, then the batch statement with the rest.
-    pub async fn ship(&self, entries: &[Entry]) -> Result<(), PgError> {
-        let batch = Batch::gather(entries);
-        let mut conn = self.pool.acquire().await?;
-        if batch.executes_a_created_session() {
-            let mut tx = conn.begin().await?;
-            let written = upsert_sessions(&mut tx, &batch.sessions).await?;
-            take_over(&mut tx, &batch, &batch.taken(&written)).await?;
-            ship_batch(&mut *tx, &batch.without_sessions()).await?;
-            tx.commit().await?;
-            return Ok(());
-        }
-        let written = ship_batch(&mut *conn, &batch).await?;
-        let taken = batch.taken(&written);
-        if !taken.is_empty() {
-            let mut tx = conn.begin().await?;
-            take_over(&mut tx, &batch, &taken).await?;
-            tx.commit().await?;
-        }
-        Ok(())
     }
 
     /// Live sessions of `tenants` with their executions (oldest first), for
@@ -374,6 +397,45 @@ fn session_from_row(row: &sqlx::postgres::PgRow) -> Result<Session, PgError> {
             retired_refresh: Box::default(),
         },
     })
+}
+
+/// Commits a batch of entries: session rows upserted (a row only moves
+/// forward in `version`, and only the session that owns it writes it),
+/// executions and audit rows appended (a replayed one is skipped by its
+/// key). Every part is idempotent, so a batch that failed half-way is
+/// simply shipped again.
+///
+/// The common batch is one statement in its own transaction
+/// ([`SHIP_BATCH`]): one round trip to the server instead of four
+/// (`BEGIN`, sessions, audit rows, `COMMIT`), which on two shared cores
+/// is most of a batch's time outside the statements themselves.
+///
+/// A new session whose row was not written had its (tenant, session
+/// id) row held by an older session with a client-chosen id re-used
+/// after the old one's retention: the new session takes the row over
+/// (a replayed create lands here too, and changes nothing). Then its
+/// executions can only be inserted after that, since their foreign key
+/// needs its row; so a batch holding executions of a session it
+/// creates is shipped in a transaction: the rows first, taken over
+/// where needed, then the batch statement with the rest.
+async fn ship_on(conn: &mut PgConnection, entries: &[Entry]) -> Result<(), PgError> {
+    let batch = Batch::gather(entries);
+    if batch.executes_a_created_session() {
+        let mut tx = conn.begin().await?;
+        let written = upsert_sessions(&mut tx, &batch.sessions).await?;
+        take_over(&mut tx, &batch, &batch.taken(&written)).await?;
+        ship_batch(&mut *tx, &batch.without_sessions()).await?;
+        tx.commit().await?;
+        return Ok(());
+    }
+    let written = ship_batch(&mut *conn, &batch).await?;
+    let taken = batch.taken(&written);
+    if !taken.is_empty() {
+        let mut tx = conn.begin().await?;
+        take_over(&mut tx, &batch, &taken).await?;
+        tx.commit().await?;
+    }
+    Ok(())
 }
 
 /// Upserts session rows (a row only moves forward in `version`, and only

@@ -4,8 +4,9 @@
 //! PostgreSQL never sits on a request's path and a slow server slows only
 //! this thread. It reads whole log records, oldest first, and deals their
 //! entries to `lanes` by session (a session's row, its executions and its
-//! audit rows always go to the same lane). Each lane owns one connection
-//! and has at most one transaction in flight: while it commits, its next
+//! audit rows always go to the same lane). Each lane owns one connection,
+//! outside the pool and kept open (see [`LaneConnection`]), and has at
+//! most one transaction in flight: while it commits, its next
 //! batch forms from everything dealt to it meanwhile, so under load the
 //! batches grow and there is no idle gap between them. A lane keeps a
 //! session's entries in order, so its row is committed before (or with) its
@@ -36,7 +37,7 @@ use tokio::sync::watch;
 
 use super::log::{LogReader, LogShared};
 use super::outbox::{self, Entry, Outbox};
-use super::postgres::{PgError, Postgres};
+use super::postgres::{LaneConnection, PgError, Postgres};
 use super::sled::{Store, StoreError, SHIPPED_THROUGH};
 use crate::model::time::now_ms;
 
@@ -92,10 +93,14 @@ pub fn start(
     config: ShipperConfig,
 ) -> ShipperHandle {
     let (stop, stopping) = watch::channel(false);
+    let lanes = (0..config.lanes.max(1))
+        .map(|_| Some(postgres.lane()))
+        .collect();
     let shipper = Shipper {
         store,
         log,
         outbox,
+        lanes: std::sync::Mutex::new(lanes),
         postgres,
         config,
     };
@@ -127,6 +132,8 @@ struct Shipper {
     store: Store,
     log: Arc<LogShared>,
     outbox: Arc<Outbox>,
+    /// Each lane's own connection; taken out while its batch is in flight.
+    lanes: std::sync::Mutex<Vec<Option<LaneConnection>>>,
     postgres: Postgres,
     config: ShipperConfig,
 }
@@ -454,6 +461,10 @@ impl Shipper {
             }
         }
         self.outbox.fail_waiters();
+        let lanes: Vec<LaneConnection> = self.lock_lanes().drain(..).flatten().collect();
+        for conn in lanes {
+            conn.close().await;
+        }
     }
 
     /// A lane committed `entries` entries: records how far shipping got
@@ -481,11 +492,21 @@ impl Shipper {
     async fn ship_lane(&self, lane: usize, batch: Vec<(u64, Entry)>) -> LaneDone {
         let first = batch[0].0;
         let entries: Vec<Entry> = batch.into_iter().map(|(_, entry)| entry).collect();
-        let result = match self.postgres.ship(&entries).await {
+        // A lane has one batch in flight, so its connection is there; a
+        // future dropped mid-batch takes it along, and a new one is made.
+        let mut conn = self
+            .lock_lanes()
+            .get_mut(lane)
+            .and_then(Option::take)
+            .unwrap_or_else(|| self.postgres.lane());
+        let result = match conn.ship(&entries).await {
             Ok(()) => Ok(()),
-            Err(e) if e.is_data() => self.isolate(&entries, first, &e).await,
+            Err(e) if e.is_data() => self.isolate(&mut conn, &entries, first, &e).await,
             Err(e) => Err(e.to_string()),
         };
+        if let Some(slot) = self.lock_lanes().get_mut(lane) {
+            *slot = Some(conn);
+        }
         LaneDone {
             lane,
             entries: entries.len(),
@@ -497,10 +518,16 @@ impl Shipper {
     /// forever): ships the entries one by one, in order, and moves each one
     /// it refuses to the dead-letter records (kept in sled, logged), so the
     /// outbox moves on. `first` numbers the dead letters.
-    async fn isolate(&self, entries: &[Entry], first: u64, cause: &PgError) -> Result<(), String> {
+    async fn isolate(
+        &self,
+        conn: &mut LaneConnection,
+        entries: &[Entry],
+        first: u64,
+        cause: &PgError,
+    ) -> Result<(), String> {
         tracing::warn!(error = %cause, entries = entries.len(), "postgres refused rows of a batch; shipping it entry by entry");
         for (i, entry) in entries.iter().enumerate() {
-            match self.postgres.ship(std::slice::from_ref(entry)).await {
+            match conn.ship(std::slice::from_ref(entry)).await {
                 Ok(_) => {}
                 Err(e) if e.is_data() => {
                     let seq = (first << 20) + i as u64;
@@ -529,6 +556,14 @@ impl Shipper {
             () = tokio::time::sleep(IDLE_WAIT) => {}
         }
         self.outbox.settle_waiters(None);
+    }
+
+    /// The lanes' connections (a panic elsewhere cannot leave them
+    /// inconsistent: a slot holds a connection or none).
+    fn lock_lanes(&self) -> std::sync::MutexGuard<'_, Vec<Option<LaneConnection>>> {
+        self.lanes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Sleeps `delay` unless asked to stop (or the engine is gone); returns

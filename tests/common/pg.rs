@@ -159,6 +159,42 @@ impl TempPostgres {
             .start();
     }
 
+    /// The processes of an own server (the postmaster and its children, the
+    /// backends among them), for a benchmark that counts the CPU they use;
+    /// empty for a database on a shared server.
+    pub fn pids(&self) -> Vec<u32> {
+        let Some(server) = &self.own else {
+            return Vec::new();
+        };
+        let Some(postmaster) = std::fs::read_to_string(server.data_dir().join("postmaster.pid"))
+            .ok()
+            .and_then(|text| text.lines().next()?.trim().parse::<u32>().ok())
+        else {
+            return Vec::new();
+        };
+        let mut pids = vec![postmaster];
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            // Field 4 of /proc/<pid>/stat, after the parenthesised name.
+            let parent = std::fs::read_to_string(entry.path().join("stat"))
+                .ok()
+                .and_then(|stat| {
+                    let (_, rest) = stat.rsplit_once(')')?;
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                });
+            if parent == Some(postmaster) {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+
     /// Runs `psql -c sql` against the test database; answers its stdout.
     pub fn psql(&self, sql: &str) -> String {
         let psql = self
@@ -268,7 +304,7 @@ impl OwnServer {
 
 /// The directory holding `initdb` and `pg_ctl`: PATH first, then the
 /// Debian layout (`/usr/lib/postgresql/<version>/bin`, newest first).
-fn find_bin_dir() -> Option<PathBuf> {
+pub fn find_bin_dir() -> Option<PathBuf> {
     let on_path = std::env::var_os("PATH").and_then(|path| {
         std::env::split_paths(&path)
             .find(|dir| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file())
