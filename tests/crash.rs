@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use reqwest::{Method, StatusCode};
-use serde_json::json;
+use serde_json::{json, Value};
 
 fn write_config(dir: &std::path::Path, storage: &str) -> std::path::PathBuf {
     let path = dir.join("edge-sessions.toml");
@@ -276,6 +276,78 @@ async fn sigterm_flushes_pending_activity_and_exits_zero() {
     assert_eq!(
         back["last_activity_at"], live["last_activity_at"],
         "the heartbeat was flushed at shutdown"
+    );
+    server.kill();
+}
+
+/// Creates `id` and terminates it: its final record is retained.
+async fn create_and_end(client: &reqwest::Client, base: &str, id: &str) {
+    let body = json!({"session_id": id, "edge_mcp_id": "edge"});
+    let (status, _) = call(
+        client,
+        base,
+        Method::POST,
+        "/api/v1/sessions",
+        KEY_A,
+        Some(body),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let path = format!("/api/v1/sessions/{id}");
+    let (status, _) = call(client, base, Method::DELETE, &path, KEY_A, None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+}
+
+/// Answers the status and error code of a create of `id`.
+async fn create_code(client: &reqwest::Client, base: &str, id: &str) -> (StatusCode, Value) {
+    let body = json!({"session_id": id, "edge_mcp_id": "edge"});
+    let (status, body) = call(
+        client,
+        base,
+        Method::POST,
+        "/api/v1/sessions",
+        KEY_A,
+        Some(body),
+    )
+    .await;
+    (status, body["code"].clone())
+}
+
+/// A create of a new client-chosen id skips the store look-up (the store's
+/// session filter says the id cannot be there); an id whose final record
+/// is retained must still answer 409 after a restart, whether that record
+/// was checkpointed into sled (clean stop) or was only in the log (SIGKILL
+/// right after the acknowledgement).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retained_id_answers_409_after_a_restart_from_sled_or_from_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    let client = client();
+
+    let server = ChildServer::start(&config).await;
+    create_and_end(&client, &server.base, "in-sled").await;
+    assert!(server.terminate().success());
+
+    let server = ChildServer::start(&config).await;
+    create_and_end(&client, &server.base, "in-log").await;
+    server.kill();
+
+    let server = ChildServer::start(&config).await;
+    for id in ["in-sled", "in-log"] {
+        assert_eq!(
+            create_code(&client, &server.base, id).await,
+            (StatusCode::CONFLICT, json!("session_exists")),
+            "{id}"
+        );
+    }
+    // A new id is created, and a second create of it is refused too.
+    assert_eq!(
+        create_code(&client, &server.base, "fresh").await.0,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        create_code(&client, &server.base, "fresh").await,
+        (StatusCode::CONFLICT, json!("session_exists"))
     );
     server.kill();
 }

@@ -57,7 +57,12 @@ pub(crate) fn admit(
     }
     let admitted = (|| {
         let mut ops = Vec::new();
-        if client_chosen_id {
+        // An id the store cannot hold (nearly every new one) is not read.
+        if client_chosen_id
+            && shared
+                .store
+                .may_hold_session(limits.id, &session.session_id)
+        {
             if let Some(old) = shared
                 .store
                 .session(limits.id, &session.session_id)

@@ -30,6 +30,7 @@ pub mod outbox;
 pub mod overlay;
 pub mod postgres;
 pub mod record;
+pub mod session_filter;
 pub mod shipper;
 pub mod sled;
 pub mod write_behind;

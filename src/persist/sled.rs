@@ -14,6 +14,7 @@ use super::keys;
 use super::log::{self, LogOp, LogWriter, RecordBuilder};
 use super::overlay::{Lookup, Merge, Overlay};
 use super::record::{self, RecordError};
+use super::session_filter::SessionFilter;
 use crate::model::{Millis, Session, ToolExecution};
 
 /// Name of the one tree holding every record.
@@ -78,6 +79,8 @@ pub struct Store {
     db: sled::Db,
     tree: sled::Tree,
     overlay: Arc<Overlay>,
+    /// Which session keys may be stored (see [`SessionFilter`]).
+    sessions: Arc<SessionFilter>,
     /// The data dir (where the checkpoint mark lives).
     dir: std::path::PathBuf,
     /// The data dir's lock, held while any handle lives (see [`lock_data_dir`]).
@@ -180,6 +183,7 @@ impl Store {
             db,
             tree,
             overlay: Arc::new(Overlay::default()),
+            sessions: Arc::new(SessionFilter::default()),
             dir: dir.to_owned(),
             _lock: lock,
         };
@@ -207,14 +211,15 @@ impl Store {
         }
         let mut salvaged = None;
         for record in replay.records.iter().filter(|r| r.seq > through) {
-            store.overlay.apply(
-                record.seq,
-                record.ops().filter_map(|op| match op {
+            let changes: Vec<_> = record
+                .ops()
+                .filter_map(|op| match op {
                     LogOp::Put(key, value) => Some((key, Some(value))),
                     LogOp::Remove(key) => Some((key, None)),
                     LogOp::Entry(_) => None,
-                }),
-            );
+                })
+                .collect();
+            store.apply_logged(record.seq, changes.iter().copied());
         }
         if !replay.damage.is_empty() {
             // What was read goes into sled now and the damaged log goes, so
@@ -288,6 +293,30 @@ impl Store {
     /// The overlay of changes not yet in sled.
     pub(crate) fn overlay(&self) -> &Overlay {
         &self.overlay
+    }
+
+    /// Makes the changes of log record `seq` visible to reads (they are on
+    /// disk): the overlay takes them, and the filter their session keys
+    /// first, so it never answers "absent" for a key a read could find.
+    pub(crate) fn apply_logged<'a>(
+        &self,
+        seq: u64,
+        changes: impl IntoIterator<Item = (&'a [u8], Option<&'a [u8]>)> + Clone,
+    ) {
+        for (key, value) in changes.clone() {
+            if value.is_some() && keys::is_session(key) {
+                self.sessions.insert(key);
+            }
+        }
+        self.overlay.apply(seq, changes);
+    }
+
+    /// Whether a session `session_id` of `tenant` may be stored (live or
+    /// final): `false` only when it certainly is not, so a create of a new
+    /// client-chosen id need not read the store.
+    pub fn may_hold_session(&self, tenant: Uuid, session_id: &str) -> bool {
+        self.sessions
+            .may_contain(&keys::session(tenant, session_id))
     }
 
     /// The newest value of `key`.
@@ -413,8 +442,28 @@ impl Store {
 
     /// Every stored session record, undecoded (recovery decodes them on
     /// other threads than the one that walks the tree).
+    ///
+    /// A walk that reaches the end without an error has seen every stored
+    /// session key: it completes the [`SessionFilter`].
     pub fn session_records(&self) -> impl Iterator<Item = Result<(IVec, IVec), StoreError>> + '_ {
-        self.scan_prefix(&keys::all_sessions(), false)
+        let mut clean = true;
+        let mut records = self.scan_prefix(&keys::all_sessions(), false);
+        std::iter::from_fn(move || match records.next() {
+            Some(Ok((key, value))) => {
+                self.sessions.insert(&key);
+                Some(Ok((key, value)))
+            }
+            Some(Err(e)) => {
+                clean = false;
+                Some(Err(e))
+            }
+            None => {
+                if clean {
+                    self.sessions.mark_complete();
+                }
+                None
+            }
+        })
     }
 
     /// A tenant's session ids, newest first, strictly before `before` when given.
@@ -522,11 +571,10 @@ impl Store {
         {
             return Ok(false);
         }
+        let key = keys::session(session.tenant_id, &session.session_id);
+        self.sessions.insert(&key);
         let mut batch = sled::Batch::default();
-        batch.insert(
-            keys::session(session.tenant_id, &session.session_id),
-            record::encode(session),
-        );
+        batch.insert(key, record::encode(session));
         batch.insert(
             keys::created(session.tenant_id, session.created_at, &session.session_id),
             Vec::new(),
@@ -549,11 +597,10 @@ impl Store {
         session: &Session,
         executions: &[(u64, ToolExecution)],
     ) -> Result<(), StoreError> {
+        let key = keys::session(session.tenant_id, &session.session_id);
+        self.sessions.insert(&key);
         let mut batch = sled::Batch::default();
-        batch.insert(
-            keys::session(session.tenant_id, &session.session_id),
-            record::encode(session),
-        );
+        batch.insert(key, record::encode(session));
         batch.insert(
             keys::created(session.tenant_id, session.created_at, &session.session_id),
             Vec::new(),
@@ -765,7 +812,7 @@ impl Store {
     /// Applies `ops` to the overlay as log record `seq` would.
     pub(crate) fn apply_through_overlay(&self, seq: u64, ops: &[super::WriteOp]) {
         use super::WriteOp;
-        self.overlay.apply(
+        self.apply_logged(
             seq,
             ops.iter().filter_map(|op| match op {
                 WriteOp::Put { key, value } => Some((&key[..], Some(&value[..]))),
@@ -869,6 +916,45 @@ mod tests {
             executed_at: 2_000,
             recorded_at: 2_000 + seq as i64,
         }
+    }
+
+    #[test]
+    fn the_session_filter_answers_absent_only_after_a_full_walk_and_never_for_a_stored_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let tenant = Uuid::from_u128(0x7);
+        let named = |id: &str| {
+            let mut session = session_at(1_700_000_000_000, 60, 3600);
+            session.tenant_id = tenant;
+            session.session_id = id.into();
+            session
+        };
+        let (in_sled, in_overlay, rebuilt) =
+            (named("in-sled"), named("in-overlay"), named("rebuilt"));
+        {
+            let store = Store::open(dir.path(), 1 << 20, false).unwrap().store;
+            store.apply_through_overlay(1, &WriteOp::new_session(&in_sled));
+            store.checkpoint(1).unwrap();
+        }
+        let store = Store::open(dir.path(), 1 << 20, false).unwrap().store;
+        store.apply_through_overlay(2, &WriteOp::new_session(&in_overlay));
+        // Nothing walked yet: every id may be there.
+        assert!(store.may_hold_session(tenant, "new"));
+        assert_eq!(store.session_records().count(), 2);
+        assert!(!store.may_hold_session(tenant, "new"));
+        assert!(!store.may_hold_session(Uuid::from_u128(0x8), "in-sled"));
+        assert!(store.may_hold_session(tenant, "in-sled"));
+        assert!(store.may_hold_session(tenant, "in-overlay"));
+        assert!(!store.may_hold_session(tenant, "rebuilt"));
+        assert!(store.put_rebuilt(&rebuilt, &[]).unwrap());
+        assert!(store.may_hold_session(tenant, "rebuilt"));
+        // A walk cut short completes nothing.
+        let fresh = Store::open(tempfile::tempdir().unwrap().path(), 1 << 20, false)
+            .unwrap()
+            .store;
+        fresh.apply_through_overlay(1, &WriteOp::new_session(&in_sled));
+        fresh.apply_through_overlay(2, &WriteOp::new_session(&in_overlay));
+        assert_eq!(fresh.session_records().take(1).count(), 1);
+        assert!(fresh.may_hold_session(tenant, "new"));
     }
 
     #[test]

@@ -474,15 +474,14 @@ impl Flusher {
             Ok(written) => {
                 if let Some(seq) = written {
                     // Visible to readers only now that it is on disk.
-                    let overlay = self.store.overlay();
-                    overlay.apply(
+                    self.store.apply_logged(
                         seq,
                         pending
                             .changes
                             .iter()
                             .map(|(key, value)| (key.as_slice(), value.as_deref())),
                     );
-                    if overlay.active_bytes() > OVERLAY_SOFT_LIMIT {
+                    if self.store.overlay().active_bytes() > OVERLAY_SOFT_LIMIT {
                         self.checkpoints.nudge();
                     }
                     if let Some(shipping) = &self.shipping {
