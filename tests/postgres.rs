@@ -557,6 +557,37 @@ async fn an_empty_data_dir_is_rebuilt_from_postgres() {
     assert_eq!(server.terminate().code(), Some(0));
 }
 
+/// A shipping lane keeps its connection from batch to batch; one idle for
+/// a second is checked before its next batch, so a PostgreSQL restart
+/// while the lanes are idle costs no failed batch (the pool used to check
+/// every connection it handed out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_of_postgres_while_the_lanes_idle_fails_no_batch() {
+    let pg = TempPostgres::start_own();
+    let server = TestServer::start_with_storage(
+        1000,
+        "durability = \"postgres\"",
+        &postgres_section(&pg.url, "commit_timeout_ms = 5000"),
+    )
+    .await;
+    let (client, base) = (&server.client, &server.base);
+    for i in 0..4 {
+        create(client, base, &format!("before-{i}")).await;
+    }
+    pg.stop();
+    pg.restart();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    for i in 0..4 {
+        create(client, base, &format!("after-{i}")).await;
+    }
+    assert_eq!(pg.scalar("SELECT count(*) FROM mcp.edge_mcp_sessions"), 8);
+    let (status, stats) = server
+        .call(Method::GET, "/admin/stats", ADMIN_KEY, None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{stats}");
+    assert_eq!(stats["outbox"]["failures"], 0, "{stats}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn durability_postgres_acknowledges_after_the_commit() {
     let pg = TempPostgres::start_own();

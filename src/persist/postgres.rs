@@ -7,7 +7,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sqlx::migrate::{Migrate, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
@@ -100,6 +100,7 @@ pub struct Postgres {
     /// For the shipping lanes' own connections.
     options: PgConnectOptions,
     connect_timeout: Duration,
+    statement_timeout: Duration,
 }
 
 /// A shipping lane's own connection, kept from batch to batch.
@@ -112,40 +113,75 @@ pub struct Postgres {
 /// the next batch opens a new one. These connections are not counted in
 /// `postgres.max_connections`, which bounds the pool (recovery, rebuilds,
 /// tools).
+///
+/// What the pool's checks did, a lane does where it matters: a connection
+/// idle for [`IDLE_CHECK`] or longer is pinged before its batch (one the
+/// server closed meanwhile, e.g. at a restart, is replaced without failing
+/// the batch), and a batch has a deadline of its own, three statement
+/// timeouts (the server's `statement_timeout` cannot end a batch whose
+/// connection died half-open; the kernel would wait many minutes). A batch
+/// past its deadline fails and its connection is dropped; batches are
+/// idempotent, so it is shipped again.
 pub struct LaneConnection {
     options: PgConnectOptions,
     connect_timeout: Duration,
-    conn: Option<PgConnection>,
+    batch_timeout: Duration,
+    /// The connection and when it last answered.
+    conn: Option<(PgConnection, Instant)>,
 }
+
+/// A lane's connection idle this long is pinged before its next batch.
+pub const IDLE_CHECK: Duration = Duration::from_secs(1);
 
 impl LaneConnection {
     /// Closes the connection, telling the server (at shutdown).
     pub async fn close(self) {
-        if let Some(conn) = self.conn {
+        if let Some((conn, _)) = self.conn {
             let _ = conn.close().await;
         }
     }
 
     /// Commits `entries` as one batch (how: see `ship_on`).
     pub async fn ship(&mut self, entries: &[Entry]) -> Result<(), PgError> {
-        if self.conn.is_none() {
-            let connect = PgConnection::connect_with(&self.options);
-            let conn = tokio::time::timeout(self.connect_timeout, connect)
-                .await
-                .map_err(|_| {
-                    PgError::other(format!(
-                        "connecting to PostgreSQL took more than {} ms",
-                        self.connect_timeout.as_millis()
-                    ))
-                })??;
-            self.conn = Some(conn);
-        }
-        let conn = self.conn.as_mut().expect("opened above");
-        let result = ship_on(conn, entries).await;
-        if result.as_ref().is_err_and(|e| !e.is_data()) {
-            self.conn = None;
+        let mut conn = match self.conn.take() {
+            Some((mut conn, used)) if used.elapsed() >= IDLE_CHECK => {
+                let ping = tokio::time::timeout(self.connect_timeout, conn.ping()).await;
+                if matches!(ping, Ok(Ok(()))) {
+                    conn
+                } else {
+                    self.connect().await?
+                }
+            }
+            Some((conn, _)) => conn,
+            None => self.connect().await?,
+        };
+        let result =
+            match tokio::time::timeout(self.batch_timeout, ship_on(&mut conn, entries)).await {
+                Ok(result) => result,
+                Err(_) => Err(PgError::other(format!(
+                    "PostgreSQL did not commit a batch within {} ms",
+                    self.batch_timeout.as_millis()
+                ))),
+            };
+        // Rows the server refused leave the connection usable; anything
+        // else may have broken it.
+        if result.as_ref().map_or_else(PgError::is_data, |()| true) {
+            self.conn = Some((conn, Instant::now()));
         }
         result
+    }
+
+    async fn connect(&self) -> Result<PgConnection, PgError> {
+        let connect = PgConnection::connect_with(&self.options);
+        match tokio::time::timeout(self.connect_timeout, connect).await {
+            Ok(Ok(conn)) => Ok(conn),
+            // Never taken for refused rows, whatever its SQLSTATE.
+            Ok(Err(e)) => Err(PgError::other(e.to_string())),
+            Err(_) => Err(PgError::other(format!(
+                "connecting to PostgreSQL took more than {} ms",
+                self.connect_timeout.as_millis()
+            ))),
+        }
     }
 }
 
@@ -173,6 +209,7 @@ impl Postgres {
             pool,
             options,
             connect_timeout: config.connect_timeout,
+            statement_timeout: config.statement_timeout,
         })
     }
 
@@ -181,6 +218,7 @@ impl Postgres {
         LaneConnection {
             options: self.options.clone(),
             connect_timeout: self.connect_timeout,
+            batch_timeout: self.statement_timeout.saturating_mul(3),
             conn: None,
         }
     }

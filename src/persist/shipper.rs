@@ -451,8 +451,8 @@ impl Shipper {
                 () = tokio::time::sleep(IDLE_WAIT) => self.outbox.settle_waiters(None),
             }
         }
-        // Leaving: the lanes still in flight finish (each bounded by the
-        // statement timeout), so nothing is committed behind our back.
+        // Leaving: the lanes still in flight finish (each bounded by its
+        // batch deadline), so nothing is committed behind our back.
         while let Some(done) = in_flight.next().await {
             let before = dealt.shipped_through();
             if done.result.is_ok() {
@@ -494,6 +494,7 @@ impl Shipper {
         let entries: Vec<Entry> = batch.into_iter().map(|(_, entry)| entry).collect();
         // A lane has one batch in flight, so its connection is there; a
         // future dropped mid-batch takes it along, and a new one is made.
+        debug_assert!(lane < self.lock_lanes().len(), "lane {lane} has no slot");
         let mut conn = self
             .lock_lanes()
             .get_mut(lane)
