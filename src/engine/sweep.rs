@@ -82,6 +82,28 @@ impl Engine {
         Ok(purged)
     }
 
+    /// Rebuilds the store's session filter once it has taken many keys
+    /// since its last walk (purged sessions' keys stay in a Bloom filter:
+    /// see `persist::session_filter`), on a blocking thread.
+    async fn rebuild_session_filter_if_due(&self) {
+        if !self.shared.store.session_filter_due() {
+            return;
+        }
+        let store = self.shared.store.clone();
+        let started = Instant::now();
+        match tokio::task::spawn_blocking(move || store.rebuild_session_filter()).await {
+            Ok(Ok(keys)) => tracing::info!(
+                keys,
+                took_ms = started.elapsed().as_millis() as u64,
+                "session filter rebuilt from the stored session keys"
+            ),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "session filter rebuild failed; the old filter goes on")
+            }
+            Err(e) => tracing::warn!(error = %e, "session filter rebuild did not finish"),
+        }
+    }
+
     /// Runs the sweep forever: retention, and overdue sessions after a jump
     /// of the wall clock.
     ///
@@ -123,6 +145,7 @@ impl Engine {
                 tracing::error!(error = %e, "retention purge failed");
                 0
             });
+            self.rebuild_session_filter_if_due().await;
             tracing::debug!(expired, purged, "sweep done");
         }
     }

@@ -303,12 +303,18 @@ impl Store {
         seq: u64,
         changes: impl IntoIterator<Item = (&'a [u8], Option<&'a [u8]>)> + Clone,
     ) {
-        for (key, value) in changes.clone() {
-            if value.is_some() && keys::is_session(key) {
-                self.sessions.insert(key);
+        let add_keys = |changes: &mut dyn Iterator<Item = (&[u8], Option<&[u8]>)>| {
+            for (key, value) in changes {
+                if value.is_some() && keys::is_session(key) {
+                    self.sessions.insert(key);
+                }
             }
-        }
-        self.overlay.apply(seq, changes);
+        };
+        add_keys(&mut changes.clone().into_iter());
+        self.overlay.apply(seq, changes.clone());
+        // Once more after: a filter rebuild that began in between, whose
+        // walk did not see these changes, must take them too.
+        add_keys(&mut changes.into_iter());
     }
 
     /// Whether a session `session_id` of `tenant` may be stored (live or
@@ -317,6 +323,34 @@ impl Store {
     pub fn may_hold_session(&self, tenant: Uuid, session_id: &str) -> bool {
         self.sessions
             .may_contain(&keys::session(tenant, session_id))
+    }
+
+    /// Whether the session filter has taken enough new keys since its last
+    /// walk to be rebuilt (see [`SessionFilter`]).
+    pub fn session_filter_due(&self) -> bool {
+        self.sessions.rebuild_due()
+    }
+
+    /// Rebuilds the session filter from a walk of the session keys, so the
+    /// keys of purged sessions leave it; answers the keys found. Changes
+    /// made meanwhile go into the new filter too.
+    pub fn rebuild_session_filter(&self) -> Result<u64, StoreError> {
+        self.sessions.begin_rebuild();
+        let mut walked = 0;
+        for item in self.scan_prefix(&keys::all_sessions(), false) {
+            match item {
+                Ok((key, _)) => {
+                    self.sessions.insert_walked(&key);
+                    walked += 1;
+                }
+                Err(e) => {
+                    self.sessions.abort_rebuild();
+                    return Err(e);
+                }
+            }
+        }
+        self.sessions.finish_rebuild(walked);
+        Ok(walked)
     }
 
     /// The newest value of `key`.
@@ -447,10 +481,12 @@ impl Store {
     /// session key: it completes the [`SessionFilter`].
     pub fn session_records(&self) -> impl Iterator<Item = Result<(IVec, IVec), StoreError>> + '_ {
         let mut clean = true;
+        let mut walked = 0;
         let mut records = self.scan_prefix(&keys::all_sessions(), false);
         std::iter::from_fn(move || match records.next() {
             Some(Ok((key, value))) => {
                 self.sessions.insert(&key);
+                walked += 1;
                 Some(Ok((key, value)))
             }
             Some(Err(e)) => {
@@ -459,7 +495,7 @@ impl Store {
             }
             None => {
                 if clean {
-                    self.sessions.mark_complete();
+                    self.sessions.mark_complete(walked);
                 }
                 None
             }
@@ -574,7 +610,7 @@ impl Store {
         let key = keys::session(session.tenant_id, &session.session_id);
         self.sessions.insert(&key);
         let mut batch = sled::Batch::default();
-        batch.insert(key, record::encode(session));
+        batch.insert(&key[..], record::encode(session));
         batch.insert(
             keys::created(session.tenant_id, session.created_at, &session.session_id),
             Vec::new(),
@@ -586,6 +622,8 @@ impl Store {
             );
         }
         self.apply(batch)?;
+        // Once more after (see `apply_logged`).
+        self.sessions.insert(&key);
         Ok(true)
     }
 
@@ -600,7 +638,7 @@ impl Store {
         let key = keys::session(session.tenant_id, &session.session_id);
         self.sessions.insert(&key);
         let mut batch = sled::Batch::default();
-        batch.insert(key, record::encode(session));
+        batch.insert(&key[..], record::encode(session));
         batch.insert(
             keys::created(session.tenant_id, session.created_at, &session.session_id),
             Vec::new(),
@@ -621,7 +659,10 @@ impl Store {
                 record::encode(execution),
             );
         }
-        self.apply(batch)
+        self.apply(batch)?;
+        // Once more after (see `apply_logged`).
+        self.sessions.insert(&key);
+        Ok(())
     }
 
     /// Writes the overlay's frozen layer (freezing the active one first
@@ -947,6 +988,16 @@ mod tests {
         assert!(!store.may_hold_session(tenant, "rebuilt"));
         assert!(store.put_rebuilt(&rebuilt, &[]).unwrap());
         assert!(store.may_hold_session(tenant, "rebuilt"));
+        // A purged key leaves with the next rebuild; the others stay.
+        let gone = keys::session(tenant, "in-overlay");
+        store.apply_through_overlay(3, &[WriteOp::Remove { key: gone }]);
+        assert!(store.may_hold_session(tenant, "in-overlay"));
+        assert_eq!(store.rebuild_session_filter().unwrap(), 2);
+        assert!(!store.may_hold_session(tenant, "in-overlay"));
+        assert!(store.may_hold_session(tenant, "in-sled"));
+        assert!(store.may_hold_session(tenant, "rebuilt"));
+        store.apply_through_overlay(4, &WriteOp::new_session(&named("later")));
+        assert!(store.may_hold_session(tenant, "later"));
         // A walk cut short completes nothing.
         let fresh = Store::open(tempfile::tempdir().unwrap().path(), 1 << 20, false)
             .unwrap()
