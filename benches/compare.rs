@@ -1349,27 +1349,28 @@ const SETTLE: Duration = Duration::from_millis(300);
 /// Name of the in-process echo servers' threads.
 const ECHO_THREADS: &str = "echo-server";
 
-/// User and system CPU time from a `/proc/…/stat` file's text.
-fn stat_cpu(stat: &str) -> Option<Duration> {
+/// The sum of two adjacent clock-tick fields of a `/proc/…/stat` text,
+/// from the (1-based) field `first` on.
+fn stat_time(stat: &str, first: usize) -> Option<Duration> {
     // The fields after the command name, which is in parentheses and may
-    // hold spaces: utime and stime are the 14th and 15th fields.
+    // hold spaces, begin with the 3rd.
     let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace().skip(11);
+    let mut fields = rest.split_whitespace().skip(first - 3);
     let ticks: u64 = fields.next()?.parse::<u64>().ok()? + fields.next()?.parse::<u64>().ok()?;
     // SAFETY: sysconf only reads a configuration value.
     let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     (per_second > 0).then(|| Duration::from_secs_f64(ticks as f64 / per_second as f64))
 }
 
-/// The user and system CPU time of a process's reaped children (`cutime`
-/// and `cstime`, the 16th and 17th fields), from its `/proc/…/stat` text.
+/// User and system CPU time (`utime`, `stime`: fields 14 and 15).
+fn stat_cpu(stat: &str) -> Option<Duration> {
+    stat_time(stat, 14)
+}
+
+/// The user and system CPU time of a process's reaped children (`cutime`,
+/// `cstime`: fields 16 and 17).
 fn reaped_cpu(stat: &str) -> Option<Duration> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace().skip(13);
-    let ticks: u64 = fields.next()?.parse::<u64>().ok()? + fields.next()?.parse::<u64>().ok()?;
-    // SAFETY: sysconf only reads a configuration value.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    (per_second > 0).then(|| Duration::from_secs_f64(ticks as f64 / per_second as f64))
+    stat_time(stat, 16)
 }
 
 /// CPU time used by process `pid` (all its threads, living and ended).

@@ -280,37 +280,18 @@ async fn sigterm_flushes_pending_activity_and_exits_zero() {
     server.kill();
 }
 
+/// Answers the status and error code of a create of `id`.
+async fn create_code(client: &reqwest::Client, base: &str, id: &str) -> (StatusCode, Value) {
+    let (status, body) = create_id(client, base, id).await;
+    (status, body["code"].clone())
+}
+
 /// Creates `id` and terminates it: its final record is retained.
 async fn create_and_end(client: &reqwest::Client, base: &str, id: &str) {
-    let body = json!({"session_id": id, "edge_mcp_id": "edge"});
-    let (status, _) = call(
-        client,
-        base,
-        Method::POST,
-        "/api/v1/sessions",
-        KEY_A,
-        Some(body),
-    )
-    .await;
-    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(create_code(client, base, id).await.0, StatusCode::CREATED);
     let path = format!("/api/v1/sessions/{id}");
     let (status, _) = call(client, base, Method::DELETE, &path, KEY_A, None).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
-}
-
-/// Answers the status and error code of a create of `id`.
-async fn create_code(client: &reqwest::Client, base: &str, id: &str) -> (StatusCode, Value) {
-    let body = json!({"session_id": id, "edge_mcp_id": "edge"});
-    let (status, body) = call(
-        client,
-        base,
-        Method::POST,
-        "/api/v1/sessions",
-        KEY_A,
-        Some(body),
-    )
-    .await;
-    (status, body["code"].clone())
 }
 
 /// A create of a new client-chosen id skips the store look-up (the store's

@@ -102,30 +102,13 @@ fn damage(path: &Path, at: u64, len: usize) {
 async fn create(client: &reqwest::Client, base: &str, count: usize) {
     for i in 0..count {
         let body = json!({"session_id": format!("d-{i}"), "edge_mcp_id": "edge", "metadata": {"pad": "x".repeat(200)}});
-        let (status, body) = call(
-            client,
-            base,
-            Method::POST,
-            "/api/v1/sessions",
-            KEY_A,
-            Some(body),
-        )
-        .await;
+        let (status, body) = create_with(client, base, body).await;
         assert_eq!(status, StatusCode::CREATED, "{body}");
     }
 }
 
 async fn create_one(client: &reqwest::Client, base: &str, id: &str) {
-    let body = json!({"session_id": id, "edge_mcp_id": "edge"});
-    let (status, body) = call(
-        client,
-        base,
-        Method::POST,
-        "/api/v1/sessions",
-        KEY_A,
-        Some(body),
-    )
-    .await;
+    let (status, body) = create_id(client, base, id).await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
 }
 

@@ -49,15 +49,7 @@ impl Drop for Tmpfs {
 async fn create(client: &reqwest::Client, base: &str, id: &str) -> (StatusCode, serde_json::Value) {
     let body =
         json!({"session_id": id, "edge_mcp_id": "edge", "metadata": {"pad": "x".repeat(8000)}});
-    call(
-        client,
-        base,
-        Method::POST,
-        "/api/v1/sessions",
-        KEY_A,
-        Some(body),
-    )
-    .await
+    create_with(client, base, body).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

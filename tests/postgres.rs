@@ -48,15 +48,7 @@ async fn create(client: &reqwest::Client, base: &str, id: &str) {
     let body = json!({"session_id": id, "edge_mcp_id": "edge", "client_type": "claude-code",
                       "passthrough_auth": {"credentials": {"github": {"type": "bearer", "token": "ghp_secret"}}},
                       "metadata": {"k": "v"}});
-    let (status, body) = call(
-        client,
-        base,
-        Method::POST,
-        "/api/v1/sessions",
-        KEY_A,
-        Some(body),
-    )
-    .await;
+    let (status, body) = create_with(client, base, body).await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
 }
 

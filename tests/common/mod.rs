@@ -241,6 +241,30 @@ pub async fn call(
     (status, value)
 }
 
+/// Creates a session of tenant A from `body`; answers the status and the
+/// answer's body.
+pub async fn create_with(client: &reqwest::Client, base: &str, body: Value) -> (StatusCode, Value) {
+    call(
+        client,
+        base,
+        Method::POST,
+        "/api/v1/sessions",
+        KEY_A,
+        Some(body),
+    )
+    .await
+}
+
+/// Creates session `id` of tenant A with a minimal body (see [`create_with`]).
+pub async fn create_id(client: &reqwest::Client, base: &str, id: &str) -> (StatusCode, Value) {
+    create_with(
+        client,
+        base,
+        serde_json::json!({"session_id": id, "edge_mcp_id": "edge"}),
+    )
+    .await
+}
+
 /// Reads with `read` every 20 ms until `done` holds of what it answers, or
 /// about 6 s have passed; answers the last reading.
 pub async fn poll<T>(mut read: impl AsyncFnMut() -> T, done: impl Fn(&T) -> bool) -> T {
