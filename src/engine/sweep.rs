@@ -92,11 +92,12 @@ impl Engine {
         let store = self.shared.store.clone();
         let started = Instant::now();
         match tokio::task::spawn_blocking(move || store.rebuild_session_filter()).await {
-            Ok(Ok(keys)) => tracing::info!(
+            Ok(Ok(Some(keys))) => tracing::info!(
                 keys,
                 took_ms = started.elapsed().as_millis() as u64,
                 "session filter rebuilt from the stored session keys"
             ),
+            Ok(Ok(None)) => {}
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "session filter rebuild failed; the old filter goes on")
             }

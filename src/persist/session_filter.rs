@@ -18,11 +18,12 @@
 //! The size is fixed: 2^24 bits (2 MiB), four probes. With a million keys
 //! about 0.2 % of new ids are looked up anyway, with two million 2 %, with
 //! four million 14 %. Keys cannot be removed from a Bloom filter, so a
-//! purged session's key stays set; once the keys added since the last walk
-//! pass [`REBUILD_AFTER`] and twice the keys that walk found, the sweep
-//! rebuilds the filter from another walk ([`super::Store::rebuild_session_filter`]):
-//! a new filter takes every insert from the walk's start on, and replaces
-//! the old one when the walk ends.
+//! purged session's key stays set. Once [`REBUILD_FILL`] of the bits are
+//! set (about two million keys; 2 % of new ids read) and at least twice as
+//! many as right after the last walk, the sweep rebuilds the filter from
+//! another walk ([`super::Store::rebuild_session_filter`]): a new filter
+//! takes every insert from the walk's start on, and replaces the old one
+//! when the walk ends. One rebuild runs at a time.
 
 use std::hash::Hasher;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,8 +33,9 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 const BITS_LOG2: u32 = 24;
 /// Bits set (and tested) per key.
 const PROBES: u64 = 4;
-/// New keys since the last walk below which no rebuild is due.
-pub const REBUILD_AFTER: u64 = 1 << 20;
+/// Share of the bits set (3/8) from which a rebuild may be due: about two
+/// million keys, where 2 % of absent keys read as "maybe".
+pub const REBUILD_FILL: (u64, u64) = (3, 8);
 
 /// The filter; shared by every handle of the store.
 #[derive(Default)]
@@ -50,14 +52,14 @@ struct State {
     next: Option<Arc<Bits>>,
     /// Whether every key on disk is in `answers` (see the module docs).
     complete: bool,
-    /// Keys the last complete walk found.
-    walked: u64,
+    /// Bits of `answers` set when the last walk ended.
+    set_at_walk: u64,
 }
 
 struct Bits {
     words: Box<[AtomicU64]>,
-    /// Keys that set at least one bit (about the distinct keys added).
-    new_keys: AtomicU64,
+    /// Bits set.
+    set: AtomicU64,
 }
 
 impl Default for Bits {
@@ -66,7 +68,7 @@ impl Default for Bits {
             words: (0..1usize << (BITS_LOG2 - 6))
                 .map(|_| AtomicU64::new(0))
                 .collect(),
-            new_keys: AtomicU64::new(0),
+            set: AtomicU64::new(0),
         }
     }
 }
@@ -86,13 +88,11 @@ impl Bits {
     }
 
     fn insert(&self, key: &[u8]) {
-        let mut new = false;
         for bit in Self::probes(key) {
             let mask = 1 << (bit % 64);
-            new |= self.words[bit / 64].fetch_or(mask, Ordering::Relaxed) & mask == 0;
-        }
-        if new {
-            self.new_keys.fetch_add(1, Ordering::Relaxed);
+            if self.words[bit / 64].fetch_or(mask, Ordering::Relaxed) & mask == 0 {
+                self.set.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -132,27 +132,36 @@ impl SessionFilter {
         !state.complete || state.answers.contains(key)
     }
 
-    /// A walk found `walked` keys, every key on disk among them: "absent"
-    /// answers may be given.
-    pub fn mark_complete(&self, walked: u64) {
+    /// A walk reached its end, every key on disk among those it added:
+    /// "absent" answers may be given.
+    pub fn mark_complete(&self) {
         let mut state = self.write();
         state.complete = true;
-        state.walked = walked;
+        state.set_at_walk = state.answers.set.load(Ordering::Relaxed);
     }
 
-    /// Whether enough keys were added since the last walk to rebuild.
+    /// Whether the filter is full enough, and fuller enough than after the
+    /// last walk, for a rebuild to pay (see the module docs).
     pub fn rebuild_due(&self) -> bool {
         let state = self.read();
-        let added = state.answers.new_keys.load(Ordering::Relaxed);
+        let set = state.answers.set.load(Ordering::Relaxed);
+        let (num, den) = REBUILD_FILL;
         state.complete
             && state.next.is_none()
-            && added >= REBUILD_AFTER.max(state.walked.saturating_mul(2))
+            && set >= (1u64 << BITS_LOG2) * num / den
+            && set >= state.set_at_walk.saturating_mul(2)
     }
 
     /// Starts a rebuild: from now on every insert goes to a new filter as
     /// well, which the walk that follows fills with the keys on disk.
-    pub fn begin_rebuild(&self) {
-        self.write().next = Some(Arc::default());
+    /// Answers `false`, changing nothing, while another rebuild runs.
+    pub fn begin_rebuild(&self) -> bool {
+        let mut state = self.write();
+        if state.next.is_some() {
+            return false;
+        }
+        state.next = Some(Arc::default());
+        true
     }
 
     /// Adds a key the rebuild's walk found (to the new filter only).
@@ -162,15 +171,13 @@ impl SessionFilter {
         }
     }
 
-    /// The rebuild's walk found `walked` keys and reached its end: the new
-    /// filter answers from now on.
-    pub fn finish_rebuild(&self, walked: u64) {
+    /// The rebuild's walk reached its end: the new filter answers from now
+    /// on.
+    pub fn finish_rebuild(&self) {
         let mut state = self.write();
         if let Some(next) = state.next.take() {
-            // Counted afresh: what is added from here on.
-            next.new_keys.store(0, Ordering::Relaxed);
+            state.set_at_walk = next.set.load(Ordering::Relaxed);
             state.answers = next;
-            state.walked = walked;
         }
     }
 
@@ -196,7 +203,7 @@ mod tests {
         }
         // Until the keys on disk are all in, every key may be there.
         assert!(filter.may_contain(&key(1_000_000)));
-        filter.mark_complete(0);
+        filter.mark_complete();
         assert!((0..200_000).all(|i| filter.may_contain(&key(i))));
         let false_positives = (1_000_000..1_200_000)
             .filter(|i| filter.may_contain(&key(*i)))
@@ -211,19 +218,20 @@ mod tests {
         let (kept, purged, during) = (key(1), key(2), key(3));
         filter.insert(&kept);
         filter.insert(&purged);
-        filter.mark_complete(2);
-        filter.begin_rebuild();
+        filter.mark_complete();
+        assert!(filter.begin_rebuild());
+        assert!(!filter.begin_rebuild(), "one rebuild at a time");
         // Added while the walk runs: the new filter has it too.
         filter.insert(&during);
         filter.insert_walked(&kept);
         // Until the walk ends the old filter answers.
         assert!(filter.may_contain(&purged));
-        filter.finish_rebuild(1);
+        filter.finish_rebuild();
         assert!(filter.may_contain(&kept));
         assert!(filter.may_contain(&during));
         assert!(!filter.may_contain(&purged));
         // An aborted rebuild changes nothing.
-        filter.begin_rebuild();
+        assert!(filter.begin_rebuild());
         filter.abort_rebuild();
         assert!(filter.may_contain(&kept));
         filter.insert_walked(&purged);
@@ -231,19 +239,31 @@ mod tests {
     }
 
     #[test]
-    fn a_rebuild_is_due_after_many_new_keys_and_twice_the_last_walk() {
+    fn a_rebuild_is_due_once_the_filter_fills_and_doubles_since_the_last_walk() {
         let filter = SessionFilter::default();
         let bits = filter.read().answers.clone();
-        bits.new_keys.store(REBUILD_AFTER, Ordering::Relaxed);
+        let (num, den) = REBUILD_FILL;
+        let full = (1u64 << BITS_LOG2) * num / den;
+        bits.set.store(full / 2, Ordering::Relaxed);
         // Not before the first complete walk.
         assert!(!filter.rebuild_due());
-        filter.mark_complete(REBUILD_AFTER);
-        assert!(!filter.rebuild_due(), "fewer than twice the walked keys");
-        bits.new_keys.store(2 * REBUILD_AFTER, Ordering::Relaxed);
+        filter.mark_complete();
+        bits.set.store(full - 1, Ordering::Relaxed);
+        assert!(!filter.rebuild_due(), "not full enough");
+        bits.set.store(full, Ordering::Relaxed);
         assert!(filter.rebuild_due());
-        filter.begin_rebuild();
+        assert!(filter.begin_rebuild());
         assert!(!filter.rebuild_due(), "one rebuild at a time");
-        filter.finish_rebuild(10);
-        assert!(!filter.rebuild_due(), "counted afresh");
+        // The walk found much: the new filter starts three quarters full,
+        // and another rebuild waits until it is twice that (never, here).
+        filter
+            .read()
+            .next
+            .as_ref()
+            .unwrap()
+            .set
+            .store(full * 2, Ordering::Relaxed);
+        filter.finish_rebuild();
+        assert!(!filter.rebuild_due());
     }
 }

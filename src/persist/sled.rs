@@ -332,25 +332,32 @@ impl Store {
     }
 
     /// Rebuilds the session filter from a walk of the session keys, so the
-    /// keys of purged sessions leave it; answers the keys found. Changes
-    /// made meanwhile go into the new filter too.
-    pub fn rebuild_session_filter(&self) -> Result<u64, StoreError> {
-        self.sessions.begin_rebuild();
-        let mut walked = 0;
-        for item in self.scan_prefix(&keys::all_sessions(), false) {
-            match item {
-                Ok((key, _)) => {
-                    self.sessions.insert_walked(&key);
-                    walked += 1;
-                }
-                Err(e) => {
-                    self.sessions.abort_rebuild();
-                    return Err(e);
+    /// keys of purged sessions leave it; answers the keys found, or `None`
+    /// when another rebuild is running. Changes made meanwhile go into the
+    /// new filter too. A walk that fails (or panics) leaves the old filter.
+    pub fn rebuild_session_filter(&self) -> Result<Option<u64>, StoreError> {
+        /// Aborts the rebuild unless it was finished.
+        struct Rebuild<'a>(&'a SessionFilter, bool);
+        impl Drop for Rebuild<'_> {
+            fn drop(&mut self) {
+                if !self.1 {
+                    self.0.abort_rebuild();
                 }
             }
         }
-        self.sessions.finish_rebuild(walked);
-        Ok(walked)
+        if !self.sessions.begin_rebuild() {
+            return Ok(None);
+        }
+        let mut rebuild = Rebuild(&self.sessions, false);
+        let mut walked = 0;
+        for item in self.scan_prefix(&keys::all_sessions(), false) {
+            let (key, _) = item?;
+            self.sessions.insert_walked(&key);
+            walked += 1;
+        }
+        self.sessions.finish_rebuild();
+        rebuild.1 = true;
+        Ok(Some(walked))
     }
 
     /// The newest value of `key`.
@@ -481,12 +488,10 @@ impl Store {
     /// session key: it completes the [`SessionFilter`].
     pub fn session_records(&self) -> impl Iterator<Item = Result<(IVec, IVec), StoreError>> + '_ {
         let mut clean = true;
-        let mut walked = 0;
         let mut records = self.scan_prefix(&keys::all_sessions(), false);
         std::iter::from_fn(move || match records.next() {
             Some(Ok((key, value))) => {
                 self.sessions.insert(&key);
-                walked += 1;
                 Some(Ok((key, value)))
             }
             Some(Err(e)) => {
@@ -495,7 +500,7 @@ impl Store {
             }
             None => {
                 if clean {
-                    self.sessions.mark_complete(walked);
+                    self.sessions.mark_complete();
                 }
                 None
             }
@@ -992,7 +997,7 @@ mod tests {
         let gone = keys::session(tenant, "in-overlay");
         store.apply_through_overlay(3, &[WriteOp::Remove { key: gone }]);
         assert!(store.may_hold_session(tenant, "in-overlay"));
-        assert_eq!(store.rebuild_session_filter().unwrap(), 2);
+        assert_eq!(store.rebuild_session_filter().unwrap(), Some(2));
         assert!(!store.may_hold_session(tenant, "in-overlay"));
         assert!(store.may_hold_session(tenant, "in-sled"));
         assert!(store.may_hold_session(tenant, "rebuilt"));
