@@ -119,7 +119,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// The tenant's API key; the config holds only its sha256 hex.
 use support::{
-    clean_up_on_signal, find_on_path, free_port, http_call, lua_str, ChildGuard, CLEANUP,
+    clean_up_on_signal, find_on_path, free_port, http_call, http_request, lua_str, status_of,
+    ChildGuard, CLEANUP,
 };
 
 const API_KEY: &str = "compare-bench-key";
@@ -1034,11 +1035,8 @@ async fn open_loop_creates(
                     tokio::time::sleep_until(due).await;
                     let sent = tokio::time::Instant::now();
                     let body = format!("{head}{prefix}-{c}-{i}{tail}");
-                    let request = format!(
-                        "POST /api/v1/sessions HTTP/1.1\r\nHost: {addr}\r\nX-API-Key: {API_KEY}\r\n\
-                         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-                        body.len()
-                    );
+                    let request =
+                        http_request(API_KEY, addr, "POST", "/api/v1/sessions", &body, true);
                     let answered = tokio::time::timeout(
                         Duration::from_secs(10),
                         exchange(&mut stream, request.as_bytes(), &mut answer),
@@ -1092,11 +1090,7 @@ async fn exchange(
     loop {
         if let Some(end) = answer.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = std::str::from_utf8(&answer[..end]).map_err(|e| e.to_string())?;
-            let status = head
-                .split_whitespace()
-                .nth(1)
-                .and_then(|s| s.parse().ok())
-                .ok_or_else(|| format!("not an HTTP answer: {head:?}"))?;
+            let status = status_of(head).ok_or_else(|| format!("not an HTTP answer: {head:?}"))?;
             let length: usize = head
                 .lines()
                 .find_map(|line| {
@@ -1126,7 +1120,6 @@ async fn exchange(
 // ---------------------------------------------------------------------------
 // The run
 
-/// Everything a phase needs; the servers live as long as this.
 /// A, under `durability = "postgres"`: a second edge-sessions on a
 /// throwaway PostgreSQL of its own, with durable commits (fsync and
 /// `synchronous_commit` on, as in production).
@@ -1160,6 +1153,7 @@ impl PostgresTarget {
     }
 }
 
+/// Everything a phase needs; the servers live as long as this.
 struct Bench {
     knobs: Knobs,
     dir: PathBuf,

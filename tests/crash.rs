@@ -297,12 +297,13 @@ async fn create_and_end(client: &reqwest::Client, base: &str, id: &str) {
 /// A create of a new client-chosen id skips the store look-up (the store's
 /// session filter says the id cannot be there); an id whose final record
 /// is retained must still answer 409 after a restart, whether that record
-/// was checkpointed into sled (clean stop) or was only in the log (SIGKILL
-/// right after the acknowledgement).
+/// was checkpointed into sled (a clean stop checkpoints) or was only in the
+/// log (SIGKILL right after the acknowledgement, with no timed checkpoint
+/// for a minute).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retained_id_answers_409_after_a_restart_from_sled_or_from_the_log() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), "");
+    let config = write_config(dir.path(), "checkpoint_interval_ms = 60000");
     let client = client();
 
     let server = ChildServer::start(&config).await;

@@ -46,12 +46,7 @@ pub fn http_call(
     stream
         .set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
-    let body = body.unwrap_or("");
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nX-API-Key: {api_key}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
+    let request = http_request(api_key, addr, method, path, body.unwrap_or(""), false);
     stream
         .write_all(request.as_bytes())
         .map_err(|e| format!("send {method} {path}: {e}"))?;
@@ -59,16 +54,39 @@ pub fn http_call(
     stream
         .read_to_string(&mut answer)
         .map_err(|e| format!("read {method} {path} (limit {timeout:?}): {e}"))?;
-    let status = answer
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("not an HTTP answer: {answer:?}"))?;
+    let status = status_of(&answer).ok_or_else(|| format!("not an HTTP answer: {answer:?}"))?;
     let body = answer
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     Ok((status, body))
+}
+
+/// An HTTP/1.1 request with a JSON `body` and the API key; the connection
+/// stays open after it when `keep_alive`.
+pub fn http_request(
+    api_key: &str,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+    keep_alive: bool,
+) -> String {
+    let close = if keep_alive {
+        ""
+    } else {
+        "Connection: close\r\n"
+    };
+    format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nX-API-Key: {api_key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n{close}\r\n{body}",
+        body.len()
+    )
+}
+
+/// The status code of an HTTP answer (its status line's second word).
+pub fn status_of(answer: &str) -> Option<u16> {
+    answer.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// What a SIGINT / SIGTERM handler must clean up (it cannot reach the

@@ -93,14 +93,10 @@ pub fn start(
     config: ShipperConfig,
 ) -> ShipperHandle {
     let (stop, stopping) = watch::channel(false);
-    let lanes = (0..config.lanes.max(1))
-        .map(|_| Some(postgres.lane()))
-        .collect();
     let shipper = Shipper {
         store,
         log,
         outbox,
-        lanes: std::sync::Mutex::new(lanes),
         postgres,
         config,
     };
@@ -132,8 +128,6 @@ struct Shipper {
     store: Store,
     log: Arc<LogShared>,
     outbox: Arc<Outbox>,
-    /// Each lane's own connection; taken out while its batch is in flight.
-    lanes: std::sync::Mutex<Vec<Option<LaneConnection>>>,
     postgres: Postgres,
     config: ShipperConfig,
 }
@@ -183,6 +177,8 @@ impl Lane {
 /// What a lane's transaction came back with.
 struct LaneDone {
     lane: usize,
+    /// The lane's connection, back from its batch.
+    conn: LaneConnection,
     entries: usize,
     result: Result<(), String>,
 }
@@ -313,6 +309,11 @@ impl Shipper {
             self.config.lanes,
         );
         let mut in_flight = FuturesUnordered::new();
+        // Each lane's own connection, lent to its batch while one is in
+        // flight (a lane index is below `config.lanes` in every `Dealt`).
+        let mut conns: Vec<Option<LaneConnection>> = (0..self.config.lanes.max(1))
+            .map(|_| Some(self.postgres.lane()))
+            .collect();
         // Why the lanes are being stopped (a failed lane, an unreadable log).
         let mut failed: Option<String> = None;
         loop {
@@ -341,7 +342,8 @@ impl Shipper {
                     let take = state.queue.len().min(size);
                     let batch: Vec<(u64, Entry)> = state.queue.drain(..take).collect();
                     state.in_flight_from = Some(batch[0].0);
-                    in_flight.push(self.ship_lane(lane, batch));
+                    let conn = conns[lane].take().unwrap_or_else(|| self.postgres.lane());
+                    in_flight.push(self.ship_lane(lane, conn, batch));
                 }
             }
             if in_flight.is_empty() {
@@ -419,6 +421,7 @@ impl Shipper {
                 failed.is_none() && dealt.lanes.iter().any(|l| l.in_flight_from.is_none());
             tokio::select! {
                 Some(done) = in_flight.next() => {
+                    conns[done.lane] = Some(done.conn);
                     let before = dealt.shipped_through();
                     match done.result {
                         Ok(()) => {
@@ -454,6 +457,7 @@ impl Shipper {
         // Leaving: the lanes still in flight finish (each bounded by its
         // batch deadline), so nothing is committed behind our back.
         while let Some(done) = in_flight.next().await {
+            conns[done.lane] = Some(done.conn);
             let before = dealt.shipped_through();
             if done.result.is_ok() {
                 dealt.lanes[done.lane].in_flight_from = None;
@@ -461,8 +465,7 @@ impl Shipper {
             }
         }
         self.outbox.fail_waiters();
-        let lanes: Vec<LaneConnection> = self.lock_lanes().drain(..).flatten().collect();
-        for conn in lanes {
+        for conn in conns.into_iter().flatten() {
             conn.close().await;
         }
     }
@@ -489,27 +492,22 @@ impl Shipper {
     }
 
     /// Commits one lane's batch in one transaction.
-    async fn ship_lane(&self, lane: usize, batch: Vec<(u64, Entry)>) -> LaneDone {
+    async fn ship_lane(
+        &self,
+        lane: usize,
+        mut conn: LaneConnection,
+        batch: Vec<(u64, Entry)>,
+    ) -> LaneDone {
         let first = batch[0].0;
         let entries: Vec<Entry> = batch.into_iter().map(|(_, entry)| entry).collect();
-        // A lane has one batch in flight, so its connection is there; a
-        // future dropped mid-batch takes it along, and a new one is made.
-        debug_assert!(lane < self.lock_lanes().len(), "lane {lane} has no slot");
-        let mut conn = self
-            .lock_lanes()
-            .get_mut(lane)
-            .and_then(Option::take)
-            .unwrap_or_else(|| self.postgres.lane());
         let result = match conn.ship(&entries).await {
             Ok(()) => Ok(()),
             Err(e) if e.is_data() => self.isolate(&mut conn, &entries, first, &e).await,
             Err(e) => Err(e.to_string()),
         };
-        if let Some(slot) = self.lock_lanes().get_mut(lane) {
-            *slot = Some(conn);
-        }
         LaneDone {
             lane,
+            conn,
             entries: entries.len(),
             result,
         }
@@ -557,14 +555,6 @@ impl Shipper {
             () = tokio::time::sleep(IDLE_WAIT) => {}
         }
         self.outbox.settle_waiters(None);
-    }
-
-    /// The lanes' connections (a panic elsewhere cannot leave them
-    /// inconsistent: a slot holds a connection or none).
-    fn lock_lanes(&self) -> std::sync::MutexGuard<'_, Vec<Option<LaneConnection>>> {
-        self.lanes
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Sleeps `delay` unless asked to stop (or the engine is gone); returns

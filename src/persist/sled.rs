@@ -211,15 +211,17 @@ impl Store {
         }
         let mut salvaged = None;
         for record in replay.records.iter().filter(|r| r.seq > through) {
-            let changes: Vec<_> = record
-                .ops()
-                .filter_map(|op| match op {
+            let changes = || {
+                record.ops().filter_map(|op| match op {
                     LogOp::Put(key, value) => Some((key, Some(value))),
                     LogOp::Remove(key) => Some((key, None)),
                     LogOp::Entry(_) => None,
                 })
-                .collect();
-            store.apply_logged(record.seq, changes.iter().copied());
+            };
+            // Keys first, as in `apply_logged` (no rebuild can run yet: the
+            // store is not handed out).
+            store.add_session_keys(changes());
+            store.overlay.apply(record.seq, changes());
         }
         if !replay.damage.is_empty() {
             // What was read goes into sled now and the damaged log goes, so
@@ -303,18 +305,23 @@ impl Store {
         seq: u64,
         changes: impl IntoIterator<Item = (&'a [u8], Option<&'a [u8]>)> + Clone,
     ) {
-        let add_keys = |changes: &mut dyn Iterator<Item = (&[u8], Option<&[u8]>)>| {
-            for (key, value) in changes {
-                if value.is_some() && keys::is_session(key) {
-                    self.sessions.insert(key);
-                }
-            }
-        };
-        add_keys(&mut changes.clone().into_iter());
+        self.add_session_keys(changes.clone());
         self.overlay.apply(seq, changes.clone());
         // Once more after: a filter rebuild that began in between, whose
         // walk did not see these changes, must take them too.
-        add_keys(&mut changes.into_iter());
+        self.add_session_keys(changes);
+    }
+
+    /// Adds the session keys `changes` write to the session filter.
+    fn add_session_keys<'a>(
+        &self,
+        changes: impl IntoIterator<Item = (&'a [u8], Option<&'a [u8]>)>,
+    ) {
+        for (key, value) in changes {
+            if value.is_some() && keys::is_session(key) {
+                self.sessions.insert(key);
+            }
+        }
     }
 
     /// Whether a session `session_id` of `tenant` may be stored (live or
@@ -606,29 +613,11 @@ impl Store {
         session: &Session,
         executions: &[(u64, ToolExecution)],
     ) -> Result<bool, StoreError> {
-        if self
-            .get(&keys::session(session.tenant_id, &session.session_id))?
-            .is_some()
-        {
+        let key = keys::session(session.tenant_id, &session.session_id);
+        if self.get(&key)?.is_some() {
             return Ok(false);
         }
-        let key = keys::session(session.tenant_id, &session.session_id);
-        self.sessions.insert(&key);
-        let mut batch = sled::Batch::default();
-        batch.insert(&key[..], record::encode(session));
-        batch.insert(
-            keys::created(session.tenant_id, session.created_at, &session.session_id),
-            Vec::new(),
-        );
-        for (seq, execution) in executions {
-            batch.insert(
-                &keys::execution(session.id, *seq),
-                record::encode(execution),
-            );
-        }
-        self.apply(batch)?;
-        // Once more after (see `apply_logged`).
-        self.sessions.insert(&key);
+        self.put_direct(&key, session, executions)?;
         Ok(true)
     }
 
@@ -641,9 +630,21 @@ impl Store {
         executions: &[(u64, ToolExecution)],
     ) -> Result<(), StoreError> {
         let key = keys::session(session.tenant_id, &session.session_id);
-        self.sessions.insert(&key);
+        self.put_direct(&key, session, executions)
+    }
+
+    /// Writes `session` (under `key`), its index entries and its
+    /// executions straight to sled, in one batch; the session filter takes
+    /// the key before and after, as in [`Store::apply_logged`].
+    fn put_direct(
+        &self,
+        key: &[u8],
+        session: &Session,
+        executions: &[(u64, ToolExecution)],
+    ) -> Result<(), StoreError> {
+        self.sessions.insert(key);
         let mut batch = sled::Batch::default();
-        batch.insert(&key[..], record::encode(session));
+        batch.insert(key, record::encode(session));
         batch.insert(
             keys::created(session.tenant_id, session.created_at, &session.session_id),
             Vec::new(),
@@ -665,8 +666,7 @@ impl Store {
             );
         }
         self.apply(batch)?;
-        // Once more after (see `apply_logged`).
-        self.sessions.insert(&key);
+        self.sessions.insert(key);
         Ok(())
     }
 
