@@ -29,6 +29,16 @@
 //! * **B, the HTTP ceiling**: an axum server in this process, on its own
 //!   tokio runtime: `POST /echo` parses a ~266-byte JSON body into a
 //!   `serde_json::Value` and answers 201 with it. Same wrk set-up.
+//!   With `COMPARE_ONLY=ceiling` (or by default), its durable twin too:
+//!   `POST /echo-durable` answers only once the body, re-encoded, is on
+//!   disk (one thread appends what queued during its last `fdatasync` in
+//!   one write and one `fdatasync`: group commit, as edge-sessions and
+//!   Redis do), run with the create body (closed loop and open loop at
+//!   half its rate, as A's creates) and with the tool body; and D's
+//!   WebSocket echo likewise (`/ws-durable`). They do no work but the
+//!   parse, the write and the answer, so they bound what any server that
+//!   acknowledges after an fsync reaches on this machine: the `ceiling`
+//!   ratios put them against the same peers as edge-sessions.
 //! * **C, Redis**: `redis-server` as a child with `--appendonly yes
 //!   --appendfsync always` (every write on disk before the reply, as
 //!   `durability = "sync"`), driven by `redis-benchmark -c 64`: `SETEX` of a
@@ -46,7 +56,8 @@
 //! and Redis data sets grow from round to round. The table shows every
 //! round's ops/s and p99, the medians, and the ratios of the medians:
 //! create / Redis SETEX, tool exec / Redis HINCRBY, get / axum echo,
-//! create under `postgres` / axum echo, WS tool.executed / WS echo.
+//! create under `postgres` / axum echo, WS tool.executed / WS echo, and
+//! the durable echoes against SETEX, HINCRBY and the WS echo.
 //!
 //! Each run also reads the CPU time (user and system, from `/proc`) the
 //! serving side used over the run and a 300 ms settling pause after it:
@@ -74,7 +85,7 @@
 //! * `COMPARE_BINARY`: another edge-sessions binary to measure instead of
 //!   this build's (a before/after against an older release);
 //! * `COMPARE_ONLY`: the comparisons to run, by name, comma-separated
-//!   (`create`, `tool`, `get`, `postgres`, `ws`; default all), each with its peer
+//!   (`create`, `tool`, `get`, `postgres`, `ws`, `ceiling`; default all), each with its peer
 //!   (`create` with its open-loop run too): for
 //!   short alternating before/after runs of one path.
 //!
@@ -100,6 +111,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{Message as AxumMessage, WebSocketUpgrade};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use axum::routing::{get, post};
@@ -174,7 +186,8 @@ impl Knobs {
 
 /// The comparisons `list` names (comma-separated); all for an empty list.
 fn comparisons_named(list: &str) -> Result<Vec<&'static str>, String> {
-    let names: Vec<&'static str> = RATIOS.iter().map(|r| r.3).collect();
+    let mut names: Vec<&'static str> = RATIOS.iter().map(|r| r.3).collect();
+    names.dedup();
     let mut chosen = Vec::new();
     for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
         match names.iter().find(|known| **known == name) {
@@ -289,24 +302,32 @@ enum Phase {
     EdgeGet,
     EdgeCreatePostgres,
     Echo,
+    DurableEcho,
+    DurableEchoHalf,
+    DurableEchoTool,
     RedisSetex,
     RedisHincrby,
     EdgeWs,
     WsEcho,
+    WsDurableEcho,
 }
 
 impl Phase {
-    const ALL: [Phase; 10] = [
+    const ALL: [Phase; 14] = [
         Phase::EdgeCreate,
         Phase::EdgeCreateHalf,
         Phase::EdgeTool,
         Phase::EdgeGet,
         Phase::EdgeCreatePostgres,
         Phase::Echo,
+        Phase::DurableEcho,
+        Phase::DurableEchoHalf,
+        Phase::DurableEchoTool,
         Phase::RedisSetex,
         Phase::RedisHincrby,
         Phase::EdgeWs,
         Phase::WsEcho,
+        Phase::WsDurableEcho,
     ];
 
     fn label(self) -> &'static str {
@@ -317,21 +338,36 @@ impl Phase {
             Phase::EdgeGet => "A edge get (GET /sessions/{id})",
             Phase::EdgeCreatePostgres => "A edge create, durability = postgres",
             Phase::Echo => "B axum JSON echo (POST /echo)",
+            Phase::DurableEcho => "B echo + fdatasync, create body",
+            Phase::DurableEchoHalf => "B same, open loop at half of it",
+            Phase::DurableEchoTool => "B echo + fdatasync, tool body",
             Phase::RedisSetex => "C redis SETEX 600 B (fsync always)",
             Phase::RedisHincrby => "C redis HINCRBY (fsync always)",
             Phase::EdgeWs => "D edge WS tool.executed",
             Phase::WsEcho => "D axum WS echo",
+            Phase::WsDurableEcho => "D axum WS echo + fdatasync",
         }
     }
 
     fn index(self) -> usize {
         Phase::ALL.iter().position(|p| *p == self).expect("listed")
     }
+
+    /// The closed-loop phase whose rate an open-loop phase halves.
+    fn halving(self) -> Option<Phase> {
+        match self {
+            Phase::EdgeCreateHalf => Some(Phase::EdgeCreate),
+            Phase::DurableEchoHalf => Some(Phase::DurableEcho),
+            _ => None,
+        }
+    }
 }
 
 /// The comparisons the table ends with: (edge-sessions phase, peer, what,
-/// the name `COMPARE_ONLY` knows it by).
-const RATIOS: [(Phase, Phase, &str, &str); 5] = [
+/// the name `COMPARE_ONLY` knows it by). The `ceiling` rows put the
+/// durable echoes (see [`start_echo`]) against the same peers: what any
+/// HTTP or WebSocket server that answers after an fdatasync reaches here.
+const RATIOS: [(Phase, Phase, &str, &str); 8] = [
     (
         Phase::EdgeCreate,
         Phase::RedisSetex,
@@ -356,6 +392,24 @@ const RATIOS: [(Phase, Phase, &str, &str); 5] = [
         Phase::WsEcho,
         "WS tool.executed / WS echo",
         "ws",
+    ),
+    (
+        Phase::DurableEcho,
+        Phase::RedisSetex,
+        "durable echo / Redis SETEX",
+        "ceiling",
+    ),
+    (
+        Phase::DurableEchoTool,
+        Phase::RedisHincrby,
+        "durable echo / Redis HINCRBY",
+        "ceiling",
+    ),
+    (
+        Phase::WsDurableEcho,
+        Phase::WsEcho,
+        "WS durable echo / WS echo",
+        "ceiling",
     ),
 ];
 
@@ -401,16 +455,17 @@ fn create_body_parts(prefix: &str) -> (String, String) {
 }
 
 /// Creates with unique ids: `prefix-tid-counter` (the prefix is new per run
-/// and round, so ids never repeat within a server's life).
-fn lua_create(prefix: &str) -> String {
+/// and round, so ids never repeat within a server's life), posted to `path`.
+fn lua_create(path: &str, prefix: &str) -> String {
     let (head, tail) = create_body_parts(prefix);
     format!(
         "{WRK_SETUP}{headers}local head = {head}\nlocal tail = {tail}\nlocal prefix = {prefix}\nlocal n = 0\n\
-         function request()\n  n = n + 1\n  return wrk.format(\"POST\", \"/api/v1/sessions\", headers, head .. prefix .. \"-\" .. tid .. \"-\" .. n .. tail)\nend\n{WRK_DONE}",
+         function request()\n  n = n + 1\n  return wrk.format(\"POST\", {path}, headers, head .. prefix .. \"-\" .. tid .. \"-\" .. n .. tail)\nend\n{WRK_DONE}",
         headers = lua_edge_headers(),
         head = lua_str(&head),
         tail = lua_str(&tail),
         prefix = lua_str(prefix),
+        path = lua_str(path),
     )
 }
 
@@ -430,11 +485,12 @@ fn lua_over_sessions(method: &str, suffix: &str, body: Option<&str>, sessions: u
 
 /// The echo request; built once per thread, still returned through
 /// `request()` so wrk does the same per-request Lua call as for the others.
-fn lua_echo(body: &str) -> String {
+fn lua_echo(path: &str, body: &str) -> String {
     format!(
         "{WRK_SETUP}local body = {body}\nlocal req = nil\n\
-         function request()\n  if req == nil then\n    req = wrk.format(\"POST\", \"/echo\", {{ [\"Content-Type\"] = \"application/json\" }}, body)\n  end\n  return req\nend\n{WRK_DONE}",
+         function request()\n  if req == nil then\n    req = wrk.format(\"POST\", {path}, {{ [\"Content-Type\"] = \"application/json\" }}, body)\n  end\n  return req\nend\n{WRK_DONE}",
         body = lua_str(body),
+        path = lua_str(path),
     )
 }
 
@@ -834,10 +890,113 @@ fn parse_redis_csv(output: &str) -> Result<Sample, String> {
 }
 
 // ---------------------------------------------------------------------------
-// The in-process axum peers (HTTP JSON echo and WebSocket echo)
+// The in-process axum peers (HTTP JSON echo and WebSocket echo, each also
+// durable: answering only once what it got is on disk)
 
 async fn echo(Json(value): Json<Value>) -> (StatusCode, Json<Value>) {
     (StatusCode::CREATED, Json(value))
+}
+
+/// Size of the durable echoes' log file, written round and round.
+const GROUP_LOG_BYTES: u64 = 64 << 20;
+
+/// The durable echoes' log: one thread appends what every request queued
+/// during its last `fdatasync` in one write and one `fdatasync` (a group
+/// commit, as edge-sessions' flusher and Redis's `appendfsync always` do),
+/// then releases those requests. The file is written through with zeros
+/// first and then reused from its start when full, so an append only
+/// overwrites allocated blocks and its `fdatasync` flushes data, not the
+/// file's size (edge-sessions' log also writes zeros ahead of itself).
+#[derive(Clone)]
+struct GroupLog {
+    queue: std::sync::mpsc::Sender<(Vec<u8>, tokio::sync::oneshot::Sender<()>)>,
+}
+
+impl GroupLog {
+    fn start(path: &Path) -> Result<Self, String> {
+        use std::os::unix::fs::FileExt as _;
+        let fail = |e: std::io::Error| format!("{}: {e}", path.display());
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(path)
+            .map_err(fail)?;
+        let zeros = vec![0u8; 1 << 20];
+        for at in (0..GROUP_LOG_BYTES).step_by(zeros.len()) {
+            file.write_all_at(&zeros, at).map_err(fail)?;
+        }
+        file.sync_all().map_err(fail)?;
+        let (queue, requests) =
+            std::sync::mpsc::channel::<(Vec<u8>, tokio::sync::oneshot::Sender<()>)>();
+        std::thread::Builder::new()
+            // Named as the echo runtime's workers, so its CPU counts with theirs.
+            .name(ECHO_THREADS.into())
+            .spawn(move || {
+                let (mut batch, mut waiters, mut at) = (Vec::new(), Vec::new(), 0u64);
+                while let Ok(first) = requests.recv() {
+                    let mut next = Some(first);
+                    while let Some((bytes, waiter)) = next {
+                        batch.extend_from_slice(&bytes);
+                        waiters.push(waiter);
+                        next = requests.try_recv().ok();
+                    }
+                    if at + batch.len() as u64 > GROUP_LOG_BYTES {
+                        at = 0;
+                    }
+                    let written = file
+                        .write_all_at(&batch, at)
+                        .and_then(|()| file.sync_data());
+                    at += batch.len() as u64;
+                    batch.clear();
+                    // A failed write drops its waiters: they answer 500.
+                    for waiter in waiters.drain(..) {
+                        if written.is_ok() {
+                            let _ = waiter.send(());
+                        }
+                    }
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(GroupLog { queue })
+    }
+
+    /// Resolves once `bytes` are on disk.
+    async fn append(&self, bytes: Vec<u8>) -> Result<(), ()> {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        self.queue.send((bytes, done)).map_err(|_| ())?;
+        wait.await.map_err(|_| ())
+    }
+}
+
+/// The echo, answering once the request's JSON, re-encoded, is on disk.
+async fn durable_echo(
+    State(log): State<GroupLog>,
+    Json(value): Json<Value>,
+) -> Result<(StatusCode, Json<Value>), StatusCode> {
+    let bytes = serde_json::to_vec(&value).map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
+    log.append(bytes)
+        .await
+        .map_err(|()| StatusCode::INTERNAL_SERVER_ERROR)?;
+    Ok((StatusCode::CREATED, Json(value)))
+}
+
+/// The WebSocket echo, answering each text message once it is on disk.
+async fn ws_durable_echo(State(log): State<GroupLog>, ws: WebSocketUpgrade) -> Response {
+    ws.on_upgrade(|mut socket| async move {
+        while let Some(Ok(message)) = socket.recv().await {
+            let text = match message {
+                AxumMessage::Text(text) => text,
+                AxumMessage::Close(_) => break,
+                _ => continue,
+            };
+            if log.append(text.as_bytes().to_vec()).await.is_err()
+                || socket.send(AxumMessage::Text(text)).await.is_err()
+            {
+                break;
+            }
+        }
+    })
 }
 
 async fn ws_echo(ws: WebSocketUpgrade) -> Response {
@@ -854,14 +1013,18 @@ async fn ws_echo(ws: WebSocketUpgrade) -> Response {
     })
 }
 
-/// Starts both echo routes on `runtime`; answers the address.
-fn start_echo(runtime: &tokio::runtime::Runtime) -> Result<SocketAddr, String> {
+/// Starts the echo routes on `runtime`, the durable ones with their log at
+/// `log_path`; answers the address.
+fn start_echo(runtime: &tokio::runtime::Runtime, log_path: &Path) -> Result<SocketAddr, String> {
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     listener.set_nonblocking(true).map_err(|e| e.to_string())?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let app = Router::new()
         .route("/echo", post(echo))
-        .route("/ws", get(ws_echo));
+        .route("/ws", get(ws_echo))
+        .route("/echo-durable", post(durable_echo))
+        .route("/ws-durable", get(ws_durable_echo))
+        .with_state(GroupLog::start(log_path)?);
     runtime.spawn(async move {
         let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
         axum::serve(listener, app).await.expect("echo server");
@@ -986,7 +1149,7 @@ const OPEN_LOOP_SETTLING: Duration = Duration::from_secs(1);
 /// due is on time.
 const TIMER_SLACK: Duration = Duration::from_millis(1);
 
-/// Sends creates at `rate` per second for `seconds` over `connections`
+/// Sends creates to `path` at `rate` per second for `seconds` over `connections`
 /// keep-alive connections. Request `i` is due at `start + i / rate`;
 /// connection `c` sends requests `c`, `c + connections`, … one at a time.
 /// A request that had to wait for its connection (the server answered the
@@ -1001,6 +1164,7 @@ const TIMER_SLACK: Duration = Duration::from_millis(1);
 /// measures is the steady state at the lower one.
 async fn open_loop_creates(
     addr: SocketAddr,
+    path: &'static str,
     prefix: &str,
     rate: f64,
     seconds: u64,
@@ -1035,8 +1199,7 @@ async fn open_loop_creates(
                     tokio::time::sleep_until(due).await;
                     let sent = tokio::time::Instant::now();
                     let body = format!("{head}{prefix}-{c}-{i}{tail}");
-                    let request =
-                        http_request(API_KEY, addr, "POST", "/api/v1/sessions", &body, true);
+                    let request = http_request(API_KEY, addr, "POST", path, &body, true);
                     let answered = tokio::time::timeout(
                         Duration::from_secs(10),
                         exchange(&mut stream, request.as_bytes(), &mut answer),
@@ -1168,8 +1331,9 @@ struct Bench {
     client: tokio::runtime::Runtime,
     run_id: String,
     echo_body: String,
-    /// The last measured rate of A's creates, which the open-loop phase halves.
-    create_rate: f64,
+    /// The last measured rates of the closed-loop phases, which the
+    /// open-loop phases halve (see [`Phase::halving`]).
+    rates: Vec<f64>,
 }
 
 impl Bench {
@@ -1193,7 +1357,12 @@ impl Bench {
             | Phase::EdgeGet
             | Phase::EdgeWs => process_cpu(self.edge.guard.child.id()),
             Phase::EdgeCreatePostgres => self.postgres.as_ref()?.cpu(),
-            Phase::Echo | Phase::WsEcho => threads_cpu(ECHO_THREADS),
+            Phase::Echo
+            | Phase::DurableEcho
+            | Phase::DurableEchoHalf
+            | Phase::DurableEchoTool
+            | Phase::WsEcho
+            | Phase::WsDurableEcho => threads_cpu(ECHO_THREADS),
             Phase::RedisSetex | Phase::RedisHincrby => process_cpu(self.redis.guard.child.id()),
         }
     }
@@ -1220,27 +1389,33 @@ impl Bench {
         let sample = match phase {
             Phase::EdgeCreate => {
                 let prefix = format!("{}r{round}", self.run_id);
-                let sample = run_wrk(
+                run_wrk(
                     "edge-create",
                     &self.dir,
                     self.edge.addr,
-                    &lua_create(&prefix),
+                    &lua_create(CREATE_PATH, &prefix),
                     seconds,
                     conns,
-                )?;
-                self.create_rate = sample.ops_per_second;
-                sample
+                )?
             }
-            Phase::EdgeCreateHalf => {
-                if self.create_rate < 2.0 {
-                    return Err("the open-loop creates need a create rate from A first".into());
+            Phase::EdgeCreateHalf | Phase::DurableEchoHalf => {
+                let full = phase.halving().expect("an open-loop phase");
+                let rate = self.rates[full.index()];
+                if rate < 2.0 {
+                    return Err(format!("{:?} needs a rate from {full:?} first", phase));
                 }
                 // Same id length as the wrk creates ("h" for "r").
                 let prefix = format!("{}h{round}", self.run_id);
+                let (addr, path) = if phase == Phase::EdgeCreateHalf {
+                    (self.edge.addr, CREATE_PATH)
+                } else {
+                    (self.echo_addr, DURABLE_ECHO_PATH)
+                };
                 self.client.block_on(open_loop_creates(
-                    self.edge.addr,
+                    addr,
+                    path,
                     &prefix,
-                    self.create_rate / 2.0,
+                    rate / 2.0,
                     seconds,
                     conns,
                 ))?
@@ -1277,7 +1452,7 @@ impl Bench {
                     "edge-create-postgres",
                     &self.dir,
                     target.edge.addr,
-                    &lua_create(&prefix),
+                    &lua_create(CREATE_PATH, &prefix),
                     seconds,
                     conns,
                 )?
@@ -1286,7 +1461,26 @@ impl Bench {
                 "echo",
                 &self.dir,
                 self.echo_addr,
-                &lua_echo(&self.echo_body),
+                &lua_echo("/echo", &self.echo_body),
+                seconds,
+                conns,
+            )?,
+            Phase::DurableEcho => {
+                let prefix = format!("{}r{round}", self.run_id);
+                run_wrk(
+                    "echo-durable",
+                    &self.dir,
+                    self.echo_addr,
+                    &lua_create(DURABLE_ECHO_PATH, &prefix),
+                    seconds,
+                    conns,
+                )?
+            }
+            Phase::DurableEchoTool => run_wrk(
+                "echo-durable-tool",
+                &self.dir,
+                self.echo_addr,
+                &lua_echo(DURABLE_ECHO_PATH, TOOL_BODY),
                 seconds,
                 conns,
             )?,
@@ -1313,13 +1507,19 @@ impl Bench {
                     .collect();
                 self.client.block_on(ws_load(urls, seconds))?
             }
-            Phase::WsEcho => {
+            Phase::WsEcho | Phase::WsDurableEcho => {
+                let path = if phase == Phase::WsEcho {
+                    "/ws"
+                } else {
+                    "/ws-durable"
+                };
                 let urls = (0..self.knobs.ws_sockets)
-                    .map(|_| format!("ws://{}/ws", self.echo_addr))
+                    .map(|_| format!("ws://{}{path}", self.echo_addr))
                     .collect();
                 self.client.block_on(ws_load(urls, seconds))?
             }
         };
+        self.rates[phase.index()] = sample.ops_per_second;
         if matches!(
             phase,
             Phase::EdgeCreate
@@ -1336,6 +1536,11 @@ impl Bench {
         Ok(sample)
     }
 }
+
+/// Where creates go.
+const CREATE_PATH: &str = "/api/v1/sessions";
+/// Where the durable HTTP echo answers.
+const DURABLE_ECHO_PATH: &str = "/echo-durable";
 
 /// The pause after each run (see [`Bench::run`]).
 const SETTLE: Duration = Duration::from_millis(300);
@@ -1470,13 +1675,26 @@ fn print_table(knobs: &Knobs, phases: &[Phase], results: &[Vec<Sample>]) {
             ratio(med(edge, &cpu), med(peer, &cpu)),
         );
     }
-    if phases.contains(&Phase::EdgeCreateHalf) {
-        let samples = &results[Phase::EdgeCreateHalf.index()];
+    let half_rates = [
+        (Phase::EdgeCreateHalf, "create p99 at half of A's rate"),
+        (
+            Phase::DurableEchoHalf,
+            "durable echo p99 at half of its rate, create body",
+        ),
+    ];
+    let mut first = true;
+    for (phase, what) in half_rates {
+        if !phases.contains(&phase) {
+            continue;
+        }
+        if std::mem::take(&mut first) {
+            println!();
+        }
+        let samples = &results[phase.index()];
         let ops = median(&samples.iter().map(|s| s.ops_per_second).collect::<Vec<_>>());
         let p99 = median(&samples.iter().filter_map(|s| s.p99_ms).collect::<Vec<_>>());
-        println!();
         println!(
-            "create p99 at half of A's rate (open loop, {} creates/s): {} (the goal: at most 5 ms)",
+            "{what} (open loop, {}/s): {} (the goal for creates: at most 5 ms)",
             ops.map_or("-".into(), |o| format!("{o:.0}")),
             fmt_ms(p99)
         );
@@ -1556,7 +1774,7 @@ fn run() -> Result<(), String> {
         .build()
         .map_err(|e| e.to_string())?;
     clean_up_on_signal(&client, "compare");
-    let echo_addr = start_echo(&echo_runtime)?;
+    let echo_addr = start_echo(&echo_runtime, &temp.path().join("echo-log"))?;
     println!("compare: axum echo on {echo_addr}");
 
     let edge = EdgeServer::start(&edge_dir, None)?;
@@ -1614,24 +1832,23 @@ fn run() -> Result<(), String> {
         redis_requests: [0; 2],
         client,
         echo_body,
-        create_rate: 0.0,
+        rates: vec![0.0; Phase::ALL.len()],
     };
 
-    // The order inside a round: A (edge HTTP), B (echo), C (Redis), D (WS).
-    // The open-loop creates go with `create`, whose rate they halve.
+    // The order inside a round: A (edge HTTP), B (echoes), C (Redis), D
+    // (WS). An open-loop phase goes with the one whose rate it halves.
     let chosen = |p: &Phase| {
-        let p = if *p == Phase::EdgeCreateHalf {
-            Phase::EdgeCreate
-        } else {
-            *p
-        };
+        let p = p.halving().unwrap_or(*p);
         RATIOS
             .iter()
             .any(|r| (r.0 == p || r.1 == p) && bench.knobs.only.contains(&r.3))
     };
     let phases: Vec<Phase> = Phase::ALL
         .into_iter()
-        .filter(|p| bench.knobs.ws_sockets > 0 || !matches!(p, Phase::EdgeWs | Phase::WsEcho))
+        .filter(|p| {
+            bench.knobs.ws_sockets > 0
+                || !matches!(p, Phase::EdgeWs | Phase::WsEcho | Phase::WsDurableEcho)
+        })
         .filter(chosen)
         .collect();
 
