@@ -28,6 +28,8 @@
 //!   [`service`]: wires it all and shuts it down in order.
 //! - [`cli`]: the operator's commands beyond `serve` (restore, and the
 //!   commands that drive a running server's admin API).
+//! - [`cluster`]: several nodes on one PostgreSQL: membership, shard
+//!   placement and leases with fencing (not yet wired to the engine).
 //!
 //! # Threads
 //!
@@ -68,6 +70,7 @@
 
 pub mod auth;
 pub mod cli;
+pub mod cluster;
 pub mod crypto;
 pub mod engine;
 pub mod http;

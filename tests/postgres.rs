@@ -93,7 +93,17 @@ fn migrations_go_up_down_and_up_again() {
     assert!(indexes.contains("edge_mcp_sessions_live_idx"), "{indexes}");
     assert!(!indexes.contains("last_activity"), "{indexes}");
 
-    // `down` without N undoes one step: the indexes come back.
+    // The cluster's tables (migration 0004).
+    for table in ["cluster", "cluster_nodes", "cluster_shards"] {
+        assert!(tables.contains(table), "{table} missing from {tables}");
+    }
+
+    // `down` without N undoes one step: the cluster's tables go first...
+    migrate(&pg.url, &["down"]);
+    let tables = pg.psql("\\dt mcp.*");
+    assert!(!tables.contains("cluster"), "{tables}");
+    assert!(tables.contains("edge_mcp_sessions"), "{tables}");
+    // ...then the indexes come back.
     migrate(&pg.url, &["down"]);
     let indexes = pg.psql("SELECT indexname FROM pg_indexes WHERE schemaname = 'mcp' ORDER BY 1");
     assert!(
@@ -118,7 +128,7 @@ fn migrations_go_up_down_and_up_again() {
     migrate(&pg.url, &["up"]);
     assert_eq!(
         pg.scalar("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'mcp' AND table_type = 'BASE TABLE'"),
-        3
+        6
     );
 }
 

@@ -1,0 +1,57 @@
+//! The cluster: several nodes on one PostgreSQL, which decides who owns
+//! which sessions (issue 12, contract: "Cluster" in API.md).
+//!
+//! This is its first part: membership and shard ownership. The engine does
+//! not use it yet; `[cluster]` in the config comes with the parts that
+//! serve calls (ownership of session actors, forwarding, hand-over).
+//!
+//! # Design
+//!
+//! No consensus of our own: PostgreSQL, already the system of record, holds
+//! a row per node (heartbeat) and a row per shard (owner, epoch, lease
+//! expiry), as Orleans's SQL membership provider keeps a table of silos.
+//! - **Shards.** A fixed number of virtual shards (`cluster.shards`,
+//!   default 256); a session's shard is a stable hash of its tenant id and
+//!   session id ([`placement::shard_of`]). 256 shards spread over a handful
+//!   of nodes within a few percent and keep the per-round work (one row
+//!   each) small.
+//! - **Who should own a shard** is rendezvous hashing over the live members
+//!   ([`placement::desired_owner`]): every node computes the same answer
+//!   from the member list alone, and a join or a leave moves only about
+//!   1/N of the shards.
+//! - **Who does own it** is PostgreSQL's shard row: a node takes a shard
+//!   only when its lease is free or has run out, with a compare-and-set
+//!   that bumps the shard's epoch ([`registry::acquire`]). Leases run on
+//!   PostgreSQL's clock, so the nodes' clocks need not agree.
+//! - **Fencing.** Every transaction that writes a shard's sessions checks,
+//!   in the same transaction, that this node still holds the shard at its
+//!   epoch with a running lease, and locks the row against a change of
+//!   hands until it commits ([`registry::fence`]). A node that was frozen
+//!   past its lease and wakes up finds the epoch moved on and writes
+//!   nothing: Kleppmann's fencing tokens, with the epoch as the token.
+//! - **Rounds.** Each node runs a round a quarter of a lease apart
+//!   ([`member::Member::run`]): heartbeat, renew, take, hand over. Three
+//!   rounds fit in a lease, so one slow round or one lost round trip does
+//!   not cost a shard.
+//!
+//! # Timing
+//!
+//! `cluster.lease_seconds` (default 5 s) is both the heartbeat's and the
+//! lease's length. A node that stops answering loses its shards when their
+//! leases run out, at most a lease after its last successful round; the
+//! desired owners take them at their next round. **Failure detection:**
+//! at most a lease plus a round (5 + 1.25 s by default) from the last
+//! round of the lost node; a node that leaves cleanly releases its shards
+//! at once, and they are taken within a round. A node counts its own
+//! shards as held for nine tenths of a lease from when it sent the
+//! renewal, so it stops acting as their owner before PostgreSQL's lease
+//! ends (see [`member`]). A shorter lease moves shards sooner after a
+//! crash but costs more rounds and makes a pause of the process (a long GC
+//! in a neighbour, a stalled disk) more likely to cost its shards.
+
+pub mod member;
+pub mod placement;
+pub mod registry;
+
+pub use member::{Member, MemberConfig, Round};
+pub use registry::RegistryError;

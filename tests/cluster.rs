@@ -1,0 +1,332 @@
+//! Cluster membership and shard leases against a real PostgreSQL: nodes
+//! split the shards, a silent node loses them after its lease and is fenced
+//! off, a clean leave hands them over at once, the fence holds a shard's
+//! row until the writing transaction ends.
+//!
+//! Each test drives several [`Member`]s in one process (the nodes of later
+//! tests are real `serve` processes); leases are one second so the suite
+//! stays fast.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::pg::TempPostgres;
+use edge_sessions::cluster::{placement, registry, Member, MemberConfig, RegistryError};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+
+const SHARDS: u32 = 64;
+const LEASE: Duration = Duration::from_secs(1);
+
+async fn pool(pg: &TempPostgres) -> PgPool {
+    let pool = PgPoolOptions::new()
+        .max_connections(8)
+        .connect(&pg.url)
+        .await
+        .expect("connect");
+    edge_sessions::persist::postgres::MIGRATOR
+        .run(&pool)
+        .await
+        .expect("migrate");
+    pool
+}
+
+async fn member(pool: &PgPool, name: &str) -> Member {
+    Member::join(
+        pool.clone(),
+        MemberConfig {
+            node_id: name.to_owned(),
+            advertise_url: format!("http://{name}.test:8080"),
+            shards: SHARDS,
+            lease: LEASE,
+        },
+    )
+    .await
+    .expect("join")
+}
+
+/// Runs rounds on every member in turn until no round changes anything
+/// (at most `limit`).
+async fn settle(members: &[&Member], limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let mut changed = false;
+        for m in members {
+            let round = m.round().await.expect("round");
+            changed |= !round.acquired.is_empty() || !round.released.is_empty();
+        }
+        if !changed && members.iter().map(|m| m.held().len() as u32).sum::<u32>() == SHARDS {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no stable split within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The owner column of every shard row.
+async fn owners(pool: &PgPool) -> BTreeMap<u32, Option<String>> {
+    registry::shards(pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|row| (row.shard, row.owner))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_split_the_shards_by_rendezvous_and_a_join_moves_about_its_share() {
+    let pg = TempPostgres::start();
+    let pool = pool(&pg).await;
+    let (a, b) = (member(&pool, "node-a").await, member(&pool, "node-b").await);
+    settle(&[&a, &b], Duration::from_secs(10)).await;
+    let names = vec!["node-a".to_owned(), "node-b".to_owned()];
+    let rows = owners(&pool).await;
+    for shard in 0..SHARDS {
+        let desired = placement::desired_owner(shard, &names).unwrap();
+        let holder = if a.holds(shard).is_some() {
+            "node-a"
+        } else {
+            "node-b"
+        };
+        assert_eq!(holder, desired, "shard {shard}");
+        assert!(
+            a.holds(shard).is_some() != b.holds(shard).is_some(),
+            "shard {shard} held by exactly one node"
+        );
+        assert_eq!(rows[&shard].as_deref(), Some(desired), "the row agrees");
+    }
+
+    // A third node joins: it gets the shards it is the desired owner of,
+    // and only those move.
+    let before: BTreeMap<u32, u64> = a.held().into_iter().chain(b.held()).collect();
+    let c = member(&pool, "node-c").await;
+    settle(&[&a, &b, &c], Duration::from_secs(10)).await;
+    let names3 = vec![
+        "node-a".to_owned(),
+        "node-b".to_owned(),
+        "node-c".to_owned(),
+    ];
+    let won: Vec<u32> = (0..SHARDS)
+        .filter(|s| placement::desired_owner(*s, &names3) == Some("node-c"))
+        .collect();
+    assert_eq!(c.held().keys().copied().collect::<Vec<_>>(), won);
+    assert!(
+        (SHARDS as usize / 6..=SHARDS as usize / 2).contains(&won.len()),
+        "node-c won {} of {SHARDS}",
+        won.len()
+    );
+    for (shard, epoch) in a.held().into_iter().chain(b.held()) {
+        assert_eq!(before[&shard], epoch, "shard {shard} stayed where it was");
+    }
+    for (shard, epoch) in c.held() {
+        assert!(epoch > before[&shard], "a shard that moved has a new epoch");
+    }
+
+    // The node table lists all three alive, with their URLs.
+    let nodes = registry::nodes(&pool, LEASE).await.unwrap();
+    assert_eq!(nodes.len(), 3);
+    assert!(nodes.iter().all(|n| n.alive));
+    assert_eq!(nodes[2].advertise_url, "http://node-c.test:8080");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_node_loses_its_shards_after_its_lease_and_its_old_epochs_are_fenced_off() {
+    let pg = TempPostgres::start();
+    let pool = pool(&pg).await;
+    let (a, b) = (member(&pool, "node-a").await, member(&pool, "node-b").await);
+    settle(&[&a, &b], Duration::from_secs(10)).await;
+    let a_had: Vec<(u32, u64)> = a.held().into_iter().collect();
+    assert!(!a_had.is_empty());
+    // A's fence passes while it holds its shards.
+    let mut tx = pool.begin().await.unwrap();
+    assert_eq!(
+        registry::fence(&mut *tx, "node-a", &a_had).await.unwrap(),
+        Vec::<u32>::new()
+    );
+    tx.commit().await.unwrap();
+
+    // node-a goes silent (no more rounds); node-b carries on.
+    let silent_at = Instant::now();
+    let taken_at = loop {
+        b.round().await.unwrap();
+        if b.held().len() as u32 == SHARDS {
+            break Instant::now();
+        }
+        assert!(
+            silent_at.elapsed() < Duration::from_secs(10),
+            "node-b never took node-a's shards"
+        );
+        tokio::time::sleep(LEASE / 4).await;
+    };
+    let took = taken_at - silent_at;
+    assert!(
+        took >= LEASE.mul_f64(0.5),
+        "taken after {took:?}, before the lease could run out"
+    );
+
+    // node-a stopped counting its shards as its own before they moved.
+    for (shard, _) in &a_had {
+        assert_eq!(a.holds(*shard), None, "shard {shard}");
+        assert!(b.holds(*shard).unwrap() > a_had.iter().find(|h| h.0 == *shard).unwrap().1);
+    }
+    // Its old epochs fail the fence and renew nothing; node-b's pass.
+    let mut tx = pool.begin().await.unwrap();
+    let stale = registry::fence(&mut *tx, "node-a", &a_had).await.unwrap();
+    assert_eq!(stale.len(), a_had.len());
+    let b_now: Vec<(u32, u64)> = b.held().into_iter().collect();
+    assert!(registry::fence(&mut *tx, "node-b", &b_now)
+        .await
+        .unwrap()
+        .is_empty());
+    tx.commit().await.unwrap();
+    assert!(registry::renew(&pool, "node-a", &a_had, LEASE)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(registry::release(&pool, "node-a", &a_had)
+        .await
+        .unwrap()
+        .is_empty());
+
+    // When node-a wakes up, its round reports the loss, and its shards
+    // come back only through a handover with yet newer epochs.
+    let mut round = a.round().await.unwrap();
+    round.lost.sort_unstable();
+    let had: Vec<u32> = a_had.iter().map(|h| h.0).collect();
+    assert_eq!(round.lost, had, "its shards ran out on its own clock");
+    assert!(
+        round.acquired.iter().all(|(s, _)| !had.contains(s)),
+        "{round:?}"
+    );
+    settle(&[&a, &b], Duration::from_secs(10)).await;
+    for (shard, epoch) in a.held() {
+        let old = a_had.iter().find(|h| h.0 == shard).unwrap().1;
+        assert!(epoch >= old + 2, "shard {shard}: epoch {epoch} after {old}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_leave_hands_the_shards_over_at_the_next_round() {
+    let pg = TempPostgres::start();
+    let pool = pool(&pg).await;
+    let (a, b) = (member(&pool, "node-a").await, member(&pool, "node-b").await);
+    // Both run their own loops, as `serve` will.
+    let (stop_a, stopped_a) = tokio::sync::watch::channel(false);
+    let (stop_b, stopped_b) = tokio::sync::watch::channel(false);
+    let a = std::sync::Arc::new(a);
+    let b = std::sync::Arc::new(b);
+    let runs = [
+        tokio::spawn({
+            let a = a.clone();
+            async move { a.run(stopped_a).await }
+        }),
+        tokio::spawn({
+            let b = b.clone();
+            async move { b.run(stopped_b).await }
+        }),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut watch_b = b.watch();
+    while a.held().len() + b.held().len() != SHARDS as usize || a.held().is_empty() {
+        assert!(Instant::now() < deadline, "no split");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    stop_a.send(true).unwrap();
+    let left_at = Instant::now();
+    runs.into_iter().next().unwrap().await.unwrap();
+    assert!(a.held().is_empty());
+    let rows = registry::nodes(&pool, LEASE).await.unwrap();
+    assert!(!rows.iter().find(|n| n.node_id == "node-a").unwrap().alive);
+    // node-b has them all well before a lease could have run out.
+    while watch_b.borrow_and_update().len() != SHARDS as usize {
+        tokio::time::timeout(Duration::from_secs(5), watch_b.changed())
+            .await
+            .expect("node-b took the shards")
+            .unwrap();
+    }
+    let took = left_at.elapsed();
+    assert!(took < LEASE, "took {took:?}: waited for the lease");
+    assert!(owners(&pool)
+        .await
+        .values()
+        .all(|o| o.as_deref() == Some("node-b")));
+    stop_b.send(true).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_another_shard_count_is_refused() {
+    let pg = TempPostgres::start();
+    let pool = pool(&pg).await;
+    member(&pool, "node-a").await;
+    let refused = Member::join(
+        pool.clone(),
+        MemberConfig {
+            node_id: "node-b".into(),
+            advertise_url: "http://node-b.test:8080".into(),
+            shards: SHARDS * 2,
+            lease: LEASE,
+        },
+    )
+    .await;
+    match refused {
+        Err(e @ RegistryError::ShardCount { .. }) => {
+            let text = e.to_string();
+            assert!(
+                text.contains("cluster.shards is 128") && text.contains("has 64"),
+                "{text}"
+            );
+        }
+        other => panic!(
+            "joined with another shard count: {:?}",
+            other.map(|m| m.node_id().to_owned())
+        ),
+    }
+    // Nothing of node-b was written.
+    assert_eq!(registry::nodes(&pool, LEASE).await.unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fence_keeps_a_shard_from_changing_hands_until_the_write_commits() {
+    let pg = TempPostgres::start();
+    let pool = pool(&pg).await;
+    let a = member(&pool, "node-a").await;
+    settle(&[&a], Duration::from_secs(10)).await;
+    let shard0 = (0, a.holds(0).unwrap());
+
+    // node-a's write transaction passes the fence, then takes longer than
+    // the lease.
+    let mut tx = pool.begin().await.unwrap();
+    assert!(registry::fence(&mut *tx, "node-a", &[shard0])
+        .await
+        .unwrap()
+        .is_empty());
+    tokio::time::sleep(LEASE + Duration::from_millis(300)).await;
+    // node-b wants the expired shard: its compare-and-set waits for the
+    // row, so it cannot take the shard under the write.
+    let taker = tokio::spawn({
+        let pool = pool.clone();
+        async move {
+            let taken = registry::acquire(&pool, "node-b", &[0], LEASE)
+                .await
+                .unwrap();
+            (Instant::now(), taken)
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !taker.is_finished(),
+        "the shard changed hands during the write"
+    );
+    let committed_at = Instant::now();
+    tx.commit().await.unwrap();
+    let (taken_at, taken) = taker.await.unwrap();
+    assert!(taken_at >= committed_at);
+    assert_eq!(taken, vec![(0, shard0.1 + 1)]);
+    assert_eq!(a.holds(0), None, "node-a's own clock had let it go");
+}
