@@ -52,6 +52,7 @@ fn postgres(url: &str) -> Postgres {
         max_connections: 4,
         statement_timeout: Duration::from_secs(60),
         connect_timeout: Duration::from_secs(5),
+        cluster_shards: None,
     })
     .unwrap()
 }

@@ -276,6 +276,8 @@ pub fn postgres_config(settings: &Settings) -> PostgresConfig {
         max_connections: p.max_connections,
         statement_timeout: Duration::from_millis(p.statement_timeout_ms),
         connect_timeout: Duration::from_millis(p.connect_timeout_ms),
+        // Set once `serve` runs in a cluster (issue 12, later steps).
+        cluster_shards: None,
     }
 }
 

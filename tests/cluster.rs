@@ -330,3 +330,144 @@ async fn the_fence_keeps_a_shard_from_changing_hands_until_the_write_commits() {
     assert_eq!(taken, vec![(0, shard0.1 + 1)]);
     assert_eq!(a.holds(0), None, "node-a's own clock had let it go");
 }
+
+fn session(tenant: uuid::Uuid, id: &str, version: u64) -> edge_sessions::model::Session {
+    use edge_sessions::model::session::SessionCredentials;
+    use edge_sessions::model::{ClientText, ClientType, Status};
+    let now = edge_sessions::model::time::now_ms();
+    edge_sessions::model::Session {
+        id: uuid::Uuid::now_v7(),
+        session_id: id.into(),
+        tenant_id: tenant,
+        user_id: None,
+        client: ClientText::new("edge-1", Some("test"), None, "{}").unwrap(),
+        client_type: ClientType::Cli,
+        status: Status::Active,
+        initialized: false,
+        passthrough_providers: Box::default(),
+        tool_execution_count: 0,
+        tool_error_count: 0,
+        total_tokens_used: 0,
+        created_at: now,
+        lifetime_start: now,
+        last_activity_at: now,
+        idle_timeout_seconds: 1800,
+        ttl_seconds: 86_400,
+        ending: None,
+        version,
+        tools: Box::default(),
+        credentials: SessionCredentials {
+            passthrough: None,
+            session_token: edge_sessions::crypto::TokenHash::default(),
+            refresh_token: edge_sessions::crypto::TokenHash::default(),
+            retired_refresh: Box::default(),
+        },
+    }
+}
+
+fn tier(
+    pg: &TempPostgres,
+    cluster_shards: Option<u32>,
+) -> edge_sessions::persist::postgres::Postgres {
+    edge_sessions::persist::postgres::Postgres::new(
+        &edge_sessions::persist::postgres::PostgresConfig {
+            url: pg.url.clone(),
+            max_connections: 2,
+            statement_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            cluster_shards,
+        },
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_node_writes_each_session_with_its_shard_and_rebuilds_one_shard_alone() {
+    use edge_sessions::persist::outbox::Entry;
+    const SHARDS: u32 = 8;
+    let pg = TempPostgres::start();
+    let node = tier(&pg, Some(SHARDS));
+    node.migrate_up().await.unwrap();
+    let (t1, t2) = (uuid::Uuid::from_u128(1), uuid::Uuid::from_u128(2));
+    let sessions: Vec<_> = (0..60)
+        .map(|i| session(if i % 2 == 0 { t1 } else { t2 }, &format!("s-{i}"), 1))
+        .collect();
+    let entries: Vec<Entry> = sessions
+        .iter()
+        .cloned()
+        .map(|s| Entry::Session(Box::new(s)))
+        .collect();
+    node.lane().ship(&entries).await.unwrap();
+
+    // Every row carries the shard placement gives it.
+    let rows =
+        pg.psql("SELECT tenant_id || ' ' || session_id || ' ' || shard FROM mcp.edge_mcp_sessions");
+    assert_eq!(
+        rows.lines().filter(|l| !l.trim().is_empty()).count(),
+        60,
+        "{rows}"
+    );
+    for s in &sessions {
+        let shard = placement::shard_of(s.tenant_id, &s.session_id, SHARDS);
+        assert!(
+            rows.contains(&format!("{} {} {shard}", s.tenant_id, s.session_id)),
+            "{} not in shard {shard}: {rows}",
+            s.session_id
+        );
+    }
+
+    // Each shard reads back its own live sessions, page by page, and no
+    // other: together all of them, once.
+    let mut seen = Vec::new();
+    for shard in 0..SHARDS {
+        let mut after = uuid::Uuid::nil();
+        loop {
+            let page = node.live_sessions_of_shard(shard, after, 4).await.unwrap();
+            let Some(last) = page.last() else { break };
+            after = last.0.id;
+            for (s, executions) in &page {
+                assert_eq!(
+                    placement::shard_of(s.tenant_id, &s.session_id, SHARDS),
+                    shard
+                );
+                assert!(executions.is_empty());
+                seen.push(s.session_id.to_string());
+            }
+        }
+    }
+    seen.sort();
+    let mut all: Vec<String> = sessions.iter().map(|s| s.session_id.to_string()).collect();
+    all.sort();
+    assert_eq!(seen, all);
+
+    // A node out of a cluster writes no shard, and keeps the one a row has.
+    let single = tier(&pg, None);
+    let mut newer = sessions[0].clone();
+    newer.version = 2;
+    let mut fresh = session(t1, "single-node", 1);
+    fresh.status = edge_sessions::model::Status::Active;
+    single
+        .lane()
+        .ship(&[
+            Entry::Session(Box::new(newer)),
+            Entry::Session(Box::new(fresh)),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        pg.scalar("SELECT count(*) FROM mcp.edge_mcp_sessions WHERE session_id = 's-0' AND version = 2 AND shard IS NOT NULL"),
+        1
+    );
+    assert_eq!(
+        pg.scalar("SELECT count(*) FROM mcp.edge_mcp_sessions WHERE session_id = 'single-node' AND shard IS NULL"),
+        1
+    );
+    // Ended sessions are not rebuilt.
+    let shard0 = placement::shard_of(t1, "s-0", SHARDS);
+    pg.psql("UPDATE mcp.edge_mcp_sessions SET status = 'terminated' WHERE session_id = 's-0'");
+    let page = node
+        .live_sessions_of_shard(shard0, uuid::Uuid::nil(), 100)
+        .await
+        .unwrap();
+    assert!(page.iter().all(|(s, _)| &*s.session_id != "s-0"));
+}

@@ -66,6 +66,10 @@ async fn flush(client: &reqwest::Client, base: &str) -> (StatusCode, Value) {
     call(client, base, Method::POST, "/admin/flush", ADMIN_KEY, None).await
 }
 
+fn indexes_of(pg: &TempPostgres) -> String {
+    pg.psql("SELECT indexname FROM pg_indexes WHERE schemaname = 'mcp' ORDER BY 1")
+}
+
 #[test]
 fn migrations_go_up_down_and_up_again() {
     let pg = TempPostgres::start();
@@ -89,7 +93,7 @@ fn migrations_go_up_down_and_up_again() {
 
     // The live-session index recovery reads is there, the per-activity
     // ones are not (so a tool call's update can stay on its page).
-    let indexes = pg.psql("SELECT indexname FROM pg_indexes WHERE schemaname = 'mcp' ORDER BY 1");
+    let indexes = indexes_of(&pg);
     assert!(indexes.contains("edge_mcp_sessions_live_idx"), "{indexes}");
     assert!(!indexes.contains("last_activity"), "{indexes}");
 
@@ -98,14 +102,24 @@ fn migrations_go_up_down_and_up_again() {
         assert!(tables.contains(table), "{table} missing from {tables}");
     }
 
-    // `down` without N undoes one step: the cluster's tables go first...
+    // The sessions' cluster shard (0005), indexed for live rows only.
+    assert!(indexes_of(&pg).contains("edge_mcp_sessions_shard_live_idx"));
+
+    // `down` without N undoes one step: the shard column goes first...
+    migrate(&pg.url, &["down"]);
+    assert_eq!(
+        pg.scalar("SELECT count(*) FROM information_schema.columns WHERE table_schema = 'mcp' AND table_name = 'edge_mcp_sessions' AND column_name = 'shard'"),
+        0
+    );
+    assert!(!indexes_of(&pg).contains("edge_mcp_sessions_shard"));
+    // ...then the cluster's tables...
     migrate(&pg.url, &["down"]);
     let tables = pg.psql("\\dt mcp.*");
     assert!(!tables.contains("cluster"), "{tables}");
     assert!(tables.contains("edge_mcp_sessions"), "{tables}");
     // ...then the indexes come back.
     migrate(&pg.url, &["down"]);
-    let indexes = pg.psql("SELECT indexname FROM pg_indexes WHERE schemaname = 'mcp' ORDER BY 1");
+    let indexes = indexes_of(&pg);
     assert!(
         indexes.contains("edge_mcp_sessions_live_expiry_idx"),
         "{indexes}"

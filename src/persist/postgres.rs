@@ -2,7 +2,7 @@
 //! outbox entries, and reading live sessions back for a rebuild.
 //!
 //! Every statement binds arrays (`UNNEST`), one statement per table per
-//! batch; nothing is built from strings. Times travel as Unix milliseconds
+//! batch; no value is ever spliced into a statement's text. Times travel as Unix milliseconds
 //! and are converted by PostgreSQL (`to_timestamp`).
 
 use std::collections::{HashMap, HashSet};
@@ -15,6 +15,7 @@ use sqlx::{Connection as _, Row};
 use uuid::Uuid;
 
 use super::outbox::Entry;
+use crate::cluster::placement::shard_of;
 use crate::crypto::TokenHash;
 use crate::model::session::SessionCredentials;
 use crate::model::{AuditEntry, ClientText, ClientType, Millis, Session, Status, ToolExecution};
@@ -33,6 +34,10 @@ pub struct PostgresConfig {
     pub statement_timeout: Duration,
     /// Longest wait for a connection (connecting included).
     pub connect_timeout: Duration,
+    /// The cluster's shard count when this node is in a cluster: session
+    /// rows are then written with their shard (see
+    /// [`crate::cluster::placement::shard_of`]).
+    pub cluster_shards: Option<u32>,
 }
 
 impl std::fmt::Debug for PostgresConfig {
@@ -43,6 +48,7 @@ impl std::fmt::Debug for PostgresConfig {
             .field("max_connections", &self.max_connections)
             .field("statement_timeout", &self.statement_timeout)
             .field("connect_timeout", &self.connect_timeout)
+            .field("cluster_shards", &self.cluster_shards)
             .finish()
     }
 }
@@ -101,6 +107,7 @@ pub struct Postgres {
     options: PgConnectOptions,
     connect_timeout: Duration,
     statement_timeout: Duration,
+    cluster_shards: Option<u32>,
 }
 
 /// A shipping lane's own connection, kept from batch to batch.
@@ -126,6 +133,7 @@ pub struct LaneConnection {
     options: PgConnectOptions,
     connect_timeout: Duration,
     batch_timeout: Duration,
+    cluster_shards: Option<u32>,
     /// The connection and when it last answered.
     conn: Option<(PgConnection, Instant)>,
 }
@@ -155,14 +163,18 @@ impl LaneConnection {
             Some((conn, _)) => conn,
             None => self.connect().await?,
         };
-        let result =
-            match tokio::time::timeout(self.batch_timeout, ship_on(&mut conn, entries)).await {
-                Ok(result) => result,
-                Err(_) => Err(PgError::other(format!(
-                    "PostgreSQL did not commit a batch within {} ms",
-                    self.batch_timeout.as_millis()
-                ))),
-            };
+        let result = match tokio::time::timeout(
+            self.batch_timeout,
+            ship_on(&mut conn, entries, self.cluster_shards),
+        )
+        .await
+        {
+            Ok(result) => result,
+            Err(_) => Err(PgError::other(format!(
+                "PostgreSQL did not commit a batch within {} ms",
+                self.batch_timeout.as_millis()
+            ))),
+        };
         // Rows the server refused leave the connection usable; anything
         // else may have broken it.
         if result.as_ref().map_or_else(PgError::is_data, |()| true) {
@@ -210,6 +222,7 @@ impl Postgres {
             options,
             connect_timeout: config.connect_timeout,
             statement_timeout: config.statement_timeout,
+            cluster_shards: config.cluster_shards,
         })
     }
 
@@ -219,6 +232,7 @@ impl Postgres {
             options: self.options.clone(),
             connect_timeout: self.connect_timeout,
             batch_timeout: self.statement_timeout.saturating_mul(3),
+            cluster_shards: self.cluster_shards,
             conn: None,
         }
     }
@@ -285,7 +299,34 @@ impl Postgres {
         after: Uuid,
         limit: usize,
     ) -> Result<Vec<(Session, Vec<(u64, ToolExecution)>)>, PgError> {
-        let rows = sqlx::query(
+        self.live_sessions_where(Live::Tenants(tenants), after, limit)
+            .await
+    }
+
+    /// As [`Postgres::live_sessions`], for the live sessions of cluster
+    /// shard `shard` (rows written by cluster nodes), which a node that
+    /// takes the shard over rebuilds.
+    pub async fn live_sessions_of_shard(
+        &self,
+        shard: u32,
+        after: Uuid,
+        limit: usize,
+    ) -> Result<Vec<(Session, Vec<(u64, ToolExecution)>)>, PgError> {
+        self.live_sessions_where(Live::Shard(shard), after, limit)
+            .await
+    }
+
+    async fn live_sessions_where(
+        &self,
+        which: Live<'_>,
+        after: Uuid,
+        limit: usize,
+    ) -> Result<Vec<(Session, Vec<(u64, ToolExecution)>)>, PgError> {
+        let filter = match which {
+            Live::Tenants(_) => "tenant_id = ANY($1)",
+            Live::Shard(_) => "shard = $1",
+        };
+        let query = format!(
             "SELECT id, session_id, tenant_id, user_id, edge_mcp_id, client_name, client_type,
                     client_version, status, initialized, connection_metadata::text AS connection_metadata,
                     passthrough_providers, tool_execution_count, tool_error_count, total_tokens_used,
@@ -295,15 +336,20 @@ impl Postgres {
                     idle_timeout_seconds, ttl_seconds, version, passthrough_auth_encrypted,
                     session_token_sha256, refresh_token_sha256
              FROM mcp.edge_mcp_sessions
-             WHERE status IN ('active', 'idle') AND tenant_id = ANY($1) AND id > $2
+             WHERE status IN ('active', 'idle') AND {filter} AND id > $2
              ORDER BY id
-             LIMIT $3",
-        )
-        .bind(tenants)
-        .bind(after)
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .fetch_all(&self.pool)
-        .await?;
+             LIMIT $3"
+        );
+        let query = sqlx::query(&query);
+        let query = match which {
+            Live::Tenants(tenants) => query.bind(tenants),
+            Live::Shard(shard) => query.bind(i32::try_from(shard).unwrap_or(i32::MAX)),
+        };
+        let rows = query
+            .bind(after)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await?;
         let mut sessions = Vec::with_capacity(rows.len());
         let mut index = HashMap::with_capacity(rows.len());
         for row in rows {
@@ -347,6 +393,15 @@ impl Postgres {
         }
         Ok(sessions)
     }
+}
+
+/// Which live sessions to read back.
+#[derive(Clone, Copy)]
+enum Live<'a> {
+    /// Those of these tenants.
+    Tenants(&'a [Uuid]),
+    /// Those of this cluster shard.
+    Shard(u32),
 }
 
 /// Recomputes a rebuilt session's counters and per-tool statistics from its
@@ -456,11 +511,15 @@ fn session_from_row(row: &sqlx::postgres::PgRow) -> Result<Session, PgError> {
 /// needs its row; so a batch holding executions of a session it
 /// creates is shipped in a transaction: the rows first, taken over
 /// where needed, then the batch statement with the rest.
-async fn ship_on(conn: &mut PgConnection, entries: &[Entry]) -> Result<(), PgError> {
-    let batch = Batch::gather(entries);
+async fn ship_on(
+    conn: &mut PgConnection,
+    entries: &[Entry],
+    cluster_shards: Option<u32>,
+) -> Result<(), PgError> {
+    let batch = Batch::gather(entries, cluster_shards);
     if batch.executes_a_created_session() {
         let mut tx = conn.begin().await?;
-        let written = upsert_sessions(&mut tx, &batch.sessions).await?;
+        let written = upsert_sessions(&mut tx, &batch.sessions, batch.cluster_shards).await?;
         take_over(&mut tx, &batch, &batch.taken(&written)).await?;
         ship_batch(&mut *tx, &batch.without_sessions()).await?;
         tx.commit().await?;
@@ -481,8 +540,9 @@ async fn ship_on(conn: &mut PgConnection, entries: &[Entry]) -> Result<(), PgErr
 async fn upsert_sessions(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     sessions: &Vec<&Session>,
+    cluster_shards: Option<u32>,
 ) -> Result<HashSet<Uuid>, PgError> {
-    let s = SessionColumns::from(sessions);
+    let s = SessionColumns::new(sessions, cluster_shards);
     let written: Vec<Uuid> = bind_sessions(sqlx::query_scalar(UPSERT_SESSIONS), &s)
         .fetch_all(&mut **tx)
         .await?;
@@ -495,7 +555,7 @@ async fn ship_batch<'c, E>(executor: E, batch: &Batch<'_>) -> Result<HashSet<Uui
 where
     E: sqlx::Executor<'c, Database = sqlx::Postgres>,
 {
-    let s = SessionColumns::from(&batch.sessions);
+    let s = SessionColumns::new(&batch.sessions, batch.cluster_shards);
     let e = ExecutionColumns::from(&batch.executions);
     let a = &batch.audits;
     let written: Vec<Uuid> = bind_sessions(sqlx::query_scalar(&SHIP_BATCH), &s)
@@ -558,11 +618,11 @@ async fn take_over(
         .filter(|s| taken.iter().any(|t| t.id == s.id))
         .copied()
         .collect();
-    upsert_sessions(tx, &newest).await?;
+    upsert_sessions(tx, &newest, batch.cluster_shards).await?;
     Ok(())
 }
 
-/// Binds the session columns as `$1` to `$27` of [`UPSERT_SESSIONS`].
+/// Binds the session columns as `$1` to `$28` of [`UPSERT_SESSIONS`].
 fn bind_sessions<'q, O>(
     query: sqlx::query::QueryScalar<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
     s: &'q SessionColumns,
@@ -595,6 +655,7 @@ fn bind_sessions<'q, O>(
         .bind(&s.passthrough)
         .bind(&s.session_token)
         .bind(&s.refresh_token)
+        .bind(&s.shard)
 }
 
 /// A batch's entries sorted by table, sessions reduced to their newest state.
@@ -605,10 +666,13 @@ struct Batch<'a> {
     created: Vec<&'a Session>,
     executions: Vec<(Uuid, u64, &'a ToolExecution)>,
     audits: Vec<&'a AuditEntry>,
+    /// The cluster's shard count, when the node is in one (the session
+    /// rows carry their shard).
+    cluster_shards: Option<u32>,
 }
 
 impl<'a> Batch<'a> {
-    fn gather(entries: &'a [Entry]) -> Self {
+    fn gather(entries: &'a [Entry], cluster_shards: Option<u32>) -> Self {
         // One row per (tenant, session id): a statement may not touch a row
         // twice, and only the newest state matters. The later entry wins
         // (entries are in append order).
@@ -645,6 +709,7 @@ impl<'a> Batch<'a> {
             created,
             executions,
             audits,
+            cluster_shards,
         }
     }
 
@@ -655,6 +720,7 @@ impl<'a> Batch<'a> {
             created: Vec::new(),
             executions: self.executions.clone(),
             audits: self.audits.clone(),
+            cluster_shards: self.cluster_shards,
         }
     }
 
@@ -686,7 +752,7 @@ INSERT INTO mcp.edge_mcp_sessions (
     tool_execution_count, tool_error_count, total_tokens_used, created_at, lifetime_started_at,
     last_activity_at, expires_at, idle_timeout_seconds, ttl_seconds, terminated_at,
     termination_reason, version, passthrough_auth_encrypted, session_token_sha256,
-    refresh_token_sha256, updated_at)
+    refresh_token_sha256, shard, updated_at)
 SELECT id, session_id, tenant_id, user_id, edge_mcp_id, client_name, client_type, client_version,
        status, initialized, connection_metadata::jsonb,
        cardinality(providers::text[]) > 0, providers::text[],
@@ -694,17 +760,17 @@ SELECT id, session_id, tenant_id, user_id, edge_mcp_id, client_name, client_type
        to_timestamp(created_ms::float8 / 1000), to_timestamp(lifetime_ms::float8 / 1000),
        to_timestamp(activity_ms::float8 / 1000), to_timestamp(expires_ms::float8 / 1000),
        idle_timeout_seconds, ttl_seconds, to_timestamp(terminated_ms::float8 / 1000),
-       termination_reason, version, passthrough, session_token, refresh_token, now()
+       termination_reason, version, passthrough, session_token, refresh_token, shard, now()
 FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::uuid[], $5::text[], $6::text[], $7::text[],
             $8::text[], $9::text[], $10::bool[], $11::text[], $12::text[], $13::int8[], $14::int8[],
             $15::int8[], $16::int8[], $17::int8[], $18::int8[], $19::int8[], $20::int4[],
             $21::int4[], $22::int8[], $23::text[], $24::int8[], $25::bytea[], $26::bytea[],
-            $27::bytea[])
+            $27::bytea[], $28::int4[])
      AS u(id, session_id, tenant_id, user_id, edge_mcp_id, client_name, client_type,
           client_version, status, initialized, connection_metadata, providers,
           tool_execution_count, tool_error_count, total_tokens_used, created_ms, lifetime_ms,
           activity_ms, expires_ms, idle_timeout_seconds, ttl_seconds, terminated_ms,
-          termination_reason, version, passthrough, session_token, refresh_token)
+          termination_reason, version, passthrough, session_token, refresh_token, shard)
 ON CONFLICT (tenant_id, session_id) DO UPDATE SET
     user_id = EXCLUDED.user_id,
     client_name = EXCLUDED.client_name,
@@ -728,6 +794,7 @@ ON CONFLICT (tenant_id, session_id) DO UPDATE SET
     passthrough_auth_encrypted = EXCLUDED.passthrough_auth_encrypted,
     session_token_sha256 = EXCLUDED.session_token_sha256,
     refresh_token_sha256 = EXCLUDED.refresh_token_sha256,
+    shard = coalesce(EXCLUDED.shard, mcp.edge_mcp_sessions.shard),
     updated_at = now()
 WHERE mcp.edge_mcp_sessions.id = EXCLUDED.id
   AND (mcp.edge_mcp_sessions.version < EXCLUDED.version
@@ -735,11 +802,11 @@ WHERE mcp.edge_mcp_sessions.id = EXCLUDED.id
            AND mcp.edge_mcp_sessions.last_activity_at < EXCLUDED.last_activity_at))
 RETURNING id";
 
-/// The audit rows' part of [`SHIP_BATCH`]: parameters `$39`–`$45`.
+/// The audit rows' part of [`SHIP_BATCH`]: parameters `$40`–`$46`.
 const BATCH_AUDITS: &str = "
 INSERT INTO mcp.session_audit_log (id, session_id, tenant_id, action, actor, reason, at)
 SELECT id, session_id, tenant_id, action, actor, reason, to_timestamp(at_ms::float8 / 1000)
-FROM UNNEST($39::uuid[], $40::uuid[], $41::uuid[], $42::text[], $43::text[], $44::text[], $45::int8[])
+FROM UNNEST($40::uuid[], $41::uuid[], $42::uuid[], $43::text[], $44::text[], $45::text[], $46::int8[])
      AS u(id, session_id, tenant_id, action, actor, reason, at_ms)
 ON CONFLICT (id) DO NOTHING";
 
@@ -747,8 +814,8 @@ ON CONFLICT (id) DO NOTHING";
 /// the audit rows as data-modifying `WITH` parts, answering the session
 /// rows written. One statement is one transaction, and foreign keys are
 /// checked at its end, so an execution of a session created in the same
-/// batch finds its row. Parameters: the upsert's `$1`–`$27`, the
-/// executions' `$28`–`$38`, the audit rows' `$39`–`$45`; an empty array
+/// batch finds its row. Parameters: the upsert's `$1`–`$28`, the
+/// executions' `$29`–`$39`, the audit rows' `$40`–`$46`; an empty array
 /// writes nothing of its part.
 static SHIP_BATCH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
@@ -756,15 +823,15 @@ static SHIP_BATCH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     )
 });
 
-/// The executions' part of [`SHIP_BATCH`]: parameters `$28`–`$38`.
+/// The executions' part of [`SHIP_BATCH`]: parameters `$29`–`$39`.
 const BATCH_EXECUTIONS: &str = "
 INSERT INTO mcp.session_tool_executions (
     session_id, seq, tool_name, tool_id, arguments, result, error, duration_ms, tokens_used,
     executed_at, recorded_at)
 SELECT session_id, seq, tool_name, tool_id, arguments::jsonb, result::jsonb, error, duration_ms,
        tokens_used, to_timestamp(executed_ms::float8 / 1000), to_timestamp(recorded_ms::float8 / 1000)
-FROM UNNEST($28::uuid[], $29::int8[], $30::text[], $31::text[], $32::text[], $33::text[], $34::text[],
-            $35::int8[], $36::int8[], $37::int8[], $38::int8[])
+FROM UNNEST($29::uuid[], $30::int8[], $31::text[], $32::text[], $33::text[], $34::text[], $35::text[],
+            $36::int8[], $37::int8[], $38::int8[], $39::int8[])
      AS u(session_id, seq, tool_name, tool_id, arguments, result, error, duration_ms,
           tokens_used, executed_ms, recorded_ms)
 ON CONFLICT (session_id, seq) DO NOTHING";
@@ -865,12 +932,18 @@ struct SessionColumns {
     passthrough: Vec<Option<Vec<u8>>>,
     session_token: Vec<Vec<u8>>,
     refresh_token: Vec<Vec<u8>>,
+    /// The cluster shard, when the node is in a cluster.
+    shard: Vec<Option<i32>>,
 }
 
-impl From<&Vec<&Session>> for SessionColumns {
-    fn from(sessions: &Vec<&Session>) -> Self {
+impl SessionColumns {
+    /// `sessions` as columns; with their shards out of `cluster_shards`
+    /// when the node is in a cluster.
+    fn new(sessions: &Vec<&Session>, cluster_shards: Option<u32>) -> Self {
         let mut c = SessionColumns::default();
         for s in sessions {
+            c.shard
+                .push(cluster_shards.map(|n| shard_of(s.tenant_id, &s.session_id, n) as i32));
             c.id.push(s.id);
             c.session_id.push(pg_text(&s.session_id));
             c.tenant_id.push(s.tenant_id);
