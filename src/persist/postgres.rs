@@ -2,8 +2,8 @@
 //! outbox entries, and reading live sessions back for a rebuild.
 //!
 //! Every statement binds arrays (`UNNEST`), one statement per table per
-//! batch; no value is ever spliced into a statement's text. Times travel as Unix milliseconds
-//! and are converted by PostgreSQL (`to_timestamp`).
+//! batch; no value is ever spliced into a statement's text. Times travel
+//! as Unix milliseconds and are converted by PostgreSQL (`to_timestamp`).
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
