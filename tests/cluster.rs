@@ -471,3 +471,72 @@ async fn a_cluster_node_writes_each_session_with_its_shard_and_rebuilds_one_shar
         .unwrap();
     assert!(page.iter().all(|(s, _)| &*s.session_id != "s-0"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_batch_is_written_only_while_its_node_holds_the_shard_at_that_epoch() {
+    use edge_sessions::persist::outbox::Entry;
+    use edge_sessions::persist::postgres::Fence;
+    let pg = TempPostgres::start();
+    let pool = pool(&pg).await;
+    let node = tier(&pg, Some(SHARDS));
+    let a = member(&pool, "node-a").await;
+    settle(&[&a], Duration::from_secs(10)).await;
+    let tenant = uuid::Uuid::from_u128(7);
+    let first = session(tenant, "fenced-1", 1);
+    let shard = placement::shard_of(tenant, "fenced-1", SHARDS);
+    let a_fence = Fence {
+        node_id: "node-a".into(),
+        held: vec![(shard, a.holds(shard).unwrap())],
+    };
+    let mut lane = node.lane();
+    lane.ship_fenced(&[Entry::Session(Box::new(first.clone()))], &a_fence)
+        .await
+        .unwrap();
+    let version =
+        || pg.scalar("SELECT version FROM mcp.edge_mcp_sessions WHERE session_id = 'fenced-1'");
+    assert_eq!(version(), 1);
+
+    // node-b takes every shard while node-a is silent.
+    let b = member(&pool, "node-b").await;
+    let started = Instant::now();
+    while b.held().len() as u32 != SHARDS {
+        b.round().await.unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "node-b never took over"
+        );
+        tokio::time::sleep(LEASE / 4).await;
+    }
+    let mut second = first.clone();
+    second.version = 2;
+    let refused = lane
+        .ship_fenced(&[Entry::Session(Box::new(second.clone()))], &a_fence)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.fenced(), &[shard], "{refused}");
+    assert!(!refused.is_data());
+    assert_eq!(version(), 1, "nothing of a fenced batch is written");
+
+    // The same lane (its connection kept) ships node-b's batch.
+    let b_fence = Fence {
+        node_id: "node-b".into(),
+        held: vec![(shard, b.holds(shard).unwrap())],
+    };
+    lane.ship_fenced(&[Entry::Session(Box::new(second))], &b_fence)
+        .await
+        .unwrap();
+    assert_eq!(version(), 2);
+    // A fence naming a shard at an epoch never held refuses too.
+    let mut third = first.clone();
+    third.version = 3;
+    let wrong = Fence {
+        node_id: "node-b".into(),
+        held: vec![(shard, b.holds(shard).unwrap() + 5)],
+    };
+    let refused = lane
+        .ship_fenced(&[Entry::Session(Box::new(third))], &wrong)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.fenced(), &[shard]);
+    assert_eq!(version(), 2);
+}

@@ -16,6 +16,7 @@ use uuid::Uuid;
 
 use super::outbox::Entry;
 use crate::cluster::placement::shard_of;
+use crate::cluster::registry::{self, RegistryError};
 use crate::crypto::TokenHash;
 use crate::model::session::SessionCredentials;
 use crate::model::{AuditEntry, ClientText, ClientType, Millis, Session, Status, ToolExecution};
@@ -61,6 +62,9 @@ pub struct PgError {
     /// The server refused the data itself (SQLSTATE class 22 or 23):
     /// retrying the same rows can never succeed.
     data: bool,
+    /// A fenced batch's shards this node no longer holds at the epoch it
+    /// wrote them under (nothing of the batch was written).
+    fenced: Vec<u32>,
 }
 
 impl PgError {
@@ -68,12 +72,19 @@ impl PgError {
         PgError {
             message,
             data: false,
+            fenced: Vec::new(),
         }
     }
 
     /// Whether the rows themselves were refused (not the connection).
     pub fn is_data(&self) -> bool {
         self.data
+    }
+
+    /// The shards a fenced batch was refused for: this node lost them, so
+    /// the batch must never be shipped again (empty for other failures).
+    pub fn fenced(&self) -> &[u32] {
+        &self.fenced
     }
 }
 
@@ -88,6 +99,7 @@ impl From<sqlx::Error> for PgError {
         PgError {
             message: e.to_string(),
             data,
+            fenced: Vec::new(),
         }
     }
 }
@@ -151,6 +163,19 @@ impl LaneConnection {
 
     /// Commits `entries` as one batch (how: see `ship_on`).
     pub async fn ship(&mut self, entries: &[Entry]) -> Result<(), PgError> {
+        self.commit(entries, None).await
+    }
+
+    /// Commits `entries` as one batch only if, in the same transaction,
+    /// `fence.node_id` still holds every shard of `fence.held` at its
+    /// epoch with a running lease (see [`crate::cluster::registry::fence`]);
+    /// otherwise writes nothing and fails with [`PgError::fenced`] naming
+    /// the shards lost.
+    pub async fn ship_fenced(&mut self, entries: &[Entry], fence: &Fence) -> Result<(), PgError> {
+        self.commit(entries, Some(fence)).await
+    }
+
+    async fn commit(&mut self, entries: &[Entry], fence: Option<&Fence>) -> Result<(), PgError> {
         let mut conn = match self.conn.take() {
             Some((mut conn, used)) if used.elapsed() >= IDLE_CHECK => {
                 let ping = tokio::time::timeout(self.connect_timeout, conn.ping()).await;
@@ -163,10 +188,12 @@ impl LaneConnection {
             Some((conn, _)) => conn,
             None => self.connect().await?,
         };
-        let result = match tokio::time::timeout(
-            self.batch_timeout,
-            ship_on(&mut conn, entries, self.cluster_shards),
-        )
+        let result = match tokio::time::timeout(self.batch_timeout, async {
+            match fence {
+                None => ship_on(&mut conn, entries, self.cluster_shards).await,
+                Some(fence) => ship_fenced_on(&mut conn, entries, self.cluster_shards, fence).await,
+            }
+        })
         .await
         {
             Ok(result) => result,
@@ -175,9 +202,12 @@ impl LaneConnection {
                 self.batch_timeout.as_millis()
             ))),
         };
-        // Rows the server refused leave the connection usable; anything
-        // else may have broken it.
-        if result.as_ref().map_or_else(PgError::is_data, |()| true) {
+        // Rows the server refused, or a fence that failed, leave the
+        // connection usable; anything else may have broken it.
+        if result
+            .as_ref()
+            .map_or_else(|e| e.is_data() || !e.fenced().is_empty(), |()| true)
+        {
             self.conn = Some((conn, Instant::now()));
         }
         result
@@ -532,6 +562,57 @@ async fn ship_on(
         take_over(&mut tx, &batch, &taken).await?;
         tx.commit().await?;
     }
+    Ok(())
+}
+
+/// The shards a cluster node writes a batch for, each at the epoch it
+/// holds it under.
+#[derive(Debug, Clone)]
+pub struct Fence {
+    /// The writing node.
+    pub node_id: String,
+    /// (shard, epoch) of every shard the batch writes for.
+    pub held: Vec<(u32, u64)>,
+}
+
+/// As [`ship_on`], in one transaction that begins with the fence check
+/// (which also keeps the shards' rows from changing hands until the
+/// commit): a cluster node's batch. A failed check rolls back and answers
+/// the shards lost.
+async fn ship_fenced_on(
+    conn: &mut PgConnection,
+    entries: &[Entry],
+    cluster_shards: Option<u32>,
+    fence: &Fence,
+) -> Result<(), PgError> {
+    let batch = Batch::gather(entries, cluster_shards);
+    let mut tx = conn.begin().await?;
+    let stale = registry::fence(&mut *tx, &fence.node_id, &fence.held)
+        .await
+        .map_err(|e| match e {
+            RegistryError::Postgres(e) => PgError::from(e),
+            other => PgError::other(other.to_string()),
+        })?;
+    if !stale.is_empty() {
+        tx.rollback().await?;
+        return Err(PgError {
+            message: format!(
+                "node {} no longer holds shards {stale:?}: the batch was not written",
+                fence.node_id
+            ),
+            data: false,
+            fenced: stale,
+        });
+    }
+    if batch.executes_a_created_session() {
+        let written = upsert_sessions(&mut tx, &batch.sessions, batch.cluster_shards).await?;
+        take_over(&mut tx, &batch, &batch.taken(&written)).await?;
+        ship_batch(&mut *tx, &batch.without_sessions()).await?;
+    } else {
+        let written = ship_batch(&mut *tx, &batch).await?;
+        take_over(&mut tx, &batch, &batch.taken(&written)).await?;
+    }
+    tx.commit().await?;
     Ok(())
 }
 
