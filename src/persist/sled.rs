@@ -964,6 +964,26 @@ mod tests {
         }
     }
 
+    /// Opens the store in `dir` again after the previous one in this
+    /// process was dropped: sled releases its file lock from a background
+    /// thread, a moment after the drop, so the first attempts may find it
+    /// still held.
+    fn open_again(dir: &Path) -> Store {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Store::open(dir, 1 << 20, false) {
+                Ok(opened) => return opened.store,
+                Err(StoreError::Sled(message))
+                    if message.contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => panic!("reopening {}: {e}", dir.display()),
+            }
+        }
+    }
+
     #[test]
     fn the_session_filter_answers_absent_only_after_a_full_walk_and_never_for_a_stored_key() {
         let dir = tempfile::tempdir().unwrap();
@@ -981,7 +1001,7 @@ mod tests {
             store.apply_through_overlay(1, &WriteOp::new_session(&in_sled));
             store.checkpoint(1).unwrap();
         }
-        let store = Store::open(dir.path(), 1 << 20, false).unwrap().store;
+        let store = open_again(dir.path());
         store.apply_through_overlay(2, &WriteOp::new_session(&in_overlay));
         // Nothing walked yet: every id may be there.
         assert!(store.may_hold_session(tenant, "new"));
@@ -1123,7 +1143,7 @@ mod tests {
             if reopen {
                 store.checkpoint(log_seq + 1).unwrap();
                 drop(store);
-                store = Store::open(dir.path(), 1 << 20, false).unwrap().store;
+                store = open_again(dir.path());
             }
             assert_eq!(
                 store.execution_durations(a.id),
