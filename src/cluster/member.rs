@@ -2,29 +2,36 @@
 //! and the round that keeps both current.
 //!
 //! Every round (a quarter of a lease apart, see [`Member::run`]):
-//! 1. heartbeat;
-//! 2. read the members (alive: a heartbeat younger than a lease) and the
+//! 1. read the members (alive: a heartbeat younger than a lease) and the
 //!    shard rows;
-//! 3. renew the leases held; a shard whose renewal fails, or whose lease
-//!    ran out on this node's own clock first, is lost at once;
-//! 4. take every free or expired shard this node is the desired owner of
-//!    ([`placement::desired_owner`]), and any shard that stayed free for a
-//!    whole lease (its desired owner is not taking it), so while one node
-//!    lives every shard gets an owner;
-//! 5. release every shard whose desired owner is another live member, so
-//!    it can take the shard at its next round instead of after a lease.
+//! 2. renew the leases held; a shard whose lease ran out on this node's
+//!    own clock is lost (one whose renewal did not go through this round
+//!    stays held until then: it cannot have changed hands before);
+//! 3. take every free or expired shard this node is the desired owner of
+//!    ([`placement::desired_owner`]), any shard that stayed free for a
+//!    whole lease (its desired owner is not taking it), and any shard the
+//!    table gives this node that it does not know it holds (a lost reply,
+//!    a restart): so while one node lives every shard gets an owner;
+//! 4. release every shard whose desired owner is another live member, so
+//!    it can take the shard at its next round instead of after a lease;
+//! 5. heartbeat. The heartbeat comes last, so a node whose rounds fail
+//!    (it reaches PostgreSQL but cannot take or renew) stops counting as a
+//!    member after a lease, and no shard is handed to it.
 //!
 //! **When a shard counts as held.** A lease runs on PostgreSQL's clock from
 //! when the statement ran, which is after this node sent it. So this node
 //! counts a shard as its own until the send time plus nine tenths of the
-//! lease on its own monotonic clock: before PostgreSQL's lease can have
-//! run out, with a tenth of a lease to spare for the two clocks' rates.
+//! lease on its own clock: before PostgreSQL's lease can have run out,
+//! with a tenth of a lease to spare for the two clocks' rates. That clock
+//! is `CLOCK_BOOTTIME`, which keeps counting while the machine is
+//! suspended (a paused VM, a laptop asleep), unlike the monotonic clock
+//! behind `Instant`: a node woken after its lease finds its shards gone.
 //! [`Member::holds`] answers from that, with no round trip; every write
 //! for the shard is also fenced in PostgreSQL ([`registry::fence`]).
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sqlx::PgPool;
 use tokio::sync::watch;
@@ -49,8 +56,24 @@ pub struct MemberConfig {
 #[derive(Debug, Clone, Copy)]
 struct Held {
     epoch: u64,
-    /// Until when this node may act as the owner (see the module docs).
-    valid_until: Instant,
+    /// Until when (on [`boot_clock`]) this node may act as the owner (see
+    /// the module docs).
+    valid_until: Duration,
+}
+
+/// Time since boot, suspended time included (`CLOCK_BOOTTIME`).
+fn boot_clock() -> Duration {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec, which `now` is.
+    let status = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut now) };
+    assert_eq!(
+        status, 0,
+        "CLOCK_BOOTTIME is available on every Linux since 2.6.39"
+    );
+    Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
 }
 
 /// What one round changed.
@@ -73,6 +96,8 @@ pub struct Member {
     held: Mutex<BTreeMap<u32, Held>>,
     /// The shards held (with their epochs) after each round.
     owned: watch::Sender<BTreeMap<u32, u64>>,
+    /// One round (or the leave) at a time.
+    turn: tokio::sync::Mutex<()>,
 }
 
 impl Member {
@@ -86,6 +111,7 @@ impl Member {
             pool,
             held: Mutex::new(BTreeMap::new()),
             owned: watch::channel(BTreeMap::new()).0,
+            turn: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -98,13 +124,13 @@ impl Member {
     pub fn holds(&self, shard: u32) -> Option<u64> {
         let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         held.get(&shard)
-            .filter(|h| h.valid_until > Instant::now())
+            .filter(|h| h.valid_until > boot_clock())
             .map(|h| h.epoch)
     }
 
     /// The shards held, with their epochs.
     pub fn held(&self) -> BTreeMap<u32, u64> {
-        let now = Instant::now();
+        let now = boot_clock();
         let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         held.iter()
             .filter(|(_, h)| h.valid_until > now)
@@ -117,17 +143,17 @@ impl Member {
         self.owned.subscribe()
     }
 
-    fn valid_until(&self, sent: Instant) -> Instant {
+    fn valid_until(&self, sent: Duration) -> Duration {
         sent + self.config.lease.mul_f64(0.9)
     }
 
     /// One round (see the module docs).
     pub async fn round(&self) -> Result<Round, RegistryError> {
+        let _turn = self.turn.lock().await;
         let lease = self.config.lease;
         let me = self.config.node_id.as_str();
         let mut round = Round::default();
 
-        registry::heartbeat(&self.pool, me).await?;
         let nodes = registry::nodes(&self.pool, lease).await?;
         round.members = nodes
             .iter()
@@ -135,8 +161,10 @@ impl Member {
             .map(|n| n.node_id.clone())
             .collect();
 
-        // Renew what is still held; what ran out here first is lost.
-        let now = Instant::now();
+        // Renew what is still held; what ran out here is lost. A renewal
+        // that does not go through (its row locked by a write) leaves the
+        // shard held until it runs out, as it cannot change hands before.
+        let now = boot_clock();
         let held: Vec<(u32, u64)> = {
             let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
             held.retain(|shard, h| {
@@ -149,19 +177,15 @@ impl Member {
             held.iter().map(|(s, h)| (*s, h.epoch)).collect()
         };
         if !held.is_empty() {
-            let sent = Instant::now();
+            let sent = boot_clock();
             let renewed: HashSet<u32> = registry::renew(&self.pool, me, &held, lease)
                 .await?
                 .into_iter()
                 .collect();
             let mut map = self.held.lock().unwrap_or_else(|e| e.into_inner());
-            for (shard, _) in &held {
-                if renewed.contains(shard) {
-                    if let Some(h) = map.get_mut(shard) {
-                        h.valid_until = self.valid_until(sent);
-                    }
-                } else if map.remove(shard).is_some() {
-                    round.lost.push(*shard);
+            for shard in &renewed {
+                if let Some(h) = map.get_mut(shard) {
+                    h.valid_until = self.valid_until(sent);
                 }
             }
         }
@@ -175,17 +199,23 @@ impl Member {
             for row in &rows {
                 let desired = placement::desired_owner(row.shard, &round.members);
                 let free = row.owner.is_none() || !row.leased;
+                let mine_unknown = row.owner.as_deref() == Some(me);
                 if let Some(h) = map.get(&row.shard) {
                     if desired.is_some_and(|d| d != me) {
                         handover.push((row.shard, h.epoch));
                     }
-                } else if free && (desired == Some(me) || row.expired_for >= lease) {
+                } else if mine_unknown && desired.is_some_and(|d| d != me) {
+                    // Not ours to keep: give it to its owner at once.
+                    handover.push((row.shard, row.epoch));
+                } else if mine_unknown
+                    || (free && (desired == Some(me) || row.expired_for >= lease))
+                {
                     wanted.push(row.shard);
                 }
             }
         }
         if !wanted.is_empty() {
-            let sent = Instant::now();
+            let sent = boot_clock();
             round.acquired = registry::acquire(&self.pool, me, &wanted, lease).await?;
             let mut map = self.held.lock().unwrap_or_else(|e| e.into_inner());
             for (shard, epoch) in &round.acquired {
@@ -209,6 +239,7 @@ impl Member {
             }
             round.released = registry::release(&self.pool, me, &handover).await?;
         }
+        registry::heartbeat(&self.pool, me).await?;
         self.owned.send_replace(self.held());
         Ok(round)
     }
@@ -256,6 +287,7 @@ impl Member {
     /// Releases every shard held and marks this node gone, so the others
     /// take its shards at their next round instead of after a lease.
     pub async fn leave(&self) -> Result<(), RegistryError> {
+        let _turn = self.turn.lock().await;
         let held: Vec<(u32, u64)> = {
             let mut map = self.held.lock().unwrap_or_else(|e| e.into_inner());
             let held = map.iter().map(|(s, h)| (*s, h.epoch)).collect();
@@ -263,10 +295,6 @@ impl Member {
             held
         };
         self.owned.send_replace(BTreeMap::new());
-        registry::leave(&self.pool, &self.config.node_id).await?;
-        if !held.is_empty() {
-            registry::release(&self.pool, &self.config.node_id, &held).await?;
-        }
-        Ok(())
+        registry::leave(&self.pool, &self.config.node_id, &held).await
     }
 }

@@ -12,9 +12,9 @@
 //! expiry), as Orleans's SQL membership provider keeps a table of silos.
 //! - **Shards.** A fixed number of virtual shards (`cluster.shards`,
 //!   default 256); a session's shard is a stable hash of its tenant id and
-//!   session id ([`placement::shard_of`]). 256 shards spread over a handful
-//!   of nodes within a few percent and keep the per-round work (one row
-//!   each) small.
+//!   session id ([`placement::shard_of`]). 256 shards spread over three
+//!   nodes within about a tenth of an even share (85 each, give or take 8),
+//!   and keep the per-round work (one row each) small.
 //! - **Who should own a shard** is rendezvous hashing over the live members
 //!   ([`placement::desired_owner`]): every node computes the same answer
 //!   from the member list alone, and a join or a leave moves only about
@@ -22,7 +22,10 @@
 //! - **Who does own it** is PostgreSQL's shard row: a node takes a shard
 //!   only when its lease is free or has run out, with a compare-and-set
 //!   that bumps the shard's epoch ([`registry::acquire`]). Leases run on
-//!   PostgreSQL's clock, so the nodes' clocks need not agree.
+//!   PostgreSQL's clock, so the nodes' clocks need not agree with it or
+//!   with each other; the protocol assumes only that the clocks run at
+//!   about the same rate and that the database's is not stepped while
+//!   leases run (see [`member`]).
 //! - **Fencing.** Every transaction that writes a shard's sessions checks,
 //!   in the same transaction, that this node still holds the shard at its
 //!   epoch with a running lease, and locks the row against a change of
@@ -30,19 +33,32 @@
 //!   past its lease and wakes up finds the epoch moved on and writes
 //!   nothing: Kleppmann's fencing tokens, with the epoch as the token.
 //! - **Rounds.** Each node runs a round a quarter of a lease apart
-//!   ([`member::Member::run`]): heartbeat, renew, take, hand over. Three
-//!   rounds fit in a lease, so one slow round or one lost round trip does
-//!   not cost a shard.
+//!   ([`member::Member::run`]): renew, take, hand over, then heartbeat.
+//!   Four rounds fit in a lease, so up to three slow or failed rounds in a
+//!   row do not cost a shard.
 //!
 //! # Timing
 //!
 //! `cluster.lease_seconds` (default 5 s) is both the heartbeat's and the
-//! lease's length. A node that stops answering loses its shards when their
-//! leases run out, at most a lease after its last successful round; the
-//! desired owners take them at their next round. **Failure detection:**
-//! at most a lease plus a round (5 + 1.25 s by default) from the last
-//! round of the lost node; a node that leaves cleanly releases its shards
-//! at once, and they are taken within a round. A node counts its own
+//! lease's length. A node that stops answering (killed, frozen, cut off,
+//! or reaching PostgreSQL but failing its rounds) loses its shards when
+//! their leases run out, at most a lease after its last successful round,
+//! and stops counting as a member then too (its heartbeat is the last step
+//! of a successful round); the desired owners take them at their next
+//! round. **Failure detection:** at most a lease plus a round (5 + 1.25 s
+//! by default) from the last successful round of the lost node; a node
+//! that leaves cleanly releases its shards at once, and they are taken
+//! within a round.
+//!
+//! # Not yet here
+//!
+//! Handing a shard over still releases it within the round: the engine,
+//! once it uses this, must first drain the shard's pending writes (a
+//! release callback), or its queued batches would be fenced off and those
+//! calls fail. The fenced batch ([`crate::persist::postgres::LaneConnection::ship_fenced`])
+//! checks the shards its caller names; naming every shard a batch writes
+//! for (executions and audit rows carry only a session's row id) is the
+//! caller's part. A node counts its own
 //! shards as held for nine tenths of a lease from when it sent the
 //! renewal, so it stops acting as their owner before PostgreSQL's lease
 //! ends (see [`member`]). A shorter lease moves shards sooner after a

@@ -1,13 +1,24 @@
 //! The cluster's tables in PostgreSQL (`mcp.cluster`, `mcp.cluster_nodes`,
 //! `mcp.cluster_shards`, migration 0004) and every statement on them.
 //!
-//! Each statement is one round trip and decides on PostgreSQL's clock
-//! (`now()`): a lease is valid while `lease_expires_at > now()` there, so
-//! the nodes' own clocks never have to agree. Taking a shard is a
-//! compare-and-set that only succeeds on a free or expired lease and bumps
-//! the shard's epoch; renewing and releasing name the epoch they hold, so
-//! a node that lost a shard, even for an instant, can neither extend nor
-//! release the new owner's lease.
+//! Each statement is one round trip and decides on PostgreSQL's clock, at
+//! the statement's own start (`statement_timestamp()`, not `now()`, which
+//! inside a transaction is its start): a lease is valid while
+//! `lease_expires_at` is later there. So the nodes' clocks never have to
+//! agree with each other or with the database's; what the protocol
+//! assumes is that they run at about the same rate (see
+//! [`super::member`]) and that the database's clock is not stepped while
+//! leases run. Taking a shard is a compare-and-set that only succeeds on a
+//! free or expired lease (or one the taker itself holds without knowing
+//! it, e.g. after a restart) and bumps the shard's epoch; renewing and
+//! releasing name the epoch they hold, so a node that lost a shard, even
+//! for an instant, can neither extend nor release the new owner's lease.
+//!
+//! Taking and renewing skip a shard row that a writing transaction holds
+//! with the fence's lock (`SKIP LOCKED`): one long write never stalls a
+//! node's whole round. A row skipped is taken or renewed at a later round;
+//! the write holding it was fenced when it began, so the shard cannot
+//! change hands under it.
 
 use std::time::Duration;
 
@@ -95,7 +106,7 @@ pub async fn join(
     sqlx::query(
         "INSERT INTO mcp.cluster_nodes (node_id, advertise_url, status) VALUES ($1, $2, 'alive') \
          ON CONFLICT (node_id) DO UPDATE SET advertise_url = EXCLUDED.advertise_url, \
-         status = 'alive', joined_at = now(), heartbeat_at = now(), left_at = NULL",
+         status = 'alive', joined_at = statement_timestamp(), heartbeat_at = statement_timestamp(), left_at = NULL",
     )
     .bind(node_id)
     .bind(advertise_url)
@@ -109,7 +120,7 @@ pub async fn join(
 /// written it off meanwhile).
 pub async fn heartbeat(pool: impl PgExecutor<'_>, node_id: &str) -> Result<(), RegistryError> {
     sqlx::query(
-        "UPDATE mcp.cluster_nodes SET heartbeat_at = now(), status = 'alive', left_at = NULL \
+        "UPDATE mcp.cluster_nodes SET heartbeat_at = statement_timestamp(), status = 'alive', left_at = NULL \
          WHERE node_id = $1",
     )
     .bind(node_id)
@@ -118,12 +129,23 @@ pub async fn heartbeat(pool: impl PgExecutor<'_>, node_id: &str) -> Result<(), R
     Ok(())
 }
 
-/// Marks `node_id` gone (a clean stop).
-pub async fn leave(pool: impl PgExecutor<'_>, node_id: &str) -> Result<(), RegistryError> {
-    sqlx::query("UPDATE mcp.cluster_nodes SET status = 'gone', left_at = now() WHERE node_id = $1")
-        .bind(node_id)
-        .execute(pool)
-        .await?;
+/// Marks `node_id` gone (a clean stop) and releases `held` (shard,
+/// epoch), in one transaction.
+pub async fn leave(
+    pool: &sqlx::PgPool,
+    node_id: &str,
+    held: &[(u32, u64)],
+) -> Result<(), RegistryError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "UPDATE mcp.cluster_nodes SET status = 'gone', left_at = statement_timestamp() \
+         WHERE node_id = $1",
+    )
+    .bind(node_id)
+    .execute(&mut *tx)
+    .await?;
+    release(&mut *tx, node_id, held).await?;
+    tx.commit().await?;
     Ok(())
 }
 
@@ -134,7 +156,7 @@ pub async fn nodes(
 ) -> Result<Vec<NodeRow>, RegistryError> {
     let rows = sqlx::query(
         "SELECT node_id, advertise_url, \
-         status = 'alive' AND heartbeat_at > now() - $1 * interval '1 millisecond' AS alive, \
+         status = 'alive' AND heartbeat_at > statement_timestamp() - $1 * interval '1 millisecond' AS alive, \
          (extract(epoch FROM heartbeat_at) * 1000)::bigint AS heartbeat_ms \
          FROM mcp.cluster_nodes ORDER BY node_id",
     )
@@ -155,9 +177,9 @@ pub async fn nodes(
 /// Every shard, by number.
 pub async fn shards(pool: impl PgExecutor<'_>) -> Result<Vec<ShardRow>, RegistryError> {
     let rows = sqlx::query(
-        "SELECT shard, owner, epoch, lease_expires_at > now() AS leased, \
+        "SELECT shard, owner, epoch, lease_expires_at > statement_timestamp() AS leased, \
          CASE WHEN lease_expires_at = '-infinity' THEN 1e15::float8 \
-         ELSE greatest(0, extract(epoch FROM now() - lease_expires_at) * 1000)::float8 END AS expired_ms \
+         ELSE greatest(0, extract(epoch FROM statement_timestamp() - lease_expires_at) * 1000)::float8 END AS expired_ms \
          FROM mcp.cluster_shards ORDER BY shard",
     )
     .fetch_all(pool)
@@ -174,9 +196,11 @@ pub async fn shards(pool: impl PgExecutor<'_>) -> Result<Vec<ShardRow>, Registry
         .collect())
 }
 
-/// Takes every shard of `wanted` whose lease is free or has run out, for
-/// `lease`, bumping its epoch; answers the shards taken with their new
-/// epochs. A shard someone else holds (or took first) is left out.
+/// Takes every shard of `wanted` whose lease is free, has run out, or is
+/// already `node_id`'s (a lease it holds without knowing it: a reply lost,
+/// a restart), for `lease`, bumping its epoch; answers the shards taken
+/// with their new epochs. A shard someone else holds (or took first), or
+/// whose row a write holds locked, is left out.
 pub async fn acquire(
     pool: impl PgExecutor<'_>,
     node_id: &str,
@@ -186,8 +210,10 @@ pub async fn acquire(
     let wanted: Vec<i32> = wanted.iter().map(|s| *s as i32).collect();
     let rows = sqlx::query(
         "UPDATE mcp.cluster_shards SET owner = $1, epoch = epoch + 1, \
-         lease_expires_at = now() + $3 * interval '1 millisecond' \
-         WHERE shard = ANY($2) AND (owner IS NULL OR lease_expires_at <= now()) \
+         lease_expires_at = statement_timestamp() + $3 * interval '1 millisecond' \
+         WHERE shard IN (SELECT shard FROM mcp.cluster_shards WHERE shard = ANY($2) \
+           AND (owner IS NULL OR owner = $1 OR lease_expires_at <= statement_timestamp()) \
+           FOR NO KEY UPDATE SKIP LOCKED) \
          RETURNING shard, epoch",
     )
     .bind(node_id)
@@ -200,7 +226,8 @@ pub async fn acquire(
 
 /// Extends the leases `node_id` still holds among `held` (shard, epoch)
 /// for `lease` from now; answers the shards renewed. One that ran out, or
-/// changed hands, is not renewed: the node lost it.
+/// changed hands, is not renewed (the node lost it), nor is one whose row
+/// a write holds locked (it is renewed at the next round).
 pub async fn renew(
     pool: impl PgExecutor<'_>,
     node_id: &str,
@@ -209,11 +236,12 @@ pub async fn renew(
 ) -> Result<Vec<u32>, RegistryError> {
     let (shards, epochs) = split(held);
     let rows = sqlx::query(
-        "UPDATE mcp.cluster_shards AS s SET lease_expires_at = now() + $4 * interval '1 millisecond' \
-         FROM UNNEST($2::int4[], $3::int8[]) AS h(shard, epoch) \
-         WHERE s.shard = h.shard AND s.epoch = h.epoch AND s.owner = $1 \
-         AND s.lease_expires_at > now() \
-         RETURNING s.shard",
+        "UPDATE mcp.cluster_shards SET lease_expires_at = statement_timestamp() + $4 * interval '1 millisecond' \
+         WHERE shard IN (SELECT s.shard FROM mcp.cluster_shards AS s \
+           JOIN UNNEST($2::int4[], $3::int8[]) AS h(shard, epoch) ON s.shard = h.shard \
+           WHERE s.epoch = h.epoch AND s.owner = $1 AND s.lease_expires_at > statement_timestamp() \
+           FOR NO KEY UPDATE OF s SKIP LOCKED) \
+         RETURNING shard",
     )
     .bind(node_id)
     .bind(&shards)
@@ -233,7 +261,7 @@ pub async fn release(
 ) -> Result<Vec<u32>, RegistryError> {
     let (shards, epochs) = split(held);
     let rows = sqlx::query(
-        "UPDATE mcp.cluster_shards AS s SET owner = NULL, lease_expires_at = now() \
+        "UPDATE mcp.cluster_shards AS s SET owner = NULL, lease_expires_at = statement_timestamp() \
          FROM UNNEST($2::int4[], $3::int8[]) AS h(shard, epoch) \
          WHERE s.shard = h.shard AND s.epoch = h.epoch AND s.owner = $1 \
          RETURNING s.shard",
@@ -261,7 +289,7 @@ pub async fn fence(
     let rows = sqlx::query(
         "SELECT s.shard FROM mcp.cluster_shards AS s \
          JOIN UNNEST($2::int4[], $3::int8[]) AS h(shard, epoch) ON s.shard = h.shard \
-         WHERE s.owner = $1 AND s.epoch = h.epoch AND s.lease_expires_at > now() \
+         WHERE s.owner = $1 AND s.epoch = h.epoch AND s.lease_expires_at > statement_timestamp() \
          FOR SHARE OF s",
     )
     .bind(node_id)

@@ -578,14 +578,30 @@ pub struct Fence {
 /// As [`ship_on`], in one transaction that begins with the fence check
 /// (which also keeps the shards' rows from changing hands until the
 /// commit): a cluster node's batch. A failed check rolls back and answers
-/// the shards lost.
+/// the shards lost. The fence must name the shard of every session row in
+/// the batch (checked here) and of every execution and audit row (which
+/// carry only a session's row id: the caller's part).
 async fn ship_fenced_on(
     conn: &mut PgConnection,
     entries: &[Entry],
     cluster_shards: Option<u32>,
     fence: &Fence,
 ) -> Result<(), PgError> {
+    let Some(shards) = cluster_shards else {
+        return Err(PgError::other(
+            "a fenced batch from a node that is not in a cluster".into(),
+        ));
+    };
     let batch = Batch::gather(entries, cluster_shards);
+    if let Some(stray) = batch.sessions.iter().find(|s| {
+        let shard = shard_of(s.tenant_id, &s.session_id, shards);
+        !fence.held.iter().any(|(held, _)| *held == shard)
+    }) {
+        return Err(PgError::other(format!(
+            "a fenced batch writes session {} of a shard its fence does not name",
+            stray.session_id
+        )));
+    }
     let mut tx = conn.begin().await?;
     let stale = registry::fence(&mut *tx, &fence.node_id, &fence.held)
         .await
