@@ -6,7 +6,10 @@
 //! Each phase builds a backlog while PostgreSQL is stopped (so the engine is
 //! not what is measured), starts PostgreSQL, and times the drain until the
 //! shipping barrier resolves. For comparison it also times the design this
-//! replaces: one INSERT statement (one commit) per operation.
+//! replaces: one INSERT statement (one commit) per operation. Last, the
+//! price of a cluster node's fence: batches of session updates through one
+//! lane, plain and fenced (one transaction that begins with the fence
+//! check) alternating.
 //!
 //! Run with `cargo bench --bench postgres`; figures are printed, not
 //! asserted. Needs the PostgreSQL server binaries (see the README).
@@ -47,14 +50,104 @@ fn main() {
 }
 
 fn postgres(url: &str) -> Postgres {
+    postgres_in(url, None)
+}
+
+fn postgres_in(url: &str, cluster_shards: Option<u32>) -> Postgres {
     Postgres::new(&PostgresConfig {
         url: url.to_owned(),
         max_connections: 4,
         statement_timeout: Duration::from_secs(60),
         connect_timeout: Duration::from_secs(5),
-        cluster_shards: None,
+        cluster_shards,
     })
     .unwrap()
+}
+
+/// Sessions per batch in the fence phase (about a batch of creates at
+/// 64 connections).
+const FENCE_BATCH: usize = 16;
+/// Batches per run of the fence phase.
+const FENCE_BATCHES: usize = 200;
+/// Runs of each kind, alternating.
+const FENCE_RUNS: usize = 5;
+
+/// Ships the same sessions again and again, a version up each time, in
+/// batches of [`FENCE_BATCH`] through one lane, alternating plain batches
+/// and fenced ones (all shards held by one node); prints the median time
+/// per batch of each and their ratio.
+async fn fence_phase(url: &str) {
+    use edge_sessions::cluster::{placement, Member, MemberConfig};
+    use edge_sessions::persist::outbox::Entry;
+    use edge_sessions::persist::postgres::Fence;
+    const SHARDS: u32 = 256;
+    let node = postgres_in(url, Some(SHARDS));
+    let member = Member::join(
+        node.pool().clone(),
+        MemberConfig {
+            node_id: "bench-node".into(),
+            advertise_url: "http://127.0.0.1:1".into(),
+            shards: SHARDS,
+            lease: Duration::from_secs(600),
+        },
+    )
+    .await
+    .unwrap();
+    member.round().await.unwrap();
+    assert_eq!(member.held().len() as u32, SHARDS);
+    let mut sessions: Vec<_> = node
+        .live_sessions(&[TENANT], Uuid::nil(), FENCE_BATCH * FENCE_BATCHES)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    let mut lane = node.lane();
+    let mut times: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for run in 0..FENCE_RUNS * 2 {
+        let fenced = run % 2 == 1;
+        let started = Instant::now();
+        for batch in sessions.chunks_mut(FENCE_BATCH) {
+            let entries: Vec<Entry> = batch
+                .iter_mut()
+                .map(|s| {
+                    s.version += 1;
+                    Entry::Session(Box::new(s.clone()))
+                })
+                .collect();
+            if fenced {
+                let mut held: Vec<(u32, u64)> = batch
+                    .iter()
+                    .map(|s| {
+                        let shard = placement::shard_of(s.tenant_id, &s.session_id, SHARDS);
+                        (shard, member.holds(shard).unwrap())
+                    })
+                    .collect();
+                held.sort_unstable();
+                held.dedup();
+                let fence = Fence {
+                    node_id: "bench-node".into(),
+                    held,
+                };
+                lane.ship_fenced(&entries, &fence).await.unwrap();
+            } else {
+                lane.ship(&entries).await.unwrap();
+            }
+        }
+        let batches = sessions.len().div_ceil(FENCE_BATCH);
+        times[usize::from(fenced)].push(started.elapsed().as_secs_f64() * 1e3 / batches as f64);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (plain, fenced) = (median(&mut times[0]), median(&mut times[1]));
+    println!(
+        "the fence: {} sessions per batch, {} batches per run, {FENCE_RUNS} runs each alternating: plain {plain:.3} ms per batch, fenced {fenced:.3} ms ({:.2}x)",
+        FENCE_BATCH,
+        sessions.len().div_ceil(FENCE_BATCH),
+        fenced / plain
+    );
 }
 
 fn start(dir: &std::path::Path, url: &str) -> Engine {
@@ -217,6 +310,9 @@ async fn run() {
     let count = pg.scalar("SELECT count(*) FROM mcp.session_tool_executions");
     assert_eq!(count as usize, EXECUTIONS, "every execution arrived once");
     engine.shutdown().await;
+
+    // A cluster node's batches, plain and fenced.
+    fence_phase(&pg.url).await;
 
     // The replaced design: one statement, one commit per operation.
     let db = postgres(&pg.url);
