@@ -226,8 +226,11 @@ async fn drain(engine: &Engine, rows: u64) -> (Duration, f64) {
     engine.flush_to_postgres().await.unwrap();
     let took = started.elapsed();
     let total = shipped() - before;
-    assert_eq!(total, rows, "the whole backlog shipped");
-    (took, (total - first) as f64 / rows as f64)
+    // Entries a lane committed beyond a failed one's are shipped (and
+    // counted) again after the retry, harmlessly (see the shipper): the
+    // count may pass the backlog; the phases check the rows themselves.
+    assert!(total >= rows, "the whole backlog shipped: {total} of {rows}");
+    (took, ((total - first) as f64 / rows as f64).min(1.0))
 }
 
 async fn run() {
@@ -272,6 +275,8 @@ async fn run() {
         share * SESSIONS as f64 / took.as_secs_f64(),
         share * rows as f64 / took.as_secs_f64()
     );
+    let count = pg.scalar("SELECT count(*) FROM mcp.edge_mcp_sessions");
+    assert_eq!(count as usize, SESSIONS, "every session arrived once");
 
     // Phase 2: a backlog of tool executions over those sessions.
     pg.stop();
