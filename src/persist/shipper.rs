@@ -188,8 +188,11 @@ struct LaneDone {
 struct Dealt {
     reader: LogReader,
     lanes: Vec<Lane>,
-    /// Records read and dealt, not yet shipped: (record, appended at).
-    records: VecDeque<(u64, i64)>,
+    /// Records read and dealt, not yet shipped: (record, appended at, its
+    /// entries). A record's entries count as shipped once the whole record
+    /// is (not as each lane commits its part: after a failure, parts some
+    /// lane committed are shipped again, and would count twice).
+    records: VecDeque<(u64, i64, usize)>,
     /// The last record read and dealt.
     through: u64,
     /// Entries dealt and not yet committed.
@@ -223,7 +226,9 @@ impl Dealt {
             else {
                 break;
             };
+            let mut entries = 0;
             for entry in outbox::entries(&record) {
+                entries += 1;
                 match entry {
                     Ok(entry) => {
                         let lane = lane_of(&entry, self.lanes.len());
@@ -237,7 +242,7 @@ impl Dealt {
                     }
                 }
             }
-            self.records.push_back((record.seq, record.at));
+            self.records.push_back((record.seq, record.at, entries));
             self.through = record.seq;
         }
         Ok(())
@@ -427,7 +432,7 @@ impl Shipper {
                         Ok(()) => {
                             dealt.lanes[done.lane].in_flight_from = None;
                             dealt.queued -= done.entries.min(dealt.queued);
-                            if let Err(e) = self.advance(&mut dealt, before, done.entries) {
+                            if let Err(e) = self.advance(&mut dealt, before) {
                                 failed.get_or_insert(e);
                             } else if backoff.failures > 0 {
                                 tracing::info!(
@@ -461,7 +466,7 @@ impl Shipper {
             let before = dealt.shipped_through();
             if done.result.is_ok() {
                 dealt.lanes[done.lane].in_flight_from = None;
-                let _ = self.advance(&mut dealt, before, done.entries);
+                let _ = self.advance(&mut dealt, before);
             }
         }
         self.outbox.fail_waiters();
@@ -470,23 +475,25 @@ impl Shipper {
         }
     }
 
-    /// A lane committed `entries` entries: records how far shipping got
-    /// (when it moved from `before`) and releases the waiters it satisfies.
-    fn advance(&self, dealt: &mut Dealt, before: u64, entries: usize) -> Result<(), String> {
+    /// A lane committed its batch: records how far shipping got (when it
+    /// moved from `before`), counts the entries of the records now shipped
+    /// and releases the waiters they satisfy.
+    fn advance(&self, dealt: &mut Dealt, before: u64) -> Result<(), String> {
         let shipped = dealt.shipped_through();
         if shipped > before {
             self.store
                 .put_meta(SHIPPED_THROUGH, &shipped.to_be_bytes())
                 .map_err(|e| e.to_string())?;
         }
-        while dealt
-            .records
-            .front()
-            .is_some_and(|(record, _)| *record <= shipped)
-        {
+        let mut entries = 0;
+        while let Some(&(record, _, count)) = dealt.records.front() {
+            if record > shipped {
+                break;
+            }
+            entries += count;
             dealt.records.pop_front();
         }
-        let oldest_left = dealt.records.front().map_or(0, |(_, at)| *at);
+        let oldest_left = dealt.records.front().map_or(0, |(_, at, _)| *at);
         self.outbox.committed(shipped, entries, oldest_left);
         Ok(())
     }
