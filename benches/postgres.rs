@@ -64,6 +64,17 @@ fn postgres_in(url: &str, cluster_shards: Option<u32>) -> Postgres {
     .unwrap()
 }
 
+/// The fence phase's node runs no sessions: nothing to adopt or drain.
+struct NoSessions;
+
+impl edge_sessions::cluster::ShardOwner for NoSessions {
+    fn adopt(&self, _shard: u32, _epoch: u64) {}
+    fn drain(&self, _shard: u32, _epoch: u64) -> futures::future::BoxFuture<'static, ()> {
+        Box::pin(async {})
+    }
+    fn lost(&self, _shard: u32) {}
+}
+
 /// Sessions per batch in the fence phase (about a batch of creates at
 /// 64 connections).
 const FENCE_BATCH: usize = 16;
@@ -90,6 +101,7 @@ async fn fence_phase(url: &str) {
             shards: SHARDS,
             lease: Duration::from_secs(600),
         },
+        std::sync::Arc::new(NoSessions),
     )
     .await
     .unwrap();

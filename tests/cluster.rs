@@ -11,10 +11,14 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::pg::TempPostgres;
-use edge_sessions::cluster::{placement, registry, Member, MemberConfig, RegistryError};
+use edge_sessions::cluster::{
+    placement, registry, Member, MemberConfig, RegistryError, ShardOwner,
+};
+use futures::future::BoxFuture;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 
@@ -34,7 +38,64 @@ async fn pool(pg: &TempPostgres) -> PgPool {
     pool
 }
 
+/// What a [`Recorder`] was told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Told {
+    Adopt(u32, u64),
+    Drain(u32, u64),
+    /// A drain ended.
+    Drained(u32),
+    Lost(u32),
+}
+
+/// A [`ShardOwner`] that records what it is told; its drains end once its
+/// gate is open.
+struct Recorder {
+    told: Arc<std::sync::Mutex<Vec<Told>>>,
+    gate: tokio::sync::watch::Sender<bool>,
+}
+
+impl Recorder {
+    fn new(open: bool) -> Arc<Self> {
+        Arc::new(Recorder {
+            told: Arc::default(),
+            gate: tokio::sync::watch::channel(open).0,
+        })
+    }
+
+    fn open(&self) {
+        self.gate.send_replace(true);
+    }
+
+    fn told(&self) -> Vec<Told> {
+        self.told.lock().unwrap().clone()
+    }
+}
+
+impl ShardOwner for Recorder {
+    fn adopt(&self, shard: u32, epoch: u64) {
+        self.told.lock().unwrap().push(Told::Adopt(shard, epoch));
+    }
+
+    fn drain(&self, shard: u32, epoch: u64) -> BoxFuture<'static, ()> {
+        self.told.lock().unwrap().push(Told::Drain(shard, epoch));
+        let (told, mut gate) = (self.told.clone(), self.gate.subscribe());
+        Box::pin(async move {
+            let _ = gate.wait_for(|open| *open).await;
+            told.lock().unwrap().push(Told::Drained(shard));
+        })
+    }
+
+    fn lost(&self, shard: u32) {
+        self.told.lock().unwrap().push(Told::Lost(shard));
+    }
+}
+
 async fn member(pool: &PgPool, name: &str) -> Member {
+    member_with(pool, name, Recorder::new(true)).await
+}
+
+async fn member_with(pool: &PgPool, name: &str, owner: Arc<Recorder>) -> Member {
     Member::join(
         pool.clone(),
         MemberConfig {
@@ -43,6 +104,7 @@ async fn member(pool: &PgPool, name: &str) -> Member {
             shards: SHARDS,
             lease: LEASE,
         },
+        owner,
     )
     .await
     .expect("join")
@@ -57,8 +119,11 @@ async fn settle(members: &[&Member], limit: Duration) {
         let mut changed = false;
         for round in rounds {
             let round = round.expect("round");
-            changed |= !round.acquired.is_empty() || !round.released.is_empty();
+            changed |= !round.acquired.is_empty()
+                || !round.draining.is_empty()
+                || !round.released.is_empty();
         }
+        changed |= members.iter().any(|m| !m.handing_over().is_empty());
         if !changed && members.iter().map(|m| m.held().len() as u32).sum::<u32>() == SHARDS {
             return;
         }
@@ -140,7 +205,9 @@ async fn nodes_split_the_shards_by_rendezvous_and_a_join_moves_about_its_share()
 async fn a_silent_node_loses_its_shards_after_its_lease_and_its_old_epochs_are_fenced_off() {
     let pg = TempPostgres::start();
     let pool = pool(&pg).await;
-    let (a, b) = (member(&pool, "node-a").await, member(&pool, "node-b").await);
+    let a_owner = Recorder::new(true);
+    let a = member_with(&pool, "node-a", a_owner.clone()).await;
+    let b = member(&pool, "node-b").await;
     settle(&[&a, &b], Duration::from_secs(10)).await;
     let a_had: Vec<(u32, u64)> = a.held().into_iter().collect();
     assert!(!a_had.is_empty());
@@ -205,6 +272,12 @@ async fn a_silent_node_loses_its_shards_after_its_lease_and_its_old_epochs_are_f
     round.lost.sort_unstable();
     let had: Vec<u32> = a_had.iter().map(|h| h.0).collect();
     assert_eq!(round.lost, had, "its shards ran out on its own clock");
+    for shard in &had {
+        assert!(
+            a_owner.told().contains(&Told::Lost(*shard)),
+            "shard {shard} not told lost"
+        );
+    }
     assert!(
         round.acquired.iter().all(|(s, _)| !had.contains(s)),
         "{round:?}"
@@ -302,6 +375,7 @@ async fn a_node_with_another_shard_count_is_refused() {
             shards: SHARDS * 2,
             lease: LEASE,
         },
+        Recorder::new(true),
     )
     .await;
     match refused {
@@ -600,4 +674,112 @@ async fn a_fenced_batch_is_written_only_while_its_node_holds_the_shard_at_that_e
         .unwrap_err();
     assert!(refused.to_string().contains("does not name"), "{refused}");
     assert_eq!(version(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_over_waits_for_the_drain_and_keeps_the_lease_meanwhile() {
+    let pg = TempPostgres::start();
+    let pool = pool(&pg).await;
+    let a_owner = Recorder::new(false);
+    let a = member_with(&pool, "node-a", a_owner.clone()).await;
+    settle(&[&a], Duration::from_secs(10)).await;
+    let adopted = a_owner
+        .told()
+        .iter()
+        .filter(|t| matches!(t, Told::Adopt(..)))
+        .count();
+    assert_eq!(adopted as u32, SHARDS, "every shard taken was adopted");
+
+    // node-b joins: node-a starts draining what node-b should own.
+    let b_owner = Recorder::new(true);
+    let b = member_with(&pool, "node-b", b_owner.clone()).await;
+    let first = a.round().await.unwrap();
+    assert!(
+        !first.draining.is_empty() && first.released.is_empty(),
+        "{first:?}"
+    );
+    let mut moving = first.draining.clone();
+    moving.sort_unstable();
+    assert_eq!(a.handing_over(), moving);
+    // For longer than a lease, node-a keeps them (renewed) and node-b
+    // cannot take them.
+    let until = Instant::now() + LEASE + LEASE / 2;
+    while Instant::now() < until {
+        let round = a.round().await.unwrap();
+        assert!(
+            round.released.is_empty() && round.lost.is_empty(),
+            "{round:?}"
+        );
+        let round = b.round().await.unwrap();
+        assert!(
+            round.acquired.iter().all(|(s, _)| !moving.contains(s)),
+            "taken during the drain: {round:?}"
+        );
+        tokio::time::sleep(LEASE / 4).await;
+    }
+    let rows = owners(&pool).await;
+    assert!(moving.iter().all(|s| rows[s].as_deref() == Some("node-a")));
+
+    // The drains end: the next round releases, node-b's next takes them.
+    a_owner.open();
+    let started = Instant::now();
+    let released = loop {
+        let round = a.round().await.unwrap();
+        if !round.released.is_empty() {
+            break round.released;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "never released");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut released = released;
+    released.sort_unstable();
+    assert_eq!(released, moving);
+    let taken = b.round().await.unwrap().acquired;
+    let mut shards: Vec<u32> = taken.iter().map(|(s, _)| *s).collect();
+    shards.sort_unstable();
+    assert_eq!(shards, moving);
+    // Told in order: each drain ended before its shard was released, and
+    // node-b adopted each at its new epoch.
+    let told = a_owner.told();
+    for shard in &moving {
+        let drain = told
+            .iter()
+            .position(|t| matches!(t, Told::Drain(s, _) if s == shard));
+        let drained = told.iter().position(|t| *t == Told::Drained(*shard));
+        assert!(drain.unwrap() < drained.unwrap());
+    }
+    for (shard, epoch) in taken {
+        assert!(b_owner.told().contains(&Told::Adopt(shard, epoch)));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_stop_drains_every_shard_before_it_releases_them() {
+    let pg = TempPostgres::start();
+    let pool = pool(&pg).await;
+    let a_owner = Recorder::new(false);
+    let a = Arc::new(member_with(&pool, "node-a", a_owner.clone()).await);
+    settle(&[&a], Duration::from_secs(10)).await;
+    let leaving = tokio::spawn({
+        let a = a.clone();
+        async move { a.leave().await }
+    });
+    tokio::time::sleep(LEASE / 4).await;
+    assert!(!leaving.is_finished(), "left before the drains ended");
+    assert!(owners(&pool)
+        .await
+        .values()
+        .all(|o| o.as_deref() == Some("node-a")));
+    a_owner.open();
+    leaving.await.unwrap().unwrap();
+    assert!(
+        owners(&pool).await.values().all(Option::is_none),
+        "all released"
+    );
+    let drained = a_owner
+        .told()
+        .iter()
+        .filter(|t| matches!(t, Told::Drained(_)))
+        .count();
+    assert_eq!(drained as u32, SHARDS);
 }

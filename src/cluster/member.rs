@@ -12,8 +12,11 @@
 //!    whole lease (its desired owner is not taking it), and any shard the
 //!    table gives this node that it does not know it holds (a lost reply,
 //!    a restart): so while one node lives every shard gets an owner;
-//! 4. release every shard whose desired owner is another live member, so
-//!    it can take the shard at its next round instead of after a lease;
+//! 4. hand over every shard whose desired owner is another live member, so
+//!    it can take the shard at its next round instead of after a lease: the
+//!    [`ShardOwner`] (the engine) first drains it (stops taking calls for
+//!    it, lets what it acknowledged be committed) while this node keeps
+//!    renewing it, and the round after the drain ends releases it;
 //! 5. heartbeat. The heartbeat comes last, so a node whose rounds fail
 //!    (it reaches PostgreSQL but cannot take or renew) stops counting as a
 //!    member after a lease, and no shard is handed to it.
@@ -30,8 +33,11 @@
 //! for the shard is also fenced in PostgreSQL ([`registry::fence`]).
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use futures::future::BoxFuture;
 
 use sqlx::PgPool;
 use tokio::sync::watch;
@@ -52,13 +58,32 @@ pub struct MemberConfig {
     pub lease: Duration,
 }
 
+/// What runs a node's shards: told when this node takes one, must hand
+/// one over, or lost one.
+pub trait ShardOwner: Send + Sync + 'static {
+    /// This node took `shard` at `epoch` (the round that took it calls
+    /// this before it ends).
+    fn adopt(&self, shard: u32, epoch: u64);
+    /// `shard` goes to another node: stop taking calls for it and resolve
+    /// once everything acknowledged for it is committed. The lease is
+    /// renewed meanwhile, and released at the first round after this
+    /// resolves (at a leave, after at most a lease).
+    fn drain(&self, shard: u32, epoch: u64) -> BoxFuture<'static, ()>;
+    /// `shard` ran out on this node's clock without a hand-over (rounds
+    /// failed for most of a lease): stop acting for it at once.
+    fn lost(&self, shard: u32);
+}
+
 /// A shard this node holds.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Held {
     epoch: u64,
     /// Until when (on [`boot_clock`]) this node may act as the owner (see
     /// the module docs).
     valid_until: Duration,
+    /// Set once its drain for a hand-over has ended (`None` while no
+    /// hand-over started).
+    drained: Option<Arc<AtomicBool>>,
 }
 
 /// Time since boot, suspended time included (`CLOCK_BOOTTIME`).
@@ -83,7 +108,9 @@ pub struct Round {
     pub members: Vec<String>,
     /// Shards taken, with their new epochs.
     pub acquired: Vec<(u32, u64)>,
-    /// Shards handed to their desired owner.
+    /// Shards whose hand-over began (their drain started).
+    pub draining: Vec<u32>,
+    /// Shards handed to their desired owner (drained, then released).
     pub released: Vec<u32>,
     /// Shards whose lease could not be renewed.
     pub lost: Vec<u32>,
@@ -93,6 +120,7 @@ pub struct Round {
 pub struct Member {
     config: MemberConfig,
     pool: PgPool,
+    owner: Arc<dyn ShardOwner>,
     held: Mutex<BTreeMap<u32, Held>>,
     /// The shards held (with their epochs) after each round.
     owned: watch::Sender<BTreeMap<u32, u64>>,
@@ -103,12 +131,18 @@ pub struct Member {
 impl Member {
     /// Joins the cluster in `pool`'s database (migrated): creates the
     /// cluster on first use, refuses another shard count, marks this node
-    /// alive. Holds no shard until its first [`Member::round`].
-    pub async fn join(pool: PgPool, config: MemberConfig) -> Result<Self, RegistryError> {
+    /// alive. Holds no shard until its first [`Member::round`]; `owner`
+    /// hears of every shard taken, handed over or lost.
+    pub async fn join(
+        pool: PgPool,
+        config: MemberConfig,
+        owner: Arc<dyn ShardOwner>,
+    ) -> Result<Self, RegistryError> {
         registry::join(&pool, &config.node_id, &config.advertise_url, config.shards).await?;
         Ok(Member {
             config,
             pool,
+            owner,
             held: Mutex::new(BTreeMap::new()),
             owned: watch::channel(BTreeMap::new()).0,
             turn: tokio::sync::Mutex::new(()),
@@ -135,6 +169,15 @@ impl Member {
         held.iter()
             .filter(|(_, h)| h.valid_until > now)
             .map(|(shard, h)| (*shard, h.epoch))
+            .collect()
+    }
+
+    /// The shards being handed over: held, drain started, not released.
+    pub fn handing_over(&self) -> Vec<u32> {
+        let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.iter()
+            .filter(|(_, h)| h.drained.is_some())
+            .map(|(shard, _)| *shard)
             .collect()
     }
 
@@ -176,6 +219,9 @@ impl Member {
             });
             held.iter().map(|(s, h)| (*s, h.epoch)).collect()
         };
+        for shard in &round.lost {
+            self.owner.lost(*shard);
+        }
         if !held.is_empty() {
             let sent = boot_clock();
             let renewed: HashSet<u32> = registry::renew(&self.pool, me, &held, lease)
@@ -195,14 +241,31 @@ impl Member {
         let mut wanted = Vec::new();
         let mut handover = Vec::new();
         {
-            let map = self.held.lock().unwrap_or_else(|e| e.into_inner());
+            let mut map = self.held.lock().unwrap_or_else(|e| e.into_inner());
             for row in &rows {
                 let desired = placement::desired_owner(row.shard, &round.members);
                 let free = row.owner.is_none() || !row.leased;
                 let mine_unknown = row.owner.as_deref() == Some(me);
-                if let Some(h) = map.get(&row.shard) {
-                    if desired.is_some_and(|d| d != me) {
-                        handover.push((row.shard, h.epoch));
+                if let Some(h) = map.get_mut(&row.shard) {
+                    match &h.drained {
+                        // Drained: hand it over now.
+                        Some(done) if done.load(Ordering::Acquire) => {
+                            handover.push((row.shard, h.epoch));
+                        }
+                        // Draining: keep it (renewed) until the drain ends.
+                        Some(_) => {}
+                        None if desired.is_some_and(|d| d != me) => {
+                            let done = Arc::new(AtomicBool::new(false));
+                            let drain = self.owner.drain(row.shard, h.epoch);
+                            let flag = done.clone();
+                            tokio::spawn(async move {
+                                drain.await;
+                                flag.store(true, Ordering::Release);
+                            });
+                            h.drained = Some(done);
+                            round.draining.push(row.shard);
+                        }
+                        None => {}
                     }
                 } else if mine_unknown && desired.is_some_and(|d| d != me) {
                     // Not ours to keep: give it to its owner at once.
@@ -224,8 +287,13 @@ impl Member {
                     Held {
                         epoch: *epoch,
                         valid_until: self.valid_until(sent),
+                        drained: None,
                     },
                 );
+            }
+            drop(map);
+            for (shard, epoch) in &round.acquired {
+                self.owner.adopt(*shard, *epoch);
             }
         }
         if !handover.is_empty() {
@@ -245,7 +313,7 @@ impl Member {
     }
 
     /// Runs rounds a quarter of a lease apart until `stop` turns true, then
-    /// leaves (releases every shard and marks this node gone). A round that
+    /// leaves (drains and releases every shard, marks this node gone). A round that
     /// fails (PostgreSQL unreachable) is logged and retried at the next
     /// tick; meanwhile the shards held run out on this node's clock, so it
     /// stops acting as their owner before their leases end.
@@ -260,6 +328,7 @@ impl Member {
             match self.round().await {
                 Ok(round) => {
                     if !round.acquired.is_empty()
+                        || !round.draining.is_empty()
                         || !round.released.is_empty()
                         || !round.lost.is_empty()
                     {
@@ -267,6 +336,7 @@ impl Member {
                             node = %self.config.node_id,
                             members = round.members.len(),
                             acquired = round.acquired.len(),
+                            draining = round.draining.len(),
                             released = round.released.len(),
                             lost = round.lost.len(),
                             "cluster shards changed"
@@ -284,10 +354,44 @@ impl Member {
         }
     }
 
-    /// Releases every shard held and marks this node gone, so the others
-    /// take its shards at their next round instead of after a lease.
+    /// Drains every shard held (at most a lease: the leases run that long
+    /// from the last round), then releases them all and marks this node
+    /// gone, so the others take its shards at their next round instead of
+    /// after a lease. A shard whose drain did not end in time is released
+    /// all the same: what was still queued for it is fenced off.
     pub async fn leave(&self) -> Result<(), RegistryError> {
         let _turn = self.turn.lock().await;
+        let pending: Vec<(u32, u64, Option<Arc<AtomicBool>>)> = {
+            let map = self.held.lock().unwrap_or_else(|e| e.into_inner());
+            map.iter()
+                .map(|(s, h)| (*s, h.epoch, h.drained.clone()))
+                .collect()
+        };
+        let drains = pending.iter().map(|(shard, epoch, drained)| {
+            let (shard, epoch, drained) = (*shard, *epoch, drained.clone());
+            let owner = self.owner.clone();
+            async move {
+                match drained {
+                    // A hand-over's drain already runs: wait for its end.
+                    Some(done) => {
+                        while !done.load(Ordering::Acquire) {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                    }
+                    None => owner.drain(shard, epoch).await,
+                }
+            }
+        });
+        let all = futures::future::join_all(drains);
+        if tokio::time::timeout(self.config.lease.mul_f64(0.9), all)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                node = %self.config.node_id,
+                "leaving the cluster: some shards did not drain within the lease; released anyway"
+            );
+        }
         let held: Vec<(u32, u64)> = {
             let mut map = self.held.lock().unwrap_or_else(|e| e.into_inner());
             let held = map.iter().map(|(s, h)| (*s, h.epoch)).collect();

@@ -50,24 +50,29 @@
 //! that leaves cleanly releases its shards at once, and they are taken
 //! within a round.
 //!
+//! # Hand-over
+//!
+//! A shard whose desired owner is another live member is handed over in
+//! two rounds: the first asks the [`member::ShardOwner`] (the engine) to
+//! drain it (stop taking calls for it, let what it acknowledged be
+//! committed) and keeps renewing the lease meanwhile; the first round after
+//! the drain ends releases it, and the new owner takes it at its next
+//! round. A clean stop drains every shard the same way (for at most a
+//! lease), then releases them all in one transaction.
+//!
 //! # Not yet here
 //!
-//! Handing a shard over still releases it within the round: the engine,
-//! once it uses this, must first drain the shard's pending writes (a
-//! release callback), or its queued batches would be fenced off and those
-//! calls fail. The fenced batch ([`crate::persist::postgres::LaneConnection::ship_fenced`])
-//! checks the shards its caller names; naming every shard a batch writes
-//! for (executions and audit rows carry only a session's row id) is the
-//! caller's part. A node counts its own
-//! shards as held for nine tenths of a lease from when it sent the
-//! renewal, so it stops acting as their owner before PostgreSQL's lease
-//! ends (see [`member`]). A shorter lease moves shards sooner after a
-//! crash but costs more rounds and makes a pause of the process (a long GC
-//! in a neighbour, a stalled disk) more likely to cost its shards.
+//! `serve` does not run a cluster yet: the engine's side of
+//! [`member::ShardOwner`], forwarding, and `[cluster]` in the config come
+//! next. The fenced batch
+//! ([`crate::persist::postgres::LaneConnection::ship_fenced`]) checks the
+//! shards its caller names; naming every shard a batch writes for
+//! (executions and audit rows carry only a session's row id) is the
+//! caller's part.
 
 pub mod member;
 pub mod placement;
 pub mod registry;
 
-pub use member::{Member, MemberConfig, Round};
+pub use member::{Member, MemberConfig, Round, ShardOwner};
 pub use registry::RegistryError;
