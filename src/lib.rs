@@ -66,7 +66,9 @@
 //! handler awaits it, i.e. the batch's fsync, before answering. A create is
 //! admitted against the tenant's atomic live count and its actor started on
 //! this arbiter. Layers point one way: `http -> engine -> persist ->
-//! model`, with `crypto` beside `model`.
+//! model`, with `crypto` beside `model`; `cluster` sits below `persist`
+//! (which writes each session's shard and fences a cluster node's
+//! batches) and uses PostgreSQL directly, never the engine.
 
 pub mod auth;
 pub mod cli;
