@@ -674,6 +674,59 @@ async fn a_fenced_batch_is_written_only_while_its_node_holds_the_shard_at_that_e
         .unwrap_err();
     assert!(refused.to_string().contains("does not name"), "{refused}");
     assert_eq!(version(), 2);
+
+    // A new session with an execution in the same batch (the path that
+    // runs as a transaction): written behind a good fence, not behind a
+    // stale one.
+    let execution = |seq: u64| Entry::Execution {
+        session_row: uuid::Uuid::nil(),
+        seq,
+        execution: edge_sessions::model::ToolExecution {
+            tool_name: "grep".into(),
+            tool_id: None,
+            arguments: "{}".into(),
+            result: "{}".into(),
+            error: None,
+            duration_ms: 3,
+            tokens_used: 1,
+            executed_at: 1_700_000_000_000,
+            recorded_at: 1_700_000_000_000,
+        },
+    };
+    let with_run = |id: &str| {
+        let created = session(tenant, id, 1);
+        let mut run = execution(1);
+        if let Entry::Execution { session_row, .. } = &mut run {
+            *session_row = created.id;
+        }
+        let shard = placement::shard_of(tenant, id, SHARDS);
+        (vec![Entry::Session(Box::new(created)), run], shard)
+    };
+    b.round().await.unwrap();
+    let (entries, shard) = with_run("fenced-2");
+    let good = Fence {
+        node_id: "node-b".into(),
+        held: vec![(shard, b.holds(shard).unwrap())],
+    };
+    lane.ship_fenced(&entries, &good).await.unwrap();
+    let (entries, shard) = with_run("fenced-3");
+    let stale = Fence {
+        node_id: "node-a".into(),
+        held: vec![(shard, 1)],
+    };
+    let refused = lane.ship_fenced(&entries, &stale).await.unwrap_err();
+    assert_eq!(refused.fenced(), &[shard]);
+    let rows = |id: &str| {
+        pg.scalar(&format!(
+            "SELECT count(*) FROM mcp.session_tool_executions e JOIN mcp.edge_mcp_sessions s ON e.session_id = s.id WHERE s.session_id = '{id}'"
+        ))
+    };
+    assert_eq!(rows("fenced-2"), 1);
+    assert_eq!(rows("fenced-3"), 0);
+    assert_eq!(
+        pg.scalar("SELECT count(*) FROM mcp.edge_mcp_sessions WHERE session_id = 'fenced-3'"),
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -575,12 +575,14 @@ pub struct Fence {
     pub held: Vec<(u32, u64)>,
 }
 
-/// As [`ship_on`], in one transaction that begins with the fence check
-/// (which also keeps the shards' rows from changing hands until the
-/// commit): a cluster node's batch. A failed check rolls back and answers
-/// the shards lost. The fence must name the shard of every session row in
-/// the batch (checked here) and of every execution and audit row (which
-/// carry only a session's row id: the caller's part).
+/// As [`ship_on`], behind the fence check, which also keeps the shards'
+/// rows from changing hands until the commit: a cluster node's batch. The
+/// common batch stays one statement ([`FENCED_SHIP_BATCH`]); one that
+/// must take rows over runs in a transaction that begins with the check
+/// ([`registry::fence`]). A failed check writes nothing and answers the
+/// shards lost. The fence must name the shard of every session row in the
+/// batch (checked here) and of every execution and audit row (which carry
+/// only a session's row id: the caller's part).
 async fn ship_fenced_on(
     conn: &mut PgConnection,
     entries: &[Entry],
@@ -602,34 +604,67 @@ async fn ship_fenced_on(
             stray.session_id
         )));
     }
+    // Each shard once (the statement counts the rows it locks).
+    let mut held = fence.held.clone();
+    held.sort_unstable();
+    held.dedup();
+    let fence = &Fence {
+        node_id: fence.node_id.clone(),
+        held,
+    };
+    if !batch.executes_a_created_session() {
+        let Some(written) = ship_batch_fenced(&mut *conn, &batch, fence).await? else {
+            // Which shards were lost, for the caller (nothing was written).
+            let stale = fence_check(&mut *conn, fence).await?;
+            return Err(fenced(fence, stale));
+        };
+        let taken = batch.taken(&written);
+        if taken.is_empty() {
+            return Ok(());
+        }
+        let mut tx = conn.begin().await?;
+        let stale = fence_check(&mut *tx, fence).await?;
+        if !stale.is_empty() {
+            tx.rollback().await?;
+            return Err(fenced(fence, stale));
+        }
+        take_over(&mut tx, &batch, &taken).await?;
+        tx.commit().await?;
+        return Ok(());
+    }
     let mut tx = conn.begin().await?;
-    let stale = registry::fence(&mut *tx, &fence.node_id, &fence.held)
+    let stale = fence_check(&mut *tx, fence).await?;
+    if !stale.is_empty() {
+        tx.rollback().await?;
+        return Err(fenced(fence, stale));
+    }
+    let written = upsert_sessions(&mut tx, &batch.sessions, batch.cluster_shards).await?;
+    take_over(&mut tx, &batch, &batch.taken(&written)).await?;
+    ship_batch(&mut *tx, &batch.without_sessions()).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// [`registry::fence`] for `fence`: the shards of it no longer held.
+async fn fence_check(conn: impl sqlx::PgExecutor<'_>, fence: &Fence) -> Result<Vec<u32>, PgError> {
+    registry::fence(conn, &fence.node_id, &fence.held)
         .await
         .map_err(|e| match e {
             RegistryError::Postgres(e) => PgError::from(e),
             other => PgError::other(other.to_string()),
-        })?;
-    if !stale.is_empty() {
-        tx.rollback().await?;
-        return Err(PgError {
-            message: format!(
-                "node {} no longer holds shards {stale:?}: the batch was not written",
-                fence.node_id
-            ),
-            data: false,
-            fenced: stale,
-        });
+        })
+}
+
+/// The failure of a batch behind `fence`, which no longer holds `stale`.
+fn fenced(fence: &Fence, stale: Vec<u32>) -> PgError {
+    PgError {
+        message: format!(
+            "node {} no longer holds shards {stale:?}: the batch was not written",
+            fence.node_id
+        ),
+        data: false,
+        fenced: stale,
     }
-    if batch.executes_a_created_session() {
-        let written = upsert_sessions(&mut tx, &batch.sessions, batch.cluster_shards).await?;
-        take_over(&mut tx, &batch, &batch.taken(&written)).await?;
-        ship_batch(&mut *tx, &batch.without_sessions()).await?;
-    } else {
-        let written = ship_batch(&mut *tx, &batch).await?;
-        take_over(&mut tx, &batch, &batch.taken(&written)).await?;
-    }
-    tx.commit().await?;
-    Ok(())
 }
 
 /// Upserts session rows (a row only moves forward in `version`, and only
@@ -640,7 +675,7 @@ async fn upsert_sessions(
     cluster_shards: Option<u32>,
 ) -> Result<HashSet<Uuid>, PgError> {
     let s = SessionColumns::new(sessions, cluster_shards);
-    let written: Vec<Uuid> = bind_sessions(sqlx::query_scalar(UPSERT_SESSIONS), &s)
+    let written: Vec<Uuid> = bind_sessions(sqlx::query_scalar(UPSERT_SESSIONS), s)
         .fetch_all(&mut **tx)
         .await?;
     Ok(written.into_iter().collect())
@@ -652,21 +687,51 @@ async fn ship_batch<'c, E>(executor: E, batch: &Batch<'_>) -> Result<HashSet<Uui
 where
     E: sqlx::Executor<'c, Database = sqlx::Postgres>,
 {
+    let written: Vec<Uuid> = batch_statement(&SHIP_BATCH, batch, None)
+        .fetch_all(executor)
+        .await?;
+    Ok(written.into_iter().collect())
+}
+
+/// As [`ship_batch`] behind `fence`, still one statement
+/// ([`FENCED_SHIP_BATCH`]); answers `None`, having written nothing, when
+/// the node no longer holds every shard of the fence at its epoch.
+async fn ship_batch_fenced<'c, E>(
+    executor: E,
+    batch: &Batch<'_>,
+    fence: &Fence,
+) -> Result<Option<HashSet<Uuid>>, sqlx::Error>
+where
+    E: sqlx::Executor<'c, Database = sqlx::Postgres>,
+{
+    let written: Vec<Uuid> = batch_statement(&FENCED_SHIP_BATCH, batch, Some(fence))
+        .fetch_all(executor)
+        .await?;
+    Ok((!written.contains(&Uuid::nil())).then(|| written.into_iter().collect()))
+}
+
+/// `statement` (a form of [`SHIP_BATCH`]) with `batch` bound as `$1`–`$46`,
+/// and `fence` as `$47`–`$49` when given.
+fn batch_statement<'q>(
+    statement: &'q str,
+    batch: &Batch<'_>,
+    fence: Option<&Fence>,
+) -> sqlx::query::QueryScalar<'q, sqlx::Postgres, Uuid, sqlx::postgres::PgArguments> {
     let s = SessionColumns::new(&batch.sessions, batch.cluster_shards);
     let e = ExecutionColumns::from(&batch.executions);
     let a = &batch.audits;
-    let written: Vec<Uuid> = bind_sessions(sqlx::query_scalar(&SHIP_BATCH), &s)
-        .bind(&e.session_id)
-        .bind(&e.seq)
-        .bind(&e.tool_name)
-        .bind(&e.tool_id)
-        .bind(&e.arguments)
-        .bind(&e.result)
-        .bind(&e.error)
-        .bind(&e.duration_ms)
-        .bind(&e.tokens_used)
-        .bind(&e.executed_at)
-        .bind(&e.recorded_at)
+    let query = bind_sessions(sqlx::query_scalar(statement), s)
+        .bind(e.session_id)
+        .bind(e.seq)
+        .bind(e.tool_name)
+        .bind(e.tool_id)
+        .bind(e.arguments)
+        .bind(e.result)
+        .bind(e.error)
+        .bind(e.duration_ms)
+        .bind(e.tokens_used)
+        .bind(e.executed_at)
+        .bind(e.recorded_at)
         .bind(a.iter().map(|a| a.id).collect::<Vec<_>>())
         .bind(a.iter().map(|a| a.session_row).collect::<Vec<_>>())
         .bind(a.iter().map(|a| a.tenant_id).collect::<Vec<_>>())
@@ -677,10 +742,18 @@ where
                 .map(|a| a.reason.as_deref().map(pg_text))
                 .collect::<Vec<_>>(),
         )
-        .bind(a.iter().map(|a| a.at).collect::<Vec<_>>())
-        .fetch_all(executor)
-        .await?;
-    Ok(written.into_iter().collect())
+        .bind(a.iter().map(|a| a.at).collect::<Vec<_>>());
+    match fence {
+        None => query,
+        Some(fence) => {
+            let (shards, epochs): (Vec<i32>, Vec<i64>) = fence
+                .held
+                .iter()
+                .map(|(s, e)| (*s as i32, *e as i64))
+                .unzip();
+            query.bind(shards).bind(epochs).bind(fence.node_id.clone())
+        }
+    }
 }
 
 /// The new sessions in `taken` take their (tenant, session id) rows over
@@ -722,37 +795,37 @@ async fn take_over(
 /// Binds the session columns as `$1` to `$28` of [`UPSERT_SESSIONS`].
 fn bind_sessions<'q, O>(
     query: sqlx::query::QueryScalar<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
-    s: &'q SessionColumns,
+    s: SessionColumns,
 ) -> sqlx::query::QueryScalar<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
     query
-        .bind(&s.id)
-        .bind(&s.session_id)
-        .bind(&s.tenant_id)
-        .bind(&s.user_id)
-        .bind(&s.edge_mcp_id)
-        .bind(&s.client_name)
-        .bind(&s.client_type)
-        .bind(&s.client_version)
-        .bind(&s.status)
-        .bind(&s.initialized)
-        .bind(&s.connection_metadata)
-        .bind(&s.providers)
-        .bind(&s.tool_execution_count)
-        .bind(&s.tool_error_count)
-        .bind(&s.total_tokens_used)
-        .bind(&s.created_at)
-        .bind(&s.lifetime_start)
-        .bind(&s.last_activity_at)
-        .bind(&s.expires_at)
-        .bind(&s.idle_timeout_seconds)
-        .bind(&s.ttl_seconds)
-        .bind(&s.terminated_at)
-        .bind(&s.termination_reason)
-        .bind(&s.version)
-        .bind(&s.passthrough)
-        .bind(&s.session_token)
-        .bind(&s.refresh_token)
-        .bind(&s.shard)
+        .bind(s.id)
+        .bind(s.session_id)
+        .bind(s.tenant_id)
+        .bind(s.user_id)
+        .bind(s.edge_mcp_id)
+        .bind(s.client_name)
+        .bind(s.client_type)
+        .bind(s.client_version)
+        .bind(s.status)
+        .bind(s.initialized)
+        .bind(s.connection_metadata)
+        .bind(s.providers)
+        .bind(s.tool_execution_count)
+        .bind(s.tool_error_count)
+        .bind(s.total_tokens_used)
+        .bind(s.created_at)
+        .bind(s.lifetime_start)
+        .bind(s.last_activity_at)
+        .bind(s.expires_at)
+        .bind(s.idle_timeout_seconds)
+        .bind(s.ttl_seconds)
+        .bind(s.terminated_at)
+        .bind(s.termination_reason)
+        .bind(s.version)
+        .bind(s.passthrough)
+        .bind(s.session_token)
+        .bind(s.refresh_token)
+        .bind(s.shard)
 }
 
 /// A batch's entries sorted by table, sessions reduced to their newest state.
@@ -917,6 +990,36 @@ ON CONFLICT (id) DO NOTHING";
 static SHIP_BATCH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "WITH s AS ({UPSERT_SESSIONS}), e AS ({BATCH_EXECUTIONS}), a AS ({BATCH_AUDITS}) SELECT id FROM s"
+    )
+});
+
+/// [`SHIP_BATCH`] behind a fence, still one statement: its first part
+/// takes the fence's lock on the shard rows (`$47` shards, `$48` the
+/// epochs held, `$49` the node; see [`registry::fence`]), and each write
+/// happens only if the node holds every one of them. When it does not,
+/// nothing is written and the answer holds the nil UUID.
+static FENCED_SHIP_BATCH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let fenced = |statement: &str| {
+        statement.replacen(
+            "ON CONFLICT",
+            "WHERE (SELECT ok FROM fence_ok)\nON CONFLICT",
+            1,
+        )
+    };
+    format!(
+        "WITH fence AS (
+            SELECT f.shard FROM mcp.cluster_shards AS f
+            JOIN UNNEST($47::int4[], $48::int8[]) AS h(shard, epoch) ON f.shard = h.shard
+            WHERE f.owner = $49 AND f.epoch = h.epoch
+              AND f.lease_expires_at > statement_timestamp()
+            FOR SHARE OF f),
+         fence_ok AS (SELECT count(*) = cardinality($47::int4[]) AS ok FROM fence),
+         s AS ({}), e AS ({}), a AS ({})
+         SELECT id FROM s
+         UNION ALL SELECT '00000000-0000-0000-0000-000000000000'::uuid FROM fence_ok WHERE NOT ok",
+        fenced(UPSERT_SESSIONS),
+        fenced(BATCH_EXECUTIONS),
+        fenced(BATCH_AUDITS)
     )
 });
 
