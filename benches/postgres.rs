@@ -72,7 +72,7 @@ impl edge_sessions::cluster::ShardOwner for NoSessions {
     fn drain(&self, _shard: u32, _epoch: u64) -> futures::future::BoxFuture<'static, ()> {
         Box::pin(async {})
     }
-    fn lost(&self, _shard: u32) {}
+    fn lost(&self, _shard: u32, _epoch: u64) {}
 }
 
 /// Sessions per batch in the fence phase (about a batch of creates at
@@ -248,7 +248,7 @@ async fn restart_and_drain(pg: &pg::TempPostgres, engine: &Engine, rows: u64) ->
         total >= rows,
         "the whole backlog shipped: {total} of {rows}"
     );
-    assert_eq!(stats.depth.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(stats.depth(), 0);
     (took, ((total - first) as f64 / rows as f64).min(1.0))
 }
 
@@ -280,11 +280,7 @@ async fn run() {
         "engine with the outbox on (async, {IN_FLIGHT} in flight, PostgreSQL down): {:.0} creates/s",
         SESSIONS as f64 / started.elapsed().as_secs_f64()
     );
-    let rows = engine
-        .outbox_stats()
-        .unwrap()
-        .depth
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let rows = engine.outbox_stats().unwrap().depth();
     let (took, share) = restart_and_drain(&pg, &engine, rows).await;
     println!(
         "ship session creates: {SESSIONS} sessions ({rows} outbox entries: rows + audit), {:.0} % of them in {:.2} s = {:.0} sessions/s, {:.0} entries/s",
@@ -316,11 +312,7 @@ async fn run() {
     // Let the coalesced session-record writes land too.
     tokio::time::sleep(Duration::from_millis(50)).await;
     engine.flush().await.unwrap();
-    let rows = engine
-        .outbox_stats()
-        .unwrap()
-        .depth
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let rows = engine.outbox_stats().unwrap().depth();
     let (took, share) = restart_and_drain(&pg, &engine, rows).await;
     println!(
         "ship tool executions: {EXECUTIONS} executions ({rows} outbox entries: executions + session updates), {:.0} % of them in {:.2} s = {:.0} executions/s, {:.0} entries/s",

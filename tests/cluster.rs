@@ -86,7 +86,7 @@ impl ShardOwner for Recorder {
         })
     }
 
-    fn lost(&self, shard: u32) {
+    fn lost(&self, shard: u32, _epoch: u64) {
         self.told.lock().unwrap().push(Told::Lost(shard));
     }
 }
@@ -776,18 +776,19 @@ async fn a_hand_over_waits_for_the_drain_and_keeps_the_lease_meanwhile() {
     // The drains end: the next round releases, node-b's next takes them.
     a_owner.open();
     let started = Instant::now();
-    let released = loop {
-        let round = a.round().await.unwrap();
-        if !round.released.is_empty() {
-            break round.released;
-        }
+    let mut released = Vec::new();
+    while released.len() < moving.len() {
+        released.extend(a.round().await.unwrap().released);
         assert!(started.elapsed() < Duration::from_secs(5), "never released");
         tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let mut released = released;
+    }
     released.sort_unstable();
     assert_eq!(released, moving);
-    let taken = b.round().await.unwrap().acquired;
+    let mut taken = Vec::new();
+    while taken.len() < moving.len() {
+        taken.extend(b.round().await.unwrap().acquired);
+        assert!(started.elapsed() < Duration::from_secs(10), "never taken");
+    }
     let mut shards: Vec<u32> = taken.iter().map(|(s, _)| *s).collect();
     shards.sort_unstable();
     assert_eq!(shards, moving);

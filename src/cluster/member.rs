@@ -67,11 +67,15 @@ pub trait ShardOwner: Send + Sync + 'static {
     /// `shard` goes to another node: stop taking calls for it and resolve
     /// once everything acknowledged for it is committed. The lease is
     /// renewed meanwhile, and released at the first round after this
-    /// resolves (at a leave, after at most a lease).
+    /// resolves: a drain that never resolves keeps the shard here (still
+    /// renewed and fenced), so it must be bounded. Called outside every
+    /// lock of the member, so it may ask the member anything. The future is
+    /// dropped, unfinished, if the shard is lost meanwhile.
     fn drain(&self, shard: u32, epoch: u64) -> BoxFuture<'static, ()>;
-    /// `shard` ran out on this node's clock without a hand-over (rounds
-    /// failed for most of a lease): stop acting for it at once.
-    fn lost(&self, shard: u32);
+    /// `shard`, held at `epoch`, ran out on this node's clock without a
+    /// hand-over (rounds failed for most of a lease): stop acting for it
+    /// at once.
+    fn lost(&self, shard: u32, epoch: u64);
 }
 
 /// A shard this node holds.
@@ -84,7 +88,15 @@ struct Held {
     /// Set once its drain for a hand-over has ended (`None` while no
     /// hand-over started).
     drained: Option<Arc<AtomicBool>>,
+    /// The task running that drain, aborted if the shard is lost first.
+    drain_task: Option<tokio::task::AbortHandle>,
 }
+
+/// A shard and the epoch it is held at.
+type Shard = (u32, u64);
+
+/// How long a clean stop waits for its drains, in leases.
+const LEAVE_DRAIN: f64 = 2.0;
 
 /// Time since boot, suspended time included (`CLOCK_BOOTTIME`).
 fn boot_clock() -> Duration {
@@ -190,6 +202,48 @@ impl Member {
         sent + self.config.lease.mul_f64(0.9)
     }
 
+    /// Takes the shards that ran out on this node's clock out of the map
+    /// (aborting their drains); answers those still held and those taken
+    /// out, each with its epoch.
+    fn drop_lapsed(&self) -> (Vec<Shard>, Vec<Shard>) {
+        let now = boot_clock();
+        let mut lapsed = Vec::new();
+        let mut map = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|shard, h| {
+            let valid = h.valid_until > now;
+            if !valid {
+                lapsed.push((*shard, h.epoch));
+                if let Some(task) = &h.drain_task {
+                    task.abort();
+                }
+            }
+            valid
+        });
+        let held = map.iter().map(|(s, h)| (*s, h.epoch)).collect();
+        (held, lapsed)
+    }
+
+    /// Renews the leases of `held` (shard, epoch); answers whether the
+    /// statement went through.
+    async fn renew(&self, held: &[(u32, u64)]) -> Result<(), RegistryError> {
+        if held.is_empty() {
+            return Ok(());
+        }
+        let sent = boot_clock();
+        let renewed: HashSet<u32> =
+            registry::renew(&self.pool, &self.config.node_id, held, self.config.lease)
+                .await?
+                .into_iter()
+                .collect();
+        let mut map = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        for shard in &renewed {
+            if let Some(h) = map.get_mut(shard) {
+                h.valid_until = self.valid_until(sent);
+            }
+        }
+        Ok(())
+    }
+
     /// One round (see the module docs).
     pub async fn round(&self) -> Result<Round, RegistryError> {
         let _turn = self.turn.lock().await;
@@ -207,39 +261,18 @@ impl Member {
         // Renew what is still held; what ran out here is lost. A renewal
         // that does not go through (its row locked by a write) leaves the
         // shard held until it runs out, as it cannot change hands before.
-        let now = boot_clock();
-        let held: Vec<(u32, u64)> = {
-            let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-            held.retain(|shard, h| {
-                let valid = h.valid_until > now;
-                if !valid {
-                    round.lost.push(*shard);
-                }
-                valid
-            });
-            held.iter().map(|(s, h)| (*s, h.epoch)).collect()
-        };
-        for shard in &round.lost {
-            self.owner.lost(*shard);
+        let (held, lapsed) = self.drop_lapsed();
+        round.lost = lapsed.iter().map(|(shard, _)| *shard).collect();
+        for (shard, epoch) in lapsed {
+            self.owner.lost(shard, epoch);
         }
-        if !held.is_empty() {
-            let sent = boot_clock();
-            let renewed: HashSet<u32> = registry::renew(&self.pool, me, &held, lease)
-                .await?
-                .into_iter()
-                .collect();
-            let mut map = self.held.lock().unwrap_or_else(|e| e.into_inner());
-            for shard in &renewed {
-                if let Some(h) = map.get_mut(shard) {
-                    h.valid_until = self.valid_until(sent);
-                }
-            }
-        }
+        self.renew(&held).await?;
 
         // Take and hand over.
         let rows = registry::shards(&self.pool).await?;
         let mut wanted = Vec::new();
         let mut handover = Vec::new();
+        let mut drains = Vec::new();
         {
             let mut map = self.held.lock().unwrap_or_else(|e| e.into_inner());
             for row in &rows {
@@ -255,14 +288,10 @@ impl Member {
                         // Draining: keep it (renewed) until the drain ends.
                         Some(_) => {}
                         None if desired.is_some_and(|d| d != me) => {
+                            // Started below, outside the lock.
                             let done = Arc::new(AtomicBool::new(false));
-                            let drain = self.owner.drain(row.shard, h.epoch);
-                            let flag = done.clone();
-                            tokio::spawn(async move {
-                                drain.await;
-                                flag.store(true, Ordering::Release);
-                            });
-                            h.drained = Some(done);
+                            h.drained = Some(done.clone());
+                            drains.push((row.shard, h.epoch, done));
                             round.draining.push(row.shard);
                         }
                         None => {}
@@ -277,6 +306,18 @@ impl Member {
                 }
             }
         }
+        for (shard, epoch, done) in drains {
+            let drain = self.owner.drain(shard, epoch);
+            let task = tokio::spawn(async move {
+                drain.await;
+                done.store(true, Ordering::Release);
+            });
+            let mut map = self.held.lock().unwrap_or_else(|e| e.into_inner());
+            match map.get_mut(&shard) {
+                Some(h) if h.epoch == epoch => h.drain_task = Some(task.abort_handle()),
+                _ => task.abort(),
+            }
+        }
         if !wanted.is_empty() {
             let sent = boot_clock();
             round.acquired = registry::acquire(&self.pool, me, &wanted, lease).await?;
@@ -288,6 +329,7 @@ impl Member {
                         epoch: *epoch,
                         valid_until: self.valid_until(sent),
                         drained: None,
+                        drain_task: None,
                     },
                 );
             }
@@ -354,13 +396,19 @@ impl Member {
         }
     }
 
-    /// Drains every shard held (at most a lease: the leases run that long
-    /// from the last round), then releases them all and marks this node
-    /// gone, so the others take its shards at their next round instead of
-    /// after a lease. A shard whose drain did not end in time is released
-    /// all the same: what was still queued for it is fenced off.
+    /// Drains every shard held, renewing their leases meanwhile (a
+    /// quarter lease apart) for at most [`LEAVE_DRAIN`] leases, then
+    /// releases them all and marks this node gone, so the others take its
+    /// shards at their next round instead of after a lease. A shard whose
+    /// drain did not end in time is released all the same (what was still
+    /// queued for it is fenced off); one that already ran out on this
+    /// node's clock is reported lost, not drained.
     pub async fn leave(&self) -> Result<(), RegistryError> {
         let _turn = self.turn.lock().await;
+        let (_, lapsed) = self.drop_lapsed();
+        for (shard, epoch) in lapsed {
+            self.owner.lost(shard, epoch);
+        }
         let pending: Vec<(u32, u64, Option<Arc<AtomicBool>>)> = {
             let map = self.held.lock().unwrap_or_else(|e| e.into_inner());
             map.iter()
@@ -383,13 +431,31 @@ impl Member {
             }
         });
         let all = futures::future::join_all(drains);
-        if tokio::time::timeout(self.config.lease.mul_f64(0.9), all)
-            .await
-            .is_err()
-        {
+        tokio::pin!(all);
+        let deadline = tokio::time::Instant::now() + self.config.lease.mul_f64(LEAVE_DRAIN);
+        let mut tick = tokio::time::interval(self.config.lease / 4);
+        tick.tick().await;
+        let drained = loop {
+            tokio::select! {
+                _ = &mut all => break true,
+                _ = tokio::time::sleep_until(deadline) => break false,
+                _ = tick.tick() => {
+                    // Keep the leases while the drains commit: a lease
+                    // that ran out would fence their writes off.
+                    let (held, lapsed) = self.drop_lapsed();
+                    for (shard, epoch) in lapsed {
+                        self.owner.lost(shard, epoch);
+                    }
+                    if let Err(e) = self.renew(&held).await {
+                        tracing::warn!(node = %self.config.node_id, error = %e, "renewing leases while leaving failed");
+                    }
+                }
+            }
+        };
+        if !drained {
             tracing::warn!(
                 node = %self.config.node_id,
-                "leaving the cluster: some shards did not drain within the lease; released anyway"
+                "leaving the cluster: some shards did not drain in time; released anyway"
             );
         }
         let held: Vec<(u32, u64)> = {

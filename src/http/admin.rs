@@ -332,10 +332,7 @@ pub(crate) async fn flush(
     _: Admin,
 ) -> Result<Json<Flush>, ApiError> {
     state.engine.flush_to_postgres().await?;
-    let outbox_depth = state
-        .engine
-        .outbox_stats()
-        .map(|s| s.depth.load(std::sync::atomic::Ordering::Relaxed));
+    let outbox_depth = state.engine.outbox_stats().map(|s| s.depth());
     Ok(Json(Flush {
         flushed: true,
         postgres: outbox_depth.is_some(),

@@ -65,7 +65,7 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<V
     // every change), but this is where an operator looks first.
     if let Some(outbox) = state.engine.outbox_stats() {
         body["postgres"] = json!({
-            "outbox_depth": outbox.depth.load(Ordering::Relaxed),
+            "outbox_depth": outbox.depth(),
             "oldest_entry_age_ms": outbox.oldest_age_ms(),
             "shipped": outbox.shipped.load(Ordering::Relaxed),
             "failures": outbox.failures.load(Ordering::Relaxed),

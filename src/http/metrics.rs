@@ -37,7 +37,7 @@ async fn render(State(state): State<AppState>) -> Response {
     metrics::gauge!(names::WRITE_BEHIND_DEPTH).set(wb.queue_depth.load(Ordering::Relaxed) as f64);
     metrics::gauge!(names::WRITE_BEHIND_LAG).set(wb.flush_lag_ms() as f64 / 1000.0);
     if let Some(outbox) = engine.outbox_stats() {
-        metrics::gauge!(names::OUTBOX_DEPTH).set(outbox.depth.load(Ordering::Relaxed) as f64);
+        metrics::gauge!(names::OUTBOX_DEPTH).set(outbox.depth() as f64);
         metrics::gauge!(names::OUTBOX_AGE).set(outbox.oldest_age_ms() as f64 / 1000.0);
         metrics::counter!(names::OUTBOX_SHIPPED).absolute(outbox.shipped.load(Ordering::Relaxed));
     }

@@ -210,7 +210,7 @@ pub fn collect(state: &AppState) -> Stats {
         }),
         outbox: engine.outbox_stats().map(|o| {
             serde_json::json!({
-                "depth": o.depth.load(Ordering::Relaxed),
+                "depth": o.depth(),
                 "oldest_entry_age_ms": o.oldest_age_ms(),
                 "shipped": o.shipped.load(Ordering::Relaxed),
                 "failures": o.failures.load(Ordering::Relaxed),

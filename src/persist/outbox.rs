@@ -217,8 +217,10 @@ struct Waiter {
 /// waiters of `durability = "postgres"` and of the shipping barrier.
 #[derive(Debug, Default)]
 pub struct OutboxStats {
-    /// Entries waiting to be shipped.
-    pub depth: AtomicU64,
+    /// Entries appended less entries shipped. It may dip below zero for
+    /// an instant (the shipper can ship a record before the flusher has
+    /// added its count); read it through [`OutboxStats::depth`].
+    pub backlog: AtomicI64,
     /// Unix ms at which the oldest waiting entry was appended (0 when empty
     /// or not yet known).
     pub oldest_enqueued_at_ms: AtomicI64,
@@ -233,6 +235,11 @@ pub struct OutboxStats {
 }
 
 impl OutboxStats {
+    /// Entries waiting to be shipped.
+    pub fn depth(&self) -> u64 {
+        self.backlog.load(Ordering::Relaxed).max(0) as u64
+    }
+
     /// Age of the oldest waiting entry, in ms (0 when none waits).
     pub fn oldest_age_ms(&self) -> i64 {
         let oldest = self.oldest_enqueued_at_ms.load(Ordering::Relaxed);
@@ -284,7 +291,7 @@ impl Outbox {
             wake: Notify::new(),
             stats: OutboxStats::default(),
         };
-        outbox.stats.depth.store(depth, Ordering::Relaxed);
+        outbox.stats.backlog.store(depth as i64, Ordering::Relaxed);
         outbox
             .stats
             .oldest_enqueued_at_ms
@@ -308,7 +315,12 @@ impl Outbox {
         if count == 0 {
             return;
         }
-        if self.stats.depth.fetch_add(count as u64, Ordering::Relaxed) == 0 {
+        if self
+            .stats
+            .backlog
+            .fetch_add(count as i64, Ordering::Relaxed)
+            <= 0
+        {
             let _ = self.stats.oldest_enqueued_at_ms.compare_exchange(
                 0,
                 at,
@@ -347,21 +359,28 @@ impl Outbox {
         self.settle_waiters(None);
     }
 
-    /// The shipper committed every record up to `seq` (`count` entries).
+    /// The shipper committed a batch, and every record up to `seq` is
+    /// shipped (`count` entries whose records became shipped with it).
     pub(crate) fn committed(&self, seq: u64, count: usize, oldest_left: Millis) {
         self.shipped_through.fetch_max(seq, Ordering::AcqRel);
-        self.stats.depth.fetch_sub(
-            (count as u64).min(self.stats.depth.load(Ordering::Relaxed)),
-            Ordering::Relaxed,
-        );
+        self.counted(count);
         self.stats
             .oldest_enqueued_at_ms
             .store(oldest_left, Ordering::Relaxed);
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        self.settle_waiters(None);
+    }
+
+    /// `count` more entries are shipped (each record's once).
+    pub(crate) fn counted(&self, count: usize) {
+        // Not clamped: a record shipped before its count was added leaves
+        // the backlog below zero until it is, and exact after.
+        self.stats
+            .backlog
+            .fetch_sub(count as i64, Ordering::Relaxed);
         self.stats
             .shipped
             .fetch_add(count as u64, Ordering::Relaxed);
-        self.stats.batches.fetch_add(1, Ordering::Relaxed);
-        self.settle_waiters(None);
     }
 
     /// Resolves the waiters that are satisfied, and fails the overdue ones

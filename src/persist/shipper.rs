@@ -357,6 +357,7 @@ impl Shipper {
                     // lane committed beyond it is shipped again, harmlessly.
                     let shipped = dealt.shipped_through();
                     backoff.failures += 1;
+                    self.settle_count(&mut dealt);
                     dealt = Dealt::new(self.log.clone(), shipped, 1);
                     self.outbox
                         .stats()
@@ -367,7 +368,7 @@ impl Shipper {
                         let stats = self.outbox.stats();
                         tracing::error!(
                             error = %e,
-                            outbox_depth = stats.depth.load(std::sync::atomic::Ordering::Relaxed),
+                            outbox_depth = stats.depth(),
                             oldest_entry_age_ms = stats.oldest_age_ms(),
                             retry_in_ms = delay.as_millis() as u64,
                             "postgres: shipping failed; requests go on, changes wait in the outbox"
@@ -389,13 +390,14 @@ impl Shipper {
                 if out_of_time {
                     if !dealt.idle() || dealt.reader.position() <= applied {
                         tracing::warn!(
-                            left = self.outbox.stats().depth.load(std::sync::atomic::Ordering::Relaxed),
+                            left = self.outbox.stats().depth(),
                             "outbox: shutdown before PostgreSQL took everything; the rest ships at the next start"
                         );
                     }
                     break;
                 }
                 if dealt.idle() {
+                    self.settle_count(&mut dealt);
                     if dealt.reader.position() <= applied {
                         // The reader stopped short of what the log holds (a
                         // segment it could not follow): never report that
@@ -480,11 +482,25 @@ impl Shipper {
     /// and releases the waiters they satisfy.
     fn advance(&self, dealt: &mut Dealt, before: u64) -> Result<(), String> {
         let shipped = dealt.shipped_through();
+        // Counted first: PostgreSQL has these records whatever the meta
+        // write below answers (which only says where the next start
+        // resumes), and a failure restarts from `shipped`.
+        let entries = Self::count_shipped(dealt);
+        let oldest_left = dealt.records.front().map_or(0, |(_, at, _)| *at);
+        self.outbox.committed(shipped, entries, oldest_left);
         if shipped > before {
             self.store
                 .put_meta(SHIPPED_THROUGH, &shipped.to_be_bytes())
                 .map_err(|e| e.to_string())?;
         }
+        Ok(())
+    }
+
+    /// Takes the records every lane has committed off `dealt`, answering
+    /// their entries. Called before `dealt` is replaced too, so a record
+    /// that gave the lanes nothing (every entry unreadable) still counts.
+    fn count_shipped(dealt: &mut Dealt) -> usize {
+        let shipped = dealt.shipped_through();
         let mut entries = 0;
         while let Some(&(record, _, count)) = dealt.records.front() {
             if record > shipped {
@@ -493,9 +509,16 @@ impl Shipper {
             entries += count;
             dealt.records.pop_front();
         }
-        let oldest_left = dealt.records.front().map_or(0, |(_, at, _)| *at);
-        self.outbox.committed(shipped, entries, oldest_left);
-        Ok(())
+        entries
+    }
+
+    /// Counts what `dealt` shipped without a lane to report it (see
+    /// [`Shipper::count_shipped`]) before it is replaced or found idle.
+    fn settle_count(&self, dealt: &mut Dealt) {
+        let entries = Self::count_shipped(dealt);
+        if entries > 0 {
+            self.outbox.counted(entries);
+        }
     }
 
     /// Commits one lane's batch in one transaction.
