@@ -135,6 +135,24 @@ async fn settle(members: &[&Member], limit: Duration) {
     }
 }
 
+/// Runs `m`'s rounds, a quarter lease apart, until it holds every shard
+/// (the others' leases run out meanwhile).
+async fn take_everything(m: &Member) {
+    let started = Instant::now();
+    loop {
+        m.round().await.unwrap();
+        if m.held().len() as u32 == SHARDS {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "{} never took every shard",
+            m.node_id()
+        );
+        tokio::time::sleep(LEASE / 4).await;
+    }
+}
+
 /// The owner column of every shard row.
 async fn owners(pool: &PgPool) -> BTreeMap<u32, Option<String>> {
     registry::shards(pool)
@@ -221,7 +239,6 @@ async fn a_silent_node_loses_its_shards_after_its_lease_and_its_old_epochs_are_f
 
     // node-a goes silent (no more rounds); node-b carries on. While
     // node-a's leases run, node-b takes none of its shards.
-    let silent_at = Instant::now();
     let first = b.round().await.unwrap();
     assert!(
         first
@@ -230,17 +247,7 @@ async fn a_silent_node_loses_its_shards_after_its_lease_and_its_old_epochs_are_f
             .all(|(s, _)| a_had.iter().all(|(h, _)| h != s)),
         "taken while node-a's lease ran: {first:?}"
     );
-    loop {
-        b.round().await.unwrap();
-        if b.held().len() as u32 == SHARDS {
-            break;
-        }
-        assert!(
-            silent_at.elapsed() < Duration::from_secs(15),
-            "node-b never took node-a's shards"
-        );
-        tokio::time::sleep(LEASE / 4).await;
-    }
+    take_everything(&b).await;
 
     // node-a stopped counting its shards as its own before they moved.
     for (shard, _) in &a_had {
@@ -448,37 +455,27 @@ async fn a_shard_cannot_change_hands_under_a_fenced_write_and_nobody_waits_for_i
 }
 
 fn session(tenant: uuid::Uuid, id: &str, version: u64) -> edge_sessions::model::Session {
-    use edge_sessions::model::session::SessionCredentials;
-    use edge_sessions::model::{ClientText, ClientType, Status};
-    let now = edge_sessions::model::time::now_ms();
-    edge_sessions::model::Session {
-        id: uuid::Uuid::now_v7(),
-        session_id: id.into(),
-        tenant_id: tenant,
-        user_id: None,
-        client: ClientText::new("edge-1", Some("test"), None, "{}").unwrap(),
-        client_type: ClientType::Cli,
-        status: Status::Active,
-        initialized: false,
-        passthrough_providers: Box::default(),
-        tool_execution_count: 0,
-        tool_error_count: 0,
-        total_tokens_used: 0,
-        created_at: now,
-        lifetime_start: now,
-        last_activity_at: now,
+    use edge_sessions::engine::{admission, NewSession, SessionDefaults, TenantLimits};
+    let limits = TenantLimits {
+        id: tenant,
+        name: "test".into(),
+        max_active_sessions: usize::MAX,
+        max_ttl_seconds: 86_400,
+        max_idle_timeout_seconds: 86_400,
+    };
+    let request = NewSession {
+        session_id: Some(id.into()),
+        edge_mcp_id: "edge-1".into(),
+        ..NewSession::default()
+    };
+    let defaults = SessionDefaults {
         idle_timeout_seconds: 1800,
         ttl_seconds: 86_400,
-        ending: None,
-        version,
-        tools: Box::default(),
-        credentials: SessionCredentials {
-            passthrough: None,
-            session_token: edge_sessions::crypto::TokenHash::default(),
-            refresh_token: edge_sessions::crypto::TokenHash::default(),
-            retired_refresh: Box::default(),
-        },
-    }
+    };
+    let now = edge_sessions::model::time::now_ms();
+    let mut session = admission::build(request, &limits, defaults, now).unwrap();
+    session.version = version;
+    session
 }
 
 fn tier(
@@ -560,8 +557,7 @@ async fn a_cluster_node_writes_each_session_with_its_shard_and_rebuilds_one_shar
     let single = tier(&pg, None);
     let mut newer = sessions[0].clone();
     newer.version = 2;
-    let mut fresh = session(t1, "single-node", 1);
-    fresh.status = edge_sessions::model::Status::Active;
+    let fresh = session(t1, "single-node", 1);
     single
         .lane()
         .ship(&[
@@ -615,15 +611,7 @@ async fn a_fenced_batch_is_written_only_while_its_node_holds_the_shard_at_that_e
 
     // node-b takes every shard while node-a is silent.
     let b = member(&pool, "node-b").await;
-    let started = Instant::now();
-    while b.held().len() as u32 != SHARDS {
-        b.round().await.unwrap();
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "node-b never took over"
-        );
-        tokio::time::sleep(LEASE / 4).await;
-    }
+    take_everything(&b).await;
     let mut second = first.clone();
     second.version = 2;
     let refused = lane

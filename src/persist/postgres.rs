@@ -622,27 +622,33 @@ async fn ship_fenced_on(
         if taken.is_empty() {
             return Ok(());
         }
-        let mut tx = conn.begin().await?;
-        let stale = fence_check(&mut *tx, fence).await?;
-        if !stale.is_empty() {
-            tx.rollback().await?;
-            return Err(fenced(fence, stale));
-        }
+        let mut tx = begin_fenced(conn, fence).await?;
         take_over(&mut tx, &batch, &taken).await?;
         tx.commit().await?;
         return Ok(());
     }
+    let mut tx = begin_fenced(conn, fence).await?;
+    let written = upsert_sessions(&mut tx, &batch.sessions, batch.cluster_shards).await?;
+    take_over(&mut tx, &batch, &batch.taken(&written)).await?;
+    ship_batch(&mut *tx, &batch.without_sessions()).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// A transaction on `conn` that has passed `fence` (and holds its lock on
+/// the shard rows until it ends); the fenced failure, rolled back, if the
+/// node no longer holds them.
+async fn begin_fenced<'c>(
+    conn: &'c mut PgConnection,
+    fence: &Fence,
+) -> Result<sqlx::Transaction<'c, sqlx::Postgres>, PgError> {
     let mut tx = conn.begin().await?;
     let stale = fence_check(&mut *tx, fence).await?;
     if !stale.is_empty() {
         tx.rollback().await?;
         return Err(fenced(fence, stale));
     }
-    let written = upsert_sessions(&mut tx, &batch.sessions, batch.cluster_shards).await?;
-    take_over(&mut tx, &batch, &batch.taken(&written)).await?;
-    ship_batch(&mut *tx, &batch.without_sessions()).await?;
-    tx.commit().await?;
-    Ok(())
+    Ok(tx)
 }
 
 /// [`registry::fence`] for `fence`: the shards of it no longer held.
