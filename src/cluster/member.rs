@@ -124,7 +124,7 @@ pub struct Round {
     pub draining: Vec<u32>,
     /// Shards handed to their desired owner (drained, then released).
     pub released: Vec<u32>,
-    /// Shards whose lease could not be renewed.
+    /// Shards that ran out on this node's clock (not renewed in time).
     pub lost: Vec<u32>,
 }
 

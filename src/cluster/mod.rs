@@ -34,8 +34,8 @@
 //!   nothing: Kleppmann's fencing tokens, with the epoch as the token.
 //! - **Rounds.** Each node runs a round a quarter of a lease apart
 //!   ([`member::Member::run`]): renew, take, hand over, then heartbeat.
-//!   Four rounds fit in a lease, so up to three slow or failed rounds in a
-//!   row do not cost a shard.
+//!   A shard counts as held for 0.9 of a lease after its renewal was sent,
+//!   so two rounds in a row may fail without costing it; a third costs it.
 //!
 //! # Timing
 //!
