@@ -60,6 +60,7 @@ fn start_placed(dir: &std::path::Path, durability: Durability, placement: Placem
         postgres: None,
         vault: std::sync::Arc::new(edge_sessions::crypto::Vault::ephemeral()),
         salvage: false,
+        cluster: None,
     };
     Engine::start(config).expect("engine starts")
 }

@@ -323,6 +323,13 @@ fn serve(config: Option<PathBuf>, salvage: bool) -> ExitCode {
                 eprintln!("edge-sessions: {in_use}");
                 return ExitCode::FAILURE;
             }
+            if let Some(refused) = e
+                .chain()
+                .find_map(|cause| cause.downcast_ref::<edge_sessions::settings::ConfigError>())
+            {
+                eprintln!("edge-sessions: {refused}");
+                return ExitCode::from(2);
+            }
             if let Some(damage) = damage {
                 eprintln!(
                     "edge-sessions: the store in {} is damaged ({damage}); nothing was changed; `edge-sessions serve --salvage` starts from what can be read",

@@ -11,8 +11,10 @@ use tokio::net::TcpListener;
 
 use crate::auth::bootstrap::{apply_dev_credentials, needs_dev_credentials};
 use crate::auth::{master_key, Keyring};
+use crate::cluster::{Member, MemberConfig, Ownership, RegistryError};
 use crate::crypto::Vault;
 use crate::engine::{Engine, EngineConfig, PostgresTier};
+use crate::http::cluster::ClusterHttp;
 use crate::http::limits::{forget_idle_forever, RateLimits};
 use crate::http::serve::ConnectionTimeouts;
 use crate::http::{self, AppState, Handles};
@@ -81,10 +83,16 @@ pub async fn run_with_clock(
             },
         };
     let (keys, tenants) = Keyring::from_settings(&settings);
+    let node = match settings.cluster.enabled {
+        true => Some(ClusterNode::prepare(&mut settings, &listeners.public)?),
+        false => None,
+    };
+    let postgres = postgres_tier(&settings)?;
     let config = EngineConfig {
         clock,
-        postgres: postgres_tier(&settings)?,
+        postgres: postgres.clone(),
         vault: Arc::new(Vault::new(keyring)),
+        cluster: node.as_ref().map(|n| n.ownership.clone()),
         ..EngineConfig::from_settings(&settings, tenants)
     };
     let engine = Engine::start(config).with_context(|| {
@@ -93,18 +101,60 @@ pub async fn run_with_clock(
             settings.storage.data_dir.display()
         )
     })?;
+    // A cluster node joins in the background (PostgreSQL may not answer
+    // yet; `/readyz` says 503 meanwhile) and, on SIGTERM, hands its shards
+    // over before the HTTP server stops: calls keep being answered or
+    // forwarded while the others take the shards.
+    let refused = Arc::new(std::sync::Mutex::new(None::<String>));
+    let refused_join = refused.clone();
+    let (cluster_http, shutdown) = match (node, postgres) {
+        (Some(node), Some(tier)) => {
+            let http = Arc::new(ClusterHttp::new(
+                node.ownership.clone(),
+                node.secret.clone(),
+                node.config.lease * 2,
+            ));
+            let (stop, stopped) = tokio::sync::watch::channel(false);
+            let (refused, refusal) = tokio::sync::oneshot::channel();
+            let runner =
+                tokio::spawn(node.run(engine.clone(), tier, http.clone(), stopped, refused));
+            let shutdown: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> =
+                Box::pin(async move {
+                    tokio::select! {
+                        () = shutdown => {}
+                        Ok(why) = refusal => {
+                            // A fatal refusal (another shard count): stop.
+                            tracing::error!(error = %why, "cannot join the cluster; stopping");
+                            *refused_join.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+                        }
+                    }
+                    tracing::info!("leaving the cluster: handing the shards over");
+                    let _ = stop.send(true);
+                    let _ = runner.await;
+                });
+            (Some(http), shutdown)
+        }
+        _ => (
+            None,
+            Box::pin(shutdown) as std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
+        ),
+    };
     let result = serve_engine(
         engine.clone(),
         keys,
         settings.rate_limits.clone(),
         settings.websocket.max_connections_per_session,
         listeners,
+        cluster_http,
         shutdown,
     )
     .await;
     tracing::info!("shutting down: flushing pending writes");
     engine.shutdown().await;
     tracing::info!("stopped");
+    if let Some(why) = refused.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        return Err(crate::settings::ConfigError::new(why).into());
+    }
     result
 }
 
@@ -125,6 +175,7 @@ async fn serve_engine(
     rate_limits: RateLimitSettings,
     max_sockets_per_session: usize,
     listeners: Listeners,
+    cluster: Option<Arc<ClusterHttp>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let addr = listeners.public.local_addr()?;
@@ -142,6 +193,7 @@ async fn serve_engine(
         tickets: Arc::default(),
         max_sockets_per_session,
         history: Arc::default(),
+        cluster,
     });
     let sampler = tokio::spawn(http::history::sample_forever(state.clone()));
     let rotator = tokio::spawn(engine.clone().rotate_stats_forever());
@@ -244,6 +296,124 @@ async fn serve_engine(
     Ok(())
 }
 
+/// What a cluster node is started with (`[cluster] enabled = true`).
+struct ClusterNode {
+    config: MemberConfig,
+    ownership: Arc<Ownership>,
+    secret: String,
+}
+
+/// How a cluster node's store is kept: a cache under the data dir,
+/// emptied at every start (PostgreSQL holds everything acknowledged).
+const CLUSTER_CACHE_DIR: &str = "cluster-cache";
+
+impl ClusterNode {
+    /// Resolves the node's id, address and secret, and points the store at
+    /// an emptied cache in the data dir.
+    fn prepare(settings: &mut Settings, listener: &TcpListener) -> anyhow::Result<Self> {
+        let c = &settings.cluster;
+        let local = listener.local_addr()?;
+        let secret = c.secret()?;
+        let node_id = c.node_id_or(local.port());
+        let advertise_url = match c.advertise_url.trim() {
+            "" => format!("http://{local}"),
+            url => url.trim_end_matches('/').to_owned(),
+        };
+        let cache = settings.storage.data_dir.join(CLUSTER_CACHE_DIR);
+        if cache.exists() {
+            std::fs::remove_dir_all(&cache)
+                .with_context(|| format!("emptying the cluster cache {}", cache.display()))?;
+        }
+        settings.storage.data_dir = cache;
+        tracing::info!(
+            node_id,
+            advertise_url,
+            shards = c.shards,
+            lease_seconds = c.lease_seconds,
+            "cluster node"
+        );
+        Ok(ClusterNode {
+            ownership: Arc::new(Ownership::new(node_id.clone(), c.shards)),
+            config: MemberConfig {
+                node_id,
+                advertise_url,
+                shards: c.shards,
+                lease: Duration::from_secs(c.lease_seconds),
+            },
+            secret,
+        })
+    }
+
+    /// Joins (retrying until PostgreSQL answers), runs the first round,
+    /// says the node joined, then runs rounds until `stop`, and leaves.
+    async fn run(
+        self,
+        engine: Engine,
+        tier: PostgresTier,
+        http: Arc<ClusterHttp>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+        refused: tokio::sync::oneshot::Sender<String>,
+    ) {
+        let owner = match crate::engine::EngineShards::new(
+            engine,
+            tier.postgres.clone(),
+            self.config.lease,
+        ) {
+            Ok(owner) => Arc::new(owner),
+            Err(e) => {
+                tracing::error!(error = %e, "cluster: cannot run the engine's shards");
+                return;
+            }
+        };
+        let mut delay = Duration::from_millis(200);
+        let member = loop {
+            let joined = async {
+                if tier.shipper.migrate_on_start {
+                    tier.postgres
+                        .migrate_up()
+                        .await
+                        .map_err(|e| Ok(e.to_string()))?;
+                }
+                let member = Member::join(
+                    tier.postgres.pool().clone(),
+                    self.config.clone(),
+                    owner.clone(),
+                )
+                .await
+                .map_err(|e| match e {
+                    RegistryError::ShardCount { .. } => Err(format!("cluster.shards: {e}")),
+                    e => Ok(e.to_string()),
+                })?;
+                member.round().await.map_err(|e| Ok(e.to_string()))?;
+                Ok::<_, Result<String, String>>(member)
+            };
+            let attempt = tokio::select! {
+                attempt = joined => attempt,
+                _ = stop.wait_for(|stop| *stop) => return,
+            };
+            match attempt {
+                Ok(member) => break Arc::new(member),
+                Err(Err(fatal)) => {
+                    let _ = refused.send(fatal);
+                    return;
+                }
+                Err(Ok(e)) => {
+                    tracing::error!(error = %e, retry_in_ms = delay.as_millis() as u64, "cluster: cannot join yet");
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        _ = stop.wait_for(|stop| *stop) => return,
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+        tracing::info!(node_id = %self.config.node_id, "joined the cluster");
+        http.mark_joined(member.clone());
+        member.run(stop).await;
+        tracing::info!(node_id = %self.config.node_id, "left the cluster");
+    }
+}
+
 /// The PostgreSQL tier from `[postgres]`, when `url` is set.
 pub fn postgres_tier(settings: &Settings) -> anyhow::Result<Option<PostgresTier>> {
     let p = &settings.postgres;
@@ -276,8 +446,7 @@ pub fn postgres_config(settings: &Settings) -> PostgresConfig {
         max_connections: p.max_connections,
         statement_timeout: Duration::from_millis(p.statement_timeout_ms),
         connect_timeout: Duration::from_millis(p.connect_timeout_ms),
-        // Set once `serve` runs in a cluster (issue 12, later steps).
-        cluster_shards: None,
+        cluster_shards: settings.cluster.enabled.then_some(settings.cluster.shards),
     }
 }
 

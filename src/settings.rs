@@ -43,6 +43,70 @@ pub struct Settings {
     pub engine: EngineSettings,
     /// `[websocket]`
     pub websocket: WebSocketSettings,
+    /// `[cluster]`
+    pub cluster: ClusterSettings,
+}
+
+/// The environment variable that may hold the cluster secret.
+pub const CLUSTER_SECRET_ENV: &str = "EDGE_SESSIONS_CLUSTER_SECRET";
+
+/// `[cluster]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSettings {
+    /// Join the cluster kept in `[postgres] url`.
+    pub enabled: bool,
+    /// This node's unique id; empty: host name and listen port.
+    pub node_id: String,
+    /// How the other nodes reach this one; empty: `http://` and `server.listen`.
+    pub advertise_url: String,
+    /// Virtual shards, fixed for the cluster's life.
+    pub shards: u32,
+    /// How long a silent node keeps its shards.
+    pub lease_seconds: u64,
+    /// File holding the secret between nodes (or [`CLUSTER_SECRET_ENV`]).
+    pub secret_file: String,
+}
+
+impl ClusterSettings {
+    /// The secret that authenticates calls between nodes: the environment
+    /// variable first, then `secret_file` (trimmed); at least 16 characters.
+    pub fn secret(&self) -> Result<String, ConfigError> {
+        let fail = |why: String| Err(ConfigError(format!("cluster.secret_file: {why}")));
+        let secret = match std::env::var(CLUSTER_SECRET_ENV) {
+            Ok(value) if !value.trim().is_empty() => value.trim().to_owned(),
+            _ if self.secret_file.trim().is_empty() => {
+                return fail(format!(
+                    "a cluster needs a shared secret: set secret_file or {CLUSTER_SECRET_ENV}"
+                ))
+            }
+            _ => match std::fs::read_to_string(self.secret_file.trim()) {
+                Ok(text) => text.trim().to_owned(),
+                Err(e) => return fail(format!("cannot read {}: {e}", self.secret_file.trim())),
+            },
+        };
+        if secret.len() < 16 {
+            return fail("the secret must be at least 16 characters".into());
+        }
+        Ok(secret)
+    }
+
+    /// This node's id: `node_id`, or the host name and `port`.
+    pub fn node_id_or(&self, port: u16) -> String {
+        if !self.node_id.trim().is_empty() {
+            return self.node_id.trim().to_owned();
+        }
+        let mut name = [0u8; 256];
+        // SAFETY: gethostname writes at most `len` bytes into the buffer.
+        let status = unsafe { libc::gethostname(name.as_mut_ptr().cast(), name.len()) };
+        let host = if status == 0 {
+            let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
+            String::from_utf8_lossy(&name[..end]).into_owned()
+        } else {
+            "localhost".to_owned()
+        };
+        format!("{host}:{port}")
+    }
 }
 
 /// `[websocket]`
@@ -315,6 +379,13 @@ pub enum LogFormat {
 #[error("invalid configuration: {0}")]
 pub struct ConfigError(String);
 
+impl ConfigError {
+    /// An error whose message names the offending key.
+    pub fn new(message: String) -> Self {
+        ConfigError(message)
+    }
+}
+
 impl Settings {
     /// Loads defaults, then `file` if given, then the environment.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
@@ -404,6 +475,41 @@ impl Settings {
                 "storage.durability",
                 "\"postgres\" needs postgres.url to be set",
             );
+        }
+        if self.cluster.enabled {
+            let c = &self.cluster;
+            if self.storage.durability != Durability::Postgres {
+                return fail(
+                    "storage.durability",
+                    "a cluster ([cluster] enabled = true) acknowledges only what PostgreSQL committed: set it to \"postgres\"",
+                );
+            }
+            if !(1..=65_536).contains(&c.shards) {
+                return fail("cluster.shards", "must be 1 to 65536");
+            }
+            if !(1..=3_600).contains(&c.lease_seconds) {
+                return fail("cluster.lease_seconds", "must be 1 to 3600");
+            }
+            let url = c.advertise_url.trim();
+            if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
+                return fail(
+                    "cluster.advertise_url",
+                    "must start with http:// or https://",
+                );
+            }
+            if url.is_empty() && self.server.listen.ip().is_unspecified() {
+                return fail(
+                    "cluster.advertise_url",
+                    "must be set when server.listen is a wildcard address: how do the other nodes reach this one?",
+                );
+            }
+            if self.tenants.is_empty() {
+                return fail(
+                    "tenants",
+                    "a cluster needs configured tenants (the development tenant is one node's own)",
+                );
+            }
+            c.secret()?;
         }
         if self.postgres.enabled() {
             if let Err(e) = crate::persist::postgres::check_url(self.postgres.url.trim()) {

@@ -128,6 +128,34 @@ pub struct Round {
     pub lost: Vec<u32>,
 }
 
+/// The cluster as this node last read it: the nodes, and each shard's
+/// owner while its lease runs. Calls for a shard held elsewhere go to its
+/// owner's `advertise_url`.
+#[derive(Debug, Clone, Default)]
+pub struct View {
+    /// Every node ever joined, by node id.
+    pub nodes: Vec<registry::NodeRow>,
+    /// Each shard's owner (index: shard), `None` while it has none.
+    pub owners: Vec<Option<String>>,
+}
+
+impl View {
+    /// Where `shard`'s owner is reached: (node id, advertise URL).
+    pub fn owner_of(&self, shard: u32) -> Option<(&str, &str)> {
+        let owner = self.owners.get(shard as usize)?.as_deref()?;
+        let node = self.nodes.iter().find(|n| n.node_id == owner)?;
+        Some((owner, node.advertise_url.as_str()))
+    }
+
+    /// How many shards each node owns.
+    pub fn shards_of(&self, node_id: &str) -> usize {
+        self.owners
+            .iter()
+            .filter(|o| o.as_deref() == Some(node_id))
+            .count()
+    }
+}
+
 /// This node in the cluster.
 pub struct Member {
     config: MemberConfig,
@@ -138,6 +166,10 @@ pub struct Member {
     owned: watch::Sender<BTreeMap<u32, u64>>,
     /// One round (or the leave) at a time.
     turn: tokio::sync::Mutex<()>,
+    /// The cluster as last read.
+    view: std::sync::RwLock<Arc<View>>,
+    /// When the view was last read (throttles [`Member::refresh_view`]).
+    viewed_at: Mutex<Option<std::time::Instant>>,
 }
 
 impl Member {
@@ -158,7 +190,48 @@ impl Member {
             held: Mutex::new(BTreeMap::new()),
             owned: watch::channel(BTreeMap::new()).0,
             turn: tokio::sync::Mutex::new(()),
+            view: std::sync::RwLock::new(Arc::new(View::default())),
+            viewed_at: Mutex::new(None),
         })
+    }
+
+    /// The cluster as last read (by a round or [`Member::refresh_view`]).
+    pub fn view(&self) -> Arc<View> {
+        self.view.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The configured lease.
+    pub fn lease(&self) -> Duration {
+        self.config.lease
+    }
+
+    fn set_view(&self, nodes: Vec<registry::NodeRow>, rows: &[registry::ShardRow]) {
+        let mut owners = vec![None; self.config.shards as usize];
+        for row in rows {
+            if let Some(slot) = owners.get_mut(row.shard as usize) {
+                *slot = row.owner.clone().filter(|_| row.leased);
+            }
+        }
+        *self.view.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(View { nodes, owners });
+        *self.viewed_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
+    }
+
+    /// Reads the view again unless it is younger than `min_age` (a call
+    /// waiting for a shard's new owner asks for it; many waiting calls
+    /// cost one read per `min_age`).
+    pub async fn refresh_view(&self, min_age: Duration) -> Result<(), RegistryError> {
+        {
+            let mut at = self.viewed_at.lock().unwrap_or_else(|e| e.into_inner());
+            if at.is_some_and(|at| at.elapsed() < min_age) {
+                return Ok(());
+            }
+            // Claimed now, so concurrent callers do not read it too.
+            *at = Some(std::time::Instant::now());
+        }
+        let nodes = registry::nodes(&self.pool, self.config.lease).await?;
+        let rows = registry::shards(&self.pool).await?;
+        self.set_view(nodes, &rows);
+        Ok(())
     }
 
     /// This node's id.
@@ -351,6 +424,9 @@ impl Member {
         }
         registry::heartbeat(&self.pool, me).await?;
         self.owned.send_replace(self.held());
+        // What this round changed, as the others will see it.
+        let rows = registry::shards(&self.pool).await?;
+        self.set_view(nodes, &rows);
         Ok(round)
     }
 

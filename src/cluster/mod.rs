@@ -71,8 +71,10 @@
 //! caller's part.
 
 pub mod member;
+pub mod ownership;
 pub mod placement;
 pub mod registry;
 
-pub use member::{Member, MemberConfig, Round, ShardOwner};
+pub use member::{Member, MemberConfig, Round, ShardOwner, View};
+pub use ownership::{Ownership, Stage, Tenure};
 pub use registry::RegistryError;

@@ -26,6 +26,19 @@ impl Engine {
         self.ensure_writable()?;
         let handle = self.tenant(tenant)?;
         let client_chosen_id = request.session_id.is_some();
+        if self.shared.ownership.is_some() {
+            // A cluster node creates only sessions of shards it serves.
+            match &request.session_id {
+                Some(id) if !self.serves(tenant, id) => return Err(SessionError::Unavailable),
+                Some(_) => {}
+                None => {
+                    request.session_id = Some(
+                        self.id_served_here(tenant)
+                            .ok_or(SessionError::Unavailable)?,
+                    );
+                }
+            }
+        }
         let now = self.shared.clock.now();
         let passthrough = request.passthrough.take();
         if let Some(bundle) = &passthrough {

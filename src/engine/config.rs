@@ -54,6 +54,10 @@ pub struct EngineConfig {
     /// Start from what can be read when the store is damaged (`serve
     /// --salvage`), instead of refusing to start.
     pub salvage: bool,
+    /// On a cluster node: the shards it serves. The store is then a cache
+    /// (nothing is rebuilt from PostgreSQL at start; a shard's sessions
+    /// are, when the node takes it) and every batch shipped is fenced.
+    pub cluster: Option<Arc<crate::cluster::Ownership>>,
 }
 
 /// The PostgreSQL tier's handle and settings.
@@ -112,6 +116,7 @@ impl EngineConfig {
             postgres: None,
             vault: Arc::new(Vault::ephemeral()),
             salvage: settings.storage.salvage,
+            cluster: None,
         }
     }
 }

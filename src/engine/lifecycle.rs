@@ -56,6 +56,11 @@ impl Engine {
             );
         }
         match &config.postgres {
+            // A cluster node's store is a cache: a shard's sessions are
+            // rebuilt when the node takes it, and nothing stored ships.
+            Some(_) if config.cluster.is_some() => {
+                store.put_meta(crate::persist::outbox::SEEDED, b"1")?;
+            }
             // A new or lost data dir: recovery rebuilds the live sessions
             // from PostgreSQL. The marker survives a crash mid-rebuild.
             Some(_) if store.is_empty() => {
@@ -111,6 +116,7 @@ impl Engine {
                 outbox.clone(),
                 tier.postgres.clone(),
                 tier.shipper.clone(),
+                config.cluster.clone(),
             )),
             _ => None,
         };
@@ -141,6 +147,7 @@ impl Engine {
                 .collect(),
             restarts: AtomicU64::new(0),
             shutting_down: AtomicBool::new(false),
+            ownership: config.cluster.clone(),
         });
         let tenants = config
             .tenants

@@ -44,6 +44,7 @@
 //!   admission of a create ([`admission`]), start-up [`recovery`], the
 //!   [`sweep`]; the sessions' deadlines, kept per arbiter (`deadlines`).
 
+mod cluster;
 mod commands;
 pub mod config;
 mod deadlines;
@@ -68,6 +69,7 @@ pub mod tenant;
 mod tests;
 
 pub use admission::{NewSession, SessionDefaults, TenantLimits};
+pub use cluster::EngineShards;
 pub use config::{EngineConfig, PostgresTier};
 pub use handle::Engine;
 pub use operator::Selection;

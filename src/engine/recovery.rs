@@ -40,7 +40,7 @@ pub struct RecoveryReport {
     pub rebuilt: usize,
 }
 
-enum Found {
+pub(super) enum Found {
     /// A live session, and whether its record must be written again.
     Live(Session, bool),
     Expired(Session),
@@ -246,7 +246,7 @@ type Record = Result<(sled::IVec, sled::IVec), SessionError>;
 
 /// What recovery does with a decoded session (`replayed`: executions past
 /// its record, which is then behind).
-fn classify(
+pub(super) fn classify(
     mut session: Session,
     replayed: u64,
     known: &HashSet<Uuid>,

@@ -527,11 +527,18 @@ impl Actor for SessionActor {
             .shared()
             .shard_of(self.session.tenant_id, &self.session.session_id, true);
         self.shared().shards.count_actor(shard, -1);
+        let me = ctx.address();
+        let directory = self.shared().directory(self.session.tenant_id);
         if self.session.status.is_final() {
-            let me = ctx.address();
-            self.shared()
-                .directory(self.session.tenant_id)
-                .remove_if(&*self.session.session_id, |_, addr| *addr == me);
+            directory.remove_if(&*self.session.session_id, |_, addr| *addr == me);
+        } else if directory
+            .get(&*self.session.session_id)
+            .is_none_or(|addr| *addr != me)
+        {
+            // Evicted (its cluster shard went to another node): its entry
+            // was taken out first; it gives its slot back, and nobody
+            // restarts it here.
+            super::shared::release_slot(&self.supervisor.live);
         } else {
             // Not a normal end: a handler panicked (or the engine is
             // stopping, which the supervisor ignores). The entry stays, now
@@ -1028,6 +1035,22 @@ impl Handler<RollBack> for SessionActor {
         self.rolling_back = true;
         ctx.stop();
         true
+    }
+}
+
+/// Stops the actor without a write: its session is served elsewhere now
+/// (a cluster node handed its shard over or lost it). The caller takes
+/// its directory entry out first, which tells `stopped` not to have it
+/// restarted.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Evict;
+
+impl Handler<Evict> for SessionActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Evict, ctx: &mut Context<Self>) {
+        ctx.stop();
     }
 }
 

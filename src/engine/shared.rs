@@ -67,6 +67,8 @@ pub(crate) struct Shared {
     pub(crate) restarts: AtomicU64,
     /// Set at shutdown: actors stopping now are not restarted.
     pub(crate) shutting_down: AtomicBool,
+    /// On a cluster node: the shards it serves and their sessions.
+    pub(crate) ownership: Option<Arc<crate::cluster::Ownership>>,
 }
 
 impl Shared {

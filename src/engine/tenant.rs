@@ -77,6 +77,11 @@ pub(crate) fn admit(
             }
         }
         ops.extend(WriteOp::new_session(&session));
+        // Before the write: the shipper fences the session's rows by it.
+        if let Some(ownership) = &shared.ownership {
+            let shard = ownership.shard_of(limits.id, &session.session_id);
+            ownership.register(session.id, limits.id, session.session_id.clone(), shard);
+        }
         let durable = shared.write_behind.submit(ops, shared.sync_acks);
         slot.insert(start(shared, limits.id, link, session, true));
         Ok(durable)

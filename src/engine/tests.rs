@@ -40,6 +40,7 @@ fn config(dir: &std::path::Path) -> EngineConfig {
         postgres: None,
         vault: Arc::new(Vault::ephemeral()),
         salvage: false,
+        cluster: None,
     }
 }
 

@@ -43,7 +43,7 @@ fn is_json(headers: &HeaderMap) -> bool {
 /// broken connection instead of the 413; past this, the connection is closed.
 const MAX_DRAIN_BYTES: usize = 1024 * 1024;
 
-async fn read_body(request: Request) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(request: Request) -> Result<Bytes, ApiError> {
     let declared = request
         .headers()
         .get(header::CONTENT_LENGTH)

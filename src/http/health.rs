@@ -48,6 +48,12 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<V
             Json(json!({ "status": "recovering" })),
         );
     }
+    if state.cluster.as_ref().is_some_and(|c| !c.joined()) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "joining the cluster" })),
+        );
+    }
     let (status, mut body) = match state.engine.check_writable().await {
         Ok(()) => (StatusCode::OK, json!({ "status": "ready" })),
         Err(_) => (

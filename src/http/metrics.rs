@@ -41,6 +41,14 @@ async fn render(State(state): State<AppState>) -> Response {
         metrics::gauge!(names::OUTBOX_AGE).set(outbox.oldest_age_ms() as f64 / 1000.0);
         metrics::counter!(names::OUTBOX_SHIPPED).absolute(outbox.shipped.load(Ordering::Relaxed));
     }
+    if let Some(cluster) = &state.cluster {
+        metrics::gauge!(names::CLUSTER_SHARDS_OWNED).set(cluster.ownership.serving() as f64);
+        let view = cluster.member().map(|m| m.view()).unwrap_or_default();
+        let alive = view.nodes.iter().filter(|n| n.alive).count();
+        metrics::gauge!(names::CLUSTER_NODES, "status" => "alive").set(alive as f64);
+        metrics::gauge!(names::CLUSTER_NODES, "status" => "gone")
+            .set((view.nodes.len() - alive) as f64);
+    }
     names::process_collector().collect();
     let mut response = names::handle().render().into_response();
     response.headers_mut().insert(

@@ -5,6 +5,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod cluster;
 pub mod error;
 pub mod export;
 pub mod extract;
@@ -49,6 +50,8 @@ pub struct Handles {
     pub max_sockets_per_session: usize,
     /// The dashboard's last 15 minutes.
     pub history: Arc<history::History>,
+    /// On a cluster node: routing to shard owners, the cluster's view.
+    pub cluster: Option<Arc<cluster::ClusterHttp>>,
 }
 
 impl AppState {
@@ -101,12 +104,21 @@ pub fn app_for(state: AppState, surface: Surface) -> Router {
             .merge(export::router())
             .merge(stats::router())
             .merge(metrics::router());
+        if state.cluster.is_some() {
+            router = router.merge(cluster::router());
+        }
     }
     router
         .fallback(|| async { error::ApiError::RouteNotFound })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             limits::limit_rate,
+        ))
+        // Outside the rate limits: a call forwarded to its owner is
+        // charged there, once.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            cluster::route,
         ))
         // Outermost last: `track` wraps the panic catcher, so a panic still
         // gets the request id, the error body and an access log line.

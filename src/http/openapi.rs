@@ -165,6 +165,7 @@ impl Modify for Security {
         super::admin::terminate,
         super::admin::terminate_matching,
         super::admin::backup,
+        super::cluster::cluster_view,
         super::export::export,
         super::stats::stats,
         super::stats::ticket,

@@ -114,7 +114,8 @@ pub async fn track(mut request: Request, next: Next) -> Response {
         handles.requests(status.as_u16()).increment(1);
         handles.duration.record(started.elapsed().as_secs_f64());
     });
-    if status.is_client_error() || status.is_server_error() {
+    let relayed = response.extensions().get::<Relayed>().is_some();
+    if (status.is_client_error() || status.is_server_error()) && !relayed {
         let error = response
             .extensions_mut()
             .remove::<ErrorBody>()
@@ -145,6 +146,11 @@ pub async fn track(mut request: Request, next: Next) -> Response {
     });
     response
 }
+
+/// Marks an answer relayed from another cluster node: its error body is
+/// already the contract's (rendered there, under the same request id).
+#[derive(Debug, Clone, Copy)]
+pub struct Relayed;
 
 /// Turns a panic in a handler into a 500 with the contract's body.
 pub fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response<Body> {

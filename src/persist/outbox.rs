@@ -251,6 +251,9 @@ impl OutboxStats {
     }
 }
 
+/// How many tainted records an outbox remembers.
+const TAINTS_KEPT: usize = 4096;
+
 /// Shared between the flusher (appends) and the shipper (drains). Positions
 /// are log record numbers.
 pub struct Outbox {
@@ -259,6 +262,12 @@ pub struct Outbox {
     /// Every record numbered up to this is committed to PostgreSQL.
     shipped_through: AtomicU64,
     waiters: Mutex<Vec<Waiter>>,
+    /// Records holding a change a cluster node must not ship (its shard
+    /// was lost): their waiters fail even once the record counts as
+    /// shipped. The newest [`TAINTS_KEPT`] only (a lost shard is rare).
+    tainted: Mutex<std::collections::BTreeSet<u64>>,
+    /// Whether any record was ever tainted (spares the lock until then).
+    any_tainted: std::sync::atomic::AtomicBool,
     /// Wakes the shipper: new entries or new waiters.
     pub(crate) wake: Notify,
     stats: OutboxStats,
@@ -288,6 +297,8 @@ impl Outbox {
             applied_through: AtomicU64::new(durable),
             shipped_through: AtomicU64::new(shipped.min(durable)),
             waiters: Mutex::new(Vec::new()),
+            tainted: Mutex::new(std::collections::BTreeSet::new()),
+            any_tainted: std::sync::atomic::AtomicBool::new(false),
             wake: Notify::new(),
             stats: OutboxStats::default(),
         };
@@ -340,7 +351,7 @@ impl Outbox {
         ack: oneshot::Sender<Result<(), StoreError>>,
     ) {
         if upto <= self.shipped_through.load(Ordering::Acquire) {
-            let _ = ack.send(Ok(()));
+            let _ = ack.send(self.outcome(upto));
             return;
         }
         self.lock_waiters().push(Waiter {
@@ -392,7 +403,7 @@ impl Outbox {
         let mut kept = Vec::with_capacity(waiters.len());
         for waiter in waiters.drain(..) {
             if waiter.upto <= through {
-                let _ = waiter.ack.send(Ok(()));
+                let _ = waiter.ack.send(self.outcome(waiter.upto));
             } else if now >= waiter.deadline {
                 let error = overdue.cloned().unwrap_or_else(|| {
                     StoreError::Postgres("not committed to PostgreSQL in time".into())
@@ -403,6 +414,32 @@ impl Outbox {
             }
         }
         *waiters = kept;
+    }
+
+    /// Records `records` as holding changes that were not shipped, and
+    /// never will be (a cluster node's shard was lost): their waiters fail.
+    pub(crate) fn taint(&self, records: &[u64]) {
+        let mut tainted = self.tainted.lock().unwrap_or_else(|e| e.into_inner());
+        tainted.extend(records.iter().copied());
+        self.any_tainted.store(true, Ordering::Release);
+        while tainted.len() > TAINTS_KEPT {
+            tainted.pop_first();
+        }
+    }
+
+    /// What a waiter for record `upto`, now shipped, is told.
+    fn outcome(&self, upto: u64) -> Result<(), StoreError> {
+        if !self.any_tainted.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let tainted = self.tainted.lock().unwrap_or_else(|e| e.into_inner());
+        if tainted.contains(&upto) {
+            Err(StoreError::Postgres(
+                "this node lost the session's shard before PostgreSQL committed the change".into(),
+            ))
+        } else {
+            Ok(())
+        }
     }
 
     /// Fails every waiter (the shipper is stopping).

@@ -37,8 +37,9 @@ use tokio::sync::watch;
 
 use super::log::{LogReader, LogShared};
 use super::outbox::{self, Entry, Outbox};
-use super::postgres::{LaneConnection, PgError, Postgres};
+use super::postgres::{Fence, LaneConnection, PgError, Postgres};
 use super::sled::{Store, StoreError, SHIPPED_THROUGH};
+use crate::cluster::ownership::{EntryKey, Ownership};
 use crate::model::time::now_ms;
 
 /// First retry delay after a failure.
@@ -91,6 +92,7 @@ pub fn start(
     outbox: Arc<Outbox>,
     postgres: Postgres,
     config: ShipperConfig,
+    ownership: Option<Arc<Ownership>>,
 ) -> ShipperHandle {
     let (stop, stopping) = watch::channel(false);
     let shipper = Shipper {
@@ -99,6 +101,7 @@ pub fn start(
         outbox,
         postgres,
         config,
+        ownership,
     };
     let thread = std::thread::Builder::new()
         .name("outbox-shipper".into())
@@ -130,6 +133,8 @@ struct Shipper {
     outbox: Arc<Outbox>,
     postgres: Postgres,
     config: ShipperConfig,
+    /// A cluster node's shards: every batch is fenced by them.
+    ownership: Option<Arc<Ownership>>,
 }
 
 /// Capped exponential backoff with full jitter.
@@ -521,7 +526,8 @@ impl Shipper {
         }
     }
 
-    /// Commits one lane's batch in one transaction.
+    /// Commits one lane's batch in one transaction (fenced on a cluster
+    /// node).
     async fn ship_lane(
         &self,
         lane: usize,
@@ -529,34 +535,132 @@ impl Shipper {
         batch: Vec<(u64, Entry)>,
     ) -> LaneDone {
         let first = batch[0].0;
-        let entries: Vec<Entry> = batch.into_iter().map(|(_, entry)| entry).collect();
-        let result = match conn.ship(&entries).await {
-            Ok(()) => Ok(()),
-            Err(e) if e.is_data() => self.isolate(&mut conn, &entries, first, &e).await,
-            Err(e) => Err(e.to_string()),
+        let count = batch.len();
+        let result = match &self.ownership {
+            None => {
+                let entries: Vec<Entry> = batch.into_iter().map(|(_, entry)| entry).collect();
+                match conn.ship(&entries).await {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.is_data() => {
+                        self.isolate(&mut conn, &entries, first, &e, None).await
+                    }
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+            Some(ownership) => self.ship_fenced(&mut conn, ownership, batch).await,
         };
         LaneDone {
             lane,
             conn,
-            entries: entries.len(),
+            entries: count,
             result,
         }
+    }
+
+    /// A cluster node's batch: the entries of shards not in tenure here
+    /// (lost, or logged under an earlier tenure) are left out and their
+    /// records' waiters fail; the rest ships behind the fence of the shards
+    /// it writes for. When PostgreSQL answers that a shard was lost
+    /// meanwhile, that shard's entries are left out too and the rest tried
+    /// again.
+    async fn ship_fenced(
+        &self,
+        conn: &mut LaneConnection,
+        ownership: &Ownership,
+        batch: Vec<(u64, Entry)>,
+    ) -> Result<(), String> {
+        let first = batch[0].0;
+        let sorted = ownership.sort(batch, |entry| match entry {
+            Entry::Session(s) => EntryKey::Session(s.tenant_id, &s.session_id),
+            Entry::Execution { session_row, .. } => EntryKey::Row(*session_row),
+            Entry::Audit(audit) => EntryKey::Row(audit.session_row),
+        });
+        self.left_out(&sorted.stale_records, sorted.dropped);
+        // Where each entry came from (record, shard, epoch), beside it.
+        let (mut origins, mut entries): (Vec<_>, Vec<Entry>) = sorted
+            .kept
+            .into_iter()
+            .map(|(record, shard, epoch, entry)| ((record, shard, epoch), entry))
+            .unzip();
+        // Each round either ships or drops the shards PostgreSQL named, so
+        // it ends within as many rounds as the batch has shards.
+        loop {
+            if entries.is_empty() {
+                return Ok(());
+            }
+            let mut held: Vec<(u32, u64)> = origins.iter().map(|(_, s, e)| (*s, *e)).collect();
+            held.sort_unstable();
+            held.dedup();
+            let fence = Fence {
+                node_id: ownership.node_id().to_owned(),
+                held,
+            };
+            let error = match conn.ship_fenced(&entries, &fence).await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_data() => {
+                    return self.isolate(conn, &entries, first, &e, Some(&fence)).await
+                }
+                Err(e) => e,
+            };
+            let lost = error.fenced();
+            if lost.is_empty() {
+                return Err(error.to_string());
+            }
+            tracing::warn!(shards = ?lost, "postgres: this node no longer holds these shards; their unshipped changes are dropped");
+            let mut records = Vec::new();
+            let mut dropped = 0;
+            let mut kept_origins = Vec::with_capacity(origins.len());
+            let mut kept_entries = Vec::with_capacity(entries.len());
+            for (origin, entry) in origins.into_iter().zip(entries) {
+                if lost.contains(&origin.1) {
+                    dropped += 1;
+                    if records.last() != Some(&origin.0) {
+                        records.push(origin.0);
+                    }
+                } else {
+                    kept_origins.push(origin);
+                    kept_entries.push(entry);
+                }
+            }
+            self.left_out(&records, dropped);
+            (origins, entries) = (kept_origins, kept_entries);
+        }
+    }
+
+    /// Entries a cluster node must not ship were left out of a batch.
+    fn left_out(&self, records: &[u64], entries: usize) {
+        if records.is_empty() {
+            return;
+        }
+        self.outbox.taint(records);
+        tracing::warn!(
+            entries,
+            records = records.len(),
+            "outbox: changes of shards this node no longer holds were not shipped; their callers are told"
+        );
     }
 
     /// PostgreSQL refused some rows of a round (it would refuse them
     /// forever): ships the entries one by one, in order, and moves each one
     /// it refuses to the dead-letter records (kept in sled, logged), so the
-    /// outbox moves on. `first` numbers the dead letters.
+    /// outbox moves on. `first` numbers the dead letters; `fence`, on a
+    /// cluster node, fences each one.
     async fn isolate(
         &self,
         conn: &mut LaneConnection,
         entries: &[Entry],
         first: u64,
         cause: &PgError,
+        fence: Option<&Fence>,
     ) -> Result<(), String> {
         tracing::warn!(error = %cause, entries = entries.len(), "postgres refused rows of a batch; shipping it entry by entry");
         for (i, entry) in entries.iter().enumerate() {
-            match conn.ship(std::slice::from_ref(entry)).await {
+            let one = std::slice::from_ref(entry);
+            let shipped = match fence {
+                None => conn.ship(one).await,
+                Some(fence) => conn.ship_fenced(one, fence).await,
+            };
+            match shipped {
                 Ok(_) => {}
                 Err(e) if e.is_data() => {
                     let seq = (first << 20) + i as u64;

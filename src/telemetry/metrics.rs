@@ -53,6 +53,28 @@ pub const ACTOR_RESTARTS: &str = "session_actor_restarts_total";
 pub const READY: &str = "ready";
 /// A tenant's `max_active_sessions`, for alerts on `sessions_active`.
 pub const TENANT_LIMIT: &str = "tenant_max_active_sessions";
+/// `cluster_shards_owned`: shards this node serves (cluster only).
+pub const CLUSTER_SHARDS_OWNED: &str = "cluster_shards_owned";
+/// `cluster_nodes{status}`: nodes alive and gone (cluster only).
+pub const CLUSTER_NODES: &str = "cluster_nodes";
+/// `cluster_forwarded_calls_total{outcome}`: calls forwarded to another
+/// node (`sent`), or not sent there (`unreachable`, waited and retried).
+pub const CLUSTER_FORWARDED: &str = "cluster_forwarded_calls_total";
+/// `cluster_handover_seconds{kind}`: taking a shard over (`adopt`: its
+/// sessions rebuilt) and handing one over (`drain`).
+pub const CLUSTER_HANDOVER: &str = "cluster_handover_seconds";
+
+/// Counts a forwarded call.
+pub fn cluster_forwarded(sent: bool) {
+    let outcome = if sent { "sent" } else { "unreachable" };
+    metrics::counter!(CLUSTER_FORWARDED, "outcome" => outcome).increment(1);
+}
+
+/// Records how long a shard's hand-over step took (`adopt` or `drain`).
+pub fn cluster_handover(kind: &'static str, took: std::time::Duration) {
+    metrics::histogram!(CLUSTER_HANDOVER, "kind" => kind).record(took.as_secs_f64());
+}
+
 /// Always 1, labelled with the running version.
 pub const BUILD_INFO: &str = "build_info";
 
@@ -179,6 +201,9 @@ pub fn handle() -> &'static PrometheusHandle {
             .and_then(|b| {
                 b.set_buckets_for_metric(Matcher::Full(WRITE_BEHIND_BATCH.into()), &BATCH_BUCKETS)
             })
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Full(CLUSTER_HANDOVER.into()), &LATENCY_BUCKETS)
+            })
             // The bucket lists are constants and non-empty.
             .expect("valid histogram buckets");
         let recorder = builder.build_recorder();
@@ -258,4 +283,15 @@ fn describe() {
     describe_gauge!(SESSION_ACTORS, "Live session actors per shard (arbiter)");
     describe_counter!(ACTOR_RESTARTS, "Session actors restarted after a panic");
     describe_gauge!(WS_OPEN, "Open session WebSockets");
+    describe_gauge!(CLUSTER_SHARDS_OWNED, "Cluster shards this node serves");
+    describe_gauge!(CLUSTER_NODES, "Cluster nodes by status (alive, gone)");
+    describe_counter!(
+        CLUSTER_FORWARDED,
+        "Calls forwarded to the owner of their shard"
+    );
+    describe_histogram!(
+        CLUSTER_HANDOVER,
+        Unit::Seconds,
+        "Taking a shard over (adopt) and handing one over (drain)"
+    );
 }

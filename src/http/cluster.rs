@@ -1,0 +1,495 @@
+//! A cluster node's HTTP side: every call on one session goes to the node
+//! that owns the session's shard. This node serves it when it owns the
+//! shard; otherwise it forwards the call to the owner and relays the
+//! answer. Either way the answer names the owner in
+//! `X-Edge-Sessions-Node`.
+//!
+//! **Forwarding.** One pooled HTTP/1.1 keep-alive client (hyper) per node
+//! reaches the others at their `advertise_url`s: after the first call to a
+//! node, a forwarded call costs a request on an open connection, not a
+//! TCP handshake. The forwarded request keeps the caller's method, path,
+//! query, headers (credentials and `X-Request-Id` included) and body; it
+//! adds the cluster secret (`X-Edge-Sessions-Forwarded`), which the owner
+//! checks before it trusts the caller's address in `X-Edge-Sessions-Peer`
+//! (rate limits of failed authentications count the caller, not the
+//! forwarding node). Authentication, validation and rate limits run on the
+//! owner, once.
+//!
+//! **Waiting.** While a shard is being taken over (its sessions rebuilt),
+//! handed over, or has no owner (its last owner died, its lease has not run
+//! out), a call waits, re-reading the owners at most every
+//! [`VIEW_REFRESH`], for at most `hand_over_wait`; then it gets 503.
+//! A forward that cannot connect (the owner just died) waits the same way;
+//! one that reached the owner is never sent twice (a tool execution must
+//! not count twice).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, Uri};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use subtle::ConstantTimeEq as _;
+use uuid::Uuid;
+
+use super::access::{presented_api_key, session_token};
+use super::error::ApiError;
+use super::AppState;
+use crate::cluster::{Member, Ownership, Stage};
+use crate::crypto::tokens;
+use crate::model::SessionError;
+
+/// The owner of the session a call is about.
+pub const NODE_HEADER: HeaderName = HeaderName::from_static("x-edge-sessions-node");
+/// Set by a node forwarding a call: the cluster secret.
+pub const FORWARDED_HEADER: HeaderName = HeaderName::from_static("x-edge-sessions-forwarded");
+/// Set by a node forwarding a call: the caller's address.
+pub const PEER_HEADER: HeaderName = HeaderName::from_static("x-edge-sessions-peer");
+
+/// Least time between two reads of the owners by waiting calls.
+const VIEW_REFRESH: Duration = Duration::from_millis(100);
+/// How often a waiting call looks again.
+const WAIT_STEP: Duration = Duration::from_millis(20);
+/// Longest a forwarded call may take.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A cluster node's handles for its HTTP side.
+pub struct ClusterHttp {
+    /// This node's membership (and the owners as last read), once joined.
+    member: std::sync::OnceLock<Arc<Member>>,
+    /// The shards this node serves.
+    pub ownership: Arc<Ownership>,
+    /// The shared secret between nodes.
+    secret: String,
+    /// The pooled client to the other nodes.
+    client: Client<HttpConnector, Body>,
+    /// Set once this node's first round went through (`/readyz`).
+    joined: AtomicBool,
+    /// Longest a call waits for its shard's owner.
+    hand_over_wait: Duration,
+}
+
+impl ClusterHttp {
+    /// The HTTP side of a cluster node.
+    pub fn new(ownership: Arc<Ownership>, secret: String, hand_over_wait: Duration) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(64)
+            .build(connector);
+        ClusterHttp {
+            member: std::sync::OnceLock::new(),
+            ownership,
+            secret,
+            client,
+            joined: AtomicBool::new(false),
+            hand_over_wait,
+        }
+    }
+
+    /// This node joined as `member`, and its first round went through.
+    pub fn mark_joined(&self, member: Arc<Member>) {
+        let _ = self.member.set(member);
+        self.joined.store(true, Ordering::Release);
+    }
+
+    /// This node's membership, once joined.
+    pub fn member(&self) -> Option<&Arc<Member>> {
+        self.member.get()
+    }
+
+    /// Whether this node has joined (its first round went through).
+    pub fn joined(&self) -> bool {
+        self.joined.load(Ordering::Acquire)
+    }
+
+    /// Whether `headers` carry this cluster's secret (a forwarded call).
+    fn forwarded(&self, headers: &axum::http::HeaderMap) -> bool {
+        headers
+            .get(&FORWARDED_HEADER)
+            .is_some_and(|v| bool::from(v.as_bytes().ct_eq(self.secret.as_bytes())))
+    }
+}
+
+/// Which session a call is about, for routing.
+enum Target {
+    /// Not about one session: served here.
+    None,
+    /// This session (from the path).
+    Path(String),
+    /// Named in the body (a create, `POST /api/v1/executions`).
+    Body,
+}
+
+fn target_of(method: &Method, uri: &Uri) -> Target {
+    let path = uri.path();
+    if *method == Method::POST && (path == "/api/v1/sessions" || path == "/api/v1/executions") {
+        return Target::Body;
+    }
+    let Some(rest) = path.strip_prefix("/api/v1/sessions/") else {
+        return Target::None;
+    };
+    let id = rest.split('/').next().unwrap_or_default();
+    // Tenant-wide reads, not sessions (the ids are reserved words).
+    if id.is_empty() || id == "active" || id == "metrics" {
+        return Target::None;
+    }
+    // The WebSocket is served where it is opened (see `http::ws`).
+    if rest.ends_with("/ws") {
+        return Target::None;
+    }
+    Target::Path(id.to_owned())
+}
+
+/// The tenant a call names by its credential, unchecked (the owner checks
+/// it): an API key's tenant, else the one a session token names.
+fn tenant_of(state: &AppState, headers: &axum::http::HeaderMap) -> Option<Uuid> {
+    if let Some(key) = presented_api_key(headers) {
+        return state.keys.tenant_key(key).map(|k| k.tenant_id);
+    }
+    tokens::tenant_of(session_token(headers)?, tokens::SESSION_PREFIX)
+}
+
+/// The middleware: serves a call here, or forwards it to its owner.
+pub async fn route(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let Some(cluster) = state.cluster.clone() else {
+        return next.run(request).await;
+    };
+    let mut request = request;
+    let forwarded = cluster.forwarded(request.headers());
+    if forwarded {
+        // The caller's address, as the forwarding node saw it.
+        if let Some(peer) = request
+            .headers()
+            .get(&PEER_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<SocketAddr>().ok())
+        {
+            request.extensions_mut().insert(ConnectInfo(peer));
+        }
+    } else {
+        // Only a node may name itself as forwarding.
+        request.headers_mut().remove(&FORWARDED_HEADER);
+        request.headers_mut().remove(&PEER_HEADER);
+    }
+    let Some(tenant) = tenant_of(&state, request.headers()) else {
+        // No credential naming a tenant: answered here (401).
+        return next.run(request).await;
+    };
+    let (session_id, request) = match target_of(request.method(), request.uri()) {
+        Target::None => return next.run(request).await,
+        Target::Path(id) => (Some(id), request),
+        Target::Body => match body_session_id(request).await {
+            Ok(found) => found,
+            Err(e) => return e.into_response(),
+        },
+    };
+    let shard = match &session_id {
+        Some(id) => cluster.ownership.shard_of(tenant, id),
+        // An execution that names no valid session: refused here (400).
+        None if request.uri().path() == "/api/v1/executions" => return next.run(request).await,
+        // A create without an id: here if this node serves any shard (the
+        // engine picks an id of one), else at the owner of a fresh id's shard.
+        None if cluster.ownership.serving() > 0 => {
+            return with_node(next.run(request).await, cluster.ownership.node_id());
+        }
+        None => cluster
+            .ownership
+            .shard_of(tenant, &crate::model::ids::generate_session_id()),
+    };
+    serve_or_forward(&cluster, shard, forwarded, request, next).await
+}
+
+/// Serves the call here once this node serves `shard`, or forwards it to
+/// the owner; waits while the shard has none (see the module docs).
+async fn serve_or_forward(
+    cluster: &Arc<ClusterHttp>,
+    shard: u32,
+    forwarded: bool,
+    request: Request,
+    next: Next,
+) -> Response {
+    let deadline = tokio::time::Instant::now() + cluster.hand_over_wait;
+    let me = cluster.ownership.node_id().to_owned();
+    let mut request = Some(request);
+    loop {
+        match cluster.ownership.tenure(shard).map(|t| t.stage) {
+            Some(Stage::Serving) => {
+                let _call = cluster.ownership.call(shard);
+                // Still serving once counted: a drain that began meanwhile
+                // waits for this call.
+                if cluster.ownership.tenure(shard).map(|t| t.stage) == Some(Stage::Serving) {
+                    let request = request.take().expect("taken only to be answered");
+                    return with_node(next.run(request).await, &me);
+                }
+            }
+            Some(Stage::Adopting | Stage::Draining) => {}
+            // Forwarded here on a view that is out of date: the forwarding
+            // node reads the owners again and sends it on.
+            None if forwarded => return misdirected(),
+            None if !forwarded && cluster.member().is_some() => {
+                let view = cluster.member().map(|m| m.view()).unwrap_or_default();
+                if let Some((node, url)) = view.owner_of(shard).filter(|(node, _)| *node != me) {
+                    let (node, url) = (node.to_owned(), url.to_owned());
+                    let pending = request.take().expect("taken only to be answered");
+                    match forward(cluster, &url, pending).await {
+                        Forwarded::Answer(response) => {
+                            crate::telemetry::metrics::cluster_forwarded(true);
+                            return response;
+                        }
+                        // Never sent: try again (the owner may have moved).
+                        Forwarded::NotSent(back, error) => {
+                            crate::telemetry::metrics::cluster_forwarded(false);
+                            tracing::debug!(%node, %error, "cluster: forwarding failed; waiting for the shard's owner");
+                            request = Some(back);
+                        }
+                    }
+                }
+            }
+            None => {}
+        }
+        if tokio::time::Instant::now() + WAIT_STEP > deadline {
+            return ApiError::Session(SessionError::Unavailable).into_response();
+        }
+        tokio::time::sleep(WAIT_STEP).await;
+        if let Some(member) = cluster.member() {
+            if let Err(e) = member.refresh_view(VIEW_REFRESH).await {
+                tracing::debug!(error = %e, "cluster: reading the shard owners failed");
+            }
+        }
+    }
+}
+
+/// The answer to a forwarded call for a shard this node does not hold:
+/// 421, which only nodes see (they forward the call on).
+fn misdirected() -> Response {
+    let mut response = StatusCode::MISDIRECTED_REQUEST.into_response();
+    response.extensions_mut().insert(super::request_id::Relayed);
+    response
+}
+
+/// What a forward came back with.
+enum Forwarded {
+    /// The owner's answer (or an error answer once the call was sent).
+    Answer(Response),
+    /// The call never left: the request back, and why.
+    NotSent(Request, String),
+}
+
+async fn forward(cluster: &ClusterHttp, base: &str, request: Request) -> Forwarded {
+    let (parts, body) = request.into_parts();
+    // The body is read first, so a call that cannot be sent can be tried
+    // again, elsewhere (bodies are small: see `MAX_BODY_BYTES`).
+    let bytes = match super::extract::read_body(Request::from_parts(parts.clone(), body)).await {
+        Ok(bytes) => bytes,
+        Err(e) => return Forwarded::Answer(e.into_response()),
+    };
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let uri: Uri = match format!("{}{path}", base.trim_end_matches('/')).parse() {
+        Ok(uri) => uri,
+        Err(e) => {
+            return Forwarded::NotSent(
+                Request::from_parts(parts, Body::from(bytes)),
+                format!("advertise_url {base}: {e}"),
+            )
+        }
+    };
+    let mut outgoing = axum::http::Request::builder()
+        .method(parts.method.clone())
+        .uri(uri);
+    for (name, value) in &parts.headers {
+        if !is_hop_by_hop(name) {
+            outgoing = outgoing.header(name, value);
+        }
+    }
+    if let Ok(secret) = HeaderValue::from_str(&cluster.secret) {
+        outgoing = outgoing.header(&FORWARDED_HEADER, secret);
+    }
+    if let Some(ConnectInfo(peer)) = parts.extensions.get::<ConnectInfo<SocketAddr>>() {
+        if let Ok(peer) = HeaderValue::from_str(&peer.to_string()) {
+            outgoing = outgoing.header(&PEER_HEADER, peer);
+        }
+    }
+    // The id this call is logged under here, so both nodes log one id.
+    if !parts.headers.contains_key(&super::request_id::X_REQUEST_ID) {
+        if let Some(id) = parts.extensions.get::<super::request_id::RequestId>() {
+            if let Ok(id) = HeaderValue::from_str(&id.0) {
+                outgoing = outgoing.header(&super::request_id::X_REQUEST_ID, id);
+            }
+        }
+    }
+    let outgoing = match outgoing.body(Body::from(bytes.clone())) {
+        Ok(outgoing) => outgoing,
+        Err(e) => {
+            return Forwarded::Answer(
+                ApiError::Session(SessionError::Storage(e.to_string())).into_response(),
+            )
+        }
+    };
+    match tokio::time::timeout(FORWARD_TIMEOUT, cluster.client.request(outgoing)).await {
+        // The node was not the owner (any more): it did nothing; ask again.
+        Ok(Ok(response)) if response.status() == StatusCode::MISDIRECTED_REQUEST => {
+            Forwarded::NotSent(
+                Request::from_parts(parts, Body::from(bytes)),
+                format!("{base} does not own the shard"),
+            )
+        }
+        Ok(Ok(response)) => {
+            let (mut head, body) = response.into_parts();
+            for name in HOP_BY_HOP {
+                head.headers.remove(*name);
+            }
+            head.extensions.insert(super::request_id::Relayed);
+            Forwarded::Answer(Response::from_parts(head, Body::new(body)))
+        }
+        Ok(Err(e)) if e.is_connect() => {
+            Forwarded::NotSent(Request::from_parts(parts, Body::from(bytes)), e.to_string())
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cluster: a forwarded call failed after it was sent");
+            Forwarded::Answer(ApiError::Session(SessionError::Unavailable).into_response())
+        }
+        Err(_) => {
+            tracing::warn!("cluster: a forwarded call took too long");
+            Forwarded::Answer(ApiError::Session(SessionError::Unavailable).into_response())
+        }
+    }
+}
+
+/// Headers of one connection, never passed on.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "host",
+    "content-length",
+];
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(&name.as_str())
+}
+
+/// Reads a create's or an execution's body for its `session_id` (`None`
+/// for a body that is not JSON or names no valid id); gives back the
+/// request with its body.
+async fn body_session_id(request: Request) -> Result<(Option<String>, Request), ApiError> {
+    let (parts, body) = request.into_parts();
+    let bytes = super::extract::read_body(Request::from_parts(parts.clone(), body)).await?;
+    #[derive(serde::Deserialize)]
+    struct Named {
+        session_id: Option<String>,
+    }
+    let id = serde_json::from_slice::<Named>(&bytes)
+        .ok()
+        .and_then(|n| n.session_id)
+        .filter(|id| crate::model::ids::is_valid_session_id(id));
+    Ok((id, Request::from_parts(parts, Body::from(bytes))))
+}
+
+/// Adds `X-Edge-Sessions-Node` to an answer served here.
+fn with_node(mut response: Response, node: &str) -> Response {
+    if let Ok(value) = HeaderValue::from_str(node) {
+        response.headers_mut().insert(NODE_HEADER, value);
+    }
+    response
+}
+
+/// `GET /admin/cluster`.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ClusterView {
+    /// The node answering.
+    pub node_id: String,
+    /// Every node that joined (a node that left or died stays listed as
+    /// `gone`).
+    pub nodes: Vec<ClusterNode>,
+    /// Shard counts.
+    pub shards: ClusterShards,
+}
+
+/// A node of [`ClusterView`].
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ClusterNode {
+    /// Its `cluster.node_id`.
+    pub node_id: String,
+    /// How the nodes reach it.
+    pub advertise_url: String,
+    /// `alive` (a heartbeat within a lease) or `gone`.
+    pub status: &'static str,
+    /// Shards it owns now.
+    pub shards: usize,
+    /// Its last heartbeat, RFC 3339.
+    pub last_heartbeat_at: String,
+}
+
+/// Shard counts of [`ClusterView`].
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ClusterShards {
+    /// The cluster's shard count.
+    pub total: u32,
+    /// Shards this node serves.
+    pub owned_here: usize,
+}
+
+/// The routes of this module: only a cluster node has them.
+pub fn router() -> axum::Router<AppState> {
+    axum::Router::new().route("/admin/cluster", axum::routing::get(cluster_view))
+}
+
+/// The nodes of the cluster and the shards each owns, as PostgreSQL says
+/// now.
+#[utoipa::path(
+    get,
+    path = "/admin/cluster",
+    tag = "admin",
+    responses(
+        (status = 200, description = "The cluster's nodes and shards (cluster nodes only; 404 elsewhere)", body = ClusterView),
+        (status = 401, description = "unauthorized", body = super::openapi::ErrorResponse),
+        (status = 503, description = "service_unavailable: PostgreSQL did not answer", body = super::openapi::ErrorResponse)
+    ),
+    security(("admin_key" = []))
+)]
+pub(crate) async fn cluster_view(
+    _: super::extract::Admin,
+    State(state): State<AppState>,
+) -> Result<axum::Json<ClusterView>, ApiError> {
+    let cluster = state.cluster.as_ref().ok_or(ApiError::RouteNotFound)?;
+    let member = cluster
+        .member()
+        .ok_or(ApiError::Session(SessionError::Unavailable))?;
+    member.refresh_view(Duration::ZERO).await.map_err(|e| {
+        tracing::warn!(error = %e, "cluster: reading the nodes failed");
+        ApiError::Session(SessionError::Unavailable)
+    })?;
+    let view = member.view();
+    Ok(axum::Json(ClusterView {
+        node_id: cluster.ownership.node_id().to_owned(),
+        nodes: view
+            .nodes
+            .iter()
+            .map(|n| ClusterNode {
+                node_id: n.node_id.clone(),
+                advertise_url: n.advertise_url.clone(),
+                status: if n.alive { "alive" } else { "gone" },
+                shards: view.shards_of(&n.node_id),
+                last_heartbeat_at: crate::model::time::format_rfc3339(n.heartbeat_at_ms),
+            })
+            .collect(),
+        shards: ClusterShards {
+            total: cluster.ownership.shards(),
+            owned_here: cluster.ownership.serving(),
+        },
+    }))
+}

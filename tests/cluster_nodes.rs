@@ -1,0 +1,461 @@
+//! A cluster of real `serve` processes on one throwaway PostgreSQL: any
+//! node answers for every session (forwarding to the owner, which the
+//! answer names), a killed node's sessions come back through the others
+//! with every acknowledged change, a rolling restart fails no call.
+//!
+//! Leases are two seconds, so a killed node's shards move within a few
+//! seconds and the suite stays fast.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::pg::TempPostgres;
+use common::{ChildServer, ADMIN_KEY, KEY_A, KEY_B, TENANT_A};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+const SECRET: &str = "cluster-test-secret-0123456789";
+const LEASE_SECONDS: u64 = 2;
+const SHARDS: u32 = 64;
+
+/// A node's config file in `root` (the nodes share the master key file
+/// there).
+fn node_config(root: &Path, name: &str, pg: &TempPostgres, limit_a: usize) -> PathBuf {
+    let data = root.join(name);
+    std::fs::create_dir_all(&data).unwrap();
+    let extra = format!(
+        r#"
+[postgres]
+url = "{url}"
+[cluster]
+enabled = true
+node_id = "{name}"
+shards = {SHARDS}
+lease_seconds = {LEASE_SECONDS}
+"#,
+        url = pg.url
+    );
+    let text =
+        common::config_toml_with_storage(&data, limit_a, "durability = \"postgres\"", &extra);
+    let path = root.join(format!("{name}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+async fn start_node(config: &Path) -> ChildServer {
+    ChildServer::start_with_env(config, true, &[("EDGE_SESSIONS_CLUSTER_SECRET", SECRET)]).await
+}
+
+/// `GET /admin/cluster` of `base`.
+async fn cluster_view(client: &reqwest::Client, base: &str) -> Value {
+    let (status, body) =
+        common::call(client, base, Method::GET, "/admin/cluster", ADMIN_KEY, None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body
+}
+
+/// Waits until `expected` nodes are alive and each owns some of the
+/// shards, which all have an owner (the hand-overs after the joins are
+/// over).
+async fn wait_balanced(client: &reqwest::Client, base: &str, expected: usize) -> Value {
+    let started = Instant::now();
+    loop {
+        let view = cluster_view(client, base).await;
+        let alive: Vec<&Value> = view["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["status"] == "alive")
+            .collect();
+        let owned: u64 = alive.iter().map(|n| n["shards"].as_u64().unwrap()).sum();
+        if alive.len() == expected
+            && owned == u64::from(SHARDS)
+            && alive.iter().all(|n| n["shards"].as_u64().unwrap() > 0)
+        {
+            return view;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the cluster did not settle: {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A call with tenant A's key; answers the status, the owner it names and
+/// the body.
+async fn call_node(
+    client: &reqwest::Client,
+    base: &str,
+    method: Method,
+    path: &str,
+    key: &str,
+    body: Option<Value>,
+) -> (StatusCode, Option<String>, Value) {
+    let mut request = client
+        .request(method, format!("{base}{path}"))
+        .header("X-API-Key", key);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status();
+    let node = response
+        .headers()
+        .get("x-edge-sessions-node")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let text = response.text().await.unwrap();
+    let body = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or(Value::String(text))
+    };
+    (status, node, body)
+}
+
+/// Prints the warnings and errors the nodes logged (on a failure).
+fn dump_logs(nodes: &[ChildServer]) {
+    for node in nodes {
+        for line in node.logs.lock().unwrap().iter() {
+            let lower = line.to_ascii_lowercase();
+            if lower.contains("warn") || lower.contains("error") || lower.contains("503") {
+                eprintln!("{}: {line}", node.base);
+            }
+        }
+    }
+}
+
+fn execution(i: usize) -> Value {
+    json!({"tool_name": format!("tool-{}", i % 3), "arguments": {"i": i}, "result": {}, "duration_ms": 3})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_node_answers_for_every_session_and_names_its_owner() {
+    let pg = TempPostgres::start();
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = Vec::new();
+    for name in ["n1", "n2", "n3"] {
+        nodes.push(start_node(&node_config(root.path(), name, &pg, 1000)).await);
+    }
+    let client = common::client();
+    let bases: Vec<String> = nodes.iter().map(|n| n.base.clone()).collect();
+    let view = wait_balanced(&client, &bases[0], 3).await;
+    assert_eq!(view["shards"]["total"], SHARDS);
+
+    // Creates through every node, with and without a chosen id.
+    let mut owners: BTreeMap<String, String> = BTreeMap::new();
+    for i in 0..24 {
+        let base = &bases[i % 3];
+        let body = if i % 2 == 0 {
+            json!({"session_id": format!("ses-c-{i}"), "edge_mcp_id": "edge"})
+        } else {
+            json!({"edge_mcp_id": "edge"})
+        };
+        let (status, node, created) = call_node(
+            &client,
+            base,
+            Method::POST,
+            "/api/v1/sessions",
+            KEY_A,
+            Some(body),
+        )
+        .await;
+        if status != StatusCode::CREATED {
+            dump_logs(&nodes);
+        }
+        assert_eq!(status, StatusCode::CREATED, "{created}");
+        let node = node.expect("a create names its owner");
+        owners.insert(created["session_id"].as_str().unwrap().to_owned(), node);
+    }
+    let distinct: std::collections::HashSet<&String> = owners.values().collect();
+    assert!(
+        distinct.len() >= 2,
+        "sessions landed on one node only: {owners:?}"
+    );
+
+    // Every node answers every call for every session, naming the owner.
+    for (n, (id, owner)) in owners.iter().enumerate() {
+        for (i, base) in bases.iter().enumerate() {
+            let (status, node, body) = call_node(
+                &client,
+                base,
+                Method::GET,
+                &format!("/api/v1/sessions/{id}"),
+                KEY_A,
+                None,
+            )
+            .await;
+            assert_eq!(status, StatusCode::OK, "GET {id} on node {i}: {body}");
+            assert_eq!(
+                node.as_deref(),
+                Some(owner.as_str()),
+                "GET {id} on node {i}"
+            );
+            let (status, node, body) = call_node(
+                &client,
+                base,
+                Method::POST,
+                &format!("/api/v1/sessions/{id}/tools/execute"),
+                KEY_A,
+                Some(execution(i)),
+            )
+            .await;
+            assert_eq!(
+                status,
+                StatusCode::NO_CONTENT,
+                "execute {id} on node {i}: {body}"
+            );
+            assert_eq!(node.as_deref(), Some(owner.as_str()));
+        }
+        // Tenant isolation holds through forwarding.
+        let other = &bases[(n + 1) % 3];
+        let (status, _, _) = call_node(
+            &client,
+            other,
+            Method::GET,
+            &format!("/api/v1/sessions/{id}"),
+            KEY_B,
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "tenant B must not see {id}");
+        let (status, _, metrics) = call_node(
+            &client,
+            other,
+            Method::GET,
+            &format!("/api/v1/sessions/{id}/metrics"),
+            KEY_A,
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(metrics["tool_execution_count"], 3, "{metrics}");
+    }
+
+    // A change through one node, read through another; a delete through a
+    // third ends it everywhere.
+    let (id, owner) = owners.iter().next().unwrap();
+    let (status, _, body) = call_node(
+        &client,
+        &bases[1],
+        Method::PATCH,
+        &format!("/api/v1/sessions/{id}"),
+        KEY_A,
+        Some(json!({"client_name": "renamed"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (_, _, read) = call_node(
+        &client,
+        &bases[2],
+        Method::GET,
+        &format!("/api/v1/sessions/{id}"),
+        KEY_A,
+        None,
+    )
+    .await;
+    assert_eq!(read["client_name"], "renamed");
+    let (status, node, _) = call_node(
+        &client,
+        &bases[0],
+        Method::DELETE,
+        &format!("/api/v1/sessions/{id}"),
+        KEY_A,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(node.as_deref(), Some(owner.as_str()));
+    for base in &bases {
+        let (status, _, read) = call_node(
+            &client,
+            base,
+            Method::GET,
+            &format!("/api/v1/sessions/{id}"),
+            KEY_A,
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(read["status"], "terminated", "{read}");
+    }
+
+    // Every acknowledged change is in PostgreSQL, written by its owner.
+    assert_eq!(
+        pg.scalar(&format!(
+            "SELECT count(*) FROM mcp.edge_mcp_sessions WHERE tenant_id = '{TENANT_A}' AND shard IS NOT NULL"
+        )),
+        24
+    );
+    assert_eq!(
+        pg.scalar("SELECT count(*) FROM mcp.session_tool_executions"),
+        24 * 3
+    );
+    // The counters in the session rows follow within a coalescing delay.
+    let started = Instant::now();
+    while pg.scalar("SELECT coalesce(sum(tool_execution_count), 0) FROM mcp.edge_mcp_sessions")
+        != 24 * 3
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the session rows' counters did not catch up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    for node in nodes {
+        assert!(node.terminate().success());
+    }
+}
+
+/// Killed under load: the killed node's sessions answer again through the
+/// others within the lease and a few seconds, and every acknowledged
+/// execution is counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_nodes_sessions_come_back_with_every_acknowledged_change() {
+    let pg = TempPostgres::start();
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = Vec::new();
+    for name in ["n1", "n2", "n3"] {
+        nodes.push(Some(
+            start_node(&node_config(root.path(), name, &pg, 1000)).await,
+        ));
+    }
+    let client = common::client();
+    let bases: Vec<String> = nodes
+        .iter()
+        .map(|n| n.as_ref().unwrap().base.clone())
+        .collect();
+    wait_balanced(&client, &bases[0], 3).await;
+    let mut owners: HashMap<String, String> = HashMap::new();
+    for i in 0..60 {
+        let (status, node, created) = call_node(
+            &client,
+            &bases[i % 3],
+            Method::POST,
+            "/api/v1/sessions",
+            KEY_A,
+            Some(json!({"session_id": format!("ses-k-{i}"), "edge_mcp_id": "edge"})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{created}");
+        owners.insert(format!("ses-k-{i}"), node.unwrap());
+    }
+    // Load through nodes 2 and 3 while node 1 is killed: count what each
+    // session got acknowledged.
+    let victim = "n1";
+    // Per session: (acknowledged, failed) executions. A failed one may
+    // have been committed all the same (the answer was lost), never twice.
+    let acked: std::sync::Arc<std::sync::Mutex<HashMap<String, (u64, u64)>>> = Default::default();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for w in 0..4 {
+        let (client, bases, acked, stop) =
+            (client.clone(), bases.clone(), acked.clone(), stop.clone());
+        let ids: Vec<String> = owners.keys().cloned().collect();
+        workers.push(tokio::spawn(async move {
+            let mut i = w;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let id = &ids[i % ids.len()];
+                let base = &bases[1 + i % 2];
+                let (status, _, _) = call_node(
+                    &client,
+                    base,
+                    Method::POST,
+                    &format!("/api/v1/sessions/{id}/tools/execute"),
+                    KEY_A,
+                    Some(execution(i)),
+                )
+                .await;
+                let mut acked = acked.lock().unwrap();
+                let entry = acked.entry(id.clone()).or_default();
+                if status == StatusCode::NO_CONTENT {
+                    entry.0 += 1;
+                } else {
+                    entry.1 += 1;
+                }
+                i += 4;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let killed_at = Instant::now();
+    nodes[0].take().unwrap().kill();
+    // The victim's sessions answer again through the others.
+    let theirs: Vec<&String> = owners
+        .iter()
+        .filter(|(_, o)| *o == victim)
+        .map(|(id, _)| id)
+        .collect();
+    assert!(!theirs.is_empty());
+    let mut back_after = Duration::ZERO;
+    for id in &theirs {
+        loop {
+            let (status, node, _) = call_node(
+                &client,
+                &bases[1],
+                Method::GET,
+                &format!("/api/v1/sessions/{id}"),
+                KEY_A,
+                None,
+            )
+            .await;
+            if status == StatusCode::OK && node.as_deref() != Some(victim) {
+                back_after = back_after.max(killed_at.elapsed());
+                break;
+            }
+            assert!(
+                killed_at.elapsed() < Duration::from_secs(LEASE_SECONDS + 15),
+                "{id} did not come back: {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    eprintln!(
+        "the killed node's {} sessions answered again after {back_after:?}",
+        theirs.len()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    // Every acknowledged execution counted once: by the sessions' owners
+    // and in PostgreSQL.
+    let acked = acked.lock().unwrap().clone();
+    let failed: u64 = acked.values().map(|(_, f)| f).sum();
+    eprintln!(
+        "executions: {} acknowledged, {failed} failed",
+        acked.values().map(|(a, _)| a).sum::<u64>()
+    );
+    for (id, (acknowledged, failed)) in &acked {
+        let (status, _, metrics) = call_node(
+            &client,
+            &bases[2],
+            Method::GET,
+            &format!("/api/v1/sessions/{id}/metrics"),
+            KEY_A,
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        let count = metrics["tool_execution_count"].as_u64().unwrap();
+        assert!(
+            count >= *acknowledged && count <= acknowledged + failed,
+            "{id}: {acknowledged} acknowledged, {failed} failed, {count} counted"
+        );
+        let stored = pg.scalar(&format!(
+            "SELECT count(*) FROM mcp.session_tool_executions e JOIN mcp.edge_mcp_sessions s ON s.id = e.session_id WHERE s.session_id = '{id}'"
+        )) as u64;
+        assert!(
+            stored >= *acknowledged,
+            "{id}: {stored} in PostgreSQL, {acknowledged} acknowledged"
+        );
+    }
+    for node in nodes.into_iter().flatten() {
+        assert!(node.terminate().success());
+    }
+}
