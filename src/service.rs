@@ -114,6 +114,7 @@ pub async fn run_with_clock(
                 node.secret.clone(),
                 node.config.lease * 2,
             ));
+            let linger = node.config.lease / 2;
             let (stop, stopped) = tokio::sync::watch::channel(false);
             let (refused, refusal) = tokio::sync::oneshot::channel();
             let runner =
@@ -131,6 +132,13 @@ pub async fn run_with_clock(
                     tracing::info!("leaving the cluster: handing the shards over");
                     let _ = stop.send(true);
                     let _ = runner.await;
+                    // The other nodes still forward here until they read
+                    // the owners again (every round, a quarter lease): the
+                    // server stays up that long, answering 421 so they
+                    // send on, and closes its connections only once none
+                    // can carry a call (one closed under a call in flight
+                    // could not be told from a node that died).
+                    tokio::time::sleep(linger).await;
                 });
             (Some(http), shutdown)
         }

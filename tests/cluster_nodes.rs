@@ -235,6 +235,47 @@ async fn any_node_answers_for_every_session_and_names_its_owner() {
         assert_eq!(metrics["tool_execution_count"], 3, "{metrics}");
     }
 
+    // Lists and figures on any node are complete: pages of 7 through
+    // every node give each session once.
+    for base in &bases {
+        let mut seen = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let path = match &cursor {
+                None => "/api/v1/sessions?limit=7".to_owned(),
+                Some(c) => format!("/api/v1/sessions?limit=7&cursor={c}"),
+            };
+            let (status, _, page) = call_node(&client, base, Method::GET, &path, KEY_A, None).await;
+            assert_eq!(status, StatusCode::OK, "{page}");
+            for s in page["sessions"].as_array().unwrap() {
+                seen.push(s["session_id"].as_str().unwrap().to_owned());
+            }
+            match page["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.to_owned()),
+                None => break,
+            }
+        }
+        let mut sorted = seen.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), seen.len(), "a session listed twice on {base}");
+        assert_eq!(sorted, owners.keys().cloned().collect::<Vec<_>>(), "list on {base}");
+        let (_, _, page) =
+            call_node(&client, base, Method::GET, "/api/v1/sessions?offset=20&limit=3", KEY_A, None).await;
+        assert_eq!(page["count"], 3, "{page}");
+        let (_, _, page) = call_node(&client, base, Method::GET, "/api/v1/sessions", KEY_B, None).await;
+        assert_eq!(page["count"], 0, "tenant B sees none of A's sessions: {page}");
+        let (status, _, figures) =
+            call_node(&client, base, Method::GET, "/api/v1/sessions/metrics", KEY_A, None).await;
+        assert_eq!(status, StatusCode::OK, "{figures}");
+        assert_eq!(figures["total_sessions"], 24, "{figures}");
+        assert_eq!(figures["active_sessions"], 24, "{figures}");
+        assert_eq!(figures["total_tool_executions"], 24 * 3, "{figures}");
+        let (status, _, _) =
+            call_node(&client, base, Method::GET, "/api/v1/sessions?limit=0", KEY_A, None).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+    }
+
     // A change through one node, read through another; a delete through a
     // third ends it everywhere.
     let (id, owner) = owners.iter().next().unwrap();
@@ -455,6 +496,150 @@ async fn a_killed_nodes_sessions_come_back_with_every_acknowledged_change() {
             "{id}: {stored} in PostgreSQL, {acknowledged} acknowledged"
         );
     }
+    for node in nodes.into_iter().flatten() {
+        assert!(node.terminate().success());
+    }
+}
+
+/// A rolling restart (SIGTERM, start again, next node) while a client
+/// works through the other nodes: no call fails, nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_fails_no_call_and_loses_nothing() {
+    let pg = TempPostgres::start();
+    let root = tempfile::tempdir().unwrap();
+    let configs: Vec<PathBuf> = ["n1", "n2", "n3"]
+        .iter()
+        .map(|name| node_config(root.path(), name, &pg, 1000))
+        .collect();
+    let mut logs = Vec::new();
+    let mut nodes = Vec::new();
+    for config in &configs {
+        nodes.push(Some(start_node(config).await));
+    }
+    let client = common::client();
+    let bases = std::sync::Arc::new(std::sync::Mutex::new(
+        nodes.iter().flatten().map(|n| n.base.clone()).collect::<Vec<String>>(),
+    ));
+    let first = bases.lock().unwrap()[0].clone();
+    wait_balanced(&client, &first, 3).await;
+    let ids: Vec<String> = (0..30).map(|i| format!("ses-r-{i}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        let base = bases.lock().unwrap()[i % 3].clone();
+        let (status, _, body) = call_node(
+            &client,
+            &base,
+            Method::POST,
+            "/api/v1/sessions",
+            KEY_A,
+            Some(json!({"session_id": id, "edge_mcp_id": "edge"})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    // The client: executions and reads through every node but the one
+    // being restarted (`avoid`).
+    let avoid = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(usize::MAX));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let executed: std::sync::Arc<std::sync::Mutex<HashMap<String, u64>>> = Default::default();
+    let failures: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+    let mut workers = Vec::new();
+    for w in 0..3 {
+        let (client, bases, avoid, stop, executed, failures, ids) = (
+            client.clone(),
+            bases.clone(),
+            avoid.clone(),
+            stop.clone(),
+            executed.clone(),
+            failures.clone(),
+            ids.clone(),
+        );
+        workers.push(tokio::spawn(async move {
+            let mut i = w;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let skip = avoid.load(std::sync::atomic::Ordering::Acquire);
+                let node = (0..3).map(|k| (i + k) % 3).find(|k| *k != skip).unwrap();
+                let base = bases.lock().unwrap()[node].clone();
+                let id = &ids[i % ids.len()];
+                let (status, _, body) = if i % 2 == 0 {
+                    call_node(
+                        &client,
+                        &base,
+                        Method::POST,
+                        &format!("/api/v1/sessions/{id}/tools/execute"),
+                        KEY_A,
+                        Some(execution(i)),
+                    )
+                    .await
+                } else {
+                    call_node(&client, &base, Method::GET, &format!("/api/v1/sessions/{id}"), KEY_A, None).await
+                };
+                if status.is_success() {
+                    if i % 2 == 0 {
+                        *executed.lock().unwrap().entry(id.clone()).or_default() += 1;
+                    }
+                } else {
+                    failures.lock().unwrap().push(format!("{status} on node {node}: {body}"));
+                }
+                i += 3;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for k in 0..3 {
+        avoid.store(k, std::sync::atomic::Ordering::Release);
+        // Calls already sent to it finish first.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let node = nodes[k].take().unwrap();
+        logs.push(node.logs.clone());
+        let status = node.terminate();
+        assert!(status.success(), "node {k} exited with {status}");
+        let restarted = start_node(&configs[k]).await;
+        bases.lock().unwrap()[k] = restarted.base.clone();
+        nodes[k] = Some(restarted);
+        let any = bases.lock().unwrap()[(k + 1) % 3].clone();
+        wait_balanced(&client, &any, 3).await;
+        avoid.store(usize::MAX, std::sync::atomic::Ordering::Release);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    let failures = failures.lock().unwrap().clone();
+    if !failures.is_empty() {
+        logs.extend(nodes.iter().flatten().map(|n| n.logs.clone()));
+        for failure in &failures {
+            let Some(id) = failure.split("request_id\":\"").nth(1).and_then(|r| r.split('"').next()) else {
+                continue;
+            };
+            for node_logs in &logs {
+                for line in node_logs.lock().unwrap().iter().filter(|l| l.contains(id)) {
+                    eprintln!("{line}");
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{} calls failed: {:?}", failures.len(), &failures[..failures.len().min(10)]);
+    // Nothing lost: every acknowledged execution is counted.
+    let executed = executed.lock().unwrap().clone();
+    let base = bases.lock().unwrap()[0].clone();
+    for (id, count) in &executed {
+        let (status, _, metrics) = call_node(
+            &client,
+            &base,
+            Method::GET,
+            &format!("/api/v1/sessions/{id}/metrics"),
+            KEY_A,
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(metrics["tool_execution_count"].as_u64(), Some(*count), "{id}: {metrics}");
+    }
+    eprintln!(
+        "rolling restart: {} executions acknowledged, none failed",
+        executed.values().sum::<u64>()
+    );
     for node in nodes.into_iter().flatten() {
         assert!(node.terminate().success());
     }

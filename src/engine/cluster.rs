@@ -125,8 +125,10 @@ impl Engine {
             if ownership.tenure(shard).map(|t| t.epoch) != Some(epoch) {
                 return;
             }
+            // Sessions that ended within the retention stay readable.
+            let ended_since = self.shared.clock.now() - self.shared.retention_ms;
             match postgres
-                .live_sessions_of_shard(shard, after, ADOPT_PAGE)
+                .live_sessions_of_shard(shard, ended_since, after, ADOPT_PAGE)
                 .await
             {
                 Ok(page) => {
@@ -160,7 +162,8 @@ impl Engine {
     }
 
     /// Puts one page of a shard's sessions in the store and starts the
-    /// live ones (those overdue meanwhile end, expired, here).
+    /// live ones (those overdue meanwhile end, expired, here); the ended
+    /// ones are only stored, readable for the rest of their retention.
     fn install(
         &self,
         ownership: &Ownership,
@@ -189,8 +192,7 @@ impl Engine {
                 session.session_id.clone(),
                 shard,
             );
-            ops.push(WriteOp::index_session(&session));
-            ops.push(WriteOp::put_session(&session));
+            ops.extend(WriteOp::cached(&session));
             for (seq, execution) in &executions {
                 ops.push(WriteOp::put_execution(session.id, *seq, execution));
             }

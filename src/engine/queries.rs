@@ -228,7 +228,9 @@ pub(super) fn matches(session: &Session, query: &ListQuery) -> bool {
             .is_none_or(|e| e == session.client.edge_mcp_id())
 }
 
-fn encode_cursor(created_at: Millis, session_id: &str) -> String {
+/// The cursor that continues a list after the session created at
+/// `created_at` with id `session_id`.
+pub fn encode_cursor(created_at: Millis, session_id: &str) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{created_at}:{session_id}"))
 }
 

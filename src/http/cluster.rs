@@ -128,12 +128,30 @@ enum Target {
     Path(String),
     /// Named in the body (a create, `POST /api/v1/executions`).
     Body,
+    /// The tenant's sessions on every node: gathered.
+    Gather(Gathered),
+}
+
+/// What a gathered read is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gathered {
+    /// A page of a tenant's sessions, newest first.
+    List,
+    /// The tenant's figures.
+    Metrics,
 }
 
 fn target_of(method: &Method, uri: &Uri) -> Target {
     let path = uri.path();
     if *method == Method::POST && (path == "/api/v1/sessions" || path == "/api/v1/executions") {
         return Target::Body;
+    }
+    if *method == Method::GET {
+        match path {
+            "/api/v1/sessions" | "/api/v1/sessions/active" => return Target::Gather(Gathered::List),
+            "/api/v1/sessions/metrics" => return Target::Gather(Gathered::Metrics),
+            _ => {}
+        }
     }
     let Some(rest) = path.strip_prefix("/api/v1/sessions/") else {
         return Target::None;
@@ -187,6 +205,8 @@ pub async fn route(State(state): State<AppState>, request: Request, next: Next) 
     };
     let (session_id, request) = match target_of(request.method(), request.uri()) {
         Target::None => return next.run(request).await,
+        Target::Gather(kind) if !forwarded => return gather(&cluster, kind, request, next).await,
+        Target::Gather(_) => return next.run(request).await,
         Target::Path(id) => (Some(id), request),
         Target::Body => match body_session_id(request).await {
             Ok(found) => found,
@@ -275,6 +295,184 @@ fn misdirected() -> Response {
     let mut response = StatusCode::MISDIRECTED_REQUEST.into_response();
     response.extensions_mut().insert(super::request_id::Relayed);
     response
+}
+
+/// A tenant's list or figures: this node's part (from the local handler)
+/// and every other live node's (asked as forwarded calls, which answer
+/// from their own sessions), merged. A list asks each node for the first
+/// `offset + limit` sessions after the cursor and keeps the page of the
+/// merge, whose cursor is the last session's (the cursor names a session's
+/// creation time and id, so every node continues from the same place). A
+/// node that does not answer fails the read (503): an incomplete list is
+/// never passed off as complete.
+async fn gather(cluster: &ClusterHttp, kind: Gathered, request: Request, next: Next) -> Response {
+    let Some(member) = cluster.member() else {
+        return ApiError::Session(SessionError::Unavailable).into_response();
+    };
+    let (mut parts, body) = request.into_parts();
+    let (offset, limit) = match kind {
+        Gathered::Metrics => (0, 0),
+        Gathered::List => match page_of(&parts.uri) {
+            Some(page) => page,
+            // Bad paging: the handler answers it (400).
+            None => return next.run(Request::from_parts(parts, body)).await,
+        },
+    };
+    if kind == Gathered::List {
+        // Each node's part: the first offset + limit, without the offset.
+        parts.uri = with_page(&parts.uri, offset + limit);
+    }
+    let me = cluster.ownership.node_id();
+    let others: Vec<String> = member
+        .view()
+        .nodes
+        .iter()
+        .filter(|n| n.alive && n.node_id != me)
+        .map(|n| n.advertise_url.clone())
+        .collect();
+    let remote = futures::future::join_all(others.iter().map(|base| {
+        let request = Request::from_parts(parts.clone(), Body::empty());
+        async move { (base, forward(cluster, base, request).await) }
+    }));
+    let local = next.run(Request::from_parts(parts.clone(), body));
+    let (local, remote) = tokio::join!(local, remote);
+    if !local.status().is_success() {
+        return local;
+    }
+    let mut answers = vec![match json_of(local).await {
+        Some(value) => value,
+        None => return ApiError::Session(SessionError::Unavailable).into_response(),
+    }];
+    for (base, answer) in remote {
+        let response = match answer {
+            Forwarded::Answer(response) if response.status().is_success() => response,
+            Forwarded::Answer(response) => {
+                tracing::warn!(node = %base, status = %response.status(), "cluster: a node did not answer its part of a list");
+                return ApiError::Session(SessionError::Unavailable).into_response();
+            }
+            Forwarded::NotSent(_, error) => {
+                tracing::warn!(node = %base, %error, "cluster: a node did not answer its part of a list");
+                return ApiError::Session(SessionError::Unavailable).into_response();
+            }
+        };
+        match json_of(response).await {
+            Some(value) => answers.push(value),
+            None => return ApiError::Session(SessionError::Unavailable).into_response(),
+        }
+    }
+    let merged = match kind {
+        Gathered::List => merge_lists(answers, offset, limit),
+        Gathered::Metrics => merge_metrics(&answers),
+    };
+    axum::Json(merged).into_response()
+}
+
+/// The `offset` and `limit` of a list's query (defaults 0 and 50), or
+/// `None` when either is not valid (the handler then answers 400).
+fn page_of(uri: &Uri) -> Option<(usize, usize)> {
+    let mut offset = 0;
+    let mut limit = super::sessions::DEFAULT_LIST_LIMIT;
+    for (key, value) in form_urlencoded(uri.query().unwrap_or_default()) {
+        match key.as_str() {
+            "offset" if !value.is_empty() => offset = value.parse().ok()?,
+            "limit" if !value.is_empty() => {
+                limit = value.parse().ok().filter(|l| (1..=1000).contains(l))?
+            }
+            _ => {}
+        }
+    }
+    Some((offset, limit))
+}
+
+/// `uri` with `limit` set and `offset` dropped.
+fn with_page(uri: &Uri, limit: usize) -> Uri {
+    let mut query: Vec<String> = form_urlencoded(uri.query().unwrap_or_default())
+        .into_iter()
+        .filter(|(k, _)| k != "offset" && k != "limit")
+        .map(|(k, v)| format!("{}={}", encode_component(&k), encode_component(&v)))
+        .collect();
+    query.push(format!("limit={limit}"));
+    format!("{}?{}", uri.path(), query.join("&"))
+        .parse()
+        .unwrap_or_else(|_| uri.clone())
+}
+
+/// The pairs of a query string, decoded.
+fn form_urlencoded(query: &str) -> Vec<(String, String)> {
+    serde_urlencoded::from_str::<Vec<(String, String)>>(query).unwrap_or_default()
+}
+
+fn encode_component(text: &str) -> String {
+    serde_urlencoded::to_string([("", text)])
+        .map(|s| s.trim_start_matches('=').to_owned())
+        .unwrap_or_default()
+}
+
+async fn json_of(response: Response) -> Option<serde_json::Value> {
+    let bytes = axum::body::to_bytes(response.into_body(), 64 << 20).await.ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// Merges the nodes' pages into one: newest first (by creation time, then
+/// id, as each node orders them), one copy of a session that two nodes
+/// listed during a hand-over (the higher version), `offset` skipped,
+/// `limit` kept.
+fn merge_lists(answers: Vec<serde_json::Value>, offset: usize, limit: usize) -> serde_json::Value {
+    let mut more = false;
+    let mut all: Vec<serde_json::Value> = Vec::new();
+    for mut answer in answers {
+        more |= !answer["next_cursor"].is_null();
+        if let serde_json::Value::Array(sessions) = answer["sessions"].take() {
+            all.extend(sessions);
+        }
+    }
+    let key = |s: &serde_json::Value| {
+        (
+            s["created_at"]
+                .as_str()
+                .and_then(crate::model::time::parse_rfc3339)
+                .unwrap_or_default(),
+            s["session_id"].as_str().unwrap_or_default().to_owned(),
+        )
+    };
+    all.sort_by(|a, b| {
+        key(b)
+            .cmp(&key(a))
+            .then_with(|| b["version"].as_u64().cmp(&a["version"].as_u64()))
+    });
+    all.dedup_by(|later, earlier| key(later) == key(earlier));
+    let total = all.len();
+    let page: Vec<serde_json::Value> = all.into_iter().skip(offset).take(limit).collect();
+    let more = more || total > offset + limit;
+    let next_cursor = match (more, page.last()) {
+        (true, Some(last)) => {
+            let (at, id) = key(last);
+            Some(crate::engine::queries::encode_cursor(at, &id))
+        }
+        _ => None,
+    };
+    serde_json::json!({ "sessions": page, "count": page.len(), "next_cursor": next_cursor })
+}
+
+/// Sums the nodes' figures (the mean duration weighted by sessions).
+fn merge_metrics(answers: &[serde_json::Value]) -> serde_json::Value {
+    let sum = |field: &str| answers.iter().map(|a| a[field].as_u64().unwrap_or(0)).sum::<u64>();
+    let total = sum("total_sessions");
+    let weighted: f64 = answers
+        .iter()
+        .map(|a| {
+            a["avg_session_duration_minutes"].as_f64().unwrap_or(0.0)
+                * a["total_sessions"].as_u64().unwrap_or(0) as f64
+        })
+        .sum();
+    serde_json::json!({
+        "active_sessions": sum("active_sessions"),
+        "idle_sessions": sum("idle_sessions"),
+        "total_sessions": total,
+        "total_tool_executions": sum("total_tool_executions"),
+        "total_tokens_used": sum("total_tokens_used"),
+        "avg_session_duration_minutes": if total == 0 { 0.0 } else { weighted / total as f64 },
+    })
 }
 
 /// What a forward came back with.

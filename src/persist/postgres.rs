@@ -18,7 +18,7 @@ use super::outbox::Entry;
 use crate::cluster::placement::shard_of;
 use crate::cluster::registry::{self, RegistryError};
 use crate::crypto::TokenHash;
-use crate::model::session::SessionCredentials;
+use crate::model::session::{Ending, SessionCredentials};
 use crate::model::{AuditEntry, ClientText, ClientType, Millis, Session, Status, ToolExecution};
 
 /// The schema's migrations (`deploy/migrations`), embedded in the binary.
@@ -333,16 +333,18 @@ impl Postgres {
             .await
     }
 
-    /// As [`Postgres::live_sessions`], for the live sessions of cluster
-    /// shard `shard` (rows written by cluster nodes), which a node that
-    /// takes the shard over rebuilds.
+    /// As [`Postgres::live_sessions`], for the sessions of cluster shard
+    /// `shard` (rows written by cluster nodes) that are live or ended
+    /// after `ended_since` (Unix ms: those still readable), which a node
+    /// that takes the shard over rebuilds.
     pub async fn live_sessions_of_shard(
         &self,
         shard: u32,
+        ended_since: Millis,
         after: Uuid,
         limit: usize,
     ) -> Result<Vec<(Session, Vec<(u64, ToolExecution)>)>, PgError> {
-        self.live_sessions_where(Live::Shard(shard), after, limit)
+        self.live_sessions_where(Live::Shard(shard, ended_since), after, limit)
             .await
     }
 
@@ -353,8 +355,11 @@ impl Postgres {
         limit: usize,
     ) -> Result<Vec<(Session, Vec<(u64, ToolExecution)>)>, PgError> {
         let filter = match which {
-            Live::Tenants(_) => "tenant_id = ANY($1)",
-            Live::Shard(_) => "shard = $1",
+            Live::Tenants(_) => "status IN ('active', 'idle') AND tenant_id = ANY($1)",
+            Live::Shard(..) => {
+                "shard = $1 AND (status IN ('active', 'idle') \
+                 OR terminated_at > to_timestamp($4::float8 / 1000))"
+            }
         };
         let query = format!(
             "SELECT id, session_id, tenant_id, user_id, edge_mcp_id, client_name, client_type,
@@ -364,22 +369,26 @@ impl Postgres {
                     (extract(epoch FROM lifetime_started_at) * 1000)::int8 AS lifetime_ms,
                     (extract(epoch FROM last_activity_at) * 1000)::int8 AS activity_ms,
                     idle_timeout_seconds, ttl_seconds, version, passthrough_auth_encrypted,
-                    session_token_sha256, refresh_token_sha256
+                    session_token_sha256, refresh_token_sha256,
+                    (extract(epoch FROM terminated_at) * 1000)::int8 AS ended_ms, termination_reason
              FROM mcp.edge_mcp_sessions
-             WHERE status IN ('active', 'idle') AND {filter} AND id > $2
+             WHERE {filter} AND id > $2
              ORDER BY id
              LIMIT $3"
         );
         let query = sqlx::query(&query);
         let query = match which {
             Live::Tenants(tenants) => query.bind(tenants),
-            Live::Shard(shard) => query.bind(i32::try_from(shard).unwrap_or(i32::MAX)),
+            Live::Shard(shard, _) => query.bind(i32::try_from(shard).unwrap_or(i32::MAX)),
         };
-        let rows = query
+        let query = query
             .bind(after)
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .fetch_all(&self.pool)
-            .await?;
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX));
+        let query = match which {
+            Live::Tenants(_) => query,
+            Live::Shard(_, since) => query.bind(since as f64),
+        };
+        let rows = query.fetch_all(&self.pool).await?;
         let mut sessions = Vec::with_capacity(rows.len());
         let mut index = HashMap::with_capacity(rows.len());
         for row in rows {
@@ -430,8 +439,9 @@ impl Postgres {
 enum Live<'a> {
     /// Those of these tenants.
     Tenants(&'a [Uuid]),
-    /// Those of this cluster shard.
-    Shard(u32),
+    /// Those of this cluster shard, and its sessions ended after this
+    /// (Unix ms).
+    Shard(u32, Millis),
 }
 
 /// Recomputes a rebuilt session's counters and per-tool statistics from its
@@ -508,7 +518,18 @@ fn session_from_row(row: &sqlx::postgres::PgRow) -> Result<Session, PgError> {
         last_activity_at: row.try_get::<i64, _>("activity_ms")?,
         idle_timeout_seconds: row.try_get::<i32, _>("idle_timeout_seconds")?.max(1) as u32,
         ttl_seconds: row.try_get::<i32, _>("ttl_seconds")?.max(1) as u32,
-        ending: None,
+        ending: match (
+            row.try_get::<Option<i64>, _>("ended_ms")?,
+            row.try_get::<Option<String>, _>("termination_reason")?,
+        ) {
+            (Some(at), reason) if Status::parse(&status).is_some_and(|s| s.is_final()) => {
+                Some(Box::new(Ending {
+                    at,
+                    reason: reason.unwrap_or_default().into(),
+                }))
+            }
+            _ => None,
+        },
         version: count("version")?,
         tools: Box::default(),
         credentials: SessionCredentials {

@@ -95,6 +95,19 @@ impl WriteOp {
         ops
     }
 
+    /// A session read back from PostgreSQL into a cluster node's cache:
+    /// its record and index entries, as if it had been written here.
+    pub fn cached(session: &Session) -> Vec<Self> {
+        let mut ops = vec![
+            WriteOp::index_session(session),
+            WriteOp::put_session(session),
+        ];
+        if session.status.is_final() {
+            ops.push(WriteOp::index_finished(session));
+        }
+        ops
+    }
+
     fn index_finished(session: &Session) -> Self {
         WriteOp::Put {
             key: keys::finished(
