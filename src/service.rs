@@ -328,6 +328,10 @@ impl ClusterNode {
             url => url.trim_end_matches('/').to_owned(),
         };
         let cache = settings.storage.data_dir.join(CLUSTER_CACHE_DIR);
+        // The cache is emptied only by the node that holds the data dir:
+        // a second process on the same dir stops here, before it deletes
+        // anything of the first's.
+        lock_data_dir(&settings.storage.data_dir)?;
         if cache.exists() {
             std::fs::remove_dir_all(&cache)
                 .with_context(|| format!("emptying the cluster cache {}", cache.display()))?;
@@ -420,6 +424,31 @@ impl ClusterNode {
         member.run(stop).await;
         tracing::info!(node_id = %self.config.node_id, "left the cluster");
     }
+}
+
+/// Takes `data_dir/cluster.lock` (an advisory `flock`) for the life of
+/// the process; fails when another process holds it.
+fn lock_data_dir(data_dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
+    let path = data_dir.join("cluster.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: flock on a descriptor this function owns; no memory involved.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        anyhow::bail!(
+            "storage.data_dir: {} is in use by another edge-sessions process",
+            data_dir.display()
+        );
+    }
+    // Held until the process exits (the kernel drops the lock then).
+    std::mem::forget(file);
+    Ok(())
 }
 
 /// The PostgreSQL tier from `[postgres]`, when `url` is set.

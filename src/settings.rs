@@ -491,10 +491,24 @@ impl Settings {
                 return fail("cluster.lease_seconds", "must be 1 to 3600");
             }
             let url = c.advertise_url.trim();
-            if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
+            if !(url.is_empty() || url.starts_with("http://")) {
                 return fail(
                     "cluster.advertise_url",
-                    "must start with http:// or https://",
+                    "must start with http:// (nodes call each other over plain HTTP on the private network; see README)",
+                );
+            }
+            if c.node_id.trim().len() > 128
+                || !c.node_id.trim().bytes().all(|b| b.is_ascii_graphic())
+            {
+                return fail(
+                    "cluster.node_id",
+                    "must be at most 128 visible ASCII characters (it is sent as a header)",
+                );
+            }
+            if self.server.tls_cert_file.is_some() {
+                return fail(
+                    "server.tls_cert_file",
+                    "a cluster node serves plain HTTP (the nodes forward to each other over it); terminate TLS in front of the cluster",
                 );
             }
             if url.is_empty() && self.server.listen.ip().is_unspecified() {

@@ -535,7 +535,10 @@ async fn a_cluster_node_writes_each_session_with_its_shard_and_rebuilds_one_shar
     for shard in 0..SHARDS {
         let mut after = uuid::Uuid::nil();
         loop {
-            let page = node.live_sessions_of_shard(shard, 0, after, 4).await.unwrap();
+            let page = node
+                .live_sessions_of_shard(shard, 0, after, 4)
+                .await
+                .unwrap();
             let Some(last) = page.last() else { break };
             after = last.0.id;
             for (s, executions) in &page {

@@ -259,20 +259,49 @@ async fn any_node_answers_for_every_session_and_names_its_owner() {
         sorted.sort();
         sorted.dedup();
         assert_eq!(sorted.len(), seen.len(), "a session listed twice on {base}");
-        assert_eq!(sorted, owners.keys().cloned().collect::<Vec<_>>(), "list on {base}");
-        let (_, _, page) =
-            call_node(&client, base, Method::GET, "/api/v1/sessions?offset=20&limit=3", KEY_A, None).await;
+        assert_eq!(
+            sorted,
+            owners.keys().cloned().collect::<Vec<_>>(),
+            "list on {base}"
+        );
+        let (_, _, page) = call_node(
+            &client,
+            base,
+            Method::GET,
+            "/api/v1/sessions?offset=20&limit=3",
+            KEY_A,
+            None,
+        )
+        .await;
         assert_eq!(page["count"], 3, "{page}");
-        let (_, _, page) = call_node(&client, base, Method::GET, "/api/v1/sessions", KEY_B, None).await;
-        assert_eq!(page["count"], 0, "tenant B sees none of A's sessions: {page}");
-        let (status, _, figures) =
-            call_node(&client, base, Method::GET, "/api/v1/sessions/metrics", KEY_A, None).await;
+        let (_, _, page) =
+            call_node(&client, base, Method::GET, "/api/v1/sessions", KEY_B, None).await;
+        assert_eq!(
+            page["count"], 0,
+            "tenant B sees none of A's sessions: {page}"
+        );
+        let (status, _, figures) = call_node(
+            &client,
+            base,
+            Method::GET,
+            "/api/v1/sessions/metrics",
+            KEY_A,
+            None,
+        )
+        .await;
         assert_eq!(status, StatusCode::OK, "{figures}");
         assert_eq!(figures["total_sessions"], 24, "{figures}");
         assert_eq!(figures["active_sessions"], 24, "{figures}");
         assert_eq!(figures["total_tool_executions"], 24 * 3, "{figures}");
-        let (status, _, _) =
-            call_node(&client, base, Method::GET, "/api/v1/sessions?limit=0", KEY_A, None).await;
+        let (status, _, _) = call_node(
+            &client,
+            base,
+            Method::GET,
+            "/api/v1/sessions?limit=0",
+            KEY_A,
+            None,
+        )
+        .await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
     }
 
@@ -518,7 +547,11 @@ async fn a_rolling_restart_fails_no_call_and_loses_nothing() {
     }
     let client = common::client();
     let bases = std::sync::Arc::new(std::sync::Mutex::new(
-        nodes.iter().flatten().map(|n| n.base.clone()).collect::<Vec<String>>(),
+        nodes
+            .iter()
+            .flatten()
+            .map(|n| n.base.clone())
+            .collect::<Vec<String>>(),
     ));
     let first = bases.lock().unwrap()[0].clone();
     wait_balanced(&client, &first, 3).await;
@@ -571,14 +604,25 @@ async fn a_rolling_restart_fails_no_call_and_loses_nothing() {
                     )
                     .await
                 } else {
-                    call_node(&client, &base, Method::GET, &format!("/api/v1/sessions/{id}"), KEY_A, None).await
+                    call_node(
+                        &client,
+                        &base,
+                        Method::GET,
+                        &format!("/api/v1/sessions/{id}"),
+                        KEY_A,
+                        None,
+                    )
+                    .await
                 };
                 if status.is_success() {
                     if i % 2 == 0 {
                         *executed.lock().unwrap().entry(id.clone()).or_default() += 1;
                     }
                 } else {
-                    failures.lock().unwrap().push(format!("{status} on node {node}: {body}"));
+                    failures
+                        .lock()
+                        .unwrap()
+                        .push(format!("{status} on node {node}: {body}"));
                 }
                 i += 3;
             }
@@ -609,7 +653,11 @@ async fn a_rolling_restart_fails_no_call_and_loses_nothing() {
     if !failures.is_empty() {
         logs.extend(nodes.iter().flatten().map(|n| n.logs.clone()));
         for failure in &failures {
-            let Some(id) = failure.split("request_id\":\"").nth(1).and_then(|r| r.split('"').next()) else {
+            let Some(id) = failure
+                .split("request_id\":\"")
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+            else {
                 continue;
             };
             for node_logs in &logs {
@@ -619,7 +667,12 @@ async fn a_rolling_restart_fails_no_call_and_loses_nothing() {
             }
         }
     }
-    assert!(failures.is_empty(), "{} calls failed: {:?}", failures.len(), &failures[..failures.len().min(10)]);
+    assert!(
+        failures.is_empty(),
+        "{} calls failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(10)]
+    );
     // Nothing lost: every acknowledged execution is counted.
     let executed = executed.lock().unwrap().clone();
     let base = bases.lock().unwrap()[0].clone();
@@ -634,7 +687,11 @@ async fn a_rolling_restart_fails_no_call_and_loses_nothing() {
         )
         .await;
         assert_eq!(status, StatusCode::OK);
-        assert_eq!(metrics["tool_execution_count"].as_u64(), Some(*count), "{id}: {metrics}");
+        assert_eq!(
+            metrics["tool_execution_count"].as_u64(),
+            Some(*count),
+            "{id}: {metrics}"
+        );
     }
     eprintln!(
         "rolling restart: {} executions acknowledged, none failed",

@@ -324,14 +324,8 @@ impl Member {
         let me = self.config.node_id.as_str();
         let mut round = Round::default();
 
-        let nodes = registry::nodes(&self.pool, lease).await?;
-        round.members = nodes
-            .iter()
-            .filter(|n| n.alive)
-            .map(|n| n.node_id.clone())
-            .collect();
-
-        // Renew what is still held; what ran out here is lost. A renewal
+        // What ran out on this node's clock is lost, before anything
+        // waits for PostgreSQL. Then renew what is still held. A renewal
         // that does not go through (its row locked by a write) leaves the
         // shard held until it runs out, as it cannot change hands before.
         let (held, lapsed) = self.drop_lapsed();
@@ -339,6 +333,12 @@ impl Member {
         for (shard, epoch) in lapsed {
             self.owner.lost(shard, epoch);
         }
+        let nodes = registry::nodes(&self.pool, lease).await?;
+        round.members = nodes
+            .iter()
+            .filter(|n| n.alive)
+            .map(|n| n.node_id.clone())
+            .collect();
         self.renew(&held).await?;
 
         // Take and hand over.
@@ -443,7 +443,14 @@ impl Member {
                 _ = tick.tick() => {}
                 _ = stop.wait_for(|stopped| *stopped) => break,
             }
-            match self.round().await {
+            // A round that hangs (PostgreSQL frozen, a connection dead
+            // without a reset) counts as failed at half a lease, so the
+            // shards that run out meanwhile are given up in time.
+            let round = match tokio::time::timeout(self.config.lease / 2, self.round()).await {
+                Ok(round) => round,
+                Err(_) => Err(RegistryError::Timeout),
+            };
+            match round {
                 Ok(round) => {
                     if !round.acquired.is_empty()
                         || !round.draining.is_empty()
@@ -462,6 +469,12 @@ impl Member {
                     }
                 }
                 Err(e) => {
+                    // Cut off from PostgreSQL: what runs out meanwhile is
+                    // given up now, not at the next round that gets through.
+                    let (_, lapsed) = self.drop_lapsed();
+                    for (shard, epoch) in lapsed {
+                        self.owner.lost(shard, epoch);
+                    }
                     self.owned.send_replace(self.held());
                     tracing::warn!(node = %self.config.node_id, error = %e, "cluster round failed");
                 }

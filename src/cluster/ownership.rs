@@ -42,6 +42,9 @@ pub struct Tenure {
     pub stage: Stage,
 }
 
+/// Stands for every shard in a stale pair whose session is unknown here.
+pub const ANY_SHARD: u32 = u32::MAX;
+
 /// A session of a shard, as its registry entry.
 pub type SessionKey = (Uuid, Arc<str>);
 
@@ -65,8 +68,9 @@ pub struct Ownership {
 pub struct Sorted<T> {
     /// Entries to ship: (record, shard, epoch the shard is held at, entry).
     pub kept: Vec<(u64, u32, u64, T)>,
-    /// Log records holding an entry that must not be shipped.
-    pub stale_records: Vec<u64>,
+    /// (log record, shard) of the entries that must not be shipped; the
+    /// shard is [`ANY_SHARD`] when the entry's session is unknown here.
+    pub stale: Vec<(u64, u32)>,
     /// How many entries were left out.
     pub dropped: usize,
 }
@@ -119,16 +123,51 @@ impl Ownership {
             .count()
     }
 
-    /// A tenure begins (adopting).
-    pub fn begin(&self, shard: u32, epoch: u64, from_record: u64) {
+    /// A tenure begins (adopting). Nothing logged for the shard ships
+    /// until [`Ownership::ship_from`] says from where.
+    pub fn begin(&self, shard: u32, epoch: u64) {
         self.write().insert(
             shard,
             Tenure {
                 epoch,
-                from_record,
+                from_record: u64::MAX,
                 stage: Stage::Adopting,
             },
         );
+    }
+
+    /// Changes of `shard` logged from record `from` on ship under the
+    /// tenure at `epoch`; false if the shard is no longer held at it.
+    pub fn ship_from(&self, shard: u32, epoch: u64, from: u64) -> bool {
+        match self.write().get_mut(&shard) {
+            Some(t) if t.epoch == epoch => {
+                t.from_record = from;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Runs `f` while `shard` is held (at `epoch`, when given) and serves or
+    /// drains calls (when `calls`): the tenure cannot end meanwhile, so what
+    /// `f` starts for the shard is stopped by the tenure's end. `None`, and
+    /// `f` not run, when it is not held so. `f` must not ask this
+    /// ownership for tenures (the lock is held).
+    pub fn while_held<R>(
+        &self,
+        shard: u32,
+        epoch: Option<u64>,
+        calls: bool,
+        f: impl FnOnce() -> R,
+    ) -> Option<R> {
+        let tenures = self.read();
+        let tenure = tenures.get(&shard)?;
+        if epoch.is_some_and(|e| e != tenure.epoch) || (calls && tenure.stage == Stage::Adopting) {
+            return None;
+        }
+        let result = f();
+        drop(tenures);
+        Some(result)
     }
 
     /// Moves the tenure of `shard` at `epoch` to `stage`; false if the
@@ -169,6 +208,11 @@ impl Ownership {
         self.lock_sessions(shard).insert(row, (tenant, session_id));
     }
 
+    /// The shard of a session row registered here.
+    pub fn shard_of_row(&self, row: Uuid) -> Option<u32> {
+        self.rows.get(&row).map(|s| *s)
+    }
+
     /// The sessions of `shard` registered here.
     pub fn sessions_of(&self, shard: u32) -> Vec<SessionKey> {
         self.lock_sessions(shard).values().cloned().collect()
@@ -198,7 +242,7 @@ impl Ownership {
         let tenures = self.read();
         let mut sorted = Sorted {
             kept: Vec::with_capacity(entries.len()),
-            stale_records: Vec::new(),
+            stale: Vec::new(),
             dropped: 0,
         };
         for (record, entry) in entries {
@@ -213,8 +257,9 @@ impl Ownership {
                 }
                 _ => {
                     sorted.dropped += 1;
-                    if sorted.stale_records.last() != Some(&record) {
-                        sorted.stale_records.push(record);
+                    let pair = (record, shard.unwrap_or(ANY_SHARD));
+                    if !sorted.stale.contains(&pair) {
+                        sorted.stale.push(pair);
                     }
                 }
             }
@@ -269,7 +314,8 @@ mod tests {
         let id = "ses_x";
         let shard = o.shard_of(tenant, id);
         let row = Uuid::from_u128(99);
-        o.begin(shard, 4, 10);
+        o.begin(shard, 4);
+        assert!(o.ship_from(shard, 4, 10));
         o.register(row, tenant, id.into(), shard);
         let entries = vec![
             (9, EntryKey2::S),  // logged before the tenure began
@@ -283,7 +329,7 @@ mod tests {
         });
         let kept: Vec<(u64, u32, u64)> = sorted.kept.iter().map(|k| (k.0, k.1, k.2)).collect();
         assert_eq!(kept, vec![(10, shard, 4), (11, shard, 4)]);
-        assert_eq!(sorted.stale_records, vec![9, 12]);
+        assert_eq!(sorted.stale, vec![(9, shard), (12, ANY_SHARD)]);
         assert_eq!(sorted.dropped, 2);
         // The tenure ends: nothing of the shard ships, its rows are gone.
         assert_eq!(o.end(shard, 3), None, "another epoch ends nothing");

@@ -30,6 +30,9 @@ pub enum RegistryError {
     /// PostgreSQL could not be reached or refused the statement.
     #[error("postgres: {0}")]
     Postgres(#[from] sqlx::Error),
+    /// A round took longer than half a lease.
+    #[error("a cluster round took longer than half a lease")]
+    Timeout,
     /// The cluster was created with another shard count.
     #[error("cluster.shards is {configured}, but the cluster in PostgreSQL has {existing} shards (fixed for the cluster's life)")]
     ShardCount {
@@ -226,28 +229,62 @@ pub async fn acquire(
 
 /// Extends the leases `node_id` still holds among `held` (shard, epoch)
 /// for `lease` from now; answers the shards renewed. One that ran out, or
-/// changed hands, is not renewed (the node lost it), nor is one whose row
-/// a write holds locked (it is renewed at the next round).
+/// changed hands, is not renewed (the node lost it).
+///
+/// A write for a shard holds its row `FOR SHARE` (the fence) until it
+/// commits, and under a steady load some write nearly always does: a
+/// renewal that skipped locked rows could miss a busy shard round after
+/// round until its lease ran out. So the renewal waits for those writes
+/// (they are short), for at most an eighth of the lease; only past that
+/// does it skip the rows still locked, which the next round renews.
 pub async fn renew(
-    pool: impl PgExecutor<'_>,
+    pool: &sqlx::PgPool,
     node_id: &str,
     held: &[(u32, u64)],
     lease: Duration,
 ) -> Result<Vec<u32>, RegistryError> {
+    let wait = (lease / 8).max(Duration::from_millis(10));
+    let mut tx = pool.begin().await?;
+    sqlx::query(&format!("SET LOCAL lock_timeout = {}", millis(wait)))
+        .execute(&mut *tx)
+        .await?;
+    match renew_rows(&mut *tx, node_id, held, lease, "").await {
+        Ok(renewed) => {
+            tx.commit().await?;
+            Ok(renewed)
+        }
+        Err(RegistryError::Postgres(sqlx::Error::Database(e)))
+            if e.code().as_deref() == Some("55P03") =>
+        {
+            tx.rollback().await?;
+            renew_rows(pool, node_id, held, lease, "SKIP LOCKED").await
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The renewal's statement; `skip`: `SKIP LOCKED` or nothing.
+async fn renew_rows(
+    conn: impl PgExecutor<'_>,
+    node_id: &str,
+    held: &[(u32, u64)],
+    lease: Duration,
+    skip: &str,
+) -> Result<Vec<u32>, RegistryError> {
     let (shards, epochs) = split(held);
-    let rows = sqlx::query(
+    let rows = sqlx::query(&format!(
         "UPDATE mcp.cluster_shards SET lease_expires_at = statement_timestamp() + $4 * interval '1 millisecond' \
          WHERE shard IN (SELECT s.shard FROM mcp.cluster_shards AS s \
            JOIN UNNEST($2::int4[], $3::int8[]) AS h(shard, epoch) ON s.shard = h.shard \
            WHERE s.epoch = h.epoch AND s.owner = $1 AND s.lease_expires_at > statement_timestamp() \
-           FOR NO KEY UPDATE OF s SKIP LOCKED) \
-         RETURNING shard",
-    )
+           FOR NO KEY UPDATE OF s {skip}) \
+         RETURNING shard"
+    ))
     .bind(node_id)
     .bind(&shards)
     .bind(&epochs)
     .bind(millis(lease) as f64)
-    .fetch_all(pool)
+    .fetch_all(conn)
     .await?;
     Ok(rows.iter().map(|r| r.get::<i32, _>(0) as u32).collect())
 }

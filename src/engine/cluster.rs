@@ -8,17 +8,17 @@
 //! nothing stale is ever read back, and a shard taken again is rebuilt
 //! afresh from PostgreSQL.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use actix::Addr;
 use futures::future::BoxFuture;
 use futures::stream::{self, StreamExt};
 use uuid::Uuid;
 
 use super::handle::Engine;
-use super::recovery::{classify, Found};
-use super::session::{Evict, FlushActivity};
+use super::session::{Evict, FlushActivity, SessionActor};
 use super::shared::FAN_OUT;
 use super::tenant;
 use crate::cluster::ownership::{SessionKey, Stage};
@@ -40,7 +40,13 @@ pub struct EngineShards {
     postgres: Postgres,
     /// Longest a hand-over waits for calls in flight and for PostgreSQL.
     drain_limit: Duration,
+    /// The actors of each shard lost or handed over, until they stopped: a
+    /// shard taken again ships nothing they may still write.
+    evicted: Arc<Evicted>,
 }
+
+/// Actors told to stop, by shard.
+type Evicted = std::sync::Mutex<HashMap<u32, Vec<Addr<SessionActor>>>>;
 
 impl EngineShards {
     /// The owner of `engine`'s shards (started with `ownership` as its
@@ -59,38 +65,39 @@ impl EngineShards {
             ownership,
             postgres,
             drain_limit,
+            evicted: Arc::default(),
         })
     }
 }
 
 impl ShardOwner for EngineShards {
     fn adopt(&self, shard: u32, epoch: u64) {
-        // Changes logged from here on may ship under this epoch.
-        let from = self
-            .engine
-            .outbox
-            .as_ref()
-            .map_or(0, |outbox| outbox.applied_through() + 1);
-        self.ownership.begin(shard, epoch, from);
-        let (engine, ownership, postgres) = (
+        self.ownership.begin(shard, epoch);
+        let (engine, ownership, postgres, evicted) = (
             self.engine.clone(),
             self.ownership.clone(),
             self.postgres.clone(),
+            self.evicted.clone(),
         );
         tokio::spawn(async move {
             engine
-                .adopt_shard(&ownership, &postgres, shard, epoch)
+                .adopt_shard(&ownership, &postgres, &evicted, shard, epoch)
                 .await
         });
     }
 
     fn drain(&self, shard: u32, epoch: u64) -> BoxFuture<'static, ()> {
-        let (engine, ownership, limit) = (
+        let (engine, ownership, evicted, limit) = (
             self.engine.clone(),
             self.ownership.clone(),
+            self.evicted.clone(),
             self.drain_limit,
         );
-        Box::pin(async move { engine.drain_shard(&ownership, shard, epoch, limit).await })
+        Box::pin(async move {
+            engine
+                .drain_shard(&ownership, &evicted, shard, epoch, limit)
+                .await
+        })
     }
 
     fn lost(&self, shard: u32, epoch: u64) {
@@ -101,26 +108,48 @@ impl ShardOwner for EngineShards {
                 sessions = sessions.len(),
                 "cluster: shard lost; its sessions are served elsewhere now"
             );
-            self.engine.evict(sessions);
+            let stopped = self.engine.evict(sessions);
+            lock(&self.evicted)
+                .entry(shard)
+                .or_default()
+                .extend(stopped);
         }
     }
 }
 
+fn lock(evicted: &Evicted) -> std::sync::MutexGuard<'_, HashMap<u32, Vec<Addr<SessionActor>>>> {
+    evicted.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Longest a shard taken again waits for its former actors to stop.
+const EVICTED_WAIT: Duration = Duration::from_secs(5);
+
 impl Engine {
-    /// Rebuilds `shard`'s live sessions from PostgreSQL and starts their
-    /// actors, then serves it; retries while PostgreSQL fails, for as long
-    /// as this node holds the shard at `epoch`.
+    /// Takes `shard` over: waits until the actors it had here before (if
+    /// it lost the shard and won it back) have stopped, so nothing they
+    /// write can ship; stores the shard's sessions read from PostgreSQL
+    /// (live ones, and ended ones within their retention), which never
+    /// ship back; from the next log record on, the shard's changes ship
+    /// under `epoch`; then starts the live sessions' actors and serves the
+    /// shard. Reading PostgreSQL is retried while it fails, for as long as
+    /// this node holds the shard at `epoch`.
     async fn adopt_shard(
         &self,
         ownership: &Ownership,
         postgres: &Postgres,
+        evicted: &Evicted,
         shard: u32,
         epoch: u64,
     ) {
         let started = std::time::Instant::now();
+        let former = lock(evicted).remove(&shard).unwrap_or_default();
+        let waited = tokio::time::Instant::now() + EVICTED_WAIT;
+        while former.iter().any(Addr::connected) && tokio::time::Instant::now() < waited {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let mut after = Uuid::nil();
         let mut delay = ADOPT_RETRY.0;
-        let mut adopted = 0usize;
+        let mut live = Vec::new();
         loop {
             if ownership.tenure(shard).map(|t| t.epoch) != Some(epoch) {
                 return;
@@ -136,8 +165,7 @@ impl Engine {
                         break;
                     };
                     after = last;
-                    adopted += page.len();
-                    self.install(ownership, shard, page);
+                    live.extend(self.store_page(ownership, shard, page));
                     delay = ADOPT_RETRY.0;
                 }
                 Err(e) => {
@@ -147,43 +175,52 @@ impl Engine {
                 }
             }
         }
-        // Reads of the store see what was installed before calls come.
+        // In the log (so reads see it) before the shard's changes ship:
+        // what was read back is never written back.
         let _ = self.shared.write_behind.local_barrier().await;
-        if ownership.set_stage(shard, epoch, Stage::Serving) {
+        let from = self
+            .outbox
+            .as_ref()
+            .map_or(0, |outbox| outbox.applied_through() + 1);
+        if !ownership.ship_from(shard, epoch, from) {
+            return;
+        }
+        let count = live.len();
+        let started_all = ownership.while_held(shard, Some(epoch), false, || {
+            let mut restorer = tenant::Restorer::new(&self.shared);
+            for session in live {
+                if let Some(handle) = self.tenants.get(&session.tenant_id) {
+                    restorer.restore(handle.limits.id, &handle.link, session);
+                }
+            }
+            restorer.finish();
+        });
+        if started_all.is_some() && ownership.set_stage(shard, epoch, Stage::Serving) {
             crate::telemetry::metrics::cluster_handover("adopt", started.elapsed());
             tracing::debug!(
                 shard,
                 epoch,
-                sessions = adopted,
+                sessions = count,
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "cluster: shard served here"
             );
         }
     }
 
-    /// Puts one page of a shard's sessions in the store and starts the
-    /// live ones (those overdue meanwhile end, expired, here); the ended
-    /// ones are only stored, readable for the rest of their retention.
-    fn install(
+    /// Stores one page of a shard's sessions (records, index entries,
+    /// executions) and registers them; answers the live ones, whose actors
+    /// start once the shard ships (an overdue one expires in its actor,
+    /// and that end ships).
+    fn store_page(
         &self,
         ownership: &Ownership,
         shard: u32,
         page: Vec<(Session, Vec<(u64, ToolExecution)>)>,
-    ) {
-        let now = self.shared.clock.now();
-        let known: HashSet<Uuid> = self.tenants.keys().copied().collect();
-        let mut restorer = tenant::Restorer::new(&self.shared);
+    ) -> Vec<Session> {
+        let mut live = Vec::new();
         let mut ops = Vec::new();
         for (session, executions) in page {
-            let Some(handle) = self.tenants.get(&session.tenant_id) else {
-                continue;
-            };
-            if self
-                .shared
-                .directory(session.tenant_id)
-                .contains_key(&*session.session_id)
-            {
-                // Running here already (created under this tenure).
+            if !self.tenants.contains_key(&session.tenant_id) {
                 continue;
             }
             ownership.register(
@@ -196,22 +233,25 @@ impl Engine {
             for (seq, execution) in &executions {
                 ops.push(WriteOp::put_execution(session.id, *seq, execution));
             }
-            match classify(session, 0, &known, now, self.shared.idle_after_ms) {
-                Found::Expired(session) => ops.extend(WriteOp::final_session(&session)),
-                Found::Live(session, _) => {
-                    restorer.restore(handle.limits.id, &handle.link, session)
-                }
-                Found::Final | Found::Orphan => {}
+            if !session.status.is_final() {
+                live.push(session);
             }
         }
         self.shared.write_behind.submit(ops, false);
-        restorer.finish();
+        live
     }
 
     /// Hands `shard` over: no new calls, the calls in flight finish, the
     /// sessions' coalesced writes are queued, everything queued commits to
     /// PostgreSQL (each step within `limit`), then its actors stop.
-    async fn drain_shard(&self, ownership: &Ownership, shard: u32, epoch: u64, limit: Duration) {
+    async fn drain_shard(
+        &self,
+        ownership: &Ownership,
+        evicted: &Evicted,
+        shard: u32,
+        epoch: u64,
+        limit: Duration,
+    ) {
         if !ownership.set_stage(shard, epoch, Stage::Draining) {
             return;
         }
@@ -249,20 +289,24 @@ impl Engine {
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "cluster: shard handed over"
             );
-            self.evict(sessions);
+            let stopped = self.evict(sessions);
+            lock(evicted).entry(shard).or_default().extend(stopped);
         }
     }
 
     /// Stops the actors of `sessions` without a write and takes them out
-    /// of the store (a cache of the shards served here).
-    pub(super) fn evict(&self, sessions: Vec<SessionKey>) {
+    /// of the store (a cache of the shards served here); answers the
+    /// actors told to stop.
+    pub(super) fn evict(&self, sessions: Vec<SessionKey>) -> Vec<Addr<SessionActor>> {
         let mut ops = Vec::new();
+        let mut stopped = Vec::new();
         for (tenant, id) in sessions {
             let Some(directory) = self.shared.directories.get(&tenant) else {
                 continue;
             };
             if let Some((_, addr)) = directory.remove(&*id) {
                 addr.do_send(Evict);
+                stopped.push(addr);
             }
             match self.shared.store.session(tenant, &id) {
                 Ok(Some(session)) => match purge_ops(&self.shared.store, &session) {
@@ -280,6 +324,7 @@ impl Engine {
         if !ops.is_empty() {
             self.shared.write_behind.submit(ops, false);
         }
+        stopped
     }
 
     /// On a cluster node, a fresh session id of a shard this node serves,
@@ -299,10 +344,12 @@ impl Engine {
         })
     }
 
-    /// On a cluster node, whether it serves `session_id`'s shard now.
+    /// On a cluster node, whether it takes calls for `session_id`'s shard
+    /// now (serving it, or draining the calls it let in before).
     pub(super) fn serves(&self, tenant: Uuid, session_id: &str) -> bool {
         self.shared.ownership.as_ref().is_none_or(|o| {
-            o.tenure(o.shard_of(tenant, session_id)).map(|t| t.stage) == Some(Stage::Serving)
+            o.tenure(o.shard_of(tenant, session_id))
+                .is_some_and(|t| t.stage != Stage::Adopting)
         })
     }
 }

@@ -89,6 +89,7 @@ impl Engine {
         let shipping = outbox.as_ref().map(|outbox| Shipping {
             outbox: outbox.clone(),
             ack_after_commit: config.durability == Durability::Postgres,
+            ownership: config.cluster.clone(),
             commit_timeout: config
                 .postgres
                 .as_ref()

@@ -55,7 +55,11 @@ pub(crate) fn admit(
     {
         return Err(SessionError::TenantLimit { limit: max });
     }
-    let admitted = (|| {
+    let shard = shared
+        .ownership
+        .as_ref()
+        .map(|o| o.shard_of(limits.id, &session.session_id));
+    let admit = || {
         let mut ops = Vec::new();
         // An id the store cannot hold (nearly every new one) is not read.
         if client_chosen_id
@@ -78,14 +82,25 @@ pub(crate) fn admit(
         }
         ops.extend(WriteOp::new_session(&session));
         // Before the write: the shipper fences the session's rows by it.
-        if let Some(ownership) = &shared.ownership {
-            let shard = ownership.shard_of(limits.id, &session.session_id);
+        if let (Some(ownership), Some(shard)) = (&shared.ownership, shard) {
             ownership.register(session.id, limits.id, session.session_id.clone(), shard);
         }
         let durable = shared.write_behind.submit(ops, shared.sync_acks);
         slot.insert(start(shared, limits.id, link, session, true));
         Ok(durable)
-    })();
+    };
+    let admitted = match &shared.ownership {
+        // A cluster node admits only while it holds the session's shard,
+        // and the shard's tenure cannot end meanwhile (its end then stops
+        // this session's actor too).
+        Some(ownership) => {
+            let shard = shard.unwrap_or_default();
+            ownership
+                .while_held(shard, None, true, admit)
+                .unwrap_or(Err(SessionError::Unavailable))
+        }
+        None => admit(),
+    };
     if admitted.is_err() {
         release_slot(&link.live);
     }

@@ -57,8 +57,10 @@ pub const PEER_HEADER: HeaderName = HeaderName::from_static("x-edge-sessions-pee
 const VIEW_REFRESH: Duration = Duration::from_millis(100);
 /// How often a waiting call looks again.
 const WAIT_STEP: Duration = Duration::from_millis(20);
-/// Longest a forwarded call may take.
-const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest a forwarded call may take beyond the owner's own longest wait
+/// for its shard (the answer must come back even when the owner waited:
+/// a call given up here could still be carried out there).
+const FORWARD_SLACK: Duration = Duration::from_secs(30);
 
 /// A cluster node's handles for its HTTP side.
 pub struct ClusterHttp {
@@ -100,6 +102,11 @@ impl ClusterHttp {
     pub fn mark_joined(&self, member: Arc<Member>) {
         let _ = self.member.set(member);
         self.joined.store(true, Ordering::Release);
+    }
+
+    /// Whether this node's lease of `shard` runs (see [`Member::holds`]).
+    fn holds(&self, shard: u32) -> bool {
+        self.member().is_some_and(|m| m.holds(shard).is_some())
     }
 
     /// This node's membership, once joined.
@@ -148,7 +155,9 @@ fn target_of(method: &Method, uri: &Uri) -> Target {
     }
     if *method == Method::GET {
         match path {
-            "/api/v1/sessions" | "/api/v1/sessions/active" => return Target::Gather(Gathered::List),
+            "/api/v1/sessions" | "/api/v1/sessions/active" => {
+                return Target::Gather(Gathered::List)
+            }
             "/api/v1/sessions/metrics" => return Target::Gather(Gathered::Metrics),
             _ => {}
         }
@@ -213,20 +222,60 @@ pub async fn route(State(state): State<AppState>, request: Request, next: Next) 
             Err(e) => return e.into_response(),
         },
     };
-    let shard = match &session_id {
-        Some(id) => cluster.ownership.shard_of(tenant, id),
+    let (shard, request) = match session_id {
+        Some(id) => (cluster.ownership.shard_of(tenant, &id), request),
         // An execution that names no valid session: refused here (400).
         None if request.uri().path() == "/api/v1/executions" => return next.run(request).await,
-        // A create without an id: here if this node serves any shard (the
-        // engine picks an id of one), else at the owner of a fresh id's shard.
-        None if cluster.ownership.serving() > 0 => {
-            return with_node(next.run(request).await, cluster.ownership.node_id());
+        // A create without an id gets one here: of a shard this node
+        // serves when it serves any (no forward), else any; then it goes
+        // as a create of that id.
+        None => {
+            let id = id_for_create(&cluster.ownership, tenant);
+            match with_session_id(request, &id).await {
+                Ok(request) => (cluster.ownership.shard_of(tenant, &id), request),
+                // Not a JSON object: refused here (400).
+                Err(request) => return next.run(request).await,
+            }
         }
-        None => cluster
-            .ownership
-            .shard_of(tenant, &crate::model::ids::generate_session_id()),
     };
     serve_or_forward(&cluster, shard, forwarded, request, next).await
+}
+
+/// A fresh session id for a create that names none: of a shard this node
+/// serves, when it serves any.
+fn id_for_create(ownership: &Ownership, tenant: Uuid) -> String {
+    let mut id = crate::model::ids::generate_session_id();
+    if ownership.serving() == 0 {
+        return id;
+    }
+    // With k of n shards served here a try succeeds with probability k/n.
+    for _ in 0..4 * ownership.shards() {
+        let shard = ownership.shard_of(tenant, &id);
+        if ownership.tenure(shard).map(|t| t.stage) == Some(Stage::Serving) {
+            break;
+        }
+        id = crate::model::ids::generate_session_id();
+    }
+    id
+}
+
+/// A create's request with `session_id` set in its JSON body; the request
+/// as it was when its body is not a JSON object.
+async fn with_session_id(request: Request, id: &str) -> Result<Request, Request> {
+    let (parts, body) = request.into_parts();
+    let bytes = axum::body::to_bytes(body, super::extract::MAX_BODY_BYTES)
+        .await
+        .unwrap_or_default();
+    match serde_json::from_slice::<serde_json::Value>(&bytes) {
+        Ok(serde_json::Value::Object(mut fields)) => {
+            fields.insert("session_id".into(), id.into());
+            let body = serde_json::to_vec(&fields).unwrap_or_default();
+            let mut parts = parts;
+            parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+            Ok(Request::from_parts(parts, Body::from(body)))
+        }
+        _ => Err(Request::from_parts(parts, Body::from(bytes))),
+    }
 }
 
 /// Serves the call here once this node serves `shard`, or forwards it to
@@ -243,7 +292,10 @@ async fn serve_or_forward(
     let mut request = Some(request);
     loop {
         match cluster.ownership.tenure(shard).map(|t| t.stage) {
-            Some(Stage::Serving) => {
+            // Served only while the lease is sure to run on this node's
+            // clock too: a node cut off from PostgreSQL stops answering
+            // for its shards before another can have taken them.
+            Some(Stage::Serving) if cluster.holds(shard) => {
                 let _call = cluster.ownership.call(shard);
                 // Still serving once counted: a drain that began meanwhile
                 // waits for this call.
@@ -252,7 +304,7 @@ async fn serve_or_forward(
                     return with_node(next.run(request).await, &me);
                 }
             }
-            Some(Stage::Adopting | Stage::Draining) => {}
+            Some(_) => {}
             // Forwarded here on a view that is out of date: the forwarding
             // node reads the owners again and sends it on.
             None if forwarded => return misdirected(),
@@ -409,7 +461,9 @@ fn encode_component(text: &str) -> String {
 }
 
 async fn json_of(response: Response) -> Option<serde_json::Value> {
-    let bytes = axum::body::to_bytes(response.into_body(), 64 << 20).await.ok()?;
+    let bytes = axum::body::to_bytes(response.into_body(), 64 << 20)
+        .await
+        .ok()?;
     serde_json::from_slice(&bytes).ok()
 }
 
@@ -456,7 +510,12 @@ fn merge_lists(answers: Vec<serde_json::Value>, offset: usize, limit: usize) -> 
 
 /// Sums the nodes' figures (the mean duration weighted by sessions).
 fn merge_metrics(answers: &[serde_json::Value]) -> serde_json::Value {
-    let sum = |field: &str| answers.iter().map(|a| a[field].as_u64().unwrap_or(0)).sum::<u64>();
+    let sum = |field: &str| {
+        answers
+            .iter()
+            .map(|a| a[field].as_u64().unwrap_or(0))
+            .sum::<u64>()
+    };
     let total = sum("total_sessions");
     let weighted: f64 = answers
         .iter()
@@ -505,7 +564,10 @@ async fn forward(cluster: &ClusterHttp, base: &str, request: Request) -> Forward
         .method(parts.method.clone())
         .uri(uri);
     for (name, value) in &parts.headers {
-        if !is_hop_by_hop(name) {
+        if !is_hop_by_hop(name)
+            && name != super::request_id::X_REQUEST_ID
+            && name != super::request_id::X_TRACE_ID
+        {
             outgoing = outgoing.header(name, value);
         }
     }
@@ -517,12 +579,11 @@ async fn forward(cluster: &ClusterHttp, base: &str, request: Request) -> Forward
             outgoing = outgoing.header(&PEER_HEADER, peer);
         }
     }
-    // The id this call is logged under here, so both nodes log one id.
-    if !parts.headers.contains_key(&super::request_id::X_REQUEST_ID) {
-        if let Some(id) = parts.extensions.get::<super::request_id::RequestId>() {
-            if let Ok(id) = HeaderValue::from_str(&id.0) {
-                outgoing = outgoing.header(&super::request_id::X_REQUEST_ID, id);
-            }
+    // The id this call is logged under here (the caller's, when it was a
+    // valid one), so both nodes log and answer one id.
+    if let Some(id) = parts.extensions.get::<super::request_id::RequestId>() {
+        if let Ok(id) = HeaderValue::from_str(&id.0) {
+            outgoing = outgoing.header(&super::request_id::X_REQUEST_ID, id);
         }
     }
     let outgoing = match outgoing.body(Body::from(bytes.clone())) {
@@ -533,7 +594,8 @@ async fn forward(cluster: &ClusterHttp, base: &str, request: Request) -> Forward
             )
         }
     };
-    match tokio::time::timeout(FORWARD_TIMEOUT, cluster.client.request(outgoing)).await {
+    let limit = cluster.hand_over_wait + FORWARD_SLACK;
+    match tokio::time::timeout(limit, cluster.client.request(outgoing)).await {
         // The node was not the owner (any more): it did nothing; ask again.
         Ok(Ok(response)) if response.status() == StatusCode::MISDIRECTED_REQUEST => {
             Forwarded::NotSent(

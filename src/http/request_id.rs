@@ -17,7 +17,7 @@ use crate::telemetry::metrics::RouteHandles;
 /// `X-Request-Id`, echoed on every response.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// `X-Trace-ID`, accepted as the request id when `X-Request-Id` is absent.
-static X_TRACE_ID: HeaderName = HeaderName::from_static("x-trace-id");
+pub(crate) static X_TRACE_ID: HeaderName = HeaderName::from_static("x-trace-id");
 /// Longest request id taken from a client.
 const MAX_REQUEST_ID_LEN: usize = 128;
 /// Most header bytes (names and values) a request may carry; more is 431.

@@ -211,6 +211,8 @@ struct Waiter {
     upto: u64,
     deadline: Instant,
     ack: oneshot::Sender<Result<(), StoreError>>,
+    /// On a cluster node, the shards its change writes for.
+    shards: Vec<u32>,
 }
 
 /// The outbox's shared state: sequence numbers, live figures, and the
@@ -251,9 +253,6 @@ impl OutboxStats {
     }
 }
 
-/// How many tainted records an outbox remembers.
-const TAINTS_KEPT: usize = 4096;
-
 /// Shared between the flusher (appends) and the shipper (drains). Positions
 /// are log record numbers.
 pub struct Outbox {
@@ -262,10 +261,11 @@ pub struct Outbox {
     /// Every record numbered up to this is committed to PostgreSQL.
     shipped_through: AtomicU64,
     waiters: Mutex<Vec<Waiter>>,
-    /// Records holding a change a cluster node must not ship (its shard
-    /// was lost): their waiters fail even once the record counts as
-    /// shipped. The newest [`TAINTS_KEPT`] only (a lost shard is rare).
-    tainted: Mutex<std::collections::BTreeSet<u64>>,
+    /// (record, shard) of changes a cluster node must not ship (the shard
+    /// was lost): the waiters of those records whose changes write for
+    /// that shard fail, even once the record counts as shipped. Kept
+    /// until every waiter of the record has been told.
+    tainted: Mutex<std::collections::BTreeSet<(u64, u32)>>,
     /// Whether any record was ever tainted (spares the lock until then).
     any_tainted: std::sync::atomic::AtomicBool,
     /// Wakes the shipper: new entries or new waiters.
@@ -349,15 +349,17 @@ impl Outbox {
         upto: u64,
         deadline: Instant,
         ack: oneshot::Sender<Result<(), StoreError>>,
+        shards: Vec<u32>,
     ) {
         if upto <= self.shipped_through.load(Ordering::Acquire) {
-            let _ = ack.send(self.outcome(upto));
+            let _ = ack.send(self.outcome(upto, &shards));
             return;
         }
         self.lock_waiters().push(Waiter {
             upto,
             deadline,
             ack,
+            shards,
         });
         self.wake.notify_one();
     }
@@ -403,7 +405,7 @@ impl Outbox {
         let mut kept = Vec::with_capacity(waiters.len());
         for waiter in waiters.drain(..) {
             if waiter.upto <= through {
-                let _ = waiter.ack.send(self.outcome(waiter.upto));
+                let _ = waiter.ack.send(self.outcome(waiter.upto, &waiter.shards));
             } else if now >= waiter.deadline {
                 let error = overdue.cloned().unwrap_or_else(|| {
                     StoreError::Postgres("not committed to PostgreSQL in time".into())
@@ -414,26 +416,39 @@ impl Outbox {
             }
         }
         *waiters = kept;
-    }
-
-    /// Records `records` as holding changes that were not shipped, and
-    /// never will be (a cluster node's shard was lost): their waiters fail.
-    pub(crate) fn taint(&self, records: &[u64]) {
-        let mut tainted = self.tainted.lock().unwrap_or_else(|e| e.into_inner());
-        tainted.extend(records.iter().copied());
-        self.any_tainted.store(true, Ordering::Release);
-        while tainted.len() > TAINTS_KEPT {
-            tainted.pop_first();
+        drop(waiters);
+        // Every waiter of a record below `applied` is registered (the
+        // flusher registers a record's waiters before it appends the
+        // next), and every one of a shipped record was just told.
+        if self.any_tainted.load(Ordering::Acquire) {
+            let settled = through.min(self.applied_through().saturating_sub(1));
+            let mut tainted = self.tainted.lock().unwrap_or_else(|e| e.into_inner());
+            tainted.retain(|(record, _)| *record > settled);
         }
     }
 
-    /// What a waiter for record `upto`, now shipped, is told.
-    fn outcome(&self, upto: u64) -> Result<(), StoreError> {
+    /// Records `stale` (record, shard) as changes that were not shipped,
+    /// and never will be (a cluster node's shard was lost): the waiters of
+    /// those records whose changes write for those shards fail.
+    pub(crate) fn taint(&self, stale: &[(u64, u32)]) {
+        let mut tainted = self.tainted.lock().unwrap_or_else(|e| e.into_inner());
+        tainted.extend(stale.iter().copied());
+        self.any_tainted.store(true, Ordering::Release);
+    }
+
+    /// What a waiter for record `upto`, now shipped, writing for `shards`,
+    /// is told.
+    fn outcome(&self, upto: u64, shards: &[u32]) -> Result<(), StoreError> {
         if !self.any_tainted.load(Ordering::Acquire) {
             return Ok(());
         }
         let tainted = self.tainted.lock().unwrap_or_else(|e| e.into_inner());
-        if tainted.contains(&upto) {
+        let lost = tainted
+            .range((upto, 0)..=(upto, u32::MAX))
+            .any(|(_, shard)| {
+                *shard == crate::cluster::ownership::ANY_SHARD || shards.contains(shard)
+            });
+        if lost {
             Err(StoreError::Postgres(
                 "this node lost the session's shard before PostgreSQL committed the change".into(),
             ))

@@ -575,7 +575,7 @@ impl Shipper {
             Entry::Execution { session_row, .. } => EntryKey::Row(*session_row),
             Entry::Audit(audit) => EntryKey::Row(audit.session_row),
         });
-        self.left_out(&sorted.stale_records, sorted.dropped);
+        self.left_out(&sorted.stale, sorted.dropped);
         // Where each entry came from (record, shard, epoch), beside it.
         let (mut origins, mut entries): (Vec<_>, Vec<Entry>) = sorted
             .kept
@@ -607,35 +607,37 @@ impl Shipper {
                 return Err(error.to_string());
             }
             tracing::warn!(shards = ?lost, "postgres: this node no longer holds these shards; their unshipped changes are dropped");
-            let mut records = Vec::new();
+            let mut stale: Vec<(u64, u32)> = Vec::new();
             let mut dropped = 0;
             let mut kept_origins = Vec::with_capacity(origins.len());
             let mut kept_entries = Vec::with_capacity(entries.len());
             for (origin, entry) in origins.into_iter().zip(entries) {
                 if lost.contains(&origin.1) {
                     dropped += 1;
-                    if records.last() != Some(&origin.0) {
-                        records.push(origin.0);
+                    if !stale.contains(&(origin.0, origin.1)) {
+                        stale.push((origin.0, origin.1));
                     }
                 } else {
                     kept_origins.push(origin);
                     kept_entries.push(entry);
                 }
             }
-            self.left_out(&records, dropped);
+            self.left_out(&stale, dropped);
             (origins, entries) = (kept_origins, kept_entries);
         }
     }
 
     /// Entries a cluster node must not ship were left out of a batch.
-    fn left_out(&self, records: &[u64], entries: usize) {
-        if records.is_empty() {
+    fn left_out(&self, stale: &[(u64, u32)], entries: usize) {
+        if stale.is_empty() {
             return;
         }
-        self.outbox.taint(records);
-        tracing::warn!(
+        self.outbox.taint(stale);
+        // Routine while a shard is taken over (what was read back is not
+        // written back); a lost shard is logged where it is lost.
+        tracing::debug!(
             entries,
-            records = records.len(),
+            records = stale.len(),
             "outbox: changes of shards this node no longer holds were not shipped; their callers are told"
         );
     }

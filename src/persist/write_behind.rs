@@ -313,6 +313,9 @@ pub struct Shipping {
     pub ack_after_commit: bool,
     /// Longest such a wait before the caller gets an error.
     pub commit_timeout: Duration,
+    /// On a cluster node: the shards its changes are for (a change that
+    /// cannot ship, its shard lost, fails only its own callers).
+    pub ownership: Option<Arc<crate::cluster::Ownership>>,
 }
 
 struct Flusher {
@@ -339,8 +342,9 @@ struct Pending {
     writes: usize,
     /// Resolved once the batch is on disk.
     acks: Vec<Ack>,
-    /// Resolved once the batch's outbox entries are committed to PostgreSQL.
-    commit_acks: Vec<Ack>,
+    /// Resolved once the batch's outbox entries are committed to
+    /// PostgreSQL; on a cluster node, with the shards of the change.
+    commit_acks: Vec<(Ack, Vec<u32>)>,
     /// Outbox entries in the record.
     entries: usize,
     stop: bool,
@@ -351,6 +355,12 @@ impl Pending {
         let after_commit = shipping.is_some_and(|s| s.ack_after_commit);
         match command {
             Command::Write { ops, ack, local } => {
+                let shards = match (shipping.and_then(|s| s.ownership.as_deref()), &ack) {
+                    (Some(ownership), Some(_)) if after_commit && !local => {
+                        shards_of(ownership, &ops)
+                    }
+                    _ => Vec::new(),
+                };
                 for op in ops {
                     match op {
                         WriteOp::Put { key, value } => {
@@ -377,13 +387,15 @@ impl Pending {
                     self.writes += 1;
                 }
                 if after_commit && !local {
-                    self.commit_acks.extend(ack);
+                    self.commit_acks.extend(ack.map(|ack| (ack, shards)));
                 } else {
                     self.acks.extend(ack);
                 }
             }
-            Command::Barrier(ack) if after_commit => self.commit_acks.push(ack),
-            Command::ShippedBarrier(ack) if shipping.is_some() => self.commit_acks.push(ack),
+            Command::Barrier(ack) if after_commit => self.commit_acks.push((ack, Vec::new())),
+            Command::ShippedBarrier(ack) if shipping.is_some() => {
+                self.commit_acks.push((ack, Vec::new()))
+            }
             Command::Barrier(ack) | Command::ShippedBarrier(ack) => self.acks.push(ack),
             Command::Shutdown(ack) => {
                 self.acks.push(ack);
@@ -524,10 +536,10 @@ impl Flusher {
         if let Some(shipping) = &self.shipping {
             let outbox = &shipping.outbox;
             let deadline = Instant::now() + shipping.commit_timeout;
-            for ack in pending.commit_acks {
+            for (ack, shards) in pending.commit_acks {
                 match &result {
                     // Everything appended so far, this batch included.
-                    Ok(()) => outbox.wait_for(outbox.applied_through(), deadline, ack),
+                    Ok(()) => outbox.wait_for(outbox.applied_through(), deadline, ack, shards),
                     Err(e) => {
                         let _ = ack.send(Err(e.clone()));
                     }
@@ -539,6 +551,33 @@ impl Flusher {
             let _ = ack.send(result.clone());
         }
     }
+}
+
+/// The cluster shards `ops` write for: a session's record names its
+/// tenant and id, an execution or audit row its session's row id.
+fn shards_of(ownership: &crate::cluster::Ownership, ops: &[WriteOp]) -> Vec<u32> {
+    let mut shards = Vec::new();
+    for op in ops {
+        let shard = match op {
+            WriteOp::Put { key, .. } => {
+                if let Some((tenant, id)) = keys::parse_session(key) {
+                    Some(ownership.shard_of(tenant, id))
+                } else if let Some((row, _)) = keys::parse_execution(key) {
+                    ownership.shard_of_row(row)
+                } else {
+                    None
+                }
+            }
+            WriteOp::Audit(audit) => ownership.shard_of_row(audit.session_row),
+            WriteOp::Remove { .. } => None,
+        };
+        if let Some(shard) = shard {
+            if !shards.contains(&shard) {
+                shards.push(shard);
+            }
+        }
+    }
+    shards
 }
 
 /// Deletes a session with its index entry and executions (retention purge).
