@@ -61,6 +61,7 @@ fn start_placed(dir: &std::path::Path, durability: Durability, placement: Placem
         vault: std::sync::Arc::new(edge_sessions::crypto::Vault::ephemeral()),
         salvage: false,
         cluster: None,
+        cluster_quota: None,
     };
     Engine::start(config).expect("engine starts")
 }

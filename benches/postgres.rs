@@ -205,6 +205,7 @@ fn start(dir: &std::path::Path, url: &str) -> Engine {
         vault: std::sync::Arc::new(edge_sessions::crypto::Vault::ephemeral()),
         salvage: false,
         cluster: None,
+        cluster_quota: None,
     };
     Engine::start(config).unwrap()
 }

@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 
 use crate::auth::bootstrap::{apply_dev_credentials, needs_dev_credentials};
 use crate::auth::{master_key, Keyring};
-use crate::cluster::{Member, MemberConfig, Ownership, RegistryError};
+use crate::cluster::{Member, MemberConfig, Ownership, Quota, RegistryError};
 use crate::crypto::Vault;
 use crate::engine::{Engine, EngineConfig, PostgresTier};
 use crate::http::cluster::ClusterHttp;
@@ -84,7 +84,11 @@ pub async fn run_with_clock(
         };
     let (keys, tenants) = Keyring::from_settings(&settings);
     let node = match settings.cluster.enabled {
-        true => Some(ClusterNode::prepare(&mut settings, &listeners.public)?),
+        true => Some(ClusterNode::prepare(
+            &mut settings,
+            &listeners.public,
+            tenants.iter().map(|t| t.id),
+        )?),
         false => None,
     };
     let postgres = postgres_tier(&settings)?;
@@ -93,6 +97,7 @@ pub async fn run_with_clock(
         postgres: postgres.clone(),
         vault: Arc::new(Vault::new(keyring)),
         cluster: node.as_ref().map(|n| n.ownership.clone()),
+        cluster_quota: node.as_ref().map(|n| n.quota.clone()),
         ..EngineConfig::from_settings(&settings, tenants)
     };
     let engine = Engine::start(config).with_context(|| {
@@ -308,6 +313,7 @@ async fn serve_engine(
 struct ClusterNode {
     config: MemberConfig,
     ownership: Arc<Ownership>,
+    quota: Arc<Quota>,
     secret: String,
 }
 
@@ -318,7 +324,11 @@ const CLUSTER_CACHE_DIR: &str = "cluster-cache";
 impl ClusterNode {
     /// Resolves the node's id, address and secret, and points the store at
     /// an emptied cache in the data dir.
-    fn prepare(settings: &mut Settings, listener: &TcpListener) -> anyhow::Result<Self> {
+    fn prepare(
+        settings: &mut Settings,
+        listener: &TcpListener,
+        tenants: impl IntoIterator<Item = uuid::Uuid>,
+    ) -> anyhow::Result<Self> {
         let c = &settings.cluster;
         let local = listener.local_addr()?;
         let secret = c.secret()?;
@@ -344,13 +354,15 @@ impl ClusterNode {
             lease_seconds = c.lease_seconds,
             "cluster node"
         );
+        let lease = Duration::from_secs(c.lease_seconds);
         Ok(ClusterNode {
             ownership: Arc::new(Ownership::new(node_id.clone(), c.shards)),
+            quota: Arc::new(Quota::new(node_id.clone(), lease, tenants)),
             config: MemberConfig {
                 node_id,
                 advertise_url,
                 shards: c.shards,
-                lease: Duration::from_secs(c.lease_seconds),
+                lease,
             },
             secret,
         })
@@ -421,7 +433,29 @@ impl ClusterNode {
         };
         tracing::info!(node_id = %self.config.node_id, "joined the cluster");
         http.mark_joined(member.clone());
+        // Reservations a node does not use go back to the others.
+        let giving_back = {
+            let (quota, pool, every) = (
+                self.quota.clone(),
+                tier.postgres.pool().clone(),
+                self.config.lease,
+            );
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    if let Err(e) = quota.give_back_idle(&pool).await {
+                        tracing::debug!(error = %e, "cluster: giving back unused quota failed");
+                    }
+                }
+            })
+        };
         member.run(stop).await;
+        giving_back.abort();
+        if let Err(e) = self.quota.give_back_all(tier.postgres.pool()).await {
+            tracing::warn!(error = %e, "cluster: giving back the quota reservations failed");
+        }
         tracing::info!(node_id = %self.config.node_id, "left the cluster");
     }
 }

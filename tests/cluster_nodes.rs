@@ -701,3 +701,128 @@ async fn a_rolling_restart_fails_no_call_and_loses_nothing() {
         assert!(node.terminate().success());
     }
 }
+
+/// A tenant's limit holds across the cluster: limit 30, 90 concurrent
+/// creates spread over three nodes, exactly 30 admitted (and 30 live in
+/// PostgreSQL); after some end, as many can be created again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_limit_holds_across_the_cluster() {
+    let pg = TempPostgres::start();
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = Vec::new();
+    for name in ["n1", "n2", "n3"] {
+        nodes.push(start_node(&node_config(root.path(), name, &pg, 30)).await);
+    }
+    let client = common::client();
+    let bases: Vec<String> = nodes.iter().map(|n| n.base.clone()).collect();
+    wait_balanced(&client, &bases[0], 3).await;
+    let creates = (0..90).map(|i| {
+        let (client, base) = (client.clone(), bases[i % 3].clone());
+        async move {
+            call_node(
+                &client,
+                &base,
+                Method::POST,
+                "/api/v1/sessions",
+                KEY_A,
+                Some(json!({"edge_mcp_id": "edge"})),
+            )
+            .await
+        }
+    });
+    let answers = futures::future::join_all(creates).await;
+    let created: Vec<String> = answers
+        .iter()
+        .filter(|(status, _, _)| *status == StatusCode::CREATED)
+        .map(|(_, _, body)| body["session_id"].as_str().unwrap().to_owned())
+        .collect();
+    for (status, _, body) in &answers {
+        assert!(
+            *status == StatusCode::CREATED
+                || (*status == StatusCode::TOO_MANY_REQUESTS
+                    && body["code"] == "tenant_session_limit"),
+            "{status}: {body}"
+        );
+    }
+    assert_eq!(created.len(), 30, "exactly the limit is admitted");
+    assert_eq!(
+        pg.scalar(&format!(
+            "SELECT count(*) FROM mcp.edge_mcp_sessions WHERE tenant_id = '{TENANT_A}' AND status IN ('active', 'idle')"
+        )),
+        30
+    );
+    // Another tenant is not limited by A's sessions.
+    let (status, _, _) = call_node(
+        &client,
+        &bases[1],
+        Method::POST,
+        "/api/v1/sessions",
+        KEY_B,
+        Some(json!({"edge_mcp_id": "edge"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    // Five end (through any node); five more fit, and no more.
+    for (i, id) in created.iter().take(5).enumerate() {
+        let (status, _, _) = call_node(
+            &client,
+            &bases[i % 3],
+            Method::DELETE,
+            &format!("/api/v1/sessions/{id}"),
+            KEY_A,
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+    }
+    // The room they leave is found again (reservations nobody uses go
+    // back within a lease), and not more.
+    let mut again = 0;
+    let started = Instant::now();
+    let mut i = 0;
+    while again < 5 {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "only {again} of 5 created again"
+        );
+        let (status, _, body) = call_node(
+            &client,
+            &bases[i % 3],
+            Method::POST,
+            "/api/v1/sessions",
+            KEY_A,
+            Some(json!({"edge_mcp_id": "edge"})),
+        )
+        .await;
+        match status {
+            StatusCode::CREATED => again += 1,
+            StatusCode::TOO_MANY_REQUESTS => {
+                assert_eq!(body["code"], "tenant_session_limit");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => panic!("{other}: {body}"),
+        }
+        i += 1;
+    }
+    for base in &bases {
+        let (status, _, body) = call_node(
+            &client,
+            base,
+            Method::POST,
+            "/api/v1/sessions",
+            KEY_A,
+            Some(json!({"edge_mcp_id": "edge"})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    }
+    assert_eq!(
+        pg.scalar(&format!(
+            "SELECT count(*) FROM mcp.edge_mcp_sessions WHERE tenant_id = '{TENANT_A}' AND status IN ('active', 'idle')"
+        )),
+        25 + again
+    );
+    for node in nodes {
+        assert!(node.terminate().success());
+    }
+}

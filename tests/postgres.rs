@@ -106,8 +106,17 @@ fn migrations_go_up_down_and_up_again() {
     // The sessions' cluster shard (0005), indexed for live rows only.
     assert!(indexes_of(&pg).contains("edge_mcp_sessions_shard_live_idx"));
 
-    // `down` without N undoes one step: the shard column and its index go
-    // first...
+    // The cluster's quota reservations (0006).
+    let quota_table = || {
+        pg.scalar("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'mcp' AND table_name = 'cluster_quota'")
+    };
+    assert_eq!(quota_table(), 1);
+
+    // `down` without N undoes one step: the quota table goes first, then
+    // the shard column and its index...
+    migrate(&pg.url, &["down"]);
+    assert_eq!(quota_table(), 0);
+    assert!(indexes_of(&pg).contains("edge_mcp_sessions_shard_live_idx"));
     migrate(&pg.url, &["down"]);
     assert!(!indexes_of(&pg).contains("edge_mcp_sessions_shard"));
     assert_eq!(
@@ -143,7 +152,7 @@ fn migrations_go_up_down_and_up_again() {
     migrate(&pg.url, &["up"]);
     assert_eq!(
         pg.scalar("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'mcp' AND table_type = 'BASE TABLE'"),
-        6
+        7
     );
 }
 

@@ -73,8 +73,10 @@
 pub mod member;
 pub mod ownership;
 pub mod placement;
+pub mod quota;
 pub mod registry;
 
 pub use member::{Member, MemberConfig, Round, ShardOwner, View};
 pub use ownership::{Ownership, Stage, Tenure};
+pub use quota::Quota;
 pub use registry::RegistryError;

@@ -58,14 +58,56 @@ impl Engine {
         });
         let view = session.view(now);
         let client_type = session.client_type.as_str();
-        let durable = tenant::admit(
+        // On a cluster node the tenant's limit holds across the cluster:
+        // room comes from this node's reservation (see `cluster::quota`).
+        let taken = match (&self.cluster_quota, &self.postgres) {
+            (Some(quota), Some(postgres)) => {
+                let max = handle.limits.max_active_sessions;
+                match quota.take(postgres.pool(), tenant, max).await {
+                    Ok(Some(taken)) => Some(taken),
+                    Ok(None) => return Err(SessionError::TenantLimit { limit: max }),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cluster: reserving quota failed");
+                        return Err(SessionError::Unavailable);
+                    }
+                }
+            }
+            _ => None,
+        };
+        let durable = match tenant::admit(
             &self.shared,
             &handle.limits,
             &handle.link,
             session,
             client_chosen_id,
-        )?;
-        if let Err(e) = settle(durable).await {
+        ) {
+            Ok(durable) => durable,
+            Err(e) => {
+                if let (Some(quota), Some(taken)) = (&self.cluster_quota, taken) {
+                    quota.settled(taken, false);
+                }
+                return Err(e);
+            }
+        };
+        let settled = settle(durable).await;
+        match (&settled, &self.cluster_quota, taken) {
+            (_, _, None) | (_, None, _) => {}
+            // In PostgreSQL, or rolled back (the log refused it): settled.
+            (Ok(()), Some(quota), Some(taken)) => quota.settled(taken, true),
+            (Err(SessionError::StorageUnavailable), Some(quota), Some(taken)) => {
+                quota.settled(taken, false)
+            }
+            // Not committed in time, but it may still be: in flight until
+            // everything queued before it is committed (or fenced off).
+            (Err(_), Some(quota), Some(taken)) => {
+                let (quota, barrier) = (quota.clone(), self.shared.write_behind.shipped_barrier());
+                tokio::spawn(async move {
+                    let _ = barrier.await;
+                    quota.settled(taken, true);
+                });
+            }
+        }
+        if let Err(e) = settled {
             // Not written: the client is told the create failed, so the
             // session must not live on, nor leave a final record behind.
             // (A create that is in the log but waits for PostgreSQL stays:

@@ -58,6 +58,9 @@ pub struct EngineConfig {
     /// (nothing is rebuilt from PostgreSQL at start; a shard's sessions
     /// are, when the node takes it) and every batch shipped is fenced.
     pub cluster: Option<Arc<crate::cluster::Ownership>>,
+    /// On a cluster node: its reservations of the tenants' quotas (every
+    /// create takes room from them).
+    pub cluster_quota: Option<Arc<crate::cluster::Quota>>,
 }
 
 /// The PostgreSQL tier's handle and settings.
@@ -117,6 +120,7 @@ impl EngineConfig {
             vault: Arc::new(Vault::ephemeral()),
             salvage: settings.storage.salvage,
             cluster: None,
+            cluster_quota: None,
         }
     }
 }

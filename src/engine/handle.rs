@@ -57,6 +57,8 @@ pub struct Engine {
     pub(super) shipper: Arc<Mutex<Option<ShipperHandle>>>,
     pub(super) checkpointer: Arc<Mutex<Option<Checkpointer>>>,
     pub(super) checkpoints: Arc<CheckpointStats>,
+    /// On a cluster node: the tenants' quotas across the cluster.
+    pub(super) cluster_quota: Option<Arc<crate::cluster::Quota>>,
 }
 
 impl Engine {

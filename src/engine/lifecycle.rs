@@ -210,6 +210,7 @@ impl Engine {
             shipper: Arc::new(Mutex::new(shipper)),
             checkpoints: checkpointer.stats(),
             checkpointer: Arc::new(Mutex::new(Some(checkpointer))),
+            cluster_quota: config.cluster_quota,
         })
     }
 

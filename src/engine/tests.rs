@@ -41,6 +41,7 @@ fn config(dir: &std::path::Path) -> EngineConfig {
         vault: Arc::new(Vault::ephemeral()),
         salvage: false,
         cluster: None,
+        cluster_quota: None,
     }
 }
 
