@@ -128,6 +128,28 @@ fn dump_logs(nodes: &[ChildServer]) {
     }
 }
 
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// The next text frame as JSON, or the close code, within 10 s.
+async fn next_text(socket: &mut Socket) -> Result<Value, Option<u16>> {
+    use futures::StreamExt as _;
+    use tokio_tungstenite::tungstenite::Message as Frame;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), socket.next())
+            .await
+            .unwrap()
+        {
+            Some(Ok(Frame::Text(text))) => {
+                return Ok(serde_json::from_str::<Value>(text.as_str()).unwrap())
+            }
+            Some(Ok(Frame::Close(close))) => return Err(close.map(|c| u16::from(c.code))),
+            Some(Ok(_)) => continue,
+            other => panic!("socket: {other:?}"),
+        }
+    }
+}
+
 fn execution(i: usize) -> Value {
     json!({"tool_name": format!("tool-{}", i % 3), "arguments": {"i": i}, "result": {}, "duration_ms": 3})
 }
@@ -305,6 +327,83 @@ async fn any_node_answers_for_every_session_and_names_its_owner() {
         assert_eq!(status, StatusCode::BAD_REQUEST);
     }
 
+    // A WebSocket opened on a node that does not own its session works
+    // (a JSON-RPC call through it), and gets the push when the session is
+    // deleted through a third node; a bad token is refused as the owner
+    // refuses it.
+    let (ws_id, ws_owner) = owners.iter().nth(1).unwrap();
+    let (opener, deleter) = {
+        let index = |name: &str| ["n1", "n2", "n3"].iter().position(|n| *n == name).unwrap();
+        let owner = index(ws_owner);
+        ((owner + 1) % 3, (owner + 2) % 3)
+    };
+    let ws_url = format!(
+        "{}/api/v1/sessions/{ws_id}/ws",
+        bases[opener].replacen("http", "ws", 1)
+    );
+    let mut request =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+            ws_url.as_str(),
+        )
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("x-api-key", KEY_B.parse().unwrap());
+    match tokio_tungstenite::connect_async(request).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(
+                response.status(),
+                StatusCode::NOT_FOUND,
+                "another tenant's key"
+            )
+        }
+        other => panic!(
+            "tenant B opened A's socket: {:?}",
+            other.map(|(_, r)| r.status())
+        ),
+    }
+    let mut request =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+            ws_url.as_str(),
+        )
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("x-api-key", KEY_A.parse().unwrap());
+    let (mut socket, response) = tokio_tungstenite::connect_async(request)
+        .await
+        .expect("upgrade through a non-owner");
+    assert_eq!(
+        response
+            .headers()
+            .get("x-edge-sessions-node")
+            .and_then(|v| v.to_str().ok()),
+        Some(ws_owner.as_str())
+    );
+    use futures::SinkExt as _;
+    use tokio_tungstenite::tungstenite::Message as Frame;
+    socket
+        .send(Frame::Text(
+            r#"{"jsonrpc":"2.0","id":1,"method":"session.get"}"#.into(),
+        ))
+        .await
+        .unwrap();
+    let reply = next_text(&mut socket).await.unwrap();
+    assert_eq!(reply["result"]["session_id"], ws_id.as_str(), "{reply}");
+    let (status, _, _) = call_node(
+        &client,
+        &bases[deleter],
+        Method::DELETE,
+        &format!("/api/v1/sessions/{ws_id}"),
+        KEY_A,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let push = next_text(&mut socket).await.unwrap();
+    assert_eq!(push["method"], "session.terminated", "{push}");
+    assert_eq!(next_text(&mut socket).await.unwrap_err(), Some(4000));
+
     // A change through one node, read through another; a delete through a
     // third ends it everywhere.
     let (id, owner) = owners.iter().next().unwrap();
@@ -451,9 +550,31 @@ async fn a_killed_nodes_sessions_come_back_with_every_acknowledged_change() {
             }
         }));
     }
+    // A socket opened through another node on a session of the victim.
+    let watched = owners
+        .iter()
+        .find(|(_, o)| *o == victim)
+        .map(|(id, _)| id.clone())
+        .unwrap();
+    let url = format!(
+        "{}/api/v1/sessions/{watched}/ws",
+        bases[1].replacen("http", "ws", 1)
+    );
+    let mut request =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+            url.as_str(),
+        )
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("x-api-key", KEY_A.parse().unwrap());
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let killed_at = Instant::now();
     nodes[0].take().unwrap().kill();
+    // Its owner is gone: the socket closes with 1012, so the client
+    // reconnects (and reaches the new owner).
+    assert_eq!(next_text(&mut socket).await.unwrap_err(), Some(1012));
     // The victim's sessions answer again through the others.
     let theirs: Vec<&String> = owners
         .iter()

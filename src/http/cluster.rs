@@ -137,6 +137,8 @@ enum Target {
     Body,
     /// The tenant's sessions on every node: gathered.
     Gather(Gathered),
+    /// A session's WebSocket: opened at the owner, through this node.
+    Socket(String),
 }
 
 /// What a gathered read is.
@@ -170,9 +172,8 @@ fn target_of(method: &Method, uri: &Uri) -> Target {
     if id.is_empty() || id == "active" || id == "metrics" {
         return Target::None;
     }
-    // The WebSocket is served where it is opened (see `http::ws`).
     if rest.ends_with("/ws") {
-        return Target::None;
+        return Target::Socket(id.to_owned());
     }
     Target::Path(id.to_owned())
 }
@@ -216,6 +217,11 @@ pub async fn route(State(state): State<AppState>, request: Request, next: Next) 
         Target::None => return next.run(request).await,
         Target::Gather(kind) if !forwarded => return gather(&cluster, kind, request, next).await,
         Target::Gather(_) => return next.run(request).await,
+        Target::Socket(id) if !forwarded => {
+            let shard = cluster.ownership.shard_of(tenant, &id);
+            return socket(&cluster, shard, request, next).await;
+        }
+        Target::Socket(_) => return next.run(request).await,
         Target::Path(id) => (Some(id), request),
         Target::Body => match body_session_id(request).await {
             Ok(found) => found,
@@ -532,6 +538,211 @@ fn merge_metrics(answers: &[serde_json::Value]) -> serde_json::Value {
         "total_tokens_used": sum("total_tokens_used"),
         "avg_session_duration_minutes": if total == 0 { 0.0 } else { weighted / total as f64 },
     })
+}
+
+/// A session's WebSocket: served here while this node serves its shard;
+/// else opened at the owner and relayed frame by frame (the owner checks
+/// the credentials and answers a refusal, which goes back as it is). When
+/// the owner's socket ends, the client's ends with the same close; when the
+/// owner goes away without one (it died), with 1012 (service restart): the
+/// client reconnects, here or anywhere, and reaches the shard's new owner.
+async fn socket(cluster: &Arc<ClusterHttp>, shard: u32, request: Request, next: Next) -> Response {
+    let deadline = tokio::time::Instant::now() + cluster.hand_over_wait;
+    let me = cluster.ownership.node_id().to_owned();
+    loop {
+        match cluster.ownership.tenure(shard).map(|t| t.stage) {
+            Some(Stage::Serving) if cluster.holds(shard) => {
+                return with_node(next.run(request).await, &me);
+            }
+            Some(_) => {}
+            None => {
+                let owner = cluster
+                    .member()
+                    .and_then(|m| {
+                        m.view()
+                            .owner_of(shard)
+                            .map(|(node, url)| (node.to_owned(), url.to_owned()))
+                    })
+                    .filter(|(node, _)| *node != me);
+                if let Some((node, url)) = owner {
+                    // Built before the await: a request's body is not `Sync`.
+                    let upstream = upstream_request(cluster, &url, &request);
+                    match open_upstream(upstream).await {
+                        Ok(Upstream::Open(upstream)) => {
+                            return relay(request, upstream, &node).await;
+                        }
+                        Ok(Upstream::Refused(response)) => return response,
+                        Err(error) => {
+                            tracing::debug!(%node, %error, "cluster: opening a WebSocket at the owner failed; waiting");
+                        }
+                    }
+                }
+            }
+        }
+        if tokio::time::Instant::now() + WAIT_STEP > deadline {
+            return ApiError::Session(SessionError::Unavailable).into_response();
+        }
+        tokio::time::sleep(WAIT_STEP).await;
+        if let Some(member) = cluster.member() {
+            let _ = member.refresh_view(VIEW_REFRESH).await;
+        }
+    }
+}
+
+type UpstreamSocket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+enum Upstream {
+    Open(UpstreamSocket),
+    /// The owner answered the upgrade with this (401, 404, 429 …).
+    Refused(Response),
+}
+
+/// Opens the session's WebSocket at the owner.
+async fn open_upstream(
+    upstream: Result<tokio_tungstenite::tungstenite::handshake::client::Request, String>,
+) -> Result<Upstream, String> {
+    let connect = tokio_tungstenite::connect_async(upstream?);
+    match tokio::time::timeout(Duration::from_secs(10), connect).await {
+        Ok(Ok((socket, _))) => Ok(Upstream::Open(socket)),
+        Ok(Err(tokio_tungstenite::tungstenite::Error::Http(response))) => {
+            // 421: the view was out of date; anything else is the answer.
+            if response.status() == StatusCode::MISDIRECTED_REQUEST {
+                return Err("not the owner".into());
+            }
+            let (mut head, body) = response.into_parts();
+            head.extensions.insert(super::request_id::Relayed);
+            Ok(Upstream::Refused(Response::from_parts(
+                head,
+                Body::from(body.unwrap_or_default()),
+            )))
+        }
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("the owner did not answer the upgrade in time".into()),
+    }
+}
+
+/// The upgrade request to the owner `base`, with the caller's headers
+/// (credentials, request id) and the cluster secret.
+fn upstream_request(
+    cluster: &ClusterHttp,
+    base: &str,
+    request: &Request,
+) -> Result<tokio_tungstenite::tungstenite::handshake::client::Request, String> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
+    let url = format!(
+        "{}{path}",
+        base.trim_end_matches('/').replacen("http://", "ws://", 1)
+    );
+    let mut upstream = url.into_client_request().map_err(|e| e.to_string())?;
+    for (name, value) in request.headers() {
+        let websocket_own = name.as_str().starts_with("sec-websocket-");
+        if !is_hop_by_hop(name) && !websocket_own && name != super::request_id::X_REQUEST_ID {
+            upstream.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    if let Ok(secret) = HeaderValue::from_str(&cluster.secret) {
+        upstream.headers_mut().insert(FORWARDED_HEADER, secret);
+    }
+    if let Some(id) = request.extensions().get::<super::request_id::RequestId>() {
+        if let Ok(id) = HeaderValue::from_str(&id.0) {
+            upstream
+                .headers_mut()
+                .insert(super::request_id::X_REQUEST_ID.clone(), id);
+        }
+    }
+    if let Some(ConnectInfo(peer)) = request.extensions().get::<ConnectInfo<SocketAddr>>() {
+        if let Ok(peer) = HeaderValue::from_str(&peer.to_string()) {
+            upstream.headers_mut().insert(PEER_HEADER, peer);
+        }
+    }
+    Ok(upstream)
+}
+
+/// Accepts the client's upgrade and relays frames both ways until either
+/// side ends.
+async fn relay(request: Request, upstream: UpstreamSocket, owner: &str) -> Response {
+    use axum::extract::FromRequestParts as _;
+    let (mut parts, _) = request.into_parts();
+    let upgrade =
+        match axum::extract::ws::WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
+            Ok(upgrade) => upgrade,
+            Err(rejection) => return rejection.into_response(),
+        };
+    let response = upgrade
+        .max_message_size(super::extract::MAX_BODY_BYTES)
+        .on_upgrade(|client| pump(client, upstream));
+    with_node(response, owner)
+}
+
+async fn pump(client: axum::extract::ws::WebSocket, upstream: UpstreamSocket) {
+    use axum::extract::ws::{CloseFrame, Message};
+    use futures::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame as UpCloseFrame;
+    use tokio_tungstenite::tungstenite::Message as Up;
+    let (mut to_client, mut from_client) = client.split();
+    let (mut to_owner, mut from_owner) = upstream.split();
+    loop {
+        tokio::select! {
+            frame = from_client.next() => {
+                let frame = match frame {
+                    Some(Ok(Message::Text(t))) => Up::Text(t.as_str().into()),
+                    Some(Ok(Message::Binary(b))) => Up::Binary(b),
+                    Some(Ok(Message::Ping(p))) => Up::Ping(p),
+                    Some(Ok(Message::Pong(p))) => Up::Pong(p),
+                    Some(Ok(Message::Close(close))) => {
+                        let close = close.map(|c| UpCloseFrame {
+                            code: CloseCode::from(c.code),
+                            reason: c.reason.as_str().into(),
+                        });
+                        let _ = to_owner.send(Up::Close(close)).await;
+                        let _ = to_owner.close().await;
+                        return;
+                    }
+                    None | Some(Err(_)) => {
+                        let _ = to_owner.close().await;
+                        return;
+                    }
+                };
+                if to_owner.send(frame).await.is_err() {
+                    break;
+                }
+            }
+            frame = from_owner.next() => {
+                let frame = match frame {
+                    Some(Ok(Up::Text(t))) => Message::Text(t.as_str().into()),
+                    Some(Ok(Up::Binary(b))) => Message::Binary(b),
+                    Some(Ok(Up::Ping(p))) => Message::Ping(p),
+                    Some(Ok(Up::Pong(p))) => Message::Pong(p),
+                    Some(Ok(Up::Close(close))) => {
+                        let close = close.map(|c| CloseFrame {
+                            code: u16::from(c.code),
+                            reason: c.reason.as_str().into(),
+                        });
+                        let _ = to_client.send(Message::Close(close)).await;
+                        let _ = to_client.close().await;
+                        return;
+                    }
+                    Some(Ok(Up::Frame(_))) => continue,
+                    None | Some(Err(_)) => break,
+                };
+                if to_client.send(frame).await.is_err() {
+                    let _ = to_owner.close().await;
+                    return;
+                }
+            }
+        }
+    }
+    // The owner went away without a close: the client reconnects.
+    let _ = to_client
+        .send(Message::Close(Some(CloseFrame {
+            code: 1012,
+            reason: "the session's node went away, reconnect".into(),
+        })))
+        .await;
+    let _ = to_client.close().await;
 }
 
 /// What a forward came back with.

@@ -262,6 +262,11 @@ impl Connection {
                     }
                     // Closed by the actor without an end: it restarted, the
                     // engine is stopping, or this socket fell behind on pushes.
+                    // On a cluster node, the session's shard may have gone
+                    // to another node: 1012 (service restart), reconnect.
+                    None if self.moved() => {
+                        break End::Close(1012, "the session moved to another node, reconnect")
+                    }
                     None => break End::Close(1001, "session channel closed, reconnect"),
                 },
                 frame = socket.next() => match frame {
@@ -312,6 +317,14 @@ impl Connection {
         // Sends what is still buffered (the reply to a client's close
         // included); a client that does not read is dropped.
         let _ = tokio::time::timeout(SEND_TIMEOUT, SinkExt::close(&mut socket)).await;
+    }
+
+    /// On a cluster node, whether this node no longer serves the session.
+    fn moved(&self) -> bool {
+        self.state.cluster.as_ref().is_some_and(|cluster| {
+            let shard = cluster.ownership.shard_of(self.tenant, &self.id);
+            cluster.ownership.tenure(shard).map(|t| t.stage) != Some(crate::cluster::Stage::Serving)
+        })
     }
 
     /// Notes the activity of a frame.
