@@ -118,6 +118,7 @@ pub async fn run_with_clock(
                 node.ownership.clone(),
                 node.secret.clone(),
                 node.config.lease * 2,
+                tier.commit_timeout,
             ));
             let linger = node.config.lease / 2;
             let (stop, stopped) = tokio::sync::watch::channel(false);

@@ -947,3 +947,300 @@ async fn a_tenants_limit_holds_across_the_cluster() {
         assert!(node.terminate().success());
     }
 }
+
+fn signal(node: &ChildServer, signal: &str) {
+    let pid = node.child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args([signal, &pid])
+        .status()
+        .unwrap()
+        .success());
+}
+
+/// An owner frozen (SIGSTOP) past its lease loses its shards; changes made
+/// through the others meanwhile stay: once woken (SIGCONT) it never
+/// answers from its stale state, and never overwrites PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_owner_woken_up_never_answers_stale_nor_overwrites() {
+    let pg = TempPostgres::start();
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = Vec::new();
+    for name in ["n1", "n2", "n3"] {
+        nodes.push(start_node(&node_config(root.path(), name, &pg, 1000)).await);
+    }
+    let client = common::client();
+    let bases: Vec<String> = nodes.iter().map(|n| n.base.clone()).collect();
+    wait_balanced(&client, &bases[0], 3).await;
+    let mut frozen_ids = Vec::new();
+    for i in 0..30 {
+        let id = format!("ses-f-{i}");
+        let (status, node, body) = call_node(
+            &client,
+            &bases[i % 3],
+            Method::POST,
+            "/api/v1/sessions",
+            KEY_A,
+            Some(json!({"session_id": id, "edge_mcp_id": "edge", "client_name": "before"})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        if node.as_deref() == Some("n1") {
+            frozen_ids.push(id);
+        }
+    }
+    assert!(!frozen_ids.is_empty());
+    signal(&nodes[0], "-STOP");
+    // Through the others, once they took the shards over: every session
+    // of the frozen node is changed.
+    let started = Instant::now();
+    for id in &frozen_ids {
+        loop {
+            let (status, node, body) = call_node(
+                &client,
+                &bases[1],
+                Method::PATCH,
+                &format!("/api/v1/sessions/{id}"),
+                KEY_A,
+                Some(json!({"client_name": "after"})),
+            )
+            .await;
+            if status == StatusCode::OK {
+                assert_ne!(node.as_deref(), Some("n1"));
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(LEASE_SECONDS + 15),
+                "{id}: {status} {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    signal(&nodes[0], "-CONT");
+    // Asked directly, the woken node answers the new state (forwarded to
+    // the new owner) or, while it catches up, 503: never the old one.
+    let woke = Instant::now();
+    while woke.elapsed() < Duration::from_secs(3) {
+        for id in &frozen_ids {
+            let (status, _, body) = call_node(
+                &client,
+                &bases[0],
+                Method::GET,
+                &format!("/api/v1/sessions/{id}"),
+                KEY_A,
+                None,
+            )
+            .await;
+            match status {
+                StatusCode::OK => {
+                    assert_eq!(body["client_name"], "after", "{id} answered stale: {body}")
+                }
+                StatusCode::SERVICE_UNAVAILABLE => {}
+                other => panic!("{id}: {other} {body}"),
+            }
+        }
+    }
+    // PostgreSQL keeps the changes: the woken node wrote nothing over them.
+    tokio::time::sleep(Duration::from_secs(LEASE_SECONDS)).await;
+    for id in &frozen_ids {
+        let name = pg.psql(&format!(
+            "SELECT client_name FROM mcp.edge_mcp_sessions WHERE session_id = '{id}'"
+        ));
+        assert!(
+            name.contains("after") && !name.contains("before"),
+            "{id}: {name}"
+        );
+    }
+    for node in nodes {
+        assert!(node.terminate().success());
+    }
+}
+
+/// A node that joins later gets shards, and every session stays reachable
+/// through every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joining_later_gets_shards_and_every_session_stays_reachable() {
+    let pg = TempPostgres::start();
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = Vec::new();
+    for name in ["n1", "n2"] {
+        nodes.push(start_node(&node_config(root.path(), name, &pg, 1000)).await);
+    }
+    let client = common::client();
+    wait_balanced(&client, &nodes[0].base, 2).await;
+    let ids: Vec<String> = (0..40).map(|i| format!("ses-j-{i}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        let (status, _, body) = call_node(
+            &client,
+            &nodes[i % 2].base,
+            Method::POST,
+            "/api/v1/sessions",
+            KEY_A,
+            Some(json!({"session_id": id, "edge_mcp_id": "edge"})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    nodes.push(start_node(&node_config(root.path(), "n3", &pg, 1000)).await);
+    let view = wait_balanced(&client, &nodes[2].base, 3).await;
+    let n3 = view["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node_id"] == "n3")
+        .unwrap()
+        .clone();
+    assert!(n3["shards"].as_u64().unwrap() > 0, "{view}");
+    let mut on_n3 = 0;
+    for id in &ids {
+        for node in &nodes {
+            let (status, owner, body) = call_node(
+                &client,
+                &node.base,
+                Method::GET,
+                &format!("/api/v1/sessions/{id}"),
+                KEY_A,
+                None,
+            )
+            .await;
+            assert_eq!(status, StatusCode::OK, "{id} on {}: {body}", node.base);
+            if owner.as_deref() == Some("n3") && node.base == nodes[2].base {
+                on_n3 += 1;
+            }
+        }
+    }
+    assert!(on_n3 > 0, "the new node owns none of the sessions");
+    for node in nodes {
+        assert!(node.terminate().success());
+    }
+}
+
+/// PostgreSQL restarted while the cluster works: no acknowledged change is
+/// lost, and the cluster answers again without anyone stepping in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_restart_loses_no_acknowledged_change() {
+    let pg = TempPostgres::start_own();
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = Vec::new();
+    for name in ["n1", "n2", "n3"] {
+        nodes.push(start_node(&node_config(root.path(), name, &pg, 1000)).await);
+    }
+    let client = common::client();
+    let bases: Vec<String> = nodes.iter().map(|n| n.base.clone()).collect();
+    wait_balanced(&client, &bases[0], 3).await;
+    let ids: Vec<String> = (0..15).map(|i| format!("ses-p-{i}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        let (status, _, body) = call_node(
+            &client,
+            &bases[i % 3],
+            Method::POST,
+            "/api/v1/sessions",
+            KEY_A,
+            Some(json!({"session_id": id, "edge_mcp_id": "edge"})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    let acked: std::sync::Arc<std::sync::Mutex<HashMap<String, (u64, u64)>>> = Default::default();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for w in 0..3 {
+        let (client, bases, acked, stop, ids) = (
+            client.clone(),
+            bases.clone(),
+            acked.clone(),
+            stop.clone(),
+            ids.clone(),
+        );
+        workers.push(tokio::spawn(async move {
+            let mut i = w;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let id = &ids[i % ids.len()];
+                let (status, _, _) = call_node(
+                    &client,
+                    &bases[i % 3],
+                    Method::POST,
+                    &format!("/api/v1/sessions/{id}/tools/execute"),
+                    KEY_A,
+                    Some(execution(i)),
+                )
+                .await;
+                let ok = status == StatusCode::NO_CONTENT;
+                {
+                    let mut acked = acked.lock().unwrap();
+                    let entry = acked.entry(id.clone()).or_default();
+                    if ok {
+                        entry.0 += 1;
+                    } else {
+                        entry.1 += 1;
+                    }
+                }
+                if !ok {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                i += 3;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    pg.stop();
+    tokio::time::sleep(Duration::from_secs(LEASE_SECONDS + 1)).await;
+    pg.restart();
+    // The cluster answers again on its own.
+    let back = Instant::now();
+    loop {
+        let (status, _, _) = call_node(
+            &client,
+            &bases[0],
+            Method::GET,
+            &format!("/api/v1/sessions/{}", ids[0]),
+            KEY_A,
+            None,
+        )
+        .await;
+        if status == StatusCode::OK {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(30),
+            "the cluster did not come back: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "the cluster answered again {:?} after PostgreSQL came back",
+        back.elapsed()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    for (id, (acknowledged, failed)) in &acked {
+        let stored = pg.scalar(&format!(
+            "SELECT count(*) FROM mcp.session_tool_executions e JOIN mcp.edge_mcp_sessions s ON s.id = e.session_id WHERE s.session_id = '{id}'"
+        )) as u64;
+        assert!(
+            stored >= *acknowledged && stored <= acknowledged + failed,
+            "{id}: {acknowledged} acknowledged, {failed} failed, {stored} stored"
+        );
+        let (status, _, metrics) = call_node(
+            &client,
+            &bases[1],
+            Method::GET,
+            &format!("/api/v1/sessions/{id}/metrics"),
+            KEY_A,
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            metrics["tool_execution_count"].as_u64(),
+            Some(stored),
+            "{id}: {metrics}"
+        );
+    }
+    for node in nodes {
+        assert!(node.terminate().success());
+    }
+}

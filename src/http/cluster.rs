@@ -57,10 +57,6 @@ pub const PEER_HEADER: HeaderName = HeaderName::from_static("x-edge-sessions-pee
 const VIEW_REFRESH: Duration = Duration::from_millis(100);
 /// How often a waiting call looks again.
 const WAIT_STEP: Duration = Duration::from_millis(20);
-/// Longest a forwarded call may take beyond the owner's own longest wait
-/// for its shard (the answer must come back even when the owner waited:
-/// a call given up here could still be carried out there).
-const FORWARD_SLACK: Duration = Duration::from_secs(30);
 
 /// A cluster node's handles for its HTTP side.
 pub struct ClusterHttp {
@@ -76,11 +72,24 @@ pub struct ClusterHttp {
     joined: AtomicBool,
     /// Longest a call waits for its shard's owner.
     hand_over_wait: Duration,
+    /// Longest a forwarded call waits for its answer: longer than the
+    /// owner can take (its own wait for the shard, then the commit), so a
+    /// call given up here is not carried out there; a frozen owner costs
+    /// its callers this long, then 503 (once it wakes, it no longer holds
+    /// the shard and refuses the call).
+    forward_limit: Duration,
 }
 
 impl ClusterHttp {
-    /// The HTTP side of a cluster node.
-    pub fn new(ownership: Arc<Ownership>, secret: String, hand_over_wait: Duration) -> Self {
+    /// The HTTP side of a cluster node: calls wait at most
+    /// `hand_over_wait` for their shard's owner, and an owner commits
+    /// within `commit_timeout`.
+    pub fn new(
+        ownership: Arc<Ownership>,
+        secret: String,
+        hand_over_wait: Duration,
+        commit_timeout: Duration,
+    ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
@@ -95,6 +104,7 @@ impl ClusterHttp {
             client,
             joined: AtomicBool::new(false),
             hand_over_wait,
+            forward_limit: hand_over_wait + commit_timeout + Duration::from_secs(2),
         }
     }
 
@@ -805,8 +815,7 @@ async fn forward(cluster: &ClusterHttp, base: &str, request: Request) -> Forward
             )
         }
     };
-    let limit = cluster.hand_over_wait + FORWARD_SLACK;
-    match tokio::time::timeout(limit, cluster.client.request(outgoing)).await {
+    match tokio::time::timeout(cluster.forward_limit, cluster.client.request(outgoing)).await {
         // The node was not the owner (any more): it did nothing; ask again.
         Ok(Ok(response)) if response.status() == StatusCode::MISDIRECTED_REQUEST => {
             Forwarded::NotSent(
