@@ -166,6 +166,36 @@ async fn any_node_answers_for_every_session_and_names_its_owner() {
     let bases: Vec<String> = nodes.iter().map(|n| n.base.clone()).collect();
     let view = wait_balanced(&client, &bases[0], 3).await;
     assert_eq!(view["shards"]["total"], SHARDS);
+    assert_eq!(view["node_id"], "n1");
+    // The operators' views show the nodes and their shards too.
+    let (status, stats) = common::call(
+        &client,
+        &bases[1],
+        Method::GET,
+        "/admin/stats",
+        ADMIN_KEY,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(stats["cluster"]["node_id"], "n2", "{}", stats["cluster"]);
+    assert_eq!(stats["cluster"]["nodes"].as_array().unwrap().len(), 3);
+    let metrics = client
+        .get(format!("{}/metrics", bases[2]))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("cluster_shards_owned "),
+        "cluster_shards_owned missing"
+    );
+    assert!(
+        metrics.contains("cluster_nodes{status=\"alive\"} 3"),
+        "cluster_nodes missing"
+    );
 
     // Creates through every node, with and without a chosen id.
     let mut owners: BTreeMap<String, String> = BTreeMap::new();
@@ -327,6 +357,84 @@ async fn any_node_answers_for_every_session_and_names_its_owner() {
         assert_eq!(status, StatusCode::BAD_REQUEST);
     }
 
+    // An operator's calls: one session through any node, lists of every
+    // node's sessions, and a bulk end carried out by every node.
+    for base in &bases {
+        for (id, owner) in owners.iter().take(4) {
+            let response = client
+                .get(format!("{base}/admin/tenants/{TENANT_A}/sessions/{id}"))
+                .header("X-Admin-Key", ADMIN_KEY)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(
+                response.status(),
+                StatusCode::OK,
+                "admin read of {id} on {base}"
+            );
+            assert_eq!(
+                response
+                    .headers()
+                    .get("x-edge-sessions-node")
+                    .and_then(|v| v.to_str().ok()),
+                Some(owner.as_str())
+            );
+        }
+        let mut seen = 0;
+        let mut cursor: Option<String> = None;
+        loop {
+            let path = match &cursor {
+                None => "/admin/sessions?limit=5".to_owned(),
+                Some(c) => format!("/admin/sessions?limit=5&cursor={c}"),
+            };
+            let (status, page) =
+                common::call(&client, base, Method::GET, &path, ADMIN_KEY, None).await;
+            assert_eq!(status, StatusCode::OK, "{page}");
+            seen += page["count"].as_u64().unwrap();
+            match page["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.to_owned()),
+                None => break,
+            }
+        }
+        assert_eq!(seen, 24, "the admin list on {base}");
+    }
+    let extra: Vec<String> = (0..6).map(|i| format!("ses-bulk-{i}")).collect();
+    for (i, id) in extra.iter().enumerate() {
+        let (status, _, body) = call_node(
+            &client,
+            &bases[i % 3],
+            Method::POST,
+            "/api/v1/sessions",
+            KEY_A,
+            Some(json!({"session_id": id, "edge_mcp_id": "bulk-edge"})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    let (status, ended) = common::call(
+        &client,
+        &bases[2],
+        Method::POST,
+        "/admin/sessions/terminate",
+        ADMIN_KEY,
+        Some(json!({"edge_mcp_id": "bulk-edge"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{ended}");
+    assert_eq!(ended["terminated"], 6, "{ended}");
+    for id in &extra {
+        let (_, _, read) = call_node(
+            &client,
+            &bases[0],
+            Method::GET,
+            &format!("/api/v1/sessions/{id}"),
+            KEY_A,
+            None,
+        )
+        .await;
+        assert_eq!(read["status"], "terminated", "{read}");
+    }
+
     // A WebSocket opened on a node that does not own its session works
     // (a JSON-RPC call through it), and gets the push when the session is
     // deleted through a third node; a bad token is refused as the owner
@@ -457,7 +565,7 @@ async fn any_node_answers_for_every_session_and_names_its_owner() {
         pg.scalar(&format!(
             "SELECT count(*) FROM mcp.edge_mcp_sessions WHERE tenant_id = '{TENANT_A}' AND shard IS NOT NULL"
         )),
-        24
+        30
     );
     assert_eq!(
         pg.scalar("SELECT count(*) FROM mcp.session_tool_executions"),

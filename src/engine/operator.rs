@@ -81,7 +81,7 @@ impl Engine {
         let more = found.len() > query.limit;
         found.truncate(query.limit);
         let next_cursor = match (more, found.last()) {
-            (true, Some(last)) => Some(encode_cursor(last)),
+            (true, Some(last)) => Some(encode_cursor_of(last)),
             _ => None,
         };
         let now = self.shared.clock.now();
@@ -286,11 +286,19 @@ fn resume_point(tenant: Uuid, at: Millis, last_tenant: Uuid, id: &str) -> (Milli
     }
 }
 
-fn encode_cursor(last: &Session) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!(
-        "{}:{}:{}",
-        last.created_at, last.tenant_id, last.session_id
-    ))
+fn encode_cursor_of(last: &Session) -> String {
+    encode_cursor(
+        last.created_at,
+        &last.tenant_id.to_string(),
+        &last.session_id,
+    )
+}
+
+/// The cursor that continues an operator's list after the session of
+/// `tenant` created at `created_at` with id `session_id`.
+pub fn encode_cursor(created_at: Millis, tenant: &str, session_id: &str) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(format!("{created_at}:{tenant}:{session_id}"))
 }
 
 fn decode_cursor(cursor: &str) -> Option<(Millis, Uuid, String)> {

@@ -149,6 +149,22 @@ enum Target {
     Gather(Gathered),
     /// A session's WebSocket: opened at the owner, through this node.
     Socket(String),
+    /// An operator's call on one session of a tenant.
+    Admin(Uuid, String),
+    /// An operator's call every node carries out on its own sessions; the
+    /// answers' counts are summed.
+    Broadcast(Summed),
+}
+
+/// What a broadcast call answers, summed over the nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Summed {
+    /// `{"terminated": n}`.
+    Terminated,
+    /// `{"expired": n}`.
+    Expired,
+    /// `{"flushed": true, "postgres": true, "outbox_depth": n}`.
+    Flushed,
 }
 
 /// What a gathered read is.
@@ -158,10 +174,15 @@ enum Gathered {
     List,
     /// The tenant's figures.
     Metrics,
+    /// A page of every tenant's sessions (`/admin/sessions`).
+    AdminList,
 }
 
 fn target_of(method: &Method, uri: &Uri) -> Target {
     let path = uri.path();
+    if let Some(rest) = path.strip_prefix("/admin/") {
+        return admin_target_of(method, rest);
+    }
     if *method == Method::POST && (path == "/api/v1/sessions" || path == "/api/v1/executions") {
         return Target::Body;
     }
@@ -186,6 +207,29 @@ fn target_of(method: &Method, uri: &Uri) -> Target {
         return Target::Socket(id.to_owned());
     }
     Target::Path(id.to_owned())
+}
+
+/// The routing of an operator's call (`/admin/` + `rest`).
+fn admin_target_of(method: &Method, rest: &str) -> Target {
+    match (method, rest) {
+        (&Method::GET, "sessions") => Target::Gather(Gathered::AdminList),
+        (&Method::POST, "sessions/terminate") => Target::Broadcast(Summed::Terminated),
+        (&Method::POST, "sessions/cleanup") => Target::Broadcast(Summed::Expired),
+        (&Method::POST, "flush") => Target::Broadcast(Summed::Flushed),
+        _ => {
+            // tenants/{tenant}/sessions/{id}
+            let parts: Vec<&str> = rest.split('/').collect();
+            match parts.as_slice() {
+                ["tenants", tenant, "sessions", id] if !id.is_empty() => {
+                    match Uuid::parse_str(tenant) {
+                        Ok(tenant) => Target::Admin(tenant, (*id).to_owned()),
+                        Err(_) => Target::None,
+                    }
+                }
+                _ => Target::None,
+            }
+        }
+    }
 }
 
 /// The tenant a call names by its credential, unchecked (the owner checks
@@ -219,12 +263,30 @@ pub async fn route(State(state): State<AppState>, request: Request, next: Next) 
         request.headers_mut().remove(&FORWARDED_HEADER);
         request.headers_mut().remove(&PEER_HEADER);
     }
+    let target = target_of(request.method(), request.uri());
+    // Operators' calls name their tenant in the path, or none.
+    match target {
+        Target::Admin(tenant, id) => {
+            let shard = cluster.ownership.shard_of(tenant, &id);
+            return serve_or_forward(&cluster, shard, forwarded, request, next).await;
+        }
+        Target::Gather(Gathered::AdminList) if !forwarded => {
+            return gather(&cluster, Gathered::AdminList, request, next).await
+        }
+        Target::Broadcast(summed) if !forwarded => {
+            return broadcast(&cluster, summed, request, next).await
+        }
+        Target::Broadcast(_) | Target::Gather(Gathered::AdminList) => {
+            return next.run(request).await
+        }
+        _ => {}
+    }
     let Some(tenant) = tenant_of(&state, request.headers()) else {
         // No credential naming a tenant: answered here (401).
         return next.run(request).await;
     };
-    let (session_id, request) = match target_of(request.method(), request.uri()) {
-        Target::None => return next.run(request).await,
+    let (session_id, request) = match target {
+        Target::None | Target::Admin(..) | Target::Broadcast(_) => return next.run(request).await,
         Target::Gather(kind) if !forwarded => return gather(&cluster, kind, request, next).await,
         Target::Gather(_) => return next.run(request).await,
         Target::Socket(id) if !forwarded => {
@@ -255,6 +317,19 @@ pub async fn route(State(state): State<AppState>, request: Request, next: Next) 
         }
     };
     serve_or_forward(&cluster, shard, forwarded, request, next).await
+}
+
+/// Lets through only calls another node forwarded (the operators' routes
+/// on the public listener of a node with its own admin listener).
+pub async fn forwarded_only(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match &state.cluster {
+        Some(cluster) if cluster.forwarded(request.headers()) => next.run(request).await,
+        _ => ApiError::RouteNotFound.into_response(),
+    }
 }
 
 /// A fresh session id for a create that names none: of a shard this node
@@ -380,13 +455,13 @@ async fn gather(cluster: &ClusterHttp, kind: Gathered, request: Request, next: N
     let (mut parts, body) = request.into_parts();
     let (offset, limit) = match kind {
         Gathered::Metrics => (0, 0),
-        Gathered::List => match page_of(&parts.uri) {
+        Gathered::List | Gathered::AdminList => match page_of(&parts.uri) {
             Some(page) => page,
             // Bad paging: the handler answers it (400).
             None => return next.run(Request::from_parts(parts, body)).await,
         },
     };
-    if kind == Gathered::List {
+    if kind != Gathered::Metrics {
         // Each node's part: the first offset + limit, without the offset.
         parts.uri = with_page(&parts.uri, offset + limit);
     }
@@ -429,7 +504,8 @@ async fn gather(cluster: &ClusterHttp, kind: Gathered, request: Request, next: N
         }
     }
     let merged = match kind {
-        Gathered::List => merge_lists(answers, offset, limit),
+        Gathered::List => merge_lists(answers, offset, limit, false),
+        Gathered::AdminList => merge_lists(answers, offset, limit, true),
         Gathered::Metrics => merge_metrics(&answers),
     };
     axum::Json(merged).into_response()
@@ -487,7 +563,12 @@ async fn json_of(response: Response) -> Option<serde_json::Value> {
 /// id, as each node orders them), one copy of a session that two nodes
 /// listed during a hand-over (the higher version), `offset` skipped,
 /// `limit` kept.
-fn merge_lists(answers: Vec<serde_json::Value>, offset: usize, limit: usize) -> serde_json::Value {
+fn merge_lists(
+    answers: Vec<serde_json::Value>,
+    offset: usize,
+    limit: usize,
+    every_tenant: bool,
+) -> serde_json::Value {
     let mut more = false;
     let mut all: Vec<serde_json::Value> = Vec::new();
     for mut answer in answers {
@@ -496,12 +577,19 @@ fn merge_lists(answers: Vec<serde_json::Value>, offset: usize, limit: usize) -> 
             all.extend(sessions);
         }
     }
+    // The order each node lists in: creation time, then (across tenants)
+    // tenant id, then session id.
     let key = |s: &serde_json::Value| {
         (
             s["created_at"]
                 .as_str()
                 .and_then(crate::model::time::parse_rfc3339)
                 .unwrap_or_default(),
+            if every_tenant {
+                s["tenant_id"].as_str().unwrap_or_default().to_owned()
+            } else {
+                String::new()
+            },
             s["session_id"].as_str().unwrap_or_default().to_owned(),
         )
     };
@@ -516,12 +604,97 @@ fn merge_lists(answers: Vec<serde_json::Value>, offset: usize, limit: usize) -> 
     let more = more || total > offset + limit;
     let next_cursor = match (more, page.last()) {
         (true, Some(last)) => {
-            let (at, id) = key(last);
-            Some(crate::engine::queries::encode_cursor(at, &id))
+            let (at, tenant, id) = key(last);
+            Some(if every_tenant {
+                crate::engine::operator::encode_cursor(at, &tenant, &id)
+            } else {
+                crate::engine::queries::encode_cursor(at, &id)
+            })
         }
         _ => None,
     };
     serde_json::json!({ "sessions": page, "count": page.len(), "next_cursor": next_cursor })
+}
+
+/// An operator's call every node carries out on its own sessions: here,
+/// and at every other live node (as forwarded calls, body and all); the
+/// answer sums their counts. A node that does not answer fails the call
+/// (503): what it holds was not done.
+async fn broadcast(
+    cluster: &ClusterHttp,
+    summed: Summed,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(member) = cluster.member() else {
+        return ApiError::Session(SessionError::Unavailable).into_response();
+    };
+    let (parts, body) = request.into_parts();
+    let bytes = match super::extract::read_body(Request::from_parts(parts.clone(), body)).await {
+        Ok(bytes) => bytes,
+        Err(e) => return e.into_response(),
+    };
+    let me = cluster.ownership.node_id();
+    let others: Vec<String> = member
+        .view()
+        .nodes
+        .iter()
+        .filter(|n| n.alive && n.node_id != me)
+        .map(|n| n.advertise_url.clone())
+        .collect();
+    // Here first: a call this node refuses (401, 400) goes nowhere else.
+    let local = next
+        .run(Request::from_parts(
+            parts.clone(),
+            Body::from(bytes.clone()),
+        ))
+        .await;
+    if !local.status().is_success() {
+        return local;
+    }
+    let remote = futures::future::join_all(others.iter().map(|base| {
+        let request = Request::from_parts(parts.clone(), Body::from(bytes.clone()));
+        async move { (base, forward(cluster, base, request).await) }
+    }))
+    .await;
+    let mut answers = vec![match json_of(local).await {
+        Some(value) => value,
+        None => return ApiError::Session(SessionError::Unavailable).into_response(),
+    }];
+    for (base, answer) in remote {
+        match answer {
+            Forwarded::Answer(response) if response.status().is_success() => {
+                match json_of(response).await {
+                    Some(value) => answers.push(value),
+                    None => return ApiError::Session(SessionError::Unavailable).into_response(),
+                }
+            }
+            Forwarded::Answer(response) => {
+                tracing::warn!(node = %base, status = %response.status(), "cluster: a node did not carry out its part of an operator's call");
+                return ApiError::Session(SessionError::Unavailable).into_response();
+            }
+            Forwarded::NotSent(_, error) => {
+                tracing::warn!(node = %base, %error, "cluster: a node did not carry out its part of an operator's call");
+                return ApiError::Session(SessionError::Unavailable).into_response();
+            }
+        }
+    }
+    let sum = |field: &str| {
+        answers
+            .iter()
+            .map(|a| a[field].as_u64().unwrap_or(0))
+            .sum::<u64>()
+    };
+    let merged = match summed {
+        Summed::Terminated => serde_json::json!({ "terminated": sum("terminated") }),
+        Summed::Expired => serde_json::json!({ "expired": sum("expired") }),
+        Summed::Flushed => serde_json::json!({
+            "flushed": true,
+            "postgres": true,
+            "outbox_depth": sum("outbox_depth"),
+        }),
+    };
+    axum::Json(merged).into_response()
 }
 
 /// Sums the nodes' figures (the mean duration weighted by sessions).

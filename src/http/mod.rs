@@ -98,6 +98,16 @@ pub fn app_for(state: AppState, surface: Surface) -> Router {
             .merge(ws::router())
             .merge(openapi::router());
     }
+    if surface == Surface::Public && state.cluster.is_some() {
+        // The other nodes reach this one at its advertised (public)
+        // address: operators' calls they forward are served here too, and
+        // only those.
+        let forwarded_only =
+            axum::middleware::from_fn_with_state(state.clone(), cluster::forwarded_only);
+        router = router
+            .merge(admin::router().route_layer(forwarded_only.clone()))
+            .merge(cluster::router().route_layer(forwarded_only));
+    }
     if surface != Surface::Public {
         router = router
             .merge(admin::router())

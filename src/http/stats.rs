@@ -162,6 +162,10 @@ pub struct Stats {
     /// The tools with the most executions since the start, most first.
     #[schema(value_type = Vec<Object>)]
     pub top_tools: Vec<serde_json::Value>,
+    /// On a cluster node: this node, the nodes (as last read, a quarter
+    /// lease old at most) and the shards each owns; null elsewhere.
+    #[schema(value_type = Option<Object>)]
+    pub cluster: Option<serde_json::Value>,
     /// The last 15 minutes, one sample a second, oldest first: in the
     /// stats WebSocket's first message only.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -207,6 +211,18 @@ pub fn collect(state: &AppState) -> Stats {
             "last_flush_micros": wb.last_flush_micros.load(Ordering::Relaxed),
             "batches": wb.batches.load(Ordering::Relaxed),
             "writes": wb.writes.load(Ordering::Relaxed),
+        }),
+        cluster: state.cluster.as_ref().map(|cluster| {
+            let view = cluster.member().map(|m| m.view()).unwrap_or_default();
+            serde_json::json!({
+                "node_id": cluster.ownership.node_id(),
+                "shards": { "total": cluster.ownership.shards(), "owned_here": cluster.ownership.serving() },
+                "nodes": view.nodes.iter().map(|n| serde_json::json!({
+                    "node_id": n.node_id,
+                    "status": if n.alive { "alive" } else { "gone" },
+                    "shards": view.shards_of(&n.node_id),
+                })).collect::<Vec<_>>(),
+            })
         }),
         outbox: engine.outbox_stats().map(|o| {
             serde_json::json!({

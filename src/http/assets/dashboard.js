@@ -44,6 +44,14 @@ function render(stats) {
     const lat = (v) => (idle ? "—" : fixed(v));
     shards.appendChild(row([s.id, s.live_actors, s.mailbox_depth, Math.round(s.ops_per_second), lat(s.latency_ms.p50), lat(s.latency_ms.p99), lat(s.latency_ms.p999)]));
   });
+  // A cluster node: the nodes and the shards each owns.
+  $("cluster").hidden = !stats.cluster;
+  if (stats.cluster) {
+    const c = stats.cluster;
+    $("cluster-here").textContent = "(this is " + c.node_id + ", serving " + c.shards.owned_here + " of " + c.shards.total + " shards)";
+    const nodes = $("cluster-nodes"); nodes.replaceChildren();
+    c.nodes.forEach((n) => nodes.appendChild(row([n.node_id, n.status, n.shards])));
+  }
   const tenants = $("tenants"); tenants.replaceChildren();
   stats.tenants.slice(0, 10).forEach((t) => tenants.appendChild(row([t.tenant_id, t.name, t.live_sessions, t.idle_sessions])));
   const tools = $("top-tools"); tools.replaceChildren();
