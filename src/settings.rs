@@ -523,7 +523,7 @@ impl Settings {
                     "a cluster needs configured tenants (the development tenant is one node's own)",
                 );
             }
-            c.secret()?;
+            // The secret (a file, or the environment) is read at `serve`.
         }
         if self.postgres.enabled() {
             if let Err(e) = crate::persist::postgres::check_url(self.postgres.url.trim()) {

@@ -330,6 +330,40 @@ fn the_compose_file_parses_and_mounts_files_that_exist() {
     let Some(compose) = compose else {
         return;
     };
+    // The cluster variant parses too, its three nodes share one config
+    // and each names itself.
+    let mut args = vec![
+        "-f",
+        "deploy/compose.cluster.yaml",
+        "config",
+        "--format",
+        "json",
+    ];
+    if compose.ends_with("docker") {
+        args.insert(0, "compose");
+    }
+    let out = run(&compose, &args, root());
+    assert!(
+        out.status.success(),
+        "compose config (cluster): {}",
+        text(&out)
+    );
+    let cluster: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for n in 1..=3 {
+        let engine = &cluster["services"][format!("engine-{n}")];
+        assert_eq!(
+            engine["environment"]["EDGE_SESSIONS__CLUSTER__NODE_ID"],
+            format!("engine-{n}")
+        );
+        for volume in engine["volumes"].as_array().into_iter().flatten() {
+            if volume["type"] == "bind" {
+                let source = volume["source"].as_str().unwrap();
+                assert!(Path::new(source).exists(), "engine-{n} mounts {source}");
+            }
+        }
+    }
+    assert!(cluster["services"]["envoy"].is_object());
+
     let mut args = vec!["-f", "deploy/compose.yaml", "config", "--format", "json"];
     if compose.ends_with("docker") {
         args.insert(0, "compose");
@@ -880,4 +914,140 @@ async fn the_binary_runs_inside_the_units_system_call_filter() {
     );
     let logs = logs.lock().unwrap();
     assert!(logs.iter().any(|l| l.starts_with("sandbox: ")), "{logs:#?}");
+}
+
+/// The cluster's manifests in `deploy/kubernetes/cluster/`: the schemas,
+/// the engine's config loader on the ConfigMap's TOML (a cluster that
+/// acknowledges after the PostgreSQL commit), and the wiring.
+#[test]
+fn the_cluster_manifests_pass_the_schemas_and_fit_together() {
+    const CLUSTER: [&str; 5] = [
+        "configmap.yaml",
+        "secret.example.yaml",
+        "service.yaml",
+        "deployment.yaml",
+        "poddisruptionbudget.yaml",
+    ];
+    let dir = root().join("deploy/kubernetes/cluster");
+    if let Some(validate) = tool(
+        "kubernetes-validate",
+        &["--version"],
+        "PyPI kubernetes-validate",
+    ) {
+        let mut args = vec!["--strict", "--no-warn"];
+        args.extend(CLUSTER);
+        let out = run(&validate, &args, &dir);
+        let report = text(&out);
+        assert!(out.status.success(), "kubernetes-validate: {report}");
+        for resource in [
+            "configmap/edge-sessions-cluster-config",
+            "deployment/edge-sessions-cluster",
+            "service/edge-sessions-cluster",
+            "poddisruptionbudget/edge-sessions-cluster",
+        ] {
+            assert!(
+                report.contains(&format!("passed for resource {resource} ")),
+                "{resource} not validated: {report}"
+            );
+        }
+    }
+    let Some(yaml) = yaml_tool() else {
+        return;
+    };
+    let mut objects = Vec::new();
+    for file in CLUSTER {
+        objects.extend(yaml_documents(
+            &yaml,
+            &format!("deploy/kubernetes/cluster/{file}"),
+        ));
+    }
+    let find = |kind: &str| -> Value {
+        objects
+            .iter()
+            .find(|o| o["kind"] == kind)
+            .unwrap_or_else(|| panic!("{kind}"))
+            .clone()
+    };
+    let config = find("ConfigMap");
+    // The URL comes from a Secret, as EDGE_SESSIONS__POSTGRES__URL.
+    let with_url = config["data"]["config.toml"]
+        .as_str()
+        .unwrap()
+        .replace("url = \"\"", "url = \"postgres://edge@postgres/edge\"")
+        // And the pod's address, as EDGE_SESSIONS__CLUSTER__ADVERTISE_URL.
+        .replace(
+            "enabled = true",
+            "enabled = true\nadvertise_url = \"http://10.0.0.5:8081\"",
+        );
+    let settings =
+        Settings::from_toml(&with_url).expect("the cluster ConfigMap's config.toml loads");
+    assert!(settings.cluster.enabled);
+    assert_eq!(
+        settings.storage.durability,
+        edge_sessions::settings::Durability::Postgres
+    );
+    let deployment = find("Deployment");
+    let spec = &deployment["spec"];
+    assert_eq!(spec["replicas"], 3);
+    assert_eq!(spec["strategy"]["rollingUpdate"]["maxUnavailable"], 0);
+    let container = &spec["template"]["spec"]["containers"][0];
+    let env: Vec<&str> = container["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    for name in [
+        "EDGE_SESSIONS__CLUSTER__NODE_ID",
+        "EDGE_SESSIONS__CLUSTER__ADVERTISE_URL",
+        "EDGE_SESSIONS__POSTGRES__URL",
+        edge_sessions::settings::CLUSTER_SECRET_ENV,
+    ] {
+        assert!(env.contains(&name), "{name} missing from {env:?}");
+    }
+    // The grace period covers a leave: two leases of hand-over, half a
+    // lease more, then the preStop pause.
+    let lease = settings.cluster.lease_seconds;
+    let grace = spec["template"]["spec"]["terminationGracePeriodSeconds"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        grace >= 2 * lease + lease / 2 + 5 + 10,
+        "grace {grace} s for a {lease} s lease"
+    );
+    let pod_labels = &spec["template"]["metadata"]["labels"];
+    for selector in [
+        &spec["selector"]["matchLabels"],
+        &find("Service")["spec"]["selector"],
+        &find("PodDisruptionBudget")["spec"]["selector"]["matchLabels"],
+    ] {
+        for (k, v) in selector.as_object().unwrap() {
+            assert_eq!(&pod_labels[k], v, "selector {k}");
+        }
+    }
+    // The example Secret (a placeholder) is not applied with the rest.
+    let kustomization = yaml_documents(&yaml, "deploy/kubernetes/cluster/kustomization.yaml");
+    let resources = kustomization[0]["resources"].as_array().unwrap();
+    assert_eq!(resources.len(), 4, "{resources:?}");
+    assert!(!resources.iter().any(|r| r == "secret.example.yaml"));
+    // The compose variant's config file loads too, and Envoy hashes on the
+    // session id segment.
+    let compose_config = Settings::from_toml(&format!(
+        "{}\n[postgres]\nurl = \"postgres://edge@postgres/edge\"\n",
+        read("deploy/cluster.toml").replace(
+            "enabled = true",
+            "enabled = true\nadvertise_url = \"http://engine-1:8081\""
+        )
+    ))
+    .expect("deploy/cluster.toml loads");
+    assert!(compose_config.cluster.enabled);
+    let envoy = yaml_documents(&yaml, "deploy/envoy/envoy.yaml");
+    let cluster = &envoy[0]["static_resources"]["clusters"][0];
+    assert_eq!(cluster["lb_policy"], "RING_HASH");
+    let routes = &envoy[0]["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+        ["typed_config"]["route_config"]["virtual_hosts"][0]["routes"];
+    assert!(
+        routes[0]["route"]["hash_policy"][0]["header"]["header_name"] == ":path",
+        "{routes}"
+    );
 }
