@@ -29,7 +29,9 @@
 //! - [`cli`]: the operator's commands beyond `serve` (restore, and the
 //!   commands that drive a running server's admin API).
 //! - [`cluster`]: several nodes on one PostgreSQL: membership, shard
-//!   placement and leases with fencing (not yet wired to the engine).
+//!   placement and leases with fencing, what this node serves, the
+//!   tenants' quotas across the cluster (the engine's side is
+//!   `engine::cluster`, forwarding is [`http::cluster`]).
 //!
 //! # Threads
 //!

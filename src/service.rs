@@ -439,7 +439,7 @@ impl ClusterNode {
             let (quota, pool, every) = (
                 self.quota.clone(),
                 tier.postgres.pool().clone(),
-                self.config.lease,
+                self.config.lease / 2,
             );
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(every);

@@ -435,6 +435,38 @@ async fn any_node_answers_for_every_session_and_names_its_owner() {
         assert_eq!(read["status"], "terminated", "{read}");
     }
 
+    // Paging beyond one page of each node (offset + limit over 1,000)
+    // reads every node page by page; bad input is refused as one node
+    // refuses it.
+    let (status, _, page) = call_node(
+        &client,
+        &bases[1],
+        Method::GET,
+        "/api/v1/sessions?offset=25&limit=1000",
+        KEY_A,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert_eq!(page["count"], 5, "{page}");
+    assert!(page["next_cursor"].is_null());
+    for body in [
+        json!({"session_id": "active", "edge_mcp_id": "edge"}),
+        json!({"session_id": 12, "edge_mcp_id": "edge"}),
+        json!({"session_id": "no spaces", "edge_mcp_id": "edge"}),
+    ] {
+        let (status, _, answer) = call_node(
+            &client,
+            &bases[0],
+            Method::POST,
+            "/api/v1/sessions",
+            KEY_A,
+            Some(body.clone()),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {answer}");
+    }
+
     // A WebSocket opened on a node that does not own its session works
     // (a JSON-RPC call through it), and gets the push when the session is
     // deleted through a third node; a bad token is refused as the owner

@@ -1,9 +1,12 @@
 //! The cluster: several nodes on one PostgreSQL, which decides who owns
 //! which sessions (issue 12, contract: "Cluster" in API.md).
 //!
-//! This is its first part: membership and shard ownership. The engine does
-//! not use it yet; `[cluster]` in the config comes with the parts that
-//! serve calls (ownership of session actors, forwarding, hand-over).
+//! Here: membership and shard ownership ([`member`], [`registry`],
+//! [`placement`]), what this node serves ([`ownership`], read by the
+//! engine, the shipper and the HTTP router) and the tenants' quotas across
+//! the cluster ([`quota`]). The engine's side of a shard (rebuilding its
+//! sessions, handing them over) is `engine::cluster`; routing and
+//! forwarding calls is `http::cluster`; `service` joins and leaves.
 //!
 //! # Design
 //!
@@ -57,18 +60,30 @@
 //! drain it (stop taking calls for it, let what it acknowledged be
 //! committed) and keeps renewing the lease meanwhile; the first round after
 //! the drain ends releases it, and the new owner takes it at its next
-//! round. A clean stop drains every shard the same way (for at most a
-//! lease), then releases them all in one transaction.
+//! round. A clean stop drains every shard the same way (for at most two
+//! leases), then releases them all in one transaction.
 //!
-//! # Not yet here
+//! # Serving
 //!
-//! `serve` does not run a cluster yet: the engine's side of
-//! [`member::ShardOwner`], forwarding, and `[cluster]` in the config come
-//! next. The fenced batch
-//! ([`crate::persist::postgres::LaneConnection::ship_fenced`]) checks the
-//! shards its caller names; naming every shard a batch writes for
-//! (executions and audit rows carry only a session's row id) is the
-//! caller's part.
+//! - **Taking a shard over** ([`ShardOwner::adopt`]) reads its live
+//!   sessions (and those ended within the retention) from PostgreSQL into
+//!   the node's cache, then starts their actors. Nothing read back is
+//!   written back, and changes logged before the tenure began never ship
+//!   under it ([`ownership::Ownership::sort`]).
+//! - **Handing one over** ([`ShardOwner::drain`]) waits for the calls let
+//!   in, queues the sessions' coalesced writes, waits until everything
+//!   queued is committed, then stops the actors: what a session
+//!   acknowledged is in PostgreSQL before its next owner reads it. The
+//!   wait is bounded by a lease.
+//! - **A lost shard** (its lease ran out on this node's clock) stops its
+//!   actors at once; whatever of it was not shipped is dropped, and the
+//!   callers still waiting for it are told it failed.
+//! - **Calls** for a shard held elsewhere are forwarded to the owner (see
+//!   `http::cluster`, which also says how forwarding pools connections and
+//!   how long a call waits during a hand-over: at most two leases).
+//! - **Leaving** (SIGTERM) drains every shard, releases them all, then
+//!   keeps answering for half a lease (421 to forwarded calls) before the
+//!   HTTP server stops, so no node forwards onto a closed connection.
 
 pub mod member;
 pub mod ownership;

@@ -3,27 +3,31 @@
 //!
 //! Each node reserves part of each tenant's quota in `mcp.cluster_quota`
 //! and admits creates from its reservation in memory. Only when it has
-//! none left does it ask PostgreSQL for more ([`Quota::reserve`]), which
+//! none left does it ask PostgreSQL for more ([`Quota::take`]), which
 //! grants at most what
 //!
 //! ```text
-//! max_active_sessions - live sessions in PostgreSQL - every other live node's reservation
+//! max_active_sessions - live sessions in PostgreSQL - every other node's reservation
 //! ```
 //!
 //! leaves, under a per-tenant advisory lock, so two nodes never grant from
-//! the same room. A node's row counts its unused reservation and its
-//! creates not yet committed (in flight): a create is in neither the
-//! sessions table nor the row only once it is committed, and then it is
-//! counted as live. So the cluster never admits more than the limit. A
-//! session that ends frees its room once its end is committed.
+//! the same room. A node's row counts its unused room and its creates not
+//! yet committed: a create is counted in the row until it is committed,
+//! and from then on as live. So the cluster never admits more than the
+//! limit. A session that ends frees its room once its end is committed.
 //!
 //! A node hands back what it did not use after a lease without a create
-//! of that tenant ([`Quota::give_back_idle`]), and everything when it
-//! leaves; a node that stopped heartbeating for two leases no longer
-//! counts (its creates cannot commit any more: its leases ran out and its
-//! writes are fenced). Reservations come in chunks of a quarter of the
-//! tenant's limit divided among the live nodes (at least one), so a small
-//! limit is not all held by one node while another has callers.
+//! of that tenant ([`Quota::give_back_idle`], which also writes its rows
+//! again every half lease), and everything when it leaves. A row not
+//! written for two leases no longer counts (its node is frozen, cut off or
+//! dead), and a node admits from its reservation only within a lease and a
+//! half (on `CLOCK_BOOTTIME`, which counts a suspended machine's time too)
+//! of its rows' last write: before the others can stop counting them, it
+//! stops using them. Its creates not yet committed when it went away
+//! cannot commit later: its leases ran out and its writes are fenced.
+//! Reservations come in chunks of a quarter of the tenant's limit divided
+//! among the live nodes (at least one), so a small limit is not all held
+//! by one node while another has callers.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -35,13 +39,22 @@ use uuid::Uuid;
 
 use super::registry::RegistryError;
 
+/// Longest a create waits for a reservation (then 503): a node that
+/// forwarded the create waits longer than this, its commit and the wait
+/// for the shard together (see `http::cluster`).
+pub const RESERVE_LIMIT: Duration = Duration::from_secs(5);
+
 /// One tenant's reservation on this node.
 #[derive(Debug, Default)]
 struct Slot {
     /// Creates this node may still admit without asking.
     unused: AtomicI64,
-    /// Creates admitted and not yet committed (or failed).
-    in_flight: AtomicI64,
+    /// What this node's row counts: `unused` plus its creates not yet
+    /// committed. One counter, so the row is never written from two reads
+    /// a create in between made disagree: a create taken moves one from
+    /// `unused` into the creates in flight (this stays), a commit takes
+    /// one off, a create that failed goes back to `unused` (this stays).
+    reserved: AtomicI64,
     /// When the last create was admitted (ms since start), to give back
     /// what an idle node holds.
     last_used: AtomicU64,
@@ -53,9 +66,11 @@ pub struct Quota {
     node_id: String,
     lease: Duration,
     slots: HashMap<Uuid, Slot>,
-    /// One reservation round trip per tenant at a time on this node.
-    asking: Mutex<HashMap<Uuid, std::sync::Arc<tokio::sync::Mutex<()>>>>,
+    /// One reservation or row write per tenant at a time on this node.
+    turns: Mutex<HashMap<Uuid, std::sync::Arc<tokio::sync::Mutex<()>>>>,
     started: std::time::Instant,
+    /// Until when (`CLOCK_BOOTTIME`, ns) `unused` may be admitted from.
+    valid_until: AtomicU64,
 }
 
 /// A create admitted from a reservation; tell [`Quota::settled`] how it
@@ -73,8 +88,9 @@ impl Quota {
             node_id,
             lease,
             slots: tenants.into_iter().map(|t| (t, Slot::default())).collect(),
-            asking: Mutex::new(HashMap::new()),
+            turns: Mutex::new(HashMap::new()),
             started: std::time::Instant::now(),
+            valid_until: AtomicU64::new(0),
         }
     }
 
@@ -100,7 +116,7 @@ impl Quota {
             if self.take_local(slot) {
                 return Ok(Some(Taken { tenant }));
             }
-            if self.reserve(pool, tenant, max).await? == 0 {
+            if self.reserve(pool, tenant, slot, max).await? == 0 {
                 return Ok(None);
             }
         }
@@ -108,11 +124,14 @@ impl Quota {
 
     /// The lock that orders this node's row writes for `tenant`.
     fn turn(&self, tenant: Uuid) -> std::sync::Arc<tokio::sync::Mutex<()>> {
-        let mut asking = self.asking.lock().unwrap_or_else(|e| e.into_inner());
-        asking.entry(tenant).or_default().clone()
+        let mut turns = self.turns.lock().unwrap_or_else(|e| e.into_inner());
+        turns.entry(tenant).or_default().clone()
     }
 
     fn take_local(&self, slot: &Slot) -> bool {
+        if boot_clock_ns() >= self.valid_until.load(Ordering::Acquire) {
+            return false;
+        }
         let taken = slot
             .unused
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
@@ -120,11 +139,18 @@ impl Quota {
             })
             .is_ok();
         if taken {
-            slot.in_flight.fetch_add(1, Ordering::AcqRel);
             slot.last_used
                 .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
         }
         taken
+    }
+
+    /// This node's rows were written by statements sent at `sent`: its
+    /// room may be used for a lease and a half from then (the others count
+    /// a row for two leases after it was written).
+    fn confirmed(&self, sent: u64) {
+        let until = sent + (self.lease.as_nanos() as u64) * 3 / 2;
+        self.valid_until.fetch_max(until, Ordering::AcqRel);
     }
 
     /// A create taken with [`Quota::take`] was committed (it now counts as
@@ -132,32 +158,38 @@ impl Quota {
     /// back to this node).
     pub fn settled(&self, taken: Taken, committed: bool) {
         if let Some(slot) = self.slots.get(&taken.tenant) {
-            slot.in_flight.fetch_sub(1, Ordering::AcqRel);
-            if !committed {
+            if committed {
+                slot.reserved.fetch_sub(1, Ordering::AcqRel);
+            } else {
                 slot.unused.fetch_add(1, Ordering::AcqRel);
             }
         }
     }
 
     /// Asks PostgreSQL for more room for `tenant`; answers how much was
-    /// granted (0: the cluster is at the limit).
-    async fn reserve(&self, pool: &PgPool, tenant: Uuid, max: usize) -> Result<i64, RegistryError> {
-        let Some(slot) = self.slots.get(&tenant) else {
-            return Ok(0);
-        };
+    /// granted (0: the cluster is at the limit). The caller holds the
+    /// tenant's turn.
+    async fn reserve(
+        &self,
+        pool: &PgPool,
+        tenant: Uuid,
+        slot: &Slot,
+        max: usize,
+    ) -> Result<i64, RegistryError> {
         let stale = self.lease * 2;
+        let sent = boot_clock_ns();
         let mut tx = pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1::text, 12))")
             .bind(tenant)
             .execute(&mut *tx)
             .await?;
+        // A row not written for two leases is a node gone: not counted.
         let (live, others, nodes): (i64, i64, i64) = sqlx::query_as(
             "SELECT \
                (SELECT count(*) FROM mcp.edge_mcp_sessions WHERE tenant_id = $1 AND status IN ('active', 'idle')), \
-               (SELECT coalesce(sum(q.reserved), 0)::int8 FROM mcp.cluster_quota q \
-                  JOIN mcp.cluster_nodes n ON n.node_id = q.node_id \
-                 WHERE q.tenant_id = $1 AND q.node_id <> $2 \
-                   AND n.heartbeat_at > statement_timestamp() - $3 * interval '1 millisecond'), \
+               (SELECT coalesce(sum(reserved), 0)::int8 FROM mcp.cluster_quota \
+                 WHERE tenant_id = $1 AND node_id <> $2 \
+                   AND updated_at > statement_timestamp() - $3 * interval '1 millisecond'), \
                (SELECT count(*) FROM mcp.cluster_nodes \
                  WHERE status = 'alive' AND heartbeat_at > statement_timestamp() - $3 * interval '1 millisecond')",
         )
@@ -167,50 +199,66 @@ impl Quota {
         .fetch_one(&mut *tx)
         .await?;
         let max = i64::try_from(max).unwrap_or(i64::MAX);
-        // This node's own creates in flight are not live yet either.
-        let in_flight = slot.in_flight.load(Ordering::Acquire);
-        let unused = slot.unused.load(Ordering::Acquire);
-        let room = (max - live - others - in_flight - unused).max(0);
+        // This node's own room and creates in flight (not live yet).
+        let mine = slot.reserved.load(Ordering::Acquire);
+        let room = (max - live - others - mine).max(0);
         let chunk = (max / (4 * nodes.max(1))).max(1);
         let granted = room.min(chunk);
-        // Held from here on: the row says so before anyone else can ask.
-        let unused = slot.unused.fetch_add(granted, Ordering::AcqRel) + granted;
-        write_row(
-            &mut *tx,
-            tenant,
-            &self.node_id,
-            unused + slot.in_flight.load(Ordering::Acquire),
-        )
-        .await?;
-        tx.commit().await?;
+        let reserved = slot.reserved.fetch_add(granted, Ordering::AcqRel) + granted;
+        let written = async {
+            write_row(&mut *tx, tenant, &self.node_id, reserved).await?;
+            tx.commit().await?;
+            Ok::<_, RegistryError>(())
+        }
+        .await;
+        if let Err(e) = written {
+            slot.reserved.fetch_sub(granted, Ordering::AcqRel);
+            return Err(e);
+        }
+        // Only now may the room be used: the row says so.
+        slot.unused.fetch_add(granted, Ordering::AcqRel);
+        self.confirmed(sent);
         Ok(granted)
     }
 
-    /// Gives back the reservations not used for a lease (and writes every
-    /// tenant's row again, so creates committed since count once).
+    /// Gives back the reservations not used for a lease, and writes every
+    /// tenant's row again (so creates committed since count once, and the
+    /// others keep counting the rest). Call every half lease: the rows
+    /// written keep this node's room usable.
     pub async fn give_back_idle(&self, pool: &PgPool) -> Result<(), RegistryError> {
         let now = self.started.elapsed().as_millis() as u64;
         let idle_for = self.lease.as_millis() as u64;
+        let sent = boot_clock_ns();
+        let mut failed = None;
         for (tenant, slot) in &self.slots {
             // Not while this node reserves for the tenant: its row would
             // be written back older than the reservation.
             let turn = self.turn(*tenant);
             let _turn = turn.lock().await;
-            let idle = now.saturating_sub(slot.last_used.load(Ordering::Relaxed)) >= idle_for;
-            if idle {
-                slot.unused.store(0, Ordering::Release);
+            if now.saturating_sub(slot.last_used.load(Ordering::Relaxed)) >= idle_for {
+                let unused = slot.unused.swap(0, Ordering::AcqRel);
+                slot.reserved.fetch_sub(unused, Ordering::AcqRel);
             }
-            let reserved =
-                slot.unused.load(Ordering::Acquire) + slot.in_flight.load(Ordering::Acquire);
-            write_row(pool, *tenant, &self.node_id, reserved).await?;
+            let reserved = slot.reserved.load(Ordering::Acquire);
+            if let Err(e) = write_row(pool, *tenant, &self.node_id, reserved).await {
+                failed.get_or_insert(e);
+            }
         }
-        Ok(())
+        match failed {
+            Some(e) => Err(e),
+            None => {
+                self.confirmed(sent);
+                Ok(())
+            }
+        }
     }
 
     /// Gives back everything (leaving the cluster).
     pub async fn give_back_all(&self, pool: &PgPool) -> Result<(), RegistryError> {
+        self.valid_until.store(0, Ordering::Release);
         for slot in self.slots.values() {
-            slot.unused.store(0, Ordering::Release);
+            let unused = slot.unused.swap(0, Ordering::AcqRel);
+            slot.reserved.fetch_sub(unused, Ordering::AcqRel);
         }
         sqlx::query("DELETE FROM mcp.cluster_quota WHERE node_id = $1")
             .bind(&self.node_id)
@@ -218,6 +266,21 @@ impl Quota {
             .await?;
         Ok(())
     }
+}
+
+/// Time since boot, suspended time included (`CLOCK_BOOTTIME`), in ns.
+fn boot_clock_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec, which `now` is.
+    let status = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut now) };
+    assert_eq!(
+        status, 0,
+        "CLOCK_BOOTTIME is available on every Linux since 2.6.39"
+    );
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
 /// Sets this node's row for `tenant` to `reserved`.

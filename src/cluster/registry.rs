@@ -30,8 +30,9 @@ pub enum RegistryError {
     /// PostgreSQL could not be reached or refused the statement.
     #[error("postgres: {0}")]
     Postgres(#[from] sqlx::Error),
-    /// A round took longer than half a lease.
-    #[error("a cluster round took longer than half a lease")]
+    /// A round (longer than half a lease) or a quota reservation took too
+    /// long.
+    #[error("PostgreSQL took too long to answer a cluster statement")]
     Timeout,
     /// The cluster was created with another shard count.
     #[error("cluster.shards is {configured}, but the cluster in PostgreSQL has {existing} shards (fixed for the cluster's life)")]
@@ -245,16 +246,21 @@ pub async fn renew(
 ) -> Result<Vec<u32>, RegistryError> {
     let wait = (lease / 8).max(Duration::from_millis(10));
     let mut tx = pool.begin().await?;
-    sqlx::query(&format!("SET LOCAL lock_timeout = {}", millis(wait)))
-        .execute(&mut *tx)
-        .await?;
+    // lock_timeout bounds each row's wait, statement_timeout the sum.
+    sqlx::query(
+        "SELECT set_config('lock_timeout', $1, true), set_config('statement_timeout', $1, true)",
+    )
+    .bind(millis(wait).to_string())
+    .execute(&mut *tx)
+    .await?;
     match renew_rows(&mut *tx, node_id, held, lease, "").await {
         Ok(renewed) => {
             tx.commit().await?;
             Ok(renewed)
         }
+        // lock_not_available, query_canceled (the statement's timeout).
         Err(RegistryError::Postgres(sqlx::Error::Database(e)))
-            if e.code().as_deref() == Some("55P03") =>
+            if matches!(e.code().as_deref(), Some("55P03" | "57014")) =>
         {
             tx.rollback().await?;
             renew_rows(pool, node_id, held, lease, "SKIP LOCKED").await

@@ -29,7 +29,12 @@ impl Engine {
         if self.shared.ownership.is_some() {
             // A cluster node creates only sessions of shards it serves.
             match &request.session_id {
-                Some(id) if !self.serves(tenant, id) => return Err(SessionError::Unavailable),
+                // An invalid id is refused below (400), wherever it lands.
+                Some(id)
+                    if crate::model::ids::is_valid_session_id(id) && !self.serves(tenant, id) =>
+                {
+                    return Err(SessionError::Unavailable)
+                }
                 Some(_) => {}
                 None => {
                     request.session_id = Some(
@@ -63,7 +68,14 @@ impl Engine {
         let taken = match (&self.cluster_quota, &self.postgres) {
             (Some(quota), Some(postgres)) => {
                 let max = handle.limits.max_active_sessions;
-                match quota.take(postgres.pool(), tenant, max).await {
+                // Bounded, so a forwarding node's wait outlasts it.
+                let taken = tokio::time::timeout(
+                    crate::cluster::quota::RESERVE_LIMIT,
+                    quota.take(postgres.pool(), tenant, max),
+                )
+                .await
+                .unwrap_or(Err(crate::cluster::RegistryError::Timeout));
+                match taken {
                     Ok(Some(taken)) => Some(taken),
                     Ok(None) => return Err(SessionError::TenantLimit { limit: max }),
                     Err(e) => {
@@ -99,10 +111,26 @@ impl Engine {
             }
             // Not committed in time, but it may still be: in flight until
             // everything queued before it is committed (or fenced off).
+            // A barrier that fails (PostgreSQL still away) is asked again.
             (Err(_), Some(quota), Some(taken)) => {
-                let (quota, barrier) = (quota.clone(), self.shared.write_behind.shipped_barrier());
+                let (quota, engine) = (quota.clone(), self.clone());
                 tokio::spawn(async move {
-                    let _ = barrier.await;
+                    while !matches!(
+                        engine.shared.write_behind.shipped_barrier().await,
+                        Ok(Ok(()))
+                    ) {
+                        if engine
+                            .shared
+                            .shutting_down
+                            .load(std::sync::atomic::Ordering::Acquire)
+                        {
+                            // Never settled: the row keeps counting it
+                            // until the node's rows go (it is leaving).
+                            let _ = taken;
+                            return;
+                        }
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    }
                     quota.settled(taken, true);
                 });
             }

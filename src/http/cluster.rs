@@ -104,7 +104,10 @@ impl ClusterHttp {
             client,
             joined: AtomicBool::new(false),
             hand_over_wait,
-            forward_limit: hand_over_wait + commit_timeout + Duration::from_secs(2),
+            forward_limit: hand_over_wait
+                + crate::cluster::quota::RESERVE_LIMIT
+                + commit_timeout
+                + Duration::from_secs(2),
         }
     }
 
@@ -117,6 +120,13 @@ impl ClusterHttp {
     /// Whether this node's lease of `shard` runs (see [`Member::holds`]).
     fn holds(&self, shard: u32) -> bool {
         self.member().is_some_and(|m| m.holds(shard).is_some())
+    }
+
+    /// Whether this node serves the session `id` of `tenant` now: its
+    /// shard's tenure here is serving and its lease runs.
+    pub fn serves(&self, tenant: Uuid, id: &str) -> bool {
+        let shard = self.ownership.shard_of(tenant, id);
+        self.ownership.tenure(shard).map(|t| t.stage) == Some(Stage::Serving) && self.holds(shard)
     }
 
     /// This node's membership, once joined.
@@ -293,10 +303,23 @@ pub async fn route(State(state): State<AppState>, request: Request, next: Next) 
             let shard = cluster.ownership.shard_of(tenant, &id);
             return socket(&cluster, shard, request, next).await;
         }
-        Target::Socket(_) => return next.run(request).await,
+        // Forwarded here: served only while this node holds the shard;
+        // else 421, and the forwarding node asks the new owner.
+        Target::Socket(id) => {
+            let shard = cluster.ownership.shard_of(tenant, &id);
+            let serving = cluster.ownership.tenure(shard).map(|t| t.stage) == Some(Stage::Serving);
+            if serving && cluster.holds(shard) {
+                return next.run(request).await;
+            }
+            return misdirected();
+        }
         Target::Path(id) => (Some(id), request),
         Target::Body => match body_session_id(request).await {
-            Ok(found) => found,
+            Ok((Named::Valid(id), request)) => (Some(id), request),
+            Ok((Named::Absent, request)) => (None, request),
+            // An id that is not a valid one: refused here (400), as a
+            // single node refuses it.
+            Ok((Named::Invalid, request)) => return next.run(request).await,
             Err(e) => return e.into_response(),
         },
     };
@@ -461,9 +484,24 @@ async fn gather(cluster: &ClusterHttp, kind: Gathered, request: Request, next: N
             None => return next.run(Request::from_parts(parts, body)).await,
         },
     };
+    let want = offset.saturating_add(limit);
+    if kind != Gathered::Metrics && want > MAX_GATHERED {
+        return super::error::invalid(
+            "offset",
+            format!(
+                "offset + limit must be at most {MAX_GATHERED} in a cluster: page with the cursor"
+            ),
+        )
+        .into_response();
+    }
+    if kind != Gathered::Metrics && want > MAX_PAGE {
+        // More than one page of each node: every node (this one too, as
+        // a forwarded call) is read page by page.
+        return gather_deep(cluster, member, kind, parts, offset, limit).await;
+    }
     if kind != Gathered::Metrics {
         // Each node's part: the first offset + limit, without the offset.
-        parts.uri = with_page(&parts.uri, offset + limit);
+        parts.uri = with_page(&parts.uri, want, None);
     }
     let me = cluster.ownership.node_id();
     let others: Vec<String> = member
@@ -511,6 +549,84 @@ async fn gather(cluster: &ClusterHttp, kind: Gathered, request: Request, next: N
     axum::Json(merged).into_response()
 }
 
+/// The largest page a node answers.
+const MAX_PAGE: usize = 1000;
+/// The most sessions a list in a cluster gathers from each node (its
+/// `offset + limit`).
+const MAX_GATHERED: usize = 100_000;
+
+/// A list whose `offset + limit` is more than one page: each node's first
+/// `offset + limit` sessions, read page by page from every node, merged.
+async fn gather_deep(
+    cluster: &ClusterHttp,
+    member: &Member,
+    kind: Gathered,
+    parts: axum::http::request::Parts,
+    offset: usize,
+    limit: usize,
+) -> Response {
+    let want = offset + limit;
+    let bases: Vec<String> = member
+        .view()
+        .nodes
+        .iter()
+        .filter(|n| n.alive)
+        .map(|n| n.advertise_url.clone())
+        .collect();
+    let first_cursor = form_urlencoded(parts.uri.query().unwrap_or_default())
+        .into_iter()
+        .find(|(k, _)| k == "cursor")
+        .map(|(_, v)| v);
+    let reads = bases.iter().map(|base| {
+        let (parts, first_cursor) = (parts.clone(), first_cursor.clone());
+        async move {
+            let mut sessions = Vec::new();
+            let mut cursor = first_cursor;
+            loop {
+                let mut page_parts = parts.clone();
+                let size = (want - sessions.len()).min(MAX_PAGE);
+                page_parts.uri = with_page(&parts.uri, size, cursor.as_deref());
+                let answer = forward(
+                    cluster,
+                    base,
+                    Request::from_parts(page_parts, Body::empty()),
+                )
+                .await;
+                let Forwarded::Answer(response) = answer else {
+                    return Err(ApiError::Session(SessionError::Unavailable).into_response());
+                };
+                if !response.status().is_success() {
+                    return Err(response);
+                }
+                let Some(mut page) = json_of(response).await else {
+                    return Err(ApiError::Session(SessionError::Unavailable).into_response());
+                };
+                if let serde_json::Value::Array(items) = page["sessions"].take() {
+                    sessions.extend(items);
+                }
+                cursor = page["next_cursor"].as_str().map(str::to_owned);
+                if cursor.is_none() || sessions.len() >= want {
+                    return Ok(serde_json::json!({ "sessions": sessions, "next_cursor": cursor }));
+                }
+            }
+        }
+    });
+    let mut answers = Vec::new();
+    for answer in futures::future::join_all(reads).await {
+        match answer {
+            Ok(value) => answers.push(value),
+            Err(response) => return response,
+        }
+    }
+    axum::Json(merge_lists(
+        answers,
+        offset,
+        limit,
+        kind == Gathered::AdminList,
+    ))
+    .into_response()
+}
+
 /// The `offset` and `limit` of a list's query (defaults 0 and 50), or
 /// `None` when either is not valid (the handler then answers 400).
 fn page_of(uri: &Uri) -> Option<(usize, usize)> {
@@ -528,14 +644,18 @@ fn page_of(uri: &Uri) -> Option<(usize, usize)> {
     Some((offset, limit))
 }
 
-/// `uri` with `limit` set and `offset` dropped.
-fn with_page(uri: &Uri, limit: usize) -> Uri {
+/// `uri` with `limit` set, `offset` dropped, and the cursor replaced when
+/// `cursor` is given.
+fn with_page(uri: &Uri, limit: usize, cursor: Option<&str>) -> Uri {
     let mut query: Vec<String> = form_urlencoded(uri.query().unwrap_or_default())
         .into_iter()
-        .filter(|(k, _)| k != "offset" && k != "limit")
+        .filter(|(k, _)| k != "offset" && k != "limit" && (cursor.is_none() || k != "cursor"))
         .map(|(k, v)| format!("{}={}", encode_component(&k), encode_component(&v)))
         .collect();
     query.push(format!("limit={limit}"));
+    if let Some(cursor) = cursor {
+        query.push(format!("cursor={}", encode_component(cursor)));
+    }
     format!("{}?{}", uri.path(), query.join("&"))
         .parse()
         .unwrap_or_else(|_| uri.clone())
@@ -752,7 +872,7 @@ async fn socket(cluster: &Arc<ClusterHttp>, shard: u32, request: Request, next: 
                     let upstream = upstream_request(cluster, &url, &request);
                     match open_upstream(upstream).await {
                         Ok(Upstream::Open(upstream)) => {
-                            return relay(request, upstream, &node).await;
+                            return relay(cluster.clone(), shard, request, upstream, &node).await;
                         }
                         Ok(Upstream::Refused(response)) => return response,
                         Err(error) => {
@@ -845,7 +965,13 @@ fn upstream_request(
 
 /// Accepts the client's upgrade and relays frames both ways until either
 /// side ends.
-async fn relay(request: Request, upstream: UpstreamSocket, owner: &str) -> Response {
+async fn relay(
+    cluster: Arc<ClusterHttp>,
+    shard: u32,
+    request: Request,
+    upstream: UpstreamSocket,
+    owner: &str,
+) -> Response {
     use axum::extract::FromRequestParts as _;
     let (mut parts, _) = request.into_parts();
     let upgrade =
@@ -853,13 +979,26 @@ async fn relay(request: Request, upstream: UpstreamSocket, owner: &str) -> Respo
             Ok(upgrade) => upgrade,
             Err(rejection) => return rejection.into_response(),
         };
-    let response = upgrade
-        .max_message_size(super::extract::MAX_BODY_BYTES)
-        .on_upgrade(|client| pump(client, upstream));
+    let response_of_upgrade = upgrade.max_message_size(super::extract::MAX_BODY_BYTES);
+    let node = owner.to_owned();
+    let response =
+        response_of_upgrade.on_upgrade(move |client| pump(client, upstream, cluster, shard, node));
     with_node(response, owner)
 }
 
-async fn pump(client: axum::extract::ws::WebSocket, upstream: UpstreamSocket) {
+/// How often a relay checks that its session's shard is still the
+/// owner's it opened the socket at.
+const RELAY_CHECK: Duration = Duration::from_secs(1);
+/// Longest a frame waits to be taken by the owner.
+const RELAY_SEND: Duration = Duration::from_secs(5);
+
+async fn pump(
+    client: axum::extract::ws::WebSocket,
+    upstream: UpstreamSocket,
+    cluster: Arc<ClusterHttp>,
+    shard: u32,
+    owner: String,
+) {
     use axum::extract::ws::{CloseFrame, Message};
     use futures::{SinkExt as _, StreamExt as _};
     use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -867,8 +1006,17 @@ async fn pump(client: axum::extract::ws::WebSocket, upstream: UpstreamSocket) {
     use tokio_tungstenite::tungstenite::Message as Up;
     let (mut to_client, mut from_client) = client.split();
     let (mut to_owner, mut from_owner) = upstream.split();
+    let mut check = tokio::time::interval(RELAY_CHECK);
     loop {
         tokio::select! {
+            // The shard moved (its owner handed it over, died, or froze
+            // past its lease): the client reconnects to the new owner.
+            _ = check.tick() => {
+                let view = cluster.member().map(|m| m.view()).unwrap_or_default();
+                if view.owner_of(shard).map(|(node, _)| node) != Some(owner.as_str()) {
+                    break;
+                }
+            }
             frame = from_client.next() => {
                 let frame = match frame {
                     Some(Ok(Message::Text(t))) => Up::Text(t.as_str().into()),
@@ -889,7 +1037,7 @@ async fn pump(client: axum::extract::ws::WebSocket, upstream: UpstreamSocket) {
                         return;
                     }
                 };
-                if to_owner.send(frame).await.is_err() {
+                if !matches!(tokio::time::timeout(RELAY_SEND, to_owner.send(frame)).await, Ok(Ok(()))) {
                     break;
                 }
             }
@@ -918,7 +1066,8 @@ async fn pump(client: axum::extract::ws::WebSocket, upstream: UpstreamSocket) {
             }
         }
     }
-    // The owner went away without a close: the client reconnects.
+    // The owner went away without a close, or the shard moved: the
+    // client reconnects.
     let _ = to_client
         .send(Message::Close(Some(CloseFrame {
             code: 1012,
@@ -1035,21 +1184,32 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(&name.as_str())
 }
 
-/// Reads a create's or an execution's body for its `session_id` (`None`
-/// for a body that is not JSON or names no valid id); gives back the
-/// request with its body.
-async fn body_session_id(request: Request) -> Result<(Option<String>, Request), ApiError> {
+/// What a create's or an execution's body names as its session.
+enum Named {
+    /// A valid session id.
+    Valid(String),
+    /// No `session_id` (or not a JSON object: the handler answers that).
+    Absent,
+    /// A `session_id` that is not a valid id.
+    Invalid,
+}
+
+/// Reads a create's or an execution's body for its `session_id`; gives
+/// back the request with its body.
+async fn body_session_id(request: Request) -> Result<(Named, Request), ApiError> {
     let (parts, body) = request.into_parts();
     let bytes = super::extract::read_body(Request::from_parts(parts.clone(), body)).await?;
-    #[derive(serde::Deserialize)]
-    struct Named {
-        session_id: Option<String>,
-    }
-    let id = serde_json::from_slice::<Named>(&bytes)
-        .ok()
-        .and_then(|n| n.session_id)
-        .filter(|id| crate::model::ids::is_valid_session_id(id));
-    Ok((id, Request::from_parts(parts, Body::from(bytes))))
+    let named = match serde_json::from_slice::<serde_json::Value>(&bytes) {
+        Ok(serde_json::Value::Object(fields)) => match fields.get("session_id") {
+            None | Some(serde_json::Value::Null) => Named::Absent,
+            Some(serde_json::Value::String(id)) if crate::model::ids::is_valid_session_id(id) => {
+                Named::Valid(id.clone())
+            }
+            Some(_) => Named::Invalid,
+        },
+        _ => Named::Absent,
+    };
+    Ok((named, Request::from_parts(parts, Body::from(bytes))))
 }
 
 /// Adds `X-Edge-Sessions-Node` to an answer served here.

@@ -274,6 +274,12 @@ impl Connection {
                         break End::Close(CLOSE_TOO_BIG, "frame larger than 64 KiB")
                     }
                     None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break End::Gone,
+                    // A cluster node that no longer holds the session's
+                    // shard (handed over, or its lease ran out while it
+                    // was frozen) answers nothing more from it.
+                    Some(Ok(_)) if self.moved() => {
+                        break End::Close(1012, "the session moved to another node, reconnect")
+                    }
                     Some(Ok(frame)) => {
                         last_heard = Instant::now();
                         // Every inbound frame is activity, pings included
@@ -319,12 +325,14 @@ impl Connection {
         let _ = tokio::time::timeout(SEND_TIMEOUT, SinkExt::close(&mut socket)).await;
     }
 
-    /// On a cluster node, whether this node no longer serves the session.
+    /// On a cluster node, whether this node no longer serves the session
+    /// (its shard's tenure here ended or ends, or its lease ran out on
+    /// this node's clock).
     fn moved(&self) -> bool {
-        self.state.cluster.as_ref().is_some_and(|cluster| {
-            let shard = cluster.ownership.shard_of(self.tenant, &self.id);
-            cluster.ownership.tenure(shard).map(|t| t.stage) != Some(crate::cluster::Stage::Serving)
-        })
+        self.state
+            .cluster
+            .as_ref()
+            .is_some_and(|cluster| !cluster.serves(self.tenant, &self.id))
     }
 
     /// Notes the activity of a frame.
