@@ -121,10 +121,24 @@ pub async fn run_with_clock(
                 tier.commit_timeout,
             ));
             let linger = node.config.lease / 2;
+            // The rounds have a pool of their own: taking a dead node's
+            // shards over reads PostgreSQL hard, and must not delay a
+            // renewal.
+            let membership = Postgres::new(&PostgresConfig {
+                max_connections: 2,
+                ..postgres_config(&settings)
+            })
+            .context("postgres.url")?;
             let (stop, stopped) = tokio::sync::watch::channel(false);
             let (refused, refusal) = tokio::sync::oneshot::channel();
-            let runner =
-                tokio::spawn(node.run(engine.clone(), tier, http.clone(), stopped, refused));
+            let runner = tokio::spawn(node.run(
+                engine.clone(),
+                tier,
+                membership,
+                http.clone(),
+                stopped,
+                refused,
+            ));
             let shutdown: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> =
                 Box::pin(async move {
                     tokio::select! {
@@ -375,6 +389,7 @@ impl ClusterNode {
         self,
         engine: Engine,
         tier: PostgresTier,
+        membership: Postgres,
         http: Arc<ClusterHttp>,
         mut stop: tokio::sync::watch::Receiver<bool>,
         refused: tokio::sync::oneshot::Sender<String>,
@@ -400,7 +415,7 @@ impl ClusterNode {
                         .map_err(|e| Ok(e.to_string()))?;
                 }
                 let member = Member::join(
-                    tier.postgres.pool().clone(),
+                    membership.pool().clone(),
                     self.config.clone(),
                     owner.clone(),
                 )

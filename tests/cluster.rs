@@ -535,10 +535,7 @@ async fn a_cluster_node_writes_each_session_with_its_shard_and_rebuilds_one_shar
     for shard in 0..SHARDS {
         let mut after = uuid::Uuid::nil();
         loop {
-            let page = node
-                .live_sessions_of_shard(shard, 0, after, 4)
-                .await
-                .unwrap();
+            let page = node.live_sessions_of_shard(shard, after, 4).await.unwrap();
             let Some(last) = page.last() else { break };
             after = last.0.id;
             for (s, executions) in &page {
@@ -581,7 +578,7 @@ async fn a_cluster_node_writes_each_session_with_its_shard_and_rebuilds_one_shar
     let shard0 = placement::shard_of(t1, "s-0", SHARDS);
     pg.psql("UPDATE mcp.edge_mcp_sessions SET status = 'terminated' WHERE session_id = 's-0'");
     let page = node
-        .live_sessions_of_shard(shard0, 0, uuid::Uuid::nil(), 100)
+        .live_sessions_of_shard(shard0, uuid::Uuid::nil(), 100)
         .await
         .unwrap();
     assert!(page.iter().all(|(s, _)| &*s.session_id != "s-0"));

@@ -1220,6 +1220,21 @@ async fn a_node_joining_later_gets_shards_and_every_session_stays_reachable() {
         .await;
         assert_eq!(status, StatusCode::CREATED, "{body}");
     }
+    // Some end before the join: they stay readable wherever their shard
+    // goes (within the retention).
+    let ended: Vec<&String> = ids.iter().step_by(4).collect();
+    for id in &ended {
+        let (status, _, _) = call_node(
+            &client,
+            &nodes[0].base,
+            Method::DELETE,
+            &format!("/api/v1/sessions/{id}"),
+            KEY_A,
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+    }
     nodes.push(start_node(&node_config(root.path(), "n3", &pg, 1000)).await);
     let view = wait_balanced(&client, &nodes[2].base, 3).await;
     let n3 = view["nodes"]
@@ -1243,6 +1258,12 @@ async fn a_node_joining_later_gets_shards_and_every_session_stays_reachable() {
             )
             .await;
             assert_eq!(status, StatusCode::OK, "{id} on {}: {body}", node.base);
+            let expected = if ended.contains(&id) {
+                "terminated"
+            } else {
+                "active"
+            };
+            assert_eq!(body["status"], expected, "{id} on {}: {body}", node.base);
             if owner.as_deref() == Some("n3") && node.base == nodes[2].base {
                 on_n3 += 1;
             }

@@ -112,8 +112,14 @@ fn migrations_go_up_down_and_up_again() {
     };
     assert_eq!(quota_table(), 1);
 
-    // `down` without N undoes one step: the quota table goes first, then
-    // the shard column and its index...
+    // The index of a shard's ended sessions (0007).
+    assert!(indexes_of(&pg).contains("edge_mcp_sessions_shard_ended_idx"));
+
+    // `down` without N undoes one step: that index goes first, then the
+    // quota table, then the shard column and its index...
+    migrate(&pg.url, &["down"]);
+    assert!(!indexes_of(&pg).contains("edge_mcp_sessions_shard_ended_idx"));
+    assert_eq!(quota_table(), 1);
     migrate(&pg.url, &["down"]);
     assert_eq!(quota_table(), 0);
     assert!(indexes_of(&pg).contains("edge_mcp_sessions_shard_live_idx"));

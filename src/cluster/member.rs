@@ -444,9 +444,10 @@ impl Member {
                 _ = stop.wait_for(|stopped| *stopped) => break,
             }
             // A round that hangs (PostgreSQL frozen, a connection dead
-            // without a reset) counts as failed at half a lease, so the
-            // shards that run out meanwhile are given up in time.
-            let round = match tokio::time::timeout(self.config.lease / 2, self.round()).await {
+            // without a reset) counts as failed after a lease, so the
+            // shards that ran out meanwhile are given up (calls stopped at
+            // once anyway: the router asks `holds`, on this node's clock).
+            let round = match tokio::time::timeout(self.config.lease, self.round()).await {
                 Ok(round) => round,
                 Err(_) => Err(RegistryError::Timeout),
             };

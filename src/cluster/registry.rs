@@ -30,8 +30,7 @@ pub enum RegistryError {
     /// PostgreSQL could not be reached or refused the statement.
     #[error("postgres: {0}")]
     Postgres(#[from] sqlx::Error),
-    /// A round (longer than half a lease) or a quota reservation took too
-    /// long.
+    /// A round (longer than a lease) or a quota reservation took too long.
     #[error("PostgreSQL took too long to answer a cluster statement")]
     Timeout,
     /// The cluster was created with another shard count.

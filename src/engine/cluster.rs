@@ -43,7 +43,14 @@ pub struct EngineShards {
     /// The actors of each shard lost or handed over, until they stopped: a
     /// shard taken again ships nothing they may still write.
     evicted: Arc<Evicted>,
+    /// Shards whose sessions are being read from PostgreSQL at once.
+    adopting: Arc<tokio::sync::Semaphore>,
 }
+
+/// Shards read from PostgreSQL at once when taken over: enough to keep
+/// PostgreSQL busy, few enough to leave the pool's other connections to
+/// the calls (the cluster's rounds have their own pool).
+const ADOPT_READERS: usize = 2;
 
 /// Actors told to stop, by shard.
 type Evicted = std::sync::Mutex<HashMap<u32, Vec<Addr<SessionActor>>>>;
@@ -66,6 +73,7 @@ impl EngineShards {
             postgres,
             drain_limit,
             evicted: Arc::default(),
+            adopting: Arc::new(tokio::sync::Semaphore::new(ADOPT_READERS)),
         })
     }
 }
@@ -73,15 +81,16 @@ impl EngineShards {
 impl ShardOwner for EngineShards {
     fn adopt(&self, shard: u32, epoch: u64) {
         self.ownership.begin(shard, epoch);
-        let (engine, ownership, postgres, evicted) = (
+        let (engine, ownership, postgres, evicted, adopting) = (
             self.engine.clone(),
             self.ownership.clone(),
             self.postgres.clone(),
             self.evicted.clone(),
+            self.adopting.clone(),
         );
         tokio::spawn(async move {
             engine
-                .adopt_shard(&ownership, &postgres, &evicted, shard, epoch)
+                .adopt_shard(&ownership, &postgres, &evicted, &adopting, shard, epoch)
                 .await
         });
     }
@@ -138,6 +147,7 @@ impl Engine {
         ownership: &Ownership,
         postgres: &Postgres,
         evicted: &Evicted,
+        adopting: &tokio::sync::Semaphore,
         shard: u32,
         epoch: u64,
     ) {
@@ -147,31 +157,45 @@ impl Engine {
         while former.iter().any(Addr::connected) && tokio::time::Instant::now() < waited {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let mut after = Uuid::nil();
-        let mut delay = ADOPT_RETRY.0;
+        // A few shards read at a time: a node taking over a dead node's
+        // hundred shards must not hold every connection of its pool.
+        let Ok(_reading) = adopting.acquire().await else {
+            return;
+        };
+        // Its live sessions, then those that ended within the retention
+        // (which stay readable).
         let mut live = Vec::new();
-        loop {
-            if ownership.tenure(shard).map(|t| t.epoch) != Some(epoch) {
-                return;
-            }
-            // Sessions that ended within the retention stay readable.
-            let ended_since = self.shared.clock.now() - self.shared.retention_ms;
-            match postgres
-                .live_sessions_of_shard(shard, ended_since, after, ADOPT_PAGE)
-                .await
-            {
-                Ok(page) => {
-                    let Some(last) = page.last().map(|(s, _)| s.id) else {
-                        break;
-                    };
-                    after = last;
-                    live.extend(self.store_page(ownership, shard, page));
-                    delay = ADOPT_RETRY.0;
+        let ended_since = self.shared.clock.now() - self.shared.retention_ms;
+        for ended in [false, true] {
+            let mut after = Uuid::nil();
+            let mut delay = ADOPT_RETRY.0;
+            loop {
+                if ownership.tenure(shard).map(|t| t.epoch) != Some(epoch) {
+                    return;
                 }
-                Err(e) => {
-                    tracing::warn!(shard, error = %e, retry_in_ms = delay.as_millis() as u64, "cluster: reading a shard taken over failed");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(ADOPT_RETRY.1);
+                let page = if ended {
+                    postgres
+                        .ended_sessions_of_shard(shard, ended_since, after, ADOPT_PAGE)
+                        .await
+                } else {
+                    postgres
+                        .live_sessions_of_shard(shard, after, ADOPT_PAGE)
+                        .await
+                };
+                match page {
+                    Ok(page) => {
+                        let Some(last) = page.last().map(|(s, _)| s.id) else {
+                            break;
+                        };
+                        after = last;
+                        live.extend(self.store_page(ownership, shard, page));
+                        delay = ADOPT_RETRY.0;
+                    }
+                    Err(e) => {
+                        tracing::warn!(shard, error = %e, retry_in_ms = delay.as_millis() as u64, "cluster: reading a shard taken over failed");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(ADOPT_RETRY.1);
+                    }
                 }
             }
         }

@@ -333,18 +333,30 @@ impl Postgres {
             .await
     }
 
-    /// As [`Postgres::live_sessions`], for the sessions of cluster shard
-    /// `shard` (rows written by cluster nodes) that are live or ended
-    /// after `ended_since` (Unix ms: those still readable), which a node
-    /// that takes the shard over rebuilds.
+    /// As [`Postgres::live_sessions`], for the live sessions of cluster
+    /// shard `shard` (rows written by cluster nodes), which a node that
+    /// takes the shard over rebuilds.
     pub async fn live_sessions_of_shard(
+        &self,
+        shard: u32,
+        after: Uuid,
+        limit: usize,
+    ) -> Result<Vec<(Session, Vec<(u64, ToolExecution)>)>, PgError> {
+        self.live_sessions_where(Live::Shard(shard), after, limit)
+            .await
+    }
+
+    /// As [`Postgres::live_sessions_of_shard`], for the sessions of the
+    /// shard that ended after `ended_since` (Unix ms): those still
+    /// readable.
+    pub async fn ended_sessions_of_shard(
         &self,
         shard: u32,
         ended_since: Millis,
         after: Uuid,
         limit: usize,
     ) -> Result<Vec<(Session, Vec<(u64, ToolExecution)>)>, PgError> {
-        self.live_sessions_where(Live::Shard(shard, ended_since), after, limit)
+        self.live_sessions_where(Live::ShardEnded(shard, ended_since), after, limit)
             .await
     }
 
@@ -356,9 +368,10 @@ impl Postgres {
     ) -> Result<Vec<(Session, Vec<(u64, ToolExecution)>)>, PgError> {
         let filter = match which {
             Live::Tenants(_) => "status IN ('active', 'idle') AND tenant_id = ANY($1)",
-            Live::Shard(..) => {
-                "shard = $1 AND (status IN ('active', 'idle') \
-                 OR terminated_at > to_timestamp($4::float8 / 1000))"
+            Live::Shard(..) => "shard = $1 AND status IN ('active', 'idle')",
+            Live::ShardEnded(..) => {
+                "shard = $1 AND status IN ('expired', 'terminated') \
+                 AND terminated_at > to_timestamp($4::float8 / 1000)"
             }
         };
         let query = format!(
@@ -379,14 +392,16 @@ impl Postgres {
         let query = sqlx::query(&query);
         let query = match which {
             Live::Tenants(tenants) => query.bind(tenants),
-            Live::Shard(shard, _) => query.bind(i32::try_from(shard).unwrap_or(i32::MAX)),
+            Live::Shard(shard) | Live::ShardEnded(shard, _) => {
+                query.bind(i32::try_from(shard).unwrap_or(i32::MAX))
+            }
         };
         let query = query
             .bind(after)
             .bind(i64::try_from(limit).unwrap_or(i64::MAX));
         let query = match which {
-            Live::Tenants(_) => query,
-            Live::Shard(_, since) => query.bind(since as f64),
+            Live::Tenants(_) | Live::Shard(_) => query,
+            Live::ShardEnded(_, since) => query.bind(since as f64),
         };
         let rows = query.fetch_all(&self.pool).await?;
         let mut sessions = Vec::with_capacity(rows.len());
@@ -439,9 +454,10 @@ impl Postgres {
 enum Live<'a> {
     /// Those of these tenants.
     Tenants(&'a [Uuid]),
-    /// Those of this cluster shard, and its sessions ended after this
-    /// (Unix ms).
-    Shard(u32, Millis),
+    /// Those of this cluster shard.
+    Shard(u32),
+    /// The sessions of this cluster shard that ended after this (Unix ms).
+    ShardEnded(u32, Millis),
 }
 
 /// Recomputes a rebuilt session's counters and per-tool statistics from its
