@@ -1405,3 +1405,128 @@ async fn a_postgres_restart_loses_no_acknowledged_change() {
         assert!(node.terminate().success());
     }
 }
+
+/// A session expires once, on its owner: one `expired` audit row, one
+/// `session.expired` push, through whichever node the socket was opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_expires_once_on_its_owner() {
+    let pg = TempPostgres::start();
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = Vec::new();
+    for name in ["n1", "n2", "n3"] {
+        nodes.push(start_node(&node_config(root.path(), name, &pg, 1000)).await);
+    }
+    let client = common::client();
+    let bases: Vec<String> = nodes.iter().map(|n| n.base.clone()).collect();
+    wait_balanced(&client, &bases[0], 3).await;
+    let (status, owner, _) = call_node(
+        &client,
+        &bases[0],
+        Method::POST,
+        "/api/v1/sessions",
+        KEY_A,
+        Some(json!({"session_id": "ses-short", "edge_mcp_id": "edge", "ttl": 2})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let owner = owner.unwrap();
+    // Its socket, through a node that does not own it.
+    let opener = bases
+        .iter()
+        .zip(["n1", "n2", "n3"])
+        .find(|(_, name)| *name != owner)
+        .map(|(base, _)| base.clone())
+        .unwrap();
+    let url = format!(
+        "{}/api/v1/sessions/ses-short/ws",
+        opener.replacen("http", "ws", 1)
+    );
+    let mut request =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+            url.as_str(),
+        )
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("x-api-key", KEY_A.parse().unwrap());
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let mut pushes = Vec::new();
+    let close = loop {
+        match next_text(&mut socket).await {
+            Ok(push) => pushes.push(push["method"].as_str().unwrap_or_default().to_owned()),
+            Err(code) => break code,
+        }
+    };
+    assert_eq!(close, Some(4001), "expired: {pushes:?}");
+    assert_eq!(
+        pushes.iter().filter(|m| *m == "session.expired").count(),
+        1,
+        "{pushes:?}"
+    );
+    let (_, _, read) = call_node(
+        &client,
+        &bases[2],
+        Method::GET,
+        "/api/v1/sessions/ses-short",
+        KEY_A,
+        None,
+    )
+    .await;
+    assert_eq!(read["status"], "expired", "{read}");
+    // One audit row, in PostgreSQL, however many nodes there are.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        pg.scalar(
+            "SELECT count(*) FROM mcp.session_audit_log a JOIN mcp.edge_mcp_sessions s ON s.id = a.session_id \
+             WHERE s.session_id = 'ses-short' AND a.action = 'expired'"
+        ),
+        1
+    );
+    for node in nodes {
+        assert!(node.terminate().success());
+    }
+}
+
+/// A cluster refuses to start on what it cannot keep: a durability other
+/// than `postgres` (exit 2, naming storage.durability), no secret (naming
+/// cluster.secret_file).
+#[test]
+fn a_cluster_node_refuses_a_config_it_cannot_keep() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("n1");
+    let cluster =
+        "[postgres]\nurl = \"postgres://edge@127.0.0.1:1/edge\"\n[cluster]\nenabled = true\n";
+    let cases = [
+        (
+            "durability = \"sync\"",
+            vec![("EDGE_SESSIONS_CLUSTER_SECRET", SECRET)],
+            "storage.durability",
+        ),
+        ("durability = \"postgres\"", vec![], "cluster.secret_file"),
+        (
+            "durability = \"postgres\"",
+            vec![("EDGE_SESSIONS_CLUSTER_SECRET", "short")],
+            "cluster.secret_file",
+        ),
+    ];
+    for (storage, env, key) in cases {
+        let path = root.path().join("refused.toml");
+        std::fs::write(
+            &path,
+            common::config_toml_with_storage(&data, 10, storage, cluster),
+        )
+        .unwrap();
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_edge-sessions"));
+        command
+            .args(["serve", "--config"])
+            .arg(&path)
+            .env_remove("EDGE_SESSIONS_CLUSTER_SECRET");
+        for (name, value) in &env {
+            command.env(name, value);
+        }
+        let out = command.output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{storage} {env:?}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(key), "{key} not named: {stderr}");
+    }
+}
