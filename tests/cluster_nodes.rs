@@ -435,6 +435,42 @@ async fn any_node_answers_for_every_session_and_names_its_owner() {
         assert_eq!(read["status"], "terminated", "{read}");
     }
 
+    // A forwarded call keeps the caller's request id; forwards are counted.
+    let (id, owner) = owners.iter().next().unwrap();
+    let other = ["n1", "n2", "n3"]
+        .iter()
+        .position(|n| *n != owner.as_str())
+        .unwrap();
+    let response = client
+        .get(format!("{}/api/v1/sessions/{id}", bases[other]))
+        .header("X-API-Key", KEY_A)
+        .header("X-Request-Id", "trace-cluster-0042")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok()),
+        Some("trace-cluster-0042")
+    );
+    let metrics = client
+        .get(format!("{}/metrics", bases[other]))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("cluster_forwarded_calls_total{outcome=\"sent\"}")),
+        "forwarded calls are counted"
+    );
+
     // Paging beyond one page of each node (offset + limit over 1,000)
     // reads every node page by page; bad input is refused as one node
     // refuses it.
@@ -749,6 +785,30 @@ async fn a_killed_nodes_sessions_come_back_with_every_acknowledged_change() {
         "the killed node's {} sessions answered again after {back_after:?}",
         theirs.len()
     );
+    // The killed node is listed as gone (after a lease without a
+    // heartbeat), owning nothing; the others share every shard.
+    tokio::time::sleep(Duration::from_secs(LEASE_SECONDS)).await;
+    let view = cluster_view(&client, &bases[1]).await;
+    let nodes_listed = view["nodes"].as_array().unwrap();
+    assert_eq!(nodes_listed.len(), 3, "{view}");
+    let gone = nodes_listed
+        .iter()
+        .find(|n| n["node_id"] == victim)
+        .unwrap();
+    assert_eq!(gone["status"], "gone", "{view}");
+    assert_eq!(gone["shards"], 0, "{view}");
+    assert!(
+        gone["last_heartbeat_at"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z')),
+        "{view}"
+    );
+    let owned: u64 = nodes_listed
+        .iter()
+        .map(|n| n["shards"].as_u64().unwrap())
+        .sum();
+    assert_eq!(owned, u64::from(SHARDS), "{view}");
+    assert_eq!(view["node_id"], "n2");
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for worker in workers {
@@ -782,8 +842,8 @@ async fn a_killed_nodes_sessions_come_back_with_every_acknowledged_change() {
             "SELECT count(*) FROM mcp.session_tool_executions e JOIN mcp.edge_mcp_sessions s ON s.id = e.session_id WHERE s.session_id = '{id}'"
         )) as u64;
         assert!(
-            stored >= *acknowledged,
-            "{id}: {stored} in PostgreSQL, {acknowledged} acknowledged"
+            stored >= *acknowledged && stored <= acknowledged + failed && stored == count,
+            "{id}: {stored} in PostgreSQL, {count} counted, {acknowledged} acknowledged, {failed} failed"
         );
     }
     for node in nodes.into_iter().flatten() {
@@ -1529,4 +1589,51 @@ fn a_cluster_node_refuses_a_config_it_cannot_keep() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(key), "{key} not named: {stderr}");
     }
+}
+
+/// `/readyz` answers 503 until the node has joined (here: PostgreSQL does
+/// not answer), while `/healthz` answers from the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_is_not_ready_until_it_has_joined() {
+    let root = tempfile::tempdir().unwrap();
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let data = root.path().join("n1");
+    std::fs::create_dir_all(&data).unwrap();
+    let extra = format!(
+        "[postgres]\nurl = \"postgres://edge@127.0.0.1:{port}/edge\"\nconnect_timeout_ms = 200\n[cluster]\nenabled = true\nnode_id = \"n1\"\nlease_seconds = {LEASE_SECONDS}\n"
+    );
+    let path = root.path().join("n1.toml");
+    std::fs::write(
+        &path,
+        common::config_toml_with_storage(&data, 10, "durability = \"postgres\"", &extra),
+    )
+    .unwrap();
+    let node =
+        ChildServer::start_with_env(&path, false, &[("EDGE_SESSIONS_CLUSTER_SECRET", SECRET)])
+            .await;
+    let client = common::client();
+    for _ in 0..10 {
+        let response = client
+            .get(format!("{}/readyz", node.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        // The contract's error body, as every 5xx has.
+        let body: Value = response.json().await.unwrap();
+        assert!(body["code"].is_string(), "{body}");
+        let health = client
+            .get(format!("{}/healthz", node.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(health.status(), StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    node.kill();
 }

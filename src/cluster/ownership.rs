@@ -170,6 +170,19 @@ impl Ownership {
         Some(result)
     }
 
+    /// A taken-over shard at `epoch` starts serving, unless it is no longer
+    /// held at that epoch or a drain began meanwhile (which it must not
+    /// undo); answers whether it did.
+    pub fn start_serving(&self, shard: u32, epoch: u64) -> bool {
+        match self.write().get_mut(&shard) {
+            Some(t) if t.epoch == epoch && t.stage == Stage::Adopting => {
+                t.stage = Stage::Serving;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Moves the tenure of `shard` at `epoch` to `stage`; false if the
     /// shard is no longer held at that epoch.
     pub fn set_stage(&self, shard: u32, epoch: u64, stage: Stage) -> bool {

@@ -58,6 +58,18 @@ struct Slot {
     /// When the last create was admitted (ms since start), to give back
     /// what an idle node holds.
     last_used: AtomicU64,
+    /// Until when (`CLOCK_BOOTTIME`, ns) `unused` may be admitted from: a
+    /// lease and a half after this node's row was last written (the others
+    /// count a row for two leases after it was written).
+    valid_until: AtomicU64,
+}
+
+impl Slot {
+    /// This tenant's row was written by a statement sent at `sent`.
+    fn confirmed(&self, sent: u64, lease: Duration) {
+        let until = sent + (lease.as_nanos() as u64) * 3 / 2;
+        self.valid_until.fetch_max(until, Ordering::AcqRel);
+    }
 }
 
 /// This node's reservations (see the module docs).
@@ -69,8 +81,6 @@ pub struct Quota {
     /// One reservation or row write per tenant at a time on this node.
     turns: Mutex<HashMap<Uuid, std::sync::Arc<tokio::sync::Mutex<()>>>>,
     started: std::time::Instant,
-    /// Until when (`CLOCK_BOOTTIME`, ns) `unused` may be admitted from.
-    valid_until: AtomicU64,
 }
 
 /// A create admitted from a reservation; tell [`Quota::settled`] how it
@@ -90,7 +100,6 @@ impl Quota {
             slots: tenants.into_iter().map(|t| (t, Slot::default())).collect(),
             turns: Mutex::new(HashMap::new()),
             started: std::time::Instant::now(),
-            valid_until: AtomicU64::new(0),
         }
     }
 
@@ -129,7 +138,7 @@ impl Quota {
     }
 
     fn take_local(&self, slot: &Slot) -> bool {
-        if boot_clock_ns() >= self.valid_until.load(Ordering::Acquire) {
+        if boot_clock_ns() >= slot.valid_until.load(Ordering::Acquire) {
             return false;
         }
         let taken = slot
@@ -143,14 +152,6 @@ impl Quota {
                 .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
         }
         taken
-    }
-
-    /// This node's rows were written by statements sent at `sent`: its
-    /// room may be used for a lease and a half from then (the others count
-    /// a row for two leases after it was written).
-    fn confirmed(&self, sent: u64) {
-        let until = sent + (self.lease.as_nanos() as u64) * 3 / 2;
-        self.valid_until.fetch_max(until, Ordering::AcqRel);
     }
 
     /// A create taken with [`Quota::take`] was committed (it now counts as
@@ -204,20 +205,16 @@ impl Quota {
         let room = (max - live - others - mine).max(0);
         let chunk = (max / (4 * nodes.max(1))).max(1);
         let granted = room.min(chunk);
-        let reserved = slot.reserved.fetch_add(granted, Ordering::AcqRel) + granted;
-        let written = async {
-            write_row(&mut *tx, tenant, &self.node_id, reserved).await?;
-            tx.commit().await?;
-            Ok::<_, RegistryError>(())
-        }
-        .await;
-        if let Err(e) = written {
-            slot.reserved.fetch_sub(granted, Ordering::AcqRel);
-            return Err(e);
-        }
-        // Only now may the room be used: the row says so.
+        // Nothing local changes until the row is committed: a call given
+        // up meanwhile (its future dropped) leaves no room counted here
+        // that PostgreSQL does not hold. A row committed but not counted
+        // here (dropped after the commit) only holds back room until the
+        // next rewrite of the rows.
+        write_row(&mut *tx, tenant, &self.node_id, mine + granted).await?;
+        tx.commit().await?;
+        slot.reserved.fetch_add(granted, Ordering::AcqRel);
         slot.unused.fetch_add(granted, Ordering::AcqRel);
-        self.confirmed(sent);
+        slot.confirmed(sent, self.lease);
         Ok(granted)
     }
 
@@ -240,23 +237,23 @@ impl Quota {
                 slot.reserved.fetch_sub(unused, Ordering::AcqRel);
             }
             let reserved = slot.reserved.load(Ordering::Acquire);
-            if let Err(e) = write_row(pool, *tenant, &self.node_id, reserved).await {
-                failed.get_or_insert(e);
+            match write_row(pool, *tenant, &self.node_id, reserved).await {
+                Ok(()) => slot.confirmed(sent, self.lease),
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
             }
         }
         match failed {
             Some(e) => Err(e),
-            None => {
-                self.confirmed(sent);
-                Ok(())
-            }
+            None => Ok(()),
         }
     }
 
     /// Gives back everything (leaving the cluster).
     pub async fn give_back_all(&self, pool: &PgPool) -> Result<(), RegistryError> {
-        self.valid_until.store(0, Ordering::Release);
         for slot in self.slots.values() {
+            slot.valid_until.store(0, Ordering::Release);
             let unused = slot.unused.swap(0, Ordering::AcqRel);
             slot.reserved.fetch_sub(unused, Ordering::AcqRel);
         }

@@ -219,7 +219,7 @@ impl Engine {
             }
             restorer.finish();
         });
-        if started_all.is_some() && ownership.set_stage(shard, epoch, Stage::Serving) {
+        if started_all.is_some() && ownership.start_serving(shard, epoch) {
             crate::telemetry::metrics::cluster_handover("adopt", started.elapsed());
             tracing::debug!(
                 shard,

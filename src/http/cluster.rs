@@ -418,11 +418,13 @@ async fn serve_or_forward(
                     return with_node(next.run(request).await, &me);
                 }
             }
-            Some(_) => {}
+            // Taken over or handed over here: wait. (A tenure whose lease
+            // ran out on this node's clock is as good as gone: below.)
+            Some(_) if cluster.holds(shard) => {}
             // Forwarded here on a view that is out of date: the forwarding
             // node reads the owners again and sends it on.
-            None if forwarded => return misdirected(),
-            None if !forwarded && cluster.member().is_some() => {
+            _ if forwarded => return misdirected(),
+            _ if cluster.member().is_some() => {
                 let view = cluster.member().map(|m| m.view()).unwrap_or_default();
                 if let Some((node, url)) = view.owner_of(shard).filter(|(node, _)| *node != me) {
                     let (node, url) = (node.to_owned(), url.to_owned());
@@ -441,7 +443,7 @@ async fn serve_or_forward(
                     }
                 }
             }
-            None => {}
+            _ => {}
         }
         if tokio::time::Instant::now() + WAIT_STEP > deadline {
             return ApiError::Session(SessionError::Unavailable).into_response();
@@ -857,8 +859,10 @@ async fn socket(cluster: &Arc<ClusterHttp>, shard: u32, request: Request, next: 
             Some(Stage::Serving) if cluster.holds(shard) => {
                 return with_node(next.run(request).await, &me);
             }
-            Some(_) => {}
-            None => {
+            // Taken over or handed over here: wait; a tenure whose lease
+            // ran out on this node's clock is as good as gone.
+            Some(_) if cluster.holds(shard) => {}
+            _ => {
                 let owner = cluster
                     .member()
                     .and_then(|m| {
