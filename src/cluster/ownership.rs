@@ -221,6 +221,14 @@ impl Ownership {
         self.lock_sessions(shard).insert(row, (tenant, session_id));
     }
 
+    /// A session row purged here (ended, past its retention) is no longer
+    /// registered.
+    pub fn forget(&self, row: Uuid) {
+        if let Some((_, shard)) = self.rows.remove(&row) {
+            self.lock_sessions(shard).remove(&row);
+        }
+    }
+
     /// The shard of a session row registered here.
     pub fn shard_of_row(&self, row: Uuid) -> Option<u32> {
         self.rows.get(&row).map(|s| *s)
@@ -347,6 +355,10 @@ mod tests {
         // The tenure ends: nothing of the shard ships, its rows are gone.
         assert_eq!(o.end(shard, 3), None, "another epoch ends nothing");
         assert_eq!(o.end(shard, 4).unwrap().len(), 1);
+        o.begin(shard, 5);
+        o.register(row, tenant, id.into(), shard);
+        o.forget(row);
+        assert!(o.sessions_of(shard).is_empty(), "a purged row is forgotten");
         let sorted = o.sort(vec![(13, EntryKey2::R(row))], |e| match e {
             EntryKey2::S => EntryKey::Session(tenant, id),
             EntryKey2::R(row) => EntryKey::Row(*row),

@@ -118,16 +118,27 @@ impl ShardOwner for EngineShards {
                 "cluster: shard lost; its sessions are served elsewhere now"
             );
             let stopped = self.engine.evict(sessions);
-            lock(&self.evicted)
-                .entry(shard)
-                .or_default()
-                .extend(stopped);
+            remember(&self.evicted, shard, stopped);
         }
     }
 }
 
 fn lock(evicted: &Evicted) -> std::sync::MutexGuard<'_, HashMap<u32, Vec<Addr<SessionActor>>>> {
     evicted.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Keeps `stopped`, the actors of `shard` told to stop, until they have;
+/// forgets those of every shard that have stopped already (a shard never
+/// taken again keeps nothing for long).
+fn remember(evicted: &Evicted, shard: u32, stopped: Vec<Addr<SessionActor>>) {
+    let mut evicted = lock(evicted);
+    evicted.retain(|_, actors| {
+        actors.retain(Addr::connected);
+        !actors.is_empty()
+    });
+    if !stopped.is_empty() {
+        evicted.entry(shard).or_default().extend(stopped);
+    }
 }
 
 /// Longest a shard taken again waits for its former actors to stop.
@@ -314,7 +325,7 @@ impl Engine {
                 "cluster: shard handed over"
             );
             let stopped = self.evict(sessions);
-            lock(evicted).entry(shard).or_default().extend(stopped);
+            remember(evicted, shard, stopped);
         }
     }
 

@@ -375,16 +375,21 @@ impl Handler<Purge> for TenantSupervisor {
             let Entry::Vacant(_slot) = directory.entry(Arc::from(id.as_str())) else {
                 continue;
             };
-            let ops = match self.shared.store.session(self.limits.id, &id) {
+            let (row, ops) = match self.shared.store.session(self.limits.id, &id) {
                 Ok(Some(old)) if old.status.is_final() && !self.shared.retained(&old) => {
-                    purge_ops(&self.shared.store, &old)
+                    (Some(old.id), purge_ops(&self.shared.store, &old))
                 }
                 Ok(_) => continue,
-                Err(e) => Err(e),
+                Err(e) => (None, Err(e)),
             };
             match ops {
                 Ok(ops) => {
                     self.shared.write_behind.submit(ops, false);
+                    // A cluster node forgets its shard too: its changes
+                    // shipped long ago (it ended a retention before).
+                    if let (Some(ownership), Some(row)) = (&self.shared.ownership, row) {
+                        ownership.forget(row);
+                    }
                     purged += 1;
                 }
                 Err(e) => {
