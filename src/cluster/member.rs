@@ -99,7 +99,7 @@ type Shard = (u32, u64);
 const LEAVE_DRAIN: f64 = 2.0;
 
 /// Time since boot, suspended time included (`CLOCK_BOOTTIME`).
-fn boot_clock() -> Duration {
+pub(super) fn boot_clock() -> Duration {
     let mut now = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -342,7 +342,7 @@ impl Member {
         self.renew(&held).await?;
 
         // Take and hand over.
-        let rows = registry::shards(&self.pool).await?;
+        let mut rows = registry::shards(&self.pool).await?;
         let mut wanted = Vec::new();
         let mut handover = Vec::new();
         let mut drains = Vec::new();
@@ -424,8 +424,16 @@ impl Member {
         }
         registry::heartbeat(&self.pool, me).await?;
         self.owned.send_replace(self.held());
-        // What this round changed, as the others will see it.
-        let rows = registry::shards(&self.pool).await?;
+        // The shards as read, with what this round changed (as the others
+        // will see it): the view the router forwards by.
+        for row in &mut rows {
+            if round.acquired.iter().any(|(shard, _)| *shard == row.shard) {
+                row.owner = Some(me.to_owned());
+                row.leased = true;
+            } else if round.released.contains(&row.shard) {
+                row.owner = None;
+            }
+        }
         self.set_view(nodes, &rows);
         Ok(round)
     }

@@ -265,19 +265,9 @@ impl Quota {
     }
 }
 
-/// Time since boot, suspended time included (`CLOCK_BOOTTIME`), in ns.
+/// [`super::member::boot_clock`] in ns.
 fn boot_clock_ns() -> u64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec, which `now` is.
-    let status = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut now) };
-    assert_eq!(
-        status, 0,
-        "CLOCK_BOOTTIME is available on every Linux since 2.6.39"
-    );
-    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+    super::member::boot_clock().as_nanos() as u64
 }
 
 /// Sets this node's row for `tenant` to `reserved`.
