@@ -130,24 +130,25 @@ pub async fn run_with_clock(
             })
             .context("postgres.url")?;
             let (stop, stopped) = tokio::sync::watch::channel(false);
-            let (refused, refusal) = tokio::sync::oneshot::channel();
-            let runner = tokio::spawn(node.run(
-                engine.clone(),
-                tier,
-                membership,
-                http.clone(),
-                stopped,
-                refused,
-            ));
+            let mut runner =
+                tokio::spawn(node.run(engine.clone(), tier, membership, http.clone(), stopped));
             let shutdown: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> =
                 Box::pin(async move {
-                    tokio::select! {
-                        () = shutdown => {}
-                        Ok(why) = refusal => {
-                            // A fatal refusal (another shard count): stop.
+                    tokio::pin!(shutdown);
+                    // The runner ends before a stop only on a fatal refusal
+                    // (another shard count), or having failed to start.
+                    let ended = tokio::select! {
+                        () = &mut shutdown => None,
+                        ended = &mut runner => Some(ended),
+                    };
+                    match ended {
+                        Some(Ok(Err(why))) => {
                             tracing::error!(error = %why, "cannot join the cluster; stopping");
                             *refused_join.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+                            return;
                         }
+                        Some(_) => return shutdown.await,
+                        None => {}
                     }
                     tracing::info!("leaving the cluster: handing the shards over");
                     let _ = stop.send(true);
@@ -385,6 +386,8 @@ impl ClusterNode {
 
     /// Joins (retrying until PostgreSQL answers), runs the first round,
     /// says the node joined, then runs rounds until `stop`, and leaves.
+    /// Fails only when the cluster refuses this node (another shard
+    /// count).
     async fn run(
         self,
         engine: Engine,
@@ -392,8 +395,7 @@ impl ClusterNode {
         membership: Postgres,
         http: Arc<ClusterHttp>,
         mut stop: tokio::sync::watch::Receiver<bool>,
-        refused: tokio::sync::oneshot::Sender<String>,
-    ) {
+    ) -> Result<(), String> {
         let owner = match crate::engine::EngineShards::new(
             engine,
             tier.postgres.clone(),
@@ -402,7 +404,7 @@ impl ClusterNode {
             Ok(owner) => Arc::new(owner),
             Err(e) => {
                 tracing::error!(error = %e, "cluster: cannot run the engine's shards");
-                return;
+                return Ok(());
             }
         };
         let mut delay = Duration::from_millis(200);
@@ -429,19 +431,16 @@ impl ClusterNode {
             };
             let attempt = tokio::select! {
                 attempt = joined => attempt,
-                _ = stop.wait_for(|stop| *stop) => return,
+                _ = stop.wait_for(|stop| *stop) => return Ok(()),
             };
             match attempt {
                 Ok(member) => break Arc::new(member),
-                Err(Err(fatal)) => {
-                    let _ = refused.send(fatal);
-                    return;
-                }
+                Err(Err(fatal)) => return Err(fatal),
                 Err(Ok(e)) => {
                     tracing::error!(error = %e, retry_in_ms = delay.as_millis() as u64, "cluster: cannot join yet");
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}
-                        _ = stop.wait_for(|stop| *stop) => return,
+                        _ = stop.wait_for(|stop| *stop) => return Ok(()),
                     }
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
@@ -473,6 +472,7 @@ impl ClusterNode {
             tracing::warn!(error = %e, "cluster: giving back the quota reservations failed");
         }
         tracing::info!(node_id = %self.config.node_id, "left the cluster");
+        Ok(())
     }
 }
 

@@ -108,6 +108,30 @@ impl Ownership {
         self.read().get(&shard).copied()
     }
 
+    /// Where the tenure of `shard` here stands, if it is held.
+    pub fn stage(&self, shard: u32) -> Option<Stage> {
+        self.tenure(shard).map(|t| t.stage)
+    }
+
+    /// A fresh session id for a create that names none: of a shard this
+    /// node serves when it serves any (so the create is not forwarded),
+    /// else of any shard.
+    pub fn pick_session_id(&self, tenant: Uuid) -> String {
+        let mut id = crate::model::ids::generate_session_id();
+        if self.serving() == 0 {
+            return id;
+        }
+        // With k of n shards served here a try succeeds with probability
+        // k/n.
+        for _ in 0..4 * self.shards {
+            if self.stage(self.shard_of(tenant, &id)) == Some(Stage::Serving) {
+                break;
+            }
+            id = crate::model::ids::generate_session_id();
+        }
+        id
+    }
+
     /// Shards held here, with their tenures.
     pub fn tenures(&self) -> Vec<(u32, Tenure)> {
         let mut all: Vec<_> = self.read().iter().map(|(s, t)| (*s, *t)).collect();

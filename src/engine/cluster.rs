@@ -22,7 +22,8 @@ use super::session::{Evict, FlushActivity, SessionActor};
 use super::shared::FAN_OUT;
 use super::tenant;
 use crate::cluster::ownership::{SessionKey, Stage};
-use crate::cluster::{Ownership, ShardOwner};
+use crate::cluster::quota::{Taken, RESERVE_LIMIT};
+use crate::cluster::{Ownership, RegistryError, ShardOwner};
 use crate::model::{Session, SessionError, ToolExecution};
 use crate::persist::postgres::Postgres;
 use crate::persist::write_behind::purge_ops;
@@ -343,14 +344,12 @@ impl Engine {
                 addr.do_send(Evict);
                 stopped.push(addr);
             }
-            match self.shared.store.session(tenant, &id) {
-                Ok(Some(session)) => match purge_ops(&self.shared.store, &session) {
-                    Ok(purge) => ops.extend(purge),
-                    Err(e) => {
-                        tracing::warn!(session_id = %id, error = %e, "cluster: a session handed over stays in the cache")
-                    }
-                },
-                Ok(None) => {}
+            let store = &self.shared.store;
+            let purge = store
+                .session(tenant, &id)
+                .and_then(|stored| stored.map(|s| purge_ops(store, &s)).transpose());
+            match purge {
+                Ok(purge) => ops.extend(purge.into_iter().flatten()),
                 Err(e) => {
                     tracing::warn!(session_id = %id, error = %e, "cluster: a session handed over stays in the cache")
                 }
@@ -362,29 +361,64 @@ impl Engine {
         stopped
     }
 
-    /// On a cluster node, a fresh session id of a shard this node serves,
-    /// so a create without an id is not forwarded; `None` when it serves
-    /// none.
-    pub(super) fn id_served_here(&self, tenant: Uuid) -> Option<String> {
-        let ownership = self.shared.ownership.as_ref()?;
-        if ownership.serving() == 0 {
-            return None;
+    /// On a cluster node, room for one create of `tenant` (limit `max`)
+    /// from this node's reservation (see `cluster::quota`); `None`
+    /// elsewhere. Waits at most [`RESERVE_LIMIT`] for PostgreSQL, so a
+    /// node that forwarded the create waits longer than this.
+    pub(super) async fn take_quota(
+        &self,
+        tenant: Uuid,
+        max: usize,
+    ) -> Result<Option<Taken>, SessionError> {
+        let (Some(quota), Some(postgres)) = (&self.cluster_quota, &self.postgres) else {
+            return Ok(None);
+        };
+        let taken = tokio::time::timeout(RESERVE_LIMIT, quota.take(postgres.pool(), tenant, max))
+            .await
+            .unwrap_or(Err(RegistryError::Timeout));
+        match taken {
+            Ok(Some(taken)) => Ok(Some(taken)),
+            Ok(None) => Err(SessionError::TenantLimit { limit: max }),
+            Err(e) => {
+                tracing::warn!(error = %e, "cluster: reserving quota failed");
+                Err(SessionError::Unavailable)
+            }
         }
-        // With this node serving k of n shards, a try succeeds with
-        // probability k/n: 64 tries miss only if k/n is tiny.
-        (0..64 * ownership.shards()).find_map(|_| {
-            let id = crate::model::ids::generate_session_id();
-            let shard = ownership.shard_of(tenant, &id);
-            (ownership.tenure(shard).map(|t| t.stage) == Some(Stage::Serving)).then_some(id)
-        })
     }
 
-    /// On a cluster node, whether it takes calls for `session_id`'s shard
-    /// now (serving it, or draining the calls it let in before).
-    pub(super) fn serves(&self, tenant: Uuid, session_id: &str) -> bool {
-        self.shared.ownership.as_ref().is_none_or(|o| {
-            o.tenure(o.shard_of(tenant, session_id))
-                .is_some_and(|t| t.stage != Stage::Adopting)
-        })
+    /// Tells the quota how the create `taken` was for ended: committed,
+    /// rolled back (the log refused it), or not committed in time (then it
+    /// may still be: it stays counted until everything queued before it is
+    /// committed or fenced off; a barrier that fails, PostgreSQL still
+    /// away, is asked again).
+    pub(super) fn settle_quota(&self, taken: Taken, settled: &Result<(), SessionError>) {
+        let Some(quota) = &self.cluster_quota else {
+            return;
+        };
+        match settled {
+            Ok(()) => quota.settled(taken, true),
+            Err(SessionError::StorageUnavailable) => quota.settled(taken, false),
+            Err(_) => {
+                let (quota, engine) = (quota.clone(), self.clone());
+                tokio::spawn(async move {
+                    while !matches!(
+                        engine.shared.write_behind.shipped_barrier().await,
+                        Ok(Ok(()))
+                    ) {
+                        if engine
+                            .shared
+                            .shutting_down
+                            .load(std::sync::atomic::Ordering::Acquire)
+                        {
+                            // Never settled: the row counts it until the
+                            // node's rows go (it is leaving).
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    quota.settled(taken, true);
+                });
+            }
+        }
     }
 }

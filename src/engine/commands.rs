@@ -26,23 +26,10 @@ impl Engine {
         self.ensure_writable()?;
         let handle = self.tenant(tenant)?;
         let client_chosen_id = request.session_id.is_some();
-        if self.shared.ownership.is_some() {
-            // A cluster node creates only sessions of shards it serves.
-            match &request.session_id {
-                // An invalid id is refused below (400), wherever it lands.
-                Some(id)
-                    if crate::model::ids::is_valid_session_id(id) && !self.serves(tenant, id) =>
-                {
-                    return Err(SessionError::Unavailable)
-                }
-                Some(_) => {}
-                None => {
-                    request.session_id = Some(
-                        self.id_served_here(tenant)
-                            .ok_or(SessionError::Unavailable)?,
-                    );
-                }
-            }
+        // A cluster node admits only sessions of shards it serves (see
+        // `tenant::admit`); one without an id gets an id of such a shard.
+        if let (Some(ownership), None) = (&self.shared.ownership, &request.session_id) {
+            request.session_id = Some(ownership.pick_session_id(tenant));
         }
         let now = self.shared.clock.now();
         let passthrough = request.passthrough.take();
@@ -63,29 +50,10 @@ impl Engine {
         });
         let view = session.view(now);
         let client_type = session.client_type.as_str();
-        // On a cluster node the tenant's limit holds across the cluster:
-        // room comes from this node's reservation (see `cluster::quota`).
-        let taken = match (&self.cluster_quota, &self.postgres) {
-            (Some(quota), Some(postgres)) => {
-                let max = handle.limits.max_active_sessions;
-                // Bounded, so a forwarding node's wait outlasts it.
-                let taken = tokio::time::timeout(
-                    crate::cluster::quota::RESERVE_LIMIT,
-                    quota.take(postgres.pool(), tenant, max),
-                )
-                .await
-                .unwrap_or(Err(crate::cluster::RegistryError::Timeout));
-                match taken {
-                    Ok(Some(taken)) => Some(taken),
-                    Ok(None) => return Err(SessionError::TenantLimit { limit: max }),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cluster: reserving quota failed");
-                        return Err(SessionError::Unavailable);
-                    }
-                }
-            }
-            _ => None,
-        };
+        // On a cluster node the tenant's limit holds across the cluster.
+        let taken = self
+            .take_quota(tenant, handle.limits.max_active_sessions)
+            .await?;
         let durable = match tenant::admit(
             &self.shared,
             &handle.limits,
@@ -102,38 +70,8 @@ impl Engine {
             }
         };
         let settled = settle(durable).await;
-        match (&settled, &self.cluster_quota, taken) {
-            (_, _, None) | (_, None, _) => {}
-            // In PostgreSQL, or rolled back (the log refused it): settled.
-            (Ok(()), Some(quota), Some(taken)) => quota.settled(taken, true),
-            (Err(SessionError::StorageUnavailable), Some(quota), Some(taken)) => {
-                quota.settled(taken, false)
-            }
-            // Not committed in time, but it may still be: in flight until
-            // everything queued before it is committed (or fenced off).
-            // A barrier that fails (PostgreSQL still away) is asked again.
-            (Err(_), Some(quota), Some(taken)) => {
-                let (quota, engine) = (quota.clone(), self.clone());
-                tokio::spawn(async move {
-                    while !matches!(
-                        engine.shared.write_behind.shipped_barrier().await,
-                        Ok(Ok(()))
-                    ) {
-                        if engine
-                            .shared
-                            .shutting_down
-                            .load(std::sync::atomic::Ordering::Acquire)
-                        {
-                            // Never settled: the row keeps counting it
-                            // until the node's rows go (it is leaving).
-                            let _ = taken;
-                            return;
-                        }
-                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                    }
-                    quota.settled(taken, true);
-                });
-            }
+        if let Some(taken) = taken {
+            self.settle_quota(taken, &settled);
         }
         if let Err(e) = settled {
             // Not written: the client is told the create failed, so the

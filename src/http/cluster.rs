@@ -24,7 +24,6 @@
 //! not count twice).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -68,8 +67,6 @@ pub struct ClusterHttp {
     secret: String,
     /// The pooled client to the other nodes.
     client: Client<HttpConnector, Body>,
-    /// Set once this node's first round went through (`/readyz`).
-    joined: AtomicBool,
     /// Longest a call waits for its shard's owner.
     hand_over_wait: Duration,
     /// Longest a forwarded call waits for its answer: longer than the
@@ -102,7 +99,6 @@ impl ClusterHttp {
             ownership,
             secret,
             client,
-            joined: AtomicBool::new(false),
             hand_over_wait,
             forward_limit: hand_over_wait
                 + crate::cluster::quota::RESERVE_LIMIT
@@ -114,7 +110,6 @@ impl ClusterHttp {
     /// This node joined as `member`, and its first round went through.
     pub fn mark_joined(&self, member: Arc<Member>) {
         let _ = self.member.set(member);
-        self.joined.store(true, Ordering::Release);
     }
 
     /// Whether this node's lease of `shard` runs (see [`Member::holds`]).
@@ -122,11 +117,15 @@ impl ClusterHttp {
         self.member().is_some_and(|m| m.holds(shard).is_some())
     }
 
-    /// Whether this node serves the session `id` of `tenant` now: its
-    /// shard's tenure here is serving and its lease runs.
+    /// Whether this node serves `shard` now: its tenure here is serving
+    /// and its lease runs on this node's clock.
+    fn serving(&self, shard: u32) -> bool {
+        self.ownership.stage(shard) == Some(Stage::Serving) && self.holds(shard)
+    }
+
+    /// Whether this node serves the session `id` of `tenant` now.
     pub fn serves(&self, tenant: Uuid, id: &str) -> bool {
-        let shard = self.ownership.shard_of(tenant, id);
-        self.ownership.tenure(shard).map(|t| t.stage) == Some(Stage::Serving) && self.holds(shard)
+        self.serving(self.ownership.shard_of(tenant, id))
     }
 
     /// This node's membership, once joined.
@@ -136,7 +135,19 @@ impl ClusterHttp {
 
     /// Whether this node has joined (its first round went through).
     pub fn joined(&self) -> bool {
-        self.joined.load(Ordering::Acquire)
+        self.member.get().is_some()
+    }
+
+    /// The addresses of the other live nodes, as last read.
+    fn other_nodes(&self, member: &Member) -> Vec<String> {
+        let me = self.ownership.node_id();
+        member
+            .view()
+            .nodes
+            .iter()
+            .filter(|n| n.alive && n.node_id != me)
+            .map(|n| n.advertise_url.clone())
+            .collect()
     }
 
     /// Whether `headers` carry this cluster's secret (a forwarded call).
@@ -305,40 +316,29 @@ pub async fn route(State(state): State<AppState>, request: Request, next: Next) 
         }
         // Forwarded here: served only while this node holds the shard;
         // else 421, and the forwarding node asks the new owner.
-        Target::Socket(id) => {
-            let shard = cluster.ownership.shard_of(tenant, &id);
-            let serving = cluster.ownership.tenure(shard).map(|t| t.stage) == Some(Stage::Serving);
-            if serving && cluster.holds(shard) {
-                return next.run(request).await;
-            }
-            return misdirected();
-        }
-        Target::Path(id) => (Some(id), request),
+        Target::Socket(id) if cluster.serves(tenant, &id) => return next.run(request).await,
+        Target::Socket(_) => return misdirected(),
+        Target::Path(id) => (id, request),
         Target::Body => match body_session_id(request).await {
-            Ok((Named::Valid(id), request)) => (Some(id), request),
-            Ok((Named::Absent, request)) => (None, request),
-            // An id that is not a valid one: refused here (400), as a
-            // single node refuses it.
-            Ok((Named::Invalid, request)) => return next.run(request).await,
+            Ok((Named::Valid(id), request)) => (id, request),
+            // A create without an id gets one here: of a shard this node
+            // serves when it serves any (no forward), else any; then it
+            // goes as a create of that id.
+            Ok((Named::Absent(Some(fields)), request))
+                if request.uri().path() == "/api/v1/sessions" =>
+            {
+                let id = cluster.ownership.pick_session_id(tenant);
+                let request = with_session_id(request, fields, &id);
+                (id, request)
+            }
+            // An execution that names no valid session, a body that is not
+            // a JSON object, an invalid id: refused here (400), as a single
+            // node refuses them.
+            Ok((_, request)) => return next.run(request).await,
             Err(e) => return e.into_response(),
         },
     };
-    let (shard, request) = match session_id {
-        Some(id) => (cluster.ownership.shard_of(tenant, &id), request),
-        // An execution that names no valid session: refused here (400).
-        None if request.uri().path() == "/api/v1/executions" => return next.run(request).await,
-        // A create without an id gets one here: of a shard this node
-        // serves when it serves any (no forward), else any; then it goes
-        // as a create of that id.
-        None => {
-            let id = id_for_create(&cluster.ownership, tenant);
-            match with_session_id(request, &id).await {
-                Ok(request) => (cluster.ownership.shard_of(tenant, &id), request),
-                // Not a JSON object: refused here (400).
-                Err(request) => return next.run(request).await,
-            }
-        }
-    };
+    let shard = cluster.ownership.shard_of(tenant, &session_id);
     serve_or_forward(&cluster, shard, forwarded, request, next).await
 }
 
@@ -355,41 +355,13 @@ pub async fn forwarded_only(
     }
 }
 
-/// A fresh session id for a create that names none: of a shard this node
-/// serves, when it serves any.
-fn id_for_create(ownership: &Ownership, tenant: Uuid) -> String {
-    let mut id = crate::model::ids::generate_session_id();
-    if ownership.serving() == 0 {
-        return id;
-    }
-    // With k of n shards served here a try succeeds with probability k/n.
-    for _ in 0..4 * ownership.shards() {
-        let shard = ownership.shard_of(tenant, &id);
-        if ownership.tenure(shard).map(|t| t.stage) == Some(Stage::Serving) {
-            break;
-        }
-        id = crate::model::ids::generate_session_id();
-    }
-    id
-}
-
-/// A create's request with `session_id` set in its JSON body; the request
-/// as it was when its body is not a JSON object.
-async fn with_session_id(request: Request, id: &str) -> Result<Request, Request> {
-    let (parts, body) = request.into_parts();
-    let bytes = axum::body::to_bytes(body, super::extract::MAX_BODY_BYTES)
-        .await
-        .unwrap_or_default();
-    match serde_json::from_slice::<serde_json::Value>(&bytes) {
-        Ok(serde_json::Value::Object(mut fields)) => {
-            fields.insert("session_id".into(), id.into());
-            let body = serde_json::to_vec(&fields).unwrap_or_default();
-            let mut parts = parts;
-            parts.headers.remove(axum::http::header::CONTENT_LENGTH);
-            Ok(Request::from_parts(parts, Body::from(body)))
-        }
-        _ => Err(Request::from_parts(parts, Body::from(bytes))),
-    }
+/// A create's request with its JSON body `fields` and `session_id` set.
+fn with_session_id(request: Request, mut fields: JsonObject, id: &str) -> Request {
+    let (mut parts, _) = request.into_parts();
+    fields.insert("session_id".into(), id.into());
+    let body = serde_json::to_vec(&fields).unwrap_or_default();
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    Request::from_parts(parts, Body::from(body))
 }
 
 /// Serves the call here once this node serves `shard`, or forwards it to
@@ -405,7 +377,7 @@ async fn serve_or_forward(
     let me = cluster.ownership.node_id().to_owned();
     let mut request = Some(request);
     loop {
-        match cluster.ownership.tenure(shard).map(|t| t.stage) {
+        match cluster.ownership.stage(shard) {
             // Served only while the lease is sure to run on this node's
             // clock too: a node cut off from PostgreSQL stops answering
             // for its shards before another can have taken them.
@@ -413,7 +385,7 @@ async fn serve_or_forward(
                 let _call = cluster.ownership.call(shard);
                 // Still serving once counted: a drain that began meanwhile
                 // waits for this call.
-                if cluster.ownership.tenure(shard).map(|t| t.stage) == Some(Stage::Serving) {
+                if cluster.ownership.stage(shard) == Some(Stage::Serving) {
                     let request = request.take().expect("taken only to be answered");
                     return with_node(next.run(request).await, &me);
                 }
@@ -505,44 +477,17 @@ async fn gather(cluster: &ClusterHttp, kind: Gathered, request: Request, next: N
         // Each node's part: the first offset + limit, without the offset.
         parts.uri = with_page(&parts.uri, want, None);
     }
-    let me = cluster.ownership.node_id();
-    let others: Vec<String> = member
-        .view()
-        .nodes
-        .iter()
-        .filter(|n| n.alive && n.node_id != me)
-        .map(|n| n.advertise_url.clone())
-        .collect();
+    let others = cluster.other_nodes(member);
     let remote = futures::future::join_all(others.iter().map(|base| {
         let request = Request::from_parts(parts.clone(), Body::empty());
         async move { (base, forward(cluster, base, request).await) }
     }));
     let local = next.run(Request::from_parts(parts.clone(), body));
     let (local, remote) = tokio::join!(local, remote);
-    if !local.status().is_success() {
-        return local;
-    }
-    let mut answers = vec![match json_of(local).await {
-        Some(value) => value,
-        None => return ApiError::Session(SessionError::Unavailable).into_response(),
-    }];
-    for (base, answer) in remote {
-        let response = match answer {
-            Forwarded::Answer(response) if response.status().is_success() => response,
-            Forwarded::Answer(response) => {
-                tracing::warn!(node = %base, status = %response.status(), "cluster: a node did not answer its part of a list");
-                return ApiError::Session(SessionError::Unavailable).into_response();
-            }
-            Forwarded::NotSent(_, error) => {
-                tracing::warn!(node = %base, %error, "cluster: a node did not answer its part of a list");
-                return ApiError::Session(SessionError::Unavailable).into_response();
-            }
-        };
-        match json_of(response).await {
-            Some(value) => answers.push(value),
-            None => return ApiError::Session(SessionError::Unavailable).into_response(),
-        }
-    }
+    let answers = match answers_of(local, remote, "its part of a list").await {
+        Ok(answers) => answers,
+        Err(response) => return response,
+    };
     let merged = match kind {
         Gathered::List => merge_lists(answers, offset, limit, false),
         Gathered::AdminList => merge_lists(answers, offset, limit, true),
@@ -756,14 +701,7 @@ async fn broadcast(
         Ok(bytes) => bytes,
         Err(e) => return e.into_response(),
     };
-    let me = cluster.ownership.node_id();
-    let others: Vec<String> = member
-        .view()
-        .nodes
-        .iter()
-        .filter(|n| n.alive && n.node_id != me)
-        .map(|n| n.advertise_url.clone())
-        .collect();
+    let others = cluster.other_nodes(member);
     // Here first: a call this node refuses (401, 400) goes nowhere else.
     let local = next
         .run(Request::from_parts(
@@ -779,34 +717,11 @@ async fn broadcast(
         async move { (base, forward(cluster, base, request).await) }
     }))
     .await;
-    let mut answers = vec![match json_of(local).await {
-        Some(value) => value,
-        None => return ApiError::Session(SessionError::Unavailable).into_response(),
-    }];
-    for (base, answer) in remote {
-        match answer {
-            Forwarded::Answer(response) if response.status().is_success() => {
-                match json_of(response).await {
-                    Some(value) => answers.push(value),
-                    None => return ApiError::Session(SessionError::Unavailable).into_response(),
-                }
-            }
-            Forwarded::Answer(response) => {
-                tracing::warn!(node = %base, status = %response.status(), "cluster: a node did not carry out its part of an operator's call");
-                return ApiError::Session(SessionError::Unavailable).into_response();
-            }
-            Forwarded::NotSent(_, error) => {
-                tracing::warn!(node = %base, %error, "cluster: a node did not carry out its part of an operator's call");
-                return ApiError::Session(SessionError::Unavailable).into_response();
-            }
-        }
-    }
-    let sum = |field: &str| {
-        answers
-            .iter()
-            .map(|a| a[field].as_u64().unwrap_or(0))
-            .sum::<u64>()
+    let answers = match answers_of(local, remote, "its part of an operator's call").await {
+        Ok(answers) => answers,
+        Err(response) => return response,
     };
+    let sum = |field: &str| sum_of(&answers, field);
     let merged = match summed {
         Summed::Terminated => serde_json::json!({ "terminated": sum("terminated") }),
         Summed::Expired => serde_json::json!({ "expired": sum("expired") }),
@@ -819,14 +734,44 @@ async fn broadcast(
     axum::Json(merged).into_response()
 }
 
+/// The JSON answers of this node (`local`, answered first) and of the
+/// others (`remote`); a node that did not answer `what` with success fails
+/// the whole (503), except this node's refusal, which is the answer.
+async fn answers_of(
+    local: Response,
+    remote: Vec<(&String, Forwarded)>,
+    what: &str,
+) -> Result<Vec<serde_json::Value>, Response> {
+    let unavailable = || ApiError::Session(SessionError::Unavailable).into_response();
+    if !local.status().is_success() {
+        return Err(local);
+    }
+    let mut answers = vec![json_of(local).await.ok_or_else(unavailable)?];
+    for (base, answer) in remote {
+        let response = match answer {
+            Forwarded::Answer(response) if response.status().is_success() => response,
+            Forwarded::Answer(response) => {
+                tracing::warn!(node = %base, status = %response.status(), "cluster: a node did not answer {what}");
+                return Err(unavailable());
+            }
+            Forwarded::NotSent(_, error) => {
+                tracing::warn!(node = %base, %error, "cluster: a node did not answer {what}");
+                return Err(unavailable());
+            }
+        };
+        answers.push(json_of(response).await.ok_or_else(unavailable)?);
+    }
+    Ok(answers)
+}
+
+/// A count summed over the nodes' answers.
+fn sum_of(answers: &[serde_json::Value], field: &str) -> u64 {
+    answers.iter().map(|a| a[field].as_u64().unwrap_or(0)).sum()
+}
+
 /// Sums the nodes' figures (the mean duration weighted by sessions).
 fn merge_metrics(answers: &[serde_json::Value]) -> serde_json::Value {
-    let sum = |field: &str| {
-        answers
-            .iter()
-            .map(|a| a[field].as_u64().unwrap_or(0))
-            .sum::<u64>()
-    };
+    let sum = |field: &str| sum_of(answers, field);
     let total = sum("total_sessions");
     let weighted: f64 = answers
         .iter()
@@ -855,7 +800,7 @@ async fn socket(cluster: &Arc<ClusterHttp>, shard: u32, request: Request, next: 
     let deadline = tokio::time::Instant::now() + cluster.hand_over_wait;
     let me = cluster.ownership.node_id().to_owned();
     loop {
-        match cluster.ownership.tenure(shard).map(|t| t.stage) {
+        match cluster.ownership.stage(shard) {
             Some(Stage::Serving) if cluster.holds(shard) => {
                 return with_node(next.run(request).await, &me);
             }
@@ -1188,12 +1133,16 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(&name.as_str())
 }
 
+/// A JSON body's fields.
+type JsonObject = serde_json::Map<String, serde_json::Value>;
+
 /// What a create's or an execution's body names as its session.
 enum Named {
     /// A valid session id.
     Valid(String),
-    /// No `session_id` (or not a JSON object: the handler answers that).
-    Absent,
+    /// No `session_id`: the body's fields, or `None` when it is not a
+    /// JSON object (the handler answers that).
+    Absent(Option<JsonObject>),
     /// A `session_id` that is not a valid id.
     Invalid,
 }
@@ -1205,13 +1154,13 @@ async fn body_session_id(request: Request) -> Result<(Named, Request), ApiError>
     let bytes = super::extract::read_body(Request::from_parts(parts.clone(), body)).await?;
     let named = match serde_json::from_slice::<serde_json::Value>(&bytes) {
         Ok(serde_json::Value::Object(fields)) => match fields.get("session_id") {
-            None | Some(serde_json::Value::Null) => Named::Absent,
+            None | Some(serde_json::Value::Null) => Named::Absent(Some(fields)),
             Some(serde_json::Value::String(id)) if crate::model::ids::is_valid_session_id(id) => {
                 Named::Valid(id.clone())
             }
             Some(_) => Named::Invalid,
         },
-        _ => Named::Absent,
+        _ => Named::Absent(None),
     };
     Ok((named, Request::from_parts(parts, Body::from(bytes))))
 }

@@ -588,12 +588,10 @@ impl Shipper {
             if entries.is_empty() {
                 return Ok(());
             }
-            let mut held: Vec<(u32, u64)> = origins.iter().map(|(_, s, e)| (*s, *e)).collect();
-            held.sort_unstable();
-            held.dedup();
+            // `ship_fenced` names each shard once.
             let fence = Fence {
                 node_id: ownership.node_id().to_owned(),
-                held,
+                held: origins.iter().map(|(_, s, e)| (*s, *e)).collect(),
             };
             let error = match conn.ship_fenced(&entries, &fence).await {
                 Ok(()) => return Ok(()),
