@@ -49,6 +49,24 @@ async fn start_node(config: &Path) -> ChildServer {
     ChildServer::start_with_env(config, true, &[("EDGE_SESSIONS_CLUSTER_SECRET", SECRET)]).await
 }
 
+/// Three nodes, n1 to n3 (tenant A limited to `limit_a` live sessions),
+/// on `pg`, once they have shared out the shards; with their base URLs and
+/// a client.
+async fn three_nodes(
+    root: &Path,
+    pg: &TempPostgres,
+    limit_a: usize,
+) -> (Vec<ChildServer>, Vec<String>, reqwest::Client) {
+    let mut nodes = Vec::new();
+    for name in ["n1", "n2", "n3"] {
+        nodes.push(start_node(&node_config(root, name, pg, limit_a)).await);
+    }
+    let client = common::client();
+    let bases: Vec<String> = nodes.iter().map(|n| n.base.clone()).collect();
+    wait_balanced(&client, &bases[0], 3).await;
+    (nodes, bases, client)
+}
+
 /// `GET /admin/cluster` of `base`.
 async fn cluster_view(client: &reqwest::Client, base: &str) -> Value {
     let (status, body) =
@@ -95,24 +113,11 @@ async fn call_node(
     key: &str,
     body: Option<Value>,
 ) -> (StatusCode, Option<String>, Value) {
-    let mut request = client
-        .request(method, format!("{base}{path}"))
-        .header("X-API-Key", key);
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    let response = request.send().await.unwrap();
-    let status = response.status();
-    let node = response
-        .headers()
+    let (status, headers, body) =
+        common::call_with_headers(client, base, method, path, key, body).await;
+    let node = headers
         .get("x-edge-sessions-node")
         .map(|v| v.to_str().unwrap().to_owned());
-    let text = response.text().await.unwrap();
-    let body = if text.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(&text).unwrap_or(Value::String(text))
-    };
     (status, node, body)
 }
 
@@ -130,6 +135,27 @@ fn dump_logs(nodes: &[ChildServer]) {
 
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens session `id`'s WebSocket at the node `base` with `key`.
+async fn open_socket(
+    base: &str,
+    id: &str,
+    key: &str,
+) -> Result<
+    (
+        Socket,
+        tokio_tungstenite::tungstenite::handshake::client::Response,
+    ),
+    tokio_tungstenite::tungstenite::Error,
+> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    let url = format!("{}/api/v1/sessions/{id}/ws", base.replacen("http", "ws", 1));
+    let mut request = url.into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("x-api-key", key.parse().unwrap());
+    tokio_tungstenite::connect_async(request).await
+}
 
 /// The next text frame as JSON, or the close code, within 10 s.
 async fn next_text(socket: &mut Socket) -> Result<Value, Option<u16>> {
@@ -158,13 +184,8 @@ fn execution(i: usize) -> Value {
 async fn any_node_answers_for_every_session_and_names_its_owner() {
     let pg = TempPostgres::start();
     let root = tempfile::tempdir().unwrap();
-    let mut nodes = Vec::new();
-    for name in ["n1", "n2", "n3"] {
-        nodes.push(start_node(&node_config(root.path(), name, &pg, 1000)).await);
-    }
-    let client = common::client();
-    let bases: Vec<String> = nodes.iter().map(|n| n.base.clone()).collect();
-    let view = wait_balanced(&client, &bases[0], 3).await;
+    let (nodes, bases, client) = three_nodes(root.path(), &pg, 1000).await;
+    let view = cluster_view(&client, &bases[0]).await;
     assert_eq!(view["shards"]["total"], SHARDS);
     assert_eq!(view["node_id"], "n1");
     // The operators' views show the nodes and their shards too.
@@ -513,19 +534,7 @@ async fn any_node_answers_for_every_session_and_names_its_owner() {
         let owner = index(ws_owner);
         ((owner + 1) % 3, (owner + 2) % 3)
     };
-    let ws_url = format!(
-        "{}/api/v1/sessions/{ws_id}/ws",
-        bases[opener].replacen("http", "ws", 1)
-    );
-    let mut request =
-        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
-            ws_url.as_str(),
-        )
-        .unwrap();
-    request
-        .headers_mut()
-        .insert("x-api-key", KEY_B.parse().unwrap());
-    match tokio_tungstenite::connect_async(request).await {
+    match open_socket(&bases[opener], ws_id, KEY_B).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
             assert_eq!(
                 response.status(),
@@ -538,15 +547,7 @@ async fn any_node_answers_for_every_session_and_names_its_owner() {
             other.map(|(_, r)| r.status())
         ),
     }
-    let mut request =
-        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
-            ws_url.as_str(),
-        )
-        .unwrap();
-    request
-        .headers_mut()
-        .insert("x-api-key", KEY_A.parse().unwrap());
-    let (mut socket, response) = tokio_tungstenite::connect_async(request)
+    let (mut socket, response) = open_socket(&bases[opener], ws_id, KEY_A)
         .await
         .expect("upgrade through a non-owner");
     assert_eq!(
@@ -663,18 +664,8 @@ async fn any_node_answers_for_every_session_and_names_its_owner() {
 async fn a_killed_nodes_sessions_come_back_with_every_acknowledged_change() {
     let pg = TempPostgres::start();
     let root = tempfile::tempdir().unwrap();
-    let mut nodes = Vec::new();
-    for name in ["n1", "n2", "n3"] {
-        nodes.push(Some(
-            start_node(&node_config(root.path(), name, &pg, 1000)).await,
-        ));
-    }
-    let client = common::client();
-    let bases: Vec<String> = nodes
-        .iter()
-        .map(|n| n.as_ref().unwrap().base.clone())
-        .collect();
-    wait_balanced(&client, &bases[0], 3).await;
+    let (nodes, bases, client) = three_nodes(root.path(), &pg, 1000).await;
+    let mut nodes: Vec<Option<ChildServer>> = nodes.into_iter().map(Some).collect();
     let mut owners: HashMap<String, String> = HashMap::new();
     for i in 0..60 {
         let (status, node, created) = call_node(
@@ -732,19 +723,7 @@ async fn a_killed_nodes_sessions_come_back_with_every_acknowledged_change() {
         .find(|(_, o)| *o == victim)
         .map(|(id, _)| id.clone())
         .unwrap();
-    let url = format!(
-        "{}/api/v1/sessions/{watched}/ws",
-        bases[1].replacen("http", "ws", 1)
-    );
-    let mut request =
-        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
-            url.as_str(),
-        )
-        .unwrap();
-    request
-        .headers_mut()
-        .insert("x-api-key", KEY_A.parse().unwrap());
-    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let (mut socket, _) = open_socket(&bases[1], &watched, KEY_A).await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let killed_at = Instant::now();
     nodes[0].take().unwrap().kill();
@@ -1030,13 +1009,7 @@ async fn a_rolling_restart_fails_no_call_and_loses_nothing() {
 async fn a_tenants_limit_holds_across_the_cluster() {
     let pg = TempPostgres::start();
     let root = tempfile::tempdir().unwrap();
-    let mut nodes = Vec::new();
-    for name in ["n1", "n2", "n3"] {
-        nodes.push(start_node(&node_config(root.path(), name, &pg, 30)).await);
-    }
-    let client = common::client();
-    let bases: Vec<String> = nodes.iter().map(|n| n.base.clone()).collect();
-    wait_balanced(&client, &bases[0], 3).await;
+    let (nodes, bases, client) = three_nodes(root.path(), &pg, 30).await;
     let creates = (0..90).map(|i| {
         let (client, base) = (client.clone(), bases[i % 3].clone());
         async move {
@@ -1164,13 +1137,7 @@ fn signal(node: &ChildServer, signal: &str) {
 async fn a_frozen_owner_woken_up_never_answers_stale_nor_overwrites() {
     let pg = TempPostgres::start();
     let root = tempfile::tempdir().unwrap();
-    let mut nodes = Vec::new();
-    for name in ["n1", "n2", "n3"] {
-        nodes.push(start_node(&node_config(root.path(), name, &pg, 1000)).await);
-    }
-    let client = common::client();
-    let bases: Vec<String> = nodes.iter().map(|n| n.base.clone()).collect();
-    wait_balanced(&client, &bases[0], 3).await;
+    let (nodes, bases, client) = three_nodes(root.path(), &pg, 1000).await;
     let mut frozen_ids = Vec::new();
     for i in 0..30 {
         let id = format!("ses-f-{i}");
@@ -1341,13 +1308,7 @@ async fn a_node_joining_later_gets_shards_and_every_session_stays_reachable() {
 async fn a_postgres_restart_loses_no_acknowledged_change() {
     let pg = TempPostgres::start_own();
     let root = tempfile::tempdir().unwrap();
-    let mut nodes = Vec::new();
-    for name in ["n1", "n2", "n3"] {
-        nodes.push(start_node(&node_config(root.path(), name, &pg, 1000)).await);
-    }
-    let client = common::client();
-    let bases: Vec<String> = nodes.iter().map(|n| n.base.clone()).collect();
-    wait_balanced(&client, &bases[0], 3).await;
+    let (nodes, bases, client) = three_nodes(root.path(), &pg, 1000).await;
     let ids: Vec<String> = (0..15).map(|i| format!("ses-p-{i}")).collect();
     for (i, id) in ids.iter().enumerate() {
         let (status, _, body) = call_node(
@@ -1472,13 +1433,7 @@ async fn a_postgres_restart_loses_no_acknowledged_change() {
 async fn a_session_expires_once_on_its_owner() {
     let pg = TempPostgres::start();
     let root = tempfile::tempdir().unwrap();
-    let mut nodes = Vec::new();
-    for name in ["n1", "n2", "n3"] {
-        nodes.push(start_node(&node_config(root.path(), name, &pg, 1000)).await);
-    }
-    let client = common::client();
-    let bases: Vec<String> = nodes.iter().map(|n| n.base.clone()).collect();
-    wait_balanced(&client, &bases[0], 3).await;
+    let (nodes, bases, client) = three_nodes(root.path(), &pg, 1000).await;
     let (status, owner, _) = call_node(
         &client,
         &bases[0],
@@ -1497,19 +1452,7 @@ async fn a_session_expires_once_on_its_owner() {
         .find(|(_, name)| *name != owner)
         .map(|(base, _)| base.clone())
         .unwrap();
-    let url = format!(
-        "{}/api/v1/sessions/ses-short/ws",
-        opener.replacen("http", "ws", 1)
-    );
-    let mut request =
-        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
-            url.as_str(),
-        )
-        .unwrap();
-    request
-        .headers_mut()
-        .insert("x-api-key", KEY_A.parse().unwrap());
-    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let (mut socket, _) = open_socket(&opener, "ses-short", KEY_A).await.unwrap();
     let mut pushes = Vec::new();
     let close = loop {
         match next_text(&mut socket).await {

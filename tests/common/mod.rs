@@ -218,6 +218,19 @@ pub async fn call(
     key: &str,
     body: Option<Value>,
 ) -> (StatusCode, Value) {
+    let (status, _, value) = call_with_headers(client, base, method, path, key, body).await;
+    (status, value)
+}
+
+/// As [`call`], answering the response's headers too.
+pub async fn call_with_headers(
+    client: &reqwest::Client,
+    base: &str,
+    method: Method,
+    path: &str,
+    key: &str,
+    body: Option<Value>,
+) -> (StatusCode, reqwest::header::HeaderMap, Value) {
     let mut request = client.request(method, format!("{base}{path}"));
     if !key.is_empty() {
         let header = if path.starts_with("/admin") {
@@ -232,13 +245,14 @@ pub async fn call(
     }
     let response = request.send().await.unwrap();
     let status = response.status();
+    let headers = response.headers().clone();
     let text = response.text().await.unwrap();
     let value = if text.is_empty() {
         Value::Null
     } else {
         serde_json::from_str(&text).unwrap_or(Value::String(text))
     };
-    (status, value)
+    (status, headers, value)
 }
 
 /// Creates a session of tenant A from `body`; answers the status and the
